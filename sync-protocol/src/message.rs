@@ -1,0 +1,682 @@
+//! The v1 messages. Field order is the wire order; fields and variants are only ever
+//! appended, and only in a new protocol version (SPEC.md, "Evolution").
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::AuditEntry;
+use crate::error::FieldError;
+use crate::nhs::NhsNumber;
+use crate::record::PatientRecord;
+use crate::types::{
+    BoundedVec, Bytes, Capabilities, Cursor, DeviceId, EnrolmentToken, Hash32, LeaseId, StaffId,
+    Text, Timestamp, deserialize_via,
+};
+
+/// Most objection changes in one batch.
+pub const MAX_BATCH_OBJECTIONS: usize = 200_000;
+/// Most lease changes in one batch.
+pub const MAX_BATCH_LEASES: usize = 1_024;
+/// Most record upserts in one batch.
+pub const MAX_BATCH_UPSERTS: usize = 100_000;
+/// Most record removals in one batch.
+pub const MAX_BATCH_REMOVALS: usize = 200_000;
+/// Most patients one lease names.
+pub const MAX_LEASE_PATIENTS: usize = 500_000;
+/// Most named users on one lease.
+pub const MAX_LEASE_USERS: usize = 1_024;
+/// Most audit entries in one push.
+pub const MAX_AUDIT_ENTRIES: usize = 4_096;
+/// Most bytes of one DER certificate or CSR.
+pub const MAX_DER: usize = 16_384;
+
+/// The message kinds, as numbered in the frame header.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[repr(u8)]
+pub enum MessageKind {
+    /// Device → hub, first contact: one-time token and CSR.
+    EnrolRequest = 1,
+    /// Hub → device: the signed client certificate.
+    EnrolResponse = 2,
+    /// Device → hub: versions and capabilities.
+    Hello = 3,
+    /// Hub → device: chosen version, hub time.
+    Welcome = 4,
+    /// Device → hub: give me changes after this cursor.
+    Pull = 5,
+    /// Hub → device: one batch of changes.
+    Batch = 6,
+    /// Device → hub: a run of audit entries.
+    PushAudit = 7,
+    /// Hub → device: audit stored durably up to a sequence.
+    AuditAck = 8,
+    /// Either way: a request failed.
+    Error = 9,
+}
+
+impl MessageKind {
+    /// Every kind, in numbering order.
+    pub const ALL: [Self; 9] = [
+        Self::EnrolRequest,
+        Self::EnrolResponse,
+        Self::Hello,
+        Self::Welcome,
+        Self::Pull,
+        Self::Batch,
+        Self::PushAudit,
+        Self::AuditAck,
+        Self::Error,
+    ];
+
+    /// The kind for a header byte.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| *k as u8 == b)
+    }
+
+    /// Largest payload (after decompression) this kind may have, in bytes.
+    pub fn max_payload(self) -> u32 {
+        match self {
+            Self::EnrolRequest => 32 * 1024,
+            Self::EnrolResponse => 96 * 1024,
+            Self::Hello | Self::Welcome | Self::Pull | Self::AuditAck => 1024,
+            Self::Batch => 16 * 1024 * 1024,
+            Self::PushAudit => 20 * 1024 * 1024,
+            Self::Error => 4 * 1024,
+        }
+    }
+
+    /// Whether this kind may be sent compressed. Only the bulky ones may.
+    pub fn compressible(self) -> bool {
+        matches!(self, Self::Batch | Self::PushAudit)
+    }
+
+    /// The lower-case name used in SPEC.md and vector files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::EnrolRequest => "enrol-request",
+            Self::EnrolResponse => "enrol-response",
+            Self::Hello => "hello",
+            Self::Welcome => "welcome",
+            Self::Pull => "pull",
+            Self::Batch => "batch",
+            Self::PushAudit => "push-audit",
+            Self::AuditAck => "audit-ack",
+            Self::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Any v1 message.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Message {
+    /// See [`EnrolRequest`].
+    EnrolRequest(EnrolRequest),
+    /// See [`EnrolResponse`].
+    EnrolResponse(EnrolResponse),
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// See [`Pull`].
+    Pull(Pull),
+    /// See [`Batch`].
+    Batch(Batch),
+    /// See [`PushAudit`].
+    PushAudit(PushAudit),
+    /// See [`AuditAck`].
+    AuditAck(AuditAck),
+    /// See [`ErrorMessage`].
+    Error(ErrorMessage),
+}
+
+impl Message {
+    /// This message's kind.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Self::EnrolRequest(_) => MessageKind::EnrolRequest,
+            Self::EnrolResponse(_) => MessageKind::EnrolResponse,
+            Self::Hello(_) => MessageKind::Hello,
+            Self::Welcome(_) => MessageKind::Welcome,
+            Self::Pull(_) => MessageKind::Pull,
+            Self::Batch(_) => MessageKind::Batch,
+            Self::PushAudit(_) => MessageKind::PushAudit,
+            Self::AuditAck(_) => MessageKind::AuditAck,
+            Self::Error(_) => MessageKind::Error,
+        }
+    }
+}
+
+/// Device → hub over server-authenticated TLS (no client certificate yet): a one-time
+/// token from the administrator and a PKCS#10 certificate signing request.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct EnrolRequest {
+    /// One-time enrolment token.
+    pub token: EnrolmentToken,
+    /// DER-encoded PKCS#10 CSR for the device's own key.
+    pub csr_der: Bytes<MAX_DER>,
+    /// A label for the administrator, e.g. the vehicle call sign.
+    pub device_label: Text<64>,
+}
+
+/// Hub → device: the device's identity and its certificate.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct EnrolResponse {
+    /// The device id the hub assigned (also in the certificate).
+    pub device_id: DeviceId,
+    /// DER-encoded client certificate.
+    pub certificate_der: Bytes<MAX_DER>,
+    /// DER-encoded issuing chain, leaf's issuer first, up to the pinned CA.
+    pub chain_der: BoundedVec<Bytes<MAX_DER>, 4>,
+    /// Hub time at issue.
+    pub hub_time: Timestamp,
+}
+
+/// Device → hub: the versions and features the device speaks. Always sent in a
+/// version-1 frame, so any hub can read it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct Hello {
+    /// Lowest protocol version the device speaks (≥ 1).
+    pub min_version: u16,
+    /// Highest protocol version the device speaks (≥ `min_version`).
+    pub max_version: u16,
+    /// Features the device supports.
+    pub capabilities: Capabilities,
+    /// The device's trusted time.
+    pub device_time: Timestamp,
+    /// Software name and version, for the hub's fleet view.
+    pub software: Text<64>,
+}
+
+#[derive(Deserialize)]
+struct RawHello {
+    min_version: u16,
+    max_version: u16,
+    capabilities: Capabilities,
+    device_time: Timestamp,
+    software: Text<64>,
+}
+
+impl TryFrom<RawHello> for Hello {
+    type Error = FieldError;
+    fn try_from(r: RawHello) -> Result<Self, FieldError> {
+        if r.min_version == 0 || r.min_version > r.max_version {
+            return Err(FieldError::Inconsistent("version range"));
+        }
+        Ok(Self {
+            min_version: r.min_version,
+            max_version: r.max_version,
+            capabilities: r.capabilities,
+            device_time: r.device_time,
+            software: r.software,
+        })
+    }
+}
+deserialize_via!(Hello, RawHello);
+
+/// Hub → device: the chosen version and the hub's view of the device.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The version both sides now use: the highest both speak.
+    pub version: u16,
+    /// Features the hub supports (the intersection applies).
+    pub capabilities: Capabilities,
+    /// Hub time, for the device's trusted clock.
+    pub hub_time: Timestamp,
+    /// The device as the hub knows it (from its certificate).
+    pub device_id: DeviceId,
+    /// The largest batch payload the hub will send, whatever the device asks.
+    pub max_batch_bytes: u32,
+    /// Highest audit sequence the hub holds durably for this device (0: none), so an
+    /// upload resumes after it.
+    pub audit_durable_through: u64,
+}
+
+/// Device → hub: send the changes after `cursor`, within `max_bytes`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct Pull {
+    /// Last committed cursor; `None` on first sync or after a reset.
+    pub cursor: Option<Cursor>,
+    /// Most payload bytes (uncompressed) the device accepts in the batch; at least
+    /// [`Pull::MIN_BUDGET`], at most the batch limit.
+    pub max_bytes: u32,
+}
+
+impl Pull {
+    /// Smallest byte budget: one maximal record must always fit.
+    pub const MIN_BUDGET: u32 = 256 * 1024;
+}
+
+#[derive(Deserialize)]
+struct RawPull {
+    cursor: Option<Cursor>,
+    max_bytes: u32,
+}
+
+impl TryFrom<RawPull> for Pull {
+    type Error = FieldError;
+    fn try_from(r: RawPull) -> Result<Self, FieldError> {
+        if r.max_bytes < Self::MIN_BUDGET || r.max_bytes > MessageKind::Batch.max_payload() {
+            return Err(FieldError::Invalid("pull byte budget out of range"));
+        }
+        Ok(Self { cursor: r.cursor, max_bytes: r.max_bytes })
+    }
+}
+deserialize_via!(Pull, RawPull);
+
+/// A change to a patient's objection to sharing.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ObjectionChange {
+    /// The patient.
+    pub nhs_number: NhsNumber,
+    /// New state.
+    pub status: ObjectionStatus,
+    /// When the source recorded the change.
+    pub recorded_at: Timestamp,
+}
+
+/// Objection state.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum ObjectionStatus {
+    /// The patient objects: purge and refuse, whatever any lease says.
+    Objected,
+    /// The objection was withdrawn: access follows the leases again.
+    Withdrawn,
+}
+
+/// Which parts of a record a lease's users see.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum View {
+    /// Alerts, allergies, medications, contacts.
+    Clinical,
+    /// Alerts and key contacts only.
+    SocialCare,
+}
+
+/// Who may look under a lease.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Audience {
+    /// Any member of the device's team.
+    Team,
+    /// Only these staff.
+    Users(BoundedVec<StaffId, MAX_LEASE_USERS>),
+}
+
+/// What the hub grants a device: patients, a time box, an audience, a view.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    /// Lease id.
+    pub id: LeaseId,
+    /// Human label, e.g. "District nursing caseload — Tettenhall".
+    pub label: Text<128>,
+    /// Who may look.
+    pub audience: Audience,
+    /// What they see.
+    pub view: View,
+    /// Not valid before.
+    pub not_before: Timestamp,
+    /// Not valid from this instant on (exclusive).
+    pub not_after: Timestamp,
+    /// Longest time without contact with the hub before access stops, in seconds.
+    pub max_offline_secs: u32,
+    /// Whether emergency access (ETREAT) to other cached patients is allowed.
+    pub emergency_access: bool,
+    /// The patients.
+    pub patients: BoundedVec<NhsNumber, MAX_LEASE_PATIENTS>,
+}
+
+#[derive(Deserialize)]
+struct RawLease {
+    id: LeaseId,
+    label: Text<128>,
+    audience: Audience,
+    view: View,
+    not_before: Timestamp,
+    not_after: Timestamp,
+    max_offline_secs: u32,
+    emergency_access: bool,
+    patients: BoundedVec<NhsNumber, MAX_LEASE_PATIENTS>,
+}
+
+impl TryFrom<RawLease> for Lease {
+    type Error = FieldError;
+    fn try_from(r: RawLease) -> Result<Self, FieldError> {
+        if r.not_before >= r.not_after {
+            return Err(FieldError::Inconsistent("lease ends before it starts"));
+        }
+        if r.max_offline_secs < 60 {
+            return Err(FieldError::Invalid("lease max offline under 60 s"));
+        }
+        Ok(Self {
+            id: r.id,
+            label: r.label,
+            audience: r.audience,
+            view: r.view,
+            not_before: r.not_before,
+            not_after: r.not_after,
+            max_offline_secs: r.max_offline_secs,
+            emergency_access: r.emergency_access,
+            patients: r.patients,
+        })
+    }
+}
+deserialize_via!(Lease, RawLease);
+
+impl Lease {
+    /// Build a lease, checking its time box and offline limit.
+    #[allow(clippy::too_many_arguments)] // Mirrors the wire struct one field per argument.
+    pub fn new(
+        id: LeaseId,
+        label: Text<128>,
+        audience: Audience,
+        view: View,
+        not_before: Timestamp,
+        not_after: Timestamp,
+        max_offline_secs: u32,
+        emergency_access: bool,
+        patients: BoundedVec<NhsNumber, MAX_LEASE_PATIENTS>,
+    ) -> Result<Self, FieldError> {
+        Self::try_from(RawLease {
+            id,
+            label,
+            audience,
+            view,
+            not_before,
+            not_after,
+            max_offline_secs,
+            emergency_access,
+            patients,
+        })
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("id", &self.id)
+            .field("audience", &self.audience)
+            .field("view", &self.view)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .field("max_offline_secs", &self.max_offline_secs)
+            .field("emergency_access", &self.emergency_access)
+            .field("patients", &self.patients.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a lease ended early.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum LeaseEndReason {
+    /// Revoked by an administrator.
+    Revoked,
+    /// The assignment (shift, caseload) ended.
+    AssignmentEnded,
+    /// Replaced by another lease.
+    Superseded,
+}
+
+/// A change to the device's leases.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum LeaseChange {
+    /// A new lease.
+    Granted(Lease),
+    /// New terms for an existing lease (extension, patients added or removed).
+    Changed(Lease),
+    /// The lease ends now: deny at once, purge its data.
+    Revoked {
+        /// The lease.
+        id: LeaseId,
+        /// Why.
+        reason: LeaseEndReason,
+    },
+}
+
+impl LeaseChange {
+    /// The lease this change is about.
+    pub fn lease_id(&self) -> LeaseId {
+        match self {
+            Self::Granted(l) | Self::Changed(l) => l.id,
+            Self::Revoked { id, .. } => *id,
+        }
+    }
+}
+
+/// Why a record leaves the device.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum RemovalReason {
+    /// The patient objected.
+    Objection,
+    /// The patient left the caseload.
+    LeftCaseload,
+    /// The lease that held the patient ended.
+    LeaseEnded,
+    /// The record is now sensitive (e.g. became restricted).
+    Sensitive,
+    /// The upstream record was deleted or invalidated.
+    DeletedUpstream,
+}
+
+/// A record that must leave the device.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Removal {
+    /// The patient.
+    pub nhs_number: NhsNumber,
+    /// Why.
+    pub reason: RemovalReason,
+}
+
+/// A digest of everything the device may hold once it has applied the batch: for each
+/// allowed patient its NHS number and record version. See [`crate::digest`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct AllowedSetDigest {
+    /// Number of patients in the set.
+    pub patients: u32,
+    /// SHA-256 over the sorted set.
+    pub sha256: Hash32,
+}
+
+/// Hub → device: one batch of changes. Sections apply in field order: objections,
+/// then leases, then upserts and removals. Applied whole or not at all.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct Batch {
+    /// Objection changes: applied first.
+    pub objections: BoundedVec<ObjectionChange, MAX_BATCH_OBJECTIONS>,
+    /// Lease grants, changes and revocations.
+    pub leases: BoundedVec<LeaseChange, MAX_BATCH_LEASES>,
+    /// Whole records to store (replacing any older version).
+    pub upserts: BoundedVec<PatientRecord, MAX_BATCH_UPSERTS>,
+    /// Records to purge.
+    pub removals: BoundedVec<Removal, MAX_BATCH_REMOVALS>,
+    /// The cursor to send next; commit it with this batch.
+    pub next_cursor: Cursor,
+    /// More changes are waiting: pull again at once.
+    pub more: bool,
+    /// Hub time.
+    pub hub_time: Timestamp,
+    /// What the device should hold after applying this batch.
+    pub allowed: AllowedSetDigest,
+}
+
+#[derive(Deserialize)]
+struct RawBatch {
+    objections: BoundedVec<ObjectionChange, MAX_BATCH_OBJECTIONS>,
+    leases: BoundedVec<LeaseChange, MAX_BATCH_LEASES>,
+    upserts: BoundedVec<PatientRecord, MAX_BATCH_UPSERTS>,
+    removals: BoundedVec<Removal, MAX_BATCH_REMOVALS>,
+    next_cursor: Cursor,
+    more: bool,
+    hub_time: Timestamp,
+    allowed: AllowedSetDigest,
+}
+
+impl TryFrom<RawBatch> for Batch {
+    type Error = FieldError;
+    fn try_from(r: RawBatch) -> Result<Self, FieldError> {
+        let mut objected = HashSet::new();
+        let mut seen = HashSet::new();
+        for o in &r.objections {
+            if !seen.insert(o.nhs_number) {
+                return Err(FieldError::Inconsistent("patient twice in objections"));
+            }
+            if o.status == ObjectionStatus::Objected {
+                objected.insert(o.nhs_number);
+            }
+        }
+        let mut leases = HashSet::new();
+        for l in &r.leases {
+            if !leases.insert(l.lease_id()) {
+                return Err(FieldError::Inconsistent("lease changed twice in one batch"));
+            }
+        }
+        let mut touched = HashSet::new();
+        for nhs in r.upserts.iter().map(|u| u.nhs_number) {
+            if objected.contains(&nhs) {
+                return Err(FieldError::Inconsistent("objected patient upserted"));
+            }
+            if !touched.insert(nhs) {
+                return Err(FieldError::Inconsistent("patient twice in upserts/removals"));
+            }
+        }
+        for nhs in r.removals.iter().map(|u| u.nhs_number) {
+            if !touched.insert(nhs) {
+                return Err(FieldError::Inconsistent("patient twice in upserts/removals"));
+            }
+        }
+        Ok(Self {
+            objections: r.objections,
+            leases: r.leases,
+            upserts: r.upserts,
+            removals: r.removals,
+            next_cursor: r.next_cursor,
+            more: r.more,
+            hub_time: r.hub_time,
+            allowed: r.allowed,
+        })
+    }
+}
+deserialize_via!(Batch, RawBatch);
+
+impl Batch {
+    /// Build a batch, checking that no patient appears twice and that no objected
+    /// patient is upserted.
+    #[allow(clippy::too_many_arguments)] // Mirrors the wire struct one field per argument.
+    pub fn new(
+        objections: BoundedVec<ObjectionChange, MAX_BATCH_OBJECTIONS>,
+        leases: BoundedVec<LeaseChange, MAX_BATCH_LEASES>,
+        upserts: BoundedVec<PatientRecord, MAX_BATCH_UPSERTS>,
+        removals: BoundedVec<Removal, MAX_BATCH_REMOVALS>,
+        next_cursor: Cursor,
+        more: bool,
+        hub_time: Timestamp,
+        allowed: AllowedSetDigest,
+    ) -> Result<Self, FieldError> {
+        Self::try_from(RawBatch {
+            objections,
+            leases,
+            upserts,
+            removals,
+            next_cursor,
+            more,
+            hub_time,
+            allowed,
+        })
+    }
+}
+
+/// Device → hub: a run of consecutive audit entries, oldest first.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct PushAudit {
+    /// Chain hash of the entry before the first one here (all zero before entry 1).
+    pub prev_hash: Hash32,
+    /// Entries with consecutive sequence numbers.
+    pub entries: BoundedVec<AuditEntry, MAX_AUDIT_ENTRIES>,
+}
+
+#[derive(Deserialize)]
+struct RawPushAudit {
+    prev_hash: Hash32,
+    entries: BoundedVec<AuditEntry, MAX_AUDIT_ENTRIES>,
+}
+
+impl TryFrom<RawPushAudit> for PushAudit {
+    type Error = FieldError;
+    fn try_from(r: RawPushAudit) -> Result<Self, FieldError> {
+        let consecutive = r
+            .entries
+            .windows(2)
+            .all(|w| matches!(w, [a, b] if a.seq.checked_add(1) == Some(b.seq)));
+        if r.entries.is_empty() || !consecutive {
+            return Err(FieldError::Inconsistent("audit entries empty or not consecutive"));
+        }
+        Ok(Self { prev_hash: r.prev_hash, entries: r.entries })
+    }
+}
+deserialize_via!(PushAudit, RawPushAudit);
+
+impl PushAudit {
+    /// Build a push, checking the entries are non-empty and consecutive.
+    pub fn new(
+        prev_hash: Hash32,
+        entries: BoundedVec<AuditEntry, MAX_AUDIT_ENTRIES>,
+    ) -> Result<Self, FieldError> {
+        Self::try_from(RawPushAudit { prev_hash, entries })
+    }
+}
+
+/// Hub → device: every entry up to and including `durable_through` is stored durably
+/// at the hub; the device may delete them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct AuditAck {
+    /// Highest sequence held durably, with all before it.
+    pub durable_through: u64,
+}
+
+/// Error codes. The numbering is the wire tag; codes are only appended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request frame was rejected by the decoder. Fix the sender; do not retry.
+    Malformed,
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// Enrolment token unknown, used or expired; or client certificate not accepted.
+    Unauthorized,
+    /// The device is revoked: it must wipe its data now.
+    DeviceRevoked,
+    /// The cursor is not one this hub issued, or it is ahead of the log: pull again
+    /// with no cursor and reconcile.
+    CursorInvalid,
+    /// Over a size limit.
+    TooLarge,
+    /// Too many requests: retry after the given delay.
+    RateLimited,
+    /// The hub failed; retry with backoff.
+    Internal,
+    /// The audit chain does not link or a hash does not match: the hub keeps what it
+    /// has, flags the device, and accepts nothing after the break.
+    AuditChainBroken,
+    /// The audit push does not start right after what the hub holds: resend from
+    /// `audit_durable_through + 1`.
+    AuditGap,
+    /// The hub is in maintenance; retry later.
+    Unavailable,
+}
+
+/// A failed request: a code the program acts on and a message for people. The message
+/// never carries patient data.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// For people: what happened and what to do.
+    pub message: Text<1024>,
+    /// Retry no sooner than this many seconds from now.
+    pub retry_after_secs: Option<u32>,
+}
