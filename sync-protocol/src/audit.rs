@@ -58,7 +58,11 @@ pub fn chain_hash(prev: &Hash32, seq: u64, record: &[u8]) -> Hash32 {
     h.update(seq.to_be_bytes());
     // A record is at most MAX_AUDIT_RECORD bytes; saturate rather than wrap if a
     // caller hashes something larger, so distinct inputs still hash distinctly.
-    h.update(u32::try_from(record.len()).unwrap_or(u32::MAX).to_be_bytes());
+    h.update(
+        u32::try_from(record.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     h.update(record);
     Hash32(h.finalize().into())
 }

@@ -80,15 +80,36 @@ impl FrameHeader {
             return Err(DecodeError::BadMagic);
         }
         let Some(h) = bytes.first_chunk::<HEADER_LEN>() else {
-            return Err(DecodeError::Truncated { got: len64(bytes.len()), expected: HEADER_LEN as u64 });
+            return Err(DecodeError::Truncated {
+                got: len64(bytes.len()),
+                expected: HEADER_LEN as u64,
+            });
         };
-        let [_, _, _, _, v0, v1, kind, comp, p0, p1, p2, p3, c0, c1, c2, c3] = *h;
+        let [
+            _,
+            _,
+            _,
+            _,
+            v0,
+            v1,
+            kind,
+            comp,
+            p0,
+            p1,
+            p2,
+            p3,
+            c0,
+            c1,
+            c2,
+            c3,
+        ] = *h;
         let version = u16::from_be_bytes([v0, v1]);
         if !SUPPORTED_VERSIONS.contains(&version) {
             return Err(DecodeError::UnsupportedVersion(version));
         }
         let kind = MessageKind::from_u8(kind).ok_or(DecodeError::UnknownKind(kind))?;
-        let compression = Compression::from_u8(comp).ok_or(DecodeError::UnknownCompression(comp))?;
+        let compression =
+            Compression::from_u8(comp).ok_or(DecodeError::UnknownCompression(comp))?;
         if compression != Compression::None && !kind.compressible() {
             return Err(DecodeError::CompressionNotAllowed(kind));
         }
@@ -97,13 +118,23 @@ impl FrameHeader {
         let limit = limit.min(kind.max_payload());
         for len in [content_len, payload_len] {
             if len > limit {
-                return Err(DecodeError::Oversize { kind, len: len.into(), limit: limit.into() });
+                return Err(DecodeError::Oversize {
+                    kind,
+                    len: len.into(),
+                    limit: limit.into(),
+                });
             }
         }
         if compression == Compression::None && payload_len != content_len {
             return Err(DecodeError::LengthMismatch);
         }
-        Ok(Self { version, kind, compression, payload_len, content_len })
+        Ok(Self {
+            version,
+            kind,
+            compression,
+            payload_len,
+            content_len,
+        })
     }
 
     /// The whole frame's length: header plus payload.
@@ -189,14 +220,22 @@ fn decode_payload(kind: MessageKind, payload: &[u8]) -> Result<Message, DecodeEr
 
 /// Decode a postcard value that must fill `bytes` exactly and be the encoding the
 /// encoder itself would produce.
-pub(crate) fn decode_canonical<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+pub(crate) fn decode_canonical<T: Serialize + DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
     clear_field_error();
     let (value, rest) = postcard::take_from_bytes::<T>(bytes).map_err(from_postcard)?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes(len64(rest.len())));
     }
-    let same = postcard::serialize_with_flavor(&value, SameAs { expected: bytes, pos: 0 })
-        .is_ok_and(|consumed| consumed == bytes.len());
+    let same = postcard::serialize_with_flavor(
+        &value,
+        SameAs {
+            expected: bytes,
+            pos: 0,
+        },
+    )
+    .is_ok_and(|consumed| consumed == bytes.len());
     if !same {
         return Err(DecodeError::NonCanonical);
     }
@@ -250,7 +289,11 @@ pub fn encode(message: &Message, compression: Compression) -> Result<Vec<u8>, En
     let content_len = u32::try_from(payload.len())
         .ok()
         .filter(|&n| n <= limit)
-        .ok_or(EncodeError::Oversize { kind, len: len64(payload.len()), limit: limit.into() })?;
+        .ok_or(EncodeError::Oversize {
+            kind,
+            len: len64(payload.len()),
+            limit: limit.into(),
+        })?;
     let compressed = match compression {
         Compression::Zstd if kind.compressible() => zstd::bulk::compress(&payload, ZSTD_LEVEL)
             .ok()
@@ -299,10 +342,20 @@ pub fn check_roundtrip(bytes: &[u8]) -> bool {
         }
         Compression::Zstd => {
             let plain = encode(&message, Compression::None).expect("accepted message re-encodes");
-            let content = bytes.get(HEADER_LEN..).and_then(|p| inflate(p, header.content_len).ok());
-            assert_eq!(plain.get(HEADER_LEN..), content.as_deref(), "content is not canonical");
+            let content = bytes
+                .get(HEADER_LEN..)
+                .and_then(|p| inflate(p, header.content_len).ok());
+            assert_eq!(
+                plain.get(HEADER_LEN..),
+                content.as_deref(),
+                "content is not canonical"
+            );
             let recompressed = encode(&message, Compression::Zstd).expect("re-encodes compressed");
-            assert_eq!(decode(&recompressed).as_ref(), Ok(&message), "recompressed frame differs");
+            assert_eq!(
+                decode(&recompressed).as_ref(),
+                Ok(&message),
+                "recompressed frame differs"
+            );
         }
     }
     true

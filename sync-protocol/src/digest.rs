@@ -36,16 +36,27 @@ mod tests {
     use super::*;
 
     fn n(stem: u32) -> NhsNumber {
-        (stem..).find_map(NhsNumber::from_stem).expect("a later stem has a check digit")
+        (stem..)
+            .find_map(NhsNumber::from_stem)
+            .expect("a later stem has a check digit")
     }
 
     #[test]
     fn order_independent_and_version_sensitive() {
-        let a = allowed_set_digest([(n(999_000_001), RecordVersion(1)), (n(999_000_020), RecordVersion(5))]);
-        let b = allowed_set_digest([(n(999_000_020), RecordVersion(5)), (n(999_000_001), RecordVersion(1))]);
+        let a = allowed_set_digest([
+            (n(999_000_001), RecordVersion(1)),
+            (n(999_000_020), RecordVersion(5)),
+        ]);
+        let b = allowed_set_digest([
+            (n(999_000_020), RecordVersion(5)),
+            (n(999_000_001), RecordVersion(1)),
+        ]);
         assert_eq!(a, b);
         assert_eq!(a.patients, 2);
-        let c = allowed_set_digest([(n(999_000_020), RecordVersion(6)), (n(999_000_001), RecordVersion(1))]);
+        let c = allowed_set_digest([
+            (n(999_000_020), RecordVersion(6)),
+            (n(999_000_001), RecordVersion(1)),
+        ]);
         assert_ne!(a.sha256, c.sha256);
         let empty = allowed_set_digest([]);
         assert_eq!(empty.patients, 0);

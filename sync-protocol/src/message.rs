@@ -266,7 +266,10 @@ impl TryFrom<RawPull> for Pull {
         if r.max_bytes < Self::MIN_BUDGET || r.max_bytes > MessageKind::Batch.max_payload() {
             return Err(FieldError::Invalid("pull byte budget out of range"));
         }
-        Ok(Self { cursor: r.cursor, max_bytes: r.max_bytes })
+        Ok(Self {
+            cursor: r.cursor,
+            max_bytes: r.max_bytes,
+        })
     }
 }
 deserialize_via!(Pull, RawPull);
@@ -542,12 +545,16 @@ impl TryFrom<RawBatch> for Batch {
                 return Err(FieldError::Inconsistent("objected patient upserted"));
             }
             if !touched.insert(nhs) {
-                return Err(FieldError::Inconsistent("patient twice in upserts/removals"));
+                return Err(FieldError::Inconsistent(
+                    "patient twice in upserts/removals",
+                ));
             }
         }
         for nhs in r.removals.iter().map(|u| u.nhs_number) {
             if !touched.insert(nhs) {
-                return Err(FieldError::Inconsistent("patient twice in upserts/removals"));
+                return Err(FieldError::Inconsistent(
+                    "patient twice in upserts/removals",
+                ));
             }
         }
         Ok(Self {
@@ -614,9 +621,14 @@ impl TryFrom<RawPushAudit> for PushAudit {
             .windows(2)
             .all(|w| matches!(w, [a, b] if a.seq.checked_add(1) == Some(b.seq)));
         if r.entries.is_empty() || !consecutive {
-            return Err(FieldError::Inconsistent("audit entries empty or not consecutive"));
+            return Err(FieldError::Inconsistent(
+                "audit entries empty or not consecutive",
+            ));
         }
-        Ok(Self { prev_hash: r.prev_hash, entries: r.entries })
+        Ok(Self {
+            prev_hash: r.prev_hash,
+            entries: r.entries,
+        })
     }
 }
 deserialize_via!(PushAudit, RawPushAudit);

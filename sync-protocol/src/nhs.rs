@@ -166,7 +166,14 @@ mod tests {
 
     #[test]
     fn rejects_separators_at_the_ends_and_other_characters() {
-        for bad in ["-9434765919", "9434765919-", "94347659190", "943 476 5919 0", "943_476_5919", "943476591９"] {
+        for bad in [
+            "-9434765919",
+            "9434765919-",
+            "94347659190",
+            "943 476 5919 0",
+            "943_476_5919",
+            "943476591９",
+        ] {
             assert_eq!(NhsNumber::parse(bad), Err(FieldError::NhsNumber), "{bad:?}");
         }
         assert!(NhsNumber::parse(" 943 476 5919 ").is_ok());

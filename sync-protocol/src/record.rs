@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::FieldError;
 use crate::nhs::NhsNumber;
 use crate::types::{
-    BoundedVec, Coding, Date, OdsCode, PostcodeDistrict, Provenance, RecordVersion, SourceId,
-    Text, deserialize_via,
+    BoundedVec, Coding, Date, OdsCode, PostcodeDistrict, Provenance, RecordVersion, SourceId, Text,
+    deserialize_via,
 };
 
 /// Most alerts in one record.
@@ -111,7 +111,9 @@ impl<T, const N: usize> TryFrom<RawSection<T, N>> for Section<T, N> {
             RawSection::NotAvailable => Self::NotAvailable,
             RawSection::NoneRecorded => Self::NoneRecorded,
             RawSection::Entries(items) if items.is_empty() => {
-                return Err(FieldError::Inconsistent("empty Entries section (use NoneRecorded)"));
+                return Err(FieldError::Inconsistent(
+                    "empty Entries section (use NoneRecorded)",
+                ));
             }
             RawSection::Entries(items) => Self::Entries(items),
         })
@@ -191,7 +193,9 @@ impl TryFrom<RawDemographics> for Demographics {
     type Error = FieldError;
     fn try_from(r: RawDemographics) -> Result<Self, FieldError> {
         if r.restricted && (r.postcode_district.is_some() || r.gp_practice.is_some()) {
-            return Err(FieldError::Inconsistent("restricted patient with location fields"));
+            return Err(FieldError::Inconsistent(
+                "restricted patient with location fields",
+            ));
         }
         Ok(Self {
             name: r.name,
@@ -249,7 +253,10 @@ impl TryFrom<RawPeriod> for Period {
         {
             return Err(FieldError::Inconsistent("period ends before it starts"));
         }
-        Ok(Self { start: r.start, end: r.end })
+        Ok(Self {
+            start: r.start,
+            end: r.end,
+        })
     }
 }
 deserialize_via!(Period, RawPeriod);
@@ -487,7 +494,9 @@ mod tests {
         assert!(Demographics::new(name.clone(), dob, Sex::Female, pc.clone(), None, false).is_ok());
         assert_eq!(
             Demographics::new(name, dob, Sex::Female, pc, None, true),
-            Err(FieldError::Inconsistent("restricted patient with location fields"))
+            Err(FieldError::Inconsistent(
+                "restricted patient with location fields"
+            ))
         );
     }
 

@@ -191,7 +191,9 @@ impl<'de, const N: usize> Deserialize<'de> for Bytes<N> {
             }
             fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
                 if v.len() > N {
-                    return Err(field_error(FieldError::Invalid("byte field over its length limit")));
+                    return Err(field_error(FieldError::Invalid(
+                        "byte field over its length limit",
+                    )));
                 }
                 Ok(Bytes(v.to_vec()))
             }
@@ -216,7 +218,9 @@ impl<const N: usize> Text<N> {
         if s.len() > N {
             return Err(FieldError::Invalid("text over its length limit"));
         }
-        if s.chars().any(|c| (c.is_control() && c != '\n' && c != '\t') || c == '\u{FEFF}') {
+        if s.chars()
+            .any(|c| (c.is_control() && c != '\n' && c != '\t') || c == '\u{FEFF}')
+        {
             return Err(FieldError::Invalid("text with a control character"));
         }
         Ok(Self(s))
@@ -346,7 +350,8 @@ impl EnrolmentToken {
     pub fn new(s: impl Into<String>) -> Result<Self, FieldError> {
         let s = s.into();
         let ok = (16..=128).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
             return Err(FieldError::Invalid("enrolment token"));
         }
@@ -437,12 +442,20 @@ impl Date {
         if month == 0 {
             return Err(FieldError::Invalid("date"));
         }
-        Self::try_from(RawDate { year, month, day: 0 })
+        Self::try_from(RawDate {
+            year,
+            month,
+            day: 0,
+        })
     }
 
     /// A date known to the year.
     pub fn year_only(year: u16) -> Result<Self, FieldError> {
-        Self::try_from(RawDate { year, month: 0, day: 0 })
+        Self::try_from(RawDate {
+            year,
+            month: 0,
+            day: 0,
+        })
     }
 
     /// The year.
@@ -469,7 +482,9 @@ impl Date {
 fn days_in_month(year: u16, month: u8) -> u8 {
     match month {
         4 | 6 | 9 | 11 => 30,
-        2 if (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400) => 29,
+        2 if (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400) => {
+            29
+        }
         2 => 28,
         _ => 31,
     }
@@ -485,7 +500,11 @@ impl TryFrom<RawDate> for Date {
         if !ok {
             return Err(FieldError::Invalid("date"));
         }
-        Ok(Self { year: r.year, month: r.month, day: r.day })
+        Ok(Self {
+            year: r.year,
+            month: r.month,
+            day: r.day,
+        })
     }
 }
 deserialize_via!(Date, RawDate);
@@ -733,7 +752,14 @@ mod tests {
         assert!(Date::ymd(1900, 2, 29).is_err());
         assert!(Date::ymd(2000, 2, 29).is_ok());
         assert!(Date::ymd(2024, 13, 1).is_err());
-        assert!(Date::try_from(RawDate { year: 2024, month: 0, day: 3 }).is_err());
+        assert!(
+            Date::try_from(RawDate {
+                year: 2024,
+                month: 0,
+                day: 3
+            })
+            .is_err()
+        );
         assert_eq!(Date::ym(1990, 5).unwrap().to_string(), "1990-05");
         assert_eq!(Date::year_only(1990).unwrap().to_string(), "1990");
         assert_eq!(Date::ymd(1990, 5, 2).unwrap().to_string(), "1990-05-02");
@@ -746,7 +772,10 @@ mod tests {
         assert!(Text::<8>::new("\u{1b}[2J").is_err());
         assert!(Text::<8>::new("\u{85}").is_err());
         assert!(Text::<4>::new("héllo").is_err());
-        assert_eq!(format!("{:?}", Text::<64>::new("Jane Smith").unwrap()), "<redacted 10 bytes>");
+        assert_eq!(
+            format!("{:?}", Text::<64>::new("Jane Smith").unwrap()),
+            "<redacted 10 bytes>"
+        );
     }
 
     #[test]
@@ -758,7 +787,10 @@ mod tests {
         assert!(StaffId::new("nurse 1").is_err());
         assert!(EnrolmentToken::new("short").is_err());
         assert_eq!(
-            format!("{:?}", EnrolmentToken::new("abcdefghijklmnopqrstuvwxyz").unwrap()),
+            format!(
+                "{:?}",
+                EnrolmentToken::new("abcdefghijklmnopqrstuvwxyz").unwrap()
+            ),
             "EnrolmentToken(<secret>)"
         );
     }

@@ -1,0 +1,603 @@
+//! proptest strategies for every v1 message, built through the public constructors so
+//! that each generated value is one a peer could legitimately send.
+#![allow(dead_code, unreachable_pub)] // Each test binary uses part of this module.
+
+use proptest::collection::vec;
+use proptest::option;
+use proptest::prelude::*;
+use sync_protocol::audit::{
+    AuditAction, AuditEntry, AuditOutcome, AuditRecord, DenyReason, Purpose,
+};
+use sync_protocol::message::*;
+use sync_protocol::record::*;
+use sync_protocol::types::*;
+use sync_protocol::{Message, NhsNumber};
+
+pub fn nhs() -> impl Strategy<Value = NhsNumber> {
+    (0u32..1_000_000_000).prop_filter_map("stem without a check digit", NhsNumber::from_stem)
+}
+
+pub fn text<const N: usize>() -> impl Strategy<Value = Text<N>> {
+    // Printable text including non-ASCII, tab and newline, within the byte limit.
+    "[ -~\t\né£ÿ€😀]{0,24}".prop_filter_map("over limit", |s| Text::new(s).ok())
+}
+
+fn ascii(min: usize, max: usize) -> impl Strategy<Value = String> {
+    proptest::string::string_regex(&format!("[A-Za-z0-9]{{{min},{max}}}")).expect("regex")
+}
+
+pub fn ods() -> impl Strategy<Value = OdsCode> {
+    "[A-Z0-9]{3,10}".prop_map(|s| OdsCode::new(s).expect("matches the ODS rule"))
+}
+
+pub fn staff() -> impl Strategy<Value = StaffId> {
+    ascii(1, 32).prop_map(|s| StaffId::new(s).expect("staff id"))
+}
+
+pub fn source_id() -> impl Strategy<Value = SourceId> {
+    ascii(1, 64).prop_map(|s| SourceId::new(s).expect("source id"))
+}
+
+pub fn timestamp() -> impl Strategy<Value = Timestamp> {
+    (0..Timestamp::END).prop_map(|ms| Timestamp::from_millis(ms).expect("in range"))
+}
+
+pub fn date() -> impl Strategy<Value = Date> {
+    prop_oneof![
+        (1800u16..=2200, 1u8..=12, 1u8..=28)
+            .prop_map(|(y, m, d)| Date::ymd(y, m, d).expect("valid")),
+        (1800u16..=2200, 1u8..=12).prop_map(|(y, m)| Date::ym(y, m).expect("valid")),
+        (1800u16..=2200).prop_map(|y| Date::year_only(y).expect("valid")),
+    ]
+}
+
+pub fn sctid() -> impl Strategy<Value = SctId> {
+    (100_000u64..1_000_000_000_000_000_000).prop_filter_map("check digit", |n| SctId::new(n).ok())
+}
+
+pub fn coding() -> impl Strategy<Value = Coding> {
+    (sctid(), text()).prop_map(|(code, display)| Coding { code, display })
+}
+
+pub fn provenance() -> impl Strategy<Value = Provenance> {
+    (ods(), timestamp()).prop_map(|(organisation, last_updated)| Provenance {
+        organisation,
+        last_updated,
+    })
+}
+
+fn period() -> impl Strategy<Value = Period> {
+    (option::of(date()), option::of(date())).prop_map(|(a, b)| match (a, b) {
+        (Some(a), Some(b)) if a > b => Period::new(Some(b), Some(a)).expect("ordered"),
+        (a, b) => Period::new(a, b).expect("ordered or open"),
+    })
+}
+
+pub fn alert() -> impl Strategy<Value = Alert> {
+    (
+        source_id(),
+        prop_oneof![
+            Just(AlertCategory::CommunicationNeed),
+            Just(AlertCategory::ReasonableAdjustment),
+            Just(AlertCategory::ClinicalWarning),
+            Just(AlertCategory::TreatmentRestriction),
+            Just(AlertCategory::Safeguarding),
+            Just(AlertCategory::EndOfLife),
+            Just(AlertCategory::Other),
+        ],
+        coding(),
+        option::of(text()),
+        period(),
+        prop_oneof![
+            Just(AlertSeverity::Information),
+            Just(AlertSeverity::Warning),
+            Just(AlertSeverity::HighRisk)
+        ],
+        provenance(),
+    )
+        .prop_map(
+            |(source_id, category, code, detail, period, severity, provenance)| Alert {
+                source_id,
+                category,
+                code,
+                detail,
+                period,
+                severity,
+                provenance,
+            },
+        )
+}
+
+fn reaction() -> impl Strategy<Value = Reaction> {
+    (
+        option::of(coding()),
+        option::of(text()),
+        option::of(prop_oneof![
+            Just(ReactionSeverity::Mild),
+            Just(ReactionSeverity::Moderate),
+            Just(ReactionSeverity::Severe)
+        ]),
+    )
+        .prop_map(|(manifestation, description, severity)| Reaction {
+            manifestation,
+            description,
+            severity,
+        })
+}
+
+pub fn allergy() -> impl Strategy<Value = Allergy> {
+    (
+        source_id(),
+        coding(),
+        option::of(prop_oneof![
+            Just(AllergyCategory::Food),
+            Just(AllergyCategory::Medication),
+            Just(AllergyCategory::Environment),
+            Just(AllergyCategory::Biologic)
+        ]),
+        option::of(prop_oneof![
+            Just(Criticality::Low),
+            Just(Criticality::High),
+            Just(Criticality::UnableToAssess)
+        ]),
+        prop_oneof![
+            Just(AllergyStatus::Active),
+            Just(AllergyStatus::Inactive),
+            Just(AllergyStatus::Resolved)
+        ],
+        vec(reaction(), 0..3),
+        option::of(date()),
+        option::of(text()),
+        provenance(),
+    )
+        .prop_map(
+            |(
+                source_id,
+                substance,
+                category,
+                criticality,
+                status,
+                reactions,
+                onset,
+                note,
+                provenance,
+            )| {
+                Allergy {
+                    source_id,
+                    substance,
+                    category,
+                    criticality,
+                    status,
+                    reactions: BoundedVec::try_from(reactions).expect("under limit"),
+                    onset,
+                    note,
+                    provenance,
+                }
+            },
+        )
+}
+
+pub fn medication() -> impl Strategy<Value = Medication> {
+    (
+        source_id(),
+        coding(),
+        option::of(text()),
+        prop_oneof![
+            Just(MedicationStatus::Active),
+            Just(MedicationStatus::Completed),
+            Just(MedicationStatus::Stopped),
+            Just(MedicationStatus::OnHold),
+            Just(MedicationStatus::Intended),
+            Just(MedicationStatus::Unknown)
+        ],
+        option::of(prop_oneof![
+            Just(Course::Acute),
+            Just(Course::Repeat),
+            Just(Course::RepeatDispensing)
+        ]),
+        option::of(date()),
+        option::of(date()),
+        any::<bool>(),
+        provenance(),
+    )
+        .prop_map(
+            |(
+                source_id,
+                medicine,
+                dose_text,
+                status,
+                course,
+                started,
+                last_issued,
+                prescribed_elsewhere,
+                provenance,
+            )| {
+                Medication {
+                    source_id,
+                    medicine,
+                    dose_text,
+                    status,
+                    course,
+                    started,
+                    last_issued,
+                    prescribed_elsewhere,
+                    provenance,
+                }
+            },
+        )
+}
+
+fn contact() -> impl Strategy<Value = KeyContact> {
+    (
+        prop_oneof![
+            Just(ContactRole::NextOfKin),
+            Just(ContactRole::Carer),
+            Just(ContactRole::PowerOfAttorney),
+            Just(ContactRole::KeyWorker),
+            Just(ContactRole::Other)
+        ],
+        text(),
+        option::of(text()),
+        option::of(text()),
+        provenance(),
+    )
+        .prop_map(|(role, name, relationship, phone, provenance)| KeyContact {
+            role,
+            name,
+            relationship,
+            phone,
+            provenance,
+        })
+}
+
+fn section<T: std::fmt::Debug + Clone, const N: usize>(
+    item: impl Strategy<Value = T> + 'static,
+) -> impl Strategy<Value = Section<T, N>> {
+    prop_oneof![
+        Just(Section::NotAvailable),
+        Just(Section::NoneRecorded),
+        vec(item, 1..4).prop_map(|v| Section::from_items(v).expect("under limit")),
+    ]
+}
+
+fn demographics() -> impl Strategy<Value = Demographics> {
+    (
+        text(),
+        text(),
+        option::of(text()),
+        date(),
+        prop_oneof![
+            Just(Sex::Male),
+            Just(Sex::Female),
+            Just(Sex::Other),
+            Just(Sex::Unknown)
+        ],
+        option::of("[A-Z0-9]{2,4}".prop_map(|s| PostcodeDistrict::new(s).expect("district"))),
+        option::of(ods()),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(family, given, prefix, birth_date, sex, pc, gp, restricted)| {
+                let name = HumanName {
+                    family,
+                    given,
+                    prefix,
+                };
+                let (pc, gp) = if restricted { (None, None) } else { (pc, gp) };
+                Demographics::new(name, birth_date, sex, pc, gp, restricted).expect("consistent")
+            },
+        )
+}
+
+pub fn record() -> impl Strategy<Value = PatientRecord> {
+    (
+        nhs(),
+        any::<u64>(),
+        demographics(),
+        section(alert()),
+        section(allergy()),
+        section(medication()),
+        section(contact()),
+        any::<u16>(),
+    )
+        .prop_map(
+            |(nhs_number, v, demographics, alerts, allergies, medications, contacts, withheld)| {
+                PatientRecord {
+                    nhs_number,
+                    version: RecordVersion(v),
+                    demographics,
+                    alerts,
+                    allergies,
+                    medications,
+                    contacts,
+                    withheld,
+                }
+            },
+        )
+}
+
+fn cursor() -> impl Strategy<Value = Cursor> {
+    vec(any::<u8>(), 1..=64).prop_map(|b| Cursor::new(b).expect("1-64 bytes"))
+}
+
+fn der() -> impl Strategy<Value = Bytes<MAX_DER>> {
+    vec(any::<u8>(), 0..200).prop_map(|b| Bytes::try_from(b).expect("small"))
+}
+
+fn lease() -> impl Strategy<Value = Lease> {
+    (
+        any::<u64>(),
+        text(),
+        prop_oneof![
+            Just(Audience::Team),
+            vec(staff(), 0..4).prop_map(|v| Audience::Users(BoundedVec::try_from(v).expect("few")))
+        ],
+        prop_oneof![Just(View::Clinical), Just(View::SocialCare)],
+        0..Timestamp::END - 1,
+        1u64..1_000_000_000,
+        60u32..,
+        any::<bool>(),
+        vec(nhs(), 0..20),
+    )
+        .prop_map(
+            |(id, label, audience, view, nb, len, max_offline, emergency, patients)| {
+                let na = (nb + len).min(Timestamp::END - 1);
+                Lease::new(
+                    LeaseId(id),
+                    label,
+                    audience,
+                    view,
+                    Timestamp::from_millis(nb).expect("range"),
+                    Timestamp::from_millis(na).expect("range"),
+                    max_offline,
+                    emergency,
+                    BoundedVec::try_from(patients).expect("few"),
+                )
+                .expect("valid lease")
+            },
+        )
+}
+
+fn lease_change() -> impl Strategy<Value = LeaseChange> {
+    prop_oneof![
+        lease().prop_map(LeaseChange::Granted),
+        lease().prop_map(LeaseChange::Changed),
+        (
+            any::<u64>(),
+            prop_oneof![
+                Just(LeaseEndReason::Revoked),
+                Just(LeaseEndReason::AssignmentEnded),
+                Just(LeaseEndReason::Superseded)
+            ]
+        )
+            .prop_map(|(id, reason)| LeaseChange::Revoked {
+                id: LeaseId(id),
+                reason
+            }),
+    ]
+}
+
+fn removal_reason() -> impl Strategy<Value = RemovalReason> {
+    prop_oneof![
+        Just(RemovalReason::Objection),
+        Just(RemovalReason::LeftCaseload),
+        Just(RemovalReason::LeaseEnded),
+        Just(RemovalReason::Sensitive),
+        Just(RemovalReason::DeletedUpstream),
+    ]
+}
+
+pub fn batch() -> impl Strategy<Value = Batch> {
+    (
+        vec((nhs(), any::<bool>(), timestamp()), 0..4),
+        vec(lease_change(), 0..3),
+        vec(record(), 0..3),
+        vec((nhs(), removal_reason()), 0..4),
+        cursor(),
+        any::<bool>(),
+        timestamp(),
+        (any::<u32>(), any::<[u8; 32]>()),
+    )
+        .prop_map(
+            |(objections, leases, upserts, removals, next_cursor, more, hub_time, (n, h))| {
+                // Make the parts consistent: no patient twice, no objected patient upserted,
+                // no lease twice.
+                let mut seen = std::collections::HashSet::new();
+                let objections: Vec<_> = objections
+                    .into_iter()
+                    .filter(|(n, _, _)| seen.insert(*n))
+                    .map(|(nhs_number, objected, recorded_at)| ObjectionChange {
+                        nhs_number,
+                        status: if objected {
+                            ObjectionStatus::Objected
+                        } else {
+                            ObjectionStatus::Withdrawn
+                        },
+                        recorded_at,
+                    })
+                    .collect();
+                let mut touched: std::collections::HashSet<_> =
+                    objections.iter().map(|o| o.nhs_number).collect();
+                let upserts: Vec<_> = upserts
+                    .into_iter()
+                    .filter(|r| touched.insert(r.nhs_number))
+                    .collect();
+                let removals: Vec<_> = removals
+                    .into_iter()
+                    .filter(|(n, _)| touched.insert(*n))
+                    .map(|(nhs_number, reason)| Removal { nhs_number, reason })
+                    .collect();
+                let mut ids = std::collections::HashSet::new();
+                let leases: Vec<_> = leases
+                    .into_iter()
+                    .filter(|l| ids.insert(l.lease_id()))
+                    .collect();
+                Batch::new(
+                    BoundedVec::try_from(objections).expect("few"),
+                    BoundedVec::try_from(leases).expect("few"),
+                    BoundedVec::try_from(upserts).expect("few"),
+                    BoundedVec::try_from(removals).expect("few"),
+                    next_cursor,
+                    more,
+                    hub_time,
+                    AllowedSetDigest {
+                        patients: n,
+                        sha256: Hash32(h),
+                    },
+                )
+                .expect("consistent batch")
+            },
+        )
+}
+
+pub fn audit_record() -> impl Strategy<Value = AuditRecord> {
+    (
+        timestamp(),
+        staff(),
+        text(),
+        prop_oneof![
+            Just(Purpose::Treat),
+            text().prop_map(|reason| Purpose::EmergencyTreat { reason })
+        ],
+        prop_oneof![
+            Just(AuditAction::ListCaseload),
+            Just(AuditAction::SearchPatient),
+            Just(AuditAction::ReadSummary),
+            Just(AuditAction::ReadAllergies)
+        ],
+        option::of(nhs()),
+        option::of(any::<u64>().prop_map(LeaseId)),
+        option::of(prop_oneof![Just(View::Clinical), Just(View::SocialCare)]),
+        prop_oneof![
+            Just(AuditOutcome::Served),
+            Just(AuditOutcome::Denied(DenyReason::Objected)),
+            Just(AuditOutcome::Denied(DenyReason::LeaseExpired)),
+            Just(AuditOutcome::Denied(DenyReason::NotOnCaseload))
+        ],
+        any::<u64>(),
+    )
+        .prop_map(
+            |(at, user, client, purpose, action, patient, lease, view, outcome, request_id)| {
+                AuditRecord {
+                    at,
+                    user,
+                    client,
+                    purpose,
+                    action,
+                    patient,
+                    lease,
+                    view,
+                    outcome,
+                    request_id,
+                }
+            },
+        )
+}
+
+pub fn push_audit() -> impl Strategy<Value = PushAudit> {
+    (
+        any::<[u8; 32]>(),
+        1u64..u64::MAX / 2,
+        vec(audit_record(), 1..5),
+    )
+        .prop_map(|(prev, first, records)| {
+            let prev = Hash32(prev);
+            let mut head = prev;
+            let entries: Vec<_> = records
+                .iter()
+                .zip(first..)
+                .map(|(r, seq)| {
+                    let e = AuditEntry::seal(&head, seq, r).expect("small record");
+                    head = e.hash;
+                    e
+                })
+                .collect();
+            PushAudit::new(prev, BoundedVec::try_from(entries).expect("few")).expect("consecutive")
+        })
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    prop_oneof![
+        Just(ErrorCode::Malformed),
+        Just(ErrorCode::UnsupportedVersion),
+        Just(ErrorCode::Unauthorized),
+        Just(ErrorCode::DeviceRevoked),
+        Just(ErrorCode::CursorInvalid),
+        Just(ErrorCode::TooLarge),
+        Just(ErrorCode::RateLimited),
+        Just(ErrorCode::Internal),
+        Just(ErrorCode::AuditChainBroken),
+        Just(ErrorCode::AuditGap),
+        Just(ErrorCode::Unavailable),
+    ]
+}
+
+pub fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        ("[A-Za-z0-9_-]{16,128}", der(), text()).prop_map(|(t, csr_der, device_label)| {
+            Message::EnrolRequest(EnrolRequest {
+                token: EnrolmentToken::new(t).expect("token"),
+                csr_der,
+                device_label,
+            })
+        }),
+        (ascii(1, 64), der(), vec(der(), 0..3), timestamp()).prop_map(
+            |(id, certificate_der, chain, hub_time)| {
+                Message::EnrolResponse(EnrolResponse {
+                    device_id: DeviceId::new(id).expect("id"),
+                    certificate_der,
+                    chain_der: BoundedVec::try_from(chain).expect("few"),
+                    hub_time,
+                })
+            }
+        ),
+        (1u16..10, 0u16..10, any::<u64>(), timestamp(), text()).prop_map(
+            |(min, extra, caps, t, software)| {
+                Message::Hello(Hello {
+                    min_version: min,
+                    max_version: min + extra,
+                    capabilities: Capabilities(caps),
+                    device_time: t,
+                    software,
+                })
+            }
+        ),
+        (
+            any::<u16>(),
+            any::<u64>(),
+            timestamp(),
+            ascii(1, 64),
+            any::<u32>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(version, caps, hub_time, id, max_batch_bytes, audit_durable_through)| {
+                    Message::Welcome(Welcome {
+                        version,
+                        capabilities: Capabilities(caps),
+                        hub_time,
+                        device_id: DeviceId::new(id).expect("id"),
+                        max_batch_bytes,
+                        audit_durable_through,
+                    })
+                }
+            ),
+        (
+            option::of(cursor()),
+            Pull::MIN_BUDGET..=MessageKind::Batch.max_payload()
+        )
+            .prop_map(|(cursor, max_bytes)| Message::Pull(Pull { cursor, max_bytes })),
+        batch().prop_map(Message::Batch),
+        push_audit().prop_map(Message::PushAudit),
+        any::<u64>().prop_map(|d| Message::AuditAck(AuditAck { durable_through: d })),
+        (error_code(), text(), option::of(any::<u32>())).prop_map(
+            |(code, message, retry_after_secs)| {
+                Message::Error(ErrorMessage {
+                    code,
+                    message,
+                    retry_after_secs,
+                })
+            }
+        ),
+    ]
+}

@@ -1,0 +1,116 @@
+//! Property tests: every message round-trips; arbitrary and mutated bytes never panic
+//! and never decode to something that re-encodes differently.
+
+mod common;
+
+use proptest::prelude::*;
+use sync_protocol::audit::{AuditRecord, verify_chain};
+use sync_protocol::codec::{HEADER_LEN, check_roundtrip};
+use sync_protocol::{Compression, DecodeError, Message, decode, decode_with_limit, encode};
+
+fn cases() -> u32 {
+    std::env::var("CARECACHE_PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn every_message_round_trips(msg in common::message(), zstd in any::<bool>()) {
+        let compression = if zstd { Compression::Zstd } else { Compression::None };
+        let frame = encode(&msg, compression).unwrap();
+        prop_assert_eq!(decode(&frame), Ok(msg.clone()));
+        prop_assert!(check_roundtrip(&frame));
+        // The device's own budget applies too: a budget one byte short of the content
+        // refuses the frame before decoding it.
+        let content = u32::from_be_bytes(frame[12..16].try_into().unwrap());
+        if content > 0 {
+            let short = decode_with_limit(&frame, content - 1);
+            prop_assert!(matches!(short, Err(DecodeError::Oversize { .. })), "{:?}", short);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = check_roundtrip(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_payload_behind_a_valid_header_never_panics(
+        kind in 1u8..=9,
+        payload in proptest::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let mut frame = Vec::from(*b"CCSP\x00\x01");
+        frame.push(kind);
+        frame.push(0);
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        frame.extend_from_slice(&len);
+        frame.extend_from_slice(&len);
+        frame.extend_from_slice(&payload);
+        let _ = check_roundtrip(&frame);
+    }
+
+    #[test]
+    fn mutated_frames_are_rejected_or_canonical(
+        msg in common::message(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        let mut frame = encode(&msg, Compression::None).unwrap();
+        for (at, byte) in flips {
+            let i = at.index(frame.len());
+            frame[i] = byte;
+        }
+        // Either rejected, or accepted only as a canonical encoding of what it decodes to.
+        let _ = check_roundtrip(&frame);
+    }
+
+    #[test]
+    fn every_truncation_is_rejected(msg in common::message()) {
+        let frame = encode(&msg, Compression::Zstd).unwrap();
+        for cut in [0, 3, HEADER_LEN - 1, HEADER_LEN, frame.len() / 2, frame.len() - 1] {
+            if cut < frame.len() {
+                prop_assert!(decode(&frame[..cut]).is_err());
+            }
+        }
+        let mut longer = frame.clone();
+        longer.push(0);
+        prop_assert_eq!(decode(&longer), Err(DecodeError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn audit_chains_verify_and_any_altered_record_is_found(
+        push in common::push_audit(),
+        victim in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let entries = push.entries.clone().into_inner();
+        let head = verify_chain(&push.prev_hash, &entries);
+        prop_assert_eq!(head, Ok(entries.last().unwrap().hash));
+        for e in &entries {
+            prop_assert!(AuditRecord::decode(e.record.as_slice()).is_ok());
+        }
+        let i = victim.index(entries.len());
+        let mut bytes = entries[i].record.as_slice().to_vec();
+        let j = (byte as usize) % bytes.len();
+        bytes[j] ^= 0x01;
+        let mut tampered = entries.clone();
+        tampered[i].record = bytes.try_into().unwrap();
+        prop_assert_eq!(verify_chain(&push.prev_hash, &tampered), Err(entries[i].seq));
+    }
+}
+
+#[test]
+fn a_message_kind_is_read_from_the_header_not_guessed() {
+    // An AuditAck payload under a Pull header must not decode as a Pull.
+    let ack = encode(
+        &Message::AuditAck(sync_protocol::message::AuditAck { durable_through: 5 }),
+        Compression::None,
+    )
+    .unwrap();
+    let mut frame = ack.clone();
+    frame[6] = 5;
+    assert!(decode(&frame).is_err());
+}
