@@ -202,9 +202,12 @@ pub(crate) fn take_field_error() -> Option<FieldError> {
 pub(crate) fn from_postcard(e: postcard::Error) -> DecodeError {
     use postcard::Error as P;
     match e {
-        P::SerdeDeCustom => take_field_error()
-            .map(DecodeError::from)
-            .unwrap_or(DecodeError::Malformed("invalid value")),
+        // Every check of ours parks its reason before raising a custom error; the only
+        // other custom error postcard can surface is serde-derive's "invalid value" for
+        // a variant index past the last variant.
+        P::SerdeDeCustom => {
+            take_field_error().map_or(DecodeError::UnknownEnumTag, DecodeError::from)
+        }
         P::DeserializeUnexpectedEnd => DecodeError::Malformed("message ends early"),
         P::DeserializeBadVarint => DecodeError::Malformed("bad varint"),
         P::DeserializeBadBool => DecodeError::Malformed("bad bool"),

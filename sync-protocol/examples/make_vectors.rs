@@ -1,0 +1,594 @@
+//! Writes the test vectors in `vectors/` that do not exist yet. Existing files are never
+//! rewritten: a vector, once committed, is kept as it is forever (a change to the
+//! encoding must show up as a failing vector, not as a regenerated one).
+//!
+//! Run: `cargo run -p sync-protocol --example make_vectors`
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+
+use sync_protocol::audit::{
+    AuditAction, AuditEntry, AuditOutcome, AuditRecord, DenyReason, Purpose,
+};
+use sync_protocol::message::*;
+use sync_protocol::record::*;
+use sync_protocol::types::*;
+use sync_protocol::{Compression, Message, MessageKind, NhsNumber, decode, encode};
+
+fn main() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut written = 0;
+    for (name, comment, bytes) in vectors() {
+        let path = dir.join(format!("{name}.hex"));
+        if path.exists() {
+            continue;
+        }
+        let expect = match decode(&bytes) {
+            Ok(m) => format!("ok {}", m.kind()),
+            Err(e) => format!("error {}", e.kind_name()),
+        };
+        let mut text = format!("expect: {expect}\n# {comment}\n");
+        for chunk in bytes.chunks(32) {
+            let line: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+            text.push_str(&line.join(" "));
+            text.push('\n');
+        }
+        std::fs::write(&path, text).unwrap();
+        println!("wrote {} ({expect})", path.display());
+        written += 1;
+    }
+    println!("{written} new vectors");
+}
+
+fn frame(kind: u8, comp: u8, payload: &[u8], content_len: usize) -> Vec<u8> {
+    let mut f = Vec::from(*b"CCSP\x00\x01");
+    f.push(kind);
+    f.push(comp);
+    f.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+    f.extend_from_slice(&u32::try_from(content_len).unwrap().to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn raw(kind: MessageKind, payload: &[u8]) -> Vec<u8> {
+    frame(kind as u8, 0, payload, payload.len())
+}
+
+fn enc(m: Message) -> Vec<u8> {
+    encode(&m, Compression::None).unwrap()
+}
+
+fn nhs(n: &str) -> NhsNumber {
+    NhsNumber::parse(n).unwrap()
+}
+
+fn ts(ms: u64) -> Timestamp {
+    Timestamp::from_millis(ms).unwrap()
+}
+
+fn t<const N: usize>(s: &str) -> Text<N> {
+    Text::new(s).unwrap()
+}
+
+fn prov() -> Provenance {
+    Provenance {
+        organisation: OdsCode::new("M85001").unwrap(),
+        last_updated: ts(1_735_689_600_000),
+    }
+}
+
+fn coding(code: u64, display: &str) -> Coding {
+    Coding {
+        code: SctId::new(code).unwrap(),
+        display: t(display),
+    }
+}
+
+/// A full record: every section kind appears, and allergies are "not available" while
+/// contacts are "none recorded", so the two states are both pinned by a vector.
+fn record() -> PatientRecord {
+    let demographics = Demographics::new(
+        HumanName {
+            family: t("Testpatient"),
+            given: t("Edith Amelia"),
+            prefix: Some(t("Mrs")),
+        },
+        Date::ymd(1941, 3, 9).unwrap(),
+        Sex::Female,
+        Some(PostcodeDistrict::new("WV10").unwrap()),
+        Some(OdsCode::new("M85001").unwrap()),
+        false,
+    )
+    .unwrap();
+    PatientRecord {
+        nhs_number: nhs("999 000 0018"),
+        version: RecordVersion(42),
+        demographics,
+        alerts: Section::from_items(vec![Alert {
+            source_id: SourceId::new("flag-1").unwrap(),
+            category: AlertCategory::EndOfLife,
+            code: coding(450476008, "Not for cardiopulmonary resuscitation"),
+            detail: Some(t("DNACPR form in kitchen drawer")),
+            period: Period::new(Some(Date::ymd(2024, 2, 28).unwrap()), None).unwrap(),
+            severity: AlertSeverity::HighRisk,
+            provenance: prov(),
+        }])
+        .unwrap(),
+        allergies: Section::NotAvailable,
+        medications: Section::from_items(vec![Medication {
+            source_id: SourceId::new("med-1").unwrap(),
+            medicine: coding(317972000, "Furosemide 40mg tablets"),
+            dose_text: Some(t("One tablet each morning")),
+            status: MedicationStatus::Active,
+            course: Some(Course::Repeat),
+            started: Some(Date::ym(2021, 6).unwrap()),
+            last_issued: Some(Date::ymd(2025, 1, 2).unwrap()),
+            prescribed_elsewhere: false,
+            provenance: prov(),
+        }])
+        .unwrap(),
+        contacts: Section::NoneRecorded,
+        withheld: 1,
+    }
+}
+
+fn allergy_record() -> PatientRecord {
+    let mut r = record();
+    r.nhs_number = nhs("999 000 0026");
+    r.allergies = Section::from_items(vec![Allergy {
+        source_id: SourceId::new("alg-1").unwrap(),
+        substance: coding(764146007, "Penicillin"),
+        category: Some(AllergyCategory::Medication),
+        criticality: Some(Criticality::High),
+        status: AllergyStatus::Active,
+        reactions: BoundedVec::try_from(vec![Reaction {
+            manifestation: Some(coding(39579001, "Anaphylaxis")),
+            description: None,
+            severity: Some(ReactionSeverity::Severe),
+        }])
+        .unwrap(),
+        onset: Some(Date::year_only(1987).unwrap()),
+        note: None,
+        provenance: prov(),
+    }])
+    .unwrap();
+    r.contacts = Section::from_items(vec![KeyContact {
+        role: ContactRole::NextOfKin,
+        name: t("Grace Testpatient"),
+        relationship: Some(t("daughter")),
+        phone: Some(t("07700 900123")),
+        provenance: prov(),
+    }])
+    .unwrap();
+    r
+}
+
+fn lease() -> Lease {
+    Lease::new(
+        LeaseId(7),
+        t("District nursing caseload"),
+        Audience::Users(BoundedVec::try_from(vec![StaffId::new("N1234").unwrap()]).unwrap()),
+        View::Clinical,
+        ts(1_735_689_600_000),
+        ts(1_735_776_000_000),
+        86_400,
+        true,
+        BoundedVec::try_from(vec![nhs("999 000 0018"), nhs("999 000 0026")]).unwrap(),
+    )
+    .unwrap()
+}
+
+fn cursor() -> Cursor {
+    Cursor::new(vec![0, 0, 0, 0, 0, 0, 1, 0x2c]).unwrap()
+}
+
+fn batch(objection: ObjectionStatus) -> Batch {
+    let records = vec![record(), allergy_record()];
+    let allowed = sync_protocol::digest::allowed_set_digest(
+        records.iter().map(|r| (r.nhs_number, r.version)),
+    );
+    Batch::new(
+        BoundedVec::try_from(vec![ObjectionChange {
+            nhs_number: nhs("999 000 0034"),
+            status: objection,
+            recorded_at: ts(1_735_689_000_000),
+        }])
+        .unwrap(),
+        BoundedVec::try_from(vec![
+            LeaseChange::Granted(lease()),
+            LeaseChange::Revoked {
+                id: LeaseId(3),
+                reason: LeaseEndReason::AssignmentEnded,
+            },
+        ])
+        .unwrap(),
+        BoundedVec::try_from(records).unwrap(),
+        BoundedVec::try_from(vec![Removal {
+            nhs_number: nhs("999 000 0042"),
+            reason: RemovalReason::LeftCaseload,
+        }])
+        .unwrap(),
+        cursor(),
+        false,
+        ts(1_735_690_000_000),
+        allowed,
+    )
+    .unwrap()
+}
+
+fn empty_batch() -> Batch {
+    Batch::new(
+        BoundedVec::new(),
+        BoundedVec::new(),
+        BoundedVec::new(),
+        BoundedVec::new(),
+        cursor(),
+        false,
+        ts(1_735_690_000_000),
+        sync_protocol::digest::allowed_set_digest([]),
+    )
+    .unwrap()
+}
+
+fn push_audit() -> PushAudit {
+    let mut prev = Hash32::default();
+    let mut entries = Vec::new();
+    let records = [
+        AuditRecord {
+            at: ts(1_735_700_000_000),
+            user: StaffId::new("N1234").unwrap(),
+            client: t("epcr"),
+            purpose: Purpose::Treat,
+            action: AuditAction::ReadSummary,
+            patient: Some(nhs("999 000 0018")),
+            lease: Some(LeaseId(7)),
+            view: Some(View::Clinical),
+            outcome: AuditOutcome::Served,
+            request_id: 1,
+        },
+        AuditRecord {
+            at: ts(1_735_700_060_000),
+            user: StaffId::new("P5678").unwrap(),
+            client: t("epcr"),
+            purpose: Purpose::EmergencyTreat {
+                reason: t("Unconscious, no other history available"),
+            },
+            action: AuditAction::ReadSummary,
+            patient: Some(nhs("999 000 0034")),
+            lease: None,
+            view: None,
+            outcome: AuditOutcome::Denied(DenyReason::Objected),
+            request_id: 2,
+        },
+    ];
+    for (seq, r) in (1..).zip(&records) {
+        let e = AuditEntry::seal(&prev, seq, r).unwrap();
+        prev = e.hash;
+        entries.push(e);
+    }
+    PushAudit::new(Hash32::default(), BoundedVec::try_from(entries).unwrap()).unwrap()
+}
+
+fn hello() -> Message {
+    Message::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: Capabilities(Capabilities::ZSTD),
+        device_time: ts(1_735_689_600_000),
+        software: t("carecache 0.1.0"),
+    })
+}
+
+/// Replace the first occurrence of `from` in `bytes` with `to` (same length).
+fn patch(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern present");
+    bytes[at..at + from.len()].copy_from_slice(to);
+    bytes
+}
+
+fn varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let batch_frame = enc(Message::Batch(batch(ObjectionStatus::Withdrawn)));
+    let batch_payload = batch_frame[16..].to_vec();
+    let compressed = zstd::bulk::compress(&batch_payload, 3).unwrap();
+    let bomb = zstd::bulk::compress(&vec![0u8; 8 * 1024 * 1024], 19).unwrap();
+    let mut withdrawn_then_objected = batch(ObjectionStatus::Withdrawn);
+    // The objection is for a patient not upserted; make it the upserted one, then flip
+    // the status byte in the encoding to Objected.
+    withdrawn_then_objected.objections = BoundedVec::try_from(vec![ObjectionChange {
+        nhs_number: nhs("999 000 0018"),
+        status: ObjectionStatus::Withdrawn,
+        recorded_at: ts(1_735_689_000_000),
+    }])
+    .unwrap();
+    let wto = enc(Message::Batch(withdrawn_then_objected));
+    let mut objected_upsert = wto.clone();
+    // payload: objections len (1 byte), NHS number varint (5 bytes), status tag.
+    assert_eq!(objected_upsert[16 + 6], 1);
+    objected_upsert[16 + 6] = 0;
+
+    let empty = enc(Message::Batch(empty_batch()));
+    let mut bad_bool = empty.clone();
+    // payload: four empty lists, cursor (len + 8 bytes), then `more`.
+    assert_eq!(bad_bool[16 + 4 + 9], 0);
+    bad_bool[16 + 4 + 9] = 2;
+
+    let invalid_nhs = patch(
+        batch_frame.clone(),
+        &varint(9_990_000_042),
+        &varint(4_123_456_879),
+    );
+    let bad_date = patch(
+        batch_frame.clone(),
+        &[0xe8, 0x0f, 2, 28],
+        &[0xe8, 0x0f, 2, 30],
+    );
+    let bad_sctid = patch(
+        batch_frame.clone(),
+        &varint(450_476_008),
+        &varint(450_476_009),
+    );
+
+    let mut five_certs = Vec::new();
+    five_certs.extend(varint(5));
+    five_certs.extend_from_slice(b"hub-1");
+    five_certs.extend([1, 0x30]); // certificate: 1 byte
+    five_certs.push(5); // chain: 5 items (limit 4)
+    for _ in 0..5 {
+        five_certs.extend([1, 0x30]);
+    }
+    five_certs.extend(varint(1_735_689_600_000));
+
+    let mut error_with_escape = vec![3]; // DeviceRevoked
+    let msg = b"revoked \x1b[2J";
+    error_with_escape.push(u8::try_from(msg.len()).unwrap());
+    error_with_escape.extend_from_slice(msg);
+    error_with_escape.push(0);
+
+    let mut budget_too_small = vec![0]; // no cursor
+    budget_too_small.extend(varint(1024));
+
+    let mut trailing_in_payload =
+        enc(Message::AuditAck(AuditAck { durable_through: 5 }))[16..].to_vec();
+    trailing_in_payload.push(0);
+
+    let hello_frame = enc(hello());
+    let mut hello_zstd = hello_frame.clone();
+    hello_zstd[7] = 1;
+    let mut v2 = hello_frame.clone();
+    v2[5] = 2;
+    let mut bad_magic = hello_frame.clone();
+    bad_magic[0] = b'X';
+    let mut unknown_kind = hello_frame.clone();
+    unknown_kind[6] = 10;
+    let mut unknown_comp = batch_frame.clone();
+    unknown_comp[7] = 2;
+    let mut mismatch = hello_frame.clone();
+    mismatch[15] ^= 1;
+    let mut long_frame = hello_frame.clone();
+    long_frame.push(0);
+
+    vec![
+        (
+            "ok-enrol-request",
+            "enrol: one-time token, CSR bytes, device label",
+            enc(Message::EnrolRequest(EnrolRequest {
+                token: EnrolmentToken::new("Zx4-9QpLr7TmVb2Ke8Wn").unwrap(),
+                csr_der: Bytes::try_from(vec![0x30, 0x82, 0x01, 0x0a]).unwrap(),
+                device_label: t("Ambulance WM-417"),
+            })),
+        ),
+        (
+            "ok-enrol-response",
+            "enrol response: device id, certificate, one-certificate chain",
+            enc(Message::EnrolResponse(EnrolResponse {
+                device_id: DeviceId::new("dev-0001").unwrap(),
+                certificate_der: Bytes::try_from(vec![0x30, 0x82, 0x02, 0x01]).unwrap(),
+                chain_der: BoundedVec::try_from(vec![
+                    Bytes::try_from(vec![0x30, 0x82, 0x03]).unwrap(),
+                ])
+                .unwrap(),
+                hub_time: ts(1_735_689_600_000),
+            })),
+        ),
+        (
+            "ok-hello",
+            "hello: versions 1..=1, zstd capability",
+            hello_frame.clone(),
+        ),
+        (
+            "ok-welcome",
+            "welcome: version 1, audit held through 12",
+            enc(Message::Welcome(Welcome {
+                version: 1,
+                capabilities: Capabilities(Capabilities::ZSTD),
+                hub_time: ts(1_735_689_601_000),
+                device_id: DeviceId::new("dev-0001").unwrap(),
+                max_batch_bytes: 4 * 1024 * 1024,
+                audit_durable_through: 12,
+            })),
+        ),
+        (
+            "ok-pull-initial",
+            "pull with no cursor, 1 MiB budget",
+            enc(Message::Pull(Pull {
+                cursor: None,
+                max_bytes: 1 << 20,
+            })),
+        ),
+        (
+            "ok-pull-cursor",
+            "pull after a cursor",
+            enc(Message::Pull(Pull {
+                cursor: Some(cursor()),
+                max_bytes: 4 << 20,
+            })),
+        ),
+        (
+            "ok-batch-empty",
+            "batch with no changes: the device is up to date, empty allowed set",
+            empty.clone(),
+        ),
+        (
+            "ok-batch-full",
+            "objection withdrawn, lease granted and revoked, two records (allergies not available vs recorded; contacts none recorded vs recorded), one removal",
+            batch_frame.clone(),
+        ),
+        (
+            "ok-batch-zstd",
+            "the full batch, zstd-compressed",
+            frame(6, 1, &compressed, batch_payload.len()),
+        ),
+        (
+            "ok-push-audit",
+            "two chained audit entries: a served read and a denied emergency read",
+            enc(Message::PushAudit(push_audit())),
+        ),
+        (
+            "ok-push-audit-zstd",
+            "the audit push, zstd-compressed",
+            encode(&Message::PushAudit(push_audit()), Compression::Zstd).unwrap(),
+        ),
+        (
+            "ok-audit-ack",
+            "audit stored through 2",
+            enc(Message::AuditAck(AuditAck { durable_through: 2 })),
+        ),
+        (
+            "ok-error",
+            "error: device revoked",
+            enc(Message::Error(ErrorMessage {
+                code: ErrorCode::DeviceRevoked,
+                message: t("This device has been revoked; its data must be wiped."),
+                retry_after_secs: None,
+            })),
+        ),
+        ("err-bad-magic", "first byte altered", bad_magic),
+        ("err-empty", "no bytes at all", Vec::new()),
+        (
+            "err-truncated-header",
+            "ten bytes of a header",
+            hello_frame[..10].to_vec(),
+        ),
+        (
+            "err-truncated-payload",
+            "full batch cut one byte short",
+            batch_frame[..batch_frame.len() - 1].to_vec(),
+        ),
+        (
+            "err-trailing-frame",
+            "hello followed by one extra byte",
+            long_frame,
+        ),
+        (
+            "err-trailing-payload",
+            "audit ack whose declared payload has a byte after the message",
+            raw(MessageKind::AuditAck, &trailing_in_payload),
+        ),
+        ("err-unsupported-version", "hello in a version-2 frame", v2),
+        ("err-unknown-kind", "kind 10", unknown_kind),
+        ("err-unknown-compression", "compression 2", unknown_comp),
+        (
+            "err-compression-not-allowed",
+            "hello marked as zstd",
+            hello_zstd,
+        ),
+        (
+            "err-oversize-batch",
+            "batch header declaring 16 MiB + 1 of content",
+            frame(6, 0, &[], 16 * 1024 * 1024 + 1),
+        ),
+        ("err-oversize-hello", "hello header declaring 2 KiB", {
+            let mut f = frame(3, 0, &[], 0);
+            f[8..16].copy_from_slice(&[0, 0, 8, 0, 0, 0, 8, 0]);
+            f
+        }),
+        (
+            "err-length-mismatch",
+            "uncompressed hello whose content length differs from its payload length",
+            mismatch,
+        ),
+        (
+            "err-decompression-bomb",
+            "8 MiB of zeros compressed, declared as 64 KiB",
+            frame(6, 1, &bomb, 64 * 1024),
+        ),
+        (
+            "err-decompressed-length-mismatch",
+            "compressed batch declaring 10 bytes more than it inflates to",
+            frame(6, 1, &compressed, batch_payload.len() + 10),
+        ),
+        (
+            "err-non-canonical-varint",
+            "audit ack with 5 encoded as the overlong varint 85 00",
+            raw(MessageKind::AuditAck, &[0x85, 0x00]),
+        ),
+        (
+            "err-unknown-enum-tag",
+            "error message with error code 200",
+            raw(MessageKind::Error, &[0xc8, 0x01, 0, 0]),
+        ),
+        (
+            "err-invalid-nhs-number",
+            "batch removal naming 4123456879, which fails Modulus 11",
+            invalid_nhs,
+        ),
+        (
+            "err-invalid-date",
+            "alert period starting on 30 February",
+            bad_date,
+        ),
+        (
+            "err-invalid-sctid",
+            "alert code with a wrong Verhoeff check digit",
+            bad_sctid,
+        ),
+        (
+            "err-invalid-text",
+            "error message containing a terminal escape",
+            raw(MessageKind::Error, &error_with_escape),
+        ),
+        (
+            "err-invalid-budget",
+            "pull with a 1 KiB budget, under the minimum",
+            raw(MessageKind::Pull, &budget_too_small),
+        ),
+        (
+            "err-too-many-items",
+            "enrol response with a chain of five certificates (limit four)",
+            raw(MessageKind::EnrolResponse, &five_certs),
+        ),
+        (
+            "err-objected-and-upserted",
+            "batch that objects a patient and upserts the same patient",
+            objected_upsert,
+        ),
+        (
+            "err-bad-bool",
+            "empty batch whose `more` flag is 2",
+            bad_bool,
+        ),
+    ]
+}
