@@ -1,6 +1,12 @@
 //! Decoding never allocates more than a fixed multiple of the content it was given:
 //! a hostile length prefix cannot make the decoder reserve memory ahead of real input.
 //! Its own test binary, so no other test allocates while this one measures.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic is a failed test"
+)]
 
 mod common;
 

@@ -1,5 +1,11 @@
 //! NHS number checks against the rule in the NHS Data Dictionary (Modulus 11), with an
 //! independent reference implementation written from the rule's text.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic is a failed test"
+)]
 
 use proptest::prelude::*;
 use sync_protocol::NhsNumber;

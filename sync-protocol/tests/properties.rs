@@ -1,5 +1,11 @@
 //! Property tests: every message round-trips; arbitrary and mutated bytes never panic
 //! and never decode to something that re-encodes differently.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic is a failed test"
+)]
 
 mod common;
 

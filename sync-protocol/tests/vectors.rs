@@ -1,6 +1,12 @@
 //! Runs every file in `vectors/`. Each starts with `expect: ok <kind>` or
 //! `expect: error <error-kind>`, then `#` comment lines, then hex bytes.
 //! Accepted vectors must also re-encode canonically.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic is a failed test"
+)]
 
 use std::path::Path;
 
@@ -17,7 +23,7 @@ fn parse(text: &str) -> (String, Vec<u8>) {
         .filter(|l| !l.starts_with('#'))
         .flat_map(|l| l.split_whitespace())
         .collect();
-    assert!(hex.len() % 2 == 0, "odd number of hex digits");
+    assert!(hex.len().is_multiple_of(2), "odd number of hex digits");
     let bytes = (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
