@@ -1,1 +1,9 @@
+//! Integration tests of the `carecache` binary: one test binary, a module per area.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic is a failed test"
+)]
 
+mod cli;

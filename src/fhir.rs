@@ -1,0 +1,306 @@
+//! FHIR R4 (UK Core) rendering of a patient record: Patient, Flag, AllergyIntolerance
+//! and MedicationStatement resources, as the local API will serve them.
+//!
+//! "None recorded" and "not available" are never rendered the same way: an empty
+//! section produces no resources here, and the section state travels separately (the
+//! `$summary` Composition's `emptyReason`).
+
+use serde_json::{Value, json};
+use sync_protocol::record::{
+    Alert, AlertCategory, Allergy, AllergyCategory, AllergyStatus, Course, Criticality, Medication,
+    MedicationStatus, PatientRecord, ReactionSeverity, Sex,
+};
+use sync_protocol::types::{Coding, Provenance, Timestamp};
+
+const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
+const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+const SNOMED: &str = "http://snomed.info/sct";
+
+/// Every resource for one record, Patient first.
+pub fn resources(record: &PatientRecord) -> Vec<Value> {
+    let patient_id = record.nhs_number.digits();
+    let mut out = vec![patient(record)];
+    out.extend(record.alerts.entries().iter().map(|a| flag(&patient_id, a)));
+    out.extend(
+        record
+            .allergies
+            .entries()
+            .iter()
+            .map(|a| allergy(&patient_id, a)),
+    );
+    out.extend(
+        record
+            .medications
+            .entries()
+            .iter()
+            .map(|m| medication(&patient_id, m)),
+    );
+    out
+}
+
+/// The UK Core Patient.
+pub fn patient(record: &PatientRecord) -> Value {
+    let d = &record.demographics;
+    let given: Vec<&str> = d.name.given.as_str().split_whitespace().collect();
+    let mut name = json!({ "use": "official", "family": d.name.family.as_str(), "given": given });
+    if let Some(prefix) = &d.name.prefix {
+        name["prefix"] = json!([prefix.as_str()]);
+    }
+    let mut p = json!({
+        "resourceType": "Patient",
+        "id": record.nhs_number.digits(),
+        "meta": {
+            "profile": ["https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient"],
+            "security": [{
+                "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+                "code": if d.restricted { "R" } else { "N" }
+            }]
+        },
+        "identifier": [{ "system": NHS_NUMBER_SYSTEM, "value": record.nhs_number.digits() }],
+        "name": [name],
+        "gender": match d.sex { Sex::Male => "male", Sex::Female => "female", Sex::Other => "other", Sex::Unknown => "unknown" },
+        "birthDate": d.birth_date.to_string(),
+    });
+    if let Some(pc) = &d.postcode_district {
+        p["address"] = json!([{ "use": "home", "postalCode": pc.as_str() }]);
+    }
+    if let Some(gp) = &d.gp_practice {
+        p["generalPractitioner"] =
+            json!([{ "identifier": { "system": ODS_SYSTEM, "value": gp.as_str() } }]);
+    }
+    p
+}
+
+fn concept(c: &Coding) -> Value {
+    json!({
+        "coding": [{ "system": SNOMED, "code": c.code.to_string(), "display": c.display.as_str() }],
+        "text": c.display.as_str()
+    })
+}
+
+fn instant(t: Timestamp) -> String {
+    let secs = t.as_millis() / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX);
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn meta(profile: &str, provenance: &Provenance) -> Value {
+    json!({
+        "profile": [format!("https://fhir.hl7.org.uk/StructureDefinition/{profile}")],
+        "lastUpdated": instant(provenance.last_updated),
+        "source": format!("{ODS_SYSTEM}|{}", provenance.organisation.as_str()),
+    })
+}
+
+fn subject(patient_id: &str) -> Value {
+    json!({ "reference": format!("Patient/{patient_id}") })
+}
+
+fn flag(patient_id: &str, a: &Alert) -> Value {
+    let category = match a.category {
+        AlertCategory::CommunicationNeed | AlertCategory::ReasonableAdjustment => "contact",
+        AlertCategory::ClinicalWarning => "clinical",
+        AlertCategory::TreatmentRestriction | AlertCategory::EndOfLife => "advance-directive",
+        AlertCategory::Safeguarding => "safety",
+        AlertCategory::Other => "admin",
+    };
+    let mut f = json!({
+        "resourceType": "Flag",
+        "id": a.source_id.as_str(),
+        "meta": meta("UKCore-Flag", &a.provenance),
+        "status": "active",
+        "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/flag-category", "code": category }] }],
+        "code": concept(&a.code),
+        "subject": subject(patient_id),
+        "author": { "identifier": { "system": ODS_SYSTEM, "value": a.provenance.organisation.as_str() } },
+    });
+    if let Some(detail) = &a.detail {
+        f["code"]["text"] = json!(format!("{}: {}", a.code.display.as_str(), detail.as_str()));
+    }
+    let mut period = serde_json::Map::new();
+    if let Some(s) = a.period.start {
+        period.insert("start".into(), json!(s.to_string()));
+    }
+    if let Some(e) = a.period.end {
+        period.insert("end".into(), json!(e.to_string()));
+    }
+    if !period.is_empty() {
+        f["period"] = Value::Object(period);
+    }
+    f
+}
+
+fn allergy(patient_id: &str, a: &Allergy) -> Value {
+    let status = match a.status {
+        AllergyStatus::Active => "active",
+        AllergyStatus::Inactive => "inactive",
+        AllergyStatus::Resolved => "resolved",
+    };
+    let mut r = json!({
+        "resourceType": "AllergyIntolerance",
+        "id": a.source_id.as_str(),
+        "meta": meta("UKCore-AllergyIntolerance", &a.provenance),
+        "clinicalStatus": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": status }] },
+        "verificationStatus": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "unconfirmed" }] },
+        "code": concept(&a.substance),
+        "patient": subject(patient_id),
+        "recorder": { "identifier": { "system": ODS_SYSTEM, "value": a.provenance.organisation.as_str() } },
+    });
+    if let Some(c) = a.category {
+        let c = match c {
+            AllergyCategory::Food => "food",
+            AllergyCategory::Medication => "medication",
+            AllergyCategory::Environment => "environment",
+            AllergyCategory::Biologic => "biologic",
+        };
+        r["category"] = json!([c]);
+    }
+    if let Some(c) = a.criticality {
+        r["criticality"] = json!(match c {
+            Criticality::Low => "low",
+            Criticality::High => "high",
+            Criticality::UnableToAssess => "unable-to-assess",
+        });
+    }
+    if let Some(onset) = a.onset {
+        r["onsetDateTime"] = json!(onset.to_string());
+    }
+    if let Some(note) = &a.note {
+        r["note"] = json!([{ "text": note.as_str() }]);
+    }
+    let reactions: Vec<Value> = a
+        .reactions
+        .iter()
+        .map(|x| {
+            let manifestation = x.manifestation.as_ref().map_or_else(
+                || json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor", "code": "NI" }] }),
+                concept,
+            );
+            let mut v = json!({ "manifestation": [manifestation] });
+            if let Some(s) = x.severity {
+                v["severity"] = json!(match s {
+                    ReactionSeverity::Mild => "mild",
+                    ReactionSeverity::Moderate => "moderate",
+                    ReactionSeverity::Severe => "severe",
+                });
+            }
+            if let Some(d) = &x.description {
+                v["description"] = json!(d.as_str());
+            }
+            v
+        })
+        .collect();
+    if !reactions.is_empty() {
+        r["reaction"] = Value::Array(reactions);
+    }
+    r
+}
+
+fn medication(patient_id: &str, m: &Medication) -> Value {
+    let status = match m.status {
+        MedicationStatus::Active => "active",
+        MedicationStatus::Completed => "completed",
+        MedicationStatus::Stopped => "stopped",
+        MedicationStatus::OnHold => "on-hold",
+        MedicationStatus::Intended => "intended",
+        MedicationStatus::Unknown => "unknown",
+    };
+    let mut r = json!({
+        "resourceType": "MedicationStatement",
+        "id": m.source_id.as_str(),
+        "meta": meta("UKCore-MedicationStatement", &m.provenance),
+        "status": status,
+        "medicationCodeableConcept": concept(&m.medicine),
+        "subject": subject(patient_id),
+        "informationSource": { "identifier": { "system": ODS_SYSTEM, "value": m.provenance.organisation.as_str() } },
+    });
+    if let Some(dose) = &m.dose_text {
+        r["dosage"] = json!([{ "text": dose.as_str() }]);
+    }
+    if let Some(start) = m.started {
+        r["effectivePeriod"] = json!({ "start": start.to_string() });
+    }
+    let mut extension = Vec::new();
+    if let Some(last) = m.last_issued {
+        extension.push(json!({
+            "url": "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-MedicationStatementLastIssueDate",
+            "valueDateTime": last.to_string()
+        }));
+    }
+    extension.push(json!({
+        "url": "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-MedicationPrescribingOrganizationType",
+        "valueCoding": {
+            "system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-MedicationPrescribingOrganizationType",
+            "code": if m.prescribed_elsewhere { "prescribed-by-another-organisation" } else { "prescribed-at-gp-practice" }
+        }
+    }));
+    r["extension"] = Value::Array(extension);
+    if let Some(course) = m.course {
+        r["category"] = json!({ "text": match course {
+            Course::Acute => "acute",
+            Course::Repeat => "repeat",
+            Course::RepeatDispensing => "repeat dispensing",
+        }});
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instants_are_utc_rfc3339() {
+        assert_eq!(
+            instant(Timestamp::from_millis(0).unwrap()),
+            "1970-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            instant(Timestamp::from_millis(951_782_400_000).unwrap()),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            instant(Timestamp::from_millis(1_735_689_599_000).unwrap()),
+            "2024-12-31T23:59:59Z"
+        );
+    }
+
+    #[test]
+    fn resources_name_the_patient_by_nhs_number() {
+        let record = carecache_synth::Generator::new(3).patient();
+        let res = resources(&record);
+        assert_eq!(res[0]["resourceType"], "Patient");
+        assert_eq!(res[0]["identifier"][0]["system"], NHS_NUMBER_SYSTEM);
+        let n = record.alerts.entries().len()
+            + record.allergies.entries().len()
+            + record.medications.entries().len();
+        assert_eq!(res.len(), 1 + n);
+        for r in &res[1..] {
+            let reference = r.get("subject").or_else(|| r.get("patient")).unwrap()["reference"]
+                .as_str()
+                .unwrap();
+            assert_eq!(reference, format!("Patient/{}", record.nhs_number.digits()));
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! carecache: the daemon on an ambulance tablet or a district nurse's laptop that keeps
+//! an encrypted, view-only cache of an assigned caseload's alerts, allergies and
+//! medications, enforces leases and objections on the device, serves crew software on
+//! a local HTTP endpoint, and uploads an audit trail of every look.
+//!
+//! Architecture (DESIGN.md; parts land issue by issue):
+//! - `sync-protocol` (crate): the wire format between device and hub.
+//! - [`fhir`]: FHIR R4 / UK Core rendering of records for the local API.
+//! - store, crypto, policy, sync, audit, api: the daemon's parts, to come.
+#![forbid(unsafe_code)]
+
+pub mod fhir;
