@@ -4,6 +4,10 @@
 //! "None recorded" and "not available" are never rendered the same way: an empty
 //! section produces no resources here, and the section state travels separately (the
 //! `$summary` Composition's `emptyReason`).
+#![allow(
+    clippy::indexing_slicing,
+    reason = "serde_json IndexMut with a str key inserts into objects built just above by json!; it cannot panic"
+)]
 
 use serde_json::{Value, json};
 use sync_protocol::record::{
