@@ -120,3 +120,55 @@ fn a_message_kind_is_read_from_the_header_not_guessed() {
     frame[6] = 5;
     assert!(decode(&frame).is_err());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    /// `Debug` of a whole batch or audit push (what a careless log line would print)
+    /// shows no NHS number, name, date of birth or clinical text.
+    #[test]
+    fn debug_output_carries_no_patient_data(mut batch in common::batch(), record in common::record(), push in common::push_audit()) {
+        use sync_protocol::types::{BoundedVec, Text};
+        let mut record = record;
+        record.demographics.name.family = Text::new("Zqxjvbnfam").unwrap();
+        record.demographics.name.given = Text::new("Qwpzkgiven").unwrap();
+        let nhs = record.nhs_number;
+        let mut upserts: Vec<_> = batch.upserts.clone().into_inner();
+        upserts.retain(|r| r.nhs_number != nhs);
+        let mut removals = batch.removals.clone().into_inner();
+        removals.retain(|r| r.nhs_number != nhs);
+        let mut objections = batch.objections.clone().into_inner();
+        objections.retain(|o| o.nhs_number != nhs);
+        upserts.push(record.clone());
+        batch = sync_protocol::message::Batch::new(
+            BoundedVec::try_from(objections).unwrap(),
+            batch.leases.clone(),
+            BoundedVec::try_from(upserts).unwrap(),
+            BoundedVec::try_from(removals).unwrap(),
+            batch.next_cursor.clone(),
+            batch.more,
+            batch.hub_time,
+            batch.allowed,
+        ).unwrap();
+        let dbg = format!("{:?} {:?}", Message::Batch(batch), Message::PushAudit(push.clone()));
+        prop_assert!(!dbg.contains(&nhs.digits()));
+        prop_assert!(!dbg.contains(&nhs.to_string()));
+        prop_assert!(!dbg.contains("Zqxjvbnfam") && !dbg.contains("Qwpzkgiven"));
+        // A year alone could appear inside a timestamp; a dashed date cannot.
+        if record.demographics.birth_date.month().is_some() {
+            prop_assert!(!dbg.contains(&record.demographics.birth_date.to_string()));
+        }
+        for a in record.alerts.entries() {
+            if a.code.display.as_str().len() >= 8 {
+                prop_assert!(!dbg.contains(a.code.display.as_str()));
+            }
+        }
+        for e in push.entries.iter() {
+            let r = AuditRecord::decode(e.record.as_slice()).unwrap();
+            if let Some(p) = r.patient {
+                let shown = format!("{r:?}");
+                prop_assert!(!shown.contains(&p.digits()));
+            }
+        }
+    }
+}

@@ -19,7 +19,12 @@ pub fn nhs() -> impl Strategy<Value = NhsNumber> {
 
 pub fn text<const N: usize>() -> impl Strategy<Value = Text<N>> {
     // Printable text including non-ASCII, tab and newline, within the byte limit.
-    "[ -~\t\né£ÿ€😀]{0,24}".prop_filter_map("over limit", |s| Text::new(s).ok())
+    "[ -~\t\né£ÿ€😀]{0,24}".prop_map(|mut s| {
+        while s.len() > N {
+            s.pop();
+        }
+        Text::new(s).expect("printable and within the limit")
+    })
 }
 
 fn ascii(min: usize, max: usize) -> impl Strategy<Value = String> {
@@ -52,7 +57,12 @@ pub fn date() -> impl Strategy<Value = Date> {
 }
 
 pub fn sctid() -> impl Strategy<Value = SctId> {
-    (100_000u64..1_000_000_000_000_000_000).prop_filter_map("check digit", |n| SctId::new(n).ok())
+    // Exactly one final digit completes a stem (Verhoeff detects every single-digit change).
+    (10_000u64..100_000_000_000_000_000).prop_map(|stem| {
+        (0..10)
+            .find_map(|d| SctId::new(stem * 10 + d).ok())
+            .expect("one check digit fits")
+    })
 }
 
 pub fn coding() -> impl Strategy<Value = Coding> {
