@@ -46,13 +46,7 @@ proptest! {
         kind in 1u8..=9,
         payload in proptest::collection::vec(any::<u8>(), 0..2048),
     ) {
-        let mut frame = Vec::from(*b"CCSP\x00\x01");
-        frame.push(kind);
-        frame.push(0);
-        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
-        frame.extend_from_slice(&len);
-        frame.extend_from_slice(&len);
-        frame.extend_from_slice(&payload);
+        let frame = common::uncompressed_frame(kind, &payload);
         let used = allocated_by(|| { let _ = decode(&frame); });
         prop_assert!(used <= bound(payload.len()), "{} bytes for {} bytes of content", used, payload.len());
     }

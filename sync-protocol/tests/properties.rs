@@ -49,13 +49,7 @@ proptest! {
         kind in 1u8..=9,
         payload in proptest::collection::vec(any::<u8>(), 0..512),
     ) {
-        let mut frame = Vec::from(*b"CCSP\x00\x01");
-        frame.push(kind);
-        frame.push(0);
-        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
-        frame.extend_from_slice(&len);
-        frame.extend_from_slice(&len);
-        frame.extend_from_slice(&payload);
+        let frame = common::uncompressed_frame(kind, &payload);
         let _ = check_roundtrip(&frame);
     }
 

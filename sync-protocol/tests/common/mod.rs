@@ -611,3 +611,17 @@ pub fn message() -> impl Strategy<Value = Message> {
         ),
     ]
 }
+
+/// A version-1 uncompressed frame of `kind` around `payload`, whatever the payload is.
+pub fn uncompressed_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::from(*b"CCSP\x00\x01");
+    frame.push(kind);
+    frame.push(0);
+    let len = u32::try_from(payload.len())
+        .expect("test payloads are small")
+        .to_be_bytes();
+    frame.extend_from_slice(&len);
+    frame.extend_from_slice(&len);
+    frame.extend_from_slice(payload);
+    frame
+}
