@@ -15,10 +15,11 @@ use std::path::Path;
 use sync_protocol::audit::{
     AuditAction, AuditEntry, AuditOutcome, AuditRecord, DenyReason, Purpose,
 };
+use sync_protocol::codec::VERSION;
 use sync_protocol::message::*;
 use sync_protocol::record::*;
 use sync_protocol::types::*;
-use sync_protocol::{Compression, Message, MessageKind, NhsNumber, decode, encode};
+use sync_protocol::{Compression, FrameHeader, Message, MessageKind, NhsNumber, decode, encode};
 
 fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors");
@@ -46,18 +47,36 @@ fn main() {
     println!("{written} new vectors");
 }
 
-fn frame(kind: u8, comp: u8, payload: &[u8], content_len: usize) -> Vec<u8> {
-    let mut f = Vec::from(*b"CCSP\x00\x01");
-    f.push(kind);
-    f.push(comp);
-    f.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
-    f.extend_from_slice(&u32::try_from(content_len).unwrap().to_be_bytes());
+fn header(
+    kind: MessageKind,
+    compression: Compression,
+    payload_len: usize,
+    content_len: usize,
+) -> Vec<u8> {
+    FrameHeader {
+        version: VERSION,
+        kind,
+        compression,
+        payload_len: u32::try_from(payload_len).unwrap(),
+        content_len: u32::try_from(content_len).unwrap(),
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+fn frame(
+    kind: MessageKind,
+    compression: Compression,
+    payload: &[u8],
+    content_len: usize,
+) -> Vec<u8> {
+    let mut f = header(kind, compression, payload.len(), content_len);
     f.extend_from_slice(payload);
     f
 }
 
 fn raw(kind: MessageKind, payload: &[u8]) -> Vec<u8> {
-    frame(kind as u8, 0, payload, payload.len())
+    frame(kind, Compression::None, payload, payload.len())
 }
 
 fn enc(m: Message) -> Vec<u8> {
@@ -459,7 +478,12 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (
             "ok-batch-zstd",
             "the full batch, zstd-compressed",
-            frame(6, 1, &compressed, batch_payload.len()),
+            frame(
+                MessageKind::Batch,
+                Compression::Zstd,
+                &compressed,
+                batch_payload.len(),
+            ),
         ),
         (
             "ok-push-audit",
@@ -518,13 +542,18 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (
             "err-oversize-batch",
             "batch header declaring 16 MiB + 1 of content",
-            frame(6, 0, &[], 16 * 1024 * 1024 + 1),
+            header(
+                MessageKind::Batch,
+                Compression::None,
+                0,
+                16 * 1024 * 1024 + 1,
+            ),
         ),
-        ("err-oversize-hello", "hello header declaring 2 KiB", {
-            let mut f = frame(3, 0, &[], 0);
-            f[8..16].copy_from_slice(&[0, 0, 8, 0, 0, 0, 8, 0]);
-            f
-        }),
+        (
+            "err-oversize-hello",
+            "hello header declaring 2 KiB",
+            header(MessageKind::Hello, Compression::None, 2048, 2048),
+        ),
         (
             "err-length-mismatch",
             "uncompressed hello whose content length differs from its payload length",
@@ -533,12 +562,17 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (
             "err-decompression-bomb",
             "8 MiB of zeros compressed, declared as 64 KiB",
-            frame(6, 1, &bomb, 64 * 1024),
+            frame(MessageKind::Batch, Compression::Zstd, &bomb, 64 * 1024),
         ),
         (
             "err-decompressed-length-mismatch",
             "compressed batch declaring 10 bytes more than it inflates to",
-            frame(6, 1, &compressed, batch_payload.len() + 10),
+            frame(
+                MessageKind::Batch,
+                Compression::Zstd,
+                &compressed,
+                batch_payload.len() + 10,
+            ),
         ),
         (
             "err-non-canonical-varint",

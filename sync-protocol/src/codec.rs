@@ -142,7 +142,9 @@ impl FrameHeader {
         HEADER_LEN + self.payload_len as usize
     }
 
-    fn to_bytes(self) -> [u8; HEADER_LEN] {
+    /// The header's 16 bytes. Lengths are written as given: a caller building a frame
+    /// by hand (tests, vectors) can declare lengths the decoder will refuse.
+    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         let (magic, rest) = h.split_at_mut(4);
         magic.copy_from_slice(&MAGIC);

@@ -612,16 +612,17 @@ pub fn message() -> impl Strategy<Value = Message> {
     ]
 }
 
-/// A version-1 uncompressed frame of `kind` around `payload`, whatever the payload is.
+/// A version-1 uncompressed frame of `kind` (1–9) around `payload`, whatever the payload is.
 pub fn uncompressed_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::from(*b"CCSP\x00\x01");
-    frame.push(kind);
-    frame.push(0);
-    let len = u32::try_from(payload.len())
-        .expect("test payloads are small")
-        .to_be_bytes();
-    frame.extend_from_slice(&len);
-    frame.extend_from_slice(&len);
+    let len = u32::try_from(payload.len()).expect("test payloads are small");
+    let header = sync_protocol::FrameHeader {
+        version: sync_protocol::codec::VERSION,
+        kind: MessageKind::from_u8(kind).expect("a v1 kind"),
+        compression: sync_protocol::Compression::None,
+        payload_len: len,
+        content_len: len,
+    };
+    let mut frame = header.to_bytes().to_vec();
     frame.extend_from_slice(payload);
     frame
 }
