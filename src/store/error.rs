@@ -1,0 +1,160 @@
+//! Store errors. None of them carries patient data: tables are named, rows are not.
+
+use std::io;
+use std::path::Path;
+
+use crate::crypto::CryptoError;
+use crate::keysource::{KeySourceError, SourceKind};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Operator: the key given does not open this data directory. Nothing was written.
+    #[error(
+        "the key does not open this data directory (it expects {}); check the key file, credential or passphrase — nothing was changed",
+        .0.describe()
+    )]
+    WrongKey(SourceKind),
+    /// Operator: the key source could not be read.
+    #[error(transparent)]
+    KeySource(#[from] KeySourceError),
+    /// Operator: `init` was not run for this directory.
+    #[error("{0} is not an initialised carecache data directory; run `carecache init` first")]
+    NotInitialised(String),
+    /// Operator: `init` on a directory that already holds a store.
+    #[error("{0} already holds a carecache store; use `carecache wipe` first to start again")]
+    AlreadyInitialised(String),
+    /// Operator: the data directory was written by a newer carecache.
+    #[error(
+        "the store has schema version {found}, newer than this carecache supports ({supported}); upgrade carecache — the store was not changed"
+    )]
+    NewerSchema {
+        /// Version on disk.
+        found: u32,
+        /// Newest this build knows.
+        supported: u32,
+    },
+    /// Disk damage: the schema version is one no migration starts from.
+    #[error("the store has schema version {0}, which no migration path upgrades")]
+    NoMigration(u32),
+    /// Operator: keyring and database come from different data directories.
+    #[error("the keyring and the database belong to different stores; restore them together")]
+    StoreMismatch,
+    /// Disk damage or tampering: the keyring is unreadable.
+    #[error("keyring: {0}")]
+    Keyring(String),
+    /// Disk damage, tampering, or a purge interrupted mid-way: a row's data key is gone.
+    #[error("the data key for a row is missing or damaged (purged, or the keyring is damaged)")]
+    KeyMissing,
+    /// Disk damage or tampering: a value did not open or decode.
+    #[error(
+        "a value in table `{0}` is damaged, was moved from another row, or was sealed under another key"
+    )]
+    Damaged(&'static str),
+    /// Disk damage, a full disk, or another process: redb refused.
+    #[error("database ({context}): {message}")]
+    Database {
+        /// What was being done.
+        context: &'static str,
+        /// redb's description (never contains values).
+        message: String,
+        /// Whether the failure was a full disk.
+        disk_full: bool,
+    },
+    /// Machine: a file operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// Hub or policy bug: the change would break a store invariant; nothing was applied.
+    #[error("refused: {0}")]
+    Refused(&'static str),
+    /// Caller bug: an audit sequence number was reused.
+    #[error("audit sequence {0} is already stored")]
+    AuditSequence(u64),
+    /// Bug: a value could not be serialised.
+    #[error("could not encode a value for storage")]
+    Encode,
+    /// Bug: a thread panicked while holding the store's lock.
+    #[error("store lock poisoned by an earlier panic")]
+    Poisoned,
+    /// Machine: sealing failed (no randomness).
+    #[error(transparent)]
+    Crypto(CryptoError),
+}
+
+impl StoreError {
+    pub(crate) fn io(what: &'static str, path: &Path, source: io::Error) -> Self {
+        StoreError::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn db(context: &'static str, e: impl Into<redb::Error>) -> Self {
+        let e: redb::Error = e.into();
+        let disk_full = chain_is_disk_full(&e);
+        let message = match &e {
+            redb::Error::DatabaseAlreadyOpen => {
+                "another carecache process has this data directory open".to_string()
+            }
+            _ if disk_full => "the disk is full; the last committed state is intact".to_string(),
+            other => other.to_string(),
+        };
+        StoreError::Database {
+            context,
+            message,
+            disk_full,
+        }
+    }
+
+    /// Whether this failure was a full disk (the daemon then fails closed on reads).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Database { disk_full, .. } => *disk_full,
+            StoreError::Io { source, .. } => is_disk_full(source),
+            _ => false,
+        }
+    }
+}
+
+fn chain_is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if is_disk_full(io) {
+                return true;
+            }
+            if io.get_ref().is_some_and(|inner| chain_is_disk_full(inner)) {
+                return true;
+            }
+        }
+        if let Some(StoreError::Io { source, .. }) = err.downcast_ref::<StoreError>()
+            && is_disk_full(source)
+        {
+            return true;
+        }
+        if let Some(redb::Error::Io(io)) = err.downcast_ref::<redb::Error>()
+            && is_disk_full(io)
+        {
+            return true;
+        }
+        if let Some(redb::StorageError::Io(io)) = err.downcast_ref::<redb::StorageError>()
+            && is_disk_full(io)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+}

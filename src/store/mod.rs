@@ -1,0 +1,893 @@
+//! The store: the only door to the device's redb database and its keyring.
+//!
+//! Everything patient-related is sealed with XChaCha20-Poly1305 before it reaches redb; row
+//! keys are keyed hashes, never NHS numbers. One logical change is one write transaction.
+//! Purging a patient or a lease deletes its rows and destroys its data key in the keyring
+//! (crypto-shredding), so copies of its ciphertext left in redb's free pages never open
+//! again. The on-disk format, its invariants and its failure analysis are in `docs/STORE.md`.
+
+mod error;
+mod keyring;
+mod migrate;
+mod tables;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sync_protocol::NhsNumber;
+use sync_protocol::audit::AuditEntry;
+use sync_protocol::message::{Batch, Lease, LeaseChange, ObjectionChange, ObjectionStatus};
+use sync_protocol::record::PatientRecord;
+use sync_protocol::types::{Cursor, LeaseId, Timestamp};
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, MasterKey, RootKey, RowKey, Secret32, Subkeys};
+use crate::keysource::{KdfParams, KeySource, SourceKind, read_credential, read_key_file};
+
+pub use error::StoreError;
+pub use keyring::{KEYRING_FILE, LockInfo, SLOT_LEN, Scope};
+pub use migrate::{SCHEMA_VERSION, force_schema_version};
+use tables::{Table, sealed_ad};
+
+/// File name of the redb database inside a data directory.
+pub const DATABASE_FILE: &str = "store.redb";
+
+/// What a batch did to the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Records written.
+    pub upserted: usize,
+    /// Patients purged (objection, removal, lease end); their keys are destroyed.
+    pub purged: usize,
+    /// Leases granted or changed.
+    pub leases_written: usize,
+    /// Leases revoked and purged.
+    pub leases_ended: usize,
+}
+
+/// A sealed value as stored (nonce ‖ ciphertext ‖ tag) and the associated data that opens it.
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct RawSealed {
+    /// Nonce, ciphertext and tag.
+    pub sealed: Vec<u8>,
+    /// Associated data.
+    pub ad: Vec<u8>,
+}
+
+/// Counts for status output; none of it identifies a patient.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Patients held.
+    pub patients: u64,
+    /// Leases held.
+    pub leases: u64,
+    /// Objections remembered.
+    pub objections: u64,
+    /// Audit entries not yet acknowledged by the hub.
+    pub audit_entries: u64,
+    /// Keyring slots in use.
+    pub key_slots: usize,
+}
+
+/// An open, unlocked data directory.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    db: Database,
+    keyring: Mutex<keyring::Keyring>,
+    master: MasterKey,
+    keys: Subkeys,
+    data_keys: RwLock<HashMap<u32, Secret32>>,
+}
+
+/// Obtains the root key for `dir` from `source`. For a passphrase this runs Argon2id with
+/// the parameters stored in the keyring: do it once per start and keep the [`RootKey`].
+pub fn unlock(dir: &Path, source: &KeySource) -> Result<RootKey, StoreError> {
+    match source {
+        KeySource::KeyFile(path) => {
+            refuse_inside(dir, path)?;
+            Ok(read_key_file(path)?)
+        }
+        KeySource::Credential(name) => Ok(read_credential(name)?),
+        KeySource::Passphrase(pass) => {
+            let info = Store::lock_info(dir)?;
+            let params: Vec<KdfParams> = info.slots.iter().filter_map(|s| s.2).collect();
+            let Some(first) = params.first() else {
+                let expected = info.slots.first().map_or(SourceKind::KeyFile, |s| s.1);
+                return Err(StoreError::WrongKey(expected));
+            };
+            // Normally one slot. After an interrupted passphrase change there are two, and the
+            // passphrase given decides which one survives.
+            for p in &params {
+                let root = p.derive(pass)?;
+                if keyring::Keyring::open_check(dir, &root)? {
+                    return Ok(root);
+                }
+            }
+            Ok(first.derive(pass)?)
+        }
+    }
+}
+
+/// Refuses a key file inside the data directory: a copy of the directory must not unlock.
+pub fn refuse_inside(dir: &Path, key: &Path) -> Result<(), StoreError> {
+    let abs = |p: &Path| {
+        fs::canonicalize(p).unwrap_or_else(|_| {
+            p.parent()
+                .and_then(|d| fs::canonicalize(d).ok())
+                .map_or_else(
+                    || p.to_path_buf(),
+                    |d| d.join(p.file_name().unwrap_or_default()),
+                )
+        })
+    };
+    if abs(key).starts_with(abs(dir)) {
+        return Err(
+            crate::keysource::KeySourceError::InsideDataDir(key.display().to_string()).into(),
+        );
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Makes a new data directory (mode 0700) holding an empty store under `root`.
+    pub fn create(
+        dir: &Path,
+        root: &RootKey,
+        kind: SourceKind,
+        kdf: Option<KdfParams>,
+    ) -> Result<Store, StoreError> {
+        if dir.join(KEYRING_FILE).exists() || dir.join(DATABASE_FILE).exists() {
+            return Err(StoreError::AlreadyInitialised(dir.display().to_string()));
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| StoreError::io("create data directory", dir, e))?;
+        let mut store_id = [0u8; 16];
+        crypto::fill_random(&mut store_id)?;
+        let (ring, master) = keyring::Keyring::create(dir, store_id, root, kind, kdf)?;
+        let db = Database::builder()
+            .create(dir.join(DATABASE_FILE))
+            .map_err(|e| StoreError::db("create database", e))?;
+        migrate::initialise(&db, &store_id)?;
+        sync_dir(dir)?;
+        Ok(Self::assemble(dir, db, ring, master))
+    }
+
+    /// The key source a data directory expects, read without any key.
+    pub fn lock_info(dir: &Path) -> Result<LockInfo, StoreError> {
+        if !dir.join(KEYRING_FILE).exists() {
+            return Err(StoreError::NotInitialised(dir.display().to_string()));
+        }
+        keyring::Keyring::lock_info(dir)
+    }
+
+    /// Opens a data directory. A wrong key is refused before any file is written.
+    pub fn open(dir: &Path, root: &RootKey) -> Result<Store, StoreError> {
+        Self::open_inner(dir, root, |path| {
+            Database::builder()
+                .open(path)
+                .map_err(|e| StoreError::db("open database", e))
+        })
+    }
+
+    /// Opens a data directory whose database lives in `backend` (tests break storage with it).
+    pub fn open_with_backend(
+        dir: &Path,
+        root: &RootKey,
+        backend: impl redb::StorageBackend,
+    ) -> Result<Store, StoreError> {
+        Self::open_inner(dir, root, |_| {
+            Database::builder()
+                .create_with_backend(backend)
+                .map_err(|e| StoreError::db("open database", e))
+        })
+    }
+
+    fn open_inner(
+        dir: &Path,
+        root: &RootKey,
+        open_db: impl FnOnce(&Path) -> Result<Database, StoreError>,
+    ) -> Result<Store, StoreError> {
+        if !dir.join(KEYRING_FILE).exists() {
+            return Err(StoreError::NotInitialised(dir.display().to_string()));
+        }
+        let (mut ring, master) = keyring::Keyring::open(dir, root)?;
+        let db_path = dir.join(DATABASE_FILE);
+        let db = open_db(&db_path)?;
+        migrate::check_and_upgrade(&db, ring.store_id())?;
+        let referenced = referenced_slots(&db)?;
+        let orphans = ring.reconcile(&referenced)?;
+        if orphans > 0 {
+            tracing::info!(orphans, "destroyed key slots left by an interrupted change");
+        }
+        Ok(Self::assemble(dir, db, ring, master))
+    }
+
+    fn assemble(dir: &Path, db: Database, ring: keyring::Keyring, master: MasterKey) -> Store {
+        let keys = master.subkeys();
+        Store {
+            dir: dir.to_path_buf(),
+            db,
+            keyring: Mutex::new(ring),
+            master,
+            keys,
+            data_keys: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The key source the store is unlocked with.
+    pub fn source_kind(&self) -> Result<SourceKind, StoreError> {
+        Ok(self.ring()?.kind())
+    }
+
+    /// Rotates the root key: the master key is wrapped under `new_root` in place of the old
+    /// wrapping. No record is re-encrypted; the old root key no longer opens the directory.
+    pub fn rekey(
+        &self,
+        new_root: &RootKey,
+        kind: SourceKind,
+        kdf: Option<KdfParams>,
+    ) -> Result<(), StoreError> {
+        self.ring()?.rewrap(&self.master, new_root, kind, kdf)
+    }
+
+    /// Applies a sync batch in one transaction, cursor included: objections first (purging
+    /// the patients), then lease changes (purging patients no lease covers any more), then
+    /// upserts, then removals. On any error nothing is applied.
+    pub fn apply_batch(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        self.write(|w| {
+            let mut report = ApplyReport::default();
+            for o in batch.objections.iter() {
+                w.objection(o)?;
+                if o.status == ObjectionStatus::Objected {
+                    report.purged += usize::from(w.purge_patient(&o.nhs_number)?);
+                }
+            }
+            let mut uncovered = BTreeSet::new();
+            for change in batch.leases.iter() {
+                match change {
+                    LeaseChange::Granted(lease) | LeaseChange::Changed(lease) => {
+                        uncovered.extend(w.put_lease(lease)?);
+                        report.leases_written += 1;
+                    }
+                    LeaseChange::Revoked { id, .. } => {
+                        uncovered.extend(w.remove_lease(*id)?);
+                        report.leases_ended += 1;
+                    }
+                }
+            }
+            if !uncovered.is_empty() {
+                let covered = w.covered()?;
+                for nhs in uncovered.difference(&covered) {
+                    report.purged += usize::from(w.purge_patient(nhs)?);
+                }
+            }
+            for record in batch.upserts.iter() {
+                w.put_record(record)?;
+                report.upserted += 1;
+            }
+            for removal in batch.removals.iter() {
+                report.purged += usize::from(w.purge_patient(&removal.nhs_number)?);
+            }
+            w.put_state(tables::CURSOR, &batch.next_cursor)?;
+            w.put_state(tables::HUB_TIME, &batch.hub_time)?;
+            Ok(report)
+        })
+    }
+
+    /// Writes or replaces records (a test and benchmark convenience; sync uses batches).
+    pub fn put_records(&self, records: &[PatientRecord]) -> Result<(), StoreError> {
+        self.write(|w| records.iter().try_for_each(|r| w.put_record(r)))
+    }
+
+    /// Purges patients: rows deleted, data keys destroyed. Returns how many were held.
+    pub fn purge_patients(&self, patients: &[NhsNumber]) -> Result<usize, StoreError> {
+        self.write(|w| {
+            let mut n = 0;
+            for p in patients {
+                n += usize::from(w.purge_patient(p)?);
+            }
+            Ok(n)
+        })
+    }
+
+    /// Ends a lease: its row and key are destroyed, and so is every patient no other lease
+    /// covers. Returns how many patients were purged.
+    pub fn purge_lease(&self, id: LeaseId) -> Result<usize, StoreError> {
+        self.write(|w| {
+            let patients = w.remove_lease(id)?;
+            let covered = w.covered()?;
+            let mut n = 0;
+            for nhs in patients.difference(&covered) {
+                n += usize::from(w.purge_patient(nhs)?);
+            }
+            Ok(n)
+        })
+    }
+
+    /// One patient's record, if held.
+    pub fn record(&self, nhs: &NhsNumber) -> Result<Option<PatientRecord>, StoreError> {
+        let row = RowKey::of(&self.keys.index, nhs);
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::PATIENTS)?;
+        let Some(value) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
+            return Ok(None);
+        };
+        let value = value.value();
+        let (slot, sealed) = tables::split_slot(value)?;
+        let key = self.data_key(slot, Scope::Patient(row))?;
+        let plain = tables::unseal(&key, Table::Patients, &row.0, sealed)?;
+        let record: PatientRecord = decode(&plain, Table::Patients)?;
+        if record.nhs_number != *nhs {
+            return Err(StoreError::Damaged(Table::Patients.name()));
+        }
+        Ok(Some(record))
+    }
+
+    /// Every record held, in row-key order (which reveals nothing about the patients).
+    pub fn records(&self) -> Result<Vec<PatientRecord>, StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::PATIENTS)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| StoreError::db("read", e))? {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            let row = RowKey(k.value());
+            let (slot, sealed) = tables::split_slot(v.value())?;
+            let key = self.data_key(slot, Scope::Patient(row))?;
+            let plain = tables::unseal(&key, Table::Patients, &row.0, sealed)?;
+            out.push(decode(&plain, Table::Patients)?);
+        }
+        Ok(out)
+    }
+
+    /// The leases held.
+    pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::LEASES)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| StoreError::db("read", e))? {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            out.push(self.open_lease(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Whether the patient has an objection on record.
+    pub fn objected(&self, nhs: &NhsNumber) -> Result<bool, StoreError> {
+        let row = RowKey::of(&self.keys.index, nhs);
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::OBJECTIONS)?;
+        let Some(v) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
+            return Ok(false);
+        };
+        let plain = tables::unseal(&self.keys.state, Table::Objections, &row.0, v.value())?;
+        let o: ObjectionChange = decode(&plain, Table::Objections)?;
+        Ok(o.nhs_number == *nhs && o.status == ObjectionStatus::Objected)
+    }
+
+    /// The committed sync cursor, if any batch was applied.
+    pub fn cursor(&self) -> Result<Option<Cursor>, StoreError> {
+        self.get_state(tables::CURSOR)
+    }
+
+    /// The hub time of the last applied batch.
+    pub fn hub_time(&self) -> Result<Option<Timestamp>, StoreError> {
+        self.get_state(tables::HUB_TIME)
+    }
+
+    /// Appends an audit entry, sealed under the audit key, durably.
+    pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.append_audit_many(std::slice::from_ref(entry))
+    }
+
+    /// Appends audit entries in one durable commit (group commit of concurrent reads).
+    pub fn append_audit_many(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        let tx = self.begin_write()?;
+        {
+            let mut table = tables::open_write(&tx, tables::AUDIT)?;
+            for e in entries {
+                let key = e.seq.to_be_bytes();
+                if table
+                    .get(e.seq)
+                    .map_err(|x| StoreError::db("audit", x))?
+                    .is_some()
+                {
+                    return Err(StoreError::AuditSequence(e.seq));
+                }
+                let plain = encode(e)?;
+                let sealed = tables::seal(&self.keys.audit, Table::Audit, &key, &plain)?;
+                table
+                    .insert(e.seq, sealed.as_slice())
+                    .map_err(|x| StoreError::db("audit", x))?;
+            }
+        }
+        tx.commit().map_err(|e| StoreError::db("commit", e))
+    }
+
+    /// Audit entries from `from` (inclusive), at most `limit`.
+    pub fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::AUDIT)?;
+        let mut out = Vec::new();
+        for item in table
+            .range(from..)
+            .map_err(|e| StoreError::db("read", e))?
+            .take(limit)
+        {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            let seq = k.value();
+            let plain = tables::unseal(
+                &self.keys.audit,
+                Table::Audit,
+                &seq.to_be_bytes(),
+                v.value(),
+            )?;
+            let entry: AuditEntry = decode(&plain, Table::Audit)?;
+            if entry.seq != seq {
+                return Err(StoreError::Damaged(Table::Audit.name()));
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Drops audit entries up to and including `seq` (after the hub acknowledged them).
+    pub fn remove_audit_through(&self, seq: u64) -> Result<u64, StoreError> {
+        let tx = self.begin_write()?;
+        let removed = {
+            let mut table = tables::open_write(&tx, tables::AUDIT)?;
+            let before = table.len().map_err(|e| StoreError::db("audit", e))?;
+            table
+                .retain_in(..=seq, |_, _| false)
+                .map_err(|e| StoreError::db("audit", e))?;
+            before - table.len().map_err(|e| StoreError::db("audit", e))?
+        };
+        tx.commit().map_err(|e| StoreError::db("commit", e))?;
+        Ok(removed)
+    }
+
+    /// Counts of what the store holds.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let len = |r: Result<u64, redb::StorageError>| r.map_err(|e| StoreError::db("read", e));
+        Ok(StoreStats {
+            patients: len(tables::open_read(&tx, tables::PATIENTS)?.len())?,
+            leases: len(tables::open_read(&tx, tables::LEASES)?.len())?,
+            objections: len(tables::open_read(&tx, tables::OBJECTIONS)?.len())?,
+            audit_entries: len(tables::open_read(&tx, tables::AUDIT)?.len())?,
+            key_slots: self.ring()?.used(),
+        })
+    }
+
+    /// Rewrites the database compactly, returning free pages to the file system.
+    pub fn compact(&mut self) -> Result<(), StoreError> {
+        self.db
+            .compact()
+            .map(|_| ())
+            .map_err(|e| StoreError::db("compact", e))
+    }
+
+    /// Test support: the raw keyring slot holding a patient's data key, if held.
+    #[doc(hidden)]
+    pub fn raw_key_slot(&self, nhs: &NhsNumber) -> Result<Option<[u8; SLOT_LEN]>, StoreError> {
+        let row = RowKey::of(&self.keys.index, nhs);
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::PATIENTS)?;
+        let Some(v) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
+            return Ok(None);
+        };
+        let (slot, _) = tables::split_slot(v.value())?;
+        self.ring()?.raw_slot(slot).map(Some)
+    }
+
+    /// Test support: the sealed record value as stored, and the associated data that opens it.
+    #[doc(hidden)]
+    pub fn raw_record(&self, nhs: &NhsNumber) -> Result<Option<RawSealed>, StoreError> {
+        let row = RowKey::of(&self.keys.index, nhs);
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::PATIENTS)?;
+        let Some(v) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
+            return Ok(None);
+        };
+        let (_, sealed) = tables::split_slot(v.value())?;
+        let (version, body) = sealed
+            .split_first()
+            .ok_or(StoreError::Damaged("patients"))?;
+        Ok(Some(RawSealed {
+            sealed: body.to_vec(),
+            ad: sealed_ad(*version, Table::Patients, &row.0),
+        }))
+    }
+
+    /// Test support: every key reachable from the root key right now — the master key's
+    /// derived keys and every data key in a used slot. Tests try them on purged data.
+    #[doc(hidden)]
+    pub fn dangerous_reachable_keys(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+        let mut out = vec![
+            *self.master.0.expose(),
+            *self.keys.index.expose(),
+            *self.keys.state.expose(),
+            *self.keys.audit.expose(),
+            *self.keys.wrap.expose(),
+        ];
+        for (slot, scope) in self.all_scopes()? {
+            out.push(*self.data_key(slot, scope)?.expose());
+        }
+        Ok(out)
+    }
+
+    fn all_scopes(&self) -> Result<Vec<(u32, Scope)>, StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let mut out = Vec::new();
+        let patients = tables::open_read(&tx, tables::PATIENTS)?;
+        for item in patients.iter().map_err(|e| StoreError::db("read", e))? {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            out.push((
+                tables::split_slot(v.value())?.0,
+                Scope::Patient(RowKey(k.value())),
+            ));
+        }
+        let leases = tables::open_read(&tx, tables::LEASES)?;
+        for item in leases.iter().map_err(|e| StoreError::db("read", e))? {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            out.push((tables::split_slot(v.value())?.0, Scope::Lease(k.value())));
+        }
+        Ok(out)
+    }
+
+    fn open_lease(&self, id: u64, value: &[u8]) -> Result<Lease, StoreError> {
+        let (slot, sealed) = tables::split_slot(value)?;
+        let key = self.data_key(slot, Scope::Lease(id))?;
+        let plain = tables::unseal(&key, Table::Leases, &id.to_be_bytes(), sealed)?;
+        let lease: Lease = decode(&plain, Table::Leases)?;
+        if lease.id.0 != id {
+            return Err(StoreError::Damaged(Table::Leases.name()));
+        }
+        Ok(lease)
+    }
+
+    fn data_key(&self, slot: u32, scope: Scope) -> Result<Secret32, StoreError> {
+        if let Some(k) = self
+            .data_keys
+            .read()
+            .map_err(|_| StoreError::Poisoned)?
+            .get(&slot)
+        {
+            return Ok(k.clone());
+        }
+        let key = self.ring()?.unwrap(slot, scope, &self.keys.wrap)?;
+        self.data_keys
+            .write()
+            .map_err(|_| StoreError::Poisoned)?
+            .insert(slot, key.clone());
+        Ok(key)
+    }
+
+    fn get_state<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read_meta(&tx)?;
+        let Some(v) = table.get(name).map_err(|e| StoreError::db("read", e))? else {
+            return Ok(None);
+        };
+        let plain = tables::unseal(&self.keys.state, Table::Meta, name.as_bytes(), v.value())?;
+        decode(&plain, Table::Meta).map(Some)
+    }
+
+    fn ring(&self) -> Result<MutexGuard<'_, keyring::Keyring>, StoreError> {
+        self.keyring.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
+        self.db
+            .begin_write()
+            .map_err(|e| StoreError::db("begin write", e))
+    }
+
+    /// Runs `f` in one write transaction. New data keys are made durable in the keyring before
+    /// the commit; keys of purged rows are destroyed after it. On error nothing is applied and
+    /// the keys written for it are destroyed again.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut ring = self.ring()?;
+        let tx = self.begin_write()?;
+        let mut w = Writer {
+            tx: &tx,
+            ring: &mut ring,
+            store: self,
+            allocated: Vec::new(),
+            destroyed: Vec::new(),
+        };
+        let result = f(&mut w).and_then(|v| w.ring.sync().map(|()| v));
+        let (allocated, destroyed) = (
+            std::mem::take(&mut w.allocated),
+            std::mem::take(&mut w.destroyed),
+        );
+        let outcome = result.and_then(|v| {
+            tx.commit().map_err(|e| StoreError::db("commit", e))?;
+            Ok(v)
+        });
+        let outcome = match outcome {
+            Ok(v) => v,
+            Err(e) => {
+                self.forget_keys(&allocated)?;
+                if let Err(cleanup) = ring.release_unused(&allocated) {
+                    tracing::warn!(error = %cleanup, "could not clear unused key slots; they are cleared at next open");
+                }
+                return Err(e);
+            }
+        };
+        self.forget_keys(&destroyed)?;
+        ring.destroy(&destroyed)?;
+        Ok(outcome)
+    }
+
+    fn forget_keys(&self, slots: &[u32]) -> Result<(), StoreError> {
+        let mut cache = self.data_keys.write().map_err(|_| StoreError::Poisoned)?;
+        for s in slots {
+            cache.remove(s);
+        }
+        Ok(())
+    }
+}
+
+/// The state of one write transaction.
+struct Writer<'a> {
+    tx: &'a WriteTransaction,
+    ring: &'a mut keyring::Keyring,
+    store: &'a Store,
+    allocated: Vec<u32>,
+    destroyed: Vec<u32>,
+}
+
+impl Writer<'_> {
+    fn put_record(&mut self, record: &PatientRecord) -> Result<(), StoreError> {
+        let row = RowKey::of(&self.store.keys.index, &record.nhs_number);
+        if self.objection_status(row)? == Some(ObjectionStatus::Objected) {
+            return Err(StoreError::Refused("record for a patient who has objected"));
+        }
+        let mut table = tables::open_write(self.tx, tables::PATIENTS)?;
+        let existing = match table.get(row.0).map_err(|e| StoreError::db("write", e))? {
+            Some(v) => Some(tables::split_slot(v.value())?.0),
+            None => None,
+        };
+        let (slot, key) = match existing {
+            Some(slot) => (slot, self.store.data_key(slot, Scope::Patient(row))?),
+            None => self.allocate(Scope::Patient(row))?,
+        };
+        let plain = encode(record)?;
+        let value = tables::seal_with_slot(slot, &key, Table::Patients, &row.0, &plain)?;
+        table
+            .insert(row.0, value.as_slice())
+            .map_err(|e| StoreError::db("write", e))?;
+        Ok(())
+    }
+
+    fn purge_patient(&mut self, nhs: &NhsNumber) -> Result<bool, StoreError> {
+        let row = RowKey::of(&self.store.keys.index, nhs);
+        let mut table = tables::open_write(self.tx, tables::PATIENTS)?;
+        let removed = table
+            .remove(row.0)
+            .map_err(|e| StoreError::db("purge", e))?;
+        match removed {
+            Some(v) => {
+                let (slot, _) = tables::split_slot(v.value())?;
+                self.destroyed.push(slot);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn objection(&mut self, o: &ObjectionChange) -> Result<(), StoreError> {
+        let row = RowKey::of(&self.store.keys.index, &o.nhs_number);
+        let mut table = tables::open_write(self.tx, tables::OBJECTIONS)?;
+        match o.status {
+            ObjectionStatus::Objected => {
+                let plain = encode(o)?;
+                let sealed =
+                    tables::seal(&self.store.keys.state, Table::Objections, &row.0, &plain)?;
+                table
+                    .insert(row.0, sealed.as_slice())
+                    .map_err(|e| StoreError::db("write", e))?;
+            }
+            ObjectionStatus::Withdrawn => {
+                table
+                    .remove(row.0)
+                    .map_err(|e| StoreError::db("write", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn objection_status(&self, row: RowKey) -> Result<Option<ObjectionStatus>, StoreError> {
+        let table = tables::open_write(self.tx, tables::OBJECTIONS)?;
+        let Some(v) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
+            return Ok(None);
+        };
+        let plain = tables::unseal(&self.store.keys.state, Table::Objections, &row.0, v.value())?;
+        let o: ObjectionChange = decode(&plain, Table::Objections)?;
+        Ok(Some(o.status))
+    }
+
+    /// Writes a lease; returns the patients it no longer names (candidates for purge).
+    fn put_lease(&mut self, lease: &Lease) -> Result<BTreeSet<NhsNumber>, StoreError> {
+        let id = lease.id.0;
+        let mut table = tables::open_write(self.tx, tables::LEASES)?;
+        let existing = match table.get(id).map_err(|e| StoreError::db("write", e))? {
+            Some(v) => Some((
+                tables::split_slot(v.value())?.0,
+                self.store.open_lease(id, v.value())?,
+            )),
+            None => None,
+        };
+        let (slot, key, dropped) = match existing {
+            Some((slot, old)) => {
+                let now: BTreeSet<_> = lease.patients.iter().copied().collect();
+                let dropped = old
+                    .patients
+                    .iter()
+                    .copied()
+                    .filter(|p| !now.contains(p))
+                    .collect();
+                (slot, self.store.data_key(slot, Scope::Lease(id))?, dropped)
+            }
+            None => {
+                let (slot, key) = self.allocate(Scope::Lease(id))?;
+                (slot, key, BTreeSet::new())
+            }
+        };
+        let plain = encode(lease)?;
+        let value = tables::seal_with_slot(slot, &key, Table::Leases, &id.to_be_bytes(), &plain)?;
+        table
+            .insert(id, value.as_slice())
+            .map_err(|e| StoreError::db("write", e))?;
+        Ok(dropped)
+    }
+
+    /// Removes a lease and destroys its key; returns the patients it named.
+    fn remove_lease(&mut self, id: LeaseId) -> Result<BTreeSet<NhsNumber>, StoreError> {
+        let mut table = tables::open_write(self.tx, tables::LEASES)?;
+        let Some(v) = table.remove(id.0).map_err(|e| StoreError::db("write", e))? else {
+            return Ok(BTreeSet::new());
+        };
+        let lease = self.store.open_lease(id.0, v.value())?;
+        self.destroyed.push(tables::split_slot(v.value())?.0);
+        Ok(lease.patients.iter().copied().collect())
+    }
+
+    /// Every patient some remaining lease names.
+    fn covered(&self) -> Result<BTreeSet<NhsNumber>, StoreError> {
+        let table = tables::open_write(self.tx, tables::LEASES)?;
+        let mut out = BTreeSet::new();
+        for item in table.iter().map_err(|e| StoreError::db("read", e))? {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            out.extend(
+                self.store
+                    .open_lease(k.value(), v.value())?
+                    .patients
+                    .iter()
+                    .copied(),
+            );
+        }
+        Ok(out)
+    }
+
+    fn put_state<T: Serialize>(&mut self, name: &str, value: &T) -> Result<(), StoreError> {
+        let plain = encode(value)?;
+        let sealed = tables::seal(&self.store.keys.state, Table::Meta, name.as_bytes(), &plain)?;
+        let mut table = tables::open_write_meta(self.tx)?;
+        table
+            .insert(name, sealed.as_slice())
+            .map_err(|e| StoreError::db("write", e))?;
+        Ok(())
+    }
+
+    fn allocate(&mut self, scope: Scope) -> Result<(u32, Secret32), StoreError> {
+        let (slot, key) = self.ring.allocate(scope, &self.store.keys.wrap)?;
+        self.allocated.push(slot);
+        self.store
+            .data_keys
+            .write()
+            .map_err(|_| StoreError::Poisoned)?
+            .insert(slot, key.clone());
+        Ok((slot, key))
+    }
+}
+
+fn referenced_slots(db: &Database) -> Result<HashSet<u32>, StoreError> {
+    let tx = db.begin_read().map_err(|e| StoreError::db("read", e))?;
+    let mut out = HashSet::new();
+    let patients = tables::open_read(&tx, tables::PATIENTS)?;
+    for item in patients.iter().map_err(|e| StoreError::db("read", e))? {
+        let (_, v) = item.map_err(|e| StoreError::db("read", e))?;
+        out.insert(tables::split_slot(v.value())?.0);
+    }
+    let leases = tables::open_read(&tx, tables::LEASES)?;
+    for item in leases.iter().map_err(|e| StoreError::db("read", e))? {
+        let (_, v) = item.map_err(|e| StoreError::db("read", e))?;
+        out.insert(tables::split_slot(v.value())?.0);
+    }
+    Ok(out)
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    // Sized up front so the buffer is not reallocated (leaving unzeroized copies) for
+    // records of ordinary size.
+    postcard::to_extend(value, Vec::with_capacity(4096))
+        .map(Zeroizing::new)
+        .map_err(|_| StoreError::Encode)
+}
+
+fn decode<T: DeserializeOwned>(plain: &[u8], table: Table) -> Result<T, StoreError> {
+    match postcard::take_from_bytes::<T>(plain) {
+        Ok((v, [])) => Ok(v),
+        _ => Err(StoreError::Damaged(table.name())),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io("sync data directory", dir, e))
+}
+
+/// Destroys a data directory: the keyring is overwritten and removed first (after which
+/// nothing in the directory opens), then the database and the directory itself.
+pub fn wipe(dir: &Path) -> Result<(), StoreError> {
+    let had_keys = keyring::shred(dir)?;
+    sync_dir(dir)?;
+    match fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && had_keys => {}
+        Err(e) => return Err(StoreError::io("remove data directory", dir, e)),
+    }
+    tracing::info!(keys_destroyed = had_keys, "data directory wiped");
+    Ok(())
+}

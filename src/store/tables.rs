@@ -1,0 +1,167 @@
+//! Table definitions and the sealed value layout.
+//!
+//! A sealed value is `version u8 ‖ nonce [24] ‖ ciphertext ‖ tag [16]`; rows that own a data
+//! key prefix it with the key's keyring slot (`slot u32 LE`). The associated data is
+//! `"carecache" ‖ version ‖ table tag ‖ row key`, so a value moved to another row or table,
+//! or presented as another schema version, does not open.
+
+use redb::{ReadOnlyTable, ReadTransaction, TableDefinition, TableHandle, WriteTransaction};
+use zeroize::Zeroizing;
+
+use super::StoreError;
+use super::migrate::SCHEMA_VERSION;
+use crate::crypto::{self, Secret32};
+
+/// Store metadata: schema version and store id in clear; device state sealed.
+pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+/// Patient records by row key (keyed hash of the NHS number).
+pub(crate) const PATIENTS: TableDefinition<'_, [u8; 16], &[u8]> = TableDefinition::new("patients");
+/// Leases by lease id.
+pub(crate) const LEASES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("leases");
+/// Objections by row key, sealed under the state key (they outlive the patient's purge).
+pub(crate) const OBJECTIONS: TableDefinition<'_, [u8; 16], &[u8]> =
+    TableDefinition::new("objections");
+/// Audit entries by sequence, sealed under the audit key.
+pub(crate) const AUDIT: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("audit");
+
+/// Meta keys.
+pub(crate) const SCHEMA: &str = "schema_version";
+pub(crate) const STORE_ID: &str = "store_id";
+pub(crate) const CURSOR: &str = "sync_cursor";
+pub(crate) const HUB_TIME: &str = "hub_time";
+
+/// Which table a sealed value belongs to (bound into its associated data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Table {
+    Meta,
+    Patients,
+    Leases,
+    Objections,
+    Audit,
+}
+
+impl Table {
+    fn tag(self) -> u8 {
+        match self {
+            Table::Meta => 1,
+            Table::Patients => 2,
+            Table::Leases => 3,
+            Table::Objections => 4,
+            Table::Audit => 5,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Table::Meta => META.name(),
+            Table::Patients => PATIENTS.name(),
+            Table::Leases => LEASES.name(),
+            Table::Objections => OBJECTIONS.name(),
+            Table::Audit => AUDIT.name(),
+        }
+    }
+}
+
+/// The associated data for a value sealed under schema `version` in `table` at `row`.
+pub(crate) fn sealed_ad(version: u8, table: Table, row: &[u8]) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(11 + row.len());
+    ad.extend_from_slice(b"carecache");
+    ad.push(version);
+    ad.push(table.tag());
+    ad.extend_from_slice(row);
+    ad
+}
+
+fn current_version() -> u8 {
+    // Schema versions are small; the store refuses to run past 255.
+    u8::try_from(SCHEMA_VERSION).unwrap_or(u8::MAX)
+}
+
+pub(crate) fn seal(
+    key: &Secret32,
+    table: Table,
+    row: &[u8],
+    plain: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    let version = current_version();
+    let mut out = Vec::with_capacity(1 + plain.len() + crypto::SEAL_OVERHEAD);
+    out.push(version);
+    crypto::seal_into(key, &sealed_ad(version, table, row), plain, &mut out)?;
+    Ok(out)
+}
+
+pub(crate) fn seal_with_slot(
+    slot: u32,
+    key: &Secret32,
+    table: Table,
+    row: &[u8],
+    plain: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    let version = current_version();
+    let mut out = Vec::with_capacity(5 + plain.len() + crypto::SEAL_OVERHEAD);
+    out.extend_from_slice(&slot.to_le_bytes());
+    out.push(version);
+    crypto::seal_into(key, &sealed_ad(version, table, row), plain, &mut out)?;
+    Ok(out)
+}
+
+pub(crate) fn unseal(
+    key: &Secret32,
+    table: Table,
+    row: &[u8],
+    value: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    let (&version, sealed) = value
+        .split_first()
+        .ok_or(StoreError::Damaged(table.name()))?;
+    if version == 0 || u32::from(version) > SCHEMA_VERSION {
+        return Err(StoreError::Damaged(table.name()));
+    }
+    crypto::open(key, &sealed_ad(version, table, row), sealed)
+        .map_err(|_| StoreError::Damaged(table.name()))
+}
+
+pub(crate) fn split_slot(value: &[u8]) -> Result<(u32, &[u8]), StoreError> {
+    match value.split_first_chunk::<4>() {
+        Some((slot, rest)) => Ok((u32::from_le_bytes(*slot), rest)),
+        None => Err(StoreError::Damaged("slot prefix")),
+    }
+}
+
+pub(crate) fn open_read<K: redb::Key + 'static>(
+    tx: &ReadTransaction,
+    def: TableDefinition<'_, K, &'static [u8]>,
+) -> Result<ReadOnlyTable<K, &'static [u8]>, StoreError> {
+    tx.open_table(def)
+        .map_err(|e| StoreError::db("open table", e))
+}
+
+pub(crate) fn open_write<'t, K: redb::Key + 'static>(
+    tx: &'t WriteTransaction,
+    def: TableDefinition<'_, K, &'static [u8]>,
+) -> Result<redb::Table<'t, K, &'static [u8]>, StoreError> {
+    tx.open_table(def)
+        .map_err(|e| StoreError::db("open table", e))
+}
+
+pub(crate) fn open_read_meta(
+    tx: &ReadTransaction,
+) -> Result<ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
+    tx.open_table(META).map_err(|e| StoreError::db("meta", e))
+}
+
+pub(crate) fn open_write_meta(
+    tx: &WriteTransaction,
+) -> Result<redb::Table<'_, &'static str, &'static [u8]>, StoreError> {
+    tx.open_table(META).map_err(|e| StoreError::db("meta", e))
+}
+
+/// Creates every table so that readers never meet a missing one.
+pub(crate) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
+    open_write_meta(tx)?;
+    open_write(tx, PATIENTS)?;
+    open_write(tx, LEASES)?;
+    open_write(tx, OBJECTIONS)?;
+    open_write(tx, AUDIT)?;
+    Ok(())
+}
