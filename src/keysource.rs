@@ -147,6 +147,11 @@ impl Passphrase {
         Self(Zeroizing::new(s))
     }
 
+    /// Whether two passphrases are the same (for "repeat it" prompts).
+    pub fn same_as(&self, other: &Passphrase) -> bool {
+        self.0.as_bytes() == other.0.as_bytes()
+    }
+
     /// Refuses passphrases too short to resist guessing (when a new one is set).
     pub fn check_new(&self) -> Result<(), KeySourceError> {
         if self.0.chars().count() < Self::MIN_LEN {

@@ -6,12 +6,14 @@
 //! Architecture (DESIGN.md; parts land issue by issue):
 //! - `sync-protocol` (crate): the wire format between device and hub.
 //! - [`fhir`]: FHIR R4 / UK Core rendering of records for the local API.
+//! - [`cli`]: data-directory commands (`init`, `rekey`, `wipe`).
 //! - [`crypto`]: the key hierarchy and sealing (XChaCha20-Poly1305, HMAC-SHA256 row keys).
 //! - [`keysource`]: where the root key comes from (key file, systemd credential, passphrase).
 //! - [`store`]: the only door to redb and the keyring; sealed rows, purge by crypto-shredding.
 //! - policy, sync, audit, api: the daemon's parts, to come.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod crypto;
 pub mod fhir;
 pub mod keysource;

@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use carecache::cli::{self, DataDirArgs, KdfArgs, KeyArgs, NewKeyArgs};
 use clap::Parser;
 
 /// Offline-first, encrypted, view-only cache of patients' alerts, allergies and
@@ -20,6 +21,34 @@ enum Command {
     CheckNhsNumber {
         /// Ten digits; spaces and hyphens are ignored.
         number: String,
+    },
+    /// Create a data directory: keyring and empty encrypted store.
+    Init {
+        #[command(flatten)]
+        dir: DataDirArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+    /// Rotate the root key (no record is re-encrypted; the old key stops working).
+    Rekey {
+        #[command(flatten)]
+        dir: DataDirArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        new: NewKeyArgs,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+    /// Destroy the keys, then the data, of a data directory.
+    Wipe {
+        #[command(flatten)]
+        dir: DataDirArgs,
+        /// Do not ask for confirmation (for scripts).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -45,5 +74,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Init { dir, key, kdf } => cli::init(&dir, &key, &kdf),
+        Command::Rekey { dir, key, new, kdf } => cli::rekey(&dir, &key, &new, &kdf),
+        Command::Wipe { dir, yes } => cli::wipe(&dir, yes),
     }
 }

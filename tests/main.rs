@@ -7,3 +7,5 @@
 )]
 
 mod cli;
+mod harness;
+mod store;

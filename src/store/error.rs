@@ -11,7 +11,7 @@ use crate::keysource::{KeySourceError, SourceKind};
 pub enum StoreError {
     /// Operator: the key given does not open this data directory. Nothing was written.
     #[error(
-        "the key does not open this data directory (it expects {}); check the key file, credential or passphrase — nothing was changed",
+        "the key does not open this data directory (it expects {}): wrong key, or a damaged keyring; nothing was changed",
         .0.describe()
     )]
     WrongKey(SourceKind),

@@ -9,8 +9,15 @@
 //! 0     512  fixed header: "CCKEYRG1", format u16, slot length u16, store id [16]
 //! 512   512  master slot A ┐ "CCMK", generation u64, source kind u8, 3 zero,
 //! 1024  512  master slot B ┘ Argon2id m/t/p u32×3, salt [16], sealed master key [72]
-//! 4096  80×n data slots: used u8, 7 zero, sealed data key [72]
+//! 4096  80×n data slots: state u8, 7 zero, sealed data key [72]
 //! ```
+//!
+//! A data slot's state byte is 0 free, 1 live, 2 pending (written for a transaction not yet
+//! known to have committed), 3 dying (its owner is being purged by a transaction not yet known
+//! to have committed). Pending and dying marks are durable before the redb commit; at open,
+//! pending and dying slots are settled against the rows that refer to them: referenced → live,
+//! unreferenced → zeroed. Live slots are never destroyed at open, so a damaged database cannot
+//! make the store destroy keys it still needs.
 //!
 //! Master slots alternate so that a torn write during `rekey` leaves the other slot whole.
 //! A master slot is sealed under the root key with the fixed header and the slot's own
@@ -47,6 +54,9 @@ pub const SLOT_LEN: usize = 8 + 32 + SEAL_OVERHEAD;
 #[allow(clippy::cast_possible_truncation, reason = "SLOT_LEN is 80")]
 const SLOT_LEN_U16: u16 = SLOT_LEN as u16;
 const GROW_SLOTS: u32 = 1024;
+const LIVE: u8 = 1;
+const PENDING: u8 = 2;
+const DYING: u8 = 3;
 /// The most data slots a keyring may declare (16 M slots, 1.3 GB): a larger file is damage.
 const MAX_SLOTS: u64 = 1 << 24;
 
@@ -96,6 +106,8 @@ pub(crate) struct Keyring {
     store_id: [u8; 16],
     capacity: u32,
     free: BTreeSet<u32>,
+    /// Pending or dying slots found at open, to settle in [`Self::reconcile`].
+    unsettled: Vec<u32>,
     generation: u64,
     active: usize,
     kind: SourceKind,
@@ -125,6 +137,7 @@ impl Keyring {
             store_id,
             capacity: 0,
             free: BTreeSet::new(),
+            unsettled: Vec::new(),
             generation: 0,
             active: 1,
             kind,
@@ -196,6 +209,7 @@ impl Keyring {
             store_id,
             capacity: u32::try_from(slots).unwrap_or(u32::MAX),
             free: BTreeSet::new(),
+            unsettled: Vec::new(),
             generation,
             active,
             kind,
@@ -268,7 +282,8 @@ impl Keyring {
         Ok(())
     }
 
-    /// Writes a fresh data key for `scope` into a free slot. Not durable until [`Self::sync`].
+    /// Writes a fresh data key for `scope` into a free slot, marked pending. Not durable until
+    /// [`Self::sync`]; becomes live with [`Self::confirm`] after the commit.
     pub(crate) fn allocate(
         &mut self,
         scope: Scope,
@@ -283,7 +298,7 @@ impl Keyring {
             .ok_or_else(|| StoreError::Keyring("no free key slot after growing".into()))?;
         let key = Secret32::random()?;
         let mut bytes = Zeroizing::new(Vec::with_capacity(SLOT_LEN));
-        bytes.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        bytes.extend_from_slice(&[PENDING, 0, 0, 0, 0, 0, 0, 0]);
         crypto::seal_into(
             wrap,
             &scope.ad(&self.store_id, slot),
@@ -305,7 +320,7 @@ impl Keyring {
         wrap: &Secret32,
     ) -> Result<Secret32, StoreError> {
         let bytes = self.raw_slot(slot)?;
-        if bytes[0] != 1 {
+        if !matches!(bytes[0], LIVE | PENDING | DYING) {
             return Err(StoreError::KeyMissing);
         }
         let plain = crypto::open(wrap, &scope.ad(&self.store_id, slot), &bytes[8..])
@@ -336,14 +351,36 @@ impl Keyring {
         self.destroy(slots)
     }
 
-    /// Destroys every used slot that no row refers to (left by a crash between a key write
-    /// and its commit, or between a purge's commit and its key destruction).
+    /// Marks the keys of rows a transaction is about to delete. Must be durable
+    /// ([`Self::sync`]) before the commit, so a crash after the commit cannot leave a live key
+    /// that nothing refers to.
+    pub(crate) fn mark_dying(&mut self, slots: &[u32]) -> Result<(), StoreError> {
+        slots.iter().try_for_each(|&s| self.set_state(s, DYING))
+    }
+
+    /// Makes pending (or dying, after a failed commit) slots live again. Needs no sync: an
+    /// unsynced mark is settled the same way at the next open.
+    pub(crate) fn confirm(&mut self, slots: &[u32]) -> Result<(), StoreError> {
+        slots.iter().try_for_each(|&s| self.set_state(s, LIVE))
+    }
+
+    /// Settles the pending and dying slots found at open: those a row refers to become live,
+    /// the rest are destroyed (left by a crash between a key write and its commit, or between
+    /// a purge's commit and its key destruction). Returns how many were destroyed.
     pub(crate) fn reconcile(&mut self, referenced: &HashSet<u32>) -> Result<usize, StoreError> {
-        let orphans: Vec<u32> = (0..self.capacity)
-            .filter(|s| !self.free.contains(s) && !referenced.contains(s))
-            .collect();
+        let unsettled = std::mem::take(&mut self.unsettled);
+        let (keep, orphans): (Vec<u32>, Vec<u32>) =
+            unsettled.into_iter().partition(|s| referenced.contains(s));
+        self.confirm(&keep)?;
         self.destroy(&orphans)?;
         Ok(orphans.len())
+    }
+
+    fn set_state(&self, slot: u32, state: u8) -> Result<(), StoreError> {
+        if slot >= self.capacity {
+            return Err(StoreError::KeyMissing);
+        }
+        self.write_at(slot_offset(slot), &[state])
     }
 
     /// fdatasync the keyring.
@@ -378,8 +415,12 @@ impl Keyring {
                 .ok_or_else(|| StoreError::Keyring("scan buffer".into()))?;
             read_exact_at(&self.file, &self.path, chunk, slot_offset(slot))?;
             for (s, bytes) in (slot..).zip(chunk.chunks_exact(SLOT_LEN)) {
-                if bytes.first() != Some(&1) {
-                    self.free.insert(s);
+                match bytes.first() {
+                    Some(&LIVE) => {}
+                    Some(&PENDING | &DYING) => self.unsettled.push(s),
+                    _ => {
+                        self.free.insert(s);
+                    }
                 }
             }
             slot += n;

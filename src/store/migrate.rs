@@ -53,6 +53,34 @@ pub(crate) fn check_and_upgrade(db: &Database, store_id: &[u8; 16]) -> Result<()
     run(db, found, SCHEMA_VERSION, STEPS)
 }
 
+/// Reads the schema version without opening the database for writing, so that a store from
+/// a newer carecache is refused before this build writes a byte to it. `None` if the file
+/// cannot be opened read-only (for example it needs repair); the normal open then decides.
+pub(crate) fn peek_version(path: &std::path::Path) -> Result<Option<u32>, StoreError> {
+    let Ok(db) = Database::builder().open_read_only(path) else {
+        return Ok(None);
+    };
+    let Ok(tx) = db.begin_read() else {
+        return Ok(None);
+    };
+    let Ok(meta) = tx.open_table(META) else {
+        return Ok(None);
+    };
+    let version = meta
+        .get(SCHEMA)
+        .ok()
+        .flatten()
+        .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+        .map(u32::from_le_bytes);
+    if let Some(found) = version.filter(|v| *v > SCHEMA_VERSION) {
+        return Err(StoreError::NewerSchema {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(version)
+}
+
 fn read_meta(db: &Database) -> Result<(u32, [u8; 16]), StoreError> {
     let tx = db.begin_read().map_err(|e| StoreError::db("open", e))?;
     let meta = match tx.open_table(META) {

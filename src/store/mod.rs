@@ -174,6 +174,7 @@ impl Store {
     /// Opens a data directory. A wrong key is refused before any file is written.
     pub fn open(dir: &Path, root: &RootKey) -> Result<Store, StoreError> {
         Self::open_inner(dir, root, |path| {
+            migrate::peek_version(path)?;
             Database::builder()
                 .open(path)
                 .map_err(|e| StoreError::db("open database", e))
@@ -209,6 +210,13 @@ impl Store {
         let orphans = ring.reconcile(&referenced)?;
         if orphans > 0 {
             tracing::info!(orphans, "destroyed key slots left by an interrupted change");
+        }
+        if referenced.len() != ring.used() {
+            tracing::warn!(
+                live = ring.used(),
+                referenced = referenced.len(),
+                "key slots and rows disagree; the database may be damaged"
+            );
         }
         Ok(Self::assemble(dir, db, ring, master))
     }
@@ -578,9 +586,14 @@ impl Store {
     }
 
     fn open_lease(&self, id: u64, value: &[u8]) -> Result<Lease, StoreError> {
-        let (slot, sealed) = tables::split_slot(value)?;
+        let (slot, _) = tables::split_slot(value)?;
         let key = self.data_key(slot, Scope::Lease(id))?;
-        let plain = tables::unseal(&key, Table::Leases, &id.to_be_bytes(), sealed)?;
+        self.open_lease_with(&key, id, value)
+    }
+
+    fn open_lease_with(&self, key: &Secret32, id: u64, value: &[u8]) -> Result<Lease, StoreError> {
+        let (_, sealed) = tables::split_slot(value)?;
+        let plain = tables::unseal(key, Table::Leases, &id.to_be_bytes(), sealed)?;
         let lease: Lease = decode(&plain, Table::Leases)?;
         if lease.id.0 != id {
             return Err(StoreError::Damaged(Table::Leases.name()));
@@ -589,15 +602,33 @@ impl Store {
     }
 
     fn data_key(&self, slot: u32, scope: Scope) -> Result<Secret32, StoreError> {
-        if let Some(k) = self
+        if let Some(k) = self.cached_key(slot)? {
+            return Ok(k);
+        }
+        let ring = self.ring()?;
+        self.data_key_with(&ring, slot, scope)
+    }
+
+    fn cached_key(&self, slot: u32) -> Result<Option<Secret32>, StoreError> {
+        Ok(self
             .data_keys
             .read()
             .map_err(|_| StoreError::Poisoned)?
             .get(&slot)
-        {
-            return Ok(k.clone());
+            .cloned())
+    }
+
+    /// Like [`Self::data_key`] for a caller that already holds the keyring lock.
+    fn data_key_with(
+        &self,
+        ring: &keyring::Keyring,
+        slot: u32,
+        scope: Scope,
+    ) -> Result<Secret32, StoreError> {
+        if let Some(k) = self.cached_key(slot)? {
+            return Ok(k);
         }
-        let key = self.ring()?.unwrap(slot, scope, &self.keys.wrap)?;
+        let key = ring.unwrap(slot, scope, &self.keys.wrap)?;
         self.data_keys
             .write()
             .map_err(|_| StoreError::Poisoned)?
@@ -644,27 +675,39 @@ impl Store {
             allocated: Vec::new(),
             destroyed: Vec::new(),
         };
-        let result = f(&mut w).and_then(|v| w.ring.sync().map(|()| v));
+        let result = f(&mut w);
         let (allocated, destroyed) = (
             std::mem::take(&mut w.allocated),
             std::mem::take(&mut w.destroyed),
         );
-        let outcome = result.and_then(|v| {
-            tx.commit().map_err(|e| StoreError::db("commit", e))?;
-            Ok(v)
-        });
+        // New keys (pending) and the keys of deleted rows (dying) are durable before the
+        // commit; see keyring.rs for how a crash on either side of it is settled.
+        let outcome = result
+            .and_then(|v| {
+                ring.mark_dying(&destroyed)?;
+                ring.sync()?;
+                Ok(v)
+            })
+            .and_then(|v| {
+                tx.commit().map_err(|e| StoreError::db("commit", e))?;
+                Ok(v)
+            });
         let outcome = match outcome {
             Ok(v) => v,
             Err(e) => {
                 self.forget_keys(&allocated)?;
-                if let Err(cleanup) = ring.release_unused(&allocated) {
-                    tracing::warn!(error = %cleanup, "could not clear unused key slots; they are cleared at next open");
+                let cleanup = ring
+                    .release_unused(&allocated)
+                    .and_then(|()| ring.confirm(&destroyed));
+                if let Err(cleanup) = cleanup {
+                    tracing::warn!(error = %cleanup, "key slots left unsettled; they are settled at next open");
                 }
                 return Err(e);
             }
         };
         self.forget_keys(&destroyed)?;
         ring.destroy(&destroyed)?;
+        ring.confirm(&allocated)?;
         Ok(outcome)
     }
 
@@ -698,7 +741,7 @@ impl Writer<'_> {
             None => None,
         };
         let (slot, key) = match existing {
-            Some(slot) => (slot, self.store.data_key(slot, Scope::Patient(row))?),
+            Some(slot) => (slot, self.data_key(slot, Scope::Patient(row))?),
             None => self.allocate(Scope::Patient(row))?,
         };
         let plain = encode(record)?;
@@ -763,7 +806,7 @@ impl Writer<'_> {
         let existing = match table.get(id).map_err(|e| StoreError::db("write", e))? {
             Some(v) => Some((
                 tables::split_slot(v.value())?.0,
-                self.store.open_lease(id, v.value())?,
+                self.open_lease(id, v.value())?,
             )),
             None => None,
         };
@@ -776,7 +819,7 @@ impl Writer<'_> {
                     .copied()
                     .filter(|p| !now.contains(p))
                     .collect();
-                (slot, self.store.data_key(slot, Scope::Lease(id))?, dropped)
+                (slot, self.data_key(slot, Scope::Lease(id))?, dropped)
             }
             None => {
                 let (slot, key) = self.allocate(Scope::Lease(id))?;
@@ -797,7 +840,7 @@ impl Writer<'_> {
         let Some(v) = table.remove(id.0).map_err(|e| StoreError::db("write", e))? else {
             return Ok(BTreeSet::new());
         };
-        let lease = self.store.open_lease(id.0, v.value())?;
+        let lease = self.open_lease(id.0, v.value())?;
         self.destroyed.push(tables::split_slot(v.value())?.0);
         Ok(lease.patients.iter().copied().collect())
     }
@@ -827,6 +870,16 @@ impl Writer<'_> {
             .insert(name, sealed.as_slice())
             .map_err(|e| StoreError::db("write", e))?;
         Ok(())
+    }
+
+    fn data_key(&self, slot: u32, scope: Scope) -> Result<Secret32, StoreError> {
+        self.store.data_key_with(self.ring, slot, scope)
+    }
+
+    fn open_lease(&self, id: u64, value: &[u8]) -> Result<Lease, StoreError> {
+        let (slot, _) = tables::split_slot(value)?;
+        let key = self.data_key(slot, Scope::Lease(id))?;
+        self.store.open_lease_with(&key, id, value)
     }
 
     fn allocate(&mut self, scope: Scope) -> Result<(u32, Secret32), StoreError> {
