@@ -39,3 +39,162 @@ fn version_and_help() {
     );
     assert!(!carecache(&[]).status.success());
 }
+
+fn carecache_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carecache"));
+    cmd.args(args).stdin(std::process::Stdio::null());
+    cmd.env_remove("CARECACHE_PASSPHRASE")
+        .env_remove("CARECACHE_NEW_PASSPHRASE")
+        .env_remove("CARECACHE_DATA_DIR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn init_rekey_wipe_with_a_key_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let key = tmp.path().join("root.key");
+    let (d, k) = (data.to_str().unwrap(), key.to_str().unwrap());
+
+    let out = carecache_env(&["init", "--data-dir", d, "--key-file", k], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&data).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let root = carecache::keysource::read_key_file(&key).unwrap();
+    carecache::store::Store::open(&data, &root).unwrap();
+
+    let again = carecache_env(&["init", "--data-dir", d, "--key-file", k], &[]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("already holds a carecache store"),
+        "{}",
+        stderr(&again)
+    );
+
+    // Rotate in place: the same path now holds a new key, and only it opens the store.
+    let old = std::fs::read(&key).unwrap();
+    let out = carecache_env(
+        &[
+            "rekey",
+            "--data-dir",
+            d,
+            "--key-file",
+            k,
+            "--new-key-file",
+            k,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(std::fs::read(&key).unwrap(), old);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let new_root = carecache::keysource::read_key_file(&key).unwrap();
+    carecache::store::Store::open(&data, &new_root).unwrap();
+    assert!(carecache::store::Store::open(&data, &root).is_err());
+
+    // A key file others can read is refused, with the fix.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = carecache_env(
+        &[
+            "rekey",
+            "--data-dir",
+            d,
+            "--key-file",
+            k,
+            "--new-key-file",
+            k,
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("chmod 600 {k}")),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Wipe asks first; without a terminal and without --yes it refuses and changes nothing.
+    let out = carecache_env(&["wipe", "--data-dir", d], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
+    assert!(data.join("keyring").exists());
+    let out = carecache_env(&["wipe", "--data-dir", d, "--yes"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!data.exists());
+}
+
+#[test]
+fn init_and_rekey_with_passphrases_from_the_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let d = data.to_str().unwrap();
+    let cheap = ["--argon2-memory-mib", "8", "--argon2-passes", "1"];
+    let mut args = vec!["init", "--data-dir", d, "--passphrase"];
+    args.extend(cheap);
+    let short = carecache_env(&args, &[("CARECACHE_PASSPHRASE", "too short")]);
+    assert!(!short.status.success());
+    assert!(stderr(&short).contains("at least 12"), "{}", stderr(&short));
+    let out = carecache_env(&args, &[("CARECACHE_PASSPHRASE", "first passphrase here")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let mut args = vec!["rekey", "--data-dir", d, "--passphrase", "--new-passphrase"];
+    args.extend(cheap);
+    let wrong = carecache_env(
+        &args,
+        &[
+            ("CARECACHE_PASSPHRASE", "not the passphrase"),
+            ("CARECACHE_NEW_PASSPHRASE", "second passphrase here"),
+        ],
+    );
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("does not open"),
+        "{}",
+        stderr(&wrong)
+    );
+    let out = carecache_env(
+        &args,
+        &[
+            ("CARECACHE_PASSPHRASE", "first passphrase here"),
+            ("CARECACHE_NEW_PASSPHRASE", "second passphrase here"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    use carecache::keysource::{KeySource, Passphrase};
+    let unlock = |p: &str| {
+        let root =
+            carecache::store::unlock(&data, &KeySource::Passphrase(Passphrase::new(p.into())))
+                .unwrap();
+        carecache::store::Store::open(&data, &root).is_ok()
+    };
+    assert!(unlock("second passphrase here"));
+    assert!(!unlock("first passphrase here"));
+    // No passphrase and no terminal: a clear error rather than a hang.
+    let out = carecache_env(
+        &["rekey", "--data-dir", d, "--passphrase", "--new-passphrase"],
+        &[],
+    );
+    assert!(
+        stderr(&out).contains("CARECACHE_PASSPHRASE"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -7,5 +7,7 @@
 )]
 
 mod cli;
+mod fixture_content;
 mod harness;
 mod store;
+mod store_fixture;
