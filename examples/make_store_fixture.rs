@@ -7,7 +7,8 @@
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::print_stdout,
-    reason = "tool"
+    clippy::indexing_slicing,
+    reason = "a tool run by hand: a panic is a failed run"
 )]
 
 use std::path::Path;
