@@ -27,5 +27,8 @@ fn v1_fixture_opens_with_current_code() {
     assert_eq!(store.audit_entries(0, 10).unwrap(), content::audit());
     let stats = store.stats().unwrap();
     assert_eq!((stats.patients, stats.leases, stats.key_slots), (4, 1, 5));
-    assert_eq!(store.hub_time().unwrap(), Some(content::batches()[0].hub_time));
+    assert_eq!(
+        store.hub_time().unwrap(),
+        Some(content::batches()[0].hub_time)
+    );
 }
