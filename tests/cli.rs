@@ -44,6 +44,7 @@ fn carecache_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_carecache"));
     cmd.args(args).stdin(std::process::Stdio::null());
     cmd.env_remove("CARECACHE_PASSPHRASE")
+        .env_remove("CREDENTIALS_DIRECTORY")
         .env_remove("CARECACHE_NEW_PASSPHRASE")
         .env_remove("CARECACHE_DATA_DIR");
     for (k, v) in env {
@@ -196,5 +197,28 @@ fn init_and_rekey_with_passphrases_from_the_environment() {
         stderr(&out).contains("CARECACHE_PASSPHRASE"),
         "{}",
         stderr(&out)
+    );
+}
+
+#[test]
+fn init_with_a_systemd_credential() {
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let root = carecache::crypto::RootKey::random().unwrap();
+    carecache::keysource::write_key_file(&creds.join("carecache-root"), &root).unwrap();
+    let data = tmp.path().join("data");
+    let d = data.to_str().unwrap();
+    let args = ["init", "--data-dir", d, "--credential", "carecache-root"];
+    let out = carecache_env(&args, &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("LoadCredential="), "{}", stderr(&out));
+    let out = carecache_env(&args, &[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    carecache::store::Store::open(&data, &root).unwrap();
+    let info = carecache::store::Store::lock_info(&data).unwrap();
+    assert_eq!(
+        info.slots[0].1,
+        carecache::keysource::SourceKind::Credential
     );
 }
