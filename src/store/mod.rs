@@ -15,7 +15,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::Serialize;
@@ -76,10 +77,23 @@ pub struct StoreStats {
     pub key_slots: usize,
 }
 
+/// A read transaction's view of the patients table, reused by reads until the next commit,
+/// so that a point read is one B-tree search rather than a transaction, a table lookup and a
+/// search.
+#[derive(Debug)]
+struct Snapshot {
+    generation: u64,
+    patients: redb::ReadOnlyTable<[u8; 16], &'static [u8]>,
+}
+
 /// An open, unlocked data directory.
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    /// The patients table as of the latest commit, shared by readers (dropped before `db`).
+    snapshot: RwLock<Option<Arc<Snapshot>>>,
+    /// Bumped after every commit; a snapshot from an older generation is rebuilt.
+    generation: AtomicU64,
     db: Database,
     keyring: Mutex<keyring::Keyring>,
     master: MasterKey,
@@ -225,6 +239,8 @@ impl Store {
         let keys = master.subkeys();
         Store {
             dir: dir.to_path_buf(),
+            snapshot: RwLock::new(None),
+            generation: AtomicU64::new(0),
             db,
             keyring: Mutex::new(ring),
             master,
@@ -345,12 +361,12 @@ impl Store {
     #[doc(hidden)]
     pub fn record_bytes(&self, nhs: &NhsNumber) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         let row = RowKey::of(&self.keys.index, nhs);
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
-        let table = tables::open_read(&tx, tables::PATIENTS)?;
-        let Some(value) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
+        let snapshot = self.snapshot()?;
+        let Some(value) = snapshot
+            .patients
+            .get(row.0)
+            .map_err(|e| StoreError::db("read", e))?
+        else {
             return Ok(None);
         };
         let (slot, sealed) = tables::split_slot(value.value())?;
@@ -444,7 +460,9 @@ impl Store {
                     .map_err(|x| StoreError::db("audit", x))?;
             }
         }
-        tx.commit().map_err(|e| StoreError::db("commit", e))
+        tx.commit().map_err(|e| StoreError::db("commit", e))?;
+        self.committed();
+        Ok(())
     }
 
     /// Audit entries from `from` (inclusive), at most `limit`.
@@ -489,6 +507,7 @@ impl Store {
             before - table.len().map_err(|e| StoreError::db("audit", e))?
         };
         tx.commit().map_err(|e| StoreError::db("commit", e))?;
+        self.committed();
         Ok(removed)
     }
 
@@ -510,6 +529,8 @@ impl Store {
 
     /// Rewrites the database compactly, returning free pages to the file system.
     pub fn compact(&mut self) -> Result<(), StoreError> {
+        // A cached snapshot is a live read transaction, which compaction must not meet.
+        *self.snapshot.get_mut().map_err(|_| StoreError::Poisoned)? = None;
         self.db
             .compact()
             .map(|_| ())
@@ -657,6 +678,44 @@ impl Store {
         decode(&plain, Table::Meta).map(Some)
     }
 
+    /// The current snapshot, rebuilt if a commit happened since it was taken. The generation
+    /// is read before the transaction begins, so a snapshot is never newer than its tag says
+    /// and never kept after a later commit.
+    fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(s) = self
+            .snapshot
+            .read()
+            .map_err(|_| StoreError::Poisoned)?
+            .as_ref()
+            && s.generation == generation
+        {
+            return Ok(Arc::clone(s));
+        }
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let fresh = Arc::new(Snapshot {
+            generation,
+            patients: tables::open_read(&tx, tables::PATIENTS)?,
+        });
+        let mut slot = self.snapshot.write().map_err(|_| StoreError::Poisoned)?;
+        if slot.as_ref().is_none_or(|s| s.generation < generation) {
+            *slot = Some(Arc::clone(&fresh));
+        }
+        Ok(fresh)
+    }
+
+    /// Marks every snapshot stale; call after each commit. The cached one is dropped at once:
+    /// a read transaction kept alive would stop redb reusing the pages later commits free.
+    fn committed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut slot) = self.snapshot.write() {
+            *slot = None;
+        }
+    }
+
     fn ring(&self) -> Result<MutexGuard<'_, keyring::Keyring>, StoreError> {
         self.keyring.lock().map_err(|_| StoreError::Poisoned)
     }
@@ -700,6 +759,7 @@ impl Store {
             })
             .and_then(|v| {
                 tx.commit().map_err(|e| StoreError::db("commit", e))?;
+                self.committed();
                 Ok(v)
             });
         let outcome = match outcome {
