@@ -822,3 +822,48 @@ fn not_initialised_and_already_initialised_are_clear() {
         Err(StoreError::StoreMismatch)
     ));
 }
+
+#[test]
+fn concurrent_reads_never_go_back_in_time_across_commits() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use sync_protocol::types::RecordVersion;
+    let (_fx, store) = Fixture::new();
+    let records = populate(&store, 26, 20);
+    let store = Arc::new(store);
+    let done = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|t| {
+            let (store, done, records) = (Arc::clone(&store), Arc::clone(&done), records.clone());
+            std::thread::spawn(move || {
+                let mut seen = vec![0u64; records.len()];
+                let mut reads = 0;
+                while !done.load(Ordering::Acquire) || reads < 100 {
+                    let i = (reads * 7 + t) % records.len();
+                    let r = store.record(&records[i].nhs_number).unwrap().unwrap();
+                    assert!(r.version.0 >= seen[i], "a read went back in time");
+                    seen[i] = r.version.0;
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for round in 1..=30u64 {
+        let mut batch: Vec<PatientRecord> = records.clone();
+        for r in &mut batch {
+            r.version = RecordVersion(1000 + round);
+        }
+        store.put_records(&batch).unwrap();
+        // Once a commit returns, every read sees it.
+        let r = store
+            .record(&records[(round % 20) as usize].nhs_number)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.version.0, 1000 + round);
+    }
+    done.store(true, Ordering::Release);
+    for r in readers {
+        assert!(r.join().unwrap() >= 100);
+    }
+}
