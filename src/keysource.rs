@@ -178,17 +178,6 @@ pub enum KeySource {
     Passphrase(Passphrase),
 }
 
-impl KeySource {
-    /// What kind of source this is.
-    pub fn kind(&self) -> SourceKind {
-        match self {
-            Self::KeyFile(_) => SourceKind::KeyFile,
-            Self::Credential(_) => SourceKind::Credential,
-            Self::Passphrase(_) => SourceKind::Passphrase,
-        }
-    }
-}
-
 /// The root key could not be obtained from its source.
 #[derive(Debug, thiserror::Error)]
 pub enum KeySourceError {

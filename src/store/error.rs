@@ -99,7 +99,8 @@ impl StoreError {
 
     pub(crate) fn db(context: &'static str, e: impl Into<redb::Error>) -> Self {
         let e: redb::Error = e.into();
-        let disk_full = chain_is_disk_full(&e);
+        // redb's errors carry no `source()` chain; an I/O failure is `Error::Io` itself.
+        let disk_full = matches!(&e, redb::Error::Io(io) if is_disk_full(io));
         let message = match &e {
             redb::Error::DatabaseAlreadyOpen => {
                 "another carecache process has this data directory open".to_string()
@@ -122,37 +123,6 @@ impl StoreError {
             _ => false,
         }
     }
-}
-
-fn chain_is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<io::Error>() {
-            if is_disk_full(io) {
-                return true;
-            }
-            if io.get_ref().is_some_and(|inner| chain_is_disk_full(inner)) {
-                return true;
-            }
-        }
-        if let Some(StoreError::Io { source, .. }) = err.downcast_ref::<StoreError>()
-            && is_disk_full(source)
-        {
-            return true;
-        }
-        if let Some(redb::Error::Io(io)) = err.downcast_ref::<redb::Error>()
-            && is_disk_full(io)
-        {
-            return true;
-        }
-        if let Some(redb::StorageError::Io(io)) = err.downcast_ref::<redb::StorageError>()
-            && is_disk_full(io)
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 fn is_disk_full(e: &io::Error) -> bool {

@@ -110,7 +110,6 @@ pub(crate) struct Keyring {
     unsettled: Vec<u32>,
     generation: u64,
     active: usize,
-    kind: SourceKind,
 }
 
 impl Keyring {
@@ -140,11 +139,10 @@ impl Keyring {
             unsettled: Vec::new(),
             generation: 0,
             active: 1,
-            kind,
         };
         ring.write_at(0, &header_bytes(&store_id))?;
         ring.grow()?;
-        ring.write_master(&master, root, kind, kdf)?;
+        ring.rewrap(&master, root, kind, kdf)?;
         Ok((ring, master))
     }
 
@@ -152,17 +150,14 @@ impl Keyring {
     pub(crate) fn lock_info(dir: &Path) -> Result<LockInfo, StoreError> {
         let path = dir.join(KEYRING_FILE);
         let file = File::open(&path).map_err(|e| StoreError::io("open keyring", &path, e))?;
-        let store_id = read_header(&file, &path)?;
-        let mut slots = Vec::new();
-        for at in MASTER_AT {
-            let mut buf = [0u8; MASTER_LEN];
-            read_exact_at(&file, &path, &mut buf, at)?;
-            if let Some(p) = parse_master_params(&buf) {
-                slots.push(p);
-            }
-        }
-        slots.sort_by_key(|s| std::cmp::Reverse(s.0));
-        Ok(LockInfo { store_id, slots })
+        let (store_id, slots) = read_master_slots(&file, &path)?;
+        Ok(LockInfo {
+            store_id,
+            slots: slots
+                .iter()
+                .map(|m| (m.generation, m.kind, m.kdf))
+                .collect(),
+        })
     }
 
     /// Whether `root` opens this directory's keyring. Reads only.
@@ -180,19 +175,16 @@ impl Keyring {
             .write(true)
             .open(&path)
             .map_err(|e| StoreError::io("open keyring", &path, e))?;
-        let (found, store_id, slots_present) = find_master(&file, &path, root)?;
+        let (found, store_id, newest_kind) = find_master(&file, &path, root)?;
         let Some(Unwrapped {
             generation,
             active,
-            kind,
             master,
         }) = found
         else {
-            return Err(StoreError::WrongKey(
-                slots_present.unwrap_or(SourceKind::KeyFile),
-            ));
+            return Err(StoreError::WrongKey(newest_kind));
         };
-        let both = slots_present.is_some() && other_slot_present(&file, &path, active)?;
+        let both = other_slot_present(&file, &path, active)?;
         let len = file
             .metadata()
             .map_err(|e| StoreError::io("stat keyring", &path, e))?
@@ -212,7 +204,6 @@ impl Keyring {
             unsettled: Vec::new(),
             generation,
             active,
-            kind,
         };
         // The key is right: finish or roll back an interrupted rekey by clearing the other slot.
         if both {
@@ -228,25 +219,10 @@ impl Keyring {
         &self.store_id
     }
 
-    /// The key source the active master slot was written for.
-    pub(crate) fn kind(&self) -> SourceKind {
-        self.kind
-    }
-
     /// Wraps the master key under a new root key in the other master slot, then clears the old
     /// slot. A crash between the two leaves both slots; the next open keeps whichever the
     /// presented key opens and clears the other.
     pub(crate) fn rewrap(
-        &mut self,
-        master: &MasterKey,
-        root: &RootKey,
-        kind: SourceKind,
-        kdf: Option<KdfParams>,
-    ) -> Result<(), StoreError> {
-        self.write_master(master, root, kind, kdf)
-    }
-
-    fn write_master(
         &mut self,
         master: &MasterKey,
         root: &RootKey,
@@ -278,7 +254,6 @@ impl Keyring {
         }
         self.generation = generation;
         self.active = target;
-        self.kind = kind;
         Ok(())
     }
 
@@ -344,11 +319,6 @@ impl Keyring {
         self.free
             .extend(slots.iter().copied().filter(|&s| s < self.capacity));
         Ok(())
-    }
-
-    /// Returns slots written by [`Self::allocate`] to the free list after a failed commit.
-    pub(crate) fn release_unused(&mut self, slots: &[u32]) -> Result<(), StoreError> {
-        self.destroy(slots)
     }
 
     /// Marks the keys of rows a transaction is about to delete. Must be durable
@@ -498,58 +468,67 @@ pub(crate) fn shred(dir: &Path) -> Result<bool, StoreError> {
 struct Unwrapped {
     generation: u64,
     active: usize,
-    kind: SourceKind,
     master: MasterKey,
 }
 
-/// Reads the header and both master slots and tries `root` on each, newest first. Returns
-/// the unwrapped master (if the key is right), the store id, and the kind of the newest
-/// intact slot (`None` if no slot is intact).
-#[allow(
-    clippy::type_complexity,
-    reason = "private helper with one caller pair"
-)]
+/// One intact master slot as read from disk (not yet opened).
+struct MasterSlot {
+    generation: u64,
+    index: usize,
+    kind: SourceKind,
+    kdf: Option<KdfParams>,
+    bytes: [u8; MASTER_LEN],
+}
+
+/// Reads the header and the intact master slots, newest first.
+fn read_master_slots(file: &File, path: &Path) -> Result<([u8; 16], Vec<MasterSlot>), StoreError> {
+    let store_id = read_header(file, path)?;
+    let mut slots = Vec::new();
+    for (index, at) in MASTER_AT.into_iter().enumerate() {
+        let mut bytes = [0u8; MASTER_LEN];
+        read_exact_at(file, path, &mut bytes, at)?;
+        if let Some((generation, kind, kdf)) = parse_master_params(&bytes) {
+            slots.push(MasterSlot {
+                generation,
+                index,
+                kind,
+                kdf,
+                bytes,
+            });
+        }
+    }
+    slots.sort_by_key(|m| std::cmp::Reverse(m.generation));
+    Ok((store_id, slots))
+}
+
+/// Tries `root` on each intact master slot, newest first. Returns the unwrapped master (if
+/// the key is right), the store id, and the source kind of the newest slot.
 fn find_master(
     file: &File,
     path: &Path,
     root: &RootKey,
-) -> Result<(Option<Unwrapped>, [u8; 16], Option<SourceKind>), StoreError> {
-    let store_id = read_header(file, path)?;
-    let mut candidates = Vec::new();
-    for (i, at) in MASTER_AT.into_iter().enumerate() {
-        let mut buf = [0u8; MASTER_LEN];
-        read_exact_at(file, path, &mut buf, at)?;
-        if let Some((generation, kind, _)) = parse_master_params(&buf) {
-            candidates.push((generation, i, kind, buf));
-        }
-    }
-    if candidates.is_empty() {
+) -> Result<(Option<Unwrapped>, [u8; 16], SourceKind), StoreError> {
+    let (store_id, slots) = read_master_slots(file, path)?;
+    let Some(newest) = slots.first().map(|m| m.kind) else {
         return Err(StoreError::Keyring(
             "no master key slot is intact: the keyring is damaged or was wiped".into(),
         ));
-    }
-    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
-    let newest = candidates.first().map(|c| c.2);
+    };
     let header = header_bytes(&store_id);
-    for (generation, active, kind, buf) in &candidates {
-        let (params, sealed) = buf.split_at(MASTER_PARAMS_LEN);
+    for slot in &slots {
+        let (params, sealed) = slot.bytes.split_at(MASTER_PARAMS_LEN);
         let ad = [&header[..HEADER_LEN], params].concat();
         if let Ok(plain) = crypto::open(&root.0, &ad, sealed) {
             let bytes: [u8; 32] = plain
                 .as_slice()
                 .try_into()
                 .map_err(|_| StoreError::Keyring("master key has the wrong length".into()))?;
-            let master = MasterKey(Secret32::from_bytes(bytes));
-            return Ok((
-                Some(Unwrapped {
-                    generation: *generation,
-                    active: *active,
-                    kind: *kind,
-                    master,
-                }),
-                store_id,
-                newest,
-            ));
+            let unwrapped = Unwrapped {
+                generation: slot.generation,
+                active: slot.index,
+                master: MasterKey(Secret32::from_bytes(bytes)),
+            };
+            return Ok((Some(unwrapped), store_id, newest));
         }
     }
     Ok((None, store_id, newest))

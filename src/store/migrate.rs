@@ -35,7 +35,7 @@ pub(crate) fn initialise(db: &Database, store_id: &[u8; 16]) -> Result<(), Store
         .map_err(|e| StoreError::db("initialise", e))?;
     tables::create_all(&tx)?;
     {
-        let mut meta = tables::open_write_meta(&tx)?;
+        let mut meta = tables::open_write(&tx, META)?;
         meta.insert(SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())
             .map_err(|e| StoreError::db("initialise", e))?;
         meta.insert(STORE_ID, store_id.as_slice())
@@ -126,7 +126,7 @@ pub(crate) fn run(
         let tx = db.begin_write().map_err(|e| StoreError::db("migrate", e))?;
         (step.run)(&tx)?;
         {
-            let mut meta = tables::open_write_meta(&tx)?;
+            let mut meta = tables::open_write(&tx, META)?;
             meta.insert(SCHEMA, (version + 1).to_le_bytes().as_slice())
                 .map_err(|e| StoreError::db("migrate", e))?;
         }
@@ -143,7 +143,7 @@ pub fn force_schema_version(db_path: &std::path::Path, version: u32) -> Result<(
     let db = Database::open(db_path).map_err(|e| StoreError::db("open", e))?;
     let tx = db.begin_write().map_err(|e| StoreError::db("write", e))?;
     {
-        let mut meta = tables::open_write_meta(&tx)?;
+        let mut meta = tables::open_write(&tx, META)?;
         meta.insert(SCHEMA, version.to_le_bytes().as_slice())
             .map_err(|e| StoreError::db("write", e))?;
     }

@@ -14,7 +14,7 @@ mod tables;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -89,7 +89,6 @@ struct Snapshot {
 /// An open, unlocked data directory.
 #[derive(Debug)]
 pub struct Store {
-    dir: PathBuf,
     /// The patients table as of the latest commit, shared by readers (dropped before `db`).
     snapshot: RwLock<Option<Arc<Snapshot>>>,
     /// Bumped after every commit; a snapshot from an older generation is rebuilt.
@@ -113,19 +112,20 @@ pub fn unlock(dir: &Path, source: &KeySource) -> Result<RootKey, StoreError> {
         KeySource::Passphrase(pass) => {
             let info = Store::lock_info(dir)?;
             let params: Vec<KdfParams> = info.slots.iter().filter_map(|s| s.2).collect();
-            let Some(first) = params.first() else {
-                let expected = info.slots.first().map_or(SourceKind::KeyFile, |s| s.1);
-                return Err(StoreError::WrongKey(expected));
-            };
             // Normally one slot. After an interrupted passphrase change there are two, and the
-            // passphrase given decides which one survives.
+            // passphrase given decides which one survives. A passphrase that opens neither
+            // yields the newest slot's key, which `Store::open` refuses as the wrong key.
+            let mut newest = None;
             for p in &params {
                 let root = p.derive(pass)?;
                 if keyring::Keyring::open_check(dir, &root)? {
                     return Ok(root);
                 }
+                newest.get_or_insert(root);
             }
-            Ok(first.derive(pass)?)
+            newest.ok_or_else(|| {
+                StoreError::WrongKey(info.slots.first().map_or(SourceKind::KeyFile, |s| s.1))
+            })
         }
     }
 }
@@ -174,7 +174,7 @@ impl Store {
             .map_err(|e| StoreError::db("create database", e))?;
         migrate::initialise(&db, &store_id)?;
         sync_dir(dir)?;
-        Ok(Self::assemble(dir, db, ring, master))
+        Ok(Self::assemble(db, ring, master))
     }
 
     /// The key source a data directory expects, read without any key.
@@ -220,7 +220,7 @@ impl Store {
         let db_path = dir.join(DATABASE_FILE);
         let db = open_db(&db_path)?;
         migrate::check_and_upgrade(&db, ring.store_id())?;
-        let referenced = referenced_slots(&db)?;
+        let referenced: HashSet<u32> = slot_owners(&db)?.into_iter().map(|o| o.0).collect();
         let orphans = ring.reconcile(&referenced)?;
         if orphans > 0 {
             tracing::info!(orphans, "destroyed key slots left by an interrupted change");
@@ -232,13 +232,12 @@ impl Store {
                 "key slots and rows disagree; the database may be damaged"
             );
         }
-        Ok(Self::assemble(dir, db, ring, master))
+        Ok(Self::assemble(db, ring, master))
     }
 
-    fn assemble(dir: &Path, db: Database, ring: keyring::Keyring, master: MasterKey) -> Store {
+    fn assemble(db: Database, ring: keyring::Keyring, master: MasterKey) -> Store {
         let keys = master.subkeys();
         Store {
-            dir: dir.to_path_buf(),
             snapshot: RwLock::new(None),
             generation: AtomicU64::new(0),
             db,
@@ -247,16 +246,6 @@ impl Store {
             keys,
             data_keys: RwLock::new(HashMap::new()),
         }
-    }
-
-    /// The data directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The key source the store is unlocked with.
-    pub fn source_kind(&self) -> Result<SourceKind, StoreError> {
-        Ok(self.ring()?.kind())
     }
 
     /// Rotates the root key: the master key is wrapped under `new_root` in place of the old
@@ -360,6 +349,19 @@ impl Store {
     /// benchmark measures reads with it; [`Self::record`] decodes it.
     #[doc(hidden)]
     pub fn record_bytes(&self, nhs: &NhsNumber) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.with_patient_row(nhs, |row, slot, sealed| {
+            let key = self.data_key(slot, Scope::Patient(row))?;
+            tables::unseal(&key, Table::Patients, &row.0, sealed)
+        })
+    }
+
+    /// Looks up a patient's row in the current snapshot and hands `f` its row key, key slot
+    /// and sealed value.
+    fn with_patient_row<T>(
+        &self,
+        nhs: &NhsNumber,
+        f: impl FnOnce(RowKey, u32, &[u8]) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
         let row = RowKey::of(&self.keys.index, nhs);
         let snapshot = self.snapshot()?;
         let Some(value) = snapshot
@@ -370,8 +372,7 @@ impl Store {
             return Ok(None);
         };
         let (slot, sealed) = tables::split_slot(value.value())?;
-        let key = self.data_key(slot, Scope::Patient(row))?;
-        tables::unseal(&key, Table::Patients, &row.0, sealed).map(Some)
+        f(row, slot, sealed).map(Some)
     }
 
     /// Every record held, in row-key order (which reveals nothing about the patients).
@@ -527,52 +528,24 @@ impl Store {
         })
     }
 
-    /// Rewrites the database compactly, returning free pages to the file system.
-    pub fn compact(&mut self) -> Result<(), StoreError> {
-        // A cached snapshot is a live read transaction, which compaction must not meet.
-        *self.snapshot.get_mut().map_err(|_| StoreError::Poisoned)? = None;
-        self.db
-            .compact()
-            .map(|_| ())
-            .map_err(|e| StoreError::db("compact", e))
-    }
-
     /// Test support: the raw keyring slot holding a patient's data key, if held.
     #[doc(hidden)]
     pub fn raw_key_slot(&self, nhs: &NhsNumber) -> Result<Option<[u8; SLOT_LEN]>, StoreError> {
-        let row = RowKey::of(&self.keys.index, nhs);
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
-        let table = tables::open_read(&tx, tables::PATIENTS)?;
-        let Some(v) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
-            return Ok(None);
-        };
-        let (slot, _) = tables::split_slot(v.value())?;
-        self.ring()?.raw_slot(slot).map(Some)
+        self.with_patient_row(nhs, |_, slot, _| self.ring()?.raw_slot(slot))
     }
 
     /// Test support: the sealed record value as stored, and the associated data that opens it.
     #[doc(hidden)]
     pub fn raw_record(&self, nhs: &NhsNumber) -> Result<Option<RawSealed>, StoreError> {
-        let row = RowKey::of(&self.keys.index, nhs);
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
-        let table = tables::open_read(&tx, tables::PATIENTS)?;
-        let Some(v) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
-            return Ok(None);
-        };
-        let (_, sealed) = tables::split_slot(v.value())?;
-        let (version, body) = sealed
-            .split_first()
-            .ok_or(StoreError::Damaged("patients"))?;
-        Ok(Some(RawSealed {
-            sealed: body.to_vec(),
-            ad: sealed_ad(*version, Table::Patients, &row.0),
-        }))
+        self.with_patient_row(nhs, |row, _, sealed| {
+            let (version, body) = sealed
+                .split_first()
+                .ok_or(StoreError::Damaged("patients"))?;
+            Ok(RawSealed {
+                sealed: body.to_vec(),
+                ad: sealed_ad(*version, Table::Patients, &row.0),
+            })
+        })
     }
 
     /// Test support: every key reachable from the root key right now — the master key's
@@ -586,30 +559,8 @@ impl Store {
             *self.keys.audit.expose(),
             *self.keys.wrap.expose(),
         ];
-        for (slot, scope) in self.all_scopes()? {
+        for (slot, scope) in slot_owners(&self.db)? {
             out.push(*self.data_key(slot, scope)?.expose());
-        }
-        Ok(out)
-    }
-
-    fn all_scopes(&self) -> Result<Vec<(u32, Scope)>, StoreError> {
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
-        let mut out = Vec::new();
-        let patients = tables::open_read(&tx, tables::PATIENTS)?;
-        for item in patients.iter().map_err(|e| StoreError::db("read", e))? {
-            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
-            out.push((
-                tables::split_slot(v.value())?.0,
-                Scope::Patient(RowKey(k.value())),
-            ));
-        }
-        let leases = tables::open_read(&tx, tables::LEASES)?;
-        for item in leases.iter().map_err(|e| StoreError::db("read", e))? {
-            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
-            out.push((tables::split_slot(v.value())?.0, Scope::Lease(k.value())));
         }
         Ok(out)
     }
@@ -670,7 +621,7 @@ impl Store {
             .db
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
-        let table = tables::open_read_meta(&tx)?;
+        let table = tables::open_read(&tx, tables::META)?;
         let Some(v) = table.get(name).map_err(|e| StoreError::db("read", e))? else {
             return Ok(None);
         };
@@ -735,18 +686,13 @@ impl Store {
     ) -> Result<T, StoreError> {
         let mut ring = self.ring()?;
         let tx = self.begin_write()?;
-        let mut w = Writer {
-            tx: &tx,
-            ring: &mut ring,
-            store: self,
-            allocated: Vec::new(),
-            destroyed: Vec::new(),
+        let (result, allocated, destroyed) = match Writer::new(&tx, &mut ring, self) {
+            Ok(mut w) => {
+                let result = f(&mut w);
+                (result, w.allocated, w.destroyed)
+            }
+            Err(e) => (Err(e), Vec::new(), Vec::new()),
         };
-        let result = f(&mut w);
-        let (allocated, destroyed) = (
-            std::mem::take(&mut w.allocated),
-            std::mem::take(&mut w.destroyed),
-        );
         // New keys (pending) and the keys of deleted rows (dying) are durable before the
         // commit; see keyring.rs for how a crash on either side of it is settled.
         let outcome = result
@@ -767,7 +713,7 @@ impl Store {
             Err(e) => {
                 self.forget_keys(&allocated)?;
                 let cleanup = ring
-                    .release_unused(&allocated)
+                    .destroy(&allocated)
                     .and_then(|()| ring.confirm(&destroyed));
                 if let Err(cleanup) = cleanup {
                     tracing::warn!(error = %cleanup, "key slots left unsettled; they are settled at next open");
@@ -790,23 +736,47 @@ impl Store {
     }
 }
 
-/// The state of one write transaction.
+/// The state of one write transaction: its open tables, the keyring (locked for the whole
+/// transaction), and the key slots it wrote and freed.
 struct Writer<'a> {
-    tx: &'a WriteTransaction,
+    patients: redb::Table<'a, [u8; 16], &'static [u8]>,
+    leases: redb::Table<'a, u64, &'static [u8]>,
+    objections: redb::Table<'a, [u8; 16], &'static [u8]>,
+    meta: redb::Table<'a, &'static str, &'static [u8]>,
     ring: &'a mut keyring::Keyring,
     store: &'a Store,
     allocated: Vec<u32>,
     destroyed: Vec<u32>,
 }
 
-impl Writer<'_> {
+impl<'a> Writer<'a> {
+    fn new(
+        tx: &'a WriteTransaction,
+        ring: &'a mut keyring::Keyring,
+        store: &'a Store,
+    ) -> Result<Self, StoreError> {
+        Ok(Writer {
+            patients: tables::open_write(tx, tables::PATIENTS)?,
+            leases: tables::open_write(tx, tables::LEASES)?,
+            objections: tables::open_write(tx, tables::OBJECTIONS)?,
+            meta: tables::open_write(tx, tables::META)?,
+            ring,
+            store,
+            allocated: Vec::new(),
+            destroyed: Vec::new(),
+        })
+    }
+
     fn put_record(&mut self, record: &PatientRecord) -> Result<(), StoreError> {
         let row = RowKey::of(&self.store.keys.index, &record.nhs_number);
         if self.objection_status(row)? == Some(ObjectionStatus::Objected) {
             return Err(StoreError::Refused("record for a patient who has objected"));
         }
-        let mut table = tables::open_write(self.tx, tables::PATIENTS)?;
-        let existing = match table.get(row.0).map_err(|e| StoreError::db("write", e))? {
+        let existing = match self
+            .patients
+            .get(row.0)
+            .map_err(|e| StoreError::db("write", e))?
+        {
             Some(v) => Some(tables::split_slot(v.value())?.0),
             None => None,
         };
@@ -816,7 +786,7 @@ impl Writer<'_> {
         };
         let plain = encode(record)?;
         let value = tables::seal_with_slot(slot, &key, Table::Patients, &row.0, &plain)?;
-        table
+        self.patients
             .insert(row.0, value.as_slice())
             .map_err(|e| StoreError::db("write", e))?;
         Ok(())
@@ -824,34 +794,31 @@ impl Writer<'_> {
 
     fn purge_patient(&mut self, nhs: &NhsNumber) -> Result<bool, StoreError> {
         let row = RowKey::of(&self.store.keys.index, nhs);
-        let mut table = tables::open_write(self.tx, tables::PATIENTS)?;
-        let removed = table
+        let slot = match self
+            .patients
             .remove(row.0)
-            .map_err(|e| StoreError::db("purge", e))?;
-        match removed {
-            Some(v) => {
-                let (slot, _) = tables::split_slot(v.value())?;
-                self.destroyed.push(slot);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+            .map_err(|e| StoreError::db("purge", e))?
+        {
+            Some(v) => tables::split_slot(v.value())?.0,
+            None => return Ok(false),
+        };
+        self.destroyed.push(slot);
+        Ok(true)
     }
 
     fn objection(&mut self, o: &ObjectionChange) -> Result<(), StoreError> {
         let row = RowKey::of(&self.store.keys.index, &o.nhs_number);
-        let mut table = tables::open_write(self.tx, tables::OBJECTIONS)?;
         match o.status {
             ObjectionStatus::Objected => {
                 let plain = encode(o)?;
                 let sealed =
                     tables::seal(&self.store.keys.state, Table::Objections, &row.0, &plain)?;
-                table
+                self.objections
                     .insert(row.0, sealed.as_slice())
                     .map_err(|e| StoreError::db("write", e))?;
             }
             ObjectionStatus::Withdrawn => {
-                table
+                self.objections
                     .remove(row.0)
                     .map_err(|e| StoreError::db("write", e))?;
             }
@@ -860,8 +827,11 @@ impl Writer<'_> {
     }
 
     fn objection_status(&self, row: RowKey) -> Result<Option<ObjectionStatus>, StoreError> {
-        let table = tables::open_write(self.tx, tables::OBJECTIONS)?;
-        let Some(v) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
+        let Some(v) = self
+            .objections
+            .get(row.0)
+            .map_err(|e| StoreError::db("read", e))?
+        else {
             return Ok(None);
         };
         let plain = tables::unseal(&self.store.keys.state, Table::Objections, &row.0, v.value())?;
@@ -872,8 +842,11 @@ impl Writer<'_> {
     /// Writes a lease; returns the patients it no longer names (candidates for purge).
     fn put_lease(&mut self, lease: &Lease) -> Result<BTreeSet<NhsNumber>, StoreError> {
         let id = lease.id.0;
-        let mut table = tables::open_write(self.tx, tables::LEASES)?;
-        let existing = match table.get(id).map_err(|e| StoreError::db("write", e))? {
+        let existing = match self
+            .leases
+            .get(id)
+            .map_err(|e| StoreError::db("write", e))?
+        {
             Some(v) => Some((
                 tables::split_slot(v.value())?.0,
                 self.open_lease(id, v.value())?,
@@ -898,7 +871,7 @@ impl Writer<'_> {
         };
         let plain = encode(lease)?;
         let value = tables::seal_with_slot(slot, &key, Table::Leases, &id.to_be_bytes(), &plain)?;
-        table
+        self.leases
             .insert(id, value.as_slice())
             .map_err(|e| StoreError::db("write", e))?;
         Ok(dropped)
@@ -906,24 +879,27 @@ impl Writer<'_> {
 
     /// Removes a lease and destroys its key; returns the patients it named.
     fn remove_lease(&mut self, id: LeaseId) -> Result<BTreeSet<NhsNumber>, StoreError> {
-        let mut table = tables::open_write(self.tx, tables::LEASES)?;
-        let Some(v) = table.remove(id.0).map_err(|e| StoreError::db("write", e))? else {
+        let Some(value) = self
+            .leases
+            .remove(id.0)
+            .map_err(|e| StoreError::db("write", e))?
+            .map(|v| v.value().to_vec())
+        else {
             return Ok(BTreeSet::new());
         };
-        let lease = self.open_lease(id.0, v.value())?;
-        self.destroyed.push(tables::split_slot(v.value())?.0);
+        let lease = self.open_lease(id.0, &value)?;
+        let slot = tables::split_slot(&value)?.0;
+        self.destroyed.push(slot);
         Ok(lease.patients.iter().copied().collect())
     }
 
     /// Every patient some remaining lease names.
     fn covered(&self) -> Result<BTreeSet<NhsNumber>, StoreError> {
-        let table = tables::open_write(self.tx, tables::LEASES)?;
         let mut out = BTreeSet::new();
-        for item in table.iter().map_err(|e| StoreError::db("read", e))? {
+        for item in self.leases.iter().map_err(|e| StoreError::db("read", e))? {
             let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
             out.extend(
-                self.store
-                    .open_lease(k.value(), v.value())?
+                self.open_lease(k.value(), v.value())?
                     .patients
                     .iter()
                     .copied(),
@@ -935,13 +911,13 @@ impl Writer<'_> {
     fn put_state<T: Serialize>(&mut self, name: &str, value: &T) -> Result<(), StoreError> {
         let plain = encode(value)?;
         let sealed = tables::seal(&self.store.keys.state, Table::Meta, name.as_bytes(), &plain)?;
-        let mut table = tables::open_write_meta(self.tx)?;
-        table
+        self.meta
             .insert(name, sealed.as_slice())
             .map_err(|e| StoreError::db("write", e))?;
         Ok(())
     }
 
+    /// A data key, through the keyring this transaction holds (never the store's lock).
     fn data_key(&self, slot: u32, scope: Scope) -> Result<Secret32, StoreError> {
         self.store.data_key_with(self.ring, slot, scope)
     }
@@ -964,18 +940,20 @@ impl Writer<'_> {
     }
 }
 
-fn referenced_slots(db: &Database) -> Result<HashSet<u32>, StoreError> {
+/// Every row that owns a data key, with its keyring slot.
+fn slot_owners(db: &Database) -> Result<Vec<(u32, Scope)>, StoreError> {
     let tx = db.begin_read().map_err(|e| StoreError::db("read", e))?;
-    let mut out = HashSet::new();
+    let mut out = Vec::new();
     let patients = tables::open_read(&tx, tables::PATIENTS)?;
     for item in patients.iter().map_err(|e| StoreError::db("read", e))? {
-        let (_, v) = item.map_err(|e| StoreError::db("read", e))?;
-        out.insert(tables::split_slot(v.value())?.0);
+        let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+        let slot = tables::split_slot(v.value())?.0;
+        out.push((slot, Scope::Patient(RowKey(k.value()))));
     }
     let leases = tables::open_read(&tx, tables::LEASES)?;
     for item in leases.iter().map_err(|e| StoreError::db("read", e))? {
-        let (_, v) = item.map_err(|e| StoreError::db("read", e))?;
-        out.insert(tables::split_slot(v.value())?.0);
+        let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+        out.push((tables::split_slot(v.value())?.0, Scope::Lease(k.value())));
     }
     Ok(out)
 }

@@ -83,13 +83,10 @@ pub(crate) fn seal(
     row: &[u8],
     plain: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
-    let version = current_version();
-    let mut out = Vec::with_capacity(1 + plain.len() + crypto::SEAL_OVERHEAD);
-    out.push(version);
-    crypto::seal_into(key, &sealed_ad(version, table, row), plain, &mut out)?;
-    Ok(out)
+    seal_after(&[], key, table, row, plain)
 }
 
+/// Seals a value for a row that owns a data key: the key's slot, then the sealed value.
 pub(crate) fn seal_with_slot(
     slot: u32,
     key: &Secret32,
@@ -97,9 +94,19 @@ pub(crate) fn seal_with_slot(
     row: &[u8],
     plain: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
+    seal_after(&slot.to_le_bytes(), key, table, row, plain)
+}
+
+fn seal_after(
+    prefix: &[u8],
+    key: &Secret32,
+    table: Table,
+    row: &[u8],
+    plain: &[u8],
+) -> Result<Vec<u8>, StoreError> {
     let version = current_version();
-    let mut out = Vec::with_capacity(5 + plain.len() + crypto::SEAL_OVERHEAD);
-    out.extend_from_slice(&slot.to_le_bytes());
+    let mut out = Vec::with_capacity(prefix.len() + 1 + plain.len() + crypto::SEAL_OVERHEAD);
+    out.extend_from_slice(prefix);
     out.push(version);
     crypto::seal_into(key, &sealed_ad(version, table, row), plain, &mut out)?;
     Ok(out)
@@ -144,21 +151,9 @@ pub(crate) fn open_write<'t, K: redb::Key + 'static>(
         .map_err(|e| StoreError::db("open table", e))
 }
 
-pub(crate) fn open_read_meta(
-    tx: &ReadTransaction,
-) -> Result<ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
-    tx.open_table(META).map_err(|e| StoreError::db("meta", e))
-}
-
-pub(crate) fn open_write_meta(
-    tx: &WriteTransaction,
-) -> Result<redb::Table<'_, &'static str, &'static [u8]>, StoreError> {
-    tx.open_table(META).map_err(|e| StoreError::db("meta", e))
-}
-
 /// Creates every table so that readers never meet a missing one.
 pub(crate) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
-    open_write_meta(tx)?;
+    open_write(tx, META)?;
     open_write(tx, PATIENTS)?;
     open_write(tx, LEASES)?;
     open_write(tx, OBJECTIONS)?;
