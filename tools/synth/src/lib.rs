@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 mod codes;
+mod dataset;
+pub mod fhir;
 
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -19,6 +21,7 @@ use sync_protocol::types::{
 };
 
 pub use codes::{ALERT_CODES, ALLERGY_CODES, MANIFESTATIONS, MEDICATION_CODES};
+pub use dataset::{Objection, SENSITIVE_CODES, SENSITIVE_LABELS, SourcePatient, Withheld};
 
 /// How many items of each kind a patient gets.
 #[derive(Clone, Copy, Debug)]

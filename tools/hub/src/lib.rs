@@ -1,0 +1,32 @@
+//! carecache-hub: the reference regional hub. It reads the shared care record as FHIR R4
+//! (Bulk Data NDJSON or a FHIR server's REST API), decides what each device may hold,
+//! serves the sync protocol over mutual TLS, and receives devices' audit.
+//!
+//! - [`fhir_in`]: FHIR resources → the internal model, per patient; unreadable resources
+//!   reported and skipped whole.
+//! - [`sharing`]: sensitive exclusions by label and by a versioned code-list data file.
+//! - [`source`]: the NDJSON directory and FHIR REST sources.
+//! - [`state`]: redb: patients, objections, leases, the compacted change log, devices,
+//!   enrolment tokens.
+//! - [`pull`]: a device's batch from its cursor: objections, then leases, then records.
+//! - [`audit`]: the audit sink: chain and sequence checks, exactly-once storage.
+//! - [`export`]: audit as FHIR AuditEvent (IHE BALP).
+//! - [`pki`]: the device CA (enrolment) and `dev-ca`.
+//! - [`server`]: HTTPS, mutual TLS, protocol routes and the admin API.
+//! - [`config`]: `hub.toml`.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod config;
+pub mod export;
+pub mod fhir_in;
+mod leases;
+pub mod pki;
+pub mod pull;
+pub mod server;
+pub mod sharing;
+pub mod source;
+pub mod state;
+
+pub use server::Hub;
+pub use state::{HubState, LeaseSpec, Target, ViewSpec};

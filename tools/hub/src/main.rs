@@ -1,0 +1,258 @@
+//! `carecache-hub`: serve the sync protocol, make a development CA, export audit.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use carecache_hub::config::{Config, SourceConfig};
+use carecache_hub::pki::{DeviceCa, dev_ca, pem_certs};
+use carecache_hub::server::{Hub, serve, system_clock, tls_config};
+use carecache_hub::sharing::{DEFAULT_DENY_LABELS, SharingRules};
+use carecache_hub::source::{FhirRest, ingest_ndjson};
+use carecache_hub::state::HubState;
+use clap::{Parser, Subcommand};
+
+/// The reference carecache hub.
+#[derive(Parser, Debug)]
+#[command(name = "carecache-hub", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the sync protocol and the admin API.
+    Serve {
+        /// Configuration file.
+        #[arg(long, default_value = "hub.toml")]
+        config: PathBuf,
+    },
+    /// Make a development CA and a hub certificate for loopback.
+    DevCa {
+        /// Directory to write ca.pem, ca.key, hub.pem, hub.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names and addresses the hub certificate covers.
+        #[arg(long = "host", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+        hosts: Vec<String>,
+    },
+    /// Audit held by the hub.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Write every entry as FHIR AuditEvent NDJSON (IHE BALP read pattern).
+    Export {
+        /// Configuration file (for the data directory; the hub must not be running).
+        #[arg(long, default_value = "hub.toml")]
+        config: PathBuf,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("carecache-hub: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::DevCa { out, hosts } => {
+            let files = dev_ca(&out, &hosts)?;
+            eprintln!(
+                "wrote {}, {}, {}, {}",
+                files.ca_cert.display(),
+                files.ca_key.display(),
+                files.hub_cert.display(),
+                files.hub_key.display()
+            );
+            Ok(())
+        }
+        Command::Serve { config } => serve_main(&Config::load(&config)?),
+        Command::Audit {
+            command: AuditCommand::Export { config, out },
+        } => {
+            let config = Config::load(&config)?;
+            let state = open_state(&config)?;
+            let mut w = std::io::BufWriter::new(
+                std::fs::File::create(&out)
+                    .with_context(|| format!("creating {}", out.display()))?,
+            );
+            let n = state.for_each_audit(|e| {
+                use std::io::Write;
+                serde_json::to_writer(&mut w, &carecache_hub::export::audit_event(&e))?;
+                w.write_all(b"\n")
+            })?;
+            use std::io::Write;
+            w.flush()?;
+            eprintln!("exported {n} audit events to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn open_state(config: &Config) -> anyhow::Result<HubState> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    HubState::open(&config.data_dir.join("hub.redb")).with_context(|| {
+        format!(
+            "opening the hub database in {} (is another hub running?)",
+            config.data_dir.display()
+        )
+    })
+}
+
+fn admin_token(config: &Config) -> anyhow::Result<String> {
+    if let Ok(t) = std::env::var("CARECACHE_HUB_ADMIN_TOKEN")
+        && !t.is_empty()
+    {
+        return Ok(t);
+    }
+    let Some(path) = &config.admin_token_file else {
+        bail!("no admin token: set admin_token_file in the config or CARECACHE_HUB_ADMIN_TOKEN");
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.len() < 16 {
+        bail!(
+            "admin token in {} is shorter than 16 characters",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+fn serve_main(config: &Config) -> anyhow::Result<()> {
+    let token = admin_token(config)?;
+    let labels: Vec<String> = config.sharing.deny_labels.clone().unwrap_or_else(|| {
+        DEFAULT_DENY_LABELS
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    });
+    let rules = match &config.sharing.code_list {
+        Some(p) => SharingRules::from_file(p, &labels)?,
+        None => SharingRules::new(carecache_hub::sharing::DEFAULT_CODE_LIST, &labels)?,
+    };
+    let state = open_state(config)?;
+    for spec in &config.leases {
+        state.put_lease(spec, None).with_context(|| {
+            format!(
+                "lease {:?} in the config",
+                spec.name.as_deref().unwrap_or(&spec.label)
+            )
+        })?;
+    }
+    let ca = DeviceCa::load(
+        &config.tls.ca_cert,
+        &config.tls.ca_key,
+        config.tls.device_cert_days,
+    )?;
+    let ca_pem = std::fs::read_to_string(&config.tls.ca_cert)?;
+    let chain = pem_certs(&std::fs::read_to_string(&config.tls.cert)?);
+    let key = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_file(&config.tls.key)
+            .with_context(|| format!("reading the hub key {}", config.tls.key.display()))?
+    };
+    let tls = tls_config(&pem_certs(&ca_pem), chain, key).map_err(anyhow::Error::msg)?;
+    let hub = Arc::new(Hub::new(state, ca, &token, &config.limits));
+
+    let source = config.source.clone();
+    let ingest_hub = hub.clone();
+    let ingest_rules = rules.clone();
+    let ingest = Arc::new(move || -> Result<serde_json::Value, String> {
+        let summary = match &source {
+            SourceConfig::Ndjson { path, .. } => {
+                ingest_ndjson(&ingest_hub.state, &ingest_rules, path)
+            }
+            SourceConfig::Fhir {
+                base_url,
+                overlap_secs,
+                page_size,
+                ..
+            } => FhirRest::new(base_url, *overlap_secs, *page_size)
+                .poll(&ingest_hub.state, &ingest_rules),
+        };
+        summary
+            .map(|s| serde_json::to_value(s).unwrap_or_default())
+            .map_err(|e| e.to_string())
+    });
+    hub.set_ingest_hook(ingest.clone());
+    if let Err(e) = ingest() {
+        tracing::error!(error = %e, "initial ingest failed; serving what the database holds");
+    }
+    let poll_secs = match &config.source {
+        SourceConfig::Ndjson { poll_secs, .. } | SourceConfig::Fhir { poll_secs, .. } => *poll_secs,
+    };
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        tracing::info!(listen = %config.listen, "hub serving");
+        let housekeeping_hub = hub.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            let mut since_poll = 0u64;
+            loop {
+                tick.tick().await;
+                let h = housekeeping_hub.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = h.state.expire_leases(system_clock()) {
+                        tracing::error!(error = %e, "lease expiry sweep failed");
+                    }
+                })
+                .await;
+                since_poll += 60;
+                if poll_secs > 0 && since_poll >= poll_secs {
+                    since_poll = 0;
+                    let ingest = ingest.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Err(e) = ingest() {
+                            tracing::error!(error = %e, "source poll failed");
+                        }
+                    })
+                    .await;
+                }
+            }
+        });
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        serve(
+            hub,
+            listener,
+            tls,
+            Duration::from_secs(config.limits.header_timeout_secs),
+            shutdown,
+        )
+        .await?;
+        Ok(())
+    })
+}

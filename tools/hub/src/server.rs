@@ -1,0 +1,804 @@
+//! HTTPS with mutual TLS: the sync protocol for devices (SPEC §1) and the admin API.
+//!
+//! The server takes its listener and shutdown signal from the caller (tests bind port 0).
+//! Every connection is TLS; a client certificate is optional at the handshake (enrolment
+//! has none) and required by every device route, which maps it to an enrolled device.
+//! Logs carry device ids, routes, sizes and outcomes — never patient data.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use sha2::{Digest, Sha256};
+use sync_protocol::message::{
+    AuditAck, EnrolResponse, ErrorCode, ErrorMessage, Message, MessageKind, Welcome,
+};
+use sync_protocol::types::{
+    BoundedVec, Bytes as WireBytes, Capabilities, DeviceId, Text, Timestamp,
+};
+use sync_protocol::{Compression, decode_with_limit, encode};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::audit::AuditError;
+use crate::pki::DeviceCa;
+use crate::pull::{PullError, Puller, pull};
+use crate::state::{HubState, LeaseSpec, StateError};
+
+/// Content type of sync-protocol frames.
+pub const FRAME_CONTENT_TYPE: &str = "application/vnd.carecache.sync";
+/// Protocol versions this hub speaks.
+const VERSIONS: (u16, u16) = (1, 1);
+
+/// A source re-read the admin API can trigger; returns a JSON report.
+pub type IngestHook = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
+
+/// What the server needs.
+pub struct Hub {
+    /// Durable state.
+    pub state: HubState,
+    /// Signs device certificates.
+    pub ca: DeviceCa,
+    /// SHA-256 of the admin token.
+    admin_token_sha256: [u8; 32],
+    /// Largest batch sent.
+    pub max_batch_bytes: u32,
+    limiter: DefaultKeyedRateLimiter<String>,
+    clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    ingest: Mutex<Option<IngestHook>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+/// The wall clock as a protocol timestamp.
+pub fn system_clock() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    // Before year 10000 the conversion cannot fail; clamp rather than panic if it did.
+    Timestamp::from_millis(ms)
+        .or_else(|_| Timestamp::from_millis(253_402_300_799_999))
+        .unwrap_or_else(|_| unreachable!("the largest valid timestamp"))
+}
+
+impl Hub {
+    /// A hub over `state`, issuing certificates with `ca`, with an admin token and a
+    /// per-device rate limit.
+    pub fn new(
+        state: HubState,
+        ca: DeviceCa,
+        admin_token: &str,
+        limits: &crate::config::Limits,
+    ) -> Self {
+        let rps = NonZeroU32::new(limits.requests_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
+        Self {
+            state,
+            ca,
+            admin_token_sha256: Sha256::digest(admin_token.as_bytes()).into(),
+            max_batch_bytes: limits.max_batch_bytes,
+            limiter: RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst)),
+            clock: Arc::new(system_clock),
+            ingest: Mutex::new(None),
+        }
+    }
+
+    /// Replace the clock (tests move hub time).
+    pub fn with_clock(mut self, clock: Arc<dyn Fn() -> Timestamp + Send + Sync>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Let `POST /admin/v1/ingest` re-read the source.
+    pub fn set_ingest_hook(&self, hook: IngestHook) {
+        if let Ok(mut slot) = self.ingest.lock() {
+            *slot = Some(hook);
+        }
+    }
+
+    /// Hub time now.
+    pub fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+}
+
+/// The rustls server configuration: the hub's certificate, client certificates verified
+/// against the CA but optional at the handshake.
+pub fn tls_config(
+    ca_cert: &[CertificateDer<'static>],
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in ca_cert {
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("CA certificate: {e}"))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| format!("client verifier: {e}"))?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("hub certificate: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// The client certificate of a connection, if one was presented and verified.
+#[derive(Clone, Debug)]
+struct Peer {
+    cert: Option<Arc<Vec<u8>>>,
+    addr: SocketAddr,
+}
+
+/// Serve until `shutdown` resolves; connections in flight get `grace` to finish.
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    let app = router(hub);
+    let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        while tasks.try_join_next().is_some() {}
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tasks.spawn(async move {
+            let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(%addr, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%addr, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::new(c.to_vec()));
+            let peer = Peer { cert, addr };
+            let service =
+                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    app.clone().oneshot(req.map(Body::new))
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tasks.abort_all();
+    }
+    Ok(())
+}
+
+fn router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/ccsp/v1/enrol", post(enrol))
+        .route("/ccsp/v1/hello", post(hello))
+        .route("/ccsp/v1/pull", post(pull_route))
+        .route("/ccsp/v1/audit", post(audit_route))
+        .route("/admin/v1/status", get(admin_status))
+        .route("/admin/v1/leases", get(admin_leases).post(admin_grant))
+        .route(
+            "/admin/v1/leases/{id}",
+            axum::routing::put(admin_change).delete(admin_revoke),
+        )
+        .route("/admin/v1/enrolment-tokens", post(admin_token))
+        .route("/admin/v1/devices", get(admin_devices))
+        .route("/admin/v1/devices/{id}/revoke", post(admin_revoke_device))
+        .route("/admin/v1/ingest", post(admin_ingest))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            usize::try_from(MessageKind::PushAudit.max_payload()).unwrap_or(usize::MAX) + 16,
+        ))
+        .with_state(hub)
+}
+
+// ---- sync protocol -------------------------------------------------------------------
+
+/// A protocol error answer.
+fn error_frame(code: ErrorCode, message: &str, retry_after: Option<u32>) -> Response {
+    let status = match code {
+        ErrorCode::Malformed
+        | ErrorCode::UnsupportedVersion
+        | ErrorCode::CursorInvalid
+        | ErrorCode::AuditGap
+        | ErrorCode::AuditChainBroken => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::DeviceRevoked => StatusCode::FORBIDDEN,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let text: String = message.chars().take(1000).collect();
+    let msg = Message::Error(ErrorMessage {
+        code,
+        message: Text::new(text)
+            .or_else(|_| Text::new("error"))
+            .unwrap_or_else(|_| unreachable!("a short ASCII text")),
+        retry_after_secs: retry_after,
+    });
+    let mut resp = frame_response(status, &msg);
+    if let Some(secs) = retry_after
+        && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+fn frame_response(status: StatusCode, msg: &Message) -> Response {
+    match encode(msg, Compression::Zstd) {
+        Ok(bytes) => (status, [(header::CONTENT_TYPE, FRAME_CONTENT_TYPE)], bytes).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding a response failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Read a request frame of `kind`: content type, declared length and decoding checked
+/// before anything is applied.
+async fn read_frame(
+    headers: &HeaderMap,
+    body: Body,
+    kind: MessageKind,
+) -> Result<Message, Response> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if ct != FRAME_CONTENT_TYPE {
+        return Err(error_frame(
+            ErrorCode::Malformed,
+            "content type must be application/vnd.carecache.sync",
+            None,
+        ));
+    }
+    let limit = usize::try_from(kind.max_payload()).unwrap_or(usize::MAX) + 16;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(error_frame(
+            ErrorCode::TooLarge,
+            "request over the size limit",
+            None,
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| error_frame(ErrorCode::TooLarge, "request over the size limit", None))?;
+    let msg = decode_with_limit(&bytes, kind.max_payload()).map_err(|e| {
+        tracing::info!(
+            kind = kind.name(),
+            error = e.kind_name(),
+            "malformed request"
+        );
+        error_frame(
+            ErrorCode::Malformed,
+            &format!("malformed {}: {}", kind.name(), e.kind_name()),
+            None,
+        )
+    })?;
+    if msg.kind() != kind {
+        return Err(error_frame(
+            ErrorCode::Malformed,
+            &format!("expected {}", kind.name()),
+            None,
+        ));
+    }
+    Ok(msg)
+}
+
+/// The enrolled, unrevoked device behind a request, within its rate limit.
+fn device(hub: &Hub, peer: &Peer) -> Result<(String, Option<String>), Response> {
+    let Some(cert) = &peer.cert else {
+        return Err(error_frame(
+            ErrorCode::Unauthorized,
+            "a device certificate is required",
+            None,
+        ));
+    };
+    let (id, row) = match hub.state.device_by_certificate(cert) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            return Err(error_frame(
+                ErrorCode::Unauthorized,
+                "certificate not issued to an enrolled device",
+                None,
+            ));
+        }
+        Err(e) => return Err(internal(&e)),
+    };
+    if row.revoked {
+        tracing::info!(device = %id, "revoked device refused");
+        return Err(error_frame(
+            ErrorCode::DeviceRevoked,
+            "this device has been revoked: wipe local data",
+            None,
+        ));
+    }
+    if hub.limiter.check_key(&id).is_err() {
+        return Err(error_frame(ErrorCode::RateLimited, "slow down", Some(1)));
+    }
+    Ok((id, row.team))
+}
+
+fn internal(e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "internal error");
+    error_frame(ErrorCode::Internal, "internal error", Some(5))
+}
+
+fn peer_of(req: &Request<Body>) -> Peer {
+    req.extensions().get::<Peer>().cloned().unwrap_or(Peer {
+        cert: None,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+    })
+}
+
+async fn enrol(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
+    let peer = peer_of(&req);
+    let (parts, body) = req.into_parts();
+    let Message::EnrolRequest(r) =
+        (match read_frame(&parts.headers, body, MessageKind::EnrolRequest).await {
+            Ok(m) => m,
+            Err(resp) => return resp,
+        })
+    else {
+        return error_frame(ErrorCode::Malformed, "expected enrol-request", None);
+    };
+    let now = hub.now();
+    let hub2 = hub.clone();
+    let label = r.device_label.as_str().to_owned();
+    let csr = r.csr_der.as_slice().to_vec();
+    let token = r.token.expose().to_owned();
+    let outcome = tokio::task::spawn_blocking(move || {
+        hub2.state
+            .enrol(&token, &label, now, |id| hub2.ca.issue(&csr, id))
+    })
+    .await;
+    let (device_id, der) = match outcome {
+        Ok(Ok(Ok(d))) => d,
+        Ok(Ok(Err(e))) => return error_frame(ErrorCode::Malformed, &e.to_string(), None),
+        Ok(Err(StateError::TokenRejected)) => {
+            tracing::info!(addr = %peer.addr, "enrolment token refused");
+            return error_frame(
+                ErrorCode::Unauthorized,
+                "enrolment token unknown, already used or expired",
+                None,
+            );
+        }
+        Ok(Err(e)) => return internal(&e),
+        Err(e) => return internal(&e),
+    };
+    tracing::info!(device = %device_id, "device enrolled");
+    let build = || -> Result<Message, String> {
+        Ok(Message::EnrolResponse(EnrolResponse {
+            device_id: DeviceId::new(device_id.as_str()).map_err(|e| e.to_string())?,
+            certificate_der: WireBytes::try_from(der).map_err(|e| e.to_string())?,
+            chain_der: BoundedVec::try_from(vec![
+                WireBytes::try_from(hub.ca.cert_der().to_vec()).map_err(|e| e.to_string())?,
+            ])
+            .map_err(|e| e.to_string())?,
+            hub_time: now,
+        }))
+    };
+    match build() {
+        Ok(m) => frame_response(StatusCode::OK, &m),
+        Err(e) => internal(&e),
+    }
+}
+
+async fn hello(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
+    let peer = peer_of(&req);
+    let (parts, body) = req.into_parts();
+    let (id, _) = match device(&hub, &peer) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let Message::Hello(h) = (match read_frame(&parts.headers, body, MessageKind::Hello).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    }) else {
+        return error_frame(ErrorCode::Malformed, "expected hello", None);
+    };
+    let version = h.max_version.min(VERSIONS.1);
+    if version < h.min_version || version < VERSIONS.0 {
+        return error_frame(
+            ErrorCode::UnsupportedVersion,
+            &format!(
+                "this hub speaks protocol versions {}-{}",
+                VERSIONS.0, VERSIONS.1
+            ),
+            None,
+        );
+    }
+    let durable = match hub.state.audit_head(&id) {
+        Ok(h) => h.seq,
+        Err(e) => return internal(&e),
+    };
+    let welcome = Welcome {
+        version,
+        capabilities: Capabilities(1),
+        hub_time: hub.now(),
+        device_id: match DeviceId::new(id.as_str()) {
+            Ok(d) => d,
+            Err(e) => return internal(&e),
+        },
+        max_batch_bytes: hub.max_batch_bytes,
+        audit_durable_through: durable,
+    };
+    frame_response(StatusCode::OK, &Message::Welcome(welcome))
+}
+
+async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
+    let peer = peer_of(&req);
+    let (parts, body) = req.into_parts();
+    let (id, team) = match device(&hub, &peer) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let Message::Pull(p) = (match read_frame(&parts.headers, body, MessageKind::Pull).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    }) else {
+        return error_frame(ErrorCode::Malformed, "expected pull", None);
+    };
+    let now = hub.now();
+    let budget = p.max_bytes.min(hub.max_batch_bytes);
+    let hub2 = hub.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let who = Puller {
+            id: &id,
+            team: team.as_deref(),
+        };
+        let batch = pull(&hub2.state, &who, p.cursor.as_ref(), budget, now);
+        (id, batch)
+    })
+    .await;
+    match result {
+        Ok((id, Ok(batch))) => {
+            tracing::info!(
+                device = %id,
+                objections = batch.objections.len(),
+                leases = batch.leases.len(),
+                upserts = batch.upserts.len(),
+                removals = batch.removals.len(),
+                more = batch.more,
+                "batch served"
+            );
+            frame_response(StatusCode::OK, &Message::Batch(batch))
+        }
+        Ok((_, Err(PullError::CursorInvalid(why)))) => error_frame(
+            ErrorCode::CursorInvalid,
+            &format!("cursor invalid: {why}; pull with no cursor"),
+            None,
+        ),
+        Ok((_, Err(e @ PullError::LeaseTooLarge { .. }))) => {
+            error_frame(ErrorCode::TooLarge, &e.to_string(), None)
+        }
+        Ok((_, Err(PullError::State(e)))) => internal(&e),
+        Err(e) => internal(&e),
+    }
+}
+
+async fn audit_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
+    let peer = peer_of(&req);
+    let (parts, body) = req.into_parts();
+    let (id, _) = match device(&hub, &peer) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let Message::PushAudit(push) =
+        (match read_frame(&parts.headers, body, MessageKind::PushAudit).await {
+            Ok(m) => m,
+            Err(resp) => return resp,
+        })
+    else {
+        return error_frame(ErrorCode::Malformed, "expected push-audit", None);
+    };
+    let hub2 = hub.clone();
+    let n = push.entries.len();
+    let result = tokio::task::spawn_blocking(move || {
+        let r = hub2.state.push_audit(&id, &push);
+        (id, r)
+    })
+    .await;
+    match result {
+        Ok((id, Ok(durable))) => {
+            tracing::info!(device = %id, entries = n, durable, "audit stored");
+            frame_response(
+                StatusCode::OK,
+                &Message::AuditAck(AuditAck {
+                    durable_through: durable,
+                }),
+            )
+        }
+        Ok((_, Err(e @ AuditError::Gap { .. }))) => {
+            error_frame(ErrorCode::AuditGap, &e.to_string(), None)
+        }
+        Ok((_, Err(e @ AuditError::ChainBroken { .. }))) => {
+            error_frame(ErrorCode::AuditChainBroken, &e.to_string(), None)
+        }
+        Ok((_, Err(e @ AuditError::Malformed { .. }))) => {
+            error_frame(ErrorCode::Malformed, &e.to_string(), None)
+        }
+        Ok((_, Err(AuditError::State(e)))) => internal(&e),
+        Err(e) => internal(&e),
+    }
+}
+
+// ---- admin API -----------------------------------------------------------------------
+
+fn admin(hub: &Hub, headers: &HeaderMap) -> Result<(), Response> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    // Comparing digests: equal-length, and a timing difference reveals nothing about
+    // the token itself.
+    if presented.is_empty() || hash != hub.admin_token_sha256 {
+        return Err(json_error(StatusCode::UNAUTHORIZED, "admin token required"));
+    }
+    Ok(())
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+fn state_error(e: &StateError) -> Response {
+    match e {
+        StateError::NotFound(_) => json_error(StatusCode::NOT_FOUND, &e.to_string()),
+        StateError::Invalid(_) => json_error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+        _ => {
+            tracing::error!(error = %e, "admin request failed");
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+    serde_json::from_slice(body)
+        .map_err(|e| json_error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")))
+}
+
+async fn admin_status(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    let status = || -> Result<serde_json::Value, StateError> {
+        let (patients, objections, leases) = hub.state.counts()?;
+        Ok(serde_json::json!({
+            "head": hub.state.head()?,
+            "patients": patients,
+            "objections": objections,
+            "leases": leases,
+            "devices": hub.state.devices()?.len(),
+            "flagged_devices": hub.state.flagged_devices()?
+                .into_iter()
+                .map(|(d, at)| serde_json::json!({ "device": d, "broken_at": at }))
+                .collect::<Vec<_>>(),
+            "last_ingest": hub.state.source_value("last_ingest")?
+                .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok()),
+        }))
+    };
+    match status() {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => state_error(&e),
+    }
+}
+
+async fn admin_leases(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    match hub.state.lease_summaries() {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => state_error(&e),
+    }
+}
+
+async fn admin_grant(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    let spec: LeaseSpec = match parse_json(&body) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match hub.state.put_lease(&spec, None) {
+        Ok(id) => {
+            tracing::info!(lease = id, patients = spec.patients.len(), "lease granted");
+            (
+                StatusCode::CREATED,
+                axum::Json(serde_json::json!({ "id": id })),
+            )
+                .into_response()
+        }
+        Err(e) => state_error(&e),
+    }
+}
+
+async fn admin_change(
+    State(hub): State<Arc<Hub>>,
+    UrlPath(id): UrlPath<u64>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    let spec: LeaseSpec = match parse_json(&body) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match hub.state.put_lease(&spec, Some(id)) {
+        Ok(id) => {
+            tracing::info!(lease = id, "lease changed");
+            axum::Json(serde_json::json!({ "id": id })).into_response()
+        }
+        Err(e) => state_error(&e),
+    }
+}
+
+async fn admin_revoke(
+    State(hub): State<Arc<Hub>>,
+    UrlPath(id): UrlPath<u64>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    match hub
+        .state
+        .end_lease(id, sync_protocol::message::LeaseEndReason::Revoked)
+    {
+        Ok(()) => {
+            tracing::info!(lease = id, "lease revoked");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => state_error(&e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    #[serde(default)]
+    team: Option<String>,
+    #[serde(default = "default_token_ttl")]
+    ttl_secs: u64,
+}
+
+fn default_token_ttl() -> u64 {
+    86_400
+}
+
+async fn admin_token(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    let r: TokenRequest = match parse_json(&body) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match hub.state.issue_token(r.team, hub.now(), r.ttl_secs) {
+        Ok(token) => (
+            StatusCode::CREATED,
+            axum::Json(serde_json::json!({ "token": token, "ttl_secs": r.ttl_secs })),
+        )
+            .into_response(),
+        Err(e) => state_error(&e),
+    }
+}
+
+async fn admin_devices(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    match hub.state.devices() {
+        Ok(d) => axum::Json(
+            d.into_iter()
+                .map(|(id, r)| {
+                    serde_json::json!({
+                        "id": id, "label": r.label, "team": r.team,
+                        "enrolled_at": r.enrolled_at, "revoked": r.revoked,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => state_error(&e),
+    }
+}
+
+async fn admin_revoke_device(
+    State(hub): State<Arc<Hub>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    match hub.state.revoke_device(&id) {
+        Ok(()) => {
+            tracing::info!(device = %id, "device revoked");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => state_error(&e),
+    }
+}
+
+async fn admin_ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    let hook = hub.ingest.lock().ok().and_then(|h| h.clone());
+    let Some(hook) = hook else {
+        return json_error(StatusCode::CONFLICT, "no source configured");
+    };
+    match tokio::task::spawn_blocking(move || hook()).await {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(e)) => json_error(StatusCode::BAD_GATEWAY, &e),
+        Err(e) => internal(&e),
+    }
+}

@@ -1,0 +1,702 @@
+//! The hub's durable state, in redb: patients and objections as mapped from the source,
+//! leases, the change log, devices and enrolment tokens. Audit lives in `audit`.
+//!
+//! The change log is compacted: every patient, objection and lease has one entry, at the
+//! sequence number of its latest change, and its row records that number. A device's
+//! cursor is a position in the log (`pull`), so "what changed since" is a range scan.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sync_protocol::NhsNumber;
+use sync_protocol::message::{Lease, LeaseEndReason, ObjectionStatus};
+use sync_protocol::record::PatientRecord;
+use sync_protocol::types::{RecordVersion, Timestamp};
+
+use crate::fhir_in::{Mapped, SourceObjection};
+
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const PATIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("patients");
+pub(crate) const OBJECTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("objections");
+pub(crate) const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+pub(crate) const CERTS: TableDefinition<&[u8], &str> = TableDefinition::new("certificates");
+pub(crate) const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrolment_tokens");
+pub(crate) const SOURCE: TableDefinition<&str, &[u8]> = TableDefinition::new("source");
+
+/// Errors of the hub's state. Messages carry ids and counts, never patient data.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The database failed (disk, corruption): the operator must look.
+    #[error("hub database: {0}")]
+    Database(String),
+    /// A stored row does not decode: the database is damaged or from a newer hub.
+    #[error("hub database row in {0} does not decode")]
+    Corrupt(&'static str),
+    /// The request names something that does not exist (admin's input).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request is not valid (admin's input).
+    #[error("{0}")]
+    Invalid(String),
+    /// An enrolment token is unknown, used or expired (device's input).
+    #[error("enrolment token unknown, already used or expired")]
+    TokenRejected,
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StateError {
+            fn from(e: $t) -> Self {
+                Self::Database(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A log entry names what changed; the row holds how it is now.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub(crate) enum LogKey {
+    Patient(u64),
+    Objection(u64),
+    Lease(u64),
+}
+
+/// A patient as the hub holds it. `record` is `None` once the source deleted it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct PatientRow {
+    pub seq: u64,
+    pub fhir_id: String,
+    pub record: Option<PatientRecord>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub(crate) struct ObjectionRow {
+    pub seq: u64,
+    pub status: ObjectionStatus,
+    pub recorded_at: Timestamp,
+}
+
+/// Who a lease is for.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// One device, by id.
+    Device(String),
+    /// Every device enrolled into a team.
+    Team(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct LeaseRow {
+    pub lease: Lease,
+    pub target: Target,
+    /// Name given in the hub's config file, so a restart updates rather than duplicates.
+    pub name: Option<String>,
+    pub created_seq: u64,
+    /// Last change to the lease's patient list (a time-box change does not resend records).
+    pub patients_seq: u64,
+    pub seq: u64,
+    pub ended: Option<LeaseEndReason>,
+}
+
+/// An enrolled device.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceRow {
+    /// Label given at enrolment.
+    pub label: String,
+    /// Team the enrolment token was issued for.
+    pub team: Option<String>,
+    /// Milliseconds since the epoch.
+    pub enrolled_at: u64,
+    /// SHA-256 of the issued certificate (DER).
+    pub certificate_sha256: [u8; 32],
+    /// Revoked devices are refused and told to wipe.
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct TokenRow {
+    pub team: Option<String>,
+    pub expires_at: u64,
+    pub used_by: Option<String>,
+}
+
+/// What an ingest changed.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug, Serialize)]
+pub struct IngestReport {
+    /// Patients seen for the first time.
+    pub added: u64,
+    /// Patients whose record changed.
+    pub changed: u64,
+    /// Patients unchanged.
+    pub unchanged: u64,
+    /// Patients the source no longer holds (full snapshots only).
+    pub deleted: u64,
+    /// Objections recorded or withdrawn.
+    pub objections: u64,
+}
+
+/// A lease as the admin API and the config file state it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseSpec {
+    /// Optional stable name (config leases use it).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Shown to crews.
+    pub label: String,
+    /// Device or team.
+    pub target: Target,
+    /// Staff ids allowed to look; empty means the device's whole team.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// `clinical` or `social_care`.
+    pub view: ViewSpec,
+    /// RFC 3339 instant.
+    pub not_before: String,
+    /// RFC 3339 instant (exclusive).
+    pub not_after: String,
+    /// Longest time the device may go without contacting the hub.
+    pub max_offline_secs: u32,
+    /// Whether break-glass access to other cached patients is allowed.
+    #[serde(default)]
+    pub emergency_access: bool,
+    /// The caseload.
+    pub patients: Vec<String>,
+}
+
+/// A lease view, as JSON and TOML spell it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewSpec {
+    /// Alerts, allergies, medications.
+    Clinical,
+    /// Alerts and key contacts only.
+    SocialCare,
+}
+
+pub(crate) fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    // postcard serialisation of our own plain structs into a Vec cannot fail.
+    postcard::to_allocvec(v).unwrap_or_default()
+}
+
+pub(crate) fn dec<'a, T: Deserialize<'a>>(
+    b: &'a [u8],
+    table: &'static str,
+) -> Result<T, StateError> {
+    postcard::from_bytes(b).map_err(|_| StateError::Corrupt(table))
+}
+
+/// The hub's database.
+#[derive(Debug)]
+pub struct HubState {
+    pub(crate) db: Database,
+    pub(crate) hub_id: [u8; 8],
+}
+
+impl HubState {
+    /// Open (creating if needed) the hub database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        let hub_id = {
+            for t in [PATIENTS, OBJECTIONS, LEASES, LOG] {
+                tx.open_table(t)?;
+            }
+            tx.open_table(DEVICES)?;
+            tx.open_table(CERTS)?;
+            tx.open_table(TOKENS)?;
+            tx.open_table(SOURCE)?;
+            crate::audit::create_tables(&tx)?;
+            let mut meta = tx.open_table(META)?;
+            let existing = meta
+                .get("hub_id")?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let mut id = [0u8; 8];
+                    getrandom::fill(&mut id)
+                        .map_err(|e| StateError::Database(format!("random hub id: {e}")))?;
+                    meta.insert("hub_id", id.as_slice())?;
+                    id
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(Self { db, hub_id })
+    }
+
+    /// The head of the change log.
+    pub fn head(&self) -> Result<u64, StateError> {
+        let tx = self.db.begin_read()?;
+        read_seq(&tx.open_table(META)?)
+    }
+
+    /// Store mapped patients. With `full_snapshot`, any stored patient missing from
+    /// `mapped` is deleted upstream. One transaction: a device never sees half an ingest.
+    pub fn ingest(
+        &self,
+        mapped: Vec<(String, Mapped)>,
+        full_snapshot: bool,
+    ) -> Result<IngestReport, StateError> {
+        let mut report = IngestReport::default();
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let mut patients = tx.open_table(PATIENTS)?;
+            let mut objections = tx.open_table(OBJECTIONS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut seq = read_seq(&meta)?;
+            let mut seen = std::collections::HashSet::new();
+            for (fhir_id, m) in mapped {
+                let nhs = m.record.nhs_number.as_u64();
+                seen.insert(nhs);
+                let old: Option<PatientRow> = match patients.get(nhs)? {
+                    Some(v) => Some(dec(v.value(), "patients")?),
+                    None => None,
+                };
+                let same = old.as_ref().is_some_and(|o| {
+                    o.record
+                        .as_ref()
+                        .is_some_and(|r| same_content(r, &m.record))
+                });
+                if same {
+                    report.unchanged += 1;
+                } else {
+                    if old.as_ref().is_some_and(|o| o.record.is_some()) {
+                        report.changed += 1;
+                    } else {
+                        report.added += 1;
+                    }
+                    seq += 1;
+                    let mut record = m.record;
+                    record.version = RecordVersion(seq);
+                    let row = PatientRow {
+                        seq,
+                        fhir_id,
+                        record: Some(record),
+                    };
+                    relog(&mut log, old.map(|o| o.seq), seq, LogKey::Patient(nhs))?;
+                    patients.insert(nhs, enc(&row).as_slice())?;
+                }
+                if let Some(o) = m.objection {
+                    if set_objection(&mut objections, &mut log, &mut seq, nhs, o)? {
+                        report.objections += 1;
+                    }
+                }
+            }
+            if full_snapshot {
+                let gone: Vec<(u64, PatientRow)> = patients
+                    .iter()?
+                    .filter_map(Result::ok)
+                    .filter(|(k, _)| !seen.contains(&k.value()))
+                    .filter_map(|(k, v)| {
+                        dec::<PatientRow>(v.value(), "patients")
+                            .ok()
+                            .filter(|r| r.record.is_some())
+                            .map(|r| (k.value(), r))
+                    })
+                    .collect();
+                for (nhs, mut row) in gone {
+                    seq += 1;
+                    relog(&mut log, Some(row.seq), seq, LogKey::Patient(nhs))?;
+                    row.seq = seq;
+                    row.record = None;
+                    patients.insert(nhs, enc(&row).as_slice())?;
+                    report.deleted += 1;
+                }
+            }
+            meta.insert("seq", seq.to_be_bytes().as_slice())?;
+        }
+        tx.commit()?;
+        Ok(report)
+    }
+
+    /// Create or update a lease. A spec with a `name` that already exists updates that
+    /// lease (Changed); otherwise a new lease is granted.
+    pub fn put_lease(&self, spec: &LeaseSpec, id: Option<u64>) -> Result<u64, StateError> {
+        let lease_target = spec.target.clone();
+        let tx = self.db.begin_write()?;
+        let id = {
+            let mut meta = tx.open_table(META)?;
+            let mut leases = tx.open_table(LEASES)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut seq = read_seq(&meta)?;
+            let existing = match (id, &spec.name) {
+                (Some(id), _) => Some(
+                    leases
+                        .get(id)?
+                        .map(|v| dec::<LeaseRow>(v.value(), "leases"))
+                        .transpose()?
+                        .ok_or_else(|| StateError::NotFound(format!("lease {id}")))?,
+                ),
+                (None, Some(name)) => find_named(&leases, name)?,
+                (None, None) => None,
+            };
+            let id = match &existing {
+                Some(row) => row.lease.id.0,
+                None => {
+                    let next = meta
+                        .get("next_lease")?
+                        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                        .map_or(1, u64::from_be_bytes);
+                    meta.insert("next_lease", (next + 1).to_be_bytes().as_slice())?;
+                    next
+                }
+            };
+            let lease = crate::leases::to_wire(id, spec)?;
+            if let Some(row) = &existing {
+                if row.ended.is_some() {
+                    return Err(StateError::Invalid(format!("lease {id} has ended")));
+                }
+                if row.target != lease_target {
+                    return Err(StateError::Invalid(
+                        "a lease's device or team cannot change: revoke it and grant a new one"
+                            .into(),
+                    ));
+                }
+                if row.lease == lease && row.name == spec.name {
+                    return Ok(id);
+                }
+            }
+            seq += 1;
+            let patients_seq = match &existing {
+                Some(row) if row.lease.patients == lease.patients => row.patients_seq,
+                _ => seq,
+            };
+            let row = LeaseRow {
+                lease,
+                target: lease_target,
+                name: spec.name.clone(),
+                created_seq: existing.as_ref().map_or(seq, |r| r.created_seq),
+                patients_seq,
+                seq,
+                ended: None,
+            };
+            relog(&mut log, existing.map(|r| r.seq), seq, LogKey::Lease(id))?;
+            leases.insert(id, enc(&row).as_slice())?;
+            meta.insert("seq", seq.to_be_bytes().as_slice())?;
+            id
+        };
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// End a lease; devices holding it are told on their next pull.
+    pub fn end_lease(&self, id: u64, reason: LeaseEndReason) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let mut leases = tx.open_table(LEASES)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut row: LeaseRow = leases
+                .get(id)?
+                .map(|v| dec(v.value(), "leases"))
+                .transpose()?
+                .ok_or_else(|| StateError::NotFound(format!("lease {id}")))?;
+            if row.ended.is_some() {
+                return Ok(());
+            }
+            let seq = read_seq(&meta)? + 1;
+            relog(&mut log, Some(row.seq), seq, LogKey::Lease(id))?;
+            row.seq = seq;
+            row.ended = Some(reason);
+            leases.insert(id, enc(&row).as_slice())?;
+            meta.insert("seq", seq.to_be_bytes().as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// End every lease whose `not_after` has passed (reason `AssignmentEnded`). Returns
+    /// how many ended.
+    pub fn expire_leases(&self, now: Timestamp) -> Result<usize, StateError> {
+        let due: Vec<u64> = self
+            .leases()?
+            .into_iter()
+            .filter(|r| r.ended.is_none() && r.lease.not_after <= now)
+            .map(|r| r.lease.id.0)
+            .collect();
+        for id in &due {
+            self.end_lease(*id, LeaseEndReason::AssignmentEnded)?;
+        }
+        Ok(due.len())
+    }
+
+    pub(crate) fn leases(&self) -> Result<Vec<LeaseRow>, StateError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(LEASES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            out.push(dec(v.value(), "leases")?);
+        }
+        Ok(out)
+    }
+
+    /// Leases as JSON for the admin API: id, name, label, target, window, patients
+    /// count, whether ended. No NHS numbers.
+    pub fn lease_summaries(&self) -> Result<Vec<serde_json::Value>, StateError> {
+        Ok(self
+            .leases()?
+            .into_iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.lease.id.0,
+                    "name": r.name,
+                    "label": r.lease.label.as_str(),
+                    "target": r.target,
+                    "not_before": r.lease.not_before.as_millis(),
+                    "not_after": r.lease.not_after.as_millis(),
+                    "patients": r.lease.patients.len(),
+                    "ended": r.ended.map(|e| format!("{e:?}")),
+                })
+            })
+            .collect())
+    }
+
+    /// Issue a one-time enrolment token, valid for `ttl_secs`. Only its hash is stored.
+    pub fn issue_token(
+        &self,
+        team: Option<String>,
+        now: Timestamp,
+        ttl_secs: u64,
+    ) -> Result<String, StateError> {
+        let mut raw = [0u8; 24];
+        getrandom::fill(&mut raw).map_err(|e| StateError::Database(format!("random: {e}")))?;
+        let token = hex::encode(raw);
+        let row = TokenRow {
+            team,
+            expires_at: now
+                .as_millis()
+                .saturating_add(ttl_secs.saturating_mul(1000)),
+            used_by: None,
+        };
+        let tx = self.db.begin_write()?;
+        tx.open_table(TOKENS)?
+            .insert(token_hash(&token).as_slice(), enc(&row).as_slice())?;
+        tx.commit()?;
+        Ok(token)
+    }
+
+    /// Consume a token and record the device in one transaction (SPEC §3.2): a second
+    /// use of the token is refused. `issue` builds the certificate once the token is
+    /// known good, given the new device id; its DER is fingerprinted and stored.
+    pub fn enrol<E>(
+        &self,
+        token: &str,
+        label: &str,
+        now: Timestamp,
+        issue: impl FnOnce(&str) -> Result<Vec<u8>, E>,
+    ) -> Result<Result<(String, Vec<u8>), E>, StateError> {
+        let tx = self.db.begin_write()?;
+        let out = {
+            let mut tokens = tx.open_table(TOKENS)?;
+            let mut devices = tx.open_table(DEVICES)?;
+            let mut certs = tx.open_table(CERTS)?;
+            let key = token_hash(token);
+            let mut row: TokenRow = tokens
+                .get(key.as_slice())?
+                .map(|v| dec(v.value(), "tokens"))
+                .transpose()?
+                .ok_or(StateError::TokenRejected)?;
+            if row.used_by.is_some() || row.expires_at <= now.as_millis() {
+                return Err(StateError::TokenRejected);
+            }
+            let mut raw = [0u8; 8];
+            getrandom::fill(&mut raw).map_err(|e| StateError::Database(format!("random: {e}")))?;
+            let device_id = format!("dev-{}", hex::encode(raw));
+            let der = match issue(&device_id) {
+                Ok(der) => der,
+                Err(e) => return Ok(Err(e)),
+            };
+            let fingerprint: [u8; 32] = Sha256::digest(&der).into();
+            let device = DeviceRow {
+                label: label.to_owned(),
+                team: row.team.clone(),
+                enrolled_at: now.as_millis(),
+                certificate_sha256: fingerprint,
+                revoked: false,
+            };
+            row.used_by = Some(device_id.clone());
+            tokens.insert(key.as_slice(), enc(&row).as_slice())?;
+            devices.insert(device_id.as_str(), enc(&device).as_slice())?;
+            certs.insert(fingerprint.as_slice(), device_id.as_str())?;
+            (device_id, der)
+        };
+        tx.commit()?;
+        Ok(Ok(out))
+    }
+
+    /// The device a client certificate was issued to.
+    pub fn device_by_certificate(
+        &self,
+        cert_der: &[u8],
+    ) -> Result<Option<(String, DeviceRow)>, StateError> {
+        let fingerprint: [u8; 32] = Sha256::digest(cert_der).into();
+        let tx = self.db.begin_read()?;
+        let Some(id) = tx
+            .open_table(CERTS)?
+            .get(fingerprint.as_slice())?
+            .map(|v| v.value().to_owned())
+        else {
+            return Ok(None);
+        };
+        let row = tx
+            .open_table(DEVICES)?
+            .get(id.as_str())?
+            .map(|v| dec::<DeviceRow>(v.value(), "devices"))
+            .transpose()?;
+        Ok(row.map(|r| (id, r)))
+    }
+
+    /// Every device, for the admin API.
+    pub fn devices(&self) -> Result<BTreeMap<String, DeviceRow>, StateError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DEVICES)?;
+        let mut out = BTreeMap::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.insert(k.value().to_owned(), dec(v.value(), "devices")?);
+        }
+        Ok(out)
+    }
+
+    /// Revoke a device: its certificate stops working for sync and it is told to wipe.
+    pub fn revoke_device(&self, id: &str) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut devices = tx.open_table(DEVICES)?;
+            let mut row: DeviceRow = devices
+                .get(id)?
+                .map(|v| dec(v.value(), "devices"))
+                .transpose()?
+                .ok_or_else(|| StateError::NotFound(format!("device {id}")))?;
+            row.revoked = true;
+            devices.insert(id, enc(&row).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A value kept for the source adapter (watermarks, seen versions).
+    pub fn source_value(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(SOURCE)?.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Set a source value.
+    pub fn set_source_value(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(SOURCE)?.insert(key, value)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Patients and objections held, for status (counts only).
+    pub fn counts(&self) -> Result<(u64, u64, u64), StateError> {
+        let tx = self.db.begin_read()?;
+        let p = tx.open_table(PATIENTS)?.len()?;
+        let o = tx.open_table(OBJECTIONS)?.len()?;
+        let l = tx.open_table(LEASES)?.len()?;
+        Ok((p, o, l))
+    }
+}
+
+/// True if two records hold the same content (versions aside).
+fn same_content(a: &PatientRecord, b: &PatientRecord) -> bool {
+    let mut b = b.clone();
+    b.version = a.version;
+    *a == b
+}
+
+fn set_objection(
+    objections: &mut redb::Table<u64, &[u8]>,
+    log: &mut redb::Table<u64, &[u8]>,
+    seq: &mut u64,
+    nhs: u64,
+    o: SourceObjection,
+) -> Result<bool, StateError> {
+    let old: Option<ObjectionRow> = match objections.get(nhs)? {
+        Some(v) => Some(dec(v.value(), "objections")?),
+        None => None,
+    };
+    let unchanged = match &old {
+        Some(row) => row.status == o.status && row.recorded_at == o.recorded_at,
+        // A withdrawal of an objection the hub never held changes nothing.
+        None => o.status == ObjectionStatus::Withdrawn,
+    };
+    if unchanged {
+        return Ok(false);
+    }
+    *seq += 1;
+    relog(log, old.map(|r| r.seq), *seq, LogKey::Objection(nhs))?;
+    let row = ObjectionRow {
+        seq: *seq,
+        status: o.status,
+        recorded_at: o.recorded_at,
+    };
+    objections.insert(nhs, enc(&row).as_slice())?;
+    Ok(true)
+}
+
+/// Move a key's log entry from `old` to `new`.
+fn relog(
+    log: &mut redb::Table<u64, &[u8]>,
+    old: Option<u64>,
+    new: u64,
+    key: LogKey,
+) -> Result<(), StateError> {
+    if let Some(old) = old {
+        log.remove(old)?;
+    }
+    log.insert(new, enc(&key).as_slice())?;
+    Ok(())
+}
+
+pub(crate) fn read_seq(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64, StateError> {
+    Ok(meta
+        .get("seq")?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+fn find_named(
+    leases: &redb::Table<u64, &[u8]>,
+    name: &str,
+) -> Result<Option<LeaseRow>, StateError> {
+    for item in leases.iter()? {
+        let (_, v) = item?;
+        let row: LeaseRow = dec(v.value(), "leases")?;
+        if row.name.as_deref() == Some(name) && row.ended.is_none() {
+            return Ok(Some(row));
+        }
+    }
+    Ok(None)
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Parse an NHS number given by an administrator.
+pub(crate) fn parse_nhs(s: &str) -> Result<NhsNumber, StateError> {
+    NhsNumber::parse(s)
+        .map_err(|_| StateError::Invalid("a lease names an invalid NHS number".into()))
+}

@@ -1,0 +1,425 @@
+//! The synthetic record as the upstream shared care record would export it: FHIR R4
+//! resources shaped after UK Core, written as Bulk Data NDJSON (one file per resource
+//! type, one resource per line).
+//!
+//! Conventions the hub's mapping relies on (documented in `tools/hub/README.md`):
+//! - item provenance: `meta.source` = `https://fhir.nhs.uk/Id/ods-organization-code|ODS`,
+//!   `meta.lastUpdated` = when it last changed; every resource carries `meta.versionId`;
+//! - Flag: `category[0]` has the flag-category coding and the alert category as text;
+//!   severity in the core `flag-priority` extension (PL, PM, PH); detail in `code.text`;
+//! - an allergy section the source cannot provide is a `List` (code 886921000000105) with
+//!   `emptyReason` `unavailable`; no resources of a kind means "none recorded";
+//! - an objection is a `Consent` (scope patient-privacy, provision deny, purpose TREAT),
+//!   `active` while it stands and `inactive` once withdrawn;
+//! - every resource is labelled `HTEST` (synthetic) in `meta.security`.
+#![allow(
+    clippy::indexing_slicing,
+    reason = "serde_json IndexMut with a str key inserts into objects built just above by json!; it cannot panic"
+)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use serde_json::{Value, json};
+use sync_protocol::record::{
+    Alert, AlertCategory, AlertSeverity, Allergy, AllergyCategory, AllergyStatus, ContactRole,
+    Course, Criticality, KeyContact, Medication, MedicationStatus, ReactionSeverity, Section, Sex,
+};
+use sync_protocol::types::{Coding, Date, Provenance, Timestamp};
+
+use crate::dataset::{SourcePatient, Withheld};
+
+/// NHS number identifier system.
+pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
+/// ODS organisation code identifier system.
+pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+const SNOMED: &str = "http://snomed.info/sct";
+const CONFIDENTIALITY: &str = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality";
+const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
+
+/// Every resource of one patient, grouped by resource type.
+pub fn resources(p: &SourcePatient) -> Vec<Value> {
+    let pid = p.fhir_id.as_str();
+    let r = &p.expected;
+    let mut out = vec![patient(p)];
+    out.extend(r.alerts.entries().iter().map(|a| flag(pid, a, None)));
+    out.extend(r.allergies.entries().iter().map(|a| allergy(pid, a, false)));
+    if matches!(r.allergies, Section::NotAvailable) {
+        out.push(unavailable_allergies(pid, p.last_updated));
+    }
+    out.extend(
+        r.medications
+            .entries()
+            .iter()
+            .map(|m| medication(pid, m, None)),
+    );
+    out.extend(
+        r.contacts
+            .entries()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| related_person(pid, i, c)),
+    );
+    for w in &p.withheld {
+        out.push(match w {
+            Withheld::CodedAlert(a) => flag(pid, a, None),
+            Withheld::LabelledMedication(m, label) => medication(pid, m, Some((ACT_CODE, label))),
+            Withheld::RestrictedMedication(m) => medication(pid, m, Some((CONFIDENTIALITY, "R"))),
+        });
+    }
+    if let Some(a) = &p.entered_in_error {
+        out.push(allergy(pid, a, true));
+    }
+    if let Some(o) = &p.objection {
+        out.push(consent(pid, o.recorded_at, o.withdrawn));
+    }
+    out
+}
+
+/// Write `patients` as Bulk Data NDJSON into `dir`: `Patient.ndjson`, `Flag.ndjson`, …
+/// Returns the number of resources written per type.
+pub fn write_ndjson(
+    patients: &[SourcePatient],
+    dir: &Path,
+) -> std::io::Result<BTreeMap<String, usize>> {
+    std::fs::create_dir_all(dir)?;
+    let mut files: BTreeMap<String, (BufWriter<File>, usize)> = BTreeMap::new();
+    for p in patients {
+        for r in resources(p) {
+            let kind = r["resourceType"].as_str().unwrap_or("Unknown").to_owned();
+            let entry = match files.entry(kind) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let f = File::create(dir.join(format!("{}.ndjson", e.key())))?;
+                    e.insert((BufWriter::new(f), 0))
+                }
+            };
+            serde_json::to_writer(&mut entry.0, &r)?;
+            entry.0.write_all(b"\n")?;
+            entry.1 += 1;
+        }
+    }
+    let mut counts = BTreeMap::new();
+    for (kind, (mut w, n)) in files {
+        w.flush()?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        counts.insert(kind, n);
+    }
+    Ok(counts)
+}
+
+/// RFC 3339 UTC instant with milliseconds.
+pub fn instant(t: Timestamp) -> String {
+    let nanos = i128::from(t.as_millis()) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+}
+
+fn meta(
+    profile: &str,
+    version: u64,
+    provenance: &Provenance,
+    extra_label: Option<(&str, &str)>,
+) -> Value {
+    let mut security = vec![json!({ "system": ACT_REASON, "code": "HTEST" })];
+    if let Some((system, code)) = extra_label {
+        security.push(json!({ "system": system, "code": code }));
+    }
+    json!({
+        "versionId": version.to_string(),
+        "lastUpdated": instant(provenance.last_updated),
+        "source": format!("{ODS_SYSTEM}|{}", provenance.organisation.as_str()),
+        "profile": [format!("https://fhir.hl7.org.uk/StructureDefinition/{profile}")],
+        "security": security,
+    })
+}
+
+fn concept(c: &Coding) -> Value {
+    json!({ "coding": [{ "system": SNOMED, "code": c.code.to_string(), "display": c.display.as_str() }] })
+}
+
+fn subject(pid: &str) -> Value {
+    json!({ "reference": format!("Patient/{pid}") })
+}
+
+fn patient(p: &SourcePatient) -> Value {
+    let r = &p.expected;
+    let d = &r.demographics;
+    let given: Vec<&str> = d.name.given.as_str().split_whitespace().collect();
+    let mut name = json!({ "use": "official", "family": d.name.family.as_str(), "given": given });
+    if let Some(prefix) = &d.name.prefix {
+        name["prefix"] = json!([prefix.as_str()]);
+    }
+    let mut security = vec![json!({ "system": ACT_REASON, "code": "HTEST" })];
+    if d.restricted {
+        security.push(json!({ "system": CONFIDENTIALITY, "code": "R" }));
+    }
+    let mut v = json!({
+        "resourceType": "Patient",
+        "id": p.fhir_id,
+        "meta": {
+            "versionId": "1",
+            "lastUpdated": instant(p.last_updated),
+            "profile": ["https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient"],
+            "security": security,
+        },
+        "identifier": [{ "system": NHS_NUMBER_SYSTEM, "value": r.nhs_number.digits() }],
+        "name": [name],
+        "gender": match d.sex { Sex::Male => "male", Sex::Female => "female", Sex::Other => "other", Sex::Unknown => "unknown" },
+        "birthDate": d.birth_date.to_string(),
+    });
+    if let Some(pc) = &d.postcode_district {
+        v["address"] = json!([{ "use": "home", "postalCode": pc.as_str() }]);
+    }
+    if let Some(gp) = &d.gp_practice {
+        v["generalPractitioner"] = json!([{ "type": "Organization", "identifier": { "system": ODS_SYSTEM, "value": gp.as_str() } }]);
+    }
+    v
+}
+
+/// The alert category as the text of `Flag.category`, and its flag-category code.
+pub fn alert_category(c: AlertCategory) -> (&'static str, &'static str) {
+    match c {
+        AlertCategory::CommunicationNeed => ("communication need", "contact"),
+        AlertCategory::ReasonableAdjustment => ("reasonable adjustment", "contact"),
+        AlertCategory::ClinicalWarning => ("clinical warning", "clinical"),
+        AlertCategory::TreatmentRestriction => ("treatment restriction", "advance-directive"),
+        AlertCategory::Safeguarding => ("safeguarding", "safety"),
+        AlertCategory::EndOfLife => ("end of life", "advance-directive"),
+        AlertCategory::Other => ("other", "admin"),
+    }
+}
+
+fn period(start: Option<Date>, end: Option<Date>) -> Option<Value> {
+    let mut p = serde_json::Map::new();
+    if let Some(s) = start {
+        p.insert("start".into(), json!(s.to_string()));
+    }
+    if let Some(e) = end {
+        p.insert("end".into(), json!(e.to_string()));
+    }
+    (!p.is_empty()).then_some(Value::Object(p))
+}
+
+fn flag(pid: &str, a: &Alert, label: Option<(&str, &str)>) -> Value {
+    let (text, code) = alert_category(a.category);
+    let priority = match a.severity {
+        AlertSeverity::Information => ("PL", "Low priority"),
+        AlertSeverity::Warning => ("PM", "Medium priority"),
+        AlertSeverity::HighRisk => ("PH", "High priority"),
+    };
+    let mut f = json!({
+        "resourceType": "Flag",
+        "id": a.source_id.as_str(),
+        "meta": meta("UKCore-Flag", 1, &a.provenance, label),
+        "extension": [{
+            "url": "http://hl7.org/fhir/StructureDefinition/flag-priority",
+            "valueCodeableConcept": { "coding": [{ "system": "http://hl7.org/fhir/flag-priority-code", "code": priority.0, "display": priority.1 }] }
+        }],
+        "status": "active",
+        "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/flag-category", "code": code }], "text": text }],
+        "code": concept(&a.code),
+        "subject": subject(pid),
+        "author": { "type": "Organization", "identifier": { "system": ODS_SYSTEM, "value": a.provenance.organisation.as_str() } },
+    });
+    if let Some(detail) = &a.detail {
+        f["code"]["text"] = json!(detail.as_str());
+    }
+    if let Some(p) = period(a.period.start, a.period.end) {
+        f["period"] = p;
+    }
+    f
+}
+
+fn allergy(pid: &str, a: &Allergy, entered_in_error: bool) -> Value {
+    let status = match a.status {
+        AllergyStatus::Active => "active",
+        AllergyStatus::Inactive => "inactive",
+        AllergyStatus::Resolved => "resolved",
+    };
+    let mut r = json!({
+        "resourceType": "AllergyIntolerance",
+        "id": a.source_id.as_str(),
+        "meta": meta("UKCore-AllergyIntolerance", 1, &a.provenance, None),
+        "verificationStatus": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": if entered_in_error { "entered-in-error" } else { "confirmed" } }] },
+        "code": concept(&a.substance),
+        "patient": subject(pid),
+    });
+    // R4 (ait-1/ait-2): no clinicalStatus when entered in error.
+    if !entered_in_error {
+        r["clinicalStatus"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": status }] });
+    }
+    if let Some(c) = a.category {
+        r["category"] = json!([match c {
+            AllergyCategory::Food => "food",
+            AllergyCategory::Medication => "medication",
+            AllergyCategory::Environment => "environment",
+            AllergyCategory::Biologic => "biologic",
+        }]);
+    }
+    if let Some(c) = a.criticality {
+        r["criticality"] = json!(match c {
+            Criticality::Low => "low",
+            Criticality::High => "high",
+            Criticality::UnableToAssess => "unable-to-assess",
+        });
+    }
+    if let Some(onset) = a.onset {
+        r["onsetDateTime"] = json!(onset.to_string());
+    }
+    if let Some(note) = &a.note {
+        r["note"] = json!([{ "text": note.as_str() }]);
+    }
+    let reactions: Vec<Value> = a
+        .reactions
+        .iter()
+        .map(|x| {
+            let manifestation = x.manifestation.as_ref().map_or_else(
+                || json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor", "code": "NI" }] }),
+                concept,
+            );
+            let mut v = json!({ "manifestation": [manifestation] });
+            if let Some(s) = x.severity {
+                v["severity"] = json!(match s {
+                    ReactionSeverity::Mild => "mild",
+                    ReactionSeverity::Moderate => "moderate",
+                    ReactionSeverity::Severe => "severe",
+                });
+            }
+            if let Some(d) = &x.description {
+                v["description"] = json!(d.as_str());
+            }
+            v
+        })
+        .collect();
+    if !reactions.is_empty() {
+        r["reaction"] = Value::Array(reactions);
+    }
+    r
+}
+
+fn unavailable_allergies(pid: &str, at: Timestamp) -> Value {
+    json!({
+        "resourceType": "List",
+        "id": format!("{pid}-allergies"),
+        "meta": { "versionId": "1", "lastUpdated": instant(at), "security": [{ "system": ACT_REASON, "code": "HTEST" }] },
+        "status": "current",
+        "mode": "snapshot",
+        "code": { "coding": [{ "system": SNOMED, "code": "886921000000105", "display": "Allergies and adverse reactions" }] },
+        "subject": subject(pid),
+        "emptyReason": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "unavailable" }] },
+        "note": [{ "text": "Information not available." }],
+    })
+}
+
+fn medication(pid: &str, m: &Medication, label: Option<(&str, &str)>) -> Value {
+    let status = match m.status {
+        MedicationStatus::Active => "active",
+        MedicationStatus::Completed => "completed",
+        MedicationStatus::Stopped => "stopped",
+        MedicationStatus::OnHold => "on-hold",
+        MedicationStatus::Intended => "intended",
+        MedicationStatus::Unknown => "unknown",
+    };
+    let mut r = json!({
+        "resourceType": "MedicationStatement",
+        "id": m.source_id.as_str(),
+        "meta": meta("UKCore-MedicationStatement", 1, &m.provenance, label),
+        "status": status,
+        "medicationCodeableConcept": concept(&m.medicine),
+        "subject": subject(pid),
+        "informationSource": { "type": "Organization", "identifier": { "system": ODS_SYSTEM, "value": m.provenance.organisation.as_str() } },
+    });
+    if let Some(dose) = &m.dose_text {
+        r["dosage"] = json!([{ "text": dose.as_str() }]);
+    }
+    if let Some(start) = m.started {
+        r["effectivePeriod"] = json!({ "start": start.to_string() });
+    }
+    let mut extension = Vec::new();
+    if let Some(last) = m.last_issued {
+        extension.push(json!({
+            "url": "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-MedicationStatementLastIssueDate",
+            "valueDateTime": last.to_string()
+        }));
+    }
+    extension.push(json!({
+        "url": "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-MedicationPrescribingOrganizationType",
+        "valueCoding": {
+            "system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-MedicationPrescribingOrganizationType",
+            "code": if m.prescribed_elsewhere { "prescribed-by-another-organisation" } else { "prescribed-at-gp-practice" }
+        }
+    }));
+    r["extension"] = Value::Array(extension);
+    if let Some(course) = m.course {
+        let (code, text) = match course {
+            Course::Acute => ("acute", "acute"),
+            Course::Repeat => ("continuous", "repeat"),
+            Course::RepeatDispensing => ("continuous-repeating-dispensing", "repeat dispensing"),
+        };
+        r["category"] = json!({ "coding": [{ "system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-MedicationRequestCourseOfTherapy", "code": code }], "text": text });
+    }
+    r
+}
+
+/// The relationship coding of a key contact's role.
+pub fn contact_role(role: ContactRole) -> (&'static str, &'static str) {
+    match role {
+        ContactRole::NextOfKin => ("http://terminology.hl7.org/CodeSystem/v3-RoleCode", "NOK"),
+        ContactRole::PowerOfAttorney => (
+            "http://terminology.hl7.org/CodeSystem/v3-RoleCode",
+            "POWATT",
+        ),
+        ContactRole::Carer => ("http://terminology.hl7.org/CodeSystem/v2-0131", "C"),
+        ContactRole::KeyWorker => ("http://terminology.hl7.org/CodeSystem/v2-0131", "CP"),
+        ContactRole::Other => ("http://terminology.hl7.org/CodeSystem/v2-0131", "O"),
+    }
+}
+
+fn related_person(pid: &str, i: usize, c: &KeyContact) -> Value {
+    let (system, code) = contact_role(c.role);
+    let mut relationship = json!({ "coding": [{ "system": system, "code": code }] });
+    if let Some(rel) = &c.relationship {
+        relationship["text"] = json!(rel.as_str());
+    }
+    let mut r = json!({
+        "resourceType": "RelatedPerson",
+        "id": format!("{pid}-rp{i}"),
+        "meta": meta("UKCore-RelatedPerson", 1, &c.provenance, None),
+        "active": true,
+        "patient": subject(pid),
+        "relationship": [relationship],
+        "name": [{ "text": c.name.as_str() }],
+    });
+    if let Some(phone) = &c.phone {
+        r["telecom"] = json!([{ "system": "phone", "value": phone.as_str() }]);
+    }
+    r
+}
+
+fn consent(pid: &str, recorded_at: Timestamp, withdrawn: bool) -> Value {
+    json!({
+        "resourceType": "Consent",
+        "id": format!("{pid}-objection"),
+        "meta": { "versionId": if withdrawn { "2" } else { "1" }, "lastUpdated": instant(recorded_at), "security": [{ "system": ACT_REASON, "code": "HTEST" }] },
+        "status": if withdrawn { "inactive" } else { "active" },
+        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+        "category": [{ "coding": [{ "system": ACT_CODE, "code": "INFA" }] }],
+        "patient": subject(pid),
+        "dateTime": instant(recorded_at),
+        "policyRule": { "coding": [{ "system": ACT_CODE, "code": "OPTOUT" }] },
+        "provision": {
+            "type": "deny",
+            "period": { "start": instant(recorded_at) },
+            "purpose": [{ "system": ACT_REASON, "code": "TREAT" }],
+        },
+    })
+}
