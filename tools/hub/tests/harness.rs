@@ -1,0 +1,439 @@
+//! A real hub on loopback TLS with a development CA and synthetic NDJSON, and a test
+//! device that speaks the sync protocol over HTTPS with its enrolled certificate.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use carecache_hub::config::Limits;
+use carecache_hub::pki::{DeviceCa, dev_ca, make_csr, pem_certs};
+use carecache_hub::server::{FRAME_CONTENT_TYPE, Hub, serve, tls_config};
+use carecache_hub::sharing::SharingRules;
+use carecache_hub::source::ingest_ndjson;
+use carecache_hub::state::HubState;
+use carecache_synth::{Generator, SourcePatient};
+use sync_protocol::message::{Batch, EnrolRequest, Hello, Message, MessageKind, Pull};
+use sync_protocol::types::{Bytes, Capabilities, Cursor, EnrolmentToken, Text, Timestamp};
+use sync_protocol::{Compression, decode_with_limit, encode};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// Hub time in tests: 2026-11-24T08:00:00Z, moved by `TestHub::set_time`.
+pub const T0: u64 = 1_795_507_200_000;
+
+pub struct TestHub {
+    pub addr: SocketAddr,
+    pub hub: Arc<Hub>,
+    pub dir: tempfile::TempDir,
+    pub ca_pem: String,
+    pub patients: Vec<SourcePatient>,
+    pub clock: Arc<AtomicU64>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestHub {
+    /// A hub over `n` synthetic patients (seed 11), serving on 127.0.0.1:0.
+    pub fn start(n: usize) -> Self {
+        Self::start_with(n, Limits::default())
+    }
+
+    pub fn start_with(n: usize, limits: Limits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let patients = Generator::new(11).source_patients(n);
+        let ndjson = dir.path().join("ndjson");
+        carecache_synth::fhir::write_ndjson(&patients, &ndjson).unwrap();
+        let files = dev_ca(
+            &dir.path().join("pki"),
+            &["localhost".into(), "127.0.0.1".into()],
+        )
+        .unwrap();
+        let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+        let rules = SharingRules::default_rules().unwrap();
+        ingest_ndjson(&state, &rules, &ndjson).unwrap();
+        let ca = DeviceCa::load(&files.ca_cert, &files.ca_key, 30).unwrap();
+        let ca_pem = std::fs::read_to_string(&files.ca_cert).unwrap();
+        let clock = Arc::new(AtomicU64::new(T0));
+        let c2 = clock.clone();
+        let hub = Arc::new(
+            Hub::new(state, ca, ADMIN_TOKEN, &limits).with_clock(Arc::new(move || {
+                Timestamp::from_millis(c2.load(Ordering::SeqCst)).unwrap()
+            })),
+        );
+        let tls = {
+            use rustls::pki_types::pem::PemObject;
+            let chain = pem_certs(&std::fs::read_to_string(&files.hub_cert).unwrap());
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.hub_key).unwrap();
+            tls_config(&pem_certs(&ca_pem), chain, key).unwrap()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let h2 = hub.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                serve(h2, listener, tls, Duration::from_secs(2), async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            addr,
+            hub,
+            dir,
+            ca_pem,
+            patients,
+            clock,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+
+    pub fn set_time(&self, ms: u64) {
+        self.clock.store(ms, Ordering::SeqCst);
+    }
+
+    pub fn ndjson_dir(&self) -> PathBuf {
+        self.dir.path().join("ndjson")
+    }
+
+    /// An HTTPS agent that trusts only the dev CA, with an optional client identity.
+    pub fn agent(&self, identity: Option<(&[u8], &str)>) -> ureq::Agent {
+        let ca = ureq::tls::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
+        let mut tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])));
+        if let Some((der, key_pem)) = identity {
+            let cert = ureq::tls::Certificate::from_der(der).to_owned();
+            let key = ureq::tls::PrivateKey::from_pem(key_pem.as_bytes()).unwrap();
+            tls = tls.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&[cert], key)));
+        }
+        ureq::Agent::config_builder()
+            .tls_config(tls.build())
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into()
+    }
+
+    /// Admin API call; returns status and JSON body.
+    pub fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        self.admin_as(method, path, body, ADMIN_TOKEN)
+    }
+
+    pub fn admin_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: &str,
+    ) -> (u16, serde_json::Value) {
+        let agent = self.agent(None);
+        let url = self.url(path);
+        let auth = format!("Bearer {token}");
+        let mut resp = match (method, body) {
+            ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
+            ("PUT", Some(b)) => agent
+                .put(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(b.to_string()),
+            (_, b) => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(b.unwrap_or(serde_json::json!({})).to_string()),
+        }
+        .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// A one-time enrolment token.
+    pub fn token(&self, team: Option<&str>) -> String {
+        let (status, body) = self.admin(
+            "POST",
+            "/admin/v1/enrolment-tokens",
+            Some(serde_json::json!({ "team": team })),
+        );
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Enrol a device with a fresh token.
+    pub fn enrol(&self, team: Option<&str>) -> TestDevice {
+        let token = self.token(team);
+        TestDevice::enrol(self, &token).unwrap()
+    }
+
+    /// Grant a lease; returns its id.
+    pub fn grant(&self, spec: serde_json::Value) -> u64 {
+        let (status, body) = self.admin("POST", "/admin/v1/leases", Some(spec));
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_u64().unwrap()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A lease spec for the admin API.
+pub fn lease_json(device: &str, patients: &[String]) -> serde_json::Value {
+    serde_json::json!({
+        "label": "Test caseload",
+        "target": { "device": device },
+        "view": "clinical",
+        "not_before": "2026-11-24T00:00:00Z",
+        "not_after": "2026-11-25T00:00:00Z",
+        "max_offline_secs": 43200,
+        "emergency_access": true,
+        "patients": patients,
+    })
+}
+
+pub struct TestDevice {
+    pub id: String,
+    pub agent: ureq::Agent,
+    pub base: String,
+    pub cert_der: Vec<u8>,
+    pub key_pem: String,
+}
+
+/// A protocol answer: HTTP status and the decoded frame.
+pub type Answer = (u16, Message);
+
+impl TestDevice {
+    pub fn enrol(hub: &TestHub, token: &str) -> Result<Self, Answer> {
+        let (key_pem, csr) = make_csr("test device").unwrap();
+        let req = Message::EnrolRequest(EnrolRequest {
+            token: EnrolmentToken::new(token).unwrap(),
+            csr_der: Bytes::try_from(csr).unwrap(),
+            device_label: Text::new("Ambulance 7").unwrap(),
+        });
+        let anon = hub.agent(None);
+        let (status, msg) = post(
+            &anon,
+            &hub.url("/ccsp/v1/enrol"),
+            &req,
+            MessageKind::EnrolResponse.max_payload(),
+        );
+        let Message::EnrolResponse(r) = msg else {
+            return Err((status, msg));
+        };
+        let cert_der = r.certificate_der.as_slice().to_vec();
+        let agent = hub.agent(Some((&cert_der, &key_pem)));
+        Ok(Self {
+            id: r.device_id.as_str().to_owned(),
+            agent,
+            base: hub.url(""),
+            cert_der,
+            key_pem,
+        })
+    }
+
+    pub fn send(&self, path: &str, msg: &Message) -> Answer {
+        post(
+            &self.agent,
+            &format!("{}{path}", self.base),
+            msg,
+            MessageKind::Batch.max_payload(),
+        )
+    }
+
+    pub fn hello(&self) -> Answer {
+        self.send(
+            "/ccsp/v1/hello",
+            &Message::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                capabilities: Capabilities(1),
+                device_time: Timestamp::from_millis(T0).unwrap(),
+                software: Text::new("carecache-test").unwrap(),
+            }),
+        )
+    }
+
+    pub fn pull(&self, cursor: Option<&Cursor>, max_bytes: u32) -> Answer {
+        self.send(
+            "/ccsp/v1/pull",
+            &Message::Pull(Pull {
+                cursor: cursor.cloned(),
+                max_bytes,
+            }),
+        )
+    }
+
+    /// Pull until `more` is false; the batches in order.
+    pub fn pull_all(&self, cursor: Option<&Cursor>, max_bytes: u32) -> Vec<Batch> {
+        let mut out = Vec::new();
+        let mut cursor = cursor.cloned();
+        for _ in 0..100_000 {
+            let (status, msg) = self.pull(cursor.as_ref(), max_bytes);
+            let Message::Batch(b) = msg else {
+                panic!("pull answered {status} {msg:?}");
+            };
+            cursor = Some(b.next_cursor.clone());
+            let more = b.more;
+            out.push(b);
+            if !more {
+                return out;
+            }
+        }
+        panic!("pull never finished");
+    }
+}
+
+/// POST one frame; decode the answer (any status) as a frame.
+pub fn post(agent: &ureq::Agent, url: &str, msg: &Message, limit: u32) -> Answer {
+    let body = encode(msg, Compression::Zstd).unwrap();
+    post_raw(agent, url, FRAME_CONTENT_TYPE, &body, limit)
+}
+
+pub fn post_raw(
+    agent: &ureq::Agent,
+    url: &str,
+    content_type: &str,
+    body: &[u8],
+    limit: u32,
+) -> Answer {
+    let mut resp = agent
+        .post(url)
+        .header("Content-Type", content_type)
+        .send(body)
+        .unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(ct, FRAME_CONTENT_TYPE, "status {status}");
+    let bytes = resp
+        .body_mut()
+        .with_config()
+        .limit(u64::from(limit) + 16)
+        .read_to_vec()
+        .unwrap();
+    (status, decode_with_limit(&bytes, limit).unwrap())
+}
+
+/// What a device holds after applying batches in order (a model of the device store).
+#[derive(Default, Debug)]
+pub struct Model {
+    pub leases: std::collections::BTreeMap<u64, sync_protocol::message::Lease>,
+    pub records: std::collections::BTreeMap<u64, sync_protocol::record::PatientRecord>,
+    pub objected: std::collections::BTreeSet<u64>,
+}
+
+impl Model {
+    pub fn apply(&mut self, b: &Batch) {
+        use sync_protocol::message::{LeaseChange, ObjectionStatus};
+        for o in &b.objections {
+            let n = o.nhs_number.as_u64();
+            if o.status == ObjectionStatus::Objected {
+                self.objected.insert(n);
+                self.records.remove(&n);
+            } else {
+                self.objected.remove(&n);
+            }
+        }
+        for l in &b.leases {
+            match l {
+                LeaseChange::Granted(l) | LeaseChange::Changed(l) => {
+                    self.leases.insert(l.id.0, l.clone());
+                }
+                LeaseChange::Revoked { id, .. } => {
+                    self.leases.remove(&id.0);
+                }
+            }
+        }
+        let covered: std::collections::BTreeSet<u64> = self
+            .leases
+            .values()
+            .flat_map(|l| l.patients.iter().map(|p| p.as_u64()))
+            .collect();
+        self.records.retain(|n, _| covered.contains(n));
+        for r in &b.upserts {
+            let n = r.nhs_number.as_u64();
+            assert!(covered.contains(&n), "upsert outside the device's leases");
+            assert!(!self.objected.contains(&n), "upsert of an objected patient");
+            self.records.insert(n, r.clone());
+        }
+        for r in &b.removals {
+            self.records.remove(&r.nhs_number.as_u64());
+        }
+    }
+
+    pub fn digest(&self) -> sync_protocol::message::AllowedSetDigest {
+        sync_protocol::digest::allowed_set_digest(
+            self.records.values().map(|r| (r.nhs_number, r.version)),
+        )
+    }
+}
+
+pub fn nhs_strings(patients: &[&SourcePatient]) -> Vec<String> {
+    patients.iter().map(|p| p.nhs_number().digits()).collect()
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
+
+/// Serialises tests that poke process-wide things.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Run the FHIR validator script on NDJSON files: (passed, output).
+pub fn validate(files: &[PathBuf]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../synth/scripts/validate_fhir.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(files)
+        .output()
+        .expect("python3 is needed for the FHIR validator (.ci/run installs fhir.resources)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("ModuleNotFoundError"),
+        "fhir.resources is not installed: pip install 'fhir.resources>=8' ({text})"
+    );
+    (out.status.success(), text)
+}

@@ -1,0 +1,233 @@
+//! FHIR in: the synthetic record, written as NDJSON by the generator and read back by
+//! the hub, reaches a device exactly as the sharing rules say.
+
+use std::collections::BTreeMap;
+
+use carecache_hub::sharing::SharingRules;
+use carecache_hub::source::ingest_ndjson;
+use carecache_hub::state::HubState;
+use carecache_synth::{SENSITIVE_CODES, Withheld};
+use sync_protocol::record::{PatientRecord, Section};
+use sync_protocol::types::RecordVersion;
+
+use crate::harness::{Model, TestHub, lease_json};
+
+fn sorted(mut r: PatientRecord) -> PatientRecord {
+    fn sort_by<T: Clone, const N: usize>(s: &mut Section<T, N>, key: impl Fn(&T) -> String) {
+        if let Section::Entries(items) = s {
+            let mut v = items.to_vec();
+            v.sort_by_key(|i| key(i));
+            *s = Section::from_items(v).unwrap();
+        }
+    }
+    sort_by(&mut r.alerts, |a| a.source_id.as_str().to_owned());
+    sort_by(&mut r.allergies, |a| a.source_id.as_str().to_owned());
+    sort_by(&mut r.medications, |m| m.source_id.as_str().to_owned());
+    sort_by(&mut r.contacts, |c| c.name.as_str().to_owned());
+    r.version = RecordVersion(0);
+    r
+}
+
+/// Every patient without a standing objection arrives exactly as generated: items,
+/// sections ("none recorded" vs "not available"), withheld counts; objected patients
+/// never arrive; entered-in-error items never travel.
+#[test]
+fn synthetic_record_round_trips_through_fhir_to_the_device() {
+    let hub = TestHub::start(600);
+    let device = hub.enrol(None);
+    let all: Vec<String> = hub
+        .patients
+        .iter()
+        .map(|p| p.nhs_number().digits())
+        .collect();
+    hub.grant(lease_json(&device.id, &all));
+    let mut model = Model::default();
+    for b in device.pull_all(None, 16 * 1024 * 1024) {
+        model.apply(&b);
+    }
+    let mut expected = BTreeMap::new();
+    let mut objected = 0;
+    for p in &hub.patients {
+        if p.shareable() {
+            expected.insert(p.nhs_number().as_u64(), sorted(p.expected.clone()));
+        } else {
+            objected += 1;
+            assert!(!model.records.contains_key(&p.nhs_number().as_u64()));
+        }
+    }
+    assert!(objected > 0, "the dataset has objections");
+    assert!(hub.patients.iter().any(|p| p.entered_in_error.is_some()));
+    assert!(hub.patients.iter().any(|p| !p.withheld.is_empty()));
+    assert!(
+        hub.patients
+            .iter()
+            .any(|p| matches!(p.expected.allergies, Section::NotAvailable))
+    );
+    assert_eq!(model.records.len(), expected.len());
+    for (n, want) in &expected {
+        let got = sorted(model.records[n].clone());
+        assert!(
+            got == *want,
+            "patient #{} differs after the FHIR round trip",
+            n % 1000
+        );
+    }
+}
+
+/// Nothing withheld reaches the device: no sensitive code, no labelled item's id.
+#[test]
+fn sensitive_items_never_travel_only_their_count() {
+    let hub = TestHub::start(500);
+    let device = hub.enrol(None);
+    let all: Vec<String> = hub
+        .patients
+        .iter()
+        .map(|p| p.nhs_number().digits())
+        .collect();
+    hub.grant(lease_json(&device.id, &all));
+    let mut model = Model::default();
+    for b in device.pull_all(None, 16 * 1024 * 1024) {
+        model.apply(&b);
+    }
+    let rules = SharingRules::default_rules().unwrap();
+    for (code, _) in SENSITIVE_CODES {
+        assert!(
+            rules.lists(*code),
+            "synth code {code} missing from the hub's list"
+        );
+    }
+    let mut withheld_ids = Vec::new();
+    let mut with_withheld = 0;
+    for p in hub.patients.iter().filter(|p| p.shareable()) {
+        let got = &model.records[&p.nhs_number().as_u64()];
+        assert_eq!(usize::from(got.withheld), p.withheld.len());
+        with_withheld += usize::from(!p.withheld.is_empty());
+        for w in &p.withheld {
+            withheld_ids.push(match w {
+                Withheld::CodedAlert(a) => a.source_id.as_str().to_owned(),
+                Withheld::LabelledMedication(m, _) | Withheld::RestrictedMedication(m) => {
+                    m.source_id.as_str().to_owned()
+                }
+            });
+        }
+        if let Some(e) = &p.entered_in_error {
+            withheld_ids.push(e.source_id.as_str().to_owned());
+        }
+    }
+    assert!(with_withheld > 5);
+    for r in model.records.values() {
+        for a in r.alerts.entries() {
+            assert!(!rules.lists(a.code.code.as_u64()));
+            assert!(!withheld_ids.contains(&a.source_id.as_str().to_owned()));
+        }
+        for m in r.medications.entries() {
+            assert!(!withheld_ids.contains(&m.source_id.as_str().to_owned()));
+        }
+        for a in r.allergies.entries() {
+            assert!(!withheld_ids.contains(&a.source_id.as_str().to_owned()));
+        }
+    }
+}
+
+/// A resource the mapping cannot read is reported and skipped whole; its section is
+/// "not available" rather than silently shorter; a bad Patient skips that patient.
+#[test]
+fn unreadable_resources_are_reported_and_skipped_whole() {
+    let hub = TestHub::start(40);
+    let dir = hub.ndjson_dir();
+    // A patient whose allergy has an invalid clinicalStatus and a Flag with a code
+    // failing its check digit, plus garbage lines and a Patient with a bad NHS number.
+    let victim = hub
+        .patients
+        .iter()
+        .find(|p| p.shareable() && !p.expected.allergies.entries().is_empty())
+        .unwrap();
+    let mut allergies = std::fs::read_to_string(dir.join("AllergyIntolerance.ndjson")).unwrap();
+    let line = allergies
+        .lines()
+        .find(|l| l.contains(&format!("\"Patient/{}\"", victim.fhir_id)))
+        .unwrap()
+        .to_owned();
+    allergies = allergies.replace(
+        &line,
+        &line
+            .replace("\"code\":\"active\"", "\"code\":\"sometimes\"")
+            .replace("\"code\":\"resolved\"", "\"code\":\"sometimes\""),
+    );
+    allergies.push_str("{not json\n[1,2]\n");
+    std::fs::write(dir.join("AllergyIntolerance.ndjson"), allergies).unwrap();
+    let mut patients = std::fs::read_to_string(dir.join("Patient.ndjson")).unwrap();
+    patients.push_str(
+        &patients
+            .lines()
+            .next()
+            .unwrap()
+            .replace("\"value\":\"999", "\"value\":\"123")
+            .replace("\"id\":\"pat-0-", "\"id\":\"pat-bad-"),
+    );
+    patients.push('\n');
+    std::fs::write(dir.join("Patient.ndjson"), patients).unwrap();
+
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = HubState::open(&state_dir.path().join("hub.redb")).unwrap();
+    let summary = ingest_ndjson(&state, &SharingRules::default_rules().unwrap(), &dir).unwrap();
+    let issues = summary.issues.join("\n");
+    assert!(issues.contains("clinicalStatus"), "{issues}");
+    assert!(issues.contains("not a JSON object"), "{issues}");
+    assert!(issues.contains("Modulus 11"), "{issues}");
+    // Reports carry no patient data.
+    for p in &hub.patients {
+        assert!(!issues.contains(&p.nhs_number().digits()));
+        assert!(!issues.contains(p.expected.demographics.name.family.as_str()));
+    }
+    assert_eq!(
+        summary.patients, 40,
+        "the bad Patient is skipped, the others mapped"
+    );
+    assert_eq!(summary.stored.added, 40);
+}
+
+/// The generator's NDJSON is valid FHIR R4, checked by `fhir.resources` (installed by
+/// `.ci/run`); so is a broken file reported as invalid.
+#[test]
+fn generator_output_passes_a_real_fhir_validator() {
+    let dir = tempfile::tempdir().unwrap();
+    let patients = carecache_synth::Generator::new(5).source_patients(300);
+    let counts = carecache_synth::fhir::write_ndjson(&patients, dir.path()).unwrap();
+    for kind in [
+        "Patient",
+        "Flag",
+        "AllergyIntolerance",
+        "MedicationStatement",
+        "RelatedPerson",
+        "Consent",
+        "List",
+    ] {
+        assert!(
+            counts.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind} written"
+        );
+    }
+    let files: Vec<_> = counts
+        .keys()
+        .map(|k| dir.path().join(format!("{k}.ndjson")))
+        .collect();
+    let out = crate::harness::validate(&files);
+    assert!(out.0, "validator: {}", out.1);
+    assert!(out.1.contains("0 invalid"), "{}", out.1);
+
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let first = std::fs::read_to_string(dir.path().join("Flag.ndjson")).unwrap();
+    let line = first.lines().next().unwrap().replace(
+        "\"status\":\"active\"",
+        "\"status\":\"active\",\"colour\":\"red\"",
+    );
+    std::fs::write(bad.join("Flag.ndjson"), format!("{line}\n")).unwrap();
+    let out = crate::harness::validate(&[bad.join("Flag.ndjson")]);
+    assert!(
+        !out.0,
+        "a Flag with an unknown element must fail: {}",
+        out.1
+    );
+}
