@@ -13,7 +13,7 @@
 //! - [`export`]: audit as FHIR AuditEvent (IHE BALP).
 //! - [`pki`]: the device CA (enrolment) and `dev-ca`.
 //! - [`server`]: HTTPS, mutual TLS, protocol routes and the admin API.
-//! - [`config`]: `hub.toml`.
+//! - [`config`] reads `hub.toml`.
 #![forbid(unsafe_code)]
 
 pub mod audit;

@@ -293,10 +293,10 @@ impl HubState {
                     relog(&mut log, old.map(|o| o.seq), seq, LogKey::Patient(nhs))?;
                     patients.insert(nhs, enc(&row).as_slice())?;
                 }
-                if let Some(o) = m.objection {
-                    if set_objection(&mut objections, &mut log, &mut seq, nhs, o)? {
-                        report.objections += 1;
-                    }
+                if let Some(o) = m.objection
+                    && set_objection(&mut objections, &mut log, &mut seq, nhs, o)?
+                {
+                    report.objections += 1;
                 }
             }
             if full_snapshot {

@@ -14,7 +14,7 @@ fn record(i: u64, hub: &TestHub) -> AuditRecord {
         at: Timestamp::from_millis(T0 + i * 1000).unwrap(),
         user: StaffId::new("P1234").unwrap(),
         client: Text::new("epcr").unwrap(),
-        purpose: if i % 7 == 0 {
+        purpose: if i.is_multiple_of(7) {
             Purpose::EmergencyTreat {
                 reason: Text::new("unconscious, no lease").unwrap(),
             }
@@ -25,7 +25,7 @@ fn record(i: u64, hub: &TestHub) -> AuditRecord {
         patient: Some(hub.patients[(i as usize) % hub.patients.len()].nhs_number()),
         lease: None,
         view: None,
-        outcome: if i % 5 == 0 {
+        outcome: if i.is_multiple_of(5) {
             AuditOutcome::Denied(DenyReason::NotOnCaseload)
         } else {
             AuditOutcome::Served

@@ -6,6 +6,7 @@
     clippy::indexing_slicing,
     clippy::print_stdout,
     clippy::cast_possible_truncation,
+    clippy::result_large_err,
     unreachable_pub,
     missing_debug_implementations,
     dead_code,
