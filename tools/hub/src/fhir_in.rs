@@ -71,22 +71,33 @@ pub struct Mapped {
 pub struct PatientResources {
     /// The Patient resource.
     pub patient: Option<Value>,
-    /// Flag, AllergyIntolerance, MedicationStatement, RelatedPerson, List, Consent.
-    pub items: Vec<Value>,
+    /// Flag, AllergyIntolerance, MedicationStatement, RelatedPerson, List, Consent,
+    /// already mapped.
+    pub items: Vec<Item>,
 }
 
 /// Group resources by the patient they belong to: the Patient's own id, or the id in
 /// `subject` / `patient` (`Patient/{id}`). Resources of other types, or that name no
 /// patient, are reported.
-#[derive(Default, Debug)]
-pub struct Collector {
+#[derive(Debug)]
+pub struct Collector<'a> {
     /// Resources per patient FHIR id.
     pub patients: BTreeMap<String, PatientResources>,
     /// What could not be placed.
     pub issues: Vec<MappingIssue>,
+    rules: &'a SharingRules,
 }
 
-impl Collector {
+impl<'a> Collector<'a> {
+    /// An empty collector applying `rules`.
+    pub fn new(rules: &'a SharingRules) -> Self {
+        Self {
+            patients: BTreeMap::new(),
+            issues: Vec::new(),
+            rules,
+        }
+    }
+
     /// Add one resource.
     pub fn add(&mut self, resource: Value) {
         let kind = str_at(&resource, &["resourceType"])
@@ -113,8 +124,12 @@ impl Collector {
                     .or_else(|| str_at(&resource, &["patient", "reference"]));
                 match reference.and_then(|r| r.strip_prefix("Patient/")) {
                     Some(pid) if !pid.is_empty() => {
-                        let pid = pid.to_owned();
-                        self.patients.entry(pid).or_default().items.push(resource);
+                        let item = classify(&resource, self.rules);
+                        self.patients
+                            .entry(pid.to_owned())
+                            .or_default()
+                            .items
+                            .push(item);
                     }
                     _ => self.issues.push(issue("no Patient reference")),
                 }
@@ -124,12 +139,67 @@ impl Collector {
     }
 }
 
+/// One non-Patient resource, mapped as soon as it is read so that the source's JSON is
+/// not kept in memory while the rest of the export is read.
+#[derive(Clone, Debug)]
+pub enum Item {
+    /// A Flag.
+    Alert(Result<Option<Alert>, MappingIssue>),
+    /// An AllergyIntolerance.
+    Allergy(Result<Option<Allergy>, MappingIssue>),
+    /// A MedicationStatement.
+    Medication(Result<Option<Medication>, MappingIssue>),
+    /// A RelatedPerson.
+    Contact(Result<Option<KeyContact>, MappingIssue>),
+    /// The source says it cannot provide allergies.
+    AllergiesUnavailable,
+    /// A Consent (an objection, or one that does not restrict sharing).
+    Objection(Result<Option<SourceObjection>, MappingIssue>),
+    /// Withheld by the sharing rules: only counted.
+    Withheld,
+    /// Read but not used (e.g. another kind of List).
+    Ignored,
+}
+
+/// Map one item resource, applying the sharing rules first.
+pub fn classify(item: &Value, rules: &SharingRules) -> Item {
+    let kind = str_at(item, &["resourceType"]).unwrap_or("");
+    let id = str_at(item, &["id"]).unwrap_or("");
+    let issue = |reason| MappingIssue {
+        resource_type: kind.to_owned(),
+        id: id.to_owned(),
+        reason,
+    };
+    if matches!(kind, "Flag" | "AllergyIntolerance" | "MedicationStatement")
+        && !entered_in_error(item)
+        && rules.withholds(item)
+    {
+        return Item::Withheld;
+    }
+    match kind {
+        "Flag" => Item::Alert(flag(item).map_err(issue)),
+        "AllergyIntolerance" => Item::Allergy(allergy(item).map_err(issue)),
+        "MedicationStatement" => Item::Medication(medication(item).map_err(issue)),
+        "RelatedPerson" => Item::Contact(related_person(item).map_err(issue)),
+        "List" => {
+            if coding_code(item.get("code"), SNOMED) == Some(ALLERGY_LIST_CODE)
+                && item.get("emptyReason").is_some()
+            {
+                Item::AllergiesUnavailable
+            } else {
+                Item::Ignored
+            }
+        }
+        "Consent" => Item::Objection(consent(item).map_err(issue)),
+        _ => Item::Ignored,
+    }
+}
+
 /// Map one patient. `Err` when the Patient itself cannot be read (the whole patient is
 /// skipped); item problems are pushed to `issues` and the rest is mapped.
 pub fn map_patient(
     fhir_id: &str,
     resources: &PatientResources,
-    rules: &SharingRules,
     issues: &mut Vec<MappingIssue>,
 ) -> Result<Mapped, MappingIssue> {
     let patient_issue = |reason| MappingIssue {
@@ -152,42 +222,20 @@ pub fn map_patient(
     let mut withheld: u16 = 0;
 
     for item in &resources.items {
-        let kind = str_at(item, &["resourceType"]).unwrap_or("");
-        let id = str_at(item, &["id"]).unwrap_or("");
-        let issue = |reason| MappingIssue {
-            resource_type: kind.to_owned(),
-            id: id.to_owned(),
-            reason,
-        };
-        if matches!(kind, "Flag" | "AllergyIntolerance" | "MedicationStatement")
-            && !entered_in_error(item)
-            && rules.withholds(item)
-        {
-            withheld = withheld.saturating_add(1);
-            continue;
-        }
-        match kind {
-            "Flag" => alerts.push(flag(item), issue, issues),
-            "AllergyIntolerance" => allergies.push(allergy(item), issue, issues),
-            "MedicationStatement" => medications.push(medication(item), issue, issues),
-            "RelatedPerson" => contacts.push(related_person(item), issue, issues),
-            "List" => {
-                if coding_code(item.get("code"), SNOMED) == Some(ALLERGY_LIST_CODE)
-                    && item.get("emptyReason").is_some()
-                {
-                    allergies_unavailable = true;
+        match item.clone() {
+            Item::Alert(r) => alerts.push(r, issues),
+            Item::Allergy(r) => allergies.push(r, issues),
+            Item::Medication(r) => medications.push(r, issues),
+            Item::Contact(r) => contacts.push(r, issues),
+            Item::AllergiesUnavailable => allergies_unavailable = true,
+            Item::Objection(Ok(Some(o))) => {
+                if objection.is_none_or(|prev| prev.recorded_at <= o.recorded_at) {
+                    objection = Some(o);
                 }
             }
-            "Consent" => match consent(item) {
-                Ok(Some(o)) => {
-                    if objection.is_none_or(|prev| prev.recorded_at <= o.recorded_at) {
-                        objection = Some(o);
-                    }
-                }
-                Ok(None) => {}
-                Err(reason) => issues.push(issue(reason)),
-            },
-            _ => issues.push(issue("resource type not used")),
+            Item::Objection(Ok(None)) | Item::Ignored => {}
+            Item::Objection(Err(issue)) => issues.push(issue),
+            Item::Withheld => withheld = withheld.saturating_add(1),
         }
     }
 
@@ -221,17 +269,12 @@ impl<T> Default for SectionBuilder<T> {
 }
 
 impl<T: HasSourceId> SectionBuilder<T> {
-    fn push(
-        &mut self,
-        mapped: Result<Option<T>, &'static str>,
-        issue: impl Fn(&'static str) -> MappingIssue,
-        issues: &mut Vec<MappingIssue>,
-    ) {
+    fn push(&mut self, mapped: Result<Option<T>, MappingIssue>, issues: &mut Vec<MappingIssue>) {
         match mapped {
             Ok(Some(item)) => self.items.push((item.source_id().to_owned(), item)),
             Ok(None) => {}
-            Err(reason) => {
-                issues.push(issue(reason));
+            Err(issue) => {
+                issues.push(issue);
                 self.broken = true;
             }
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::fhir_in::{Collector, MappingIssue, PatientResources, instant, map_patient, str_at};
+use crate::fhir_in::{Collector, MappingIssue, instant, map_patient, str_at};
 use crate::sharing::SharingRules;
 use crate::state::{HubState, IngestReport, StateError};
 
@@ -72,7 +72,7 @@ fn map_and_store(
     let mut issues = collector.issues;
     let mut mapped = Vec::with_capacity(collector.patients.len());
     for (fhir_id, res) in &collector.patients {
-        match map_patient(fhir_id, res, rules, &mut issues) {
+        match map_patient(fhir_id, res, &mut issues) {
             Ok(m) => mapped.push((fhir_id.clone(), m)),
             Err(issue) => issues.push(issue),
         }
@@ -126,7 +126,7 @@ pub fn ingest_ndjson(
         .filter(|p| p.extension().is_some_and(|e| e == "ndjson"))
         .collect();
     files.sort();
-    let mut collector = Collector::default();
+    let mut collector = Collector::new(rules);
     let mut resources = 0u64;
     for path in files {
         let kind = path
@@ -297,20 +297,24 @@ impl FhirRest {
                 versions.push((key, version));
             }
         }
-        let mut collector = Collector::default();
+        let mut collector = Collector::new(rules);
         let mut resources = 0u64;
         for pid in &affected {
             let patient = self.get(&format!("{}/Patient/{pid}", self.base))?;
-            let mut res = PatientResources {
-                patient: Some(patient),
-                items: Vec::new(),
-            };
+            collector.add(patient);
+            resources += 1;
             for kind in RESOURCE_TYPES.iter().skip(1) {
-                res.items
-                    .extend(self.search(&format!("{kind}?patient=Patient/{pid}"))?);
+                for r in self.search(&format!("{kind}?patient=Patient/{pid}"))? {
+                    // Only resources that really name this patient.
+                    let names = str_at(&r, &["subject", "reference"])
+                        .or_else(|| str_at(&r, &["patient", "reference"]))
+                        == Some(format!("Patient/{pid}").as_str());
+                    if names {
+                        collector.add(r);
+                        resources += 1;
+                    }
+                }
             }
-            resources += 1 + res.items.len() as u64;
-            collector.patients.insert(pid.clone(), res);
         }
         let summary = map_and_store(state, rules, collector, false, resources)?;
         for (key, version) in versions {
