@@ -199,7 +199,7 @@ pub fn classify(item: &Value, rules: &SharingRules) -> Item {
 /// skipped); item problems are pushed to `issues` and the rest is mapped.
 pub fn map_patient(
     fhir_id: &str,
-    resources: &PatientResources,
+    resources: PatientResources,
     issues: &mut Vec<MappingIssue>,
 ) -> Result<Mapped, MappingIssue> {
     let patient_issue = |reason| MappingIssue {
@@ -209,9 +209,8 @@ pub fn map_patient(
     };
     let patient = resources
         .patient
-        .as_ref()
         .ok_or_else(|| patient_issue("resources for a Patient the source did not send"))?;
-    let (nhs_number, demographics) = demographics(patient).map_err(patient_issue)?;
+    let (nhs_number, demographics) = demographics(&patient).map_err(patient_issue)?;
 
     let mut alerts = SectionBuilder::default();
     let mut allergies = SectionBuilder::default();
@@ -221,8 +220,8 @@ pub fn map_patient(
     let mut objection: Option<SourceObjection> = None;
     let mut withheld: u16 = 0;
 
-    for item in &resources.items {
-        match item.clone() {
+    for item in resources.items {
+        match item {
             Item::Alert(r) => alerts.push(r, issues),
             Item::Allergy(r) => allergies.push(r, issues),
             Item::Medication(r) => medications.push(r, issues),

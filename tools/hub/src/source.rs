@@ -71,9 +71,9 @@ fn map_and_store(
 ) -> Result<IngestSummary, SourceError> {
     let mut issues = collector.issues;
     let mut mapped = Vec::with_capacity(collector.patients.len());
-    for (fhir_id, res) in &collector.patients {
-        match map_patient(fhir_id, res, &mut issues) {
-            Ok(m) => mapped.push((fhir_id.clone(), m)),
+    for (fhir_id, res) in collector.patients {
+        match map_patient(&fhir_id, res, &mut issues) {
+            Ok(m) => mapped.push((fhir_id, m)),
             Err(issue) => issues.push(issue),
         }
     }
@@ -317,10 +317,13 @@ impl FhirRest {
             }
         }
         let summary = map_and_store(state, rules, collector, false, resources)?;
-        for (key, version) in versions {
-            state.set_source_value(&key, version.as_bytes())?;
-        }
-        state.set_source_value("fhir.watermark", &newest.to_be_bytes())?;
+        // One transaction for every seen version and the new watermark.
+        let mut values: Vec<(String, Vec<u8>)> = versions
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes()))
+            .collect();
+        values.push(("fhir.watermark".to_owned(), newest.to_be_bytes().to_vec()));
+        state.set_source_values(&values)?;
         Ok(summary)
     }
 }

@@ -601,8 +601,18 @@ impl HubState {
 
     /// Set a source value.
     pub fn set_source_value(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
+        self.set_source_values(&[(key.to_owned(), value.to_vec())])
+    }
+
+    /// Set several source values in one transaction.
+    pub fn set_source_values(&self, values: &[(String, Vec<u8>)]) -> Result<(), StateError> {
         let tx = self.db.begin_write()?;
-        tx.open_table(SOURCE)?.insert(key, value)?;
+        {
+            let mut t = tx.open_table(SOURCE)?;
+            for (k, v) in values {
+                t.insert(k.as_str(), v.as_slice())?;
+            }
+        }
         tx.commit()?;
         Ok(())
     }

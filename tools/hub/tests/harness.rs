@@ -99,6 +99,14 @@ impl TestHub {
         }
     }
 
+    /// Every synthetic patient's NHS number, as the admin API takes them.
+    pub fn all_nhs(&self) -> Vec<String> {
+        self.patients
+            .iter()
+            .map(|p| p.nhs_number().digits())
+            .collect()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.addr.port())
     }
@@ -405,14 +413,6 @@ impl Model {
             self.records.values().map(|r| (r.nhs_number, r.version)),
         )
     }
-}
-
-pub fn nhs_strings(patients: &[&SourcePatient]) -> Vec<String> {
-    patients.iter().map(|p| p.nhs_number().digits()).collect()
-}
-
-pub fn path_exists(p: &Path) -> bool {
-    p.exists()
 }
 
 /// Serialises tests that poke process-wide things.

@@ -35,11 +35,7 @@ fn sorted(mut r: PatientRecord) -> PatientRecord {
 fn synthetic_record_round_trips_through_fhir_to_the_device() {
     let hub = TestHub::start(600);
     let device = hub.enrol(None);
-    let all: Vec<String> = hub
-        .patients
-        .iter()
-        .map(|p| p.nhs_number().digits())
-        .collect();
+    let all = hub.all_nhs();
     hub.grant(lease_json(&device.id, &all));
     let mut model = Model::default();
     for b in device.pull_all(None, 16 * 1024 * 1024) {
@@ -79,11 +75,7 @@ fn synthetic_record_round_trips_through_fhir_to_the_device() {
 fn sensitive_items_never_travel_only_their_count() {
     let hub = TestHub::start(500);
     let device = hub.enrol(None);
-    let all: Vec<String> = hub
-        .patients
-        .iter()
-        .map(|p| p.nhs_number().digits())
-        .collect();
+    let all = hub.all_nhs();
     hub.grant(lease_json(&device.id, &all));
     let mut model = Model::default();
     for b in device.pull_all(None, 16 * 1024 * 1024) {

@@ -57,11 +57,7 @@ fn enrolment_token_is_single_use_and_identifies_the_device() {
 fn pull_until_done_within_budget_and_resumable() {
     let hub = TestHub::start(1200);
     let device = hub.enrol(None);
-    let all: Vec<String> = hub
-        .patients
-        .iter()
-        .map(|p| p.nhs_number().digits())
-        .collect();
+    let all = hub.all_nhs();
     hub.grant(lease_json(&device.id, &all));
     let batches = device.pull_all(None, MIN_BUDGET);
     assert!(batches.len() >= 3, "only {} batches", batches.len());
@@ -138,11 +134,7 @@ fn objection_comes_first_and_withdrawal_restores() {
     let device = hub.enrol(None);
     let victim = hub.patients.iter().find(|p| p.shareable()).unwrap();
     let n = victim.nhs_number().as_u64();
-    let all: Vec<String> = hub
-        .patients
-        .iter()
-        .map(|p| p.nhs_number().digits())
-        .collect();
+    let all = hub.all_nhs();
     hub.grant(lease_json(&device.id, &all));
     let mut model = Model::default();
     let first = device.pull_all(None, MIN_BUDGET);
@@ -219,11 +211,7 @@ fn lease_extension_shrink_revocation_and_device_revocation() {
     let hub = TestHub::start(60);
     let device = hub.enrol(None);
     let other = hub.enrol(None);
-    let all: Vec<String> = hub
-        .patients
-        .iter()
-        .map(|p| p.nhs_number().digits())
-        .collect();
+    let all = hub.all_nhs();
     let id = hub.grant(lease_json(&device.id, &all));
     let mut model = Model::default();
     let first = device.pull_all(None, MIN_BUDGET);
@@ -293,11 +281,7 @@ fn team_leases_reach_team_devices_only() {
     let a = hub.enrol(Some("district-nurses-west"));
     let b = hub.enrol(Some("district-nurses-west"));
     let c = hub.enrol(Some("ambulance-east"));
-    let all: Vec<String> = hub
-        .patients
-        .iter()
-        .map(|p| p.nhs_number().digits())
-        .collect();
+    let all = hub.all_nhs();
     let mut spec = lease_json("unused", &all);
     spec["target"] = serde_json::json!({ "team": "district-nurses-west" });
     spec["users"] = serde_json::json!(["N1234", "N5678"]);
@@ -362,11 +346,7 @@ fn cursors_from_elsewhere_or_the_future_are_refused() {
 fn deletion_upstream_removes_from_devices() {
     let hub = TestHub::start(30);
     let device = hub.enrol(None);
-    let all: Vec<String> = hub
-        .patients
-        .iter()
-        .map(|p| p.nhs_number().digits())
-        .collect();
+    let all = hub.all_nhs();
     hub.grant(lease_json(&device.id, &all));
     let first = device.pull_all(None, MIN_BUDGET);
     let gone = hub.patients.iter().find(|p| p.shareable()).unwrap();
