@@ -6,6 +6,7 @@
 //! - [`record`]: a patient's alerts, allergies, medications and contacts.
 //! - [`message`]: enrol, hello/welcome, pull/batch, push-audit/ack, error.
 //! - [`audit`]: audit records and their hash chain.
+//! - [`sensitive`]: the sharing agreement's sensitive code list (hub and device).
 //! - [`digest`]: the allowed-set digest a device reconciles against.
 //! - [`codec`]: framing, limits, compression, canonical decoding.
 //!
@@ -21,6 +22,7 @@ pub mod error;
 pub mod message;
 pub mod nhs;
 pub mod record;
+pub mod sensitive;
 pub mod types;
 
 pub use codec::{Compression, FrameHeader, decode, decode_with_limit, encode};

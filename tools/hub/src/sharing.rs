@@ -7,12 +7,12 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde_json::Value;
-use sync_protocol::types::SctId;
+use sync_protocol::sensitive::CodeList;
 
 use crate::fhir_in::{security_codes, snomed_codes};
 
-/// The code list shipped with the hub (data, reviewed by the clinical safety officer).
-pub const DEFAULT_CODE_LIST: &str = include_str!("../data/sensitive-codes.csv");
+/// The code list shipped with carecache (shared with the device, which re-checks it).
+pub const DEFAULT_CODE_LIST: &str = sync_protocol::sensitive::DEFAULT_CODE_LIST;
 
 /// Sensitivity labels (v3 ActCode) withheld by default.
 pub const DEFAULT_DENY_LABELS: &[&str] = &["SEX", "STD", "HIV", "SDV", "PREGNANT", "ETH", "PSY"];
@@ -44,58 +44,19 @@ pub enum SharingError {
 /// What the hub withholds.
 #[derive(Clone, Debug)]
 pub struct SharingRules {
-    version: String,
-    codes: BTreeSet<u64>,
+    list: CodeList,
     deny_labels: BTreeSet<String>,
 }
 
 impl SharingRules {
     /// Rules from a code list (CSV text, `# version: …` header) and sensitivity labels.
     pub fn new(code_list: &str, deny_labels: &[String]) -> Result<Self, SharingError> {
-        let mut version = None;
-        let mut codes = BTreeSet::new();
-        let mut header_seen = false;
-        for (i, line) in code_list.lines().enumerate() {
-            let line_no = i + 1;
-            let err = |reason| SharingError::CodeList {
-                line: line_no,
-                reason,
-            };
-            let line = line.trim();
-            if let Some(comment) = line.strip_prefix('#') {
-                if let Some(v) = comment.trim().strip_prefix("version:") {
-                    version = Some(v.trim().to_owned());
-                }
-                continue;
-            }
-            if line.is_empty() {
-                continue;
-            }
-            if !header_seen {
-                if !line.starts_with("code,") {
-                    return Err(err("expected the header line `code,area,term,status`"));
-                }
-                header_seen = true;
-                continue;
-            }
-            let code = line.split(',').next().unwrap_or("");
-            let code: u64 = code.parse().map_err(|_| err("code is not a number"))?;
-            SctId::new(code).map_err(|_| err("code fails the SNOMED CT check digit"))?;
-            codes.insert(code);
-        }
-        let version = version.ok_or(SharingError::CodeList {
-            line: 1,
-            reason: "no `# version:` line",
+        let list = CodeList::parse(code_list).map_err(|e| SharingError::CodeList {
+            line: e.line,
+            reason: e.reason,
         })?;
-        if codes.is_empty() {
-            return Err(SharingError::CodeList {
-                line: 1,
-                reason: "no codes",
-            });
-        }
         Ok(Self {
-            version,
-            codes,
+            list,
             deny_labels: deny_labels.iter().cloned().collect(),
         })
     }
@@ -120,12 +81,12 @@ impl SharingRules {
 
     /// The code list's version (recorded with every ingest).
     pub fn version(&self) -> &str {
-        &self.version
+        self.list.version()
     }
 
     /// Whether the list holds `code`.
     pub fn lists(&self, code: u64) -> bool {
-        self.codes.contains(&code)
+        self.list.contains(code)
     }
 
     /// True if an item must be withheld: confidentiality `R` or `V`, a denied
@@ -137,7 +98,7 @@ impl SharingRules {
             || security_codes(item, ACT_CODE)
                 .iter()
                 .any(|c| self.deny_labels.contains(*c))
-            || snomed_codes(item).iter().any(|c| self.codes.contains(c))
+            || snomed_codes(item).iter().any(|c| self.list.contains(*c))
     }
 }
 

@@ -1,0 +1,159 @@
+//! The sensitive code list of the sharing agreement: items coded with any of these
+//! SNOMED CT / dm+d concepts never reach a device. The hub withholds them at ingest; the
+//! device refuses any batch that carries one (defence in depth, DESIGN.md invariant 5).
+//! Both sides read the same data file, `data/sensitive-codes.csv`.
+
+use std::collections::BTreeSet;
+
+use crate::record::PatientRecord;
+use crate::types::SctId;
+
+/// The code list shipped with carecache (data, reviewed by the clinical safety officer).
+pub const DEFAULT_CODE_LIST: &str = include_str!("../data/sensitive-codes.csv");
+
+/// A code list that cannot be used (the operator's file is at fault).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("sensitive code list, line {line}: {reason}")]
+pub struct CodeListError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+/// A parsed, versioned code list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodeList {
+    version: String,
+    codes: BTreeSet<u64>,
+}
+
+impl CodeList {
+    /// Parses CSV text: `#` comment lines (one of them `# version: …`), then the header
+    /// `code,area,term,status`, then one concept per line. Every code must pass the SNOMED
+    /// CT check digit; the list must have a version and at least one code.
+    pub fn parse(text: &str) -> Result<Self, CodeListError> {
+        let mut version = None;
+        let mut codes = BTreeSet::new();
+        let mut header_seen = false;
+        for (i, line) in text.lines().enumerate() {
+            let err = |reason| CodeListError {
+                line: i + 1,
+                reason,
+            };
+            let line = line.trim();
+            if let Some(comment) = line.strip_prefix('#') {
+                if let Some(v) = comment.trim().strip_prefix("version:") {
+                    version = Some(v.trim().to_owned());
+                }
+                continue;
+            }
+            if line.is_empty() {
+                continue;
+            }
+            if !header_seen {
+                if !line.starts_with("code,") {
+                    return Err(err("expected the header line `code,area,term,status`"));
+                }
+                header_seen = true;
+                continue;
+            }
+            let code = line.split(',').next().unwrap_or("");
+            let code: u64 = code.parse().map_err(|_| err("code is not a number"))?;
+            SctId::new(code).map_err(|_| err("code fails the SNOMED CT check digit"))?;
+            codes.insert(code);
+        }
+        let version = version.ok_or(CodeListError {
+            line: 1,
+            reason: "no `# version:` line",
+        })?;
+        if codes.is_empty() {
+            return Err(CodeListError {
+                line: 1,
+                reason: "no codes",
+            });
+        }
+        Ok(Self { version, codes })
+    }
+
+    /// The shipped list.
+    pub fn shipped() -> Self {
+        // The shipped file is checked by this crate's tests; an empty list would be a
+        // build defect, so fall back to refusing nothing only if that test is bypassed.
+        Self::parse(DEFAULT_CODE_LIST).unwrap_or(Self {
+            version: String::from("invalid"),
+            codes: BTreeSet::new(),
+        })
+    }
+
+    /// The list's version line.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Whether the list holds `code`.
+    pub fn contains(&self, code: u64) -> bool {
+        self.codes.contains(&code)
+    }
+
+    /// How many items of `record` carry a listed code (alert codes, allergy substances
+    /// and reaction manifestations, medicines). A device refuses a batch where this is
+    /// not zero.
+    pub fn listed_items(&self, record: &PatientRecord) -> usize {
+        let listed = |c: SctId| self.contains(c.as_u64());
+        let alerts = record
+            .alerts
+            .entries()
+            .iter()
+            .filter(|a| listed(a.code.code))
+            .count();
+        let allergies = record
+            .allergies
+            .entries()
+            .iter()
+            .filter(|a| {
+                listed(a.substance.code)
+                    || a.reactions
+                        .iter()
+                        .any(|r| r.manifestation.as_ref().is_some_and(|m| listed(m.code)))
+            })
+            .count();
+        let medications = record
+            .medications
+            .entries()
+            .iter()
+            .filter(|m| listed(m.medicine.code))
+            .count();
+        alerts + allergies + medications
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_list_loads_and_is_versioned() {
+        let list = CodeList::parse(DEFAULT_CODE_LIST);
+        assert!(
+            list.as_ref()
+                .is_ok_and(|l| !l.version().is_empty() && l.contains(86_406_008)),
+            "{list:?}"
+        );
+    }
+
+    #[test]
+    fn bad_lists_name_the_line() {
+        for (text, line) in [
+            ("# version: 1\ncode,area\n123,x\n", 3),
+            ("# version: 1\ncode,area\nabc,x\n", 3),
+            ("code,area\n86406008,hiv\n", 1),
+            ("# version: 1\n86406008,hiv\n", 2),
+        ] {
+            match CodeList::parse(text) {
+                Err(CodeListError { line: l, .. }) => assert_eq!(l, line, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+}
