@@ -197,7 +197,7 @@ pub fn key_source(key: &KeyArgs, env: &str) -> anyhow::Result<KeySource> {
     })
 }
 
-fn passphrase(env: &str, prompt: &str) -> anyhow::Result<Passphrase> {
+pub(crate) fn passphrase(env: &str, prompt: &str) -> anyhow::Result<Passphrase> {
     if let Ok(p) = std::env::var(env) {
         return Ok(Passphrase::new(p));
     }

@@ -82,7 +82,7 @@ fn concept(c: &Coding) -> Value {
     })
 }
 
-fn instant(t: Timestamp) -> String {
+pub(crate) fn instant(t: Timestamp) -> String {
     let secs = t.as_millis() / 1000;
     let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX);
     let rem = secs % 86_400;

@@ -14,7 +14,14 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod clock;
+pub mod config;
 pub mod crypto;
+pub mod daemon;
+pub mod device;
 pub mod fhir;
 pub mod keysource;
+pub mod policy;
 pub mod store;
+pub mod sync;
+pub mod transport;

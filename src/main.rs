@@ -1,9 +1,11 @@
 //! The `carecache` command. `main` only maps `run` to an exit code.
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use carecache::cli::{self, DataDirArgs, KdfArgs, KeyArgs, NewKeyArgs};
+use carecache::daemon;
 use clap::Parser;
 
 /// Offline-first, encrypted, view-only cache of patients' alerts, allergies and
@@ -42,6 +44,32 @@ enum Command {
         #[command(flatten)]
         kdf: KdfArgs,
     },
+    /// Enrol this device with the hub using a one-time token from its administrator.
+    Enrol {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The enrolment token (or $CARECACHE_ENROL_TOKEN).
+        #[arg(long, env = "CARECACHE_ENROL_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Run one sync round now (progress on a terminal).
+    Sync {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show leases and time left, last sync and its error, trusted time, audit backlog.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the daemon: the policy tick and the sync loop, until SIGINT or SIGTERM.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Destroy the keys, then the data, of a data directory.
     Wipe {
         #[command(flatten)]
@@ -52,7 +80,26 @@ enum Command {
     },
 }
 
+/// The configuration file.
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// Path of carecache.toml.
+    #[arg(
+        long,
+        env = "CARECACHE_CONFIG",
+        default_value = "/etc/carecache/carecache.toml"
+    )]
+    config: PathBuf,
+}
+
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CARECACHE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -77,5 +124,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init { dir, key, kdf } => cli::init(&dir, &key, &kdf),
         Command::Rekey { dir, key, new, kdf } => cli::rekey(&dir, &key, &new, &kdf),
         Command::Wipe { dir, yes } => cli::wipe(&dir, yes),
+        Command::Enrol { config, token } => daemon::enrol(&config.config, &token),
+        Command::Sync { config } => daemon::sync(&config.config),
+        Command::Status { config, json } => daemon::status(&config.config, json),
+        Command::Serve { config } => daemon::serve(&config.config),
     }
 }

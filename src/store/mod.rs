@@ -25,7 +25,7 @@ use sync_protocol::NhsNumber;
 use sync_protocol::audit::AuditEntry;
 use sync_protocol::message::{Batch, Lease, LeaseChange, ObjectionChange, ObjectionStatus};
 use sync_protocol::record::PatientRecord;
-use sync_protocol::types::{Cursor, LeaseId, Timestamp};
+use sync_protocol::types::{Cursor, LeaseId, RecordVersion, Timestamp};
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, MasterKey, RootKey, RowKey, Secret32, Subkeys};
@@ -263,6 +263,17 @@ impl Store {
     /// the patients), then lease changes (purging patients no lease covers any more), then
     /// upserts, then removals. On any error nothing is applied.
     pub fn apply_batch(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        self.apply_batch_with(batch, &Extras::default())
+    }
+
+    /// [`Self::apply_batch`], plus in the same transaction: after the batch, purge every
+    /// held patient not in `extras.keep_only` (reconciliation after a full resync), and
+    /// write the device-state values in `extras`.
+    pub fn apply_batch_with(
+        &self,
+        batch: &Batch,
+        extras: &Extras,
+    ) -> Result<ApplyReport, StoreError> {
         self.write(|w| {
             let mut report = ApplyReport::default();
             for o in batch.objections.iter() {
@@ -297,8 +308,12 @@ impl Store {
             for removal in batch.removals.iter() {
                 report.purged += usize::from(w.purge_patient(&removal.nhs_number)?);
             }
+            if let Some(keep) = &extras.keep_only {
+                report.purged += w.purge_all_but(keep)?;
+            }
             w.put_state(tables::CURSOR, &batch.next_cursor)?;
             w.put_state(tables::HUB_TIME, &batch.hub_time)?;
+            w.put_extras(extras)?;
             Ok(report)
         })
     }
@@ -322,7 +337,14 @@ impl Store {
     /// Ends a lease: its row and key are destroyed, and so is every patient no other lease
     /// covers. Returns how many patients were purged.
     pub fn purge_lease(&self, id: LeaseId) -> Result<usize, StoreError> {
+        self.purge_lease_with(id, &Extras::default())
+    }
+
+    /// [`Self::purge_lease`], writing the device-state values in `extras` in the same
+    /// transaction (`keep_only` is ignored).
+    pub fn purge_lease_with(&self, id: LeaseId, extras: &Extras) -> Result<usize, StoreError> {
         self.write(|w| {
+            w.put_extras(extras)?;
             let patients = w.remove_lease(id)?;
             let covered = w.covered()?;
             let mut n = 0;
@@ -331,6 +353,45 @@ impl Store {
             }
             Ok(n)
         })
+    }
+
+    /// Writes device-state values (sealed under the state key) in one durable commit.
+    pub fn put_device_state(&self, extras: &Extras) -> Result<(), StoreError> {
+        self.write(|w| w.put_extras(extras))
+    }
+
+    /// A device-state value written with [`Extras::set`], if any.
+    pub fn device_state<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        self.get_state(&device_key(key))
+    }
+
+    /// Every held patient and the version of its record: what the allowed-set digest is
+    /// computed over. Decrypts each record but decodes only its first two fields.
+    pub fn held_versions(&self) -> Result<Vec<(NhsNumber, RecordVersion)>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            nhs_number: NhsNumber,
+            version: RecordVersion,
+        }
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::PATIENTS)?;
+        let mut out = Vec::with_capacity(
+            usize::try_from(table.len().map_err(|e| StoreError::db("read", e))?).unwrap_or(0),
+        );
+        for item in table.iter().map_err(|e| StoreError::db("read", e))? {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            let row = RowKey(k.value());
+            let (slot, sealed) = tables::split_slot(v.value())?;
+            let key = self.data_key(slot, Scope::Patient(row))?;
+            let plain = tables::unseal(&key, Table::Patients, &row.0, sealed)?;
+            let (head, _) = postcard::take_from_bytes::<Head>(&plain)
+                .map_err(|_| StoreError::Damaged(Table::Patients.name()))?;
+            out.push((head.nhs_number, head.version));
+        }
+        Ok(out)
     }
 
     /// One patient's record, if held.
@@ -727,6 +788,14 @@ impl Store {
         Ok(outcome)
     }
 
+    /// Drops every cached data key (after a remote wipe, nothing may be read again).
+    pub fn forget_keys_all(&self) {
+        if let Ok(mut cache) = self.data_keys.write() {
+            cache.clear();
+        }
+        self.committed();
+    }
+
     fn forget_keys(&self, slots: &[u32]) -> Result<(), StoreError> {
         let mut cache = self.data_keys.write().map_err(|_| StoreError::Poisoned)?;
         for s in slots {
@@ -804,6 +873,41 @@ impl<'a> Writer<'a> {
         };
         self.destroyed.push(slot);
         Ok(true)
+    }
+
+    /// Purges every held patient not in `keep`; returns how many.
+    fn purge_all_but(&mut self, keep: &HashSet<NhsNumber>) -> Result<usize, StoreError> {
+        let index = &self.store.keys.index;
+        let keep: HashSet<[u8; 16]> = keep.iter().map(|n| RowKey::of(index, n).0).collect();
+        let mut doomed = Vec::new();
+        for item in self
+            .patients
+            .iter()
+            .map_err(|e| StoreError::db("read", e))?
+        {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            if !keep.contains(&k.value()) {
+                doomed.push((k.value(), tables::split_slot(v.value())?.0));
+            }
+        }
+        for (row, slot) in &doomed {
+            self.patients
+                .remove(*row)
+                .map_err(|e| StoreError::db("purge", e))?;
+            self.destroyed.push(*slot);
+        }
+        Ok(doomed.len())
+    }
+
+    fn put_extras(&mut self, extras: &Extras) -> Result<(), StoreError> {
+        for (key, value) in &extras.state {
+            let name = device_key(key);
+            let sealed = tables::seal(&self.store.keys.state, Table::Meta, name.as_bytes(), value)?;
+            self.meta
+                .insert(name.as_str(), sealed.as_slice())
+                .map_err(|e| StoreError::db("write", e))?;
+        }
+        Ok(())
     }
 
     fn objection(&mut self, o: &ObjectionChange) -> Result<(), StoreError> {
@@ -956,6 +1060,42 @@ fn slot_owners(db: &Database) -> Result<Vec<(u32, Scope)>, StoreError> {
         out.push((tables::split_slot(v.value())?.0, Scope::Lease(k.value())));
     }
     Ok(out)
+}
+
+/// Work done in the same transaction as a batch or a purge: device-state values to write
+/// and, after a full resync, the set of patients to keep.
+#[derive(Default)]
+pub struct Extras {
+    /// Purge every held patient not in this set.
+    pub keep_only: Option<HashSet<NhsNumber>>,
+    state: Vec<(&'static str, Zeroizing<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for Extras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extras")
+            .field("keep_only", &self.keep_only.as_ref().map(HashSet::len))
+            .field(
+                "state",
+                &self.state.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Extras {
+    /// Writes device-state `key` = `value` (postcard, sealed under the state key).
+    pub fn set<T: Serialize>(&mut self, key: &'static str, value: &T) -> Result<(), StoreError> {
+        let bytes = encode(value)?;
+        self.state.retain(|(k, _)| *k != key);
+        self.state.push((key, bytes));
+        Ok(())
+    }
+}
+
+/// Device-state keys live in their own namespace of the meta table.
+fn device_key(key: &str) -> String {
+    format!("device.{key}")
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, StoreError> {

@@ -1,0 +1,404 @@
+//! The daemon's configuration (`carecache.toml`): read, checked and turned into one
+//! validated [`Config`] in a single step. Every key has a default except the hub's
+//! address and CA.
+//!
+//! ```toml
+//! data_dir = "/var/lib/carecache"
+//!
+//! [key]
+//! source = "key_file"            # key_file | credential | passphrase
+//! path = "/etc/carecache/root.key"
+//!
+//! [hub]
+//! url = "https://hub.example:8443"
+//! ca_file = "/etc/carecache/hub-ca.pem"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sync_protocol::message::Pull;
+use sync_protocol::sensitive::CodeList;
+
+use crate::keysource::{KeySource, Passphrase};
+
+/// A configuration that cannot be used (the operator's file is at fault).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What the parser said (names the key and line).
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// The key at fault.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    data_dir: Option<PathBuf>,
+    key: RawKey,
+    hub: RawHub,
+    #[serde(default)]
+    sync: RawSync,
+    #[serde(default)]
+    device: RawDevice,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    source: String,
+    path: Option<PathBuf>,
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHub {
+    url: String,
+    ca_file: PathBuf,
+    #[serde(default = "defaults::connect_timeout")]
+    connect_timeout_secs: u64,
+    #[serde(default = "defaults::read_timeout")]
+    read_timeout_secs: u64,
+    #[serde(default = "defaults::max_batch_bytes")]
+    max_batch_bytes: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    #[serde(default = "defaults::interval")]
+    interval_secs: u64,
+    #[serde(default = "defaults::tick")]
+    tick_secs: u64,
+    #[serde(default = "defaults::skew")]
+    max_clock_skew_secs: u64,
+    #[serde(default = "defaults::retry_min")]
+    retry_min_secs: u64,
+    #[serde(default = "defaults::retry_max")]
+    retry_max_secs: u64,
+    #[serde(default = "defaults::probe")]
+    probe_secs: u64,
+}
+
+impl Default for RawSync {
+    fn default() -> Self {
+        Self {
+            interval_secs: defaults::interval(),
+            tick_secs: defaults::tick(),
+            max_clock_skew_secs: defaults::skew(),
+            retry_min_secs: defaults::retry_min(),
+            retry_max_secs: defaults::retry_max(),
+            probe_secs: defaults::probe(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    label: Option<String>,
+    sensitive_codes: Option<PathBuf>,
+}
+
+mod defaults {
+    pub(super) fn connect_timeout() -> u64 {
+        10
+    }
+    pub(super) fn read_timeout() -> u64 {
+        60
+    }
+    pub(super) fn max_batch_bytes() -> u32 {
+        4 * 1024 * 1024
+    }
+    pub(super) fn interval() -> u64 {
+        300
+    }
+    pub(super) fn tick() -> u64 {
+        60
+    }
+    pub(super) fn skew() -> u64 {
+        900
+    }
+    pub(super) fn retry_min() -> u64 {
+        5
+    }
+    pub(super) fn retry_max() -> u64 {
+        900
+    }
+    pub(super) fn probe() -> u64 {
+        15
+    }
+}
+
+/// Where the root key comes from (the passphrase itself is asked for at start).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyConfig {
+    /// A key file outside the data directory.
+    KeyFile(PathBuf),
+    /// A systemd credential name.
+    Credential(String),
+    /// A passphrase from `$CARECACHE_PASSPHRASE` or the terminal.
+    Passphrase,
+}
+
+impl KeyConfig {
+    /// The key source, asking for the passphrase if this is one.
+    pub fn source(&self) -> anyhow::Result<KeySource> {
+        Ok(match self {
+            Self::KeyFile(p) => KeySource::KeyFile(p.clone()),
+            Self::Credential(n) => KeySource::Credential(n.clone()),
+            Self::Passphrase => KeySource::Passphrase(crate::cli::passphrase(
+                crate::cli::PASSPHRASE_ENV,
+                "Passphrase: ",
+            )?),
+        })
+    }
+
+    /// A passphrase source with the passphrase given (tests, demo).
+    pub fn with_passphrase(p: &str) -> KeySource {
+        KeySource::Passphrase(Passphrase::new(p.to_owned()))
+    }
+}
+
+/// The hub connection.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// `https://host:port`, no path.
+    pub url: String,
+    /// The hub CA's certificate (PEM), pinned at enrolment.
+    pub ca_file: PathBuf,
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Time allowed for one response to arrive whole.
+    pub read_timeout: Duration,
+    /// Byte budget asked for per batch.
+    pub max_batch_bytes: u32,
+}
+
+/// The sync loop's timing.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// Time between sync rounds when all is well.
+    pub interval: Duration,
+    /// Policy tick: lease expiry and purge happen within one tick, offline or not.
+    pub tick: Duration,
+    /// Largest accepted difference between hub time and trusted time.
+    pub max_clock_skew: Duration,
+    /// First retry delay after a failure (doubles, with jitter).
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// How often to probe the hub while it is unreachable.
+    pub probe: Duration,
+}
+
+/// A validated daemon configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The root key's source.
+    pub key: KeyConfig,
+    /// The hub.
+    pub hub: HubConfig,
+    /// Sync timing.
+    pub sync: SyncConfig,
+    /// Label sent at enrolment.
+    pub device_label: String,
+    /// The sensitive code list the device re-checks records against.
+    pub sensitive: CodeList,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates configuration text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            path: name.clone(),
+            key,
+            reason: reason.to_owned(),
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let anchor = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let key = match (raw.key.source.as_str(), raw.key.path, raw.key.name) {
+            ("key_file", Some(p), None) => KeyConfig::KeyFile(anchor(p)),
+            ("credential", None, Some(n)) => KeyConfig::Credential(n),
+            ("passphrase", None, None) => KeyConfig::Passphrase,
+            ("key_file", ..) => return Err(invalid("key.path", "key_file needs `path` only")),
+            ("credential", ..) => return Err(invalid("key.name", "credential needs `name` only")),
+            ("passphrase", ..) => {
+                return Err(invalid("key", "passphrase takes no `path` or `name`"));
+            }
+            _ => {
+                return Err(invalid(
+                    "key.source",
+                    "must be key_file, credential or passphrase",
+                ));
+            }
+        };
+        let url = raw.hub.url.trim_end_matches('/').to_owned();
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| invalid("hub.url", "must start with https://"))?;
+        if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+            return Err(invalid(
+                "hub.url",
+                "must be https://host[:port] with no path",
+            ));
+        }
+        let secs = |key, v: u64, min: u64, max: u64| {
+            if (min..=max).contains(&v) {
+                Ok(Duration::from_secs(v))
+            } else {
+                Err(invalid(key, &format!("must be {min}..={max} seconds")))
+            }
+        };
+        let max = sync_protocol::MessageKind::Batch.max_payload();
+        if !(Pull::MIN_BUDGET..=max).contains(&raw.hub.max_batch_bytes) {
+            return Err(invalid(
+                "hub.max_batch_bytes",
+                &format!("must be {}..={max}", Pull::MIN_BUDGET),
+            ));
+        }
+        let s = raw.sync;
+        let sync = SyncConfig {
+            interval: secs("sync.interval_secs", s.interval_secs, 10, 86_400)?,
+            tick: secs("sync.tick_secs", s.tick_secs, 1, 60)?,
+            max_clock_skew: secs("sync.max_clock_skew_secs", s.max_clock_skew_secs, 1, 86_400)?,
+            retry_min: secs("sync.retry_min_secs", s.retry_min_secs, 1, 3600)?,
+            retry_max: secs("sync.retry_max_secs", s.retry_max_secs, 1, 86_400)?,
+            probe: secs("sync.probe_secs", s.probe_secs, 1, 3600)?,
+        };
+        if sync.retry_max < sync.retry_min {
+            return Err(invalid("sync.retry_max_secs", "must be ≥ retry_min_secs"));
+        }
+        let sensitive = match raw.device.sensitive_codes {
+            None => CodeList::shipped(),
+            Some(p) => {
+                let p = anchor(p);
+                let text = std::fs::read_to_string(&p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                CodeList::parse(&text)
+                    .map_err(|e| invalid("device.sensitive_codes", &e.to_string()))?
+            }
+        };
+        let label = raw
+            .device
+            .label
+            .unwrap_or_else(|| String::from("carecache device"));
+        if label.is_empty() || label.len() > 64 || label.chars().any(char::is_control) {
+            return Err(invalid("device.label", "1–64 printable characters"));
+        }
+        Ok(Self {
+            data_dir: anchor(
+                raw.data_dir
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/carecache")),
+            ),
+            key,
+            hub: HubConfig {
+                url,
+                ca_file: anchor(raw.hub.ca_file),
+                connect_timeout: secs(
+                    "hub.connect_timeout_secs",
+                    raw.hub.connect_timeout_secs,
+                    1,
+                    600,
+                )?,
+                read_timeout: secs("hub.read_timeout_secs", raw.hub.read_timeout_secs, 1, 3600)?,
+                max_batch_bytes: raw.hub.max_batch_bytes,
+            },
+            sync,
+            device_label: label,
+            sensitive,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+data_dir = "data"
+[key]
+source = "key_file"
+path = "/etc/carecache/root.key"
+[hub]
+url = "https://hub.example:8443/"
+ca_file = "ca.pem"
+"#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = Config::parse(GOOD, Path::new("/etc/carecache/carecache.toml")).unwrap();
+        assert_eq!(c.data_dir, Path::new("/etc/carecache/data"));
+        assert_eq!(c.hub.url, "https://hub.example:8443");
+        assert_eq!(c.hub.ca_file, Path::new("/etc/carecache/ca.pem"));
+        assert_eq!(c.sync.tick, Duration::from_secs(60));
+        assert_eq!(c.hub.max_batch_bytes, 4 * 1024 * 1024);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let p = Path::new("c.toml");
+        for (text, key) in [
+            (GOOD.replace("https://hub", "http://hub"), "hub.url"),
+            (GOOD.replace("key_file", "usb"), "key.source"),
+            (
+                format!("{GOOD}[sync]\ntick_secs = 3600\n"),
+                "sync.tick_secs",
+            ),
+            (
+                GOOD.replace("ca_file", "max_batch_bytes = 10\nca_file"),
+                "hub.max_batch_bytes",
+            ),
+            (
+                format!("{GOOD}[sync]\nretry_min_secs = 60\nretry_max_secs = 10\n"),
+                "sync.retry_max_secs",
+            ),
+            (format!("{GOOD}[sync]\ntypo = 1\n"), "typo"),
+        ] {
+            let err = Config::parse(&text, p).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+}

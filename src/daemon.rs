@@ -1,0 +1,378 @@
+//! The commands that run against a configured device — `enrol`, `sync`, `status`,
+//! `serve` — and the sync loop's schedule (pure, so backoff and probing are tested
+//! without sleeping).
+
+#![allow(
+    clippy::print_stdout,
+    reason = "these functions are the commands' output"
+)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::device::{Device, DeviceError, render_status};
+use crate::store;
+use crate::transport::backoff;
+
+/// Opens the configured device (asking for the passphrase if that is the key source).
+pub fn open(config_path: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Device> {
+    let config = Config::load(config_path)?;
+    let source = config.key.source()?;
+    let root = store::unlock(&config.data_dir, &source)
+        .with_context(|| format!("unlocking {}", config.data_dir.display()))?;
+    Ok(Device::open(config, &root, clock)?)
+}
+
+/// `carecache enrol`.
+pub fn enrol(config_path: &Path, token: &str) -> anyhow::Result<()> {
+    let device = open(config_path, Arc::new(SystemClock::new()))?;
+    let id = device.enrol(token)?;
+    println!(
+        "enrolled as {id}; the hub CA in {} is pinned from now on",
+        device.config().hub.ca_file.display()
+    );
+    Ok(())
+}
+
+/// `carecache sync`: one round, with a progress bar on a terminal.
+pub fn sync(config_path: &Path) -> anyhow::Result<()> {
+    let device = open(config_path, Arc::new(SystemClock::new()))?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let result = device.sync_once(&mut |s| {
+        let expected: usize = device
+            .policy()
+            .leases()
+            .iter()
+            .map(|l| l.patients.len())
+            .sum();
+        bar.set_message(format!(
+            "{} / {} patients, {:.1} MB, {} batches",
+            s.upserts,
+            expected,
+            s.bytes as f64 / 1e6,
+            s.batches
+        ));
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok(s) => {
+            println!(
+                "synced: {} batches, {} records written, {} removals, {} lease changes, {:.2} MB{}",
+                s.batches,
+                s.upserts,
+                s.removals,
+                s.lease_changes,
+                s.bytes as f64 / 1e6,
+                if s.resynced { " (full resync)" } else { "" }
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `carecache status`.
+pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
+    let device = open(config_path, Arc::new(SystemClock::new()))?;
+    let status = device.status()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render_status(&status));
+    }
+    Ok(())
+}
+
+/// `carecache serve`: the policy tick and the sync loop, until SIGINT or SIGTERM.
+pub fn serve(config_path: &Path) -> anyhow::Result<()> {
+    let clock = Arc::new(SystemClock::new());
+    let device = open(config_path, clock.clone())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    tracing::info!(hub = %device.config().hub.url, "serving");
+    run_loop(&device, clock.as_ref(), &stop)
+}
+
+/// The loop `serve` runs; returns when `stop` is set or the device is revoked.
+pub fn run_loop(device: &Device, clock: &dyn Clock, stop: &AtomicBool) -> anyhow::Result<()> {
+    let cfg = device.config().sync.clone();
+    let mut schedule = Schedule::new(&cfg, clock.monotonic());
+    while !stop.load(Ordering::SeqCst) {
+        let now = clock.monotonic();
+        match schedule.next(now) {
+            Action::Tick => {
+                match device.tick() {
+                    Ok(r) if !r.ended.is_empty() => {
+                        tracing::info!(ended = r.ended.len(), purged = r.purged, "leases ended");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "policy tick failed"),
+                }
+                schedule.ticked(now);
+            }
+            Action::Probe => {
+                let up = device.probe();
+                schedule.probed(now, up);
+            }
+            Action::Sync => match device.sync_once(&mut |_| {}) {
+                Ok(s) => {
+                    tracing::info!(
+                        batches = s.batches,
+                        upserts = s.upserts,
+                        bytes = s.bytes,
+                        "sync finished"
+                    );
+                    schedule.synced(now, None);
+                }
+                Err(DeviceError::Revoked) => {
+                    anyhow::bail!("the hub revoked this device; its data has been destroyed");
+                }
+                Err(e) => {
+                    let offline = matches!(&e, DeviceError::Transport(t) if t.is_offline());
+                    let retry_after = match &e {
+                        DeviceError::Sync(crate::sync::SyncError::Refused {
+                            retry_after_secs,
+                            ..
+                        }) => retry_after_secs.map(|s| Duration::from_secs(u64::from(s))),
+                        _ => None,
+                    };
+                    schedule.synced(
+                        now,
+                        Some(Failure {
+                            offline,
+                            retry_after,
+                            unit: random_unit(),
+                        }),
+                    );
+                }
+            },
+            Action::Wait(d) => std::thread::sleep(d.min(Duration::from_millis(250))),
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn random_unit() -> f64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What the loop does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Run the policy tick.
+    Tick,
+    /// Run a sync round.
+    Sync,
+    /// See whether the hub is reachable again.
+    Probe,
+    /// Nothing due for this long.
+    Wait(Duration),
+}
+
+/// How a sync round failed, for the schedule.
+#[derive(Clone, Copy, Debug)]
+pub struct Failure {
+    /// The network was the problem.
+    pub offline: bool,
+    /// The hub asked for this delay.
+    pub retry_after: Option<Duration>,
+    /// A random draw in [0, 1) for jitter.
+    pub unit: f64,
+}
+
+/// When to tick, sync and probe, on the monotonic clock.
+#[derive(Debug)]
+pub struct Schedule {
+    tick: Duration,
+    interval: Duration,
+    probe: Duration,
+    retry_min: Duration,
+    retry_max: Duration,
+    next_tick: Duration,
+    next_sync: Duration,
+    next_probe: Option<Duration>,
+    failures: u32,
+}
+
+impl Schedule {
+    /// A schedule that ticks and syncs at once.
+    pub fn new(cfg: &crate::config::SyncConfig, now: Duration) -> Self {
+        Self {
+            tick: cfg.tick,
+            interval: cfg.interval,
+            probe: cfg.probe,
+            retry_min: cfg.retry_min,
+            retry_max: cfg.retry_max,
+            next_tick: now,
+            next_sync: now,
+            next_probe: None,
+            failures: 0,
+        }
+    }
+
+    /// The next action at `now`.
+    pub fn next(&self, now: Duration) -> Action {
+        if now >= self.next_tick {
+            return Action::Tick;
+        }
+        if now >= self.next_sync {
+            return Action::Sync;
+        }
+        if let Some(p) = self.next_probe
+            && now >= p
+        {
+            return Action::Probe;
+        }
+        let mut wake = self.next_tick.min(self.next_sync);
+        if let Some(p) = self.next_probe {
+            wake = wake.min(p);
+        }
+        Action::Wait(wake.saturating_sub(now))
+    }
+
+    /// The tick ran.
+    pub fn ticked(&mut self, now: Duration) {
+        self.next_tick = now + self.tick;
+    }
+
+    /// A sync round ended.
+    pub fn synced(&mut self, now: Duration, failure: Option<Failure>) {
+        match failure {
+            None => {
+                self.failures = 0;
+                self.next_probe = None;
+                self.next_sync = now + self.interval;
+            }
+            Some(f) => {
+                let wait = backoff(self.failures, self.retry_min, self.retry_max, f.unit);
+                self.failures = self.failures.saturating_add(1);
+                self.next_sync = now + f.retry_after.map_or(wait, |r| r.max(wait));
+                // Offline: probe cheaply meanwhile, and sync as soon as the hub answers.
+                self.next_probe = (f.offline && f.retry_after.is_none())
+                    .then(|| now + self.probe)
+                    .filter(|p| *p < self.next_sync);
+            }
+        }
+    }
+
+    /// A probe ran; `up` if the hub answered.
+    pub fn probed(&mut self, now: Duration, up: bool) {
+        if up {
+            self.next_probe = None;
+            self.next_sync = now;
+        } else {
+            let p = now + self.probe;
+            self.next_probe = (p < self.next_sync).then_some(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SyncConfig;
+
+    fn cfg() -> SyncConfig {
+        SyncConfig {
+            interval: Duration::from_secs(300),
+            tick: Duration::from_secs(60),
+            max_clock_skew: Duration::from_secs(900),
+            retry_min: Duration::from_secs(5),
+            retry_max: Duration::from_secs(900),
+            probe: Duration::from_secs(15),
+        }
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn ticks_every_tick_and_syncs_every_interval() {
+        let mut s = Schedule::new(&cfg(), S(0));
+        assert_eq!(s.next(S(0)), Action::Tick);
+        s.ticked(S(0));
+        assert_eq!(s.next(S(0)), Action::Sync);
+        s.synced(S(0), None);
+        assert_eq!(s.next(S(1)), Action::Wait(S(59)));
+        assert_eq!(s.next(S(60)), Action::Tick);
+        s.ticked(S(60));
+        assert_eq!(s.next(S(299)), Action::Tick, "ticks keep coming between syncs");
+        s.ticked(S(299));
+        assert_eq!(s.next(S(299)), Action::Wait(S(1)));
+        assert_eq!(s.next(S(300)), Action::Sync);
+    }
+
+    #[test]
+    fn offline_backs_off_with_jitter_and_probes_until_the_hub_is_back() {
+        let mut s = Schedule::new(&cfg(), S(0));
+        s.ticked(S(0));
+        let mut now = S(0);
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            s.synced(
+                now,
+                Some(Failure {
+                    offline: true,
+                    retry_after: None,
+                    unit: 0.999,
+                }),
+            );
+            waits.push(s.next_sync - now);
+            now = s.next_sync;
+            s.next_tick = now + S(1000);
+        }
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert!(*waits.last().unwrap() <= S(900));
+        // Between retries the loop probes; a successful probe syncs at once.
+        s.synced(
+            now,
+            Some(Failure {
+                offline: true,
+                retry_after: None,
+                unit: 0.999,
+            }),
+        );
+        assert_eq!(s.next(now + S(15)), Action::Probe);
+        s.probed(now + S(15), false);
+        assert_eq!(s.next(now + S(30)), Action::Probe);
+        s.probed(now + S(30), true);
+        assert_eq!(s.next(now + S(30)), Action::Sync);
+        s.synced(now + S(30), None);
+        assert_eq!(s.failures, 0);
+    }
+
+    #[test]
+    fn the_hubs_retry_after_is_respected() {
+        let mut s = Schedule::new(&cfg(), S(0));
+        s.ticked(S(0));
+        s.next_tick = S(10_000);
+        s.synced(
+            S(0),
+            Some(Failure {
+                offline: false,
+                retry_after: Some(S(120)),
+                unit: 0.0,
+            }),
+        );
+        assert_eq!(s.next(S(119)), Action::Wait(S(1)));
+        assert_eq!(s.next(S(120)), Action::Sync);
+    }
+}

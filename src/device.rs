@@ -1,0 +1,760 @@
+//! The device: its store, clocks, identity and policy, and the operations the CLI and
+//! the daemon run — enrol, one sync round, the policy tick, status, remote wipe. The sync
+//! engine decides; this module does the I/O it asks for.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use sync_protocol::Message;
+use sync_protocol::digest::allowed_set_digest;
+use sync_protocol::message::{Audience, EnrolRequest, Lease, LeaseChange, MessageKind, View};
+use sync_protocol::types::{Bytes, DeviceId, EnrolmentToken, Text, Timestamp};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::clock::{Clock, TrustedTime, check_hub_time, human};
+use crate::config::Config;
+use crate::crypto::RootKey;
+use crate::fhir::instant;
+use crate::policy::{ENDED_KEPT, EndReason, EndedLease, Policy, Standing};
+use crate::store::{self, Extras, Store, StoreError};
+use crate::sync::{self, Plan, Round, Start, Step, Summary, SyncError};
+use crate::transport::{Identity, Transport, TransportError};
+
+mod key {
+    pub(super) const IDENTITY: &str = "identity";
+    pub(super) const TRUSTED: &str = "trusted_time";
+    pub(super) const CONTACT: &str = "last_contact";
+    pub(super) const LAST_SYNC: &str = "last_sync";
+    pub(super) const LAST_OK: &str = "last_success";
+    pub(super) const ENDED: &str = "ended_leases";
+    pub(super) const RESYNC: &str = "resync";
+}
+
+/// A device operation that failed. None of these carry patient data.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Operator: `carecache enrol` has not been run for this data directory.
+    #[error(
+        "this device is not enrolled: run `carecache enrol` with a token from the hub's administrator"
+    )]
+    NotEnrolled,
+    /// Operator: enrolment was already done.
+    #[error("this device is already enrolled as {0}")]
+    AlreadyEnrolled(String),
+    /// Network or hub TLS.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Hub answer refused by the device's checks, or a hub protocol error.
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    /// Local storage.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Hub: enrolment failed.
+    #[error("enrolment failed: {0}")]
+    Enrol(String),
+    /// Operator: the hub CA file could not be read.
+    #[error("reading the hub CA {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The hub revoked this device; its keys and data were destroyed.
+    #[error("the hub revoked this device; its keys and cached data have been destroyed")]
+    Revoked,
+}
+
+/// The device's enrolled identity, sealed in the store.
+#[derive(Serialize, Deserialize)]
+struct StoredIdentity {
+    device_id: String,
+    cert_der: Vec<u8>,
+    key_pem: String,
+    ca_pem: String,
+}
+
+impl Drop for StoredIdentity {
+    fn drop(&mut self) {
+        self.key_pem.zeroize();
+    }
+}
+
+/// How the last sync round ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Finished: the device holds what the hub allows.
+    Ok,
+    /// The hub could not be reached or the link broke.
+    Offline(String),
+    /// An answer failed the device's checks; nothing of it was applied.
+    Rejected(String),
+    /// Anything else (hub refusal, local storage).
+    Failed(String),
+}
+
+/// The record of one sync round, kept for status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    /// When it ended (trusted time).
+    pub at: Timestamp,
+    /// How.
+    pub outcome: Outcome,
+    /// What it did.
+    pub summary: Summary,
+}
+
+/// One lease as status shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LeaseStatus {
+    /// Lease id.
+    pub id: u64,
+    /// Label.
+    pub label: String,
+    /// `clinical` or `social_care`.
+    pub view: &'static str,
+    /// Who may look: `team` or the number of named users.
+    pub audience: String,
+    /// Patients named.
+    pub patients: usize,
+    /// Valid from.
+    pub not_before: String,
+    /// Valid until (exclusive).
+    pub not_after: String,
+    /// `active`, `not yet valid`, or why it ended.
+    pub standing: String,
+    /// Seconds of access left (offline limit included), when active.
+    pub seconds_left: Option<u64>,
+    /// Whether emergency access is allowed.
+    pub emergency_access: bool,
+}
+
+/// Everything `carecache status` shows. No patient data.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// The device id, once enrolled.
+    pub device_id: Option<String>,
+    /// The hub.
+    pub hub: String,
+    /// Trusted time now.
+    pub trusted_time: String,
+    /// The device's wall clock now.
+    pub wall_clock: String,
+    /// Seconds the wall clock is behind trusted time (set back, or drifting).
+    pub wall_clock_behind_secs: u64,
+    /// Last successful contact with the hub.
+    pub last_contact: Option<String>,
+    /// Last sync round that finished.
+    pub last_success: Option<String>,
+    /// The last round, however it ended.
+    pub last_sync: Option<SyncRecord>,
+    /// The last round's error, in words.
+    pub last_error: Option<String>,
+    /// Leases held.
+    pub leases: Vec<LeaseStatus>,
+    /// Leases that ended recently.
+    pub ended_leases: Vec<EndedLease>,
+    /// Patients held.
+    pub patients_held: u64,
+    /// Objections on record.
+    pub objections: u64,
+    /// Audit entries waiting for upload.
+    pub audit_backlog: u64,
+}
+
+/// What a policy tick did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TickReport {
+    /// Leases ended and purged, with why.
+    pub ended: Vec<(u64, EndReason)>,
+    /// Patients purged with them.
+    pub purged: usize,
+}
+
+/// An open, unlocked device.
+pub struct Device {
+    config: Config,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    trusted: Mutex<TrustedTime>,
+    policy: RwLock<Arc<Policy>>,
+    wiped: AtomicBool,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("data_dir", &self.config.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// Opens the data directory in `config` (made by `carecache init`) with `root`.
+    pub fn open(
+        config: Config,
+        root: &RootKey,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, DeviceError> {
+        let store = Store::open(&config.data_dir, root)?;
+        let high: Option<Timestamp> = store.device_state(key::TRUSTED)?;
+        let trusted = TrustedTime::resume(high, clock.as_ref());
+        let device = Self {
+            config,
+            store,
+            clock,
+            trusted: Mutex::new(trusted),
+            policy: RwLock::new(Arc::new(Policy::new(Vec::new(), Vec::new(), None))),
+            wiped: AtomicBool::new(false),
+        };
+        device.refresh_policy()?;
+        Ok(device)
+    }
+
+    /// The store (for the API layer and tests).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Trusted time now.
+    pub fn now(&self) -> Timestamp {
+        match self.trusted.lock() {
+            Ok(mut t) => t.now(self.clock.as_ref()),
+            Err(p) => p.into_inner().now(self.clock.as_ref()),
+        }
+    }
+
+    /// The policy as of the last sync or tick.
+    pub fn policy(&self) -> Arc<Policy> {
+        match self.policy.read() {
+            Ok(p) => Arc::clone(&p),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    /// The enrolled device id.
+    pub fn device_id(&self) -> Result<Option<String>, DeviceError> {
+        self.live()?;
+        let id: Option<StoredIdentity> = self.store.device_state(key::IDENTITY)?;
+        Ok(id.map(|i| i.device_id.clone()))
+    }
+
+    fn live(&self) -> Result<(), DeviceError> {
+        if self.wiped.load(Ordering::SeqCst) {
+            return Err(DeviceError::Revoked);
+        }
+        Ok(())
+    }
+
+    fn refresh_policy(&self) -> Result<Arc<Policy>, DeviceError> {
+        let leases = self.store.leases()?;
+        let ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
+        let contact: Option<Timestamp> = self.store.device_state(key::CONTACT)?;
+        let p = Arc::new(Policy::new(leases, ended, contact));
+        match self.policy.write() {
+            Ok(mut slot) => *slot = Arc::clone(&p),
+            Err(poisoned) => *poisoned.into_inner() = Arc::clone(&p),
+        }
+        Ok(p)
+    }
+
+    fn observe_hub(&self, hub: Timestamp) -> Timestamp {
+        match self.trusted.lock() {
+            Ok(mut t) => t.observe(hub, self.clock.as_ref()),
+            Err(p) => p.into_inner().observe(hub, self.clock.as_ref()),
+        }
+    }
+
+    fn high_water(&self) -> Timestamp {
+        match self.trusted.lock() {
+            Ok(t) => t.high_water(),
+            Err(p) => p.into_inner().high_water(),
+        }
+    }
+
+    fn ca_pem(&self) -> Result<String, DeviceError> {
+        std::fs::read_to_string(&self.config.hub.ca_file).map_err(|source| DeviceError::CaFile {
+            path: self.config.hub.ca_file.display().to_string(),
+            source,
+        })
+    }
+
+    /// Enrols with a one-time token: makes a key pair, sends a certificate request to the
+    /// hub (whose certificate must chain to the CA in the configuration, which is pinned
+    /// from now on), and keeps the issued certificate and key sealed in the store.
+    pub fn enrol(&self, token: &str) -> Result<String, DeviceError> {
+        self.live()?;
+        if let Some(id) = self.device_id()? {
+            return Err(DeviceError::AlreadyEnrolled(id));
+        }
+        let ca_pem = self.ca_pem()?;
+        let token = EnrolmentToken::new(token)
+            .map_err(|_| DeviceError::Enrol("the token is malformed".into()))?;
+        let key = rcgen::KeyPair::generate()
+            .map_err(|e| DeviceError::Enrol(format!("making a key pair: {e}")))?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .map_err(|e| DeviceError::Enrol(format!("making the certificate request: {e}")))?;
+        let key_pem = Zeroizing::new(key.serialize_pem());
+        let label = Text::new(self.config.device_label.clone())
+            .map_err(|_| DeviceError::Enrol("device label".into()))?;
+        let request = Message::EnrolRequest(EnrolRequest {
+            token,
+            csr_der: Bytes::try_from(csr.der().to_vec())
+                .map_err(|_| DeviceError::Enrol("certificate request too large".into()))?,
+            device_label: label,
+        });
+        let t = self.transport(&ca_pem, None)?;
+        let answer = t.exchange(sync::path::ENROL, &request, MessageKind::EnrolResponse)?;
+        let response = match answer.message {
+            Message::EnrolResponse(r) => r,
+            Message::Error(e) => {
+                return Err(DeviceError::Enrol(format!(
+                    "hub refused: {:?}: {}",
+                    e.code,
+                    e.message.as_str()
+                )));
+            }
+            other => {
+                return Err(DeviceError::Enrol(format!("hub answered {}", other.kind())));
+            }
+        };
+        let now = self.now();
+        check_hub_time(response.hub_time, now, self.config.sync.max_clock_skew)
+            .map_err(SyncError::from)?;
+        let cert_der = response.certificate_der.as_slice().to_vec();
+        let public = key.public_key_raw();
+        if !cert_der.windows(public.len()).any(|w| w == public) {
+            return Err(DeviceError::Enrol(
+                "the issued certificate is not for this device's key".into(),
+            ));
+        }
+        let device_id = response.device_id.as_str().to_owned();
+        let identity = StoredIdentity {
+            device_id: device_id.clone(),
+            cert_der,
+            key_pem: key_pem.to_string(),
+            ca_pem,
+        };
+        let trusted = self.observe_hub(response.hub_time);
+        let mut extras = Extras::default();
+        extras.set(key::IDENTITY, &identity)?;
+        extras.set(key::TRUSTED, &trusted)?;
+        self.store.put_device_state(&extras)?;
+        tracing::info!(device = %device_id, "enrolled");
+        Ok(device_id)
+    }
+
+    fn transport(&self, ca_pem: &str, id: Option<&Identity>) -> Result<Transport, DeviceError> {
+        Ok(Transport::new(
+            &self.config.hub.url,
+            ca_pem,
+            id,
+            self.config.hub.connect_timeout,
+            self.config.hub.read_timeout,
+        )?)
+    }
+
+    fn connect(&self) -> Result<Transport, DeviceError> {
+        let Some(id): Option<StoredIdentity> = self.store.device_state(key::IDENTITY)? else {
+            return Err(DeviceError::NotEnrolled);
+        };
+        let identity = Identity {
+            cert_der: id.cert_der.clone(),
+            key_pem: Zeroizing::new(id.key_pem.clone()),
+        };
+        self.transport(&id.ca_pem, Some(&identity))
+    }
+
+    /// Whether the hub answers a TCP connection now.
+    pub fn probe(&self) -> bool {
+        self.connect().is_ok_and(|t| t.probe())
+    }
+
+    /// One sync round: hello, then pull until the hub has nothing more. Each batch is
+    /// checked whole and committed with its cursor; `progress` sees the counts after each.
+    /// The outcome is recorded for status whatever happens.
+    pub fn sync_once(&self, progress: &mut dyn FnMut(&Summary)) -> Result<Summary, DeviceError> {
+        self.live()?;
+        let mut summary = Summary::default();
+        let result = self.round(&mut summary, progress);
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(DeviceError::Transport(e)) if e.is_offline() => Outcome::Offline(e.to_string()),
+            Err(DeviceError::Sync(e)) if e.is_rejection() => Outcome::Rejected(e.to_string()),
+            Err(DeviceError::Store(StoreError::Refused(why))) => {
+                Outcome::Rejected(format!("batch rejected by the store: {why}"))
+            }
+            Err(DeviceError::Revoked) => return result,
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "sync round failed");
+        }
+        let now = self.now();
+        let mut extras = Extras::default();
+        let record = SyncRecord {
+            at: now,
+            outcome,
+            summary: summary.clone(),
+        };
+        extras.set(key::LAST_SYNC, &record)?;
+        if result.is_ok() {
+            extras.set(key::LAST_OK, &now)?;
+        }
+        extras.set(key::TRUSTED, &self.high_water())?;
+        self.store.put_device_state(&extras)?;
+        self.tick()?;
+        result
+    }
+
+    fn round(
+        &self,
+        summary: &mut Summary,
+        progress: &mut dyn FnMut(&Summary),
+    ) -> Result<Summary, DeviceError> {
+        let transport = self.connect()?;
+        let Some(id): Option<StoredIdentity> = self.store.device_state(key::IDENTITY)? else {
+            return Err(DeviceError::NotEnrolled);
+        };
+        let resync: bool = self.store.device_state(key::RESYNC)?.unwrap_or(false);
+        let start = Start {
+            device_id: DeviceId::new(id.device_id.clone())
+                .map_err(|_| DeviceError::Enrol("stored device id".into()))?,
+            cursor: if resync { None } else { self.store.cursor()? },
+            resync,
+            leases: self.store.leases()?,
+            max_bytes: self.config.hub.max_batch_bytes,
+            max_skew: self.config.sync.max_clock_skew,
+            sensitive: self.config.sensitive.clone(),
+            software: Text::new(concat!("carecache/", env!("CARGO_PKG_VERSION")))
+                .map_err(|_| DeviceError::Enrol("software name".into()))?,
+        };
+        drop(id);
+        let (mut round, mut step) = Round::begin(start, self.now());
+        let mut contact_saved = false;
+        loop {
+            step = match step {
+                Step::Send(path, msg) => {
+                    let expect = match &msg {
+                        Message::Hello(_) => MessageKind::Welcome,
+                        _ => MessageKind::Batch,
+                    };
+                    let answer = transport.exchange(path, &msg, expect)?;
+                    let next = round.on_answer(answer.message, answer.wire_bytes, self.now());
+                    *summary = round.summary().clone();
+                    let next = next?;
+                    if let Some(h) = round.hub_time() {
+                        let now = self.observe_hub(h);
+                        if !contact_saved {
+                            // An authenticated answer with a sane time: the hub was reached.
+                            let mut extras = Extras::default();
+                            extras.set(key::CONTACT, &now)?;
+                            extras.set(key::TRUSTED, &self.high_water())?;
+                            self.store.put_device_state(&extras)?;
+                            contact_saved = true;
+                        }
+                    }
+                    next
+                }
+                Step::Apply(plan) => {
+                    let held = self.apply(&plan, round.resyncing())?;
+                    let next = round.applied(&plan, held)?;
+                    *summary = round.summary().clone();
+                    progress(summary);
+                    next
+                }
+                Step::Finished(s) => {
+                    self.refresh_policy()?;
+                    return Ok(s);
+                }
+                Step::Wipe => {
+                    self.wipe_now();
+                    return Err(DeviceError::Revoked);
+                }
+            }
+        }
+    }
+
+    /// Applies a checked batch with its cursor, ended-lease records and clock state in one
+    /// transaction; returns the held digest if the plan asks for it.
+    fn apply(
+        &self,
+        plan: &Plan,
+        resyncing: bool,
+    ) -> Result<Option<sync_protocol::message::AllowedSetDigest>, DeviceError> {
+        let mut extras = Extras::default();
+        extras.keep_only.clone_from(&plan.keep_only);
+        let finishing_resync = plan.keep_only.is_some();
+        if resyncing {
+            extras.set(key::RESYNC, &!finishing_resync)?;
+        }
+        let now = self.now();
+        let mut ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
+        let held_leases = self.policy();
+        let revoked: Vec<EndedLease> = plan
+            .batch
+            .leases
+            .iter()
+            .filter_map(|c| match c {
+                LeaseChange::Revoked { id, reason } => held_leases
+                    .leases()
+                    .iter()
+                    .find(|l| l.id == *id)
+                    .map(|l| EndedLease {
+                        id: *id,
+                        audience: l.audience.clone(),
+                        ended_at: now,
+                        reason: EndReason::EndedByHub(*reason),
+                    }),
+                _ => None,
+            })
+            .collect();
+        if !revoked.is_empty() {
+            ended.extend(revoked);
+            trim_ended(&mut ended);
+            extras.set(key::ENDED, &ended)?;
+        }
+        extras.set(key::TRUSTED, &self.high_water())?;
+        let report = self.store.apply_batch_with(&plan.batch, &extras)?;
+        tracing::info!(
+            upserted = report.upserted,
+            purged = report.purged,
+            leases_written = report.leases_written,
+            leases_ended = report.leases_ended,
+            bytes = plan.wire_bytes,
+            "batch applied"
+        );
+        if !plan.batch.leases.is_empty() || !plan.batch.objections.is_empty() {
+            self.refresh_policy()?;
+        }
+        if !plan.digest {
+            return Ok(None);
+        }
+        Ok(Some(allowed_set_digest(self.store.held_versions()?)))
+    }
+
+    /// The policy tick: ends leases that are over in trusted time (expired, or out of
+    /// contact for longer than they allow), purging their patients, and persists the
+    /// trusted-time high-water mark. Needs no network.
+    pub fn tick(&self) -> Result<TickReport, DeviceError> {
+        self.live()?;
+        let now = self.now();
+        let policy = self.refresh_policy()?;
+        let mut report = TickReport::default();
+        let due = policy.due_for_purge(now);
+        if due.is_empty() {
+            let mut extras = Extras::default();
+            extras.set(key::TRUSTED, &self.high_water())?;
+            self.store.put_device_state(&extras)?;
+            return Ok(report);
+        }
+        let mut ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
+        for (id, reason) in due {
+            let Some(lease) = policy.leases().iter().find(|l| l.id == id) else {
+                continue;
+            };
+            ended.push(EndedLease {
+                id,
+                audience: lease.audience.clone(),
+                ended_at: now,
+                reason,
+            });
+            trim_ended(&mut ended);
+            let mut extras = Extras::default();
+            extras.set(key::ENDED, &ended)?;
+            extras.set(key::TRUSTED, &self.high_water())?;
+            let purged = self.store.purge_lease_with(id, &extras)?;
+            tracing::info!(
+                lease = id.0,
+                reason = reason.describe(),
+                purged,
+                "lease ended on the device"
+            );
+            report.ended.push((id.0, reason));
+            report.purged += purged;
+        }
+        self.refresh_policy()?;
+        Ok(report)
+    }
+
+    /// Remote wipe: the keyring is shredded first (after which nothing in the directory
+    /// opens), then the files; this process forgets its keys and refuses all further work.
+    fn wipe_now(&self) {
+        self.wiped.store(true, Ordering::SeqCst);
+        self.store.forget_keys_all();
+        match store::wipe(&self.config.data_dir) {
+            Ok(()) => tracing::warn!("device revoked by the hub: keys and data destroyed"),
+            Err(e) => {
+                tracing::error!(error = %e, "device revoked but the wipe failed; run `carecache wipe`")
+            }
+        }
+    }
+
+    /// Whether the hub revoked this device and it wiped itself.
+    pub fn is_wiped(&self) -> bool {
+        self.wiped.load(Ordering::SeqCst)
+    }
+
+    /// Status for `carecache status` and the local API.
+    pub fn status(&self) -> Result<Status, DeviceError> {
+        self.live()?;
+        let now = self.now();
+        let wall = self.clock.wall_ms();
+        let policy = self.policy();
+        let stats = self.store.stats()?;
+        let last_sync: Option<SyncRecord> = self.store.device_state(key::LAST_SYNC)?;
+        let contact: Option<Timestamp> = self.store.device_state(key::CONTACT)?;
+        let last_ok: Option<Timestamp> = self.store.device_state(key::LAST_OK)?;
+        let ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
+        let last_error = last_sync.as_ref().and_then(|r| match &r.outcome {
+            Outcome::Ok => None,
+            Outcome::Offline(e) | Outcome::Rejected(e) | Outcome::Failed(e) => Some(e.clone()),
+        });
+        let leases = policy
+            .leases()
+            .iter()
+            .map(|l| lease_status(&policy, l, now))
+            .collect();
+        Ok(Status {
+            device_id: self.device_id()?,
+            hub: self.config.hub.url.clone(),
+            trusted_time: instant(now),
+            wall_clock: Timestamp::from_millis(wall)
+                .map_or_else(|_| String::from("invalid"), instant),
+            wall_clock_behind_secs: now.as_millis().saturating_sub(wall) / 1000,
+            last_contact: contact.map(instant),
+            last_success: last_ok.map(instant),
+            last_sync,
+            last_error,
+            leases,
+            ended_leases: ended,
+            patients_held: stats.patients,
+            objections: stats.objections,
+            audit_backlog: stats.audit_entries,
+        })
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.config.data_dir.clone()
+    }
+}
+
+fn trim_ended(ended: &mut Vec<EndedLease>) {
+    if ended.len() > ENDED_KEPT {
+        let excess = ended.len() - ENDED_KEPT;
+        ended.drain(..excess);
+    }
+}
+
+fn lease_status(policy: &Policy, l: &Lease, now: Timestamp) -> LeaseStatus {
+    let (standing, seconds_left) = match policy.standing(l, now) {
+        Standing::Active(until) => (
+            String::from("active"),
+            Some(until.as_millis().saturating_sub(now.as_millis()) / 1000),
+        ),
+        Standing::NotYet(t) => (format!("not yet valid (from {})", instant(t)), None),
+        Standing::Ended(r) => (r.describe().to_owned(), None),
+    };
+    LeaseStatus {
+        id: l.id.0,
+        label: l.label.as_str().to_owned(),
+        view: match l.view {
+            View::Clinical => "clinical",
+            View::SocialCare => "social_care",
+        },
+        audience: match &l.audience {
+            Audience::Team => String::from("team"),
+            Audience::Users(u) => format!("{} named user(s)", u.len()),
+        },
+        patients: l.patients.len(),
+        not_before: instant(l.not_before),
+        not_after: instant(l.not_after),
+        standing,
+        seconds_left,
+        emergency_access: l.emergency_access,
+    }
+}
+
+/// Status in words, for `carecache status`.
+pub fn render_status(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "device      {}",
+        s.device_id.as_deref().unwrap_or("not enrolled")
+    );
+    let _ = writeln!(out, "hub         {}", s.hub);
+    let _ = writeln!(out, "trusted     {}", s.trusted_time);
+    if s.wall_clock_behind_secs > 60 {
+        let _ = writeln!(
+            out,
+            "wall clock  {} (behind trusted time by {}; leases follow trusted time)",
+            s.wall_clock,
+            human(s.wall_clock_behind_secs)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "last sync   {}",
+        match &s.last_sync {
+            None => String::from("never"),
+            Some(r) => format!(
+                "{} — {}",
+                instant(r.at),
+                match &r.outcome {
+                    Outcome::Ok => format!(
+                        "ok ({} batches, {} records, {} bytes)",
+                        r.summary.batches, r.summary.upserts, r.summary.bytes
+                    ),
+                    Outcome::Offline(e) => format!("offline: {e}"),
+                    Outcome::Rejected(e) => format!("REJECTED: {e}"),
+                    Outcome::Failed(e) => format!("failed: {e}"),
+                }
+            ),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "last ok     {}",
+        s.last_success.as_deref().unwrap_or("never")
+    );
+    let _ = writeln!(
+        out,
+        "holding     {} patients, {} objections; audit backlog {}",
+        s.patients_held, s.objections, s.audit_backlog
+    );
+    if s.leases.is_empty() {
+        let _ = writeln!(out, "leases      none");
+    }
+    for l in &s.leases {
+        let left = l
+            .seconds_left
+            .map_or_else(String::new, |secs| format!(", {} left", human(secs)));
+        let _ = writeln!(
+            out,
+            "lease {:>5} {} — {} patients, {} view, {}; {}{left}",
+            l.id, l.label, l.patients, l.view, l.audience, l.standing
+        );
+    }
+    for e in s.ended_leases.iter().rev().take(5) {
+        let _ = writeln!(
+            out,
+            "ended {:>5} at {}: {}",
+            e.id.0,
+            instant(e.ended_at),
+            e.reason.describe()
+        );
+    }
+    out
+}

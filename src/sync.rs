@@ -1,0 +1,444 @@
+//! The sync engine: one round of hello → pull … until `more = false`, as a state machine
+//! with no I/O and no clock of its own (STYLE.md habit 6). The caller sends what it is
+//! told to send, hands back what the hub answered with the trusted time, applies each
+//! checked batch to the store in one transaction and reports the held digest when asked.
+//!
+//! Every batch is checked whole before anything of it is applied: hub time near trusted
+//! time; every upserted patient named by a lease the device will hold after the batch;
+//! no item carrying a code on the sensitive list. A batch that fails is rejected whole
+//! and the round ends with the reason (SPEC.md §7). After the last batch the device's
+//! holding is compared with the hub's allowed-set digest; on a mismatch the round starts
+//! again from no cursor and, at its end, purges every patient the hub did not send.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use sync_protocol::codec::SUPPORTED_VERSIONS;
+use sync_protocol::message::{
+    AllowedSetDigest, Batch, ErrorCode, Hello, Lease, LeaseChange, Message, MessageKind, Pull,
+};
+use sync_protocol::sensitive::CodeList;
+use sync_protocol::types::{Capabilities, Cursor, DeviceId, LeaseId, Text, Timestamp};
+use sync_protocol::{NhsNumber, codec};
+
+use crate::clock::{HubTimeError, check_hub_time};
+
+/// Path of each exchange (SPEC.md §1).
+pub mod path {
+    /// Enrolment.
+    pub const ENROL: &str = "/ccsp/v1/enrol";
+    /// Hello.
+    pub const HELLO: &str = "/ccsp/v1/hello";
+    /// Pull.
+    pub const PULL: &str = "/ccsp/v1/pull";
+    /// Audit push.
+    pub const AUDIT: &str = "/ccsp/v1/audit";
+}
+
+/// Why a round stopped without finishing. Nothing of a rejected answer was applied.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// Hub: a batch named patients no lease on this device covers.
+    #[error("batch rejected: {0} patient(s) outside this device's leases")]
+    OutsideLeases(usize),
+    /// Hub: a batch carried items coded on the sensitive list.
+    #[error("batch rejected: {0} item(s) coded as sensitive")]
+    Sensitive(usize),
+    /// Hub or device clock: hub time too far from trusted time.
+    #[error("answer rejected: {0}")]
+    HubTime(#[from] HubTimeError),
+    /// Hub: answered with a message of the wrong kind.
+    #[error("hub answered {got} where {expected} was expected")]
+    Unexpected {
+        /// Expected kind.
+        expected: MessageKind,
+        /// Received kind.
+        got: MessageKind,
+    },
+    /// Hub: speaks no protocol version this device does.
+    #[error("hub chose protocol version {0}, which this device does not support")]
+    Version(u16),
+    /// Hub: the welcome named another device.
+    #[error("hub identified this device as someone else")]
+    WrongDevice,
+    /// Hub: after a full resync the holding still differs from the allowed set.
+    #[error(
+        "holding differs from the hub's allowed set after a full resync ({held} held, {allowed} allowed)"
+    )]
+    DigestMismatch {
+        /// Patients held.
+        held: u32,
+        /// Patients the hub allows.
+        allowed: u32,
+    },
+    /// Hub: refused the request with a protocol error.
+    #[error("hub refused: {code:?}: {message}")]
+    Refused {
+        /// The code.
+        code: ErrorCode,
+        /// The hub's text.
+        message: String,
+        /// When to retry, if the hub said.
+        retry_after_secs: Option<u32>,
+    },
+    /// The engine was driven out of order (a bug in the caller).
+    #[error("sync engine driven out of order")]
+    OutOfOrder,
+}
+
+impl SyncError {
+    /// True when the answer was refused by the device's own checks (reported as a
+    /// rejected batch; the hub or the clocks need attention).
+    pub fn is_rejection(&self) -> bool {
+        !matches!(self, Self::Refused { .. } | Self::OutOfOrder)
+    }
+}
+
+/// What the caller must do next.
+#[derive(Debug)]
+pub enum Step {
+    /// POST this message to this path and hand the answer to [`Round::on_answer`].
+    Send(&'static str, Message),
+    /// Apply this checked batch in one store transaction (with `keep_only` if set), then
+    /// call [`Round::applied`] — with the held digest if `digest` is true.
+    Apply(Box<Plan>),
+    /// The round is over: the device holds what the hub allows.
+    Finished(Summary),
+    /// The hub says this device is revoked: destroy its keys and data.
+    Wipe,
+}
+
+/// A checked batch ready to apply.
+#[derive(Debug)]
+pub struct Plan {
+    /// The batch.
+    pub batch: Batch,
+    /// After a full resync's last batch: purge every held patient not in this set.
+    pub keep_only: Option<HashSet<NhsNumber>>,
+    /// Whether the caller must compute the held digest after applying.
+    pub digest: bool,
+    /// Bytes of the batch frame on the wire.
+    pub wire_bytes: usize,
+}
+
+/// Counts for one round (no patient data).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    /// Batches applied.
+    pub batches: u32,
+    /// Records written.
+    pub upserts: u64,
+    /// Removals and objections received.
+    pub removals: u64,
+    /// Lease changes received.
+    pub lease_changes: u64,
+    /// Frame bytes received.
+    pub bytes: u64,
+    /// Whether a full resync was needed.
+    pub resynced: bool,
+}
+
+/// What the round starts from.
+#[derive(Debug)]
+pub struct Start {
+    /// This device.
+    pub device_id: DeviceId,
+    /// The last committed cursor, if any.
+    pub cursor: Option<Cursor>,
+    /// Pull everything again and purge what the hub no longer sends.
+    pub resync: bool,
+    /// The leases held.
+    pub leases: Vec<Lease>,
+    /// Byte budget per batch.
+    pub max_bytes: u32,
+    /// Largest accepted hub/trusted time difference.
+    pub max_skew: Duration,
+    /// The sensitive code list.
+    pub sensitive: CodeList,
+    /// Software name and version for the hello.
+    pub software: Text<64>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Welcome,
+    Batch,
+    Applying {
+        more: bool,
+        allowed: AllowedSetDigest,
+    },
+    Done,
+}
+
+/// One sync round.
+#[derive(Debug)]
+pub struct Round {
+    start: Start,
+    state: State,
+    leases: HashMap<LeaseId, Lease>,
+    covered: HashSet<NhsNumber>,
+    /// Leases as they will be once the batch being applied commits.
+    pending: Option<(HashMap<LeaseId, Lease>, HashSet<NhsNumber>)>,
+    seen: HashSet<NhsNumber>,
+    summary: Summary,
+    hub_time: Option<Timestamp>,
+    raised_budget: bool,
+}
+
+impl Round {
+    /// Begins a round; the first step is the hello.
+    pub fn begin(start: Start, now: Timestamp) -> (Self, Step) {
+        let leases: HashMap<LeaseId, Lease> =
+            start.leases.iter().map(|l| (l.id, l.clone())).collect();
+        let covered = covered(&leases);
+        let hello = Message::Hello(Hello {
+            min_version: *SUPPORTED_VERSIONS.start(),
+            max_version: *SUPPORTED_VERSIONS.end(),
+            capabilities: Capabilities(Capabilities::ZSTD),
+            device_time: now,
+            software: start.software.clone(),
+        });
+        let summary = Summary {
+            resynced: start.resync,
+            ..Summary::default()
+        };
+        let round = Self {
+            start,
+            state: State::Welcome,
+            leases,
+            covered,
+            pending: None,
+            seen: HashSet::new(),
+            summary,
+            hub_time: None,
+            raised_budget: false,
+        };
+        (round, Step::Send(path::HELLO, hello))
+    }
+
+    /// The latest hub time accepted in this round (the caller moves trusted time to it).
+    pub fn hub_time(&self) -> Option<Timestamp> {
+        self.hub_time
+    }
+
+    /// The counts so far.
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    /// Whether this round is a full resync.
+    pub fn resyncing(&self) -> bool {
+        self.start.resync
+    }
+
+    /// Takes the hub's answer to the last `Send`. `now` is trusted time.
+    pub fn on_answer(
+        &mut self,
+        msg: Message,
+        wire_bytes: usize,
+        now: Timestamp,
+    ) -> Result<Step, SyncError> {
+        self.summary.bytes += wire_bytes as u64;
+        if let Message::Error(e) = &msg {
+            return self.on_error(e.code, e.message.as_str(), e.retry_after_secs);
+        }
+        match (&self.state, msg) {
+            (State::Welcome, Message::Welcome(w)) => {
+                if !SUPPORTED_VERSIONS.contains(&w.version) {
+                    return Err(SyncError::Version(w.version));
+                }
+                if w.device_id != self.start.device_id {
+                    return Err(SyncError::WrongDevice);
+                }
+                check_hub_time(w.hub_time, now, self.start.max_skew)?;
+                self.hub_time = Some(w.hub_time);
+                self.start.max_bytes = self
+                    .start
+                    .max_bytes
+                    .min(w.max_batch_bytes.max(Pull::MIN_BUDGET));
+                self.state = State::Batch;
+                Ok(self.pull())
+            }
+            (State::Batch, Message::Batch(b)) => self.on_batch(b, wire_bytes, now),
+            (State::Welcome, other) => Err(SyncError::Unexpected {
+                expected: MessageKind::Welcome,
+                got: other.kind(),
+            }),
+            (_, other) => Err(SyncError::Unexpected {
+                expected: MessageKind::Batch,
+                got: other.kind(),
+            }),
+        }
+    }
+
+    fn on_error(
+        &mut self,
+        code: ErrorCode,
+        message: &str,
+        retry_after_secs: Option<u32>,
+    ) -> Result<Step, SyncError> {
+        match code {
+            ErrorCode::DeviceRevoked => {
+                self.state = State::Done;
+                Ok(Step::Wipe)
+            }
+            // The hub cannot resume from our cursor: start over, and drop at the end
+            // whatever it no longer sends.
+            ErrorCode::CursorInvalid if self.state == State::Batch && !self.start.resync => {
+                self.start.resync = true;
+                self.summary.resynced = true;
+                self.start.cursor = None;
+                self.seen.clear();
+                Ok(self.pull())
+            }
+            // A lease bigger than our budget: ask once for the largest batch allowed.
+            ErrorCode::TooLarge if self.state == State::Batch && !self.raised_budget => {
+                self.raised_budget = true;
+                self.start.max_bytes = MessageKind::Batch.max_payload();
+                Ok(self.pull())
+            }
+            _ => Err(SyncError::Refused {
+                code,
+                message: message.to_owned(),
+                retry_after_secs,
+            }),
+        }
+    }
+
+    fn pull(&self) -> Step {
+        Step::Send(
+            path::PULL,
+            Message::Pull(Pull {
+                cursor: self.start.cursor.clone(),
+                max_bytes: self.start.max_bytes,
+            }),
+        )
+    }
+
+    fn on_batch(
+        &mut self,
+        batch: Batch,
+        wire_bytes: usize,
+        now: Timestamp,
+    ) -> Result<Step, SyncError> {
+        check_hub_time(batch.hub_time, now, self.start.max_skew)?;
+        // Leases as they will be after this batch.
+        let (leases, covered) = if batch.leases.is_empty() {
+            (None, None)
+        } else {
+            let mut next = self.leases.clone();
+            for change in batch.leases.iter() {
+                match change {
+                    LeaseChange::Granted(l) | LeaseChange::Changed(l) => {
+                        next.insert(l.id, l.clone());
+                    }
+                    LeaseChange::Revoked { id, .. } => {
+                        next.remove(id);
+                    }
+                }
+            }
+            let c = covered(&next);
+            (Some(next), Some(c))
+        };
+        let cover = covered.as_ref().unwrap_or(&self.covered);
+        let outside = batch
+            .upserts
+            .iter()
+            .filter(|r| !cover.contains(&r.nhs_number))
+            .count();
+        if outside > 0 {
+            return Err(SyncError::OutsideLeases(outside));
+        }
+        let sensitive: usize = batch
+            .upserts
+            .iter()
+            .map(|r| self.start.sensitive.listed_items(r))
+            .sum();
+        if sensitive > 0 {
+            return Err(SyncError::Sensitive(sensitive));
+        }
+        self.hub_time = Some(batch.hub_time);
+        if self.start.resync {
+            self.seen.extend(batch.upserts.iter().map(|r| r.nhs_number));
+            for r in batch.removals.iter() {
+                self.seen.remove(&r.nhs_number);
+            }
+        }
+        if let (Some(l), Some(c)) = (leases, covered) {
+            self.pending = Some((l, c));
+        }
+        let more = batch.more;
+        let keep_only = (!more && self.start.resync).then(|| std::mem::take(&mut self.seen));
+        self.state = State::Applying {
+            more,
+            allowed: batch.allowed,
+        };
+        Ok(Step::Apply(Box::new(Plan {
+            batch,
+            keep_only,
+            digest: !more,
+            wire_bytes,
+        })))
+    }
+
+    /// The caller applied the plan's batch (committed with its cursor). `held` is the
+    /// digest of what the store holds now, required when the plan asked for it.
+    pub fn applied(
+        &mut self,
+        plan: &Plan,
+        held: Option<AllowedSetDigest>,
+    ) -> Result<Step, SyncError> {
+        let State::Applying { more, allowed } = self.state else {
+            return Err(SyncError::OutOfOrder);
+        };
+        if let Some((l, c)) = self.pending.take() {
+            self.leases = l;
+            self.covered = c;
+        }
+        let b = &plan.batch;
+        self.summary.batches += 1;
+        self.summary.upserts += b.upserts.len() as u64;
+        self.summary.removals += (b.removals.len() + b.objections.len()) as u64;
+        self.summary.lease_changes += b.leases.len() as u64;
+        self.start.cursor = Some(b.next_cursor.clone());
+        if more {
+            self.state = State::Batch;
+            return Ok(self.pull());
+        }
+        let held = held.ok_or(SyncError::OutOfOrder)?;
+        if held == allowed {
+            self.state = State::Done;
+            return Ok(Step::Finished(self.summary.clone()));
+        }
+        if self.start.resync {
+            self.state = State::Done;
+            return Err(SyncError::DigestMismatch {
+                held: held.patients,
+                allowed: allowed.patients,
+            });
+        }
+        tracing::warn!(
+            held = held.patients,
+            allowed = allowed.patients,
+            "holding differs from the hub's allowed set; resynchronising"
+        );
+        self.start.resync = true;
+        self.summary.resynced = true;
+        self.start.cursor = None;
+        self.seen.clear();
+        self.state = State::Batch;
+        Ok(self.pull())
+    }
+}
+
+fn covered(leases: &HashMap<LeaseId, Lease>) -> HashSet<NhsNumber> {
+    leases
+        .values()
+        .flat_map(|l| l.patients.iter().copied())
+        .collect()
+}
+
+/// The encoded size of a message (for tests and progress).
+pub fn wire_len(msg: &Message) -> usize {
+    codec::encode(msg, sync_protocol::Compression::None).map_or(0, |b| b.len())
+}
