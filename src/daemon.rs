@@ -314,7 +314,11 @@ mod tests {
         assert_eq!(s.next(S(1)), Action::Wait(S(59)));
         assert_eq!(s.next(S(60)), Action::Tick);
         s.ticked(S(60));
-        assert_eq!(s.next(S(299)), Action::Tick, "ticks keep coming between syncs");
+        assert_eq!(
+            s.next(S(299)),
+            Action::Tick,
+            "ticks keep coming between syncs"
+        );
         s.ticked(S(299));
         assert_eq!(s.next(S(299)), Action::Wait(S(1)));
         assert_eq!(s.next(S(300)), Action::Sync);

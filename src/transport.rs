@@ -225,6 +225,11 @@ impl Transport {
 
 fn classify(e: ureq::Error) -> TransportError {
     match e {
+        // rustls reports a failed handshake (certificate not from the pinned CA, bad
+        // signature, wrong name) as invalid data on the socket.
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            TransportError::Tls(io.to_string())
+        }
         ureq::Error::Io(io) => TransportError::Unreachable(io.to_string()),
         ureq::Error::Timeout(t) => TransportError::Unreachable(format!("timed out ({t})")),
         ureq::Error::HostNotFound => TransportError::Unreachable("host not found".into()),

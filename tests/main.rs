@@ -7,7 +7,9 @@
 )]
 
 mod cli;
+mod device_harness;
 mod fixture_content;
 mod harness;
 mod store;
 mod store_fixture;
+mod sync;

@@ -27,6 +27,8 @@ pub mod server;
 pub mod sharing;
 pub mod source;
 pub mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use server::Hub;
 pub use state::{HubState, LeaseSpec, Target, ViewSpec};

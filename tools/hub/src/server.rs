@@ -51,6 +51,21 @@ const VERSIONS: (u16, u16) = (1, 1);
 /// A source re-read the admin API can trigger; returns a JSON report.
 pub type IngestHook = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
 
+/// What a test hook does to a protocol answer before it leaves (hostile-hub tests).
+#[derive(Debug)]
+pub enum Tamper {
+    /// Send it as it is.
+    Pass,
+    /// Send these bytes instead (same status and content type).
+    Replace(Vec<u8>),
+    /// Declare the full length, send this many bytes, then break the connection.
+    CutAfter(usize),
+}
+
+/// A hook over each protocol answer: given the route (`hello`, `pull`) and the encoded
+/// frame, decides what is sent. Only tests set one.
+pub type ResponseHook = Arc<dyn Fn(&str, &[u8]) -> Tamper + Send + Sync>;
+
 /// What the server needs.
 pub struct Hub {
     /// Durable state.
@@ -64,6 +79,7 @@ pub struct Hub {
     limiter: DefaultKeyedRateLimiter<String>,
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     ingest: Mutex<Option<IngestHook>>,
+    tamper: Mutex<Option<ResponseHook>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -102,6 +118,7 @@ impl Hub {
             limiter: RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst)),
             clock: Arc::new(system_clock),
             ingest: Mutex::new(None),
+            tamper: Mutex::new(None),
         }
     }
 
@@ -115,6 +132,50 @@ impl Hub {
     pub fn set_ingest_hook(&self, hook: IngestHook) {
         if let Ok(mut slot) = self.ingest.lock() {
             *slot = Some(hook);
+        }
+    }
+
+    /// Test support: pass every protocol answer through `hook` (or stop, with `None`).
+    /// A hub that lies is how devices are tested against a hostile hub.
+    pub fn dangerous_set_response_hook(&self, hook: Option<ResponseHook>) {
+        if let Ok(mut slot) = self.tamper.lock() {
+            *slot = hook;
+        }
+    }
+
+    /// Encodes an answer and lets the test hook, if any, tamper with it.
+    fn answer(&self, route: &str, status: StatusCode, msg: &Message) -> Response {
+        let resp = frame_response(status, msg);
+        let hook = self.tamper.lock().ok().and_then(|h| h.clone());
+        let Some(hook) = hook else {
+            return resp;
+        };
+        let (parts, _) = resp.into_parts();
+        let Ok(bytes) = encode(msg, Compression::Zstd) else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        match hook(route, &bytes) {
+            Tamper::Pass => Response::from_parts(parts, Body::from(bytes)),
+            Tamper::Replace(other) => Response::from_parts(parts, Body::from(other)),
+            Tamper::CutAfter(n) => {
+                let full = bytes.len();
+                let head = bytes.get(..n.min(full)).unwrap_or_default().to_vec();
+                let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+                    Ok(head),
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "cut by test hook",
+                    )),
+                ];
+                let mut resp = Response::from_parts(
+                    parts,
+                    Body::from_stream(futures_util::stream::iter(chunks)),
+                );
+                if let Ok(v) = HeaderValue::from_str(&full.to_string()) {
+                    resp.headers_mut().insert(header::CONTENT_LENGTH, v);
+                }
+                resp
+            }
         }
     }
 
@@ -488,7 +549,7 @@ async fn hello(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
         max_batch_bytes: hub.max_batch_bytes,
         audit_durable_through: durable,
     };
-    frame_response(StatusCode::OK, &Message::Welcome(welcome))
+    hub.answer("hello", StatusCode::OK, &Message::Welcome(welcome))
 }
 
 async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
@@ -527,7 +588,7 @@ async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response
                 more = batch.more,
                 "batch served"
             );
-            frame_response(StatusCode::OK, &Message::Batch(batch))
+            hub.answer("pull", StatusCode::OK, &Message::Batch(batch))
         }
         Ok((_, Err(PullError::CursorInvalid(why)))) => error_frame(
             ErrorCode::CursorInvalid,

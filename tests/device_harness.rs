@@ -1,0 +1,166 @@
+//! A device on disk (data directory, key file, config) bound to a real test hub over
+//! loopback TLS, with a manual clock.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use carecache::clock::ManualClock;
+use carecache::config::Config;
+use carecache::crypto::RootKey;
+use carecache::device::{Device, DeviceError};
+use carecache::keysource::{SourceKind, create_key_file};
+use carecache::store::Store;
+use carecache::sync::Summary;
+pub(crate) use carecache_hub::testing::{T0, TestHub};
+use sync_protocol::NhsNumber;
+
+pub(crate) const HOUR: Duration = Duration::from_secs(3600);
+
+pub(crate) struct Dev {
+    pub(crate) tmp: tempfile::TempDir,
+    pub(crate) config_path: PathBuf,
+    pub(crate) clock: Arc<ManualClock>,
+    pub(crate) device: Device,
+    pub(crate) root: RootKey,
+}
+
+/// Config text for a device of `hub` in `dir`.
+pub(crate) fn config_text(hub: &TestHub, dir: &std::path::Path) -> String {
+    format!(
+        r#"data_dir = "{data}"
+[key]
+source = "key_file"
+path = "{key}"
+[hub]
+url = "{url}"
+ca_file = "{ca}"
+max_batch_bytes = 262144
+connect_timeout_secs = 5
+read_timeout_secs = 30
+[sync]
+max_clock_skew_secs = 900
+[device]
+label = "Ambulance 7"
+"#,
+        data = dir.join("data").display(),
+        key = dir.join("root.key").display(),
+        url = hub.base_url(),
+        ca = hub.ca_file.display(),
+    )
+}
+
+impl Dev {
+    /// A fresh, initialised, not yet enrolled device whose clock reads `T0`.
+    pub(crate) fn new(hub: &TestHub) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = create_key_file(&tmp.path().join("root.key")).unwrap();
+        Store::create(&tmp.path().join("data"), &root, SourceKind::KeyFile, None).unwrap();
+        let config_path = tmp.path().join("carecache.toml");
+        std::fs::write(&config_path, config_text(hub, tmp.path())).unwrap();
+        let clock = Arc::new(ManualClock::new(T0));
+        let config = Config::load(&config_path).unwrap();
+        let device = Device::open(config, &root, clock.clone()).unwrap();
+        Self {
+            tmp,
+            config_path,
+            clock,
+            device,
+            root,
+        }
+    }
+
+    /// A device enrolled with `hub`.
+    pub(crate) fn enrolled(hub: &TestHub) -> Self {
+        let d = Self::new(hub);
+        d.device.enrol(&hub.token()).unwrap();
+        d
+    }
+
+    pub(crate) fn id(&self) -> String {
+        self.device.device_id().unwrap().unwrap()
+    }
+
+    pub(crate) fn sync(&self) -> Result<Summary, DeviceError> {
+        self.device.sync_once(&mut |_| {})
+    }
+
+    /// Closes and reopens the device (a restart), keeping its clock.
+    pub(crate) fn restart(self) -> Self {
+        let Dev {
+            tmp,
+            config_path,
+            clock,
+            device,
+            root,
+        } = self;
+        drop(device);
+        let config = Config::load(&config_path).unwrap();
+        let device = Device::open(config, &root, clock.clone()).unwrap();
+        Dev {
+            tmp,
+            config_path,
+            clock,
+            device,
+            root,
+        }
+    }
+
+    /// Held patients.
+    pub(crate) fn held(&self) -> Vec<NhsNumber> {
+        let mut v: Vec<NhsNumber> = self
+            .device
+            .store()
+            .held_versions()
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Grants a lease on `patients` to `device` (team audience, clinical view, 24 h from
+/// 2026-11-24T00:00Z, 12 h offline), with overrides merged in.
+pub(crate) fn grant(
+    hub: &TestHub,
+    device: &str,
+    patients: &[NhsNumber],
+    overrides: serde_json::Value,
+) -> u64 {
+    let mut spec = serde_json::json!({
+        "label": "Test caseload",
+        "target": { "device": device },
+        "view": "clinical",
+        "not_before": "2026-11-24T00:00:00Z",
+        "not_after": "2026-11-25T00:00:00Z",
+        "max_offline_secs": 43200,
+        "emergency_access": false,
+        "patients": patients.iter().map(|n| n.digits()).collect::<Vec<_>>(),
+    });
+    if let (Some(base), Some(extra)) = (spec.as_object_mut(), overrides.as_object()) {
+        for (k, v) in extra {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    hub.grant(spec)
+}
+
+/// The shareable patients among the first `n` of the hub.
+pub(crate) fn shareable(hub: &TestHub, n: usize) -> Vec<NhsNumber> {
+    hub.patients
+        .iter()
+        .take(n)
+        .filter(|p| p.shareable())
+        .map(|p| p.nhs_number())
+        .collect()
+}
+
+pub(crate) fn first_n(hub: &TestHub, n: usize) -> Vec<NhsNumber> {
+    hub.patients
+        .iter()
+        .take(n)
+        .map(|p| p.nhs_number())
+        .collect()
+}

@@ -1,0 +1,239 @@
+//! Test support (feature `testing`): a real hub on loopback TLS over synthetic NDJSON,
+//! with a development CA, a movable clock and admin helpers. Device tests start one per
+//! test; nothing here is used by the hub itself.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test support: a failure here is a broken test environment and should panic"
+)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use carecache_synth::{Generator, SourcePatient};
+use sync_protocol::types::Timestamp;
+
+use crate::config::Limits;
+use crate::pki::{DeviceCa, dev_ca, pem_certs};
+use crate::server::{Hub, serve, tls_config};
+use crate::sharing::SharingRules;
+use crate::source::ingest_ndjson;
+use crate::state::HubState;
+
+/// The admin token of test hubs.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// Hub time at start: 2026-11-24T08:00:00Z.
+pub const T0: u64 = 1_795_507_200_000;
+
+/// A hub serving on 127.0.0.1:0 until dropped.
+pub struct TestHub {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The hub (state, hooks).
+    pub hub: Arc<Hub>,
+    /// Its files (NDJSON, PKI, state).
+    pub dir: tempfile::TempDir,
+    /// The CA certificate devices pin.
+    pub ca_pem: String,
+    /// The CA certificate's file.
+    pub ca_file: PathBuf,
+    /// The synthetic source patients.
+    pub patients: Vec<SourcePatient>,
+    clock: Arc<AtomicU64>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TestHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestHub")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestHub {
+    /// A hub over `n` synthetic patients generated from `seed`.
+    pub fn start(n: usize, seed: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let patients = Generator::new(seed).source_patients(n);
+        let ndjson = dir.path().join("ndjson");
+        carecache_synth::fhir::write_ndjson(&patients, &ndjson).unwrap();
+        let files = dev_ca(
+            &dir.path().join("pki"),
+            &["localhost".into(), "127.0.0.1".into()],
+        )
+        .unwrap();
+        let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+        ingest_ndjson(&state, &SharingRules::default_rules().unwrap(), &ndjson).unwrap();
+        let ca = DeviceCa::load(&files.ca_cert, &files.ca_key, 30).unwrap();
+        let ca_pem = std::fs::read_to_string(&files.ca_cert).unwrap();
+        let clock = Arc::new(AtomicU64::new(T0));
+        let c2 = clock.clone();
+        let hub = Arc::new(
+            Hub::new(state, ca, ADMIN_TOKEN, &Limits::default()).with_clock(Arc::new(move || {
+                Timestamp::from_millis(c2.load(Ordering::SeqCst)).unwrap()
+            })),
+        );
+        let tls = {
+            use rustls::pki_types::pem::PemObject;
+            let chain = pem_certs(&std::fs::read_to_string(&files.hub_cert).unwrap());
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.hub_key).unwrap();
+            tls_config(&pem_certs(&ca_pem), chain, key).unwrap()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let h2 = hub.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                serve(h2, listener, tls, Duration::from_secs(5), async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            addr,
+            hub,
+            ca_file: files.ca_cert,
+            dir,
+            ca_pem,
+            patients,
+            clock,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// `https://localhost:PORT` (the hub certificate names localhost).
+    pub fn base_url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// Sets hub time.
+    pub fn set_time(&self, ms: u64) {
+        self.clock.store(ms, Ordering::SeqCst);
+    }
+
+    /// Admin API call: status and JSON body.
+    pub fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let ca = ureq::tls::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])))
+            .build();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!("{}{path}", self.base_url());
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let mut resp = match method {
+            "GET" => agent.get(&url).header("Authorization", &auth).call(),
+            "DELETE" => agent.delete(&url).header("Authorization", &auth).call(),
+            "PUT" => agent
+                .put(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(body.unwrap_or_default().to_string()),
+            _ => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(body.unwrap_or(serde_json::json!({})).to_string()),
+        }
+        .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// A one-time enrolment token.
+    pub fn token(&self) -> String {
+        let (status, body) = self.admin(
+            "POST",
+            "/admin/v1/enrolment-tokens",
+            Some(serde_json::json!({})),
+        );
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Grants a lease (admin API JSON); returns its id.
+    pub fn grant(&self, spec: serde_json::Value) -> u64 {
+        let (status, body) = self.admin("POST", "/admin/v1/leases", Some(spec));
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_u64().unwrap()
+    }
+
+    /// Revokes a device.
+    pub fn revoke_device(&self, device: &str) {
+        let (status, body) =
+            self.admin("POST", &format!("/admin/v1/devices/{device}/revoke"), None);
+        assert!(status == 200 || status == 204, "{status} {body}");
+    }
+
+    /// Records an objection (`status` "active") or its withdrawal ("inactive") for a
+    /// source patient, as a FHIR Consent in the NDJSON source, and re-ingests.
+    pub fn consent(&self, fhir_id: &str, status: &str, at: &str) {
+        let consent = serde_json::json!({
+            "resourceType": "Consent", "id": format!("{fhir_id}-objection-test"),
+            "meta": { "versionId": if status == "active" { "1" } else { "2" }, "lastUpdated": at },
+            "status": status,
+            "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+            "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "INFA" }] }],
+            "patient": { "reference": format!("Patient/{fhir_id}") },
+            "dateTime": at,
+            "provision": { "type": "deny" },
+        });
+        let path = self.dir.path().join("ndjson").join("Consent.ndjson");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .unwrap();
+        writeln!(f, "{consent}").unwrap();
+        drop(f);
+        let rules = SharingRules::default_rules().unwrap();
+        ingest_ndjson(&self.hub.state, &rules, &self.dir.path().join("ndjson")).unwrap();
+    }
+
+    /// Stops serving (also on drop).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
