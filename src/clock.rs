@@ -185,6 +185,11 @@ pub fn check_hub_time(
     Ok(())
 }
 
+/// A timestamp as RFC 3339 UTC to the second (`2026-11-24T08:00:00Z`).
+pub fn rfc3339(t: Timestamp) -> String {
+    crate::fhir::instant(t)
+}
+
 /// A duration in words, for status and error text: "3 d 4 h", "12 min", "40 s".
 pub fn human(secs: u64) -> String {
     const DAY: u64 = 86_400;

@@ -46,7 +46,7 @@ pub enum SyncError {
     Sensitive(usize),
     /// Hub or device clock: hub time too far from trusted time.
     #[error("answer rejected: {0}")]
-    HubTime(#[from] HubTimeError),
+    HubTime(HubTimeError),
     /// Hub: answered with a message of the wrong kind.
     #[error("hub answered {got} where {expected} was expected")]
     Unexpected {
@@ -84,6 +84,12 @@ pub enum SyncError {
     /// The engine was driven out of order (a bug in the caller).
     #[error("sync engine driven out of order")]
     OutOfOrder,
+}
+
+impl From<HubTimeError> for SyncError {
+    fn from(e: HubTimeError) -> Self {
+        Self::HubTime(e)
+    }
 }
 
 impl SyncError {

@@ -37,7 +37,7 @@ pub enum TransportError {
     },
     /// The answer is not a protocol frame of an acceptable kind.
     #[error("hub answer is not a valid frame: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
     /// The answer was not a frame at all (HTTP status, content type).
     #[error("hub answered HTTP {status} without a protocol frame")]
     NotAFrame {
@@ -50,6 +50,12 @@ pub enum TransportError {
     /// The pinned CA or the device identity is unusable.
     #[error("TLS identity: {0}")]
     Identity(String),
+}
+
+impl From<DecodeError> for TransportError {
+    fn from(e: DecodeError) -> Self {
+        Self::Decode(e)
+    }
 }
 
 impl TransportError {

@@ -3,6 +3,7 @@
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
     reason = "test code: a panic is a failed test"
 )]
 
@@ -10,6 +11,7 @@ mod cli;
 mod device_harness;
 mod fixture_content;
 mod harness;
+mod policy;
 mod store;
 mod store_fixture;
 mod sync;
