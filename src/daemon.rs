@@ -40,9 +40,11 @@ pub fn enrol(config_path: &Path, token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `carecache sync`: one round, with a progress bar on a terminal.
-pub fn sync(config_path: &Path) -> anyhow::Result<()> {
+/// `carecache sync`: one round, with a progress bar on a terminal; `stats` adds a line of
+/// figures (time, bytes, peak memory) for benchmarks and capacity checks.
+pub fn sync(config_path: &Path, stats: bool) -> anyhow::Result<()> {
     let device = open(config_path, Arc::new(SystemClock::new()))?;
+    let started = std::time::Instant::now();
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {wide_msg}")
@@ -76,6 +78,16 @@ pub fn sync(config_path: &Path) -> anyhow::Result<()> {
                 s.bytes as f64 / 1e6,
                 if s.resynced { " (full resync)" } else { "" }
             );
+            if stats {
+                println!(
+                    "stats: elapsed_ms={} bytes={} batches={} upserts={} peak_rss_kib={}",
+                    started.elapsed().as_millis(),
+                    s.bytes,
+                    s.batches,
+                    s.upserts,
+                    peak_rss_kib().unwrap_or(0)
+                );
+            }
             Ok(())
         }
         Err(e) => Err(e.into()),
@@ -165,6 +177,15 @@ pub fn run_loop(device: &Device, clock: &dyn Clock, stop: &AtomicBool) -> anyhow
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// This process's peak resident set (Linux `VmHWM`), in KiB.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 fn random_unit() -> f64 {

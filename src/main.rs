@@ -56,6 +56,9 @@ enum Command {
     Sync {
         #[command(flatten)]
         config: ConfigArg,
+        /// Also print time, bytes and peak memory.
+        #[arg(long)]
+        stats: bool,
     },
     /// Show leases and time left, last sync and its error, trusted time, audit backlog.
     Status {
@@ -125,7 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rekey { dir, key, new, kdf } => cli::rekey(&dir, &key, &new, &kdf),
         Command::Wipe { dir, yes } => cli::wipe(&dir, yes),
         Command::Enrol { config, token } => daemon::enrol(&config.config, &token),
-        Command::Sync { config } => daemon::sync(&config.config),
+        Command::Sync { config, stats } => daemon::sync(&config.config, stats),
         Command::Status { config, json } => daemon::status(&config.config, json),
         Command::Serve { config } => daemon::serve(&config.config),
     }

@@ -1,0 +1,261 @@
+//! Initial sync of 10,000 and 100,000 patients, and a 1 % delta sync, from a hub on
+//! loopback mutual TLS into a real device (the release `carecache sync --stats` as its
+//! own process, so its peak RSS is its own).
+//!
+//! Baseline from the same run: the hub-only serve rate — a client on the same machine
+//! that pulls the same caseload over the same TLS and decodes every batch but stores
+//! nothing. The device-side rate is compared with it (goal ≥ 0.5×).
+//!
+//! `cargo bench --bench sync` (`DEVICE_BENCH_SIZES=10000` to pick sizes).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::cast_possible_truncation,
+    clippy::indexing_slicing,
+    reason = "benchmark driver"
+)]
+
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use carecache::keysource::{SourceKind, create_key_file};
+use carecache::store::Store;
+use carecache::transport::{Identity, Transport};
+use carecache_hub::pki::make_csr;
+use carecache_hub::testing::TestHub;
+use sync_protocol::message::{EnrolRequest, Hello, Message, MessageKind, Pull};
+use sync_protocol::types::{Bytes, Capabilities, EnrolmentToken, Text, Timestamp};
+use zeroize::Zeroizing;
+
+struct Figures {
+    secs: f64,
+    bytes: u64,
+    upserts: u64,
+    rss_kib: u64,
+}
+
+fn device_sync(config: &std::path::Path) -> Figures {
+    let out = Command::new(env!("CARGO_BIN_EXE_carecache"))
+        .args(["sync", "--stats", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().find(|l| l.starts_with("stats:")).unwrap();
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    Figures {
+        secs: field("elapsed_ms") as f64 / 1000.0,
+        bytes: field("bytes"),
+        upserts: field("upserts"),
+        rss_kib: field("peak_rss_kib"),
+    }
+}
+
+/// Pulls everything the hub has for a device, decoding but storing nothing.
+fn hub_only(hub: &TestHub, budget: u32) -> (f64, u64, u64) {
+    let (key_pem, csr) = make_csr("bench null device").unwrap();
+    let anon = Transport::new(
+        &hub.base_url(),
+        &hub.ca_pem,
+        None,
+        Duration::from_secs(5),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    let answer = anon
+        .exchange(
+            "/ccsp/v1/enrol",
+            &Message::EnrolRequest(EnrolRequest {
+                token: EnrolmentToken::new(hub.token()).unwrap(),
+                csr_der: Bytes::try_from(csr).unwrap(),
+                device_label: Text::new("null device").unwrap(),
+            }),
+            MessageKind::EnrolResponse,
+        )
+        .unwrap();
+    let Message::EnrolResponse(r) = answer.message else {
+        panic!("enrol")
+    };
+    let id = Identity {
+        cert_der: r.certificate_der.as_slice().to_vec(),
+        key_pem: Zeroizing::new(key_pem),
+    };
+    grant_all(hub, r.device_id.as_str());
+    let t = Transport::new(
+        &hub.base_url(),
+        &hub.ca_pem,
+        Some(&id),
+        Duration::from_secs(5),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let hello = Message::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: Capabilities(1),
+        device_time: Timestamp::from_millis(carecache_hub::testing::T0).unwrap(),
+        software: Text::new("bench").unwrap(),
+    });
+    let mut bytes = t
+        .exchange("/ccsp/v1/hello", &hello, MessageKind::Welcome)
+        .unwrap()
+        .wire_bytes as u64;
+    let mut cursor = None;
+    let mut upserts = 0u64;
+    loop {
+        let a = t
+            .exchange(
+                "/ccsp/v1/pull",
+                &Message::Pull(Pull {
+                    cursor: cursor.clone(),
+                    max_bytes: budget,
+                }),
+                MessageKind::Batch,
+            )
+            .unwrap();
+        bytes += a.wire_bytes as u64;
+        let Message::Batch(b) = a.message else {
+            panic!("pull")
+        };
+        upserts += b.upserts.len() as u64;
+        cursor = Some(b.next_cursor);
+        if !b.more {
+            break;
+        }
+    }
+    (started.elapsed().as_secs_f64(), bytes, upserts)
+}
+
+fn grant_all(hub: &TestHub, device: &str) {
+    let patients: Vec<String> = hub.patients.iter().map(|p| p.nhs_number().digits()).collect();
+    hub.grant(serde_json::json!({
+        "label": "Regional alert register",
+        "target": { "device": device },
+        "view": "clinical",
+        "not_before": "2026-01-01T00:00:00Z",
+        "not_after": "2099-01-01T00:00:00Z",
+        "max_offline_secs": 86400,
+        "patients": patients,
+    }));
+}
+
+/// Changes the family name of every hundredth patient in the source and re-ingests.
+fn touch_one_percent(hub: &TestHub) -> usize {
+    let path = hub.dir.path().join("ndjson").join("Patient.ndjson");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = String::with_capacity(text.len() + 1024);
+    let mut touched = 0;
+    for (i, line) in text.lines().enumerate() {
+        if i % 100 == 0 {
+            let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let fam = v["name"][0]["family"].as_str().unwrap_or("X").to_owned();
+            v["name"][0]["family"] = serde_json::Value::String(format!("{fam}-Moved"));
+            v["meta"]["versionId"] = serde_json::Value::String("2".into());
+            out.push_str(&v.to_string());
+            touched += 1;
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    std::fs::write(&path, out).unwrap();
+    let rules = carecache_hub::sharing::SharingRules::default_rules().unwrap();
+    carecache_hub::source::ingest_ndjson(&hub.hub.state, &rules, &hub.dir.path().join("ndjson"))
+        .unwrap();
+    touched
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("DEVICE_BENCH_SIZES")
+        .unwrap_or_else(|_| "10000,100000".into())
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let budget = 4 * 1024 * 1024;
+    let mut rows = Vec::new();
+    for n in sizes {
+        eprintln!("preparing a hub with {n} patients …");
+        let hub = TestHub::start(n, 42);
+        // The system clock drives the device process; the hub follows it.
+        hub.set_time(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+        );
+        let (hub_secs, hub_bytes, hub_upserts) = hub_only(&hub, budget);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = create_key_file(&tmp.path().join("root.key")).unwrap();
+        Store::create(&tmp.path().join("data"), &root, SourceKind::KeyFile, None).unwrap();
+        let config = tmp.path().join("carecache.toml");
+        let mut f = std::fs::File::create(&config).unwrap();
+        write!(
+            f,
+            "data_dir = \"{}\"\n[key]\nsource = \"key_file\"\npath = \"{}\"\n[hub]\nurl = \"{}\"\nca_file = \"{}\"\nmax_batch_bytes = {budget}\nread_timeout_secs = 600\n",
+            tmp.path().join("data").display(),
+            tmp.path().join("root.key").display(),
+            hub.base_url(),
+            hub.ca_file.display()
+        )
+        .unwrap();
+        drop(f);
+        let enrol = Command::new(env!("CARGO_BIN_EXE_carecache"))
+            .args(["enrol", "--config", config.to_str().unwrap(), "--token", &hub.token()])
+            .output()
+            .unwrap();
+        assert!(enrol.status.success(), "{}", String::from_utf8_lossy(&enrol.stderr));
+        let status = Command::new(env!("CARGO_BIN_EXE_carecache"))
+            .args(["status", "--json", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        grant_all(&hub, s["device_id"].as_str().unwrap());
+        let initial = device_sync(&config);
+        assert_eq!(initial.upserts, hub_upserts, "device and baseline hold the same");
+        let touched = touch_one_percent(&hub);
+        let delta = device_sync(&config);
+        let disk: u64 = std::fs::read_dir(tmp.path().join("data"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        let hub_rate = hub_upserts as f64 / hub_secs;
+        let dev_rate = initial.upserts as f64 / initial.secs;
+        rows.push(format!(
+            "| {n} | {:.2} s | {:.0}/s | {:.1} MB/s | {:.0}/s | {:.2}× | {:.1} MiB | {} rec, {:.2} s, {:.1} KB | {:.2} KB |",
+            initial.secs,
+            dev_rate,
+            initial.bytes as f64 / 1e6 / initial.secs,
+            hub_rate,
+            dev_rate / hub_rate,
+            initial.rss_kib as f64 / 1024.0,
+            delta.upserts,
+            delta.secs,
+            delta.bytes as f64 / 1e3,
+            disk as f64 / 1024.0 / initial.upserts as f64,
+        ));
+        eprintln!(
+            "{n}: hub-only {hub_secs:.2} s for {hub_bytes} B; touched {touched}; device {:.2} s",
+            initial.secs
+        );
+    }
+    println!("\nDevice sync from a loopback hub (mutual TLS; hub in process, device as its own process)\n");
+    println!("| patients | initial sync | device rate | wire | hub-only rate (baseline) | ratio (goal ≥ 0.5) | device peak RSS (goal ≤ 50 MiB) | 1 % delta | disk/patient |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!("\nGoals: 10k ≤ 1.5 s, 100k ≤ 15 s.");
+}
