@@ -140,7 +140,11 @@ fn hub_only(hub: &TestHub, budget: u32) -> (f64, u64, u64) {
 }
 
 fn grant_all(hub: &TestHub, device: &str) {
-    let patients: Vec<String> = hub.patients.iter().map(|p| p.nhs_number().digits()).collect();
+    let patients: Vec<String> = hub
+        .patients
+        .iter()
+        .map(|p| p.nhs_number().digits())
+        .collect();
     hub.grant(serde_json::json!({
         "label": "Regional alert register",
         "target": { "device": device },
@@ -213,10 +217,20 @@ fn main() {
         .unwrap();
         drop(f);
         let enrol = Command::new(env!("CARGO_BIN_EXE_carecache"))
-            .args(["enrol", "--config", config.to_str().unwrap(), "--token", &hub.token()])
+            .args([
+                "enrol",
+                "--config",
+                config.to_str().unwrap(),
+                "--token",
+                &hub.token(),
+            ])
             .output()
             .unwrap();
-        assert!(enrol.status.success(), "{}", String::from_utf8_lossy(&enrol.stderr));
+        assert!(
+            enrol.status.success(),
+            "{}",
+            String::from_utf8_lossy(&enrol.stderr)
+        );
         let status = Command::new(env!("CARGO_BIN_EXE_carecache"))
             .args(["status", "--json", "--config", config.to_str().unwrap()])
             .output()
@@ -224,7 +238,10 @@ fn main() {
         let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
         grant_all(&hub, s["device_id"].as_str().unwrap());
         let initial = device_sync(&config);
-        assert_eq!(initial.upserts, hub_upserts, "device and baseline hold the same");
+        assert_eq!(
+            initial.upserts, hub_upserts,
+            "device and baseline hold the same"
+        );
         let touched = touch_one_percent(&hub);
         let delta = device_sync(&config);
         let disk: u64 = std::fs::read_dir(tmp.path().join("data"))
@@ -251,8 +268,12 @@ fn main() {
             initial.secs
         );
     }
-    println!("\nDevice sync from a loopback hub (mutual TLS; hub in process, device as its own process)\n");
-    println!("| patients | initial sync | device rate | wire | hub-only rate (baseline) | ratio (goal ≥ 0.5) | device peak RSS (goal ≤ 50 MiB) | 1 % delta | disk/patient |");
+    println!(
+        "\nDevice sync from a loopback hub (mutual TLS; hub in process, device as its own process)\n"
+    );
+    println!(
+        "| patients | initial sync | device rate | wire | hub-only rate (baseline) | ratio (goal ≥ 0.5) | device peak RSS (goal ≤ 50 MiB) | 1 % delta | disk/patient |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");

@@ -411,9 +411,21 @@ impl Device {
             extras.set(key::LAST_OK, &now)?;
         }
         extras.set(key::TRUSTED, &self.high_water())?;
-        self.store.put_device_state(&extras)?;
-        self.tick()?;
-        result
+        // Recording the outcome and ticking must not hide why the round failed.
+        let after = self
+            .store
+            .put_device_state(&extras)
+            .map_err(DeviceError::from)
+            .and_then(|()| self.tick().map(drop));
+        match (result, after) {
+            (Ok(s), Ok(())) => Ok(s),
+            (Ok(_), Err(e)) => Err(e),
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(later)) => {
+                tracing::error!(error = %later, "recording the failed round also failed");
+                Err(e)
+            }
+        }
     }
 
     fn round(

@@ -96,14 +96,22 @@ struct ConfigArg {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs what it does; one-shot commands only warnings. Logs carry ids,
+    // counts and outcomes, never patient data.
+    let default = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CARECACHE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("carecache: {e:#}");

@@ -6,7 +6,6 @@
 //! read a record for display and needs a `Grant`; it also applies the lease's view
 //! (`social_care` sees alerts and key contacts only). DESIGN.md invariants 3 and 4.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -184,7 +183,9 @@ pub enum Standing {
 #[derive(Clone)]
 pub struct Policy {
     leases: Vec<Lease>,
-    by_patient: HashMap<NhsNumber, Vec<usize>>,
+    /// (patient, index into `leases`), sorted: one flat allocation however large the
+    /// caseload (a map of vectors would allocate per patient).
+    by_patient: Vec<(NhsNumber, u32)>,
     ended: Vec<EndedLease>,
     last_contact: Option<Timestamp>,
 }
@@ -193,7 +194,7 @@ impl fmt::Debug for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Policy")
             .field("leases", &self.leases.len())
-            .field("patients", &self.by_patient.len())
+            .field("entries", &self.by_patient.len())
             .field("ended", &self.ended.len())
             .field("last_contact", &self.last_contact)
             .finish()
@@ -208,12 +209,16 @@ impl Policy {
         ended: Vec<EndedLease>,
         last_contact: Option<Timestamp>,
     ) -> Self {
-        let mut by_patient: HashMap<NhsNumber, Vec<usize>> = HashMap::new();
-        for (i, l) in leases.iter().enumerate() {
-            for p in l.patients.iter() {
-                by_patient.entry(*p).or_default().push(i);
-            }
-        }
+        let mut by_patient: Vec<(NhsNumber, u32)> = leases
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                let i = u32::try_from(i).unwrap_or(u32::MAX);
+                l.patients.iter().map(move |p| (*p, i))
+            })
+            .collect();
+        by_patient.sort_unstable();
+        by_patient.shrink_to_fit();
         Self {
             leases,
             by_patient,
@@ -290,12 +295,14 @@ impl Policy {
         purpose: &Purpose,
         nhs: &NhsNumber,
     ) -> Result<Grant, Denial> {
+        let from = self.by_patient.partition_point(|(p, _)| p < nhs);
         let naming: Vec<&Lease> = self
             .by_patient
-            .get(nhs)
-            .into_iter()
-            .flatten()
-            .filter_map(|i| self.leases.get(*i))
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|(p, _)| p == nhs)
+            .filter_map(|(_, i)| self.leases.get(usize::try_from(*i).ok()?))
             .collect();
         let grant = |l: &Lease, until, emergency| Grant {
             nhs: *nhs,
@@ -428,4 +435,99 @@ pub fn open(store: &Store, grant: Grant) -> Result<Option<Shown>, StoreError> {
         withheld: r.withheld,
         grant,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use sync_protocol::types::{BoundedVec, Text};
+
+    use super::*;
+
+    const T0: u64 = 1_795_507_200_000;
+
+    fn ts(ms: u64) -> Timestamp {
+        Timestamp::from_millis(ms).unwrap()
+    }
+
+    fn nhs() -> NhsNumber {
+        NhsNumber::parse("9434765919").unwrap()
+    }
+
+    fn lease(audience: Audience, emergency: bool) -> Lease {
+        Lease::new(
+            LeaseId(1),
+            Text::new("caseload").unwrap(),
+            audience,
+            View::Clinical,
+            ts(T0),
+            ts(T0 + 3_600_000),
+            600,
+            emergency,
+            BoundedVec::try_from(vec![nhs()]).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_time_box_is_half_open_and_the_offline_limit_counts_from_contact() {
+        let p = Policy::new(vec![lease(Audience::Team, false)], Vec::new(), Some(ts(T0)));
+        let l = &p.leases()[0];
+        assert_eq!(p.standing(l, ts(T0 - 1)), Standing::NotYet(ts(T0)));
+        assert_eq!(p.standing(l, ts(T0)), Standing::Active(ts(T0 + 600_000)));
+        assert_eq!(
+            p.standing(l, ts(T0 + 600_000)),
+            Standing::Ended(EndReason::OfflineTooLong)
+        );
+        let fresh = Policy::new(p.leases().to_vec(), Vec::new(), Some(ts(T0 + 3_500_000)));
+        assert_eq!(
+            fresh.standing(l, ts(T0 + 3_599_999)),
+            Standing::Active(ts(T0 + 3_600_000))
+        );
+        assert_eq!(
+            fresh.standing(l, ts(T0 + 3_600_000)),
+            Standing::Ended(EndReason::Expired)
+        );
+        let never = Policy::new(p.leases().to_vec(), Vec::new(), None);
+        assert_eq!(
+            never.standing(l, ts(T0)),
+            Standing::Ended(EndReason::OfflineTooLong)
+        );
+    }
+
+    #[test]
+    fn ended_access_is_named_as_such_for_its_users_only() {
+        let alice = StaffId::new("alice").unwrap();
+        let bob = StaffId::new("bob").unwrap();
+        let ended = EndedLease {
+            id: LeaseId(1),
+            audience: Audience::Users(BoundedVec::try_from(vec![alice.clone()]).unwrap()),
+            ended_at: ts(T0),
+            reason: EndReason::Expired,
+        };
+        let p = Policy::new(Vec::new(), vec![ended], Some(ts(T0)));
+        assert_eq!(
+            p.decide_leases(ts(T0), &alice, &Purpose::Treat, &nhs()),
+            Err(Denial::AccessEnded(EndReason::Expired))
+        );
+        assert_eq!(
+            p.decide_leases(ts(T0), &bob, &Purpose::Treat, &nhs()),
+            Err(Denial::NotOnCaseload)
+        );
+    }
+
+    #[test]
+    fn debug_output_carries_no_patient_or_reason() {
+        let p = Policy::new(vec![lease(Audience::Team, true)], Vec::new(), Some(ts(T0)));
+        let g = p
+            .decide_leases(ts(T0), &StaffId::new("a").unwrap(), &Purpose::Treat, &nhs())
+            .unwrap();
+        let text = format!(
+            "{g:?} {p:?} {:?}",
+            Purpose::Emergency("Mrs Smith fell".into())
+        );
+        assert!(
+            !text.contains("9434765919") && !text.contains("Smith"),
+            "{text}"
+        );
+    }
 }

@@ -36,6 +36,14 @@ pub use keyring::{KEYRING_FILE, LockInfo, SLOT_LEN, Scope};
 pub use migrate::{SCHEMA_VERSION, force_schema_version};
 use tables::{Table, sealed_ad};
 
+/// redb's page cache. redb's default (1 GiB) would let the cache grow with the data: a
+/// device holding 100,000 patients would keep most of them in memory. Reads past the cache
+/// come from the kernel's page cache; the device's RSS goal is 50 MB.
+pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Unwrapped data keys kept in memory at most (about 100 bytes each).
+const KEY_CACHE_ENTRIES: usize = 16_384;
+
 /// File name of the redb database inside a data directory.
 pub const DATABASE_FILE: &str = "store.redb";
 
@@ -170,6 +178,7 @@ impl Store {
         crypto::fill_random(&mut store_id)?;
         let (ring, master) = keyring::Keyring::create(dir, store_id, root, kind, kdf)?;
         let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
             .create(dir.join(DATABASE_FILE))
             .map_err(|e| StoreError::db("create database", e))?;
         migrate::initialise(&db, &store_id)?;
@@ -190,6 +199,7 @@ impl Store {
         Self::open_inner(dir, root, |path| {
             migrate::peek_version(path)?;
             Database::builder()
+                .set_cache_size(CACHE_BYTES)
                 .open(path)
                 .map_err(|e| StoreError::db("open database", e))
         })
@@ -203,6 +213,7 @@ impl Store {
     ) -> Result<Store, StoreError> {
         Self::open_inner(dir, root, |_| {
             Database::builder()
+                .set_cache_size(CACHE_BYTES)
                 .create_with_backend(backend)
                 .map_err(|e| StoreError::db("open database", e))
         })
@@ -670,10 +681,7 @@ impl Store {
             return Ok(k);
         }
         let key = ring.unwrap(slot, scope, &self.keys.wrap)?;
-        self.data_keys
-            .write()
-            .map_err(|_| StoreError::Poisoned)?
-            .insert(slot, key.clone());
+        self.cache_key(slot, &key)?;
         Ok(key)
     }
 
@@ -786,6 +794,17 @@ impl Store {
         ring.destroy(&destroyed)?;
         ring.confirm(&allocated)?;
         Ok(outcome)
+    }
+
+    /// Keeps an unwrapped data key for later reads. The cache is bounded so that memory
+    /// stays flat however many patients the device holds: when full it starts again.
+    fn cache_key(&self, slot: u32, key: &Secret32) -> Result<(), StoreError> {
+        let mut cache = self.data_keys.write().map_err(|_| StoreError::Poisoned)?;
+        if cache.len() >= KEY_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(slot, key.clone());
+        Ok(())
     }
 
     /// Drops every cached data key (after a remote wipe, nothing may be read again).
@@ -1035,11 +1054,7 @@ impl<'a> Writer<'a> {
     fn allocate(&mut self, scope: Scope) -> Result<(u32, Secret32), StoreError> {
         let (slot, key) = self.ring.allocate(scope, &self.store.keys.wrap)?;
         self.allocated.push(slot);
-        self.store
-            .data_keys
-            .write()
-            .map_err(|_| StoreError::Poisoned)?
-            .insert(slot, key.clone());
+        self.store.cache_key(slot, &key)?;
         Ok((slot, key))
     }
 }
