@@ -389,6 +389,11 @@ impl Device {
         let outcome = match &result {
             Ok(_) => Outcome::Ok,
             Err(DeviceError::Transport(e)) if e.is_offline() => Outcome::Offline(e.to_string()),
+            Err(DeviceError::Transport(
+                e @ (TransportError::Decode(_)
+                | TransportError::TooLarge { .. }
+                | TransportError::NotAFrame { .. }),
+            )) => Outcome::Rejected(e.to_string()),
             Err(DeviceError::Sync(e)) if e.is_rejection() => Outcome::Rejected(e.to_string()),
             Err(DeviceError::Store(StoreError::Refused(why))) => {
                 Outcome::Rejected(format!("batch rejected by the store: {why}"))
