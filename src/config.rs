@@ -21,7 +21,7 @@ use serde::Deserialize;
 use sync_protocol::message::Pull;
 use sync_protocol::sensitive::CodeList;
 
-use crate::keysource::{KeySource, Passphrase};
+use crate::keysource::KeySource;
 
 /// A configuration that cannot be used (the operator's file is at fault).
 #[derive(Debug, thiserror::Error)]
@@ -176,11 +176,6 @@ impl KeyConfig {
                 "Passphrase: ",
             )?),
         })
-    }
-
-    /// A passphrase source with the passphrase given (tests, demo).
-    pub fn with_passphrase(p: &str) -> KeySource {
-        KeySource::Passphrase(Passphrase::new(p.to_owned()))
     }
 }
 

@@ -2,7 +2,6 @@
 //! the daemon run — enrol, one sync round, the policy tick, status, remote wipe. The sync
 //! engine decides; this module does the I/O it asks for.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -363,20 +362,23 @@ impl Device {
         )?)
     }
 
-    fn connect(&self) -> Result<Transport, DeviceError> {
+    /// A transport with the enrolled identity, and the device id it proves.
+    fn connect(&self) -> Result<(Transport, DeviceId), DeviceError> {
         let Some(id): Option<StoredIdentity> = self.store.device_state(key::IDENTITY)? else {
             return Err(DeviceError::NotEnrolled);
         };
+        let device_id = DeviceId::new(id.device_id.clone())
+            .map_err(|_| DeviceError::Enrol("stored device id".into()))?;
         let identity = Identity {
             cert_der: id.cert_der.clone(),
             key_pem: Zeroizing::new(id.key_pem.clone()),
         };
-        self.transport(&id.ca_pem, Some(&identity))
+        Ok((self.transport(&id.ca_pem, Some(&identity))?, device_id))
     }
 
-    /// Whether the hub answers a TCP connection now.
+    /// Whether the hub answers a TCP connection now (no TLS, no key material touched).
     pub fn probe(&self) -> bool {
-        self.connect().is_ok_and(|t| t.probe())
+        crate::transport::probe(&self.config.hub.url, self.config.hub.connect_timeout)
     }
 
     /// One sync round: hello, then pull until the hub has nothing more. Each batch is
@@ -438,24 +440,20 @@ impl Device {
         summary: &mut Summary,
         progress: &mut dyn FnMut(&Summary),
     ) -> Result<Summary, DeviceError> {
-        let transport = self.connect()?;
-        let Some(id): Option<StoredIdentity> = self.store.device_state(key::IDENTITY)? else {
-            return Err(DeviceError::NotEnrolled);
-        };
+        let (transport, device_id) = self.connect()?;
         let resync: bool = self.store.device_state(key::RESYNC)?.unwrap_or(false);
         let start = Start {
-            device_id: DeviceId::new(id.device_id.clone())
-                .map_err(|_| DeviceError::Enrol("stored device id".into()))?,
+            device_id,
             cursor: if resync { None } else { self.store.cursor()? },
             resync,
-            leases: self.store.leases()?,
+            // The cached policy is refreshed whenever the leases change.
+            leases: self.policy().leases().to_vec(),
             max_bytes: self.config.hub.max_batch_bytes,
             max_skew: self.config.sync.max_clock_skew,
             sensitive: self.config.sensitive.clone(),
             software: Text::new(concat!("carecache/", env!("CARGO_PKG_VERSION")))
                 .map_err(|_| DeviceError::Enrol("software name".into()))?,
         };
-        drop(id);
         let (mut round, mut step) = Round::begin(start, self.now());
         let mut contact_saved = false;
         loop {
@@ -477,6 +475,8 @@ impl Device {
                             extras.set(key::CONTACT, &now)?;
                             extras.set(key::TRUSTED, &self.high_water())?;
                             self.store.put_device_state(&extras)?;
+                            // The offline limit now counts from this contact.
+                            self.refresh_policy()?;
                             contact_saved = true;
                         }
                     }
@@ -489,10 +489,7 @@ impl Device {
                     progress(summary);
                     next
                 }
-                Step::Finished(s) => {
-                    self.refresh_policy()?;
-                    return Ok(s);
-                }
+                Step::Finished(s) => return Ok(s),
                 Step::Wipe => {
                     self.wipe_now();
                     return Err(DeviceError::Revoked);
@@ -515,7 +512,6 @@ impl Device {
             extras.set(key::RESYNC, &!finishing_resync)?;
         }
         let now = self.now();
-        let mut ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
         let held_leases = self.policy();
         let revoked: Vec<EndedLease> = plan
             .batch
@@ -536,9 +532,7 @@ impl Device {
             })
             .collect();
         if !revoked.is_empty() {
-            ended.extend(revoked);
-            trim_ended(&mut ended);
-            extras.set(key::ENDED, &ended)?;
+            extras.set(key::ENDED, &self.ended_with(revoked)?)?;
         }
         extras.set(key::TRUSTED, &self.high_water())?;
         let report = self.store.apply_batch_with(&plan.batch, &extras)?;
@@ -550,7 +544,8 @@ impl Device {
             bytes = plan.wire_bytes,
             "batch applied"
         );
-        if !plan.batch.leases.is_empty() || !plan.batch.objections.is_empty() {
+        // Objections are looked up in the store at each decision; only leases are cached.
+        if !plan.batch.leases.is_empty() {
             self.refresh_policy()?;
         }
         if !plan.digest {
@@ -565,7 +560,7 @@ impl Device {
     pub fn tick(&self) -> Result<TickReport, DeviceError> {
         self.live()?;
         let now = self.now();
-        let policy = self.refresh_policy()?;
+        let policy = self.policy();
         let mut report = TickReport::default();
         let due = policy.due_for_purge(now);
         if due.is_empty() {
@@ -574,18 +569,16 @@ impl Device {
             self.store.put_device_state(&extras)?;
             return Ok(report);
         }
-        let mut ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
         for (id, reason) in due {
             let Some(lease) = policy.leases().iter().find(|l| l.id == id) else {
                 continue;
             };
-            ended.push(EndedLease {
+            let ended = self.ended_with([EndedLease {
                 id,
                 audience: lease.audience.clone(),
                 ended_at: now,
                 reason,
-            });
-            trim_ended(&mut ended);
+            }])?;
             let mut extras = Extras::default();
             extras.set(key::ENDED, &ended)?;
             extras.set(key::TRUSTED, &self.high_water())?;
@@ -601,6 +594,18 @@ impl Device {
         }
         self.refresh_policy()?;
         Ok(report)
+    }
+
+    /// The ended-lease records with `new` added, the oldest dropped past [`ENDED_KEPT`].
+    fn ended_with(
+        &self,
+        new: impl IntoIterator<Item = EndedLease>,
+    ) -> Result<Vec<EndedLease>, DeviceError> {
+        let mut ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
+        ended.extend(new);
+        let excess = ended.len().saturating_sub(ENDED_KEPT);
+        ended.drain(..excess);
+        Ok(ended)
     }
 
     /// Remote wipe: the keyring is shredded first (after which nothing in the directory
@@ -658,18 +663,6 @@ impl Device {
             objections: stats.objections,
             audit_backlog: stats.audit_entries,
         })
-    }
-
-    /// The data directory.
-    pub fn data_dir(&self) -> PathBuf {
-        self.config.data_dir.clone()
-    }
-}
-
-fn trim_ended(ended: &mut Vec<EndedLease>) {
-    if ended.len() > ENDED_KEPT {
-        let excess = ended.len() - ENDED_KEPT;
-        ended.drain(..excess);
     }
 }
 

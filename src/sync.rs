@@ -13,13 +13,13 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use sync_protocol::NhsNumber;
 use sync_protocol::codec::SUPPORTED_VERSIONS;
 use sync_protocol::message::{
     AllowedSetDigest, Batch, ErrorCode, Hello, Lease, LeaseChange, Message, MessageKind, Pull,
 };
 use sync_protocol::sensitive::CodeList;
 use sync_protocol::types::{Capabilities, Cursor, DeviceId, LeaseId, Text, Timestamp};
-use sync_protocol::{NhsNumber, codec};
 
 use crate::clock::{HubTimeError, check_hub_time};
 
@@ -442,9 +442,4 @@ fn covered(leases: &HashMap<LeaseId, Lease>) -> HashSet<NhsNumber> {
         .values()
         .flat_map(|l| l.patients.iter().copied())
         .collect()
-}
-
-/// The encoded size of a message (for tests and progress).
-pub fn wire_len(msg: &Message) -> usize {
-    codec::encode(msg, sync_protocol::Compression::None).map_or(0, |b| b.len())
 }

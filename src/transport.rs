@@ -83,7 +83,6 @@ impl std::fmt::Debug for Identity {
 pub struct Transport {
     agent: ureq::Agent,
     base: String,
-    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for Transport {
@@ -151,7 +150,6 @@ impl Transport {
         Ok(Self {
             agent,
             base: base.trim_end_matches('/').to_owned(),
-            connect_timeout,
         })
     }
 
@@ -208,25 +206,26 @@ impl Transport {
             wire_bytes: bytes.len(),
         })
     }
+}
 
-    /// Whether a TCP connection to the hub opens now (no TLS, nothing sent): the cheap
-    /// check the daemon repeats while offline so a sync starts as soon as the link is back.
-    pub fn probe(&self) -> bool {
-        let Some(authority) = self.base.strip_prefix("https://") else {
-            return false;
-        };
-        let target = if authority.contains(':') {
-            authority.to_owned()
-        } else {
-            format!("{authority}:443")
-        };
-        let Ok(addrs) = target.to_socket_addrs() else {
-            return false;
-        };
-        addrs
-            .into_iter()
-            .any(|a| TcpStream::connect_timeout(&a, self.connect_timeout).is_ok())
-    }
+/// Whether a TCP connection to the hub at `base` (`https://host[:port]`) opens now — no
+/// TLS, nothing sent: the cheap check the daemon repeats while offline so a sync starts
+/// as soon as the link is back.
+pub fn probe(base: &str, timeout: Duration) -> bool {
+    let Some(authority) = base.strip_prefix("https://") else {
+        return false;
+    };
+    let target = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:443")
+    };
+    let Ok(addrs) = target.to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|a| TcpStream::connect_timeout(&a, timeout).is_ok())
 }
 
 fn classify(e: ureq::Error) -> TransportError {

@@ -10,32 +10,15 @@ use carecache::device::{DeviceError, Outcome};
 use carecache::sync::SyncError;
 use carecache::transport::TransportError;
 use carecache_hub::server::Tamper;
+use carecache_hub::testing::normalised;
 use serde_json::json;
 use sync_protocol::codec::HEADER_LEN;
 use sync_protocol::message::{Batch, MessageKind};
-use sync_protocol::record::{PatientRecord, Section};
-use sync_protocol::types::{BoundedVec, RecordVersion, SctId};
+use sync_protocol::record::Section;
+use sync_protocol::types::{BoundedVec, SctId};
 use sync_protocol::{Compression, Message, decode, encode};
 
 use crate::device_harness::{Dev, TestHub, first_n, grant, shareable};
-
-/// A record with items in a fixed order and no version (the hub assigns versions and
-/// need not keep the source's item order).
-fn normal(mut r: PatientRecord) -> PatientRecord {
-    fn sort_by<T: Clone, const N: usize>(s: &mut Section<T, N>, key: impl Fn(&T) -> String) {
-        if let Section::Entries(items) = s {
-            let mut v = items.to_vec();
-            v.sort_by_key(|i| key(i));
-            *s = Section::from_items(v).unwrap();
-        }
-    }
-    sort_by(&mut r.alerts, |a| a.source_id.as_str().to_owned());
-    sort_by(&mut r.allergies, |a| a.source_id.as_str().to_owned());
-    sort_by(&mut r.medications, |m| m.source_id.as_str().to_owned());
-    sort_by(&mut r.contacts, |c| c.name.as_str().to_owned());
-    r.version = RecordVersion(0);
-    r
-}
 
 fn sorted(mut v: Vec<sync_protocol::NhsNumber>) -> Vec<sync_protocol::NhsNumber> {
     v.sort();
@@ -87,7 +70,7 @@ fn initial_sync_holds_exactly_the_caseload_and_a_second_sync_is_empty() {
             None => assert!(!p.shareable(), "shareable patient missing"),
             Some(r) => {
                 assert!(
-                    normal(r) == normal(p.expected.clone()),
+                    normalised(r) == normalised(p.expected.clone()),
                     "record differs from the source"
                 );
             }

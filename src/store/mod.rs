@@ -384,24 +384,13 @@ impl Store {
             nhs_number: NhsNumber,
             version: RecordVersion,
         }
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
-        let table = tables::open_read(&tx, tables::PATIENTS)?;
-        let mut out = Vec::with_capacity(
-            usize::try_from(table.len().map_err(|e| StoreError::db("read", e))?).unwrap_or(0),
-        );
-        for item in table.iter().map_err(|e| StoreError::db("read", e))? {
-            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
-            let row = RowKey(k.value());
-            let (slot, sealed) = tables::split_slot(v.value())?;
-            let key = self.data_key(slot, Scope::Patient(row))?;
-            let plain = tables::unseal(&key, Table::Patients, &row.0, sealed)?;
-            let (head, _) = postcard::take_from_bytes::<Head>(&plain)
+        let mut out = Vec::new();
+        self.for_each_record(|plain| {
+            let (head, _) = postcard::take_from_bytes::<Head>(plain)
                 .map_err(|_| StoreError::Damaged(Table::Patients.name()))?;
             out.push((head.nhs_number, head.version));
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -449,21 +438,33 @@ impl Store {
 
     /// Every record held, in row-key order (which reveals nothing about the patients).
     pub fn records(&self) -> Result<Vec<PatientRecord>, StoreError> {
+        let mut out = Vec::new();
+        self.for_each_record(|plain| {
+            out.push(decode(plain, Table::Patients)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Hands `f` every held record's decrypted encoding (zeroized after each), in row-key
+    /// order, from one read transaction.
+    fn for_each_record(
+        &self,
+        mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let tx = self
             .db
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let table = tables::open_read(&tx, tables::PATIENTS)?;
-        let mut out = Vec::new();
         for item in table.iter().map_err(|e| StoreError::db("read", e))? {
             let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
             let row = RowKey(k.value());
             let (slot, sealed) = tables::split_slot(v.value())?;
             let key = self.data_key(slot, Scope::Patient(row))?;
-            let plain = tables::unseal(&key, Table::Patients, &row.0, sealed)?;
-            out.push(decode(&plain, Table::Patients)?);
+            f(&tables::unseal(&key, Table::Patients, &row.0, sealed)?)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The leases held.

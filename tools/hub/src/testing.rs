@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use carecache_synth::{Generator, SourcePatient};
-use sync_protocol::types::Timestamp;
+use sync_protocol::record::{PatientRecord, Section};
+use sync_protocol::types::{RecordVersion, Timestamp};
 
 use crate::config::Limits;
 use crate::pki::{DeviceCa, dev_ca, pem_certs};
@@ -61,6 +62,11 @@ impl std::fmt::Debug for TestHub {
 impl TestHub {
     /// A hub over `n` synthetic patients generated from `seed`.
     pub fn start(n: usize, seed: u64) -> Self {
+        Self::start_with(n, seed, &Limits::default())
+    }
+
+    /// [`Self::start`] with protocol limits of the test's choosing.
+    pub fn start_with(n: usize, seed: u64, limits: &Limits) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let patients = Generator::new(seed).source_patients(n);
         let ndjson = dir.path().join("ndjson");
@@ -77,7 +83,7 @@ impl TestHub {
         let clock = Arc::new(AtomicU64::new(T0));
         let c2 = clock.clone();
         let hub = Arc::new(
-            Hub::new(state, ca, ADMIN_TOKEN, &Limits::default()).with_clock(Arc::new(move || {
+            Hub::new(state, ca, ADMIN_TOKEN, limits).with_clock(Arc::new(move || {
                 Timestamp::from_millis(c2.load(Ordering::SeqCst)).unwrap()
             })),
         );
@@ -123,6 +129,11 @@ impl TestHub {
     /// `https://localhost:PORT` (the hub certificate names localhost).
     pub fn base_url(&self) -> String {
         format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// The NDJSON source directory.
+    pub fn ndjson_dir(&self) -> PathBuf {
+        self.dir.path().join("ndjson")
     }
 
     /// Sets hub time.
@@ -209,7 +220,7 @@ impl TestHub {
             "dateTime": at,
             "provision": { "type": "deny" },
         });
-        let path = self.dir.path().join("ndjson").join("Consent.ndjson");
+        let path = self.ndjson_dir().join("Consent.ndjson");
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
@@ -218,7 +229,7 @@ impl TestHub {
         writeln!(f, "{consent}").unwrap();
         drop(f);
         let rules = SharingRules::default_rules().unwrap();
-        ingest_ndjson(&self.hub.state, &rules, &self.dir.path().join("ndjson")).unwrap();
+        ingest_ndjson(&self.hub.state, &rules, &self.ndjson_dir()).unwrap();
     }
 
     /// Stops serving (also on drop).
@@ -236,4 +247,22 @@ impl Drop for TestHub {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A record with its items in a fixed order and version 0: the hub assigns versions and
+/// need not keep the source's item order, so tests compare records through this.
+pub fn normalised(mut r: PatientRecord) -> PatientRecord {
+    fn sort_by<T: Clone, const N: usize>(s: &mut Section<T, N>, key: impl Fn(&T) -> String) {
+        if let Section::Entries(items) = s {
+            let mut v = items.to_vec();
+            v.sort_by_key(|i| key(i));
+            *s = Section::from_items(v).unwrap();
+        }
+    }
+    sort_by(&mut r.alerts, |a| a.source_id.as_str().to_owned());
+    sort_by(&mut r.allergies, |a| a.source_id.as_str().to_owned());
+    sort_by(&mut r.medications, |m| m.source_id.as_str().to_owned());
+    sort_by(&mut r.contacts, |c| c.name.as_str().to_owned());
+    r.version = RecordVersion(0);
+    r
 }

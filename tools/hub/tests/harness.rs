@@ -1,36 +1,28 @@
 //! A real hub on loopback TLS with a development CA and synthetic NDJSON, and a test
 //! device that speaks the sync protocol over HTTPS with its enrolled certificate.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use carecache_hub::config::Limits;
-use carecache_hub::pki::{DeviceCa, dev_ca, make_csr, pem_certs};
-use carecache_hub::server::{FRAME_CONTENT_TYPE, Hub, serve, tls_config};
-use carecache_hub::sharing::SharingRules;
-use carecache_hub::source::ingest_ndjson;
-use carecache_hub::state::HubState;
-use carecache_synth::{Generator, SourcePatient};
+use carecache_hub::pki::make_csr;
+use carecache_hub::server::FRAME_CONTENT_TYPE;
 use sync_protocol::message::{Batch, EnrolRequest, Hello, Message, MessageKind, Pull};
 use sync_protocol::types::{Bytes, Capabilities, Cursor, EnrolmentToken, Text, Timestamp};
 use sync_protocol::{Compression, decode_with_limit, encode};
 
-pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-/// Hub time in tests: 2026-11-24T08:00:00Z, moved by `TestHub::set_time`.
-pub const T0: u64 = 1_795_507_200_000;
+pub use carecache_hub::testing::{ADMIN_TOKEN, T0};
 
-pub struct TestHub {
-    pub addr: SocketAddr,
-    pub hub: Arc<Hub>,
-    pub dir: tempfile::TempDir,
-    pub ca_pem: String,
-    pub patients: Vec<SourcePatient>,
-    pub clock: Arc<AtomicU64>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// The shared test hub (`carecache_hub::testing`) with seed 11, plus the helpers these
+/// tests use to speak the protocol by hand.
+pub struct TestHub(carecache_hub::testing::TestHub);
+
+impl std::ops::Deref for TestHub {
+    type Target = carecache_hub::testing::TestHub;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl TestHub {
@@ -40,63 +32,7 @@ impl TestHub {
     }
 
     pub fn start_with(n: usize, limits: Limits) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let patients = Generator::new(11).source_patients(n);
-        let ndjson = dir.path().join("ndjson");
-        carecache_synth::fhir::write_ndjson(&patients, &ndjson).unwrap();
-        let files = dev_ca(
-            &dir.path().join("pki"),
-            &["localhost".into(), "127.0.0.1".into()],
-        )
-        .unwrap();
-        let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
-        let rules = SharingRules::default_rules().unwrap();
-        ingest_ndjson(&state, &rules, &ndjson).unwrap();
-        let ca = DeviceCa::load(&files.ca_cert, &files.ca_key, 30).unwrap();
-        let ca_pem = std::fs::read_to_string(&files.ca_cert).unwrap();
-        let clock = Arc::new(AtomicU64::new(T0));
-        let c2 = clock.clone();
-        let hub = Arc::new(
-            Hub::new(state, ca, ADMIN_TOKEN, &limits).with_clock(Arc::new(move || {
-                Timestamp::from_millis(c2.load(Ordering::SeqCst)).unwrap()
-            })),
-        );
-        let tls = {
-            use rustls::pki_types::pem::PemObject;
-            let chain = pem_certs(&std::fs::read_to_string(&files.hub_cert).unwrap());
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.hub_key).unwrap();
-            tls_config(&pem_certs(&ca_pem), chain, key).unwrap()
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let h2 = hub.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                serve(h2, listener, tls, Duration::from_secs(2), async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-            });
-        });
-        let addr = addr_rx.recv().unwrap();
-        Self {
-            addr,
-            hub,
-            dir,
-            ca_pem,
-            patients,
-            clock,
-            shutdown: Some(tx),
-            thread: Some(thread),
-        }
+        Self(carecache_hub::testing::TestHub::start_with(n, 11, &limits))
     }
 
     /// Every synthetic patient's NHS number, as the admin API takes them.
@@ -109,14 +45,6 @@ impl TestHub {
 
     pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.addr.port())
-    }
-
-    pub fn set_time(&self, ms: u64) {
-        self.clock.store(ms, Ordering::SeqCst);
-    }
-
-    pub fn ndjson_dir(&self) -> PathBuf {
-        self.dir.path().join("ndjson")
     }
 
     /// An HTTPS agent that trusts only the dev CA, with an optional client identity.
@@ -202,21 +130,6 @@ impl TestHub {
         let (status, body) = self.admin("POST", "/admin/v1/leases", Some(spec));
         assert_eq!(status, 201, "{body}");
         body["id"].as_u64().unwrap()
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for TestHub {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

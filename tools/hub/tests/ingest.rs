@@ -7,26 +7,11 @@ use carecache_hub::sharing::SharingRules;
 use carecache_hub::source::ingest_ndjson;
 use carecache_hub::state::HubState;
 use carecache_synth::{SENSITIVE_CODES, Withheld};
-use sync_protocol::record::{PatientRecord, Section};
-use sync_protocol::types::RecordVersion;
+use sync_protocol::record::Section;
 
 use crate::harness::{Model, TestHub, lease_json};
 
-fn sorted(mut r: PatientRecord) -> PatientRecord {
-    fn sort_by<T: Clone, const N: usize>(s: &mut Section<T, N>, key: impl Fn(&T) -> String) {
-        if let Section::Entries(items) = s {
-            let mut v = items.to_vec();
-            v.sort_by_key(|i| key(i));
-            *s = Section::from_items(v).unwrap();
-        }
-    }
-    sort_by(&mut r.alerts, |a| a.source_id.as_str().to_owned());
-    sort_by(&mut r.allergies, |a| a.source_id.as_str().to_owned());
-    sort_by(&mut r.medications, |m| m.source_id.as_str().to_owned());
-    sort_by(&mut r.contacts, |c| c.name.as_str().to_owned());
-    r.version = RecordVersion(0);
-    r
-}
+use carecache_hub::testing::normalised as sorted;
 
 /// Every patient without a standing objection arrives exactly as generated: items,
 /// sections ("none recorded" vs "not available"), withheld counts; objected patients

@@ -102,25 +102,6 @@ fn pull_until_done_within_budget_and_resumable() {
     assert_eq!(again[0].allowed, last.allowed);
 }
 
-fn add_consent(hub: &TestHub, fhir_id: &str, status: &str, at: &str) {
-    use std::io::Write;
-    let consent = serde_json::json!({
-        "resourceType": "Consent", "id": format!("{fhir_id}-objection-test"),
-        "meta": { "versionId": "1", "lastUpdated": at },
-        "status": status,
-        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
-        "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "INFA" }] }],
-        "patient": { "reference": format!("Patient/{fhir_id}") },
-        "dateTime": at,
-        "provision": { "type": "deny" },
-    });
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(hub.ndjson_dir().join("Consent.ndjson"))
-        .unwrap();
-    writeln!(f, "{consent}").unwrap();
-}
-
 fn reingest(hub: &TestHub) {
     let rules = carecache_hub::sharing::SharingRules::default_rules().unwrap();
     carecache_hub::source::ingest_ndjson(&hub.hub.state, &rules, &hub.ndjson_dir()).unwrap();
@@ -144,8 +125,7 @@ fn objection_comes_first_and_withdrawal_restores() {
     assert!(model.records.contains_key(&n));
     let cursor: Cursor = first.last().unwrap().next_cursor.clone();
 
-    add_consent(&hub, &victim.fhir_id, "active", "2026-11-24T09:00:00.000Z");
-    reingest(&hub);
+    hub.consent(&victim.fhir_id, "active", "2026-11-24T09:00:00.000Z");
     let next = device.pull_all(Some(&cursor), MIN_BUDGET);
     let b = &next[0];
     let o = b
@@ -183,13 +163,7 @@ fn objection_comes_first_and_withdrawal_restores() {
     );
 
     // Withdrawn later: status inactive, recorded after.
-    add_consent(
-        &hub,
-        &victim.fhir_id,
-        "inactive",
-        "2026-11-24T10:00:00.000Z",
-    );
-    reingest(&hub);
+    hub.consent(&victim.fhir_id, "inactive", "2026-11-24T10:00:00.000Z");
     let after = device.pull_all(Some(&next.last().unwrap().next_cursor), MIN_BUDGET);
     assert!(
         after[0]
