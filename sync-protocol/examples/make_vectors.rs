@@ -13,7 +13,8 @@
 use std::path::Path;
 
 use sync_protocol::audit::{
-    AuditAction, AuditEntry, AuditOutcome, AuditRecord, DenyReason, Purpose,
+    Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, DenyReason, LeaseEnd,
+    Purpose, SectionKind, SectionShown, Shown,
 };
 use sync_protocol::codec::VERSION;
 use sync_protocol::message::*;
@@ -258,32 +259,76 @@ fn empty_batch() -> Batch {
 fn push_audit() -> PushAudit {
     let mut prev = Hash32::default();
     let mut entries = Vec::new();
+    let access =
+        |request_id, user: &str, purpose, patient, lease, view, shown: Vec<Shown>, outcome| {
+            AuditEvent::Access(Access {
+                request_id,
+                client: t("epcr"),
+                user: Some(StaffId::new(user).unwrap()),
+                role: Some(t("paramedic")),
+                purpose: Some(purpose),
+                action: AuditAction::ReadSummary,
+                patient: Some(nhs(patient)),
+                listed: BoundedVec::default(),
+                lease,
+                view,
+                shown: BoundedVec::try_from(shown).unwrap(),
+                withheld: 0,
+                outcome,
+            })
+        };
     let records = [
         AuditRecord {
             at: ts(1_735_700_000_000),
-            user: StaffId::new("N1234").unwrap(),
-            client: t("epcr"),
-            purpose: Purpose::Treat,
-            action: AuditAction::ReadSummary,
-            patient: Some(nhs("999 000 0018")),
-            lease: Some(LeaseId(7)),
-            view: Some(View::Clinical),
-            outcome: AuditOutcome::Served,
-            request_id: 1,
+            wall: ts(1_735_700_000_000),
+            event: access(
+                1,
+                "N1234",
+                Purpose::Treat,
+                "999 000 0018",
+                Some(LeaseId(7)),
+                Some(View::Clinical),
+                vec![
+                    Shown {
+                        section: SectionKind::Alerts,
+                        shown: SectionShown::Items(2),
+                    },
+                    Shown {
+                        section: SectionKind::Allergies,
+                        shown: SectionShown::NotAvailable,
+                    },
+                    Shown {
+                        section: SectionKind::Medications,
+                        shown: SectionShown::NoneRecorded,
+                    },
+                ],
+                AuditOutcome::Served,
+            ),
         },
         AuditRecord {
             at: ts(1_735_700_060_000),
-            user: StaffId::new("P5678").unwrap(),
-            client: t("epcr"),
-            purpose: Purpose::EmergencyTreat {
-                reason: t("Unconscious, no other history available"),
+            wall: ts(1_735_700_059_000),
+            event: access(
+                2,
+                "P5678",
+                Purpose::EmergencyTreat {
+                    reason: t("Unconscious, no other history available"),
+                },
+                "999 000 0034",
+                None,
+                None,
+                Vec::new(),
+                AuditOutcome::Denied(DenyReason::Objected),
+            ),
+        },
+        AuditRecord {
+            at: ts(1_735_700_120_000),
+            wall: ts(1_735_700_119_000),
+            event: AuditEvent::LeaseEnded {
+                lease: LeaseId(7),
+                reason: LeaseEnd::Expired,
+                purged: 12,
             },
-            action: AuditAction::ReadSummary,
-            patient: Some(nhs("999 000 0034")),
-            lease: None,
-            view: None,
-            outcome: AuditOutcome::Denied(DenyReason::Objected),
-            request_id: 2,
         },
     ];
     for (seq, r) in (1..).zip(&records) {

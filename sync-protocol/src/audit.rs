@@ -14,7 +14,7 @@ use crate::codec::decode_canonical;
 use crate::error::{DecodeError, FieldError};
 use crate::message::View;
 use crate::nhs::NhsNumber;
-use crate::types::{Bytes, Hash32, LeaseId, StaffId, Text, Timestamp};
+use crate::types::{BoundedVec, Bytes, Hash32, LeaseId, StaffId, Text, Timestamp};
 
 /// Most bytes of one encoded audit record.
 pub const MAX_AUDIT_RECORD: usize = 4_096;
@@ -83,6 +83,9 @@ pub fn verify_chain<'a>(
     Ok(head)
 }
 
+/// Most patients one caseload-list entry names (the API's page size is at most this).
+pub const MAX_LISTED: usize = 100;
+
 /// Purpose of use (v3 ActReason).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Purpose {
@@ -139,6 +142,9 @@ pub enum DenyReason {
     ClientNotAuthorised,
     /// No record is held for this patient.
     UnknownPatient,
+    /// The request was incomplete or malformed (missing user or purpose, bad NHS
+    /// number, emergency access without a reason).
+    BadRequest,
 }
 
 /// The outcome of an access.
@@ -150,29 +156,193 @@ pub enum AuditOutcome {
     Denied(DenyReason),
 }
 
-/// One access, served or denied, as logged on the device before it is answered.
+/// A part of the record.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SectionKind {
+    /// Identity (name, date of birth, NHS number, ...).
+    Demographics,
+    /// Alerts (FHIR Flag).
+    Alerts,
+    /// Allergies.
+    Allergies,
+    /// Medications.
+    Medications,
+    /// Key contacts.
+    Contacts,
+}
+
+/// How much of one section an answer showed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SectionShown {
+    /// This many items.
+    Items(u16),
+    /// Shown as "none recorded".
+    NoneRecorded,
+    /// Shown as "information not available".
+    NotAvailable,
+}
+
+/// One section in an answer, and how much of it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Shown {
+    /// Which section.
+    pub section: SectionKind,
+    /// How much of it.
+    pub shown: SectionShown,
+}
+
+/// One access through the local API, served or denied. No clinical content.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    /// When (trusted time).
-    pub at: Timestamp,
-    /// Acting member of staff as the client software said.
-    pub user: StaffId,
+pub struct Access {
+    /// The local request id (also in the API response), to tie entries to requests.
+    pub request_id: u64,
     /// Name of the client software's registration on this device.
     pub client: Text<64>,
-    /// Purpose of use.
-    pub purpose: Purpose,
+    /// Acting member of staff as the client software said (absent if it did not).
+    pub user: Option<StaffId>,
+    /// The user's role as the client software said, if it did.
+    pub role: Option<Text<64>>,
+    /// Purpose of use (absent if the request gave none).
+    pub purpose: Option<Purpose>,
     /// What was asked for.
     pub action: AuditAction,
     /// The patient, if the request named one.
     pub patient: Option<NhsNumber>,
+    /// The patients a caseload list showed.
+    pub listed: BoundedVec<NhsNumber, MAX_LISTED>,
     /// The lease that allowed it, if any.
     pub lease: Option<LeaseId>,
     /// The view applied, if any.
     pub view: Option<View>,
+    /// Sections shown and how much of each.
+    pub shown: BoundedVec<Shown, 8>,
+    /// Items withheld for confidentiality (only their number is shown).
+    pub withheld: u16,
     /// Served or denied, and why.
     pub outcome: AuditOutcome,
-    /// The local request id (also in the API response), to tie entries to requests.
-    pub request_id: u64,
+}
+
+impl fmt::Debug for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Access")
+            .field("request_id", &self.request_id)
+            .field("user", &self.user)
+            .field("action", &self.action)
+            .field("patient", &self.patient.map(|_| "[redacted]"))
+            .field("listed", &self.listed.len())
+            .field("lease", &self.lease)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request's client was not let in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum AuthFailure {
+    /// No token presented.
+    NoToken,
+    /// A token this device never issued.
+    UnknownToken,
+    /// A token that was revoked.
+    RevokedToken,
+}
+
+/// Why a lease stopped giving access on the device.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum LeaseEnd {
+    /// Its `not_after` passed (trusted time).
+    Expired,
+    /// Out of contact with the hub for longer than it allows.
+    OfflineTooLong,
+    /// The hub ended it.
+    Hub(crate::message::LeaseEndReason),
+}
+
+/// How a sync round ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SyncOutcome {
+    /// Finished: the device holds what the hub allows.
+    Ok,
+    /// The hub could not be reached or the link broke.
+    Offline,
+    /// An answer failed the device's checks; nothing of it was applied.
+    Rejected,
+    /// Anything else.
+    Failed,
+}
+
+/// A change to the device's keys or to who may use it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum KeyEvent {
+    /// The store was unlocked by the daemon.
+    Unlocked,
+    /// The root key was rotated.
+    Rekeyed,
+    /// The device enrolled with the hub.
+    Enrolled,
+    /// A client registration (token) was issued.
+    ClientAdded {
+        /// Its name.
+        name: Text<64>,
+    },
+    /// A client registration was revoked.
+    ClientRevoked {
+        /// Its name.
+        name: Text<64>,
+    },
+}
+
+/// What an audit entry records.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum AuditEvent {
+    /// An access through the local API, served or denied.
+    Access(Access),
+    /// A request whose client could not be authenticated.
+    AuthFailure {
+        /// The local request id.
+        request_id: u64,
+        /// The registration's name, when a revoked token named one.
+        client: Option<Text<64>>,
+        /// Why.
+        reason: AuthFailure,
+    },
+    /// A lease ended on the device and its patients were purged.
+    LeaseEnded {
+        /// The lease.
+        lease: LeaseId,
+        /// Why.
+        reason: LeaseEnd,
+        /// Patients purged (held by no other lease).
+        purged: u32,
+    },
+    /// A sync round.
+    Sync {
+        /// How it ended.
+        outcome: SyncOutcome,
+        /// Batches applied.
+        batches: u32,
+        /// Records written.
+        upserts: u32,
+        /// Removals and objections received.
+        removals: u32,
+        /// Lease changes received.
+        lease_changes: u32,
+        /// Whether it was a full resync.
+        resync: bool,
+    },
+    /// A key or registration event.
+    Key(KeyEvent),
+}
+
+/// One entry's content, as logged on the device before the access is answered.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When, in trusted time (never runs backwards).
+    pub at: Timestamp,
+    /// The device's wall clock at the same moment.
+    pub wall: Timestamp,
+    /// What happened.
+    pub event: AuditEvent,
 }
 
 impl AuditRecord {
@@ -181,18 +351,18 @@ impl AuditRecord {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         decode_canonical(bytes)
     }
-}
 
-impl fmt::Debug for AuditRecord {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuditRecord")
-            .field("at", &self.at)
-            .field("user", &self.user)
-            .field("action", &self.action)
-            .field("patient", &self.patient)
-            .field("lease", &self.lease)
-            .field("outcome", &self.outcome)
-            .field("request_id", &self.request_id)
-            .finish_non_exhaustive()
+    /// The access, if this entry records one.
+    pub fn access(&self) -> Option<&Access> {
+        match &self.event {
+            AuditEvent::Access(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Whether this entry concerns `nhs` (a read, search or caseload list naming them).
+    pub fn concerns(&self, nhs: &NhsNumber) -> bool {
+        self.access()
+            .is_some_and(|a| a.patient.as_ref() == Some(nhs) || a.listed.contains(nhs))
     }
 }

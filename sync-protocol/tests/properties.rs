@@ -159,9 +159,16 @@ proptest! {
         }
         for e in push.entries.iter() {
             let r = AuditRecord::decode(e.record.as_slice()).unwrap();
-            if let Some(p) = r.patient {
-                let shown = format!("{r:?}");
-                prop_assert!(!shown.contains(&p.digits()));
+            let shown = format!("{r:?}");
+            if let Some(a) = r.access() {
+                for p in a.patient.iter().chain(a.listed.iter()) {
+                    prop_assert!(!shown.contains(&p.digits()));
+                }
+                if let Some(sync_protocol::audit::Purpose::EmergencyTreat { reason }) = &a.purpose
+                    && reason.as_str().len() >= 8
+                {
+                    prop_assert!(!shown.contains(reason.as_str()));
+                }
             }
         }
     }

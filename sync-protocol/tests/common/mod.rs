@@ -6,7 +6,8 @@ use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
 use sync_protocol::audit::{
-    AuditAction, AuditEntry, AuditOutcome, AuditRecord, DenyReason, Purpose,
+    Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, AuthFailure,
+    DenyReason, KeyEvent, LeaseEnd, Purpose, SectionKind, SectionShown, Shown, SyncOutcome,
 };
 use sync_protocol::message::*;
 use sync_protocol::record::*;
@@ -460,15 +461,16 @@ pub fn batch() -> impl Strategy<Value = Batch> {
         )
 }
 
-pub fn audit_record() -> impl Strategy<Value = AuditRecord> {
+fn access() -> impl Strategy<Value = Access> {
     (
-        timestamp(),
-        staff(),
+        any::<u64>(),
         text(),
-        prop_oneof![
+        option::of(staff()),
+        option::of(text()),
+        option::of(prop_oneof![
             Just(Purpose::Treat),
             text().prop_map(|reason| Purpose::EmergencyTreat { reason })
-        ],
+        ]),
         prop_oneof![
             Just(AuditAction::ListCaseload),
             Just(AuditAction::SearchPatient),
@@ -476,32 +478,87 @@ pub fn audit_record() -> impl Strategy<Value = AuditRecord> {
             Just(AuditAction::ReadAllergies)
         ],
         option::of(nhs()),
+        vec(nhs(), 0..4),
         option::of(any::<u64>().prop_map(LeaseId)),
         option::of(prop_oneof![Just(View::Clinical), Just(View::SocialCare)]),
+        vec(
+            prop_oneof![
+                any::<u16>().prop_map(SectionShown::Items),
+                Just(SectionShown::NoneRecorded),
+                Just(SectionShown::NotAvailable)
+            ]
+            .prop_map(|shown| Shown {
+                section: SectionKind::Allergies,
+                shown,
+            }),
+            0..4,
+        ),
         prop_oneof![
             Just(AuditOutcome::Served),
             Just(AuditOutcome::Denied(DenyReason::Objected)),
             Just(AuditOutcome::Denied(DenyReason::LeaseExpired)),
+            Just(AuditOutcome::Denied(DenyReason::BadRequest)),
             Just(AuditOutcome::Denied(DenyReason::NotOnCaseload))
         ],
-        any::<u64>(),
     )
         .prop_map(
-            |(at, user, client, purpose, action, patient, lease, view, outcome, request_id)| {
-                AuditRecord {
-                    at,
-                    user,
+            |(
+                request_id,
+                client,
+                user,
+                role,
+                purpose,
+                action,
+                patient,
+                listed,
+                lease,
+                view,
+                shown,
+                outcome,
+            )| {
+                Access {
+                    request_id,
                     client,
+                    user,
+                    role,
                     purpose,
                     action,
                     patient,
+                    listed: BoundedVec::try_from(listed).expect("within the bound"),
                     lease,
                     view,
+                    shown: BoundedVec::try_from(shown).expect("within the bound"),
+                    withheld: 0,
                     outcome,
-                    request_id,
                 }
             },
         )
+}
+
+pub fn audit_record() -> impl Strategy<Value = AuditRecord> {
+    let event = prop_oneof![
+        4 => access().prop_map(AuditEvent::Access),
+        1 => (any::<u64>(), option::of(text())).prop_map(|(request_id, client)| AuditEvent::AuthFailure {
+            request_id,
+            client,
+            reason: AuthFailure::RevokedToken,
+        }),
+        1 => (any::<u64>(), any::<u32>()).prop_map(|(id, purged)| AuditEvent::LeaseEnded {
+            lease: LeaseId(id),
+            reason: LeaseEnd::Hub(LeaseEndReason::Revoked),
+            purged,
+        }),
+        1 => any::<u32>().prop_map(|n| AuditEvent::Sync {
+            outcome: SyncOutcome::Ok,
+            batches: n,
+            upserts: n,
+            removals: 0,
+            lease_changes: 1,
+            resync: false,
+        }),
+        1 => text().prop_map(|name| AuditEvent::Key(KeyEvent::ClientAdded { name })),
+    ];
+    (timestamp(), timestamp(), event).prop_map(|(at, wall, event)| AuditRecord { at, wall, event })
 }
 
 pub fn push_audit() -> impl Strategy<Value = PushAudit> {

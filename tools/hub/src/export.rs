@@ -5,7 +5,10 @@
 //! carries the clinician's reason and is what `audit review` lists.
 
 use serde_json::{Value, json};
-use sync_protocol::audit::{AuditAction, AuditOutcome, DenyReason, Purpose};
+use sync_protocol::audit::{
+    Access, AuditAction, AuditEvent, AuditOutcome, DenyReason, KeyEvent, Purpose, SectionShown,
+    SyncOutcome,
+};
 
 use crate::audit::StoredEntry;
 
@@ -34,26 +37,202 @@ pub fn deny_text(r: DenyReason) -> &'static str {
         DenyReason::EmergencyNotPermitted => "emergency access not permitted",
         DenyReason::ClientNotAuthorised => "client not authorised",
         DenyReason::UnknownPatient => "no record held",
+        DenyReason::BadRequest => "incomplete or malformed request",
     }
 }
 
 /// True for an emergency (ETREAT) access.
 pub fn is_emergency(e: &StoredEntry) -> bool {
-    matches!(e.record.purpose, Purpose::EmergencyTreat { .. })
+    e.record
+        .access()
+        .is_some_and(|a| matches!(a.purpose, Some(Purpose::EmergencyTreat { .. })))
 }
 
-/// One stored entry as a FHIR AuditEvent.
+const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
+
+fn device_agent(e: &StoredEntry, client: Option<&str>) -> Value {
+    let who = match client {
+        Some(c) => format!("carecache device {} / client {c}", e.device),
+        None => format!("carecache device {}", e.device),
+    };
+    json!({
+        "type": { "coding": [{ "system": DCM, "code": "110153", "display": "Source Role ID" }] },
+        "who": { "display": who },
+        "requestor": client.is_none(),
+    })
+}
+
+fn base(
+    e: &StoredEntry,
+    kind: (&str, &str),
+    subtype: Value,
+    outcome: &str,
+    agents: Vec<Value>,
+) -> Value {
+    json!({
+        "resourceType": "AuditEvent",
+        "id": format!("{}-{}", e.device, e.seq),
+        "type": { "system": kind.0, "code": kind.1 },
+        "subtype": [subtype],
+        "action": "E",
+        "recorded": instant(e.record.at.as_millis()),
+        "outcome": outcome,
+        "agent": agents,
+        "source": {
+            "observer": { "display": format!("carecache device {}", e.device) },
+            "type": [{ "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "1", "display": "User Device" }],
+        },
+        "entity": [{
+            "what": { "identifier": { "value": format!("{}#{}", e.device, e.seq) } },
+            "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
+            "detail": [{ "type": "device-wall-clock", "valueString": instant(e.record.wall.as_millis()) }],
+        }],
+    })
+}
+
+fn set(event: &mut Value, key: &str, value: Value) {
+    if let Some(obj) = event.as_object_mut() {
+        obj.insert(key.into(), value);
+    }
+}
+
+/// One stored entry as a FHIR AuditEvent: accesses as BALP patient reads/searches,
+/// other events (authentication failures, lease ends, syncs, key events) as DICOM
+/// application activity.
 pub fn audit_event(e: &StoredEntry) -> Value {
-    let r = &e.record;
+    match &e.record.event {
+        AuditEvent::Access(a) => access_event(e, a),
+        AuditEvent::AuthFailure {
+            request_id,
+            client,
+            reason,
+        } => {
+            let mut v = base(
+                e,
+                (DCM, "110114"),
+                json!({ "system": DCM, "code": "110122", "display": "Login" }),
+                "4",
+                vec![device_agent(e, client.as_ref().map(|c| c.as_str()))],
+            );
+            set(
+                &mut v,
+                "outcomeDesc",
+                json!(format!(
+                    "client not authenticated ({reason:?}), request {request_id}"
+                )),
+            );
+            v
+        }
+        AuditEvent::LeaseEnded {
+            lease,
+            reason,
+            purged,
+        } => {
+            let mut v = base(
+                e,
+                (DCM, "110100"),
+                json!({ "system": DCM, "code": "110141", "display": "Application Stop" }),
+                "0",
+                vec![device_agent(e, None)],
+            );
+            set(
+                &mut v,
+                "outcomeDesc",
+                json!(format!(
+                    "lease {} ended ({reason:?}); {purged} patients purged",
+                    lease.0
+                )),
+            );
+            v
+        }
+        AuditEvent::Sync {
+            outcome,
+            batches,
+            upserts,
+            removals,
+            lease_changes,
+            resync,
+        } => {
+            let mut v = base(
+                e,
+                (DCM, "110106"),
+                json!({ "system": DCM, "code": "110106", "display": "Import" }),
+                if *outcome == SyncOutcome::Ok {
+                    "0"
+                } else {
+                    "4"
+                },
+                vec![device_agent(e, None)],
+            );
+            set(
+                &mut v,
+                "outcomeDesc",
+                json!(format!(
+                    "sync {outcome:?}: {batches} batches, {upserts} records, {removals} removals, {lease_changes} lease changes{}",
+                    if *resync { ", full resync" } else { "" }
+                )),
+            );
+            v
+        }
+        AuditEvent::Key(k) => {
+            let mut v = base(
+                e,
+                (DCM, "110113"),
+                json!({ "system": DCM, "code": "110137", "display": "User Security Attributes Changed" }),
+                "0",
+                vec![device_agent(e, None)],
+            );
+            let what = match k {
+                KeyEvent::Unlocked => "store unlocked".to_owned(),
+                KeyEvent::Rekeyed => "root key rotated".to_owned(),
+                KeyEvent::Enrolled => "device enrolled".to_owned(),
+                KeyEvent::ClientAdded { name } => format!("client {} registered", name.as_str()),
+                KeyEvent::ClientRevoked { name } => format!("client {} revoked", name.as_str()),
+            };
+            set(&mut v, "outcomeDesc", json!(what));
+            v
+        }
+    }
+}
+
+fn access_event(e: &StoredEntry, r: &Access) -> Value {
     let (subtype, subtype_display) = match r.action {
         AuditAction::ListCaseload | AuditAction::SearchPatient => ("search-type", "search"),
         _ => ("read", "read"),
     };
     let action = format!("{:?}", r.action);
     let (purpose_code, purpose_display) = match &r.purpose {
-        Purpose::Treat => ("TREAT", "treatment"),
-        Purpose::EmergencyTreat { .. } => ("ETREAT", "Emergency Treatment"),
+        Some(Purpose::Treat) => ("TREAT", "treatment"),
+        Some(Purpose::EmergencyTreat { .. }) => ("ETREAT", "Emergency Treatment"),
+        None => ("TREAT", "treatment (not stated by the client)"),
     };
+    let user = r.user.as_ref().map_or("unknown", |u| u.as_str());
+    let mut requestor = json!({
+        "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP", "display": "information recipient" }] },
+        "who": { "identifier": { "system": "https://fhir.nhs.uk/Id/sds-user-id", "value": user } },
+        "requestor": true,
+        "purposeOfUse": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose_code }] }],
+    });
+    if let Some(role) = &r.role {
+        set(&mut requestor, "role", json!([{ "text": role.as_str() }]));
+    }
+    let shown: Vec<Value> = r
+        .shown
+        .iter()
+        .map(|s| {
+            json!({ "type": format!("{:?}", s.section), "valueString": match s.shown {
+                SectionShown::Items(n) => format!("{n} items"),
+                SectionShown::NoneRecorded => "none recorded".to_owned(),
+                SectionShown::NotAvailable => "not available".to_owned(),
+            }})
+        })
+        .collect();
+    let mut detail =
+        vec![json!({ "type": "chain-sequence", "valueString": format!("{}#{}", e.device, e.seq) })];
+    detail.extend(shown);
+    if r.withheld > 0 {
+        detail.push(json!({ "type": "withheld", "valueString": format!("{} items", r.withheld) }));
+    }
     let mut event = json!({
         "resourceType": "AuditEvent",
         "id": format!("{}-{}", e.device, e.seq),
@@ -64,22 +243,10 @@ pub fn audit_event(e: &StoredEntry) -> Value {
         "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" },
         "subtype": [{ "system": "http://hl7.org/fhir/restful-interaction", "code": subtype, "display": subtype_display }],
         "action": "R",
-        "recorded": instant(r.at.as_millis()),
+        "recorded": instant(e.record.at.as_millis()),
         "outcome": match r.outcome { AuditOutcome::Served => "0", AuditOutcome::Denied(_) => "4" },
         "purposeOfEvent": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose_code, "display": purpose_display }] }],
-        "agent": [
-            {
-                "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP", "display": "information recipient" }] },
-                "who": { "identifier": { "system": "https://fhir.nhs.uk/Id/sds-user-id", "value": r.user.as_str() } },
-                "requestor": true,
-                "purposeOfUse": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose_code }] }],
-            },
-            {
-                "type": { "coding": [{ "system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110153", "display": "Source Role ID" }] },
-                "who": { "display": format!("carecache device {} / client {}", e.device, r.client.as_str()) },
-                "requestor": false,
-            },
-        ],
+        "agent": [requestor, device_agent(e, Some(r.client.as_str()))],
         "source": {
             "observer": { "display": format!("carecache device {}", e.device) },
             "type": [{ "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "1", "display": "User Device" }],
@@ -90,7 +257,7 @@ pub fn audit_event(e: &StoredEntry) -> Value {
                 "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
                 "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4", "display": "Domain Resource" },
                 "description": action,
-                "detail": [{ "type": "chain-sequence", "valueString": format!("{}#{}", e.device, e.seq) }],
+                "detail": detail,
             },
         ],
     });
@@ -98,22 +265,20 @@ pub fn audit_event(e: &StoredEntry) -> Value {
     if let AuditOutcome::Denied(reason) = r.outcome {
         outcome_desc.push(format!("denied: {}", deny_text(reason)));
     }
-    if let Purpose::EmergencyTreat { reason } = &r.purpose {
+    if let Some(Purpose::EmergencyTreat { reason }) = &r.purpose {
         outcome_desc.push(format!("emergency access: {}", reason.as_str()));
     }
-    if !outcome_desc.is_empty()
-        && let Some(obj) = event.as_object_mut()
-    {
-        obj.insert("outcomeDesc".into(), json!(outcome_desc.join("; ")));
+    if !outcome_desc.is_empty() {
+        set(&mut event, "outcomeDesc", json!(outcome_desc.join("; ")));
     }
-    if let Some(nhs) = r.patient
-        && let Some(entities) = event.get_mut("entity").and_then(Value::as_array_mut)
-    {
-        entities.push(json!({
-            "what": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs.digits() } },
-            "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person" },
-            "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient" },
-        }));
+    if let Some(entities) = event.get_mut("entity").and_then(Value::as_array_mut) {
+        for nhs in r.patient.iter().chain(r.listed.iter()) {
+            entities.push(json!({
+                "what": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs.digits() } },
+                "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person" },
+                "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient" },
+            }));
+        }
     }
     event
 }

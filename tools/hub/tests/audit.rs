@@ -2,7 +2,7 @@
 //! expected sequence, a tampered entry refused and the device flagged; export as FHIR.
 
 use sync_protocol::audit::{
-    AuditAction, AuditEntry, AuditOutcome, AuditRecord, DenyReason, Purpose,
+    Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, DenyReason, Purpose,
 };
 use sync_protocol::message::{ErrorCode, Message, PushAudit};
 use sync_protocol::types::{BoundedVec, Bytes, Hash32, StaffId, Text, Timestamp};
@@ -12,25 +12,32 @@ use crate::harness::{T0, TestDevice, TestHub};
 fn record(i: u64, hub: &TestHub) -> AuditRecord {
     AuditRecord {
         at: Timestamp::from_millis(T0 + i * 1000).unwrap(),
-        user: StaffId::new("P1234").unwrap(),
-        client: Text::new("epcr").unwrap(),
-        purpose: if i.is_multiple_of(7) {
-            Purpose::EmergencyTreat {
-                reason: Text::new("unconscious, no lease").unwrap(),
-            }
-        } else {
-            Purpose::Treat
-        },
-        action: AuditAction::ReadSummary,
-        patient: Some(hub.patients[(i as usize) % hub.patients.len()].nhs_number()),
-        lease: None,
-        view: None,
-        outcome: if i.is_multiple_of(5) {
-            AuditOutcome::Denied(DenyReason::NotOnCaseload)
-        } else {
-            AuditOutcome::Served
-        },
-        request_id: i,
+        wall: Timestamp::from_millis(T0 + i * 1000).unwrap(),
+        event: AuditEvent::Access(Access {
+            request_id: i,
+            client: Text::new("epcr").unwrap(),
+            user: Some(StaffId::new("P1234").unwrap()),
+            role: Some(Text::new("paramedic").unwrap()),
+            purpose: Some(if i.is_multiple_of(7) {
+                Purpose::EmergencyTreat {
+                    reason: Text::new("unconscious, no lease").unwrap(),
+                }
+            } else {
+                Purpose::Treat
+            }),
+            action: AuditAction::ReadSummary,
+            patient: Some(hub.patients[(i as usize) % hub.patients.len()].nhs_number()),
+            listed: BoundedVec::default(),
+            lease: None,
+            view: None,
+            shown: BoundedVec::default(),
+            withheld: 0,
+            outcome: if i.is_multiple_of(5) {
+                AuditOutcome::Denied(DenyReason::NotOnCaseload)
+            } else {
+                AuditOutcome::Served
+            },
+        }),
     }
 }
 
@@ -133,7 +140,7 @@ fn rewritten_history_is_refused_and_devices_are_independent() {
     let forged: Vec<AuditEntry> = (1..=4)
         .map(|i| {
             let mut r = record(i, &hub);
-            r.request_id = 1000 + i;
+            r.wall = Timestamp::from_millis(T0 + 1000 + i).unwrap();
             let e = AuditEntry::seal(&prev, i, &r).unwrap();
             prev = e.hash;
             e
