@@ -12,6 +12,9 @@
 //! [hub]
 //! url = "https://hub.example:8443"
 //! ca_file = "/etc/carecache/hub-ca.pem"
+//!
+//! [api]
+//! listen = "127.0.0.1:7380"      # loopback only unless dangerous_listen_any = true
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -64,6 +67,40 @@ struct Raw {
     sync: RawSync,
     #[serde(default)]
     device: RawDevice,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    #[serde(default = "defaults::listen")]
+    listen: Option<String>,
+    socket: Option<PathBuf>,
+    #[serde(default)]
+    dangerous_listen_any: bool,
+    #[serde(default = "defaults::stale_after")]
+    stale_after_secs: u64,
+    #[serde(default = "defaults::max_connections")]
+    max_connections: usize,
+    #[serde(default = "defaults::request_timeout")]
+    request_timeout_secs: u64,
+    #[serde(default = "defaults::max_header_bytes")]
+    max_header_bytes: usize,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        Self {
+            listen: defaults::listen(),
+            socket: None,
+            dangerous_listen_any: false,
+            stale_after_secs: defaults::stale_after(),
+            max_connections: defaults::max_connections(),
+            request_timeout_secs: defaults::request_timeout(),
+            max_header_bytes: defaults::max_header_bytes(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +162,25 @@ struct RawDevice {
 }
 
 mod defaults {
+    #[allow(
+        clippy::unnecessary_wraps,
+        reason = "serde default for an optional key"
+    )]
+    pub(super) fn listen() -> Option<String> {
+        Some(String::from("127.0.0.1:7380"))
+    }
+    pub(super) fn stale_after() -> u64 {
+        3600
+    }
+    pub(super) fn max_connections() -> usize {
+        256
+    }
+    pub(super) fn request_timeout() -> u64 {
+        10
+    }
+    pub(super) fn max_header_bytes() -> usize {
+        16 * 1024
+    }
     pub(super) fn connect_timeout() -> u64 {
         10
     }
@@ -211,6 +267,23 @@ pub struct SyncConfig {
     pub probe: Duration,
 }
 
+/// The local API.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// TCP address (loopback unless `dangerous_listen_any`); `None` for socket only.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Unix socket path (mode 0660), if any.
+    pub socket: Option<PathBuf>,
+    /// Data older than this (since the last successful sync) is flagged stale.
+    pub stale_after: Duration,
+    /// Most connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Longest a request may take, headers included.
+    pub request_timeout: Duration,
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: usize,
+}
+
 /// A validated daemon configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -226,6 +299,8 @@ pub struct Config {
     pub device_label: String,
     /// The sensitive code list the device re-checks records against.
     pub sensitive: CodeList,
+    /// The local API.
+    pub api: ApiConfig,
 }
 
 impl Config {
@@ -316,6 +391,39 @@ impl Config {
                     .map_err(|e| invalid("device.sensitive_codes", &e.to_string()))?
             }
         };
+        let a = raw.api;
+        let listen = match a.listen.as_deref() {
+            None | Some("") => None,
+            Some(text) => {
+                let addr: std::net::SocketAddr = text
+                    .parse()
+                    .map_err(|_| invalid("api.listen", "must be IP:PORT, e.g. 127.0.0.1:7380"))?;
+                if !addr.ip().is_loopback() && !a.dangerous_listen_any {
+                    return Err(invalid(
+                        "api.listen",
+                        "is not a loopback address: the API serves patient data to software on this device only (set api.dangerous_listen_any = true to override)",
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        if listen.is_none() && a.socket.is_none() {
+            return Err(invalid("api", "set `listen`, `socket`, or both"));
+        }
+        if !(1..=10_000).contains(&a.max_connections) {
+            return Err(invalid("api.max_connections", "must be 1..=10000"));
+        }
+        if !(8 * 1024..=1024 * 1024).contains(&a.max_header_bytes) {
+            return Err(invalid("api.max_header_bytes", "must be 8192..=1048576"));
+        }
+        let api = ApiConfig {
+            listen,
+            socket: a.socket.map(anchor),
+            stale_after: secs("api.stale_after_secs", a.stale_after_secs, 60, 30 * 86_400)?,
+            max_connections: a.max_connections,
+            request_timeout: secs("api.request_timeout_secs", a.request_timeout_secs, 1, 300)?,
+            max_header_bytes: a.max_header_bytes,
+        };
         let label = raw
             .device
             .label
@@ -344,6 +452,7 @@ impl Config {
             sync,
             device_label: label,
             sensitive,
+            api,
         })
     }
 }
@@ -370,6 +479,19 @@ ca_file = "ca.pem"
         assert_eq!(c.hub.ca_file, Path::new("/etc/carecache/ca.pem"));
         assert_eq!(c.sync.tick, Duration::from_secs(60));
         assert_eq!(c.hub.max_batch_bytes, 4 * 1024 * 1024);
+        assert_eq!(c.api.listen, Some("127.0.0.1:7380".parse().unwrap()));
+        assert_eq!(c.api.socket, None);
+    }
+
+    #[test]
+    fn a_non_loopback_listener_needs_the_dangerous_switch() {
+        let p = Path::new("c.toml");
+        let text = format!("{GOOD}[api]\nlisten = \"0.0.0.0:7380\"\ndangerous_listen_any = true\n");
+        let c = Config::parse(&text, p).unwrap();
+        assert_eq!(c.api.listen, Some("0.0.0.0:7380".parse().unwrap()));
+        let text = format!("{GOOD}[api]\nlisten = \"[::1]:7380\"\nsocket = \"/run/cc.sock\"\n");
+        let c = Config::parse(&text, p).unwrap();
+        assert!(c.api.listen.is_some() && c.api.socket.is_some());
     }
 
     #[test]
@@ -391,6 +513,11 @@ ca_file = "ca.pem"
                 "sync.retry_max_secs",
             ),
             (format!("{GOOD}[sync]\ntypo = 1\n"), "typo"),
+            (format!("{GOOD}[api]\nlisten = \"0.0.0.0:7380\"\n"), "api.listen"),
+            (format!("{GOOD}[api]\nlisten = \"10.1.2.3:7380\"\n"), "api.listen"),
+            (format!("{GOOD}[api]\nlisten = \"localhost\"\n"), "api.listen"),
+            (format!("{GOOD}[api]\nlisten = \"\"\n"), "api"),
+            (format!("{GOOD}[api]\nmax_header_bytes = 100\n"), "api.max_header_bytes"),
         ] {
             let err = Config::parse(&text, p).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");

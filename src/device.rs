@@ -12,6 +12,10 @@ use sync_protocol::message::{Audience, EnrolRequest, Lease, LeaseChange, Message
 use sync_protocol::types::{Bytes, DeviceId, EnrolmentToken, Text, Timestamp};
 use zeroize::{Zeroize, Zeroizing};
 
+use sync_protocol::audit::{AuditEvent, AuditRecord, KeyEvent, LeaseEnd, SyncOutcome};
+
+use crate::audit::AuditLog;
+use crate::clients::{Client, ClientError, Clients, IssuedToken};
 use crate::clock::{Clock, TrustedTime, check_hub_time, human};
 use crate::config::Config;
 use crate::crypto::RootKey;
@@ -29,6 +33,7 @@ mod key {
     pub(super) const LAST_OK: &str = "last_success";
     pub(super) const ENDED: &str = "ended_leases";
     pub(super) const RESYNC: &str = "resync";
+    pub(super) const CLIENTS: &str = "clients";
 }
 
 /// A device operation that failed. None of these carry patient data.
@@ -65,6 +70,12 @@ pub enum DeviceError {
     /// The hub revoked this device; its keys and data were destroyed.
     #[error("the hub revoked this device; its keys and cached data have been destroyed")]
     Revoked,
+    /// Operator: a client registration change was refused.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The audit log could not record the event (the change was not made).
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// The device's enrolled identity, sealed in the store.
@@ -162,6 +173,10 @@ pub struct Status {
     pub objections: u64,
     /// Audit entries waiting for upload.
     pub audit_backlog: u64,
+    /// The last audit sequence committed.
+    pub audit_head: u64,
+    /// Why the audit log cannot be written, while it cannot (reads are refused).
+    pub audit_error: Option<String>,
 }
 
 /// What a policy tick did.
@@ -176,7 +191,12 @@ pub struct TickReport {
 /// An open, unlocked device.
 pub struct Device {
     config: Config,
-    store: Store,
+    store: Arc<Store>,
+    audit: AuditLog,
+    clients: RwLock<Arc<Clients>>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Trusted time of the last successful sync round (ms; 0 = never), for freshness.
+    last_ok: std::sync::atomic::AtomicU64,
     clock: Arc<dyn Clock>,
     trusted: Mutex<TrustedTime>,
     policy: RwLock<Arc<Policy>>,
@@ -198,12 +218,19 @@ impl Device {
         root: &RootKey,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, DeviceError> {
-        let store = Store::open(&config.data_dir, root)?;
+        let store = Arc::new(Store::open(&config.data_dir, root)?);
         let high: Option<Timestamp> = store.device_state(key::TRUSTED)?;
         let trusted = TrustedTime::resume(high, clock.as_ref());
+        let clients: Vec<Client> = store.device_state(key::CLIENTS)?.unwrap_or_default();
+        let audit = AuditLog::start(Arc::clone(&store))?;
+        let last_ok: Option<Timestamp> = store.device_state(key::LAST_OK)?;
         let device = Self {
             config,
             store,
+            audit,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            last_ok: std::sync::atomic::AtomicU64::new(last_ok.map_or(0, Timestamp::as_millis)),
+            clients: RwLock::new(Arc::new(Clients::new(clients))),
             clock,
             trusted: Mutex::new(trusted),
             policy: RwLock::new(Arc::new(Policy::new(Vec::new(), Vec::new(), None))),
@@ -216,6 +243,83 @@ impl Device {
     /// The store (for the API layer and tests).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// Trusted time of the last successful sync round.
+    pub fn last_success(&self) -> Option<Timestamp> {
+        match self.last_ok.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Timestamp::from_millis(ms).ok(),
+        }
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// An audit record of `event`, stamped with trusted and wall time now.
+    pub fn audit_record(&self, event: AuditEvent) -> AuditRecord {
+        let at = self.now();
+        let wall = Timestamp::from_millis(self.clock.wall_ms()).unwrap_or(at);
+        AuditRecord { at, wall, event }
+    }
+
+    /// Writes `event` to the audit log and waits for it to be durable (outside the
+    /// async runtime).
+    pub fn audit_blocking(&self, event: AuditEvent) -> Result<u64, DeviceError> {
+        Ok(self.audit.write_blocking(self.audit_record(event))?)
+    }
+
+    fn audit_or_log(&self, event: AuditEvent) {
+        if let Err(e) = self.audit_blocking(event) {
+            tracing::error!(error = %e, "an audit entry could not be written");
+        }
+    }
+
+    /// The client registrations.
+    pub fn clients(&self) -> Arc<Clients> {
+        match self.clients.read() {
+            Ok(c) => Arc::clone(&c),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    fn set_clients(&self, list: Vec<Client>) -> Result<(), DeviceError> {
+        let mut extras = Extras::default();
+        extras.set(key::CLIENTS, &list)?;
+        self.store.put_device_state(&extras)?;
+        let c = Arc::new(Clients::new(list));
+        match self.clients.write() {
+            Ok(mut slot) => *slot = c,
+            Err(p) => *p.into_inner() = c,
+        }
+        Ok(())
+    }
+
+    /// Registers a client of the local API; the token is returned once and only its
+    /// hash is kept. Audited.
+    pub fn add_client(&self, name: &str) -> Result<IssuedToken, DeviceError> {
+        self.live()?;
+        let (list, token) = self.clients().add(name, self.now())?;
+        let name = crate::clients::check_name(name)?;
+        self.audit_blocking(AuditEvent::Key(KeyEvent::ClientAdded { name }))?;
+        self.set_clients(list)?;
+        Ok(token)
+    }
+
+    /// Revokes a client registration at once. Audited.
+    pub fn revoke_client(&self, name: &str) -> Result<(), DeviceError> {
+        self.live()?;
+        let list = self.clients().revoke(name, self.now())?;
+        let name = crate::clients::check_name(name)?;
+        self.audit_blocking(AuditEvent::Key(KeyEvent::ClientRevoked { name }))?;
+        self.set_clients(list)
     }
 
     /// The configuration.
@@ -349,6 +453,7 @@ impl Device {
         extras.set(key::TRUSTED, &trusted)?;
         self.store.put_device_state(&extras)?;
         tracing::info!(device = %device_id, "enrolled");
+        self.audit_or_log(AuditEvent::Key(KeyEvent::Enrolled));
         Ok(device_id)
     }
 
@@ -406,6 +511,24 @@ impl Device {
         if let Err(e) = &result {
             tracing::warn!(error = %e, "sync round failed");
         }
+        let (sync_outcome, label) = match outcome {
+            Outcome::Ok => (SyncOutcome::Ok, "ok"),
+            Outcome::Offline(_) => (SyncOutcome::Offline, "offline"),
+            Outcome::Rejected(_) => (SyncOutcome::Rejected, "rejected"),
+            Outcome::Failed(_) => (SyncOutcome::Failed, "failed"),
+        };
+        self.metrics
+            .syncs
+            .get_or_create(&vec![("outcome", label)])
+            .inc();
+        self.audit_or_log(AuditEvent::Sync {
+            outcome: sync_outcome,
+            batches: summary.batches,
+            upserts: u32::try_from(summary.upserts).unwrap_or(u32::MAX),
+            removals: u32::try_from(summary.removals).unwrap_or(u32::MAX),
+            lease_changes: u32::try_from(summary.lease_changes).unwrap_or(u32::MAX),
+            resync: summary.resynced,
+        });
         let now = self.now();
         let mut extras = Extras::default();
         let record = SyncRecord {
@@ -417,6 +540,7 @@ impl Device {
         if result.is_ok() {
             extras.set(key::LAST_OK, &now)?;
         }
+        let ok = result.is_ok();
         extras.set(key::TRUSTED, &self.high_water())?;
         // Recording the outcome and ticking must not hide why the round failed.
         let after = self
@@ -424,6 +548,9 @@ impl Device {
             .put_device_state(&extras)
             .map_err(DeviceError::from)
             .and_then(|()| self.tick().map(drop));
+        if ok && after.is_ok() {
+            self.last_ok.store(now.as_millis(), Ordering::Relaxed);
+        }
         match (result, after) {
             (Ok(s), Ok(())) => Ok(s),
             (Ok(_), Err(e)) => Err(e),
@@ -589,6 +716,19 @@ impl Device {
                 purged,
                 "lease ended on the device"
             );
+            self.audit_or_log(AuditEvent::LeaseEnded {
+                lease: id,
+                reason: match reason {
+                    EndReason::Expired => LeaseEnd::Expired,
+                    EndReason::OfflineTooLong => LeaseEnd::OfflineTooLong,
+                    EndReason::EndedByHub(r) => LeaseEnd::Hub(r),
+                },
+                purged: u32::try_from(purged).unwrap_or(u32::MAX),
+            });
+            self.metrics
+                .lease_expiries
+                .get_or_create(&vec![("reason", reason.code())])
+                .inc();
             report.ended.push((id.0, reason));
             report.purged += purged;
         }
@@ -662,6 +802,12 @@ impl Device {
             patients_held: stats.patients,
             objections: stats.objections,
             audit_backlog: stats.audit_entries,
+            audit_head: self
+                .audit
+                .health()
+                .head_seq
+                .load(Ordering::Relaxed),
+            audit_error: self.audit.health().failing(),
         })
     }
 }

@@ -10,10 +10,17 @@
 //! - [`crypto`]: the key hierarchy and sealing (XChaCha20-Poly1305, HMAC-SHA256 row keys).
 //! - [`keysource`]: where the root key comes from (key file, systemd credential, passphrase).
 //! - [`store`]: the only door to redb and the keyring; sealed rows, purge by crypto-shredding.
-//! - policy, sync, audit, api: the daemon's parts, to come.
+//! - [`policy`]: who may see which cached patient, with which view, until when.
+//! - [`sync`] and [`transport`]: the sync engine (sans-IO) and its one network door.
+//! - [`device`]: the device's operations (enrol, sync, tick, status, clients).
+//! - [`audit`]: the durable, hash-chained audit log with group commit.
+//! - [`api`]: the local HTTP endpoint (FHIR R4, plain JSON, status, metrics).
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod audit;
 pub mod cli;
+pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod crypto;
@@ -21,6 +28,7 @@ pub mod daemon;
 pub mod device;
 pub mod fhir;
 pub mod keysource;
+pub mod metrics;
 pub mod policy;
 pub mod store;
 pub mod sync;

@@ -53,6 +53,17 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// A stable code for metrics and the API.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::OfflineTooLong => "offline-too-long",
+            Self::EndedByHub(LeaseEndReason::Revoked) => "revoked",
+            Self::EndedByHub(LeaseEndReason::AssignmentEnded) => "assignment-ended",
+            Self::EndedByHub(LeaseEndReason::Superseded) => "superseded",
+        }
+    }
+
     /// Words for status output.
     pub fn describe(self) -> &'static str {
         match self {
@@ -264,6 +275,30 @@ impl Policy {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The patients `user` may see now under their own leases (TREAT), sorted by NHS
+    /// number, each once, with when that access ends (the latest of their leases).
+    pub fn caseload(&self, now: Timestamp, user: &StaffId) -> Vec<(NhsNumber, Timestamp)> {
+        let active: Vec<Option<Timestamp>> = self
+            .leases
+            .iter()
+            .map(|l| match self.standing(l, now) {
+                Standing::Active(until) if admits(&l.audience, user) => Some(until),
+                _ => None,
+            })
+            .collect();
+        let mut out: Vec<(NhsNumber, Timestamp)> = Vec::new();
+        for (p, i) in &self.by_patient {
+            let Some(Some(until)) = usize::try_from(*i).ok().and_then(|i| active.get(i)) else {
+                continue;
+            };
+            match out.last_mut() {
+                Some((last, u)) if last == p => *u = (*u).max(*until),
+                _ => out.push((*p, *until)),
+            }
+        }
+        out
     }
 
     /// Decides whether `user` may see `nhs` now for `purpose`.

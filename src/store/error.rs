@@ -74,8 +74,9 @@ pub enum StoreError {
     /// Hub or policy bug: the change would break a store invariant; nothing was applied.
     #[error("refused: {0}")]
     Refused(&'static str),
-    /// Caller bug: an audit sequence number was reused.
-    #[error("audit sequence {0} is already stored")]
+    /// Caller bug: an audit entry does not continue the chain (sequence reused or
+    /// skipped, or its hash does not link).
+    #[error("audit entry {0} does not continue the stored chain")]
     AuditSequence(u64),
     /// Bug: a value could not be serialised.
     #[error("could not encode a value for storage")]

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
 use sync_protocol::NhsNumber;
 use sync_protocol::audit::AuditEntry;
@@ -88,9 +88,23 @@ pub struct StoreStats {
 /// A read transaction's view of the patients table, reused by reads until the next commit,
 /// so that a point read is one B-tree search rather than a transaction, a table lookup and a
 /// search.
+/// How long a cached read snapshot is used before it is taken afresh (audit commits do not
+/// invalidate it, and an old one would keep redb from reusing freed pages).
+const SNAPSHOT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Where the audit chain ends: the last sequence written and its hash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    /// Last sequence written (0 before the first).
+    pub seq: u64,
+    /// Its chain hash (zero before the first).
+    pub hash: sync_protocol::types::Hash32,
+}
+
 #[derive(Debug)]
 struct Snapshot {
     generation: u64,
+    taken: std::time::Instant,
     patients: redb::ReadOnlyTable<[u8; 16], &'static [u8]>,
 }
 
@@ -514,29 +528,74 @@ impl Store {
     }
 
     /// Appends audit entries in one durable commit (group commit of concurrent reads).
+    /// The entries must continue the chain from [`Store::audit_head`] (next sequence,
+    /// linking hash); the new head is stored in the same transaction, so it survives the
+    /// entries' removal after upload.
     pub fn append_audit_many(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
         let tx = self.begin_write()?;
         {
+            let meta = tables::open_write(&tx, tables::META)?;
+            let head: AuditHead = match meta
+                .get(tables::AUDIT_HEAD)
+                .map_err(|x| StoreError::db("audit", x))?
+            {
+                Some(v) => decode(
+                    &tables::unseal(
+                        &self.keys.state,
+                        Table::Meta,
+                        tables::AUDIT_HEAD.as_bytes(),
+                        v.value(),
+                    )?,
+                    Table::Meta,
+                )?,
+                None => AuditHead::default(),
+            };
+            drop(meta);
+            let mut prev = head;
+            for e in entries {
+                if e.seq != prev.seq.saturating_add(1) || !e.links_from(&prev.hash) {
+                    return Err(StoreError::AuditSequence(e.seq));
+                }
+                prev = AuditHead {
+                    seq: e.seq,
+                    hash: e.hash,
+                };
+            }
             let mut table = tables::open_write(&tx, tables::AUDIT)?;
             for e in entries {
                 let key = e.seq.to_be_bytes();
-                if table
-                    .get(e.seq)
-                    .map_err(|x| StoreError::db("audit", x))?
-                    .is_some()
-                {
-                    return Err(StoreError::AuditSequence(e.seq));
-                }
                 let plain = encode(e)?;
                 let sealed = tables::seal(&self.keys.audit, Table::Audit, &key, &plain)?;
                 table
                     .insert(e.seq, sealed.as_slice())
                     .map_err(|x| StoreError::db("audit", x))?;
             }
+            let head = AuditHead {
+                seq: last.seq,
+                hash: last.hash,
+            };
+            let sealed = tables::seal(
+                &self.keys.state,
+                Table::Meta,
+                tables::AUDIT_HEAD.as_bytes(),
+                &encode(&head)?,
+            )?;
+            tables::open_write(&tx, tables::META)?
+                .insert(tables::AUDIT_HEAD, sealed.as_slice())
+                .map_err(|x| StoreError::db("audit", x))?;
         }
+        // Audit commits do not change what readers see: the read snapshot is kept (it is
+        // refreshed by age, so it does not pin freed pages for long).
         tx.commit().map_err(|e| StoreError::db("commit", e))?;
-        self.committed();
         Ok(())
+    }
+
+    /// The last audit entry written (sequence and hash), or sequence 0 and the zero hash.
+    pub fn audit_head(&self) -> Result<AuditHead, StoreError> {
+        Ok(self.get_state(tables::AUDIT_HEAD)?.unwrap_or_default())
     }
 
     /// Audit entries from `from` (inclusive), at most `limit`.
@@ -710,6 +769,7 @@ impl Store {
             .map_err(|_| StoreError::Poisoned)?
             .as_ref()
             && s.generation == generation
+            && s.taken.elapsed() < SNAPSHOT_MAX_AGE
         {
             return Ok(Arc::clone(s));
         }
@@ -719,10 +779,14 @@ impl Store {
             .map_err(|e| StoreError::db("read", e))?;
         let fresh = Arc::new(Snapshot {
             generation,
+            taken: std::time::Instant::now(),
             patients: tables::open_read(&tx, tables::PATIENTS)?,
         });
         let mut slot = self.snapshot.write().map_err(|_| StoreError::Poisoned)?;
-        if slot.as_ref().is_none_or(|s| s.generation < generation) {
+        if slot
+            .as_ref()
+            .is_none_or(|s| s.generation < generation || s.taken < fresh.taken)
+        {
             *slot = Some(Arc::clone(&fresh));
         }
         Ok(fresh)

@@ -1,0 +1,134 @@
+//! Prometheus metrics for the daemon (`GET /metrics`): syncs and their outcomes, reads
+//! served and denied by reason, authentication failures, lease expiries, the audit log's
+//! commits, failures and backlog, and request latency. Labels carry codes only, never
+//! patient data.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+fn latency() -> Histogram {
+    // 50 µs .. ~3.3 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
+}
+
+/// The daemon's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Sync rounds by outcome (`ok`, `offline`, `rejected`, `failed`).
+    pub syncs: Family<Labels, Counter>,
+    /// Reads by outcome (`served`, `denied`) and reason.
+    pub reads: Family<Labels, Counter>,
+    /// Requests refused for want of a valid client token, by reason.
+    pub auth_failures: Family<Labels, Counter>,
+    /// Leases ended on the device, by reason.
+    pub lease_expiries: Family<Labels, Counter>,
+    /// Requests refused because their audit entry could not be committed.
+    pub audit_refusals: Counter,
+    /// Audit entries waiting for upload (set at each scrape).
+    pub audit_backlog: Gauge,
+    /// Audit entries committed since start (set at each scrape).
+    pub audit_committed: Gauge,
+    /// Audit commits (fsyncs) since start (set at each scrape).
+    pub audit_commits: Gauge,
+    /// 1 while the audit log cannot be written.
+    pub audit_failing: Gauge,
+    /// Seconds since the last successful sync (-1 if never).
+    pub data_age: Gauge,
+    /// Request latency by route.
+    pub latency: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("carecache");
+        let m = Self {
+            registry: Registry::default(),
+            syncs: Family::default(),
+            reads: Family::default(),
+            auth_failures: Family::default(),
+            lease_expiries: Family::default(),
+            audit_refusals: Counter::default(),
+            audit_backlog: Gauge::default(),
+            audit_committed: Gauge::default(),
+            audit_commits: Gauge::default(),
+            audit_failing: Gauge::default(),
+            data_age: Gauge::default(),
+            latency: Family::new_with_constructor(latency),
+        };
+        registry.register("syncs", "Sync rounds by outcome", m.syncs.clone());
+        registry.register(
+            "reads",
+            "Patient reads by outcome and reason",
+            m.reads.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests without a valid client token",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "lease_expiries",
+            "Leases ended on the device, by reason",
+            m.lease_expiries.clone(),
+        );
+        registry.register(
+            "audit_refusals",
+            "Requests refused because their audit entry could not be committed",
+            m.audit_refusals.clone(),
+        );
+        registry.register(
+            "audit_backlog_entries",
+            "Audit entries on the device waiting for upload",
+            m.audit_backlog.clone(),
+        );
+        registry.register(
+            "audit_committed_entries",
+            "Audit entries committed since start",
+            m.audit_committed.clone(),
+        );
+        registry.register(
+            "audit_commits",
+            "Durable audit commits since start (each one fsync; concurrent reads share them)",
+            m.audit_commits.clone(),
+        );
+        registry.register(
+            "audit_failing",
+            "1 while the audit log cannot be written (reads are refused)",
+            m.audit_failing.clone(),
+        );
+        registry.register(
+            "data_age_seconds",
+            "Seconds since the last successful sync (-1 if never)",
+            m.data_age.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Local API request latency by route",
+            m.latency.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
