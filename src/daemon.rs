@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use sync_protocol::audit::{AuditEvent, KeyEvent};
+
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::device::{Device, DeviceError, render_status};
@@ -106,17 +108,112 @@ pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `carecache serve`: the policy tick and the sync loop, until SIGINT or SIGTERM.
+/// `carecache serve`: the local API, the policy tick and the sync loop, until SIGINT or
+/// SIGTERM.
 pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     let clock = Arc::new(SystemClock::new());
-    let device = open(config_path, clock.clone())?;
+    let device = Arc::new(open(config_path, clock.clone())?);
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
+    device
+        .audit_blocking(AuditEvent::Key(KeyEvent::Unlocked))
+        .context("writing the first audit entry (the daemon does not serve without an audit log)")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("api")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let listeners = rt.block_on(bind(&device.config().api))?;
+    let api = crate::api::Api::new(Arc::clone(&device));
+    let stopping = Arc::clone(&stop);
+    let server = rt.spawn(crate::api::serve(api, listeners, async move {
+        while !stopping.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }));
     tracing::info!(hub = %device.config().hub.url, "serving");
-    run_loop(&device, clock.as_ref(), &stop)
+    let result = run_loop(&device, clock.as_ref(), &stop);
+    stop.store(true, Ordering::SeqCst);
+    match rt.block_on(server) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the local API stopped with an error"),
+        Err(e) => tracing::error!(error = %e, "the local API task failed"),
+    }
+    device.audit().close();
+    result
+}
+
+/// Binds the configured listeners and logs where they are.
+async fn bind(cfg: &crate::config::ApiConfig) -> anyhow::Result<Vec<crate::api::Listener>> {
+    let mut out = Vec::new();
+    if let Some(addr) = cfg.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the local API to {addr}"))?;
+        let local = l.local_addr().context("reading the bound address")?;
+        tracing::info!(addr = %local, "local API listening");
+        out.push(crate::api::Listener::Tcp(l));
+    }
+    if let Some(path) = &cfg.socket {
+        let l = crate::api::Listener::bind_unix(path)
+            .with_context(|| format!("binding the local API socket {}", path.display()))?;
+        tracing::info!(socket = %path.display(), "local API listening");
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// `carecache clients add|list|revoke`.
+pub fn clients(config_path: &Path, action: ClientsAction) -> anyhow::Result<()> {
+    let device = open(config_path, Arc::new(SystemClock::new()))
+        .context("opening the device (stop the daemon first: it holds the database)")?;
+    match action {
+        ClientsAction::Add(name) => {
+            let token = device.add_client(&name)?;
+            println!("client {name} registered. Its token, shown only this once:");
+            println!();
+            println!("  {}", token.expose());
+            println!();
+            println!("Send it as `Authorization: Bearer <token>` with every request.");
+        }
+        ClientsAction::List => {
+            let clients = device.clients();
+            if clients.list().is_empty() {
+                println!("no clients registered; add one with `carecache clients add NAME`");
+            }
+            for c in clients.list() {
+                println!(
+                    "{:<24} issued {}{}",
+                    c.name,
+                    crate::fhir::instant(c.created),
+                    c.revoked
+                        .map(|t| format!(", revoked {}", crate::fhir::instant(t)))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        ClientsAction::Revoke(name) => {
+            device.revoke_client(&name)?;
+            println!("client {name} revoked; its token is refused from now on");
+        }
+    }
+    device.audit().close();
+    Ok(())
+}
+
+/// What `carecache clients` does.
+#[derive(Debug)]
+pub enum ClientsAction {
+    /// Register a client and print its token.
+    Add(String),
+    /// List registrations.
+    List,
+    /// Revoke a registration.
+    Revoke(String),
 }
 
 /// The loop `serve` runs; returns when `stop` is set or the device is revoked.

@@ -10,9 +10,10 @@
 )]
 
 use serde_json::{Value, json};
+use sync_protocol::NhsNumber;
 use sync_protocol::record::{
-    Alert, AlertCategory, Allergy, AllergyCategory, AllergyStatus, Course, Criticality, Medication,
-    MedicationStatus, PatientRecord, ReactionSeverity, Sex,
+    Alert, AlertCategory, Allergy, AllergyCategory, AllergyStatus, Course, Criticality,
+    Demographics, Medication, MedicationStatus, PatientRecord, ReactionSeverity, Sex,
 };
 use sync_protocol::types::{Coding, Provenance, Timestamp};
 
@@ -44,7 +45,12 @@ pub fn resources(record: &PatientRecord) -> Vec<Value> {
 
 /// The UK Core Patient.
 pub fn patient(record: &PatientRecord) -> Value {
-    let d = &record.demographics;
+    patient_parts(&record.nhs_number, &record.demographics)
+}
+
+/// The UK Core Patient from its parts. A restricted ("S-flagged") patient's
+/// location-revealing details (postcode, GP practice) are left out.
+pub fn patient_parts(nhs: &NhsNumber, d: &Demographics) -> Value {
     let given: Vec<&str> = d.name.given.as_str().split_whitespace().collect();
     let mut name = json!({ "use": "official", "family": d.name.family.as_str(), "given": given });
     if let Some(prefix) = &d.name.prefix {
@@ -52,7 +58,7 @@ pub fn patient(record: &PatientRecord) -> Value {
     }
     let mut p = json!({
         "resourceType": "Patient",
-        "id": record.nhs_number.digits(),
+        "id": nhs.digits(),
         "meta": {
             "profile": ["https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient"],
             "security": [{
@@ -60,11 +66,14 @@ pub fn patient(record: &PatientRecord) -> Value {
                 "code": if d.restricted { "R" } else { "N" }
             }]
         },
-        "identifier": [{ "system": NHS_NUMBER_SYSTEM, "value": record.nhs_number.digits() }],
+        "identifier": [{ "system": NHS_NUMBER_SYSTEM, "value": nhs.digits() }],
         "name": [name],
         "gender": match d.sex { Sex::Male => "male", Sex::Female => "female", Sex::Other => "other", Sex::Unknown => "unknown" },
         "birthDate": d.birth_date.to_string(),
     });
+    if d.restricted {
+        return p;
+    }
     if let Some(pc) = &d.postcode_district {
         p["address"] = json!([{ "use": "home", "postalCode": pc.as_str() }]);
     }
@@ -121,7 +130,7 @@ fn subject(patient_id: &str) -> Value {
     json!({ "reference": format!("Patient/{patient_id}") })
 }
 
-fn flag(patient_id: &str, a: &Alert) -> Value {
+pub fn flag(patient_id: &str, a: &Alert) -> Value {
     let category = match a.category {
         AlertCategory::CommunicationNeed | AlertCategory::ReasonableAdjustment => "contact",
         AlertCategory::ClinicalWarning => "clinical",
@@ -155,7 +164,7 @@ fn flag(patient_id: &str, a: &Alert) -> Value {
     f
 }
 
-fn allergy(patient_id: &str, a: &Allergy) -> Value {
+pub fn allergy(patient_id: &str, a: &Allergy) -> Value {
     let status = match a.status {
         AllergyStatus::Active => "active",
         AllergyStatus::Inactive => "inactive",
@@ -221,7 +230,7 @@ fn allergy(patient_id: &str, a: &Allergy) -> Value {
     r
 }
 
-fn medication(patient_id: &str, m: &Medication) -> Value {
+pub fn medication(patient_id: &str, m: &Medication) -> Value {
     let status = match m.status {
         MedicationStatus::Active => "active",
         MedicationStatus::Completed => "completed",

@@ -73,6 +73,13 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Register, list or revoke the crew software allowed to use the local API.
+    Clients {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        action: ClientsCommand,
+    },
     /// Destroy the keys, then the data, of a data directory.
     Wipe {
         #[command(flatten)]
@@ -80,6 +87,22 @@ enum Command {
         /// Do not ask for confirmation (for scripts).
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ClientsCommand {
+    /// Register a client and print its token (shown once; only its hash is kept).
+    Add {
+        /// A name for the client software, e.g. `epcr-tablet`.
+        name: String,
+    },
+    /// List registrations (names and dates; tokens are never shown again).
+    List,
+    /// Revoke a registration: its token is refused from now on.
+    Revoke {
+        /// The client's name.
+        name: String,
     },
 }
 
@@ -139,5 +162,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync { config, stats } => daemon::sync(&config.config, stats),
         Command::Status { config, json } => daemon::status(&config.config, json),
         Command::Serve { config } => daemon::serve(&config.config),
+        Command::Clients { config, action } => daemon::clients(
+            &config.config,
+            match action {
+                ClientsCommand::Add { name } => daemon::ClientsAction::Add(name),
+                ClientsCommand::List => daemon::ClientsAction::List,
+                ClientsCommand::Revoke { name } => daemon::ClientsAction::Revoke(name),
+            },
+        ),
     }
 }

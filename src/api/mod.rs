@@ -1,1 +1,437 @@
-//! placeholder
+//! The local HTTP endpoint for crew software (DESIGN.md "Local API"): FHIR R4 under
+//! `/fhir`, plain JSON under `/v1`, `/status` and `/metrics`.
+//!
+//! Every patient route runs the same pipeline ([`access`]): client token → acting user
+//! and purpose → NHS number → policy → read under the grant → render → **audit entry
+//! committed durably** → answer. Denials are audited the same way and answered only
+//! after their entry is on disk; if the audit log cannot be written the answer is 503
+//! and nothing is shown. Every answer carries the freshness headers and `Cache-Control:
+//! no-store`.
+//!
+//! The server takes its listeners and shutdown from the caller (tests bind port 0),
+//! caps connections (more wait in the accept queue), bounds the request head, and
+//! times requests out.
+
+mod access;
+pub mod render;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+use crate::device::Device;
+use render::Freshness;
+
+/// Header: the client token (`Authorization: Bearer cct_…`) is standard; these are ours.
+pub mod headers {
+    /// The acting user's staff id (required on patient routes).
+    pub const USER: &str = "x-carecache-user";
+    /// The acting user's role, free text (optional, audited).
+    pub const ROLE: &str = "x-carecache-role";
+    /// `TREAT` or `ETREAT` (required on patient routes).
+    pub const PURPOSE: &str = "x-carecache-purpose";
+    /// The emergency-access reason (required with ETREAT; percent-encoded UTF-8 allowed).
+    pub const REASON: &str = "x-carecache-reason";
+    /// Answer: when the data was last synchronised (RFC 3339), or `never`.
+    pub const LAST_SYNC: &str = "x-carecache-last-sync";
+    /// Answer: `true` when that is older than the configured threshold.
+    pub const STALE: &str = "x-carecache-stale";
+    /// Answer: the request id, also in the audit entry.
+    pub const REQUEST_ID: &str = "x-request-id";
+}
+
+/// Shared state of the endpoint.
+pub struct Api {
+    device: Arc<Device>,
+    request_base: u64,
+    request_seq: AtomicU64,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").finish_non_exhaustive()
+    }
+}
+
+impl Api {
+    /// The endpoint over `device`.
+    pub fn new(device: Arc<Device>) -> Arc<Self> {
+        let mut b = [0u8; 4];
+        let _ = getrandom::fill(&mut b);
+        Arc::new(Self {
+            device,
+            // Unique across restarts with high probability: a random high half per
+            // process, a counter below it.
+            request_base: u64::from(u32::from_le_bytes(b)) << 32,
+            request_seq: AtomicU64::new(1),
+            started: Instant::now(),
+        })
+    }
+
+    /// The device served.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    fn next_request_id(&self) -> u64 {
+        self.request_base | (self.request_seq.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff)
+    }
+
+    /// Freshness now.
+    pub fn freshness(&self) -> Freshness {
+        let now = self.device.now();
+        let threshold = self.device.config().api.stale_after;
+        let last_sync = self.device.last_success();
+        let stale = last_sync.is_none_or(|t| {
+            now.as_millis().saturating_sub(t.as_millis()) > threshold.as_millis() as u64
+        });
+        Freshness {
+            last_sync,
+            stale,
+            stale_after_secs: threshold.as_secs(),
+        }
+    }
+}
+
+/// The router, without limits (see [`serve`]).
+pub fn router(api: Arc<Api>) -> Router {
+    let timeout = api.device.config().api.request_timeout;
+    Router::new()
+        .route("/fhir/metadata", get(access::metadata))
+        .route("/fhir/Patient", get(access::fhir_patient_search))
+        .route("/fhir/Patient/{id}", get(access::fhir_patient_read))
+        .route("/fhir/Patient/{id}/{op}", get(access::fhir_patient_op))
+        .route("/fhir/Flag", get(access::fhir_flags))
+        .route("/fhir/AllergyIntolerance", get(access::fhir_allergies))
+        .route("/fhir/MedicationStatement", get(access::fhir_medications))
+        .route("/v1/patients", get(access::json_list))
+        .route("/v1/patients/{nhs}", get(access::json_summary))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .fallback(access::not_found)
+        .method_not_allowed_fallback(access::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&api),
+            common_headers,
+        ))
+        .layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+            limit(req, next, timeout)
+        }))
+        .with_state(api)
+}
+
+/// Refuses bodies (every route is a GET) and times requests out.
+async fn limit(req: Request, next: Next, timeout: Duration) -> Response {
+    let has_body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() != "0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
+    if has_body {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "this API takes no request bodies\n",
+        )
+            .into_response();
+    }
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response(),
+    }
+}
+
+/// Freshness, no-store and latency on every answer.
+async fn common_headers(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| route_label(m.as_str()));
+    let mut res = next.run(req).await;
+    let f = api.freshness();
+    let h = res.headers_mut();
+    let last = f
+        .last_sync
+        .map_or_else(|| "never".to_owned(), crate::fhir::instant);
+    if let Ok(v) = HeaderValue::from_str(&last) {
+        h.insert(headers::LAST_SYNC, v);
+    }
+    h.insert(
+        headers::STALE,
+        HeaderValue::from_static(if f.stale { "true" } else { "false" }),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    api.device
+        .metrics()
+        .latency
+        .get_or_create(&vec![("route", route)])
+        .observe(started.elapsed().as_secs_f64());
+    res
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/fhir/metadata" => "fhir_metadata",
+        "/fhir/Patient" => "fhir_patient_search",
+        "/fhir/Patient/{id}" => "fhir_patient_read",
+        "/fhir/Patient/{id}/{op}" => "fhir_patient_summary",
+        "/fhir/Flag" => "fhir_flag",
+        "/fhir/AllergyIntolerance" => "fhir_allergy",
+        "/fhir/MedicationStatement" => "fhir_medication",
+        "/v1/patients" => "v1_patients",
+        "/v1/patients/{nhs}" => "v1_patient",
+        "/status" => "status",
+        "/metrics" => "metrics",
+        _ => "other",
+    }
+}
+
+/// `GET /status`: the device status plus freshness, the audit log's health and the
+/// endpoint's uptime. No patient data; no token needed (for monitoring).
+async fn status(State(api): State<Arc<Api>>) -> Response {
+    match api.device.status() {
+        Ok(s) => {
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("freshness".into(), api.freshness().json());
+                obj.insert(
+                    "uptime_secs".into(),
+                    api.started.elapsed().as_secs().into(),
+                );
+                obj.insert(
+                    "ready".into(),
+                    (s.audit_error.is_none() && !api.device.is_wiped()).into(),
+                );
+            }
+            axum::Json(v).into_response()
+        }
+        Err(e) => access::json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+            None,
+        ),
+    }
+}
+
+/// `GET /metrics`.
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    let d = &api.device;
+    let m = d.metrics();
+    let health = d.audit().health();
+    if let Ok(stats) = d.store().stats() {
+        m.audit_backlog
+            .set(i64::try_from(stats.audit_entries).unwrap_or(i64::MAX));
+    }
+    m.audit_committed.set(
+        i64::try_from(health.committed.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+    );
+    m.audit_commits
+        .set(i64::try_from(health.commits.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+    m.audit_failing.set(i64::from(health.failing().is_some()));
+    let age = d.last_success().map_or(-1, |t| {
+        i64::try_from(d.now().as_millis().saturating_sub(t.as_millis()) / 1000)
+            .unwrap_or(i64::MAX)
+    });
+    m.data_age.set(age);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+/// Where the endpoint listens.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A unix socket, and its path (removed at shutdown).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds a unix socket at `path` with mode 0660, replacing a stale socket file (and
+    /// refusing to replace anything else).
+    pub fn bind_unix(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let l = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        Ok(Self::Unix(l, path.to_owned()))
+    }
+}
+
+/// Serves `listeners` until `shutdown` resolves; connections in flight get a few
+/// seconds to finish.
+pub async fn serve(
+    api: Arc<Api>,
+    listeners: Vec<Listener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let cfg = api.device.config().api.clone();
+    let app = router(api);
+    let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut loops = tokio::task::JoinSet::new();
+    let mut sockets = Vec::new();
+    for l in listeners {
+        if let Listener::Unix(_, p) = &l {
+            sockets.push(p.clone());
+        }
+        let app = app.clone();
+        let permits = Arc::clone(&permits);
+        let mut stop = stop_rx.clone();
+        let cfg = cfg.clone();
+        loops.spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                // Wait for a free slot before accepting: excess connections wait in the
+                // kernel's accept queue, so memory stays bounded.
+                let permit = tokio::select! {
+                    _ = stop.changed() => break,
+                    p = Arc::clone(&permits).acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                let accepted = tokio::select! {
+                    _ = stop.changed() => break,
+                    a = accept(&l) => a,
+                };
+                while conns.try_join_next().is_some() {}
+                let io = match accepted {
+                    Ok(io) => io,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                let cfg = cfg.clone();
+                conns.spawn(async move {
+                    let _permit = permit;
+                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        app.clone().oneshot(req.map(axum::body::Body::new))
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(cfg.request_timeout)
+                        .max_buf_size(cfg.max_header_bytes)
+                        .max_headers(64)
+                        .serve_connection(io, service);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            let drain = async { while conns.join_next().await.is_some() {} };
+            if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+                conns.abort_all();
+            }
+        });
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    while loops.join_next().await.is_some() {}
+    for p in sockets {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+enum Io {
+    Tcp(TokioIo<tokio::net::TcpStream>),
+    Unix(TokioIo<tokio::net::UnixStream>),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<Io> {
+    Ok(match l {
+        Listener::Tcp(t) => {
+            let (s, _) = t.accept().await?;
+            let _ = s.set_nodelay(true);
+            Io::Tcp(TokioIo::new(s))
+        }
+        Listener::Unix(u, _) => {
+            let (s, _) = u.accept().await?;
+            Io::Unix(TokioIo::new(s))
+        }
+    })
+}
+
+impl hyper::rt::Read for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+            Self::Unix(u) => std::pin::Pin::new(u).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+            Self::Unix(u) => std::pin::Pin::new(u).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(t) => std::pin::Pin::new(t).poll_flush(cx),
+            Self::Unix(u) => std::pin::Pin::new(u).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+            Self::Unix(u) => std::pin::Pin::new(u).poll_shutdown(cx),
+        }
+    }
+}

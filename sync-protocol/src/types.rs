@@ -232,6 +232,13 @@ impl<const N: usize> Text<N> {
     }
 }
 
+impl<const N: usize> Default for Text<N> {
+    /// The empty text (always valid).
+    fn default() -> Self {
+        Self(String::new())
+    }
+}
+
 impl<const N: usize> fmt::Debug for Text<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         Redacted(self.0.len()).fmt(f)

@@ -1,0 +1,697 @@
+//! The access pipeline shared by every patient route, and the handlers.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use sync_protocol::NhsNumber;
+use sync_protocol::audit::{
+    Access, AuditAction, AuditEvent, AuditOutcome, DenyReason, SectionKind, Shown as ShownSection,
+};
+use sync_protocol::types::{BoundedVec, StaffId, Text};
+
+use super::render::{self, Freshness};
+use super::{Api, headers};
+use crate::audit::AuditError;
+use crate::policy::{self, Denial, Purpose, Shown};
+
+const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+const NHS_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
+
+/// Which error shape a route answers with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Fhir,
+    Json,
+}
+
+/// A refusal: status, stable code, words, and what the audit entry records.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    audit: DenyReason,
+}
+
+impl Refusal {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad-request",
+            message: message.into(),
+            audit: DenyReason::BadRequest,
+        }
+    }
+
+    fn from_denial(d: &Denial) -> Self {
+        let (status, audit) = match d {
+            Denial::Objected => (StatusCode::NOT_FOUND, DenyReason::Objected),
+            Denial::NotOnCaseload => (StatusCode::FORBIDDEN, DenyReason::NotOnCaseload),
+            Denial::AccessEnded(policy::EndReason::OfflineTooLong) => {
+                (StatusCode::FORBIDDEN, DenyReason::OfflineTooLong)
+            }
+            Denial::AccessEnded(_) => (StatusCode::FORBIDDEN, DenyReason::LeaseExpired),
+            Denial::NotYetValid(_) => (StatusCode::FORBIDDEN, DenyReason::LeaseNotYetValid),
+            Denial::EmergencyNotPermitted => {
+                (StatusCode::FORBIDDEN, DenyReason::EmergencyNotPermitted)
+            }
+            Denial::ReasonRequired => (StatusCode::BAD_REQUEST, DenyReason::BadRequest),
+            Denial::NotHeld => (StatusCode::NOT_FOUND, DenyReason::UnknownPatient),
+        };
+        Self {
+            status,
+            code: d.code(),
+            message: d.to_string(),
+            audit,
+        }
+    }
+}
+
+/// A JSON error body.
+pub(super) fn json_error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    request_id: Option<u64>,
+) -> Response {
+    let body = json!({
+        "error": { "code": code, "message": message },
+        "request_id": request_id.map(|r| r.to_string()),
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+fn fhir_json(status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, FHIR_JSON)],
+        serde_json::to_vec(body).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+fn issue_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => "login",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::SERVICE_UNAVAILABLE => "transient",
+        StatusCode::METHOD_NOT_ALLOWED => "not-supported",
+        s if s.is_client_error() => "invalid",
+        _ => "exception",
+    }
+}
+
+fn error(format: Format, status: StatusCode, code: &str, message: &str, rid: Option<u64>) -> Response {
+    let mut res = match format {
+        Format::Json => json_error(status, code, message, rid),
+        Format::Fhir => {
+            let mut oo = render::operation_outcome("error", issue_code(status), message);
+            if let Some(issue) = oo
+                .get_mut("issue")
+                .and_then(Value::as_array_mut)
+                .and_then(|a| a.first_mut())
+                .and_then(Value::as_object_mut)
+            {
+                issue.insert(
+                    "details".into(),
+                    json!({ "coding": [{ "system": "https://carecache.invalid/fhir/CodeSystem/error", "code": code }], "text": message }),
+                );
+            }
+            fhir_json(status, &oo)
+        }
+    };
+    if let Some(r) = rid
+        && let Ok(v) = HeaderValue::from_str(&r.to_string())
+    {
+        res.headers_mut().insert(headers::REQUEST_ID, v);
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        res.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    res
+}
+
+fn audit_failed(format: Format, e: &AuditError, rid: u64) -> Response {
+    tracing::error!(error = %e, "access refused: its audit entry could not be committed");
+    error(
+        format,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "audit-unavailable",
+        "the audit log cannot be written, so no record can be shown; see /status",
+        Some(rid),
+    )
+}
+
+/// Who is asking, as far as the headers say.
+struct Caller {
+    client: Text<64>,
+    user: Result<StaffId, String>,
+    role: Option<Text<64>>,
+    purpose: Result<Purpose, String>,
+}
+
+fn header_text(h: &HeaderMap, name: &str) -> Result<Option<String>, String> {
+    let Some(v) = h.get(name) else {
+        return Ok(None);
+    };
+    let raw = std::str::from_utf8(v.as_bytes())
+        .map_err(|_| format!("header {name} is not UTF-8"))?;
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| format!("header {name} is not valid percent-encoded UTF-8"))?;
+    let t = decoded.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    if t.chars().any(char::is_control) {
+        return Err(format!("header {name} has control characters"));
+    }
+    Ok(Some(t.to_owned()))
+}
+
+impl Caller {
+    fn read(h: &HeaderMap, client: Text<64>) -> Self {
+        let user = match header_text(h, headers::USER) {
+            Ok(Some(u)) => StaffId::new(&u).map_err(|_| {
+                format!(
+                    "header {} must be a staff id: 1–32 of A-Z a-z 0-9 - . _",
+                    headers::USER
+                )
+            }),
+            Ok(None) => Err(format!(
+                "missing header {}: the acting user's staff id",
+                headers::USER
+            )),
+            Err(e) => Err(e),
+        };
+        let role = header_text(h, headers::ROLE)
+            .ok()
+            .flatten()
+            .and_then(|r| Text::new(r.chars().take(64).collect::<String>()).ok());
+        let purpose = match header_text(h, headers::PURPOSE) {
+            Ok(Some(p)) if p.eq_ignore_ascii_case("TREAT") => Ok(Purpose::Treat),
+            Ok(Some(p)) if p.eq_ignore_ascii_case("ETREAT") => {
+                match header_text(h, headers::REASON) {
+                    Ok(Some(r)) => Ok(Purpose::Emergency(r)),
+                    Ok(None) => Ok(Purpose::Emergency(String::new())),
+                    Err(e) => Err(e),
+                }
+            }
+            Ok(Some(_)) => Err(format!(
+                "header {} must be TREAT or ETREAT",
+                headers::PURPOSE
+            )),
+            Ok(None) => Err(format!(
+                "missing header {}: TREAT, or ETREAT with {}",
+                headers::PURPOSE,
+                headers::REASON
+            )),
+            Err(e) => Err(e),
+        };
+        Self {
+            client,
+            user,
+            role,
+            purpose,
+        }
+    }
+
+    fn access(&self, request_id: u64, action: AuditAction) -> Access {
+        Access {
+            request_id,
+            client: self.client.clone(),
+            user: self.user.as_ref().ok().cloned(),
+            role: self.role.clone(),
+            purpose: self.purpose.as_ref().ok().map(|p| match p {
+                Purpose::Treat => sync_protocol::audit::Purpose::Treat,
+                Purpose::Emergency(r) => sync_protocol::audit::Purpose::EmergencyTreat {
+                    // Up to the audit field's size, on a character boundary.
+                    reason: Text::new(truncate(r, 1024)).unwrap_or_default(),
+                },
+            }),
+            action,
+            patient: None,
+            listed: BoundedVec::default(),
+            lease: None,
+            view: None,
+            shown: BoundedVec::default(),
+            withheld: 0,
+            outcome: AuditOutcome::Served,
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default().to_owned()
+}
+
+/// Authenticates the client; an auth failure is audited before the 401 leaves.
+async fn authenticate(api: &Api, h: &HeaderMap, rid: u64, format: Format) -> Result<Text<64>, Response> {
+    let token = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let clients = api.device.clients();
+    match clients.authenticate(token) {
+        Ok(c) => Ok(Text::new(c.name.clone()).unwrap_or_default()),
+        Err((why, who)) => {
+            let client = who.and_then(|c| Text::new(c.name.clone()).ok());
+            api.device
+                .metrics()
+                .auth_failures
+                .get_or_create(&vec![("reason", match why {
+                    sync_protocol::audit::AuthFailure::NoToken => "no-token",
+                    sync_protocol::audit::AuthFailure::UnknownToken => "unknown-token",
+                    sync_protocol::audit::AuthFailure::RevokedToken => "revoked-token",
+                })])
+                .inc();
+            let record = api.device.audit_record(AuditEvent::AuthFailure {
+                request_id: rid,
+                client,
+                reason: why,
+            });
+            if let Err(e) = api.device.audit().write(record).await {
+                return Err(audit_failed(format, &e, rid));
+            }
+            let message = match why {
+                sync_protocol::audit::AuthFailure::NoToken => {
+                    "missing client token: send Authorization: Bearer <token from `carecache clients add`>"
+                }
+                sync_protocol::audit::AuthFailure::UnknownToken => "client token not recognised",
+                sync_protocol::audit::AuthFailure::RevokedToken => "client token revoked",
+            };
+            Err(error(format, StatusCode::UNAUTHORIZED, "unauthorised", message, Some(rid)))
+        }
+    }
+}
+
+/// Commits `access` and answers with `ok` once it is durable; a refusal's entry is
+/// committed the same way before its error leaves.
+async fn finish(api: &Api, format: Format, mut access: Access, outcome: Result<Response, Refusal>) -> Response {
+    let rid = access.request_id;
+    let refusal = match outcome {
+        Ok(_) => None,
+        Err(ref r) => Some((r.status, r.code, r.message.clone(), r.audit)),
+    };
+    let (label_outcome, label_reason) = match &refusal {
+        None => ("served", "none"),
+        Some((_, code, _, _)) => ("denied", *code),
+    };
+    if let Some((_, _, _, reason)) = &refusal {
+        access.outcome = AuditOutcome::Denied(*reason);
+        access.shown = BoundedVec::default();
+        access.listed = BoundedVec::default();
+    }
+    let record = api.device.audit_record(AuditEvent::Access(access));
+    if let Err(e) = api.device.audit().write(record).await {
+        api.device.metrics().audit_refusals.inc();
+        return audit_failed(format, &e, rid);
+    }
+    api.device
+        .metrics()
+        .reads
+        .get_or_create(&vec![("outcome", label_outcome), ("reason", label_reason)])
+        .inc();
+    match (outcome, refusal) {
+        (Ok(mut res), _) => {
+            if let Ok(v) = HeaderValue::from_str(&rid.to_string()) {
+                res.headers_mut().insert(headers::REQUEST_ID, v);
+            }
+            res
+        }
+        (Err(_), Some((status, code, message, _))) => error(format, status, code, &message, Some(rid)),
+        (Err(_), None) => error(format, StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error", Some(rid)),
+    }
+}
+
+/// What a patient route renders from the record it may show.
+type Renderer<'a> = Box<dyn FnOnce(&Shown, &Freshness, u64) -> Result<(Response, Vec<ShownSection>), Refusal> + Send + 'a>;
+
+/// The pipeline for one patient: authenticate, caller, NHS number, policy, read,
+/// render, audit, answer.
+async fn patient_access(
+    api: &Api,
+    h: &HeaderMap,
+    format: Format,
+    action: AuditAction,
+    patient: Result<NhsNumber, String>,
+    render: Renderer<'_>,
+) -> Response {
+    let rid = api.next_request_id();
+    if api.device.is_wiped() {
+        return error(format, StatusCode::GONE, "device-revoked", "this device was revoked by the hub; its data has been destroyed", Some(rid));
+    }
+    let client = match authenticate(api, h, rid, format).await {
+        Ok(c) => c,
+        Err(res) => return res,
+    };
+    let caller = Caller::read(h, client);
+    let mut access = caller.access(rid, action);
+    let outcome = decide_and_render(api, &caller, &mut access, patient, render);
+    finish(api, format, access, outcome).await
+}
+
+fn decide_and_render(
+    api: &Api,
+    caller: &Caller,
+    access: &mut Access,
+    patient: Result<NhsNumber, String>,
+    render: Renderer<'_>,
+) -> Result<Response, Refusal> {
+    let user = caller.user.as_ref().map_err(|e| Refusal::bad_request(e.clone()))?;
+    let purpose = caller
+        .purpose
+        .as_ref()
+        .map_err(|e| Refusal::bad_request(e.clone()))?;
+    let nhs = patient.map_err(Refusal::bad_request)?;
+    access.patient = Some(nhs);
+    let device = &api.device;
+    let now = device.now();
+    let decision = device
+        .policy()
+        .decide(device.store(), now, user, purpose, &nhs)
+        .map_err(|e| internal(&e))?;
+    let grant = decision.map_err(|d| Refusal::from_denial(&d))?;
+    access.lease = Some(grant.lease());
+    access.view = Some(grant.view());
+    let shown = policy::open(device.store(), grant)
+        .map_err(|e| internal(&e))?
+        .ok_or_else(|| Refusal::from_denial(&Denial::NotHeld))?;
+    let (res, sections) = render(&shown, &api.freshness(), access.request_id)?;
+    access.withheld = shown.withheld;
+    access.shown = BoundedVec::try_from(sections).unwrap_or_default();
+    Ok(res)
+}
+
+fn internal(e: &dyn std::fmt::Display) -> Refusal {
+    tracing::error!(error = %e, "reading the store failed");
+    Refusal {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "store-unavailable",
+        message: "the local store could not be read; see /status".into(),
+        audit: DenyReason::UnknownPatient,
+    }
+}
+
+fn parse_nhs(text: &str) -> Result<NhsNumber, String> {
+    if text.len() > 32 {
+        return Err("malformed NHS number: too long".into());
+    }
+    let digits: String = text.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
+    if digits.len() != 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("malformed NHS number: it must be 10 digits".into());
+    }
+    NhsNumber::parse(&digits).map_err(|_| {
+        "malformed NHS number: the check digit does not match (Modulus 11)".to_owned()
+    })
+}
+
+/// Query parameters, refusing duplicates and anything not in `allowed` (`_format` is
+/// accepted and ignored: the API speaks JSON only).
+fn params(raw: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|_| "malformed query string".to_owned())?;
+    let mut seen: Vec<&str> = Vec::new();
+    for (k, _) in &pairs {
+        if k == "_format" {
+            continue;
+        }
+        if !allowed.contains(&k.as_str()) {
+            return Err(format!(
+                "unsupported parameter {:?} (supported: {})",
+                truncate(k, 40),
+                allowed.join(", ")
+            ));
+        }
+        if seen.contains(&k.as_str()) {
+            return Err(format!("parameter {k} given more than once"));
+        }
+        seen.push(k);
+    }
+    Ok(pairs)
+}
+
+fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn patient_param(raw: Option<&str>) -> Result<NhsNumber, String> {
+    let pairs = params(raw, &["patient"])?;
+    let p = param(&pairs, "patient").ok_or("missing parameter patient=Patient/{NHS number}")?;
+    parse_nhs(p.strip_prefix("Patient/").unwrap_or(p))
+}
+
+fn fhir_ok(body: &Value) -> Response {
+    fhir_json(StatusCode::OK, body)
+}
+
+fn view_refusal(what: &str) -> Refusal {
+    Refusal {
+        status: StatusCode::FORBIDDEN,
+        code: "not-in-view",
+        message: format!("{what} are not part of your view of this record"),
+        audit: DenyReason::ViewNotPermitted,
+    }
+}
+
+// ---- handlers -----------------------------------------------------------------------
+
+pub(super) async fn metadata(State(api): State<Arc<Api>>) -> Response {
+    fhir_ok(&render::capability_statement(api.device.now()))
+}
+
+pub(super) async fn fhir_patient_search(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let patient = params(q.as_deref(), &["identifier"]).and_then(|pairs| {
+        let id = param(&pairs, "identifier")
+            .ok_or_else(|| format!("missing parameter identifier={NHS_SYSTEM}|{{NHS number}}"))?;
+        let value = match id.split_once('|') {
+            Some((system, value)) if system == NHS_SYSTEM || system.is_empty() => value,
+            Some(_) => return Err(format!("only {NHS_SYSTEM} identifiers can be searched")),
+            None => id,
+        };
+        parse_nhs(value)
+    });
+    let now = api.device.now();
+    patient_access(
+        &api,
+        &h,
+        Format::Fhir,
+        AuditAction::SearchPatient,
+        patient,
+        Box::new(move |s, f, _| {
+            Ok((
+                fhir_ok(&render::patient_search(s, f, now)),
+                render::shown_one(SectionKind::Demographics, s),
+            ))
+        }),
+    )
+    .await
+}
+
+pub(super) async fn fhir_patient_read(State(api): State<Arc<Api>>, h: HeaderMap, Path(id): Path<String>) -> Response {
+    patient_access(
+        &api,
+        &h,
+        Format::Fhir,
+        AuditAction::ReadPatient,
+        parse_nhs(&id),
+        Box::new(|s, f, _| {
+            Ok((
+                fhir_ok(&render::patient(s, f)),
+                render::shown_one(SectionKind::Demographics, s),
+            ))
+        }),
+    )
+    .await
+}
+
+pub(super) async fn fhir_patient_op(State(api): State<Arc<Api>>, h: HeaderMap, Path((id, op)): Path<(String, String)>) -> Response {
+    if op != "$summary" {
+        return error(
+            Format::Fhir,
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "unknown operation (supported: $summary)",
+            None,
+        );
+    }
+    let now = api.device.now();
+    let label = api.device.config().device_label.clone();
+    patient_access(
+        &api,
+        &h,
+        Format::Fhir,
+        AuditAction::ReadSummary,
+        parse_nhs(&id),
+        Box::new(move |s, f, rid| {
+            Ok((
+                fhir_ok(&render::summary(s, f, now, &label, rid)),
+                render::shown_all(s),
+            ))
+        }),
+    )
+    .await
+}
+
+pub(super) async fn fhir_flags(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let now = api.device.now();
+    patient_access(
+        &api,
+        &h,
+        Format::Fhir,
+        AuditAction::ReadAlerts,
+        patient_param(q.as_deref()),
+        Box::new(move |s, f, _| {
+            Ok((
+                fhir_ok(&render::flags(s, f, now)),
+                render::shown_one(SectionKind::Alerts, s),
+            ))
+        }),
+    )
+    .await
+}
+
+pub(super) async fn fhir_allergies(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let now = api.device.now();
+    patient_access(
+        &api,
+        &h,
+        Format::Fhir,
+        AuditAction::ReadAllergies,
+        patient_param(q.as_deref()),
+        Box::new(move |s, f, _| {
+            let b = render::allergies(s, f, now).ok_or_else(|| view_refusal("Allergies"))?;
+            Ok((fhir_ok(&b), render::shown_one(SectionKind::Allergies, s)))
+        }),
+    )
+    .await
+}
+
+pub(super) async fn fhir_medications(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let now = api.device.now();
+    patient_access(
+        &api,
+        &h,
+        Format::Fhir,
+        AuditAction::ReadMedications,
+        patient_param(q.as_deref()),
+        Box::new(move |s, f, _| {
+            let b = render::medications(s, f, now).ok_or_else(|| view_refusal("Medications"))?;
+            Ok((fhir_ok(&b), render::shown_one(SectionKind::Medications, s)))
+        }),
+    )
+    .await
+}
+
+pub(super) async fn json_summary(State(api): State<Arc<Api>>, h: HeaderMap, Path(nhs): Path<String>) -> Response {
+    patient_access(
+        &api,
+        &h,
+        Format::Json,
+        AuditAction::ReadSummary,
+        parse_nhs(&nhs),
+        Box::new(|s, f, rid| {
+            Ok((
+                axum::Json(render::json_summary(s, f, rid)).into_response(),
+                render::shown_all(s),
+            ))
+        }),
+    )
+    .await
+}
+
+/// Most rows per page of `GET /v1/patients`.
+const PAGE_MAX: usize = sync_protocol::audit::MAX_LISTED;
+
+/// `GET /v1/patients?_count=&_offset=`: the caller's own caseload, a page at a time,
+/// objected patients left out. One audit entry names every patient listed.
+pub(super) async fn json_list(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let rid = api.next_request_id();
+    let client = match authenticate(&api, &h, rid, Format::Json).await {
+        Ok(c) => c,
+        Err(res) => return res,
+    };
+    let caller = Caller::read(&h, client);
+    let mut access = caller.access(rid, AuditAction::ListCaseload);
+    let outcome = list_page(&api, &caller, &mut access, q.as_deref());
+    finish(&api, Format::Json, access, outcome).await
+}
+
+fn list_page(api: &Api, caller: &Caller, access: &mut Access, q: Option<&str>) -> Result<Response, Refusal> {
+    let user = caller.user.as_ref().map_err(|e| Refusal::bad_request(e.clone()))?;
+    caller
+        .purpose
+        .as_ref()
+        .map_err(|e| Refusal::bad_request(e.clone()))?;
+    let pairs = params(q, &["_count", "_offset"]).map_err(Refusal::bad_request)?;
+    let count = match param(&pairs, "_count") {
+        None => PAGE_MAX,
+        Some(c) => c
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=PAGE_MAX).contains(n))
+            .ok_or_else(|| Refusal::bad_request(format!("_count must be 1..={PAGE_MAX}")))?,
+    };
+    let offset = match param(&pairs, "_offset") {
+        None => 0,
+        Some(o) => o
+            .parse::<usize>()
+            .map_err(|_| Refusal::bad_request("_offset must be a whole number"))?,
+    };
+    let device = &api.device;
+    let now = device.now();
+    let policy = device.policy();
+    let caseload = policy.caseload(now, user);
+    let total = caseload.len();
+    let mut rows = Vec::new();
+    let mut listed = Vec::new();
+    for (nhs, _) in caseload.iter().skip(offset).take(count) {
+        let Ok(grant) = policy
+            .decide(device.store(), now, user, &Purpose::Treat, nhs)
+            .map_err(|e| internal(&e))?
+        else {
+            continue; // objected since the lease was granted: not listed
+        };
+        if let Some(shown) = policy::open(device.store(), grant).map_err(|e| internal(&e))? {
+            rows.push(render::json_list_item(&shown));
+            listed.push(*nhs);
+        }
+    }
+    access.listed = BoundedVec::try_from(listed).unwrap_or_default();
+    let next = (offset + count < total).then(|| format!("/v1/patients?_count={count}&_offset={}", offset + count));
+    let body = json!({
+        "total": total,
+        "offset": offset,
+        "count": rows.len(),
+        "next": next,
+        "patients": rows,
+        "freshness": api.freshness().json(),
+        "request_id": access.request_id.to_string(),
+    });
+    Ok(axum::Json(body).into_response())
+}
+
+pub(super) async fn not_found(uri: axum::http::Uri) -> Response {
+    let format = if uri.path().starts_with("/fhir") { Format::Fhir } else { Format::Json };
+    error(format, StatusCode::NOT_FOUND, "not-found", "no such route", None)
+}
+
+pub(super) async fn method_not_allowed(uri: axum::http::Uri) -> Response {
+    let format = if uri.path().starts_with("/fhir") { Format::Fhir } else { Format::Json };
+    error(
+        format,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this API is read-only: GET only",
+        None,
+    )
+}
