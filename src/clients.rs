@@ -88,11 +88,7 @@ pub fn check_name(name: &str) -> Result<Text<MAX_NAME>, ClientError> {
 impl Clients {
     /// From the stored list.
     pub fn new(list: Vec<Client>) -> Self {
-        let by_hash = list
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.hash, i))
-            .collect();
+        let by_hash = list.iter().enumerate().map(|(i, c)| (c.hash, i)).collect();
         Self { list, by_hash }
     }
 
@@ -102,7 +98,10 @@ impl Clients {
     }
 
     /// Who a token belongs to, or why it is not accepted.
-    pub fn authenticate(&self, token: Option<&str>) -> Result<&Client, (AuthFailure, Option<&Client>)> {
+    pub fn authenticate(
+        &self,
+        token: Option<&str>,
+    ) -> Result<&Client, (AuthFailure, Option<&Client>)> {
         let Some(token) = token else {
             return Err((AuthFailure::NoToken, None));
         };
@@ -173,7 +172,10 @@ mod tests {
         let clients = Clients::new(list);
         assert!(token.expose().starts_with(TOKEN_PREFIX));
         assert_eq!(token.expose().len(), TOKEN_PREFIX.len() + 64);
-        assert_eq!(clients.authenticate(Some(token.expose())).unwrap().name, "epcr");
+        assert_eq!(
+            clients.authenticate(Some(token.expose())).unwrap().name,
+            "epcr"
+        );
         let stored = postcard::to_allocvec(clients.list()).unwrap();
         assert!(
             !stored
@@ -205,9 +207,15 @@ mod tests {
         );
         assert!(matches!(c.add("", t(2)), Err(ClientError::BadName(_))));
         assert!(matches!(c.add("a b", t(2)), Err(ClientError::BadName(_))));
-        assert!(matches!(c.add(&"x".repeat(65), t(2)), Err(ClientError::BadName(_))));
+        assert!(matches!(
+            c.add(&"x".repeat(65), t(2)),
+            Err(ClientError::BadName(_))
+        ));
         let c = Clients::new(c.revoke("epcr", t(3)).unwrap());
         assert!(c.add("epcr", t(4)).is_ok(), "a revoked name can be reused");
-        assert!(matches!(c.revoke("nope", t(4)), Err(ClientError::Unknown(_))));
+        assert!(matches!(
+            c.revoke("nope", t(4)),
+            Err(ClientError::Unknown(_))
+        ));
     }
 }

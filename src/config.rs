@@ -513,11 +513,23 @@ ca_file = "ca.pem"
                 "sync.retry_max_secs",
             ),
             (format!("{GOOD}[sync]\ntypo = 1\n"), "typo"),
-            (format!("{GOOD}[api]\nlisten = \"0.0.0.0:7380\"\n"), "api.listen"),
-            (format!("{GOOD}[api]\nlisten = \"10.1.2.3:7380\"\n"), "api.listen"),
-            (format!("{GOOD}[api]\nlisten = \"localhost\"\n"), "api.listen"),
+            (
+                format!("{GOOD}[api]\nlisten = \"0.0.0.0:7380\"\n"),
+                "api.listen",
+            ),
+            (
+                format!("{GOOD}[api]\nlisten = \"10.1.2.3:7380\"\n"),
+                "api.listen",
+            ),
+            (
+                format!("{GOOD}[api]\nlisten = \"localhost\"\n"),
+                "api.listen",
+            ),
             (format!("{GOOD}[api]\nlisten = \"\"\n"), "api"),
-            (format!("{GOOD}[api]\nmax_header_bytes = 100\n"), "api.max_header_bytes"),
+            (
+                format!("{GOOD}[api]\nmax_header_bytes = 100\n"),
+                "api.max_header_bytes",
+            ),
         ] {
             let err = Config::parse(&text, p).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");

@@ -120,7 +120,9 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     }
     device
         .audit_blocking(AuditEvent::Key(KeyEvent::Unlocked))
-        .context("writing the first audit entry (the daemon does not serve without an audit log)")?;
+        .context(
+            "writing the first audit entry (the daemon does not serve without an audit log)",
+        )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("api")
@@ -151,8 +153,7 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
 async fn bind(cfg: &crate::config::ApiConfig) -> anyhow::Result<Vec<crate::api::Listener>> {
     let mut out = Vec::new();
     if let Some(addr) = cfg.listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
+        let l = crate::api::bind_tcp(addr)
             .with_context(|| format!("binding the local API to {addr}"))?;
         let local = l.local_addr().context("reading the bound address")?;
         tracing::info!(addr = %local, "local API listening");

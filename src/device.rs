@@ -802,11 +802,7 @@ impl Device {
             patients_held: stats.patients,
             objections: stats.objections,
             audit_backlog: stats.audit_entries,
-            audit_head: self
-                .audit
-                .health()
-                .head_seq
-                .load(Ordering::Relaxed),
+            audit_head: self.audit.health().head_seq.load(Ordering::Relaxed),
             audit_error: self.audit.health().failing(),
         })
     }

@@ -42,6 +42,8 @@ read_timeout_secs = 30
 max_clock_skew_secs = 900
 [device]
 label = "Ambulance 7"
+[api]
+listen = "127.0.0.1:0"
 "#,
         data = dir.join("data").display(),
         key = dir.join("root.key").display(),

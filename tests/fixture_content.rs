@@ -3,13 +3,13 @@
 
 use carecache_synth::Generator;
 use sync_protocol::NhsNumber;
-use sync_protocol::audit::{AuditAction, AuditEntry, AuditOutcome, AuditRecord, Purpose};
+use sync_protocol::audit::{AuditAction, AuditEntry, AuditOutcome, Purpose};
 use sync_protocol::digest::allowed_set_digest;
 use sync_protocol::message::{
     Audience, Batch, Lease, LeaseChange, ObjectionChange, ObjectionStatus, View,
 };
 use sync_protocol::record::PatientRecord;
-use sync_protocol::types::{BoundedVec, Cursor, Hash32, LeaseId, StaffId, Text, Timestamp};
+use sync_protocol::types::{BoundedVec, Bytes, Cursor, Hash32, LeaseId, StaffId, Text, Timestamp};
 
 /// The fixture's root key (test data only).
 pub(crate) const ROOT_KEY: [u8; 32] = [0x5c; 32];
@@ -68,13 +68,30 @@ pub(crate) fn batches() -> Vec<Batch> {
     vec![first]
 }
 
+/// The layout audit records had when the fixture was written (before the first
+/// release revised it): the store keeps entries as opaque sealed bytes, so the fixture's
+/// entries are rebuilt from this to compare byte for byte.
+#[derive(serde::Serialize)]
+struct LegacyAuditRecord {
+    at: Timestamp,
+    user: StaffId,
+    client: Text<64>,
+    purpose: Purpose,
+    action: AuditAction,
+    patient: Option<NhsNumber>,
+    lease: Option<LeaseId>,
+    view: Option<View>,
+    outcome: AuditOutcome,
+    request_id: u64,
+}
+
 pub(crate) fn audit() -> Vec<AuditEntry> {
     let mut prev = Hash32::default();
     patients()[..3]
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let record = AuditRecord {
+            let record = LegacyAuditRecord {
                 at: ts(1_790_000_200_000 + i as u64),
                 user: StaffId::new("C7654321").unwrap(),
                 client: Text::new("nurse-visit-app").unwrap(),
@@ -86,9 +103,15 @@ pub(crate) fn audit() -> Vec<AuditEntry> {
                 outcome: AuditOutcome::Served,
                 request_id: i as u64,
             };
-            let e = AuditEntry::seal(&prev, i as u64 + 1, &record).unwrap();
-            prev = e.hash;
-            e
+            let bytes = postcard::to_allocvec(&record).unwrap();
+            let seq = i as u64 + 1;
+            let hash = sync_protocol::audit::chain_hash(&prev, seq, &bytes);
+            prev = hash;
+            AuditEntry {
+                seq,
+                record: Bytes::try_from(bytes).unwrap(),
+                hash,
+            }
         })
         .collect()
 }

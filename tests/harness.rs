@@ -9,7 +9,9 @@ use carecache::keysource::SourceKind;
 use carecache::store::Store;
 use carecache_synth::Generator;
 use sync_protocol::NhsNumber;
-use sync_protocol::audit::{AuditAction, AuditEntry, AuditOutcome, AuditRecord, Purpose};
+use sync_protocol::audit::{
+    Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, Purpose,
+};
 use sync_protocol::digest::allowed_set_digest;
 use sync_protocol::message::{
     Audience, Batch, Lease, LeaseChange, ObjectionChange, ObjectionStatus, Removal, RemovalReason,
@@ -140,15 +142,22 @@ pub(crate) fn populate(store: &Store, seed: u64, n: usize) -> Vec<PatientRecord>
 pub(crate) fn audit_record(nhs: NhsNumber) -> AuditRecord {
     AuditRecord {
         at: ts(1_800_000_000_000),
-        user: StaffId::new("C1234567").unwrap(),
-        client: Text::new("epcr-tablet").unwrap(),
-        purpose: Purpose::Treat,
-        action: AuditAction::ReadSummary,
-        patient: Some(nhs),
-        lease: Some(LeaseId(1)),
-        view: Some(View::Clinical),
-        outcome: AuditOutcome::Served,
-        request_id: 7,
+        wall: ts(1_800_000_000_000),
+        event: AuditEvent::Access(Access {
+            request_id: 7,
+            client: Text::new("epcr-tablet").unwrap(),
+            user: Some(StaffId::new("C1234567").unwrap()),
+            role: None,
+            purpose: Some(Purpose::Treat),
+            action: AuditAction::ReadSummary,
+            patient: Some(nhs),
+            listed: BoundedVec::default(),
+            lease: Some(LeaseId(1)),
+            view: Some(View::Clinical),
+            shown: BoundedVec::default(),
+            withheld: 0,
+            outcome: AuditOutcome::Served,
+        }),
     }
 }
 

@@ -7,6 +7,8 @@
     reason = "test code: a panic is a failed test"
 )]
 
+mod api;
+mod api_harness;
 mod cli;
 mod device_harness;
 mod fixture_content;

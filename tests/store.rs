@@ -597,7 +597,7 @@ fn audit_entries_survive_purges_and_rekey_and_leave_once_removed() {
     assert_eq!(entries.len(), 10);
     sync_protocol::audit::verify_chain(&Default::default(), &entries).unwrap();
     let first = sync_protocol::audit::AuditRecord::decode(entries[0].record.as_slice()).unwrap();
-    assert_eq!(first.patient, Some(records[0].nhs_number));
+    assert_eq!(first.access().unwrap().patient, Some(records[0].nhs_number));
     // A sequence number cannot be written twice.
     assert!(matches!(
         store.append_audit(&entries[3]),
@@ -607,6 +607,28 @@ fn audit_entries_survive_purges_and_rekey_and_leave_once_removed() {
     let left = store.audit_entries(0, 100).unwrap();
     assert_eq!(left.first().map(|e| e.seq), Some(5));
     assert_eq!(store.stats().unwrap().audit_entries, 6);
+    // The chain head outlives the entries: after all are removed the next one must still
+    // link to the last written, and a gap or a fork is refused.
+    assert_eq!(store.remove_audit_through(10).unwrap(), 6);
+    assert_eq!(store.audit_head().unwrap().seq, 10);
+    let next = |prev, seq| {
+        sync_protocol::audit::AuditEntry::seal(
+            prev,
+            seq,
+            &crate::harness::audit_record(records[1].nhs_number),
+        )
+        .unwrap()
+    };
+    assert!(matches!(
+        store.append_audit(&next(&entries[9].hash, 12)),
+        Err(StoreError::AuditSequence(12))
+    ));
+    assert!(matches!(
+        store.append_audit(&next(&entries[8].hash, 11)),
+        Err(StoreError::AuditSequence(11))
+    ));
+    store.append_audit(&next(&entries[9].hash, 11)).unwrap();
+    assert_eq!(store.audit_head().unwrap().seq, 11);
 }
 
 #[test]

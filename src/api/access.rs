@@ -104,7 +104,13 @@ fn issue_code(status: StatusCode) -> &'static str {
     }
 }
 
-fn error(format: Format, status: StatusCode, code: &str, message: &str, rid: Option<u64>) -> Response {
+fn error(
+    format: Format,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    rid: Option<u64>,
+) -> Response {
     let mut res = match format {
         Format::Json => json_error(status, code, message, rid),
         Format::Fhir => {
@@ -158,8 +164,8 @@ fn header_text(h: &HeaderMap, name: &str) -> Result<Option<String>, String> {
     let Some(v) = h.get(name) else {
         return Ok(None);
     };
-    let raw = std::str::from_utf8(v.as_bytes())
-        .map_err(|_| format!("header {name} is not UTF-8"))?;
+    let raw =
+        std::str::from_utf8(v.as_bytes()).map_err(|_| format!("header {name} is not UTF-8"))?;
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| format!("header {name} is not valid percent-encoded UTF-8"))?;
@@ -254,11 +260,19 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 /// Authenticates the client; an auth failure is audited before the 401 leaves.
-async fn authenticate(api: &Api, h: &HeaderMap, rid: u64, format: Format) -> Result<Text<64>, Response> {
+async fn authenticate(
+    api: &Api,
+    h: &HeaderMap,
+    rid: u64,
+    format: Format,
+) -> Result<Text<64>, Response> {
     let token = h
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     let clients = api.device.clients();
     match clients.authenticate(token) {
@@ -268,11 +282,14 @@ async fn authenticate(api: &Api, h: &HeaderMap, rid: u64, format: Format) -> Res
             api.device
                 .metrics()
                 .auth_failures
-                .get_or_create(&vec![("reason", match why {
-                    sync_protocol::audit::AuthFailure::NoToken => "no-token",
-                    sync_protocol::audit::AuthFailure::UnknownToken => "unknown-token",
-                    sync_protocol::audit::AuthFailure::RevokedToken => "revoked-token",
-                })])
+                .get_or_create(&vec![(
+                    "reason",
+                    match why {
+                        sync_protocol::audit::AuthFailure::NoToken => "no-token",
+                        sync_protocol::audit::AuthFailure::UnknownToken => "unknown-token",
+                        sync_protocol::audit::AuthFailure::RevokedToken => "revoked-token",
+                    },
+                )])
                 .inc();
             let record = api.device.audit_record(AuditEvent::AuthFailure {
                 request_id: rid,
@@ -289,14 +306,25 @@ async fn authenticate(api: &Api, h: &HeaderMap, rid: u64, format: Format) -> Res
                 sync_protocol::audit::AuthFailure::UnknownToken => "client token not recognised",
                 sync_protocol::audit::AuthFailure::RevokedToken => "client token revoked",
             };
-            Err(error(format, StatusCode::UNAUTHORIZED, "unauthorised", message, Some(rid)))
+            Err(error(
+                format,
+                StatusCode::UNAUTHORIZED,
+                "unauthorised",
+                message,
+                Some(rid),
+            ))
         }
     }
 }
 
 /// Commits `access` and answers with `ok` once it is durable; a refusal's entry is
 /// committed the same way before its error leaves.
-async fn finish(api: &Api, format: Format, mut access: Access, outcome: Result<Response, Refusal>) -> Response {
+async fn finish(
+    api: &Api,
+    format: Format,
+    mut access: Access,
+    outcome: Result<Response, Refusal>,
+) -> Response {
     let rid = access.request_id;
     let refusal = match outcome {
         Ok(_) => None,
@@ -328,13 +356,25 @@ async fn finish(api: &Api, format: Format, mut access: Access, outcome: Result<R
             }
             res
         }
-        (Err(_), Some((status, code, message, _))) => error(format, status, code, &message, Some(rid)),
-        (Err(_), None) => error(format, StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error", Some(rid)),
+        (Err(_), Some((status, code, message, _))) => {
+            error(format, status, code, &message, Some(rid))
+        }
+        (Err(_), None) => error(
+            format,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+            Some(rid),
+        ),
     }
 }
 
 /// What a patient route renders from the record it may show.
-type Renderer<'a> = Box<dyn FnOnce(&Shown, &Freshness, u64) -> Result<(Response, Vec<ShownSection>), Refusal> + Send + 'a>;
+type Renderer<'a> = Box<
+    dyn FnOnce(&Shown, &Freshness, u64) -> Result<(Response, Vec<ShownSection>), Refusal>
+        + Send
+        + 'a,
+>;
 
 /// The pipeline for one patient: authenticate, caller, NHS number, policy, read,
 /// render, audit, answer.
@@ -348,7 +388,13 @@ async fn patient_access(
 ) -> Response {
     let rid = api.next_request_id();
     if api.device.is_wiped() {
-        return error(format, StatusCode::GONE, "device-revoked", "this device was revoked by the hub; its data has been destroyed", Some(rid));
+        return error(
+            format,
+            StatusCode::GONE,
+            "device-revoked",
+            "this device was revoked by the hub; its data has been destroyed",
+            Some(rid),
+        );
     }
     let client = match authenticate(api, h, rid, format).await {
         Ok(c) => c,
@@ -367,7 +413,10 @@ fn decide_and_render(
     patient: Result<NhsNumber, String>,
     render: Renderer<'_>,
 ) -> Result<Response, Refusal> {
-    let user = caller.user.as_ref().map_err(|e| Refusal::bad_request(e.clone()))?;
+    let user = caller
+        .user
+        .as_ref()
+        .map_err(|e| Refusal::bad_request(e.clone()))?;
     let purpose = caller
         .purpose
         .as_ref()
@@ -410,9 +459,8 @@ fn parse_nhs(text: &str) -> Result<NhsNumber, String> {
     if digits.len() != 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err("malformed NHS number: it must be 10 digits".into());
     }
-    NhsNumber::parse(&digits).map_err(|_| {
-        "malformed NHS number: the check digit does not match (Modulus 11)".to_owned()
-    })
+    NhsNumber::parse(&digits)
+        .map_err(|_| "malformed NHS number: the check digit does not match (Modulus 11)".to_owned())
 }
 
 /// Query parameters, refusing duplicates and anything not in `allowed` (`_format` is
@@ -441,7 +489,10 @@ fn params(raw: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, 
 }
 
 fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 fn patient_param(raw: Option<&str>) -> Result<NhsNumber, String> {
@@ -469,7 +520,11 @@ pub(super) async fn metadata(State(api): State<Arc<Api>>) -> Response {
     fhir_ok(&render::capability_statement(api.device.now()))
 }
 
-pub(super) async fn fhir_patient_search(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+pub(super) async fn fhir_patient_search(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     let patient = params(q.as_deref(), &["identifier"]).and_then(|pairs| {
         let id = param(&pairs, "identifier")
             .ok_or_else(|| format!("missing parameter identifier={NHS_SYSTEM}|{{NHS number}}"))?;
@@ -497,7 +552,11 @@ pub(super) async fn fhir_patient_search(State(api): State<Arc<Api>>, h: HeaderMa
     .await
 }
 
-pub(super) async fn fhir_patient_read(State(api): State<Arc<Api>>, h: HeaderMap, Path(id): Path<String>) -> Response {
+pub(super) async fn fhir_patient_read(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     patient_access(
         &api,
         &h,
@@ -514,7 +573,11 @@ pub(super) async fn fhir_patient_read(State(api): State<Arc<Api>>, h: HeaderMap,
     .await
 }
 
-pub(super) async fn fhir_patient_op(State(api): State<Arc<Api>>, h: HeaderMap, Path((id, op)): Path<(String, String)>) -> Response {
+pub(super) async fn fhir_patient_op(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    Path((id, op)): Path<(String, String)>,
+) -> Response {
     if op != "$summary" {
         return error(
             Format::Fhir,
@@ -542,7 +605,11 @@ pub(super) async fn fhir_patient_op(State(api): State<Arc<Api>>, h: HeaderMap, P
     .await
 }
 
-pub(super) async fn fhir_flags(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+pub(super) async fn fhir_flags(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     let now = api.device.now();
     patient_access(
         &api,
@@ -560,7 +627,11 @@ pub(super) async fn fhir_flags(State(api): State<Arc<Api>>, h: HeaderMap, RawQue
     .await
 }
 
-pub(super) async fn fhir_allergies(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+pub(super) async fn fhir_allergies(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     let now = api.device.now();
     patient_access(
         &api,
@@ -576,7 +647,11 @@ pub(super) async fn fhir_allergies(State(api): State<Arc<Api>>, h: HeaderMap, Ra
     .await
 }
 
-pub(super) async fn fhir_medications(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+pub(super) async fn fhir_medications(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     let now = api.device.now();
     patient_access(
         &api,
@@ -592,7 +667,11 @@ pub(super) async fn fhir_medications(State(api): State<Arc<Api>>, h: HeaderMap, 
     .await
 }
 
-pub(super) async fn json_summary(State(api): State<Arc<Api>>, h: HeaderMap, Path(nhs): Path<String>) -> Response {
+pub(super) async fn json_summary(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    Path(nhs): Path<String>,
+) -> Response {
     patient_access(
         &api,
         &h,
@@ -614,7 +693,11 @@ const PAGE_MAX: usize = sync_protocol::audit::MAX_LISTED;
 
 /// `GET /v1/patients?_count=&_offset=`: the caller's own caseload, a page at a time,
 /// objected patients left out. One audit entry names every patient listed.
-pub(super) async fn json_list(State(api): State<Arc<Api>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+pub(super) async fn json_list(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     let rid = api.next_request_id();
     let client = match authenticate(&api, &h, rid, Format::Json).await {
         Ok(c) => c,
@@ -626,8 +709,16 @@ pub(super) async fn json_list(State(api): State<Arc<Api>>, h: HeaderMap, RawQuer
     finish(&api, Format::Json, access, outcome).await
 }
 
-fn list_page(api: &Api, caller: &Caller, access: &mut Access, q: Option<&str>) -> Result<Response, Refusal> {
-    let user = caller.user.as_ref().map_err(|e| Refusal::bad_request(e.clone()))?;
+fn list_page(
+    api: &Api,
+    caller: &Caller,
+    access: &mut Access,
+    q: Option<&str>,
+) -> Result<Response, Refusal> {
+    let user = caller
+        .user
+        .as_ref()
+        .map_err(|e| Refusal::bad_request(e.clone()))?;
     caller
         .purpose
         .as_ref()
@@ -667,7 +758,8 @@ fn list_page(api: &Api, caller: &Caller, access: &mut Access, q: Option<&str>) -
         }
     }
     access.listed = BoundedVec::try_from(listed).unwrap_or_default();
-    let next = (offset + count < total).then(|| format!("/v1/patients?_count={count}&_offset={}", offset + count));
+    let next = (offset + count < total)
+        .then(|| format!("/v1/patients?_count={count}&_offset={}", offset + count));
     let body = json!({
         "total": total,
         "offset": offset,
@@ -681,12 +773,26 @@ fn list_page(api: &Api, caller: &Caller, access: &mut Access, q: Option<&str>) -
 }
 
 pub(super) async fn not_found(uri: axum::http::Uri) -> Response {
-    let format = if uri.path().starts_with("/fhir") { Format::Fhir } else { Format::Json };
-    error(format, StatusCode::NOT_FOUND, "not-found", "no such route", None)
+    let format = if uri.path().starts_with("/fhir") {
+        Format::Fhir
+    } else {
+        Format::Json
+    };
+    error(
+        format,
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no such route",
+        None,
+    )
 }
 
 pub(super) async fn method_not_allowed(uri: axum::http::Uri) -> Response {
-    let format = if uri.path().starts_with("/fhir") { Format::Fhir } else { Format::Json };
+    let format = if uri.path().starts_with("/fhir") {
+        Format::Fhir
+    } else {
+        Format::Json
+    };
     error(
         format,
         StatusCode::METHOD_NOT_ALLOWED,

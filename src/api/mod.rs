@@ -128,9 +128,9 @@ pub fn router(api: Arc<Api>) -> Router {
             Arc::clone(&api),
             common_headers,
         ))
-        .layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-            limit(req, next, timeout)
-        }))
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| limit(req, next, timeout),
+        ))
         .with_state(api)
 }
 
@@ -213,10 +213,7 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
             let mut v = serde_json::to_value(&s).unwrap_or_default();
             if let Some(obj) = v.as_object_mut() {
                 obj.insert("freshness".into(), api.freshness().json());
-                obj.insert(
-                    "uptime_secs".into(),
-                    api.started.elapsed().as_secs().into(),
-                );
+                obj.insert("uptime_secs".into(), api.started.elapsed().as_secs().into());
                 obj.insert(
                     "ready".into(),
                     (s.audit_error.is_none() && !api.device.is_wiped()).into(),
@@ -242,15 +239,13 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
         m.audit_backlog
             .set(i64::try_from(stats.audit_entries).unwrap_or(i64::MAX));
     }
-    m.audit_committed.set(
-        i64::try_from(health.committed.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
-    );
+    m.audit_committed
+        .set(i64::try_from(health.committed.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     m.audit_commits
         .set(i64::try_from(health.commits.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     m.audit_failing.set(i64::from(health.failing().is_some()));
     let age = d.last_success().map_or(-1, |t| {
-        i64::try_from(d.now().as_millis().saturating_sub(t.as_millis()) / 1000)
-            .unwrap_or(i64::MAX)
+        i64::try_from(d.now().as_millis().saturating_sub(t.as_millis()) / 1000).unwrap_or(i64::MAX)
     });
     m.data_age.set(age);
     (
@@ -261,6 +256,19 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
         m.render(),
     )
         .into_response()
+}
+
+/// Binds a TCP listener with a deep accept queue (1,024: connections beyond the
+/// connection cap wait there rather than being refused).
+pub fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// Where the endpoint listens.
@@ -342,9 +350,10 @@ pub async fn serve(
                 let cfg = cfg.clone();
                 conns.spawn(async move {
                     let _permit = permit;
-                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        app.clone().oneshot(req.map(axum::body::Body::new))
-                    });
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            app.clone().oneshot(req.map(axum::body::Body::new))
+                        });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(cfg.request_timeout)
@@ -357,7 +366,10 @@ pub async fn serve(
                 });
             }
             let drain = async { while conns.join_next().await.is_some() {} };
-            if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), drain)
+                .await
+                .is_err()
+            {
                 conns.abort_all();
             }
         });

@@ -382,11 +382,7 @@ pub fn summary(
     for (a, r) in alerts_by_severity(s).into_iter().zip(alerts) {
         let url = urn("Flag", r["id"].as_str().unwrap_or(""));
         alert_refs.push(url.clone());
-        alert_lines.push(format!(
-            "{}{}",
-            severity_word(a.severity),
-            alert_text(a)
-        ));
+        alert_lines.push(format!("{}{}", severity_word(a.severity), alert_text(a)));
         resources.push((url, r));
     }
     let mut sections = vec![comp_section(

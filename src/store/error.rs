@@ -81,6 +81,9 @@ pub enum StoreError {
     /// Bug: a value could not be serialised.
     #[error("could not encode a value for storage")]
     Encode,
+    /// Test support: an injected write failure (as from a full disk).
+    #[error("write failed: injected I/O failure (test)")]
+    Injected,
     /// Bug: a thread panicked while holding the store's lock.
     #[error("store lock poisoned by an earlier panic")]
     Poisoned,

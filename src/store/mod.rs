@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use sync_protocol::NhsNumber;
 use sync_protocol::audit::AuditEntry;
 use sync_protocol::message::{Batch, Lease, LeaseChange, ObjectionChange, ObjectionStatus};
@@ -120,6 +120,8 @@ pub struct Store {
     master: MasterKey,
     keys: Subkeys,
     data_keys: RwLock<HashMap<u32, Secret32>>,
+    /// Test support: audit commits fail as a full disk would.
+    fail_audit: std::sync::atomic::AtomicBool,
 }
 
 /// Obtains the root key for `dir` from `source`. For a passphrase this runs Argon2id with
@@ -270,6 +272,7 @@ impl Store {
             master,
             keys,
             data_keys: RwLock::new(HashMap::new()),
+            fail_audit: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -535,25 +538,16 @@ impl Store {
         let Some(last) = entries.last() else {
             return Ok(());
         };
+        if self.fail_audit.load(Ordering::Relaxed) {
+            return Err(StoreError::Injected);
+        }
         let tx = self.begin_write()?;
         {
-            let meta = tables::open_write(&tx, tables::META)?;
-            let head: AuditHead = match meta
-                .get(tables::AUDIT_HEAD)
-                .map_err(|x| StoreError::db("audit", x))?
-            {
-                Some(v) => decode(
-                    &tables::unseal(
-                        &self.keys.state,
-                        Table::Meta,
-                        tables::AUDIT_HEAD.as_bytes(),
-                        v.value(),
-                    )?,
-                    Table::Meta,
-                )?,
-                None => AuditHead::default(),
+            let head = {
+                let meta = tables::open_write(&tx, tables::META)?;
+                let audit = tables::open_write(&tx, tables::AUDIT)?;
+                self.head_from(&meta, &audit)?
             };
-            drop(meta);
             let mut prev = head;
             for e in entries {
                 if e.seq != prev.seq.saturating_add(1) || !e.links_from(&prev.hash) {
@@ -595,7 +589,49 @@ impl Store {
 
     /// The last audit entry written (sequence and hash), or sequence 0 and the zero hash.
     pub fn audit_head(&self) -> Result<AuditHead, StoreError> {
-        Ok(self.get_state(tables::AUDIT_HEAD)?.unwrap_or_default())
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let meta = tables::open_read(&tx, tables::META)?;
+        let audit = tables::open_read(&tx, tables::AUDIT)?;
+        self.head_from(&meta, &audit)
+    }
+
+    /// The chain head: stored with each commit; for a store written before the head was
+    /// kept, the last entry in the table.
+    fn head_from(
+        &self,
+        meta: &impl ReadableTable<&'static str, &'static [u8]>,
+        audit: &impl ReadableTable<u64, &'static [u8]>,
+    ) -> Result<AuditHead, StoreError> {
+        if let Some(v) = meta
+            .get(tables::AUDIT_HEAD)
+            .map_err(|x| StoreError::db("audit", x))?
+        {
+            let plain = tables::unseal(
+                &self.keys.state,
+                Table::Meta,
+                tables::AUDIT_HEAD.as_bytes(),
+                v.value(),
+            )?;
+            return decode(&plain, Table::Meta);
+        }
+        let Some((k, v)) = audit.last().map_err(|x| StoreError::db("audit", x))? else {
+            return Ok(AuditHead::default());
+        };
+        let seq = k.value();
+        let plain = tables::unseal(
+            &self.keys.audit,
+            Table::Audit,
+            &seq.to_be_bytes(),
+            v.value(),
+        )?;
+        let e: AuditEntry = decode(&plain, Table::Audit)?;
+        Ok(AuditHead {
+            seq: e.seq,
+            hash: e.hash,
+        })
     }
 
     /// Audit entries from `from` (inclusive), at most `limit`.
@@ -658,6 +694,12 @@ impl Store {
             audit_entries: len(tables::open_read(&tx, tables::AUDIT)?.len())?,
             key_slots: self.ring()?.used(),
         })
+    }
+
+    /// Test support: make audit commits fail (as on a full disk) until called with `false`.
+    #[doc(hidden)]
+    pub fn dangerous_fail_audit_commits(&self, fail: bool) {
+        self.fail_audit.store(fail, Ordering::Relaxed);
     }
 
     /// Test support: the raw keyring slot holding a patient's data key, if held.

@@ -1,0 +1,623 @@
+//! The local API end to end: a real hub, a synced device, the tokio server on a loopback
+//! port, real HTTP. Every FHIR answer goes through the `fhir.resources` validator; every
+//! access, served or denied, must have its audit entry on disk when the answer arrives.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sync_protocol::NhsNumber;
+use sync_protocol::audit::{
+    AuditAction, AuditEvent, AuditOutcome, AuthFailure, DenyReason, KeyEvent, Purpose, SectionKind,
+    SectionShown,
+};
+use sync_protocol::record::Section;
+
+use crate::api_harness::{Served, raw, validate_fhir};
+use crate::device_harness::{Dev, TestHub, grant};
+
+fn served(n: usize, seed: u64, lease: Value) -> (TestHub, Served, Vec<NhsNumber>) {
+    let hub = TestHub::start(n, seed);
+    let dev = Dev::enrolled(&hub);
+    let patients: Vec<NhsNumber> = hub
+        .patients
+        .iter()
+        .filter(|p| p.shareable())
+        .map(|p| p.nhs_number())
+        .collect();
+    grant(&hub, &dev.id(), &patients, lease);
+    dev.sync().unwrap();
+    (hub, Served::start(dev), patients)
+}
+
+/// The access entry for `request_id`.
+fn entry_for(s: &Served, request_id: u64) -> sync_protocol::audit::Access {
+    s.audit()
+        .into_iter()
+        .find_map(|(_, r)| match r.event {
+            AuditEvent::Access(a) if a.request_id == request_id => Some(a),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no audit entry for request {request_id}"))
+}
+
+#[test]
+fn fhir_routes_answer_valid_r4_with_alerts_first_and_absences_explicit() {
+    let (hub, s, patients) = served(60, 61, json!({}));
+    let mut resources: Vec<Value> = Vec::new();
+    let meta = s.get("/fhir/metadata");
+    assert_eq!(meta.status, 200);
+    assert!(
+        meta.header("content-type")
+            .unwrap()
+            .starts_with("application/fhir+json")
+    );
+    resources.push(meta.json());
+    let source = |n: &NhsNumber| {
+        hub.patients
+            .iter()
+            .find(|p| p.nhs_number() == *n)
+            .unwrap()
+            .expected
+            .clone()
+    };
+    let mut saw = (false, false, false, false); // not available, none recorded, withheld, entries
+    for n in &patients {
+        let r = source(n);
+        let d = n.digits();
+        let summary = s.get(&format!("/fhir/Patient/{d}/$summary"));
+        assert_eq!(summary.status, 200, "{}", summary.text());
+        assert_eq!(summary.header("cache-control"), Some("no-store"));
+        let b = summary.json();
+        assert_eq!(b["type"], "document");
+        let comp = &b["entry"][0]["resource"];
+        assert_eq!(comp["resourceType"], "Composition");
+        let titles: Vec<&str> = comp["section"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["title"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            &titles[..3],
+            ["Alerts", "Allergies and adverse reactions", "Medications"],
+            "alerts first, then allergies, then medications"
+        );
+        let allergies = &comp["section"][1];
+        let text = allergies["text"]["div"].as_str().unwrap();
+        match &r.allergies {
+            Section::NotAvailable => {
+                saw.0 = true;
+                assert_eq!(allergies["emptyReason"]["coding"][0]["code"], "unavailable");
+                assert!(text.contains("not available"), "{text}");
+                assert!(!text.contains("none recorded"));
+            }
+            Section::NoneRecorded => {
+                saw.1 = true;
+                assert!(allergies.get("emptyReason").is_none());
+                assert!(text.contains("none recorded") && !text.contains("not available"));
+            }
+            Section::Entries(items) => {
+                saw.3 = true;
+                assert_eq!(allergies["entry"].as_array().unwrap().len(), items.len());
+            }
+        }
+        if r.withheld > 0 {
+            saw.2 = true;
+            assert!(
+                summary
+                    .text()
+                    .contains("Items excluded due to confidentiality")
+            );
+        }
+        // Every section reference resolves inside the document.
+        let urls: Vec<&str> = b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["fullUrl"].as_str().unwrap())
+            .collect();
+        for sec in comp["section"].as_array().unwrap() {
+            for e in sec["entry"].as_array().into_iter().flatten() {
+                assert!(urls.contains(&e["reference"].as_str().unwrap()));
+            }
+        }
+        // Audit: the summary's entry records what was shown, no more.
+        let a = entry_for(&s, summary.request_id());
+        assert_eq!(a.action, AuditAction::ReadSummary);
+        assert_eq!(a.patient, Some(*n));
+        assert_eq!(a.outcome, AuditOutcome::Served);
+        let alerts_shown = a
+            .shown
+            .iter()
+            .find(|x| x.section == SectionKind::Alerts)
+            .unwrap();
+        assert_eq!(
+            alerts_shown.shown,
+            match r.alerts {
+                Section::Entries(ref e) => SectionShown::Items(e.len() as u16),
+                Section::NoneRecorded => SectionShown::NoneRecorded,
+                Section::NotAvailable => SectionShown::NotAvailable,
+            }
+        );
+        resources.push(b);
+        for path in [
+            format!("/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|{d}"),
+            format!("/fhir/Patient/{d}"),
+            format!("/fhir/Flag?patient=Patient/{d}"),
+            format!("/fhir/AllergyIntolerance?patient={d}"),
+            format!("/fhir/MedicationStatement?patient=Patient/{d}"),
+        ] {
+            let res = s.get(&path);
+            assert_eq!(res.status, 200, "{path}: {}", res.text());
+            assert!(res.header("x-carecache-last-sync").is_some());
+            assert_eq!(res.header("x-carecache-stale"), Some("false"));
+            resources.push(res.json());
+        }
+    }
+    assert!(
+        saw.0 && saw.1 && saw.3,
+        "the data set covers every section state: {saw:?}"
+    );
+    // Errors are OperationOutcomes and valid too.
+    let denied = s.get("/fhir/Patient/999999999");
+    assert_eq!(denied.status, 400);
+    resources.push(denied.json());
+    let stranger = (999_888_000..)
+        .filter_map(NhsNumber::from_stem)
+        .find(|n| hub.patients.iter().all(|p| p.nhs_number() != *n))
+        .unwrap();
+    let unknown = s.get(&format!("/fhir/Patient/{}", stranger.digits()));
+    assert_eq!(unknown.status, 403);
+    resources.push(unknown.json());
+    let dir = tempfile::tempdir().unwrap();
+    validate_fhir(dir.path(), &resources);
+    // The freshness tag travels in the body too.
+    assert!(resources[1]["meta"]["tag"][0]["code"] == "fresh");
+}
+
+#[test]
+fn plain_json_summary_and_caseload_list() {
+    let (_hub, s, patients) = served(40, 62, json!({ "users": ["n1"] }));
+    let list = s.get("/v1/patients?_count=10");
+    assert_eq!(list.status, 200, "{}", list.text());
+    let v = list.json();
+    assert_eq!(v["total"].as_u64().unwrap() as usize, patients.len());
+    assert_eq!(v["patients"].as_array().unwrap().len(), 10);
+    assert_eq!(v["next"], "/v1/patients?_count=10&_offset=10");
+    let row = &v["patients"][0];
+    for k in [
+        "nhs_number",
+        "name",
+        "birth_date",
+        "alert_count",
+        "access_until",
+    ] {
+        assert!(!row[k].is_null(), "{k} in {row}");
+    }
+    let a = entry_for(&s, list.request_id());
+    assert_eq!(a.action, AuditAction::ListCaseload);
+    assert_eq!(
+        a.listed.len(),
+        10,
+        "every listed patient is in the audit entry"
+    );
+    // Another user sees an empty caseload; the list is theirs only.
+    let mut other = s.treat();
+    other[1].1 = "n2".into();
+    let empty = s.get_as("/v1/patients", &other);
+    assert_eq!(empty.json()["total"], 0);
+    let one = s.get(&format!("/v1/patients/{}", patients[0].digits()));
+    assert_eq!(one.status, 200);
+    let j = one.json();
+    assert_eq!(j["nhs_number"], patients[0].to_string());
+    for k in ["alerts", "allergies", "medications"] {
+        let st = j[k]["state"].as_str().unwrap();
+        assert!(["entries", "none_recorded", "not_available"].contains(&st));
+    }
+    assert_eq!(j["access"]["view"], "clinical");
+    assert_eq!(j["freshness"]["stale"], false);
+    assert!(j["freshness"]["last_sync"].is_string());
+    // Data older than the threshold is flagged in header and body.
+    s.clock.advance(Duration::from_secs(2 * 3600));
+    let stale = s.get(&format!("/v1/patients/{}", patients[0].digits()));
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.header("x-carecache-stale"), Some("true"));
+    assert_eq!(stale.json()["freshness"]["stale"], true);
+    let fhir = s.get(&format!("/fhir/Flag?patient={}", patients[0].digits()));
+    assert!(fhir.text().contains("may be out of date"));
+}
+
+#[test]
+fn bad_requests_are_refused_clearly_and_every_one_is_audited() {
+    let hub = TestHub::start(50, 63);
+    let dev = Dev::enrolled(&hub);
+    let p: Vec<NhsNumber> = hub
+        .patients
+        .iter()
+        .filter(|p| p.shareable())
+        .map(|p| p.nhs_number())
+        .collect();
+    grant(&hub, &dev.id(), &p[0..10], json!({ "users": ["n1"] }));
+    grant(
+        &hub,
+        &dev.id(),
+        &p[10..15],
+        json!({ "users": ["other"], "emergency_access": true }),
+    );
+    grant(
+        &hub,
+        &dev.id(),
+        &p[15..20],
+        json!({ "users": ["n1"], "view": "social_care", "not_after": "2026-11-24T10:00:00Z" }),
+    );
+    dev.sync().unwrap();
+    let objector = hub
+        .patients
+        .iter()
+        .find(|x| x.shareable() && p[0..10].contains(&x.nhs_number()))
+        .unwrap();
+    hub.consent(&objector.fhir_id, "active", "2026-11-24T08:30:00Z");
+    dev.sync().unwrap();
+    let s = Served::start(dev);
+    let d = |n: &NhsNumber| n.digits();
+    let path = format!("/v1/patients/{}", d(&p[1]));
+    let before = s.audit().len();
+
+    // Tokens.
+    let no_token = s.get_as(&path, &s.treat()[1..]);
+    assert_eq!(no_token.status, 401);
+    assert_eq!(no_token.header("www-authenticate"), Some("Bearer"));
+    let mut wrong = s.treat();
+    wrong[0].1 = "Bearer cct_0000".into();
+    assert_eq!(s.get_as(&path, &wrong).status, 401);
+    let second = s.device.add_client("nurse-app").unwrap();
+    s.device.revoke_client("nurse-app").unwrap();
+    let mut revoked = s.treat();
+    revoked[0].1 = format!("Bearer {}", second.expose());
+    let r = s.get_as(&path, &revoked);
+    assert_eq!(
+        (r.status, r.json()["error"]["message"].as_str().unwrap()),
+        (401, "client token revoked")
+    );
+    let fails: Vec<AuthFailure> = s
+        .audit()
+        .into_iter()
+        .filter_map(|(_, r)| match r.event {
+            AuditEvent::AuthFailure { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        fails,
+        [
+            AuthFailure::NoToken,
+            AuthFailure::UnknownToken,
+            AuthFailure::RevokedToken
+        ]
+    );
+    assert!(s.audit().iter().any(|(_, r)| matches!(&r.event, AuditEvent::Key(KeyEvent::ClientRevoked { name }) if name.as_str() == "nurse-app")));
+
+    // Missing user or purpose: 400 naming which.
+    let r = s.get_as(&path, &[s.treat()[0].clone(), s.treat()[2].clone()]);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("x-carecache-user"), "{}", r.text());
+    let r = s.get_as(&path, &s.treat()[..2]);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("x-carecache-purpose"), "{}", r.text());
+    assert_eq!(
+        entry_for(&s, r.request_id()).outcome,
+        AuditOutcome::Denied(DenyReason::BadRequest)
+    );
+
+    // Malformed NHS numbers: 400 with why.
+    for (bad, why) in [
+        ("12345", "10 digits"),
+        ("9434765918", "check digit"),
+        ("abcdefghij", "10 digits"),
+    ] {
+        let r = s.get(&format!("/v1/patients/{bad}"));
+        assert_eq!(r.status, 400, "{bad}");
+        assert!(r.text().contains(why), "{bad}: {}", r.text());
+    }
+
+    // Policy denials, each audited with its reason.
+    let cases: Vec<(String, u16, &str, DenyReason)> = vec![
+        (
+            d(&p[12]),
+            403,
+            "not on your caseload",
+            DenyReason::NotOnCaseload,
+        ),
+        (
+            d(&objector.nhs_number()),
+            404,
+            "record not available",
+            DenyReason::Objected,
+        ),
+    ];
+    for (nhs, status, words, reason) in cases {
+        let r = s.get(&format!("/v1/patients/{nhs}"));
+        assert_eq!(r.status, status, "{}", r.text());
+        assert_eq!(r.json()["error"]["message"], words);
+        let a = entry_for(&s, r.request_id());
+        assert_eq!(a.outcome, AuditOutcome::Denied(reason));
+        assert_eq!(a.patient.unwrap().digits(), nhs);
+        assert!(a.shown.is_empty());
+        let f = s.get(&format!("/fhir/Patient/{nhs}"));
+        assert_eq!(f.status, status);
+        assert_eq!(f.json()["resourceType"], "OperationOutcome");
+    }
+    // The social-care view: alerts yes, allergies not part of it.
+    let r = s.get(&format!("/v1/patients/{}", d(&p[16])));
+    assert_eq!(r.json()["allergies"]["state"], "not_in_view");
+    let r = s.get(&format!("/fhir/AllergyIntolerance?patient={}", d(&p[16])));
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        entry_for(&s, r.request_id()).outcome,
+        AuditOutcome::Denied(DenyReason::ViewNotPermitted)
+    );
+    // Emergency access: reason required; with one, served and flagged.
+    let mut etreat = s.treat();
+    etreat[2].1 = "ETREAT".into();
+    let r = s.get_as(&format!("/v1/patients/{}", d(&p[11])), &etreat);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("reason"), "{}", r.text());
+    etreat.push((
+        "X-Carecache-Reason".into(),
+        "Unconscious%2C%20no%20other%20history".into(),
+    ));
+    let r = s.get_as(&format!("/v1/patients/{}", d(&p[11])), &etreat);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["access"]["emergency"], true);
+    let a = entry_for(&s, r.request_id());
+    assert!(
+        matches!(&a.purpose, Some(Purpose::EmergencyTreat { reason }) if reason.as_str() == "Unconscious, no other history")
+    );
+    // Expired lease: denied at once, before any tick.
+    s.clock.advance(Duration::from_secs(3 * 3600));
+    let r = s.get(&format!("/v1/patients/{}", d(&p[16])));
+    assert_eq!(r.status, 403);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("access expired")
+    );
+
+    // Path and query tricks: refused, never a record.
+    for trick in [
+        "/v1/patients/..%2F..%2Fstatus",
+        "/v1/patients/%2e%2e",
+        "/v1/patients/943%00476%205919",
+        "/fhir/Patient/../status",
+        "/fhir/Patient/9434765919/%24summary%2F..",
+        "/fhir/Flag?patient=1&patient=2",
+        "/fhir/Flag?subject=9434765919",
+        "/fhir/Patient?identifier=urn:other|9434765919",
+        "//v1//patients",
+        "/v1/patients/%F0%9F%98%80",
+    ] {
+        let r = s.get(trick);
+        assert!(
+            [400, 404].contains(&r.status),
+            "{trick}: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    let r = raw(s.addr, b"POST /v1/patients HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc");
+    assert!([405, 413].contains(&r.status), "{}", r.status);
+    let r = raw(
+        s.addr,
+        b"DELETE /fhir/Patient/9434765919 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 405);
+    // Every answered patient request left an entry; no patient data in any of them.
+    let after = s.audit();
+    assert!(after.len() > before + 15);
+    // The server is still up.
+    assert_eq!(s.get("/status").status, 200);
+}
+
+#[test]
+fn oversized_heads_and_a_thousand_connections_leave_the_server_up() {
+    let (_hub, s, patients) = served(30, 64, json!({}));
+    let big = format!(
+        "GET /status HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let r = raw(s.addr, big.as_bytes());
+    assert_eq!(r.status, 431, "request head too large");
+    let many = format!(
+        "GET /status HTTP/1.1\r\nHost: x\r\n{}Connection: close\r\n\r\n",
+        "X-A: 1\r\n".repeat(200)
+    );
+    let r = raw(s.addr, many.as_bytes());
+    assert!(r.status == 431 || r.status == 400, "{}", r.status);
+    let rss_before = rss_kib();
+    let path = format!("/v1/patients/{}", patients[0].digits());
+    let req = {
+        let mut q = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        for (k, v) in s.treat() {
+            q.push_str(&format!("{k}: {v}\r\n"));
+        }
+        q.push_str("\r\n");
+        q
+    };
+    // 1,000 connections opened at once, each sending one read.
+    let addr = s.addr;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // 1,000 clients at once, each connecting and sending one read: the server holds at
+    // most `max_connections` (256) and the rest wait in the accept queue.
+    let statuses: Vec<u16> = rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..1000 {
+            let req = req.clone();
+            tasks.spawn(async move {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                c.write_all(req.as_bytes()).await.unwrap();
+                let mut buf = Vec::new();
+                c.read_to_end(&mut buf).await.unwrap();
+                if buf.is_empty() {
+                    return 0;
+                }
+                crate::api_harness::parse(&buf).status
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            out.push(r.unwrap());
+        }
+        out
+    });
+    assert_eq!(statuses.len(), 1000);
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{:?}",
+        statuses
+            .iter()
+            .filter(|s| **s != 200)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown < 128 * 1024,
+        "memory grew by {grown} KiB for 1,000 connections"
+    );
+    // All 1,000 reads are in the audit log, sharing commits.
+    let reads = s
+        .audit()
+        .into_iter()
+        .filter(
+            |(_, r)| matches!(&r.event, AuditEvent::Access(a) if a.outcome == AuditOutcome::Served),
+        )
+        .count();
+    assert_eq!(reads, 1000);
+    let commits = s
+        .device
+        .audit()
+        .health()
+        .commits
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        commits < 1000,
+        "group commit: {commits} commits for 1,000 reads"
+    );
+    assert_eq!(s.get("/status").status, 200);
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn an_unwritable_audit_log_refuses_reads_with_503_and_says_why() {
+    let (_hub, s, patients) = served(20, 65, json!({}));
+    let path = format!("/v1/patients/{}", patients[0].digits());
+    assert_eq!(s.get(&path).status, 200);
+    let held = s.audit().len();
+    s.device.store().dangerous_fail_audit_commits(true);
+    let r = s.get(&path);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("audit"));
+    assert!(!r.text().contains(&patients[0].digits()));
+    let f = s.get(&format!("/fhir/Patient/{}/$summary", patients[0].digits()));
+    assert_eq!(f.status, 503);
+    assert_eq!(f.json()["resourceType"], "OperationOutcome");
+    // Denials and authentication failures cannot be answered unaudited either.
+    assert_eq!(s.get_as(&path, &[]).status, 503);
+    let status = s.get("/status").json();
+    assert!(
+        status["audit_error"].as_str().unwrap().contains("injected"),
+        "{status}"
+    );
+    assert_eq!(status["ready"], false);
+    let metrics = s.get("/metrics").text();
+    assert!(metrics.contains("carecache_audit_failing 1"), "{metrics}");
+    assert!(
+        metrics.contains("carecache_audit_refusals_total 2"),
+        "{metrics}"
+    );
+    // When the disk recovers, service resumes and the chain continues unbroken.
+    s.device.store().dangerous_fail_audit_commits(false);
+    let r = s.get(&path);
+    assert_eq!(r.status, 200);
+    let after = s.audit();
+    assert_eq!(
+        after.len(),
+        held + 1,
+        "refused reads left no entries; the chain has no gap"
+    );
+    assert!(s.get("/status").json()["audit_error"].is_null());
+}
+
+#[test]
+fn status_metrics_and_the_unix_socket() {
+    let hub = TestHub::start(20, 66);
+    let dev = Dev::enrolled(&hub);
+    let p: Vec<NhsNumber> = hub
+        .patients
+        .iter()
+        .filter(|x| x.shareable())
+        .map(|x| x.nhs_number())
+        .collect();
+    grant(&hub, &dev.id(), &p, json!({}));
+    dev.sync().unwrap();
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("api.sock");
+    let s = Served::start_with(dev, vec![sock.clone()]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    use std::io::{Read, Write};
+    let mut req = format!(
+        "GET /v1/patients/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
+        p[0].digits()
+    );
+    for (k, v) in s.treat() {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    u.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    u.read_to_end(&mut buf).unwrap();
+    assert_eq!(crate::api_harness::parse(&buf).status, 200);
+    assert_eq!(s.get("/v1/patients/9434765919").status, 403);
+    let st = s.get("/status");
+    assert_eq!(st.status, 200);
+    let v = st.json();
+    assert_eq!(v["patients_held"].as_u64().unwrap() as usize, p.len());
+    assert_eq!(v["freshness"]["stale"], false);
+    assert_eq!(v["ready"], true);
+    assert!(v["audit_head"].as_u64().unwrap() >= 3);
+    for n in &p {
+        assert!(!st.text().contains(&n.digits()));
+    }
+    let m = s.get("/metrics").text();
+    for needle in [
+        "carecache_syncs_total{outcome=\"ok\"} 1",
+        "carecache_reads_total{outcome=\"served\",reason=\"none\"} 1",
+        "carecache_reads_total{outcome=\"denied\",reason=\"not-on-caseload\"} 1",
+        "carecache_audit_backlog_entries",
+        "carecache_request_duration_seconds_bucket{",
+        "route=\"v1_patient\"",
+    ] {
+        assert!(m.contains(needle), "{needle} not in {m}");
+    }
+    drop(s);
+    assert!(!sock.exists(), "the socket is removed at shutdown");
+}
