@@ -112,6 +112,7 @@ struct ConfigArg {
     /// Path of carecache.toml.
     #[arg(
         long,
+        global = true,
         env = "CARECACHE_CONFIG",
         default_value = "/etc/carecache/carecache.toml"
     )]
@@ -129,6 +130,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CARECACHE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),

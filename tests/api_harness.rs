@@ -175,6 +175,19 @@ pub(crate) fn raw(addr: SocketAddr, request: &[u8]) -> Resp {
     parse(&buf)
 }
 
+/// As [`raw`], but `None` if the connection fails or the answer is cut (a killed server).
+pub(crate) fn try_raw(addr: SocketAddr, request: &[u8]) -> Option<Resp> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(request).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let r = parse(&buf);
+    let len: usize = r.header("content-length").and_then(|v| v.parse().ok())?;
+    (buf.len() - split - 4 == len).then_some(r)
+}
+
 pub(crate) fn parse(buf: &[u8]) -> Resp {
     let split = buf
         .windows(4)

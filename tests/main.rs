@@ -8,6 +8,7 @@
 )]
 
 mod api;
+mod api_crash;
 mod api_harness;
 mod cli;
 mod device_harness;

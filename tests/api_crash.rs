@@ -1,0 +1,177 @@
+//! Crash test of the audit promise (DESIGN.md invariant 2): a client drives reads
+//! against `carecache serve` (a real process) while the process is killed with SIGKILL
+//! at random moments. After each kill the store opens, the audit chain verifies from the
+//! first entry, and every read the client saw answered 200 has its entry.
+//! `CARECACHE_CRASH_KILLS` sets the number of kills (default 50).
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::json;
+use sync_protocol::audit::AuditEvent;
+
+use crate::api_harness::{audit_of, try_raw};
+use crate::device_harness::{TestHub, config_text, grant, shareable};
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_carecache"))
+        .args(args)
+        .env_remove("CARECACHE_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
+    let kills: usize = std::env::var("CARECACHE_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let hub = TestHub::start(40, 71);
+    let now = carecache::clock::SystemClock::new();
+    let now = carecache::clock::Clock::wall_ms(&now);
+    hub.set_time(now);
+    let at = |ms: u64| {
+        carecache::clock::rfc3339(sync_protocol::types::Timestamp::from_millis(ms).unwrap())
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("carecache.toml");
+    std::fs::write(&config, config_text(&hub, tmp.path())).unwrap();
+    let cfg = config.to_str().unwrap();
+    let data = tmp.path().join("data");
+    let key = tmp.path().join("root.key");
+    let (ok, _, err) = run(&[
+        "init",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["enrol", "--config", cfg, "--token", &hub.token()]);
+    assert!(ok, "{out}{err}");
+    let id = out
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .trim_end_matches(';')
+        .to_owned();
+    let patients = shareable(&hub, 40);
+    grant(
+        &hub,
+        &id,
+        &patients,
+        json!({ "not_before": at(now - 3_600_000), "not_after": at(now + 8 * 3_600_000) }),
+    );
+    let (ok, out, err) = run(&["sync", "--config", cfg]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run(&["clients", "add", "epcr", "--config", cfg]);
+    assert!(ok, "{out}{err}");
+    let token = out
+        .split_whitespace()
+        .find(|w| w.starts_with("cct_"))
+        .unwrap()
+        .to_owned();
+    let root = carecache::store::unlock(
+        &data,
+        &carecache::keysource::KeySource::KeyFile(key.clone()),
+    )
+    .unwrap();
+    let mut rng = rand::rng();
+    let mut answered: Vec<u64> = Vec::new();
+    let started = Instant::now();
+    for round in 0..kills {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_carecache"))
+            .args(["serve", "--config", cfg])
+            .env("CARECACHE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("addr=").nth(1) {
+                    let _ = tx.send(rest.trim().to_owned());
+                }
+            }
+        });
+        let addr: std::net::SocketAddr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("serve did not start")
+            .parse()
+            .unwrap();
+        // A client reads as fast as it can until the kill.
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = {
+            let stop = Arc::clone(&stop);
+            let token = token.clone();
+            let patients = patients.clone();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                let mut i = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    let nhs = patients[i % patients.len()].digits();
+                    i += 1;
+                    let path = if i % 2 == 0 {
+                        format!("/v1/patients/{nhs}")
+                    } else {
+                        format!("/fhir/Patient/{nhs}/$summary")
+                    };
+                    let req = format!(
+                        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nX-Carecache-User: n1\r\nX-Carecache-Purpose: TREAT\r\n\r\n"
+                    );
+                    let Some(r) = try_raw(addr, req.as_bytes()) else {
+                        break; // the daemon died mid-answer
+                    };
+                    if r.status == 200 {
+                        ids.push(r.request_id());
+                    }
+                }
+                ids
+            })
+        };
+        std::thread::sleep(Duration::from_millis(rng.random_range(5..150)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        let ids = client.join().unwrap();
+        reader.join().unwrap();
+        answered.extend(ids);
+        // After each kill: the store opens, the chain verifies, nothing answered is missing.
+        let store = carecache::store::Store::open(&data, &root).unwrap();
+        let logged: std::collections::HashSet<u64> = audit_of(&store)
+            .into_iter()
+            .filter_map(|(_, r)| match r.event {
+                AuditEvent::Access(a) => Some(a.request_id),
+                _ => None,
+            })
+            .collect();
+        let missing: Vec<&u64> = answered.iter().filter(|i| !logged.contains(i)).collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: {} answered reads have no audit entry",
+            missing.len()
+        );
+    }
+    eprintln!(
+        "{kills} kills, {} reads answered and audited, {:.1} s",
+        answered.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        answered.len() >= kills,
+        "the client saw too few answers to test anything"
+    );
+}
