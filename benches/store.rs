@@ -32,10 +32,12 @@ use carecache_synth::{Generator, Shape};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rusqlite::{Connection, params};
-use sync_protocol::audit::{AuditAction, AuditEntry, AuditOutcome, AuditRecord, Purpose};
+use sync_protocol::audit::{
+    Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, Purpose,
+};
 use sync_protocol::message::View;
 use sync_protocol::record::PatientRecord;
-use sync_protocol::types::{Hash32, LeaseId, RecordVersion, StaffId, Text, Timestamp};
+use sync_protocol::types::{BoundedVec, Hash32, LeaseId, RecordVersion, StaffId, Text, Timestamp};
 
 const READ_SECONDS: f64 = 3.0;
 const COMMITS: usize = 300;
@@ -226,15 +228,22 @@ fn main() {
 fn audit(r: &PatientRecord) -> AuditRecord {
     AuditRecord {
         at: Timestamp::from_millis(1_800_000_000_000).unwrap(),
-        user: StaffId::new("C1234567").unwrap(),
-        client: Text::new("epcr").unwrap(),
-        purpose: Purpose::Treat,
-        action: AuditAction::ReadSummary,
-        patient: Some(r.nhs_number),
-        lease: Some(LeaseId(1)),
-        view: Some(View::Clinical),
-        outcome: AuditOutcome::Served,
-        request_id: 1,
+        wall: Timestamp::from_millis(1_800_000_000_000).unwrap(),
+        event: AuditEvent::Access(Access {
+            request_id: 1,
+            client: Text::new("epcr").unwrap(),
+            user: Some(StaffId::new("C1234567").unwrap()),
+            role: None,
+            purpose: Some(Purpose::Treat),
+            action: AuditAction::ReadSummary,
+            patient: Some(r.nhs_number),
+            listed: BoundedVec::default(),
+            lease: Some(LeaseId(1)),
+            view: Some(View::Clinical),
+            shown: BoundedVec::default(),
+            withheld: 0,
+            outcome: AuditOutcome::Served,
+        }),
     }
 }
 

@@ -104,17 +104,16 @@ impl AuditLog {
     pub fn submit(&self, record: AuditRecord) -> oneshot::Receiver<Result<u64, AuditError>> {
         let (done, rx) = oneshot::channel();
         let pending = Pending { record, done };
-        let sent = self
-            .tx
-            .lock()
-            .ok()
-            .and_then(|g| g.as_ref().map(|tx| tx.send(pending)));
-        match sent {
-            Some(Ok(())) => {}
-            Some(Err(std::sync::mpsc::SendError(p))) => {
-                let _ = p.done.send(Err(AuditError::Closed));
+        let tx = self.tx.lock().ok().and_then(|g| g.clone());
+        match tx {
+            Some(tx) => {
+                if let Err(std::sync::mpsc::SendError(p)) = tx.send(pending) {
+                    let _ = p.done.send(Err(AuditError::Closed));
+                }
             }
-            None => {}
+            None => {
+                let _ = pending.done.send(Err(AuditError::Closed));
+            }
         }
         rx
     }

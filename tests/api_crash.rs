@@ -124,7 +124,7 @@ fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
                 while !stop.load(Ordering::SeqCst) {
                     let nhs = patients[i % patients.len()].digits();
                     i += 1;
-                    let path = if i % 2 == 0 {
+                    let path = if i.is_multiple_of(2) {
                         format!("/v1/patients/{nhs}")
                     } else {
                         format!("/fhir/Patient/{nhs}/$summary")

@@ -97,7 +97,7 @@ impl Api {
         let threshold = self.device.config().api.stale_after;
         let last_sync = self.device.last_success();
         let stale = last_sync.is_none_or(|t| {
-            now.as_millis().saturating_sub(t.as_millis()) > threshold.as_millis() as u64
+            now.as_millis().saturating_sub(t.as_millis()) / 1000 > threshold.as_secs()
         });
         Freshness {
             last_sync,
