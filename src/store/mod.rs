@@ -211,14 +211,21 @@ impl Store {
     }
 
     /// Opens a data directory. A wrong key is refused before any file is written.
+    ///
+    /// redb can panic (rather than fail) on some corrupted pages; opening walks the
+    /// tables, so such a file is reported here as damaged instead of taking the process
+    /// down.
     pub fn open(dir: &Path, root: &RootKey) -> Result<Store, StoreError> {
-        Self::open_inner(dir, root, |path| {
-            migrate::peek_version(path)?;
-            Database::builder()
-                .set_cache_size(CACHE_BYTES)
-                .open(path)
-                .map_err(|e| StoreError::db("open database", e))
-        })
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_inner(dir, root, |path| {
+                migrate::peek_version(path)?;
+                Database::builder()
+                    .set_cache_size(CACHE_BYTES)
+                    .open(path)
+                    .map_err(|e| StoreError::db("open database", e))
+            })
+        }))
+        .unwrap_or(Err(StoreError::Damaged("database")))
     }
 
     /// Opens a data directory whose database lives in `backend` (tests break storage with it).
@@ -535,51 +542,42 @@ impl Store {
     /// linking hash); the new head is stored in the same transaction, so it survives the
     /// entries' removal after upload.
     pub fn append_audit_many(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
-        let Some(last) = entries.last() else {
+        if entries.is_empty() {
             return Ok(());
-        };
+        }
         if self.fail_audit.load(Ordering::Relaxed) {
             return Err(StoreError::Injected);
         }
         let tx = self.begin_write()?;
         {
-            let head = {
-                let meta = tables::open_write(&tx, tables::META)?;
-                let audit = tables::open_write(&tx, tables::AUDIT)?;
-                self.head_from(&meta, &audit)?
-            };
-            let mut prev = head;
+            let mut meta = tables::open_write(&tx, tables::META)?;
+            let mut audit = tables::open_write(&tx, tables::AUDIT)?;
+            let mut head = self.head_from(&meta, &audit)?;
             for e in entries {
-                if e.seq != prev.seq.saturating_add(1) || !e.links_from(&prev.hash) {
+                if e.seq != head.seq.saturating_add(1) || !e.links_from(&head.hash) {
                     return Err(StoreError::AuditSequence(e.seq));
                 }
-                prev = AuditHead {
+                head = AuditHead {
                     seq: e.seq,
                     hash: e.hash,
                 };
             }
-            let mut table = tables::open_write(&tx, tables::AUDIT)?;
             for e in entries {
-                let key = e.seq.to_be_bytes();
-                let plain = encode(e)?;
-                let sealed = tables::seal(&self.keys.audit, Table::Audit, &key, &plain)?;
-                table
+                let sealed = tables::seal(
+                    &self.keys.audit,
+                    Table::Audit,
+                    &e.seq.to_be_bytes(),
+                    &encode(e)?,
+                )?;
+                audit
                     .insert(e.seq, sealed.as_slice())
                     .map_err(|x| StoreError::db("audit", x))?;
             }
-            let head = AuditHead {
-                seq: last.seq,
-                hash: last.hash,
-            };
-            let sealed = tables::seal(
-                &self.keys.state,
-                Table::Meta,
-                tables::AUDIT_HEAD.as_bytes(),
-                &encode(&head)?,
-            )?;
-            tables::open_write(&tx, tables::META)?
-                .insert(tables::AUDIT_HEAD, sealed.as_slice())
-                .map_err(|x| StoreError::db("audit", x))?;
+            meta.insert(
+                tables::AUDIT_HEAD,
+                self.seal_state(tables::AUDIT_HEAD, &head)?.as_slice(),
+            )
+            .map_err(|x| StoreError::db("audit", x))?;
         }
         // Audit commits do not change what readers see: the read snapshot is kept (it is
         // refreshed by age, so it does not pin freed pages for long).
@@ -609,29 +607,42 @@ impl Store {
             .get(tables::AUDIT_HEAD)
             .map_err(|x| StoreError::db("audit", x))?
         {
-            let plain = tables::unseal(
-                &self.keys.state,
-                Table::Meta,
-                tables::AUDIT_HEAD.as_bytes(),
-                v.value(),
-            )?;
-            return decode(&plain, Table::Meta);
+            return self.open_state(tables::AUDIT_HEAD, v.value());
         }
         let Some((k, v)) = audit.last().map_err(|x| StoreError::db("audit", x))? else {
             return Ok(AuditHead::default());
         };
-        let seq = k.value();
-        let plain = tables::unseal(
-            &self.keys.audit,
-            Table::Audit,
-            &seq.to_be_bytes(),
-            v.value(),
-        )?;
-        let e: AuditEntry = decode(&plain, Table::Audit)?;
+        let e = self.open_audit(k.value(), v.value())?;
         Ok(AuditHead {
             seq: e.seq,
             hash: e.hash,
         })
+    }
+
+    /// Opens the sealed audit entry stored under `seq`.
+    fn open_audit(&self, seq: u64, sealed: &[u8]) -> Result<AuditEntry, StoreError> {
+        let plain = tables::unseal(&self.keys.audit, Table::Audit, &seq.to_be_bytes(), sealed)?;
+        let entry: AuditEntry = decode(&plain, Table::Audit)?;
+        if entry.seq != seq {
+            return Err(StoreError::Damaged(Table::Audit.name()));
+        }
+        Ok(entry)
+    }
+
+    /// Seals a `meta` state value under the state key.
+    fn seal_state<T: Serialize>(&self, name: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+        tables::seal(
+            &self.keys.state,
+            Table::Meta,
+            name.as_bytes(),
+            &encode(value)?,
+        )
+    }
+
+    /// Opens a sealed `meta` state value.
+    fn open_state<T: DeserializeOwned>(&self, name: &str, sealed: &[u8]) -> Result<T, StoreError> {
+        let plain = tables::unseal(&self.keys.state, Table::Meta, name.as_bytes(), sealed)?;
+        decode(&plain, Table::Meta)
     }
 
     /// Audit entries from `from` (inclusive), at most `limit`.
@@ -648,18 +659,7 @@ impl Store {
             .take(limit)
         {
             let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
-            let seq = k.value();
-            let plain = tables::unseal(
-                &self.keys.audit,
-                Table::Audit,
-                &seq.to_be_bytes(),
-                v.value(),
-            )?;
-            let entry: AuditEntry = decode(&plain, Table::Audit)?;
-            if entry.seq != seq {
-                return Err(StoreError::Damaged(Table::Audit.name()));
-            }
-            out.push(entry);
+            out.push(self.open_audit(k.value(), v.value())?);
         }
         Ok(out)
     }
@@ -796,8 +796,7 @@ impl Store {
         let Some(v) = table.get(name).map_err(|e| StoreError::db("read", e))? else {
             return Ok(None);
         };
-        let plain = tables::unseal(&self.keys.state, Table::Meta, name.as_bytes(), v.value())?;
-        decode(&plain, Table::Meta).map(Some)
+        self.open_state(name, v.value()).map(Some)
     }
 
     /// The current snapshot, rebuilt if a commit happened since it was taken. The generation
@@ -1139,8 +1138,7 @@ impl<'a> Writer<'a> {
     }
 
     fn put_state<T: Serialize>(&mut self, name: &str, value: &T) -> Result<(), StoreError> {
-        let plain = encode(value)?;
-        let sealed = tables::seal(&self.store.keys.state, Table::Meta, name.as_bytes(), &plain)?;
+        let sealed = self.store.seal_state(name, value)?;
         self.meta
             .insert(name, sealed.as_slice())
             .map_err(|e| StoreError::db("write", e))?;
