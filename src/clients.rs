@@ -40,6 +40,9 @@ pub enum ClientError {
     /// A live registration has that name already.
     #[error("a client named {0:?} exists; revoke it first or choose another name")]
     Exists(String),
+    /// The system gave no randomness for a token.
+    #[error("no system randomness to make a token; nothing was registered")]
+    NoRandomness,
     /// No live registration has that name.
     #[error("no client named {0:?} is registered")]
     Unknown(String),
@@ -132,8 +135,8 @@ impl Clients {
         }
         let mut raw = Zeroizing::new([0u8; 32]);
         if getrandom::fill(raw.as_mut()).is_err() {
-            // No randomness: refuse rather than issue a guessable token.
-            return Err(ClientError::BadName("(no system randomness)".into()));
+            // Refuse rather than issue a guessable token.
+            return Err(ClientError::NoRandomness);
         }
         let token = Zeroizing::new(format!("{TOKEN_PREFIX}{}", hex::encode(raw.as_ref())));
         let mut list = self.list.clone();

@@ -15,20 +15,7 @@ use serde_json::json;
 use sync_protocol::audit::AuditEvent;
 
 use crate::api_harness::{audit_of, try_raw};
-use crate::device_harness::{TestHub, config_text, grant, shareable};
-
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_carecache"))
-        .args(args)
-        .env_remove("CARECACHE_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::device_harness::{TestHub, at, config_text, grant, run_cli as run, shareable};
 
 #[test]
 fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
@@ -40,9 +27,6 @@ fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
     let now = carecache::clock::SystemClock::new();
     let now = carecache::clock::Clock::wall_ms(&now);
     hub.set_time(now);
-    let at = |ms: u64| {
-        carecache::clock::rfc3339(sync_protocol::types::Timestamp::from_millis(ms).unwrap())
-    };
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("carecache.toml");
     std::fs::write(&config, config_text(&hub, tmp.path())).unwrap();

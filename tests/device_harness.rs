@@ -166,3 +166,22 @@ pub(crate) fn first_n(hub: &TestHub, n: usize) -> Vec<NhsNumber> {
         .map(|p| p.nhs_number())
         .collect()
 }
+
+/// Runs the `carecache` binary with `args`: success, stdout, stderr.
+pub(crate) fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_carecache"))
+        .args(args)
+        .env_remove("CARECACHE_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// RFC 3339 for milliseconds since the epoch (lease windows for real processes).
+pub(crate) fn at(ms: u64) -> String {
+    carecache::clock::rfc3339(sync_protocol::types::Timestamp::from_millis(ms).unwrap())
+}

@@ -371,9 +371,7 @@ fn enrol_sync_status_and_serve_from_the_command_line() {
     let clock = carecache::clock::SystemClock::new();
     let now = clock.wall_ms();
     hub.set_time(now);
-    let at = |ms: u64| {
-        carecache::clock::rfc3339(sync_protocol::types::Timestamp::from_millis(ms).unwrap())
-    };
+    let at = crate::device_harness::at;
     let window = json!({ "not_before": at(now - 3_600_000), "not_after": at(now + 8 * 3_600_000) });
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("carecache.toml");
@@ -385,18 +383,7 @@ fn enrol_sync_status_and_serve_from_the_command_line() {
     let cfg = config.to_str().unwrap();
     let data = tmp.path().join("data");
     let key = tmp.path().join("root.key");
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_carecache"))
-            .args(args)
-            .env_remove("CARECACHE_CONFIG")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = crate::device_harness::run_cli;
     let (ok, _, err) = run(&[
         "init",
         "--data-dir",

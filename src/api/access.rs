@@ -326,19 +326,15 @@ async fn finish(
     outcome: Result<Response, Refusal>,
 ) -> Response {
     let rid = access.request_id;
-    let refusal = match outcome {
-        Ok(_) => None,
-        Err(ref r) => Some((r.status, r.code, r.message.clone(), r.audit)),
+    let (label_outcome, label_reason) = match &outcome {
+        Ok(_) => ("served", "none"),
+        Err(r) => {
+            access.outcome = AuditOutcome::Denied(r.audit);
+            access.shown = BoundedVec::default();
+            access.listed = BoundedVec::default();
+            ("denied", r.code)
+        }
     };
-    let (label_outcome, label_reason) = match &refusal {
-        None => ("served", "none"),
-        Some((_, code, _, _)) => ("denied", *code),
-    };
-    if let Some((_, _, _, reason)) = &refusal {
-        access.outcome = AuditOutcome::Denied(*reason);
-        access.shown = BoundedVec::default();
-        access.listed = BoundedVec::default();
-    }
     let record = api.device.audit_record(AuditEvent::Access(access));
     if let Err(e) = api.device.audit().write(record).await {
         api.device.metrics().audit_refusals.inc();
@@ -349,23 +345,14 @@ async fn finish(
         .reads
         .get_or_create(&vec![("outcome", label_outcome), ("reason", label_reason)])
         .inc();
-    match (outcome, refusal) {
-        (Ok(mut res), _) => {
+    match outcome {
+        Ok(mut res) => {
             if let Ok(v) = HeaderValue::from_str(&rid.to_string()) {
                 res.headers_mut().insert(headers::REQUEST_ID, v);
             }
             res
         }
-        (Err(_), Some((status, code, message, _))) => {
-            error(format, status, code, &message, Some(rid))
-        }
-        (Err(_), None) => error(
-            format,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-            Some(rid),
-        ),
+        Err(r) => error(format, r.status, r.code, &r.message, Some(rid)),
     }
 }
 
@@ -610,21 +597,7 @@ pub(super) async fn fhir_flags(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let now = api.device.now();
-    patient_access(
-        &api,
-        &h,
-        Format::Fhir,
-        AuditAction::ReadAlerts,
-        patient_param(q.as_deref()),
-        Box::new(move |s, f, _| {
-            Ok((
-                fhir_ok(&render::flags(s, f, now)),
-                render::shown_one(SectionKind::Alerts, s),
-            ))
-        }),
-    )
-    .await
+    fhir_section(&api, &h, q.as_deref(), SectionKind::Alerts).await
 }
 
 pub(super) async fn fhir_allergies(
@@ -632,19 +605,7 @@ pub(super) async fn fhir_allergies(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let now = api.device.now();
-    patient_access(
-        &api,
-        &h,
-        Format::Fhir,
-        AuditAction::ReadAllergies,
-        patient_param(q.as_deref()),
-        Box::new(move |s, f, _| {
-            let b = render::allergies(s, f, now).ok_or_else(|| view_refusal("Allergies"))?;
-            Ok((fhir_ok(&b), render::shown_one(SectionKind::Allergies, s)))
-        }),
-    )
-    .await
+    fhir_section(&api, &h, q.as_deref(), SectionKind::Allergies).await
 }
 
 pub(super) async fn fhir_medications(
@@ -652,16 +613,26 @@ pub(super) async fn fhir_medications(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
+    fhir_section(&api, &h, q.as_deref(), SectionKind::Medications).await
+}
+
+/// One section's searchset for `?patient=`.
+async fn fhir_section(api: &Api, h: &HeaderMap, q: Option<&str>, kind: SectionKind) -> Response {
     let now = api.device.now();
+    let (action, what) = match kind {
+        SectionKind::Allergies => (AuditAction::ReadAllergies, "Allergies"),
+        SectionKind::Medications => (AuditAction::ReadMedications, "Medications"),
+        _ => (AuditAction::ReadAlerts, "Alerts"),
+    };
     patient_access(
-        &api,
-        &h,
+        api,
+        h,
         Format::Fhir,
-        AuditAction::ReadMedications,
-        patient_param(q.as_deref()),
+        action,
+        patient_param(q),
         Box::new(move |s, f, _| {
-            let b = render::medications(s, f, now).ok_or_else(|| view_refusal("Medications"))?;
-            Ok((fhir_ok(&b), render::shown_one(SectionKind::Medications, s)))
+            let b = render::section_bundle(kind, s, f, now).ok_or_else(|| view_refusal(what))?;
+            Ok((fhir_ok(&b), render::shown_one(kind, s)))
         }),
     )
     .await

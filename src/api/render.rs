@@ -197,15 +197,11 @@ pub fn shown_one(kind: SectionKind, s: &Shown) -> Vec<ShownSection> {
     }]
 }
 
-fn patient_resource(s: &Shown, f: &Freshness) -> Value {
+/// `GET /fhir/Patient/{id}`: the UK Core Patient with the freshness tag.
+pub fn patient(s: &Shown, f: &Freshness) -> Value {
     let mut p = fhir::patient_parts(&s.nhs_number, &s.demographics);
     tag(&mut p, f);
     p
-}
-
-/// `GET /fhir/Patient/{id}`.
-pub fn patient(s: &Shown, f: &Freshness) -> Value {
-    patient_resource(s, f)
 }
 
 fn searchset(entries: Vec<Value>, notes: Vec<Value>, f: &Freshness, now: Timestamp) -> Value {
@@ -238,7 +234,7 @@ fn searchset(entries: Vec<Value>, notes: Vec<Value>, f: &Freshness, now: Timesta
 
 /// `GET /fhir/Patient?identifier=…`.
 pub fn patient_search(s: &Shown, f: &Freshness, now: Timestamp) -> Value {
-    searchset(vec![patient_resource(s, f)], Vec::new(), f, now)
+    searchset(vec![patient(s, f)], Vec::new(), f, now)
 }
 
 fn section_note<T, const N: usize>(
@@ -266,55 +262,44 @@ fn section_note<T, const N: usize>(
     notes
 }
 
-/// `GET /fhir/Flag?patient=…`.
-pub fn flags(s: &Shown, f: &Freshness, now: Timestamp) -> Value {
+/// `GET /fhir/Flag|AllergyIntolerance|MedicationStatement?patient=…`: a searchset of
+/// one section's items (alerts most severe first), with "not available", "none recorded"
+/// and withheld items as OperationOutcome entries. `None` when the section is not part
+/// of the caller's view (or not a searchable section).
+pub fn section_bundle(
+    kind: SectionKind,
+    s: &Shown,
+    f: &Freshness,
+    now: Timestamp,
+) -> Option<Value> {
     let id = s.nhs_number.digits();
-    let entries = alerts_by_severity(s)
-        .into_iter()
-        .map(|a| fhir::flag(&id, a))
-        .collect();
-    searchset(
-        entries,
-        section_note(&s.alerts, "Alerts", s.withheld),
-        f,
-        now,
-    )
-}
-
-/// `GET /fhir/AllergyIntolerance?patient=…` (clinical view only).
-pub fn allergies(s: &Shown, f: &Freshness, now: Timestamp) -> Option<Value> {
-    let c = s.clinical.as_ref()?;
-    let id = s.nhs_number.digits();
-    let entries = c
-        .allergies
-        .entries()
-        .iter()
-        .map(|a| fhir::allergy(&id, a))
-        .collect();
-    Some(searchset(
-        entries,
-        section_note(&c.allergies, "Allergies", s.withheld),
-        f,
-        now,
-    ))
-}
-
-/// `GET /fhir/MedicationStatement?patient=…` (clinical view only).
-pub fn medications(s: &Shown, f: &Freshness, now: Timestamp) -> Option<Value> {
-    let c = s.clinical.as_ref()?;
-    let id = s.nhs_number.digits();
-    let entries = c
-        .medications
-        .entries()
-        .iter()
-        .map(|m| fhir::medication(&id, m))
-        .collect();
-    Some(searchset(
-        entries,
-        section_note(&c.medications, "Medications", s.withheld),
-        f,
-        now,
-    ))
+    let (entries, notes) = match (kind, &s.clinical) {
+        (SectionKind::Alerts, _) => (
+            alerts_by_severity(s)
+                .into_iter()
+                .map(|a| fhir::flag(&id, a))
+                .collect(),
+            section_note(&s.alerts, "Alerts", s.withheld),
+        ),
+        (SectionKind::Allergies, Some(c)) => (
+            c.allergies
+                .entries()
+                .iter()
+                .map(|a| fhir::allergy(&id, a))
+                .collect(),
+            section_note(&c.allergies, "Allergies", s.withheld),
+        ),
+        (SectionKind::Medications, Some(c)) => (
+            c.medications
+                .entries()
+                .iter()
+                .map(|m| fhir::medication(&id, m))
+                .collect(),
+            section_note(&c.medications, "Medications", s.withheld),
+        ),
+        _ => return None,
+    };
+    Some(searchset(entries, notes, f, now))
 }
 
 /// A Composition section: entries referenced by their Bundle `fullUrl`s, or an empty
@@ -370,16 +355,13 @@ pub fn summary(
     request_id: u64,
 ) -> Value {
     let id = s.nhs_number.digits();
-    let patient = patient_resource(s, f);
+    let patient = patient(s, f);
     let patient_url = urn("Patient", &id);
     let mut resources: Vec<(String, Value)> = Vec::new();
-    let alerts: Vec<Value> = alerts_by_severity(s)
-        .into_iter()
-        .map(|a| fhir::flag(&id, a))
-        .collect();
     let mut alert_refs = Vec::new();
     let mut alert_lines = Vec::new();
-    for (a, r) in alerts_by_severity(s).into_iter().zip(alerts) {
+    for a in alerts_by_severity(s) {
+        let r = fhir::flag(&id, a);
         let url = urn("Flag", r["id"].as_str().unwrap_or(""));
         alert_refs.push(url.clone());
         alert_lines.push(format!("{}{}", severity_word(a.severity), alert_text(a)));

@@ -148,6 +148,17 @@ impl TestHub {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
+        self.admin_as(method, path, body, ADMIN_TOKEN)
+    }
+
+    /// Admin API call with `token` as the bearer token.
+    pub fn admin_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: &str,
+    ) -> (u16, serde_json::Value) {
         let ca = ureq::tls::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])))
@@ -158,7 +169,7 @@ impl TestHub {
             .build()
             .into();
         let url = format!("{}{path}", self.base_url());
-        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let auth = format!("Bearer {token}");
         let mut resp = match method {
             "GET" => agent.get(&url).header("Authorization", &auth).call(),
             "DELETE" => agent.delete(&url).header("Authorization", &auth).call(),

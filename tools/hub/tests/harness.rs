@@ -12,7 +12,7 @@ use sync_protocol::message::{Batch, EnrolRequest, Hello, Message, MessageKind, P
 use sync_protocol::types::{Bytes, Capabilities, Cursor, EnrolmentToken, Text, Timestamp};
 use sync_protocol::{Compression, decode_with_limit, encode};
 
-pub use carecache_hub::testing::{ADMIN_TOKEN, T0};
+pub use carecache_hub::testing::T0;
 
 /// The shared test hub (`carecache_hub::testing`) with seed 11, plus the helpers these
 /// tests use to speak the protocol by hand.
@@ -63,49 +63,6 @@ impl TestHub {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into()
-    }
-
-    /// Admin API call; returns status and JSON body.
-    pub fn admin(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> (u16, serde_json::Value) {
-        self.admin_as(method, path, body, ADMIN_TOKEN)
-    }
-
-    pub fn admin_as(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<serde_json::Value>,
-        token: &str,
-    ) -> (u16, serde_json::Value) {
-        let agent = self.agent(None);
-        let url = self.url(path);
-        let auth = format!("Bearer {token}");
-        let mut resp = match (method, body) {
-            ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
-            ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
-            ("PUT", Some(b)) => agent
-                .put(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(b.to_string()),
-            (_, b) => agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(b.unwrap_or(serde_json::json!({})).to_string()),
-        }
-        .unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        )
     }
 
     /// A one-time enrolment token.
