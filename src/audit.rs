@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use sync_protocol::audit::{AuditEntry, AuditRecord};
+use sync_protocol::types::Timestamp;
 use tokio::sync::oneshot;
 
 use crate::store::{AuditHead, Store, StoreError};
@@ -40,12 +41,77 @@ pub struct AuditHealth {
     pub head_seq: AtomicU64,
     /// Why the last commit failed, while the log is failing (cleared by a success).
     failing: Mutex<Option<String>>,
+    /// What waits for upload. Changed under this lock by the writer (after a commit) and
+    /// the uploader (after an acknowledgement), so the oldest time stays right.
+    backlog: Mutex<BacklogState>,
+}
+
+#[derive(Debug, Default)]
+struct BacklogState {
+    acked: u64,
+    oldest: Option<Timestamp>,
+}
+
+/// Entries written but not yet acknowledged by the hub.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// How many.
+    pub entries: u64,
+    /// Trusted time of the oldest (none when there are none).
+    pub oldest: Option<Timestamp>,
+    /// The last sequence the hub acknowledged.
+    pub acked: u64,
 }
 
 impl AuditHealth {
     /// The reason the log is failing, if its last commit failed.
     pub fn failing(&self) -> Option<String> {
         self.failing.lock().map_or(None, |g| g.clone())
+    }
+
+    /// What waits for upload.
+    pub fn backlog(&self) -> Backlog {
+        let Ok(g) = self.backlog.lock() else {
+            return Backlog::default();
+        };
+        let head = self.head_seq.load(Ordering::Acquire);
+        Backlog {
+            entries: head.saturating_sub(g.acked),
+            oldest: g.oldest,
+            acked: g.acked,
+        }
+    }
+
+    /// The hub acknowledged through `acked` and the store dropped those entries; the
+    /// oldest remaining entry's time is read from `store`.
+    pub(crate) fn acknowledged(&self, acked: u64, store: &Store) {
+        let Ok(mut g) = self.backlog.lock() else {
+            return;
+        };
+        g.acked = g.acked.max(acked);
+        // The writer moves the head under this lock after its commit: if the head is
+        // still at or below the acknowledgement, nothing newer is waiting, and a commit
+        // in flight sets its own time when it takes the lock.
+        g.oldest = if self.head_seq.load(Ordering::Acquire) <= g.acked {
+            None
+        } else {
+            match store.audit_backlog() {
+                Ok((_, oldest)) => oldest,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the oldest waiting audit entry failed");
+                    g.oldest
+                }
+            }
+        };
+    }
+
+    fn committed(&self, head: u64, first_at: Timestamp) {
+        if let Ok(mut g) = self.backlog.lock() {
+            self.head_seq.store(head, Ordering::Release);
+            if g.oldest.is_none() && head > g.acked {
+                g.oldest = Some(first_at);
+            }
+        }
     }
 
     fn set_failing(&self, why: Option<String>) {
@@ -80,7 +146,21 @@ impl AuditLog {
     /// Starts the writer over `store`, continuing the chain from its stored head.
     pub fn start(store: Arc<Store>) -> Result<Self, StoreError> {
         let head = store.audit_head()?;
-        let health = Arc::new(AuditHealth::default());
+        let acked = store.audit_acked()?;
+        let oldest = store.audit_backlog().map_or_else(
+            |e| {
+                tracing::error!(error = %e, "reading the oldest waiting audit entry failed; run `carecache audit verify`");
+                None
+            },
+            |(_, oldest)| oldest,
+        );
+        let health = Arc::new(AuditHealth {
+            backlog: Mutex::new(BacklogState {
+                acked: acked.seq,
+                oldest,
+            }),
+            ..AuditHealth::default()
+        });
         health.head_seq.store(head.seq, Ordering::Relaxed);
         let (tx, rx) = channel();
         let h = Arc::clone(&health);
@@ -162,6 +242,7 @@ fn write_loop(store: &Store, mut head: AuditHead, rx: &Receiver<Pending>, health
         let mut entries = Vec::with_capacity(group.len());
         let mut waiting = Vec::with_capacity(group.len());
         let mut next = head;
+        let first_at = group.first().map(|p| p.record.at);
         for p in group.drain(..) {
             let seq = next.seq.saturating_add(1);
             match AuditEntry::seal(&next.hash, seq, &p.record) {
@@ -185,7 +266,9 @@ fn write_loop(store: &Store, mut head: AuditHead, rx: &Receiver<Pending>, health
         match store.append_audit_many(&entries) {
             Ok(()) => {
                 head = next;
-                health.head_seq.store(head.seq, Ordering::Relaxed);
+                if let Some(at) = first_at {
+                    health.committed(head.seq, at);
+                }
                 health.commits.fetch_add(1, Ordering::Relaxed);
                 health
                     .committed

@@ -69,6 +69,29 @@ struct Raw {
     device: RawDevice,
     #[serde(default)]
     api: RawApi,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    #[serde(default = "defaults::upload_interval")]
+    upload_interval_secs: u64,
+    #[serde(default = "defaults::upload_chunk")]
+    upload_chunk: usize,
+    #[serde(default = "defaults::warn_backlog_age")]
+    warn_backlog_age_secs: u64,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            upload_interval_secs: defaults::upload_interval(),
+            upload_chunk: defaults::upload_chunk(),
+            warn_backlog_age_secs: defaults::warn_backlog_age(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +191,15 @@ mod defaults {
     )]
     pub(super) fn listen() -> Option<String> {
         Some(String::from("127.0.0.1:7380"))
+    }
+    pub(super) fn upload_interval() -> u64 {
+        60
+    }
+    pub(super) fn upload_chunk() -> usize {
+        4096
+    }
+    pub(super) fn warn_backlog_age() -> u64 {
+        12 * 3600
     }
     pub(super) fn stale_after() -> u64 {
         3600
@@ -284,6 +316,18 @@ pub struct ApiConfig {
     pub max_header_bytes: usize,
 }
 
+/// Audit upload and the backlog guard.
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    /// How often the daemon uploads waiting entries, besides after every sync round.
+    pub upload_interval: Duration,
+    /// Most entries per push (the protocol allows 4,096).
+    pub upload_chunk: usize,
+    /// Past this age of the oldest entry not yet acknowledged by the hub, every API
+    /// answer carries a warning header.
+    pub warn_backlog_age: Duration,
+}
+
 /// A validated daemon configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -297,6 +341,8 @@ pub struct Config {
     pub sync: SyncConfig,
     /// Label sent at enrolment.
     pub device_label: String,
+    /// Audit upload and the backlog guard.
+    pub audit: AuditConfig,
     /// The sensitive code list the device re-checks records against.
     pub sensitive: CodeList,
     /// The local API.
@@ -424,6 +470,25 @@ impl Config {
             request_timeout: secs("api.request_timeout_secs", a.request_timeout_secs, 1, 300)?,
             max_header_bytes: a.max_header_bytes,
         };
+        let audit = AuditConfig {
+            upload_interval: secs(
+                "audit.upload_interval_secs",
+                raw.audit.upload_interval_secs,
+                1,
+                86_400,
+            )?,
+            upload_chunk: if (1..=4096).contains(&raw.audit.upload_chunk) {
+                raw.audit.upload_chunk
+            } else {
+                return Err(invalid("audit.upload_chunk", "must be 1..=4096"));
+            },
+            warn_backlog_age: secs(
+                "audit.warn_backlog_age_secs",
+                raw.audit.warn_backlog_age_secs,
+                60,
+                30 * 86_400,
+            )?,
+        };
         let label = raw
             .device
             .label
@@ -453,6 +518,7 @@ impl Config {
             device_label: label,
             sensitive,
             api,
+            audit,
         })
     }
 }
@@ -481,6 +547,9 @@ ca_file = "ca.pem"
         assert_eq!(c.hub.max_batch_bytes, 4 * 1024 * 1024);
         assert_eq!(c.api.listen, Some("127.0.0.1:7380".parse().unwrap()));
         assert_eq!(c.api.socket, None);
+        assert_eq!(c.audit.upload_interval, Duration::from_secs(60));
+        assert_eq!(c.audit.upload_chunk, 4096);
+        assert_eq!(c.audit.warn_backlog_age, Duration::from_secs(12 * 3600));
     }
 
     #[test]
@@ -513,6 +582,14 @@ ca_file = "ca.pem"
                 "sync.retry_max_secs",
             ),
             (format!("{GOOD}[sync]\ntypo = 1\n"), "typo"),
+            (
+                format!("{GOOD}[audit]\nupload_chunk = 5000\n"),
+                "audit.upload_chunk",
+            ),
+            (
+                format!("{GOOD}[audit]\nwarn_backlog_age_secs = 1\n"),
+                "audit.warn_backlog_age_secs",
+            ),
             (
                 format!("{GOOD}[api]\nlisten = \"0.0.0.0:7380\"\n"),
                 "api.listen",

@@ -138,8 +138,18 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         }
     }));
     tracing::info!(hub = %device.config().hub.url, "serving");
+    let uploader = {
+        let (device, clock, stop) = (Arc::clone(&device), Arc::clone(&clock), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("audit-upload".into())
+            .spawn(move || upload_loop(&device, clock.as_ref(), &stop))
+            .context("starting the audit uploader")?
+    };
     let result = run_loop(&device, clock.as_ref(), &stop);
     stop.store(true, Ordering::SeqCst);
+    if uploader.join().is_err() {
+        tracing::error!("the audit uploader panicked");
+    }
     match rt.block_on(server) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "the local API stopped with an error"),
@@ -204,6 +214,35 @@ pub fn clients(config_path: &Path, action: ClientsAction) -> anyhow::Result<()> 
     }
     device.audit().close();
     Ok(())
+}
+
+/// `carecache audit verify|export|tail`.
+pub fn audit(config_path: &Path, action: AuditAction) -> anyhow::Result<()> {
+    let device = open(config_path, Arc::new(SystemClock::new()))
+        .context("opening the device (stop the daemon first: it holds the database)")?;
+    let id = device
+        .device_id()?
+        .unwrap_or_else(|| "unenrolled".to_owned());
+    let result = match action {
+        AuditAction::Verify => crate::audit_tools::verify_command(device.store()),
+        AuditAction::Export(out) => {
+            crate::audit_tools::export_command(device.store(), &id, out.as_deref())
+        }
+        AuditAction::Tail(n) => crate::audit_tools::tail_command(device.store(), &id, n),
+    };
+    device.audit().close();
+    result
+}
+
+/// What `carecache audit` does.
+#[derive(Debug)]
+pub enum AuditAction {
+    /// Check the chain.
+    Verify,
+    /// FHIR AuditEvent NDJSON, to a file or standard output.
+    Export(Option<std::path::PathBuf>),
+    /// The last N entries as text.
+    Tail(u64),
 }
 
 /// What `carecache clients` does.
@@ -275,6 +314,36 @@ pub fn run_loop(device: &Device, clock: &dyn Clock, stop: &AtomicBool) -> anyhow
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The audit upload schedule, beside the uploads every sync round makes: every
+/// `audit.upload_interval` while entries wait (an upload with none waiting does nothing);
+/// after a failure, backoff with jitter from that interval up to `sync.retry_max`.
+/// Returns when `stop` is set or the device is revoked.
+pub fn upload_loop(device: &Device, clock: &dyn Clock, stop: &AtomicBool) {
+    let interval = device.config().audit.upload_interval;
+    let cap = device.config().sync.retry_max.max(interval);
+    // The first sync round uploads at once; this schedule starts one interval later.
+    let mut next = clock.monotonic() + interval;
+    let mut failures = 0u32;
+    while !stop.load(Ordering::SeqCst) {
+        let now = clock.monotonic();
+        if now >= next {
+            let wait = match device.upload_audit() {
+                Ok(_) => {
+                    failures = 0;
+                    interval
+                }
+                Err(DeviceError::Revoked) => return,
+                Err(_) => {
+                    failures = failures.saturating_add(1);
+                    backoff(failures - 1, interval, cap, random_unit())
+                }
+            };
+            next = now + wait;
+        }
+        std::thread::sleep(next.saturating_sub(now).min(Duration::from_millis(250)));
+    }
 }
 
 /// This process's peak resident set (Linux `VmHWM`), in KiB.

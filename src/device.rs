@@ -24,6 +24,7 @@ use crate::policy::{ENDED_KEPT, EndReason, EndedLease, Policy, Standing};
 use crate::store::{self, Extras, Store, StoreError};
 use crate::sync::{self, Plan, Round, Start, Step, Summary, SyncError};
 use crate::transport::{Identity, Transport, TransportError};
+use crate::upload::{UploadError, UploadReport};
 
 mod key {
     pub(super) const IDENTITY: &str = "identity";
@@ -34,6 +35,7 @@ mod key {
     pub(super) const ENDED: &str = "ended_leases";
     pub(super) const RESYNC: &str = "resync";
     pub(super) const CLIENTS: &str = "clients";
+    pub(super) const LAST_UPLOAD: &str = "last_audit_upload";
 }
 
 /// A device operation that failed. None of these carry patient data.
@@ -76,6 +78,9 @@ pub enum DeviceError {
     /// The audit log could not record the event (the change was not made).
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    /// Audit upload stopped although the hub was reached.
+    #[error(transparent)]
+    Upload(#[from] UploadError),
 }
 
 /// The device's enrolled identity, sealed in the store.
@@ -115,6 +120,17 @@ pub struct SyncRecord {
     pub outcome: Outcome,
     /// What it did.
     pub summary: Summary,
+}
+
+/// The record of the last audit upload, kept for status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    /// When it ended (trusted time).
+    pub at: Timestamp,
+    /// How.
+    pub outcome: Outcome,
+    /// What it did.
+    pub report: UploadReport,
 }
 
 /// One lease as status shows it.
@@ -173,6 +189,17 @@ pub struct Status {
     pub objections: u64,
     /// Audit entries waiting for upload.
     pub audit_backlog: u64,
+    /// Trusted time of the oldest entry waiting.
+    pub audit_backlog_oldest: Option<String>,
+    /// Its age in seconds.
+    pub audit_backlog_age_secs: Option<u64>,
+    /// Whether the backlog is older than `audit.warn_backlog_age_secs` (API answers carry
+    /// a warning header meanwhile).
+    pub audit_backlog_overdue: bool,
+    /// The last sequence the hub acknowledged.
+    pub audit_acked: u64,
+    /// The last upload, however it ended.
+    pub audit_upload: Option<UploadRecord>,
     /// The last audit sequence committed.
     pub audit_head: u64,
     /// Why the audit log cannot be written, while it cannot (reads are refused).
@@ -201,6 +228,8 @@ pub struct Device {
     trusted: Mutex<TrustedTime>,
     policy: RwLock<Arc<Policy>>,
     wiped: AtomicBool,
+    /// One audit upload at a time (the daemon's schedule and sync rounds both upload).
+    upload_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Device {
@@ -235,6 +264,7 @@ impl Device {
             trusted: Mutex::new(trusted),
             policy: RwLock::new(Arc::new(Policy::new(Vec::new(), Vec::new(), None))),
             wiped: AtomicBool::new(false),
+            upload_lock: Mutex::new(()),
         };
         device.refresh_policy()?;
         Ok(device)
@@ -492,7 +522,14 @@ impl Device {
     pub fn sync_once(&self, progress: &mut dyn FnMut(&Summary)) -> Result<Summary, DeviceError> {
         self.live()?;
         let mut summary = Summary::default();
-        let result = self.round(&mut summary, progress);
+        // Audit first: a device back from being offline uploads what it wrote before it
+        // starts what may be a long data download. Only a network failure or revocation
+        // stops the round; other upload failures are in status and retried.
+        let result = match self.upload_audit() {
+            Err(DeviceError::Transport(e)) if e.is_offline() => Err(DeviceError::Transport(e)),
+            Err(DeviceError::Revoked) => return Err(DeviceError::Revoked),
+            _ => self.round(&mut summary, progress),
+        };
         let outcome = match &result {
             Ok(_) => Outcome::Ok,
             Err(DeviceError::Transport(e)) if e.is_offline() => Outcome::Offline(e.to_string()),
@@ -550,6 +587,10 @@ impl Device {
             .and_then(|()| self.tick().map(drop));
         if ok && after.is_ok() {
             self.last_ok.store(now.as_millis(), Ordering::Relaxed);
+            // The round's own entries (and any accesses meanwhile) go up at once.
+            if let Err(DeviceError::Revoked) = self.upload_audit() {
+                return Err(DeviceError::Revoked);
+            }
         }
         match (result, after) {
             (Ok(s), Ok(())) => Ok(s),
@@ -560,6 +601,132 @@ impl Device {
                 Err(e)
             }
         }
+    }
+
+    /// Uploads the audit entries the hub has not acknowledged: hello, then pushes of up
+    /// to `audit.upload_chunk` entries until none wait (see [`crate::upload`]). Does
+    /// nothing, without connecting, when none wait. The outcome is kept for status.
+    pub fn upload_audit(&self) -> Result<UploadReport, DeviceError> {
+        self.live()?;
+        let _one = self.upload_lock.lock().map_err(|_| StoreError::Poisoned)?;
+        if self.audit.health().backlog().entries == 0 {
+            return Ok(UploadReport::default());
+        }
+        let mut report = UploadReport::default();
+        let result = self.upload_inner(&mut report);
+        let outcome = match &result {
+            Ok(()) => Outcome::Ok,
+            Err(DeviceError::Transport(e)) if e.is_offline() => Outcome::Offline(e.to_string()),
+            Err(e @ DeviceError::Upload(_)) => Outcome::Rejected(e.to_string()),
+            Err(DeviceError::Revoked) => return Err(DeviceError::Revoked),
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
+        let label = match &outcome {
+            Outcome::Ok => "ok",
+            Outcome::Offline(_) => "offline",
+            Outcome::Rejected(_) => "refused",
+            Outcome::Failed(_) => "failed",
+        };
+        self.metrics
+            .audit_uploads
+            .get_or_create(&vec![("outcome", label)])
+            .inc();
+        self.metrics.audit_uploaded.inc_by(report.entries);
+        match &result {
+            Ok(()) => tracing::info!(
+                entries = report.entries,
+                pushes = report.pushes,
+                bytes = report.bytes_sent,
+                through = report.acked_through,
+                "audit uploaded"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                entries = report.entries,
+                through = report.acked_through,
+                "audit upload stopped"
+            ),
+        }
+        let mut extras = Extras::default();
+        extras.set(
+            key::LAST_UPLOAD,
+            &UploadRecord {
+                at: self.now(),
+                outcome,
+                report: report.clone(),
+            },
+        )?;
+        self.store.put_device_state(&extras)?;
+        result.map(|()| report)
+    }
+
+    fn upload_inner(&self, report: &mut UploadReport) -> Result<(), DeviceError> {
+        let (transport, device_id) = self.connect()?;
+        let answer = transport.exchange(
+            sync::path::HELLO,
+            &sync::hello(self.now(), &software()?),
+            MessageKind::Welcome,
+        )?;
+        report.bytes_sent += answer.sent_bytes as u64;
+        report.bytes_received += answer.wire_bytes as u64;
+        let welcome = match answer.message {
+            Message::Welcome(w) => w,
+            Message::Error(e) if e.code == sync_protocol::message::ErrorCode::DeviceRevoked => {
+                self.wipe_now();
+                return Err(DeviceError::Revoked);
+            }
+            Message::Error(e) => {
+                return Err(SyncError::Refused {
+                    code: e.code,
+                    message: e.message.as_str().to_owned(),
+                    retry_after_secs: e.retry_after_secs,
+                }
+                .into());
+            }
+            other => {
+                return Err(SyncError::Unexpected {
+                    expected: MessageKind::Welcome,
+                    got: other.kind(),
+                }
+                .into());
+            }
+        };
+        sync::check_welcome(
+            &welcome,
+            &device_id,
+            self.now(),
+            self.config.sync.max_clock_skew,
+        )?;
+        // Hub time moves trusted time; an upload is not a sync, so it does not count as
+        // the contact the offline limit measures (no objections or lease changes came).
+        self.observe_hub(welcome.hub_time);
+        let compression = if welcome
+            .capabilities
+            .has(sync_protocol::types::Capabilities::ZSTD)
+        {
+            sync_protocol::Compression::Zstd
+        } else {
+            sync_protocol::Compression::None
+        };
+        crate::upload::push_all(
+            &self.store,
+            self.audit.health(),
+            &transport,
+            self.config.audit.upload_chunk,
+            compression,
+            welcome.audit_durable_through,
+            report,
+        )
+    }
+
+    /// The audit backlog, and whether it is past `audit.warn_backlog_age_secs`.
+    pub fn audit_backlog(&self) -> (crate::audit::Backlog, Option<u64>, bool) {
+        let b = self.audit.health().backlog();
+        let age = b
+            .oldest
+            .map(|t| self.now().as_millis().saturating_sub(t.as_millis()) / 1000);
+        let overdue = age.is_some_and(|a| a >= self.config.audit.warn_backlog_age.as_secs());
+        (b, age, overdue)
     }
 
     fn round(
@@ -578,8 +745,7 @@ impl Device {
             max_bytes: self.config.hub.max_batch_bytes,
             max_skew: self.config.sync.max_clock_skew,
             sensitive: self.config.sensitive.clone(),
-            software: Text::new(concat!("carecache/", env!("CARGO_PKG_VERSION")))
-                .map_err(|_| DeviceError::Enrol("software name".into()))?,
+            software: software()?,
         };
         let (mut round, mut step) = Round::begin(start, self.now());
         let mut contact_saved = false;
@@ -777,6 +943,7 @@ impl Device {
         let contact: Option<Timestamp> = self.store.device_state(key::CONTACT)?;
         let last_ok: Option<Timestamp> = self.store.device_state(key::LAST_OK)?;
         let ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
+        let (backlog, backlog_age, overdue) = self.audit_backlog();
         let last_error = last_sync.as_ref().and_then(|r| match &r.outcome {
             Outcome::Ok => None,
             Outcome::Offline(e) | Outcome::Rejected(e) | Outcome::Failed(e) => Some(e.clone()),
@@ -802,10 +969,21 @@ impl Device {
             patients_held: stats.patients,
             objections: stats.objections,
             audit_backlog: stats.audit_entries,
+            audit_backlog_oldest: backlog.oldest.map(instant),
+            audit_backlog_age_secs: backlog_age,
+            audit_backlog_overdue: overdue,
+            audit_acked: backlog.acked,
+            audit_upload: self.store.device_state(key::LAST_UPLOAD)?,
             audit_head: self.audit.health().head_seq.load(Ordering::Relaxed),
             audit_error: self.audit.health().failing(),
         })
     }
+}
+
+/// This software's name and version, as hellos carry it.
+fn software() -> Result<Text<64>, DeviceError> {
+    Text::new(concat!("carecache/", env!("CARGO_PKG_VERSION")))
+        .map_err(|_| DeviceError::Enrol("software name".into()))
 }
 
 fn lease_status(policy: &Policy, l: &Lease, now: Timestamp) -> LeaseStatus {
@@ -883,9 +1061,41 @@ pub fn render_status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "holding     {} patients, {} objections; audit backlog {}",
-        s.patients_held, s.objections, s.audit_backlog
+        "holding     {} patients, {} objections",
+        s.patients_held, s.objections
     );
+    let _ = writeln!(
+        out,
+        "audit       {} entries written, {} acknowledged by the hub, {} waiting{}{}",
+        s.audit_head,
+        s.audit_acked,
+        s.audit_backlog,
+        match (&s.audit_backlog_oldest, s.audit_backlog_age_secs) {
+            (Some(t), Some(age)) => format!(" (oldest {t}, {} ago)", human(age)),
+            _ => String::new(),
+        },
+        if s.audit_backlog_overdue {
+            " — OVERDUE: connect to the hub"
+        } else {
+            ""
+        }
+    );
+    if let Some(u) = &s.audit_upload {
+        let _ = writeln!(
+            out,
+            "upload      {} — {}",
+            instant(u.at),
+            match &u.outcome {
+                Outcome::Ok => format!(
+                    "ok ({} entries, {} bytes)",
+                    u.report.entries, u.report.bytes_sent
+                ),
+                Outcome::Offline(e) => format!("offline: {e}"),
+                Outcome::Rejected(e) => format!("REFUSED: {e}"),
+                Outcome::Failed(e) => format!("failed: {e}"),
+            }
+        );
+    }
     if s.leases.is_empty() {
         let _ = writeln!(out, "leases      none");
     }

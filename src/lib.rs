@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod audit_tools;
 pub mod cli;
 pub mod clients;
 pub mod clock;
@@ -33,3 +34,4 @@ pub mod policy;
 pub mod store;
 pub mod sync;
 pub mod transport;
+pub mod upload;

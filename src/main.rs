@@ -80,6 +80,13 @@ enum Command {
         #[command(subcommand)]
         action: ClientsCommand,
     },
+    /// Check, export or read the audit trail this device holds (stop the daemon first).
+    Audit {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        action: AuditCommand,
+    },
     /// Destroy the keys, then the data, of a data directory.
     Wipe {
         #[command(flatten)]
@@ -103,6 +110,25 @@ enum ClientsCommand {
     Revoke {
         /// The client's name.
         name: String,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of the entries held; exit non-zero naming the first bad
+    /// sequence.
+    Verify,
+    /// Write the entries held as FHIR AuditEvent NDJSON (IHE BALP).
+    Export {
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Show the last entries, one line each (patients by NHS number only).
+    Tail {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u64,
     },
 }
 
@@ -164,6 +190,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync { config, stats } => daemon::sync(&config.config, stats),
         Command::Status { config, json } => daemon::status(&config.config, json),
         Command::Serve { config } => daemon::serve(&config.config),
+        Command::Audit { config, action } => daemon::audit(
+            &config.config,
+            match action {
+                AuditCommand::Verify => daemon::AuditAction::Verify,
+                AuditCommand::Export { out } => daemon::AuditAction::Export(out),
+                AuditCommand::Tail { lines } => daemon::AuditAction::Tail(lines),
+            },
+        ),
         Command::Clients { config, action } => daemon::clients(
             &config.config,
             match action {

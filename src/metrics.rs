@@ -1,6 +1,6 @@
 //! Prometheus metrics for the daemon (`GET /metrics`): syncs and their outcomes, reads
 //! served and denied by reason, authentication failures, lease expiries, the audit log's
-//! commits, failures and backlog, and request latency. Labels carry codes only, never
+//! commits, failures, backlog and uploads, and request latency. Labels carry codes only, never
 //! patient data.
 
 use prometheus_client::encoding::text::encode;
@@ -39,6 +39,14 @@ pub struct Metrics {
     pub audit_commits: Gauge,
     /// 1 while the audit log cannot be written.
     pub audit_failing: Gauge,
+    /// Age in seconds of the oldest audit entry waiting for upload (0 when none wait).
+    pub audit_backlog_age: Gauge,
+    /// 1 while the backlog is older than `audit.warn_backlog_age_secs`.
+    pub audit_backlog_overdue: Gauge,
+    /// Audit uploads by outcome (`ok`, `offline`, `refused`, `failed`).
+    pub audit_uploads: Family<Labels, Counter>,
+    /// Audit entries acknowledged by the hub since start.
+    pub audit_uploaded: Counter,
     /// Seconds since the last successful sync (-1 if never).
     pub data_age: Gauge,
     /// Request latency by route.
@@ -66,6 +74,10 @@ impl Metrics {
             audit_committed: Gauge::default(),
             audit_commits: Gauge::default(),
             audit_failing: Gauge::default(),
+            audit_backlog_age: Gauge::default(),
+            audit_backlog_overdue: Gauge::default(),
+            audit_uploads: Family::default(),
+            audit_uploaded: Counter::default(),
             data_age: Gauge::default(),
             latency: Family::new_with_constructor(latency),
         };
@@ -109,6 +121,26 @@ impl Metrics {
             "audit_failing",
             "1 while the audit log cannot be written (reads are refused)",
             m.audit_failing.clone(),
+        );
+        registry.register(
+            "audit_backlog_age_seconds",
+            "Age of the oldest audit entry waiting for upload (0 when none wait)",
+            m.audit_backlog_age.clone(),
+        );
+        registry.register(
+            "audit_backlog_overdue",
+            "1 while the audit backlog is older than audit.warn_backlog_age_secs",
+            m.audit_backlog_overdue.clone(),
+        );
+        registry.register(
+            "audit_uploads",
+            "Audit uploads by outcome",
+            m.audit_uploads.clone(),
+        );
+        registry.register(
+            "audit_uploaded_entries",
+            "Audit entries acknowledged by the hub since start",
+            m.audit_uploaded.clone(),
         );
         registry.register(
             "data_age_seconds",

@@ -17,6 +17,7 @@ use sync_protocol::NhsNumber;
 use sync_protocol::codec::SUPPORTED_VERSIONS;
 use sync_protocol::message::{
     AllowedSetDigest, Batch, ErrorCode, Hello, Lease, LeaseChange, Message, MessageKind, Pull,
+    Welcome,
 };
 use sync_protocol::sensitive::CodeList;
 use sync_protocol::types::{Capabilities, Cursor, DeviceId, LeaseId, Text, Timestamp};
@@ -98,6 +99,35 @@ impl SyncError {
     pub fn is_rejection(&self) -> bool {
         !matches!(self, Self::Refused { .. } | Self::OutOfOrder)
     }
+}
+
+/// The hello that opens every session with the hub (a sync round, an audit upload).
+pub fn hello(now: Timestamp, software: &Text<64>) -> Message {
+    Message::Hello(Hello {
+        min_version: *SUPPORTED_VERSIONS.start(),
+        max_version: *SUPPORTED_VERSIONS.end(),
+        capabilities: Capabilities(Capabilities::ZSTD),
+        device_time: now,
+        software: software.clone(),
+    })
+}
+
+/// Checks the hub's welcome: a version this device speaks, this device's id, and hub
+/// time within `max_skew` of trusted time `now`.
+pub fn check_welcome(
+    w: &Welcome,
+    device_id: &DeviceId,
+    now: Timestamp,
+    max_skew: Duration,
+) -> Result<(), SyncError> {
+    if !SUPPORTED_VERSIONS.contains(&w.version) {
+        return Err(SyncError::Version(w.version));
+    }
+    if w.device_id != *device_id {
+        return Err(SyncError::WrongDevice);
+    }
+    check_hub_time(w.hub_time, now, max_skew)?;
+    Ok(())
 }
 
 /// What the caller must do next.
@@ -197,13 +227,7 @@ impl Round {
         let leases: HashMap<LeaseId, Lease> =
             start.leases.iter().map(|l| (l.id, l.clone())).collect();
         let covered = covered(&leases);
-        let hello = Message::Hello(Hello {
-            min_version: *SUPPORTED_VERSIONS.start(),
-            max_version: *SUPPORTED_VERSIONS.end(),
-            capabilities: Capabilities(Capabilities::ZSTD),
-            device_time: now,
-            software: start.software.clone(),
-        });
+        let hello = hello(now, &start.software);
         let summary = Summary {
             resynced: start.resync,
             ..Summary::default()
@@ -250,13 +274,7 @@ impl Round {
         }
         match (&self.state, msg) {
             (State::Welcome, Message::Welcome(w)) => {
-                if !SUPPORTED_VERSIONS.contains(&w.version) {
-                    return Err(SyncError::Version(w.version));
-                }
-                if w.device_id != self.start.device_id {
-                    return Err(SyncError::WrongDevice);
-                }
-                check_hub_time(w.hub_time, now, self.start.max_skew)?;
+                check_welcome(&w, &self.start.device_id, now, self.start.max_skew)?;
                 self.hub_time = Some(w.hub_time);
                 self.start.max_bytes = self
                     .start

@@ -100,8 +100,10 @@ pub struct Answer {
     pub message: Message,
     /// HTTP status.
     pub status: u16,
-    /// Bytes of the frame on the wire.
+    /// Bytes of the answer's frame on the wire.
     pub wire_bytes: usize,
+    /// Bytes of the request's frame on the wire (after compression).
+    pub sent_bytes: usize,
 }
 
 impl Transport {
@@ -161,7 +163,20 @@ impl Transport {
         msg: &Message,
         expect: MessageKind,
     ) -> Result<Answer, TransportError> {
-        let body = encode(msg, Compression::None).map_err(|_| TransportError::Encode)?;
+        self.exchange_with(path, msg, expect, Compression::None)
+    }
+
+    /// [`Self::exchange`], compressing the request as asked (the encoder compresses only
+    /// when that makes it smaller; only `push-audit` may be compressed by a device, and
+    /// only when the hub said it supports zstd).
+    pub fn exchange_with(
+        &self,
+        path: &str,
+        msg: &Message,
+        expect: MessageKind,
+        compression: Compression,
+    ) -> Result<Answer, TransportError> {
+        let body = encode(msg, compression).map_err(|_| TransportError::Encode)?;
         let url = format!("{}{path}", self.base);
         let mut resp = self
             .agent
@@ -204,6 +219,7 @@ impl Transport {
             message,
             status,
             wire_bytes: bytes.len(),
+            sent_bytes: body.len(),
         })
     }
 }

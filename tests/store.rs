@@ -603,14 +603,35 @@ fn audit_entries_survive_purges_and_rekey_and_leave_once_removed() {
         store.append_audit(&entries[3]),
         Err(StoreError::AuditSequence(4))
     ));
-    assert_eq!(store.remove_audit_through(4).unwrap(), 4);
+    assert_eq!(store.audit_backlog().unwrap().0, 10);
+    assert_eq!(store.audit_acked().unwrap(), Default::default());
+    // Acknowledging an entry the device does not hold is refused and changes nothing.
+    assert!(matches!(
+        store.acknowledge_audit(11),
+        Err(StoreError::AuditSequence(11))
+    ));
+    assert_eq!(store.acknowledge_audit(4).unwrap(), 4);
+    assert_eq!(
+        store.acknowledge_audit(3).unwrap(),
+        0,
+        "an older ack changes nothing"
+    );
+    let acked = store.audit_acked().unwrap();
+    assert_eq!((acked.seq, acked.hash), (4, entries[3].hash));
     let left = store.audit_entries(0, 100).unwrap();
     assert_eq!(left.first().map(|e| e.seq), Some(5));
     assert_eq!(store.stats().unwrap().audit_entries, 6);
+    let (backlog, oldest) = store.audit_backlog().unwrap();
+    let fifth = sync_protocol::audit::AuditRecord::decode(entries[4].record.as_slice()).unwrap();
+    assert_eq!((backlog, oldest), (6, Some(fifth.at)));
+    // What is left still links from the acknowledged head.
+    sync_protocol::audit::verify_chain(&acked.hash, &left).unwrap();
     // The chain head outlives the entries: after all are removed the next one must still
     // link to the last written, and a gap or a fork is refused.
-    assert_eq!(store.remove_audit_through(10).unwrap(), 6);
+    assert_eq!(store.acknowledge_audit(10).unwrap(), 6);
+    assert_eq!(store.audit_backlog().unwrap(), (0, None));
     assert_eq!(store.audit_head().unwrap().seq, 10);
+    assert_eq!(store.audit_acked().unwrap().hash, entries[9].hash);
     let next = |prev, seq| {
         sync_protocol::audit::AuditEntry::seal(
             prev,

@@ -49,6 +49,9 @@ pub mod headers {
     pub const LAST_SYNC: &str = "x-carecache-last-sync";
     /// Answer: `true` when that is older than the configured threshold.
     pub const STALE: &str = "x-carecache-stale";
+    /// Answer, only while the audit backlog is older than `audit.warn_backlog_age_secs`:
+    /// how many entries wait for upload and since when.
+    pub const AUDIT_BACKLOG: &str = "x-carecache-audit-backlog";
     /// Answer: the request id, also in the audit entry.
     pub const REQUEST_ID: &str = "x-request-id";
 }
@@ -175,6 +178,19 @@ async fn common_headers(State(api): State<Arc<Api>>, req: Request, next: Next) -
         headers::STALE,
         HeaderValue::from_static(if f.stale { "true" } else { "false" }),
     );
+    // Past the configured age, every answer says the audit trail has not reached the hub.
+    let (backlog, age, overdue) = api.device.audit_backlog();
+    if overdue
+        && let (Some(oldest), Some(age)) = (backlog.oldest, age)
+        && let Ok(v) = HeaderValue::from_str(&format!(
+            "{} entries not uploaded, oldest {} ({}s ago)",
+            backlog.entries,
+            crate::fhir::instant(oldest),
+            age
+        ))
+    {
+        h.insert(headers::AUDIT_BACKLOG, v);
+    }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -235,10 +251,12 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
     let d = &api.device;
     let m = d.metrics();
     let health = d.audit().health();
-    if let Ok(stats) = d.store().stats() {
-        m.audit_backlog
-            .set(i64::try_from(stats.audit_entries).unwrap_or(i64::MAX));
-    }
+    let (backlog, age, overdue) = d.audit_backlog();
+    m.audit_backlog
+        .set(i64::try_from(backlog.entries).unwrap_or(i64::MAX));
+    m.audit_backlog_age
+        .set(age.map_or(0, |a| i64::try_from(a).unwrap_or(i64::MAX)));
+    m.audit_backlog_overdue.set(i64::from(overdue));
     m.audit_committed
         .set(i64::try_from(health.committed.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     m.audit_commits

@@ -92,6 +92,9 @@ pub struct StoreStats {
 /// invalidate it, and an old one would keep redb from reusing freed pages).
 const SNAPSHOT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// One audit entry as scanned: its sequence, and the entry or why it did not open.
+pub type ScannedAudit = (u64, Result<AuditEntry, StoreError>);
+
 /// Where the audit chain ends: the last sequence written and its hash.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditHead {
@@ -664,20 +667,144 @@ impl Store {
         Ok(out)
     }
 
-    /// Drops audit entries up to and including `seq` (after the hub acknowledged them).
-    pub fn remove_audit_through(&self, seq: u64) -> Result<u64, StoreError> {
+    /// Audit entries from `from` (inclusive), at most `limit`, each opened on its own: an
+    /// entry that does not open (altered or damaged on disk) is reported under its
+    /// sequence rather than ending the scan. For `audit verify`.
+    pub fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<ScannedAudit>, StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::AUDIT)?;
+        let mut out = Vec::new();
+        for item in table
+            .range(from..)
+            .map_err(|e| StoreError::db("read", e))?
+            .take(limit)
+        {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            out.push((k.value(), self.open_audit(k.value(), v.value())));
+        }
+        Ok(out)
+    }
+
+    /// The last entry the hub acknowledged (sequence 0 and the zero hash before the first
+    /// acknowledgement): the next upload links from its hash.
+    pub fn audit_acked(&self) -> Result<AuditHead, StoreError> {
+        self.get_state(tables::AUDIT_ACKED)
+            .map(Option::unwrap_or_default)
+    }
+
+    /// The hub acknowledged entries through `through`: they are dropped, and the
+    /// acknowledged head (sequence and hash) is kept in the same transaction so the next
+    /// upload links. Returns how many entries were dropped; an acknowledgement at or
+    /// below the one held changes nothing. `through` must be an entry the device holds.
+    pub fn acknowledge_audit(&self, through: u64) -> Result<u64, StoreError> {
         let tx = self.begin_write()?;
         let removed = {
-            let mut table = tables::open_write(&tx, tables::AUDIT)?;
-            let before = table.len().map_err(|e| StoreError::db("audit", e))?;
-            table
-                .retain_in(..=seq, |_, _| false)
+            let mut meta = tables::open_write(&tx, tables::META)?;
+            let mut audit = tables::open_write(&tx, tables::AUDIT)?;
+            let acked: AuditHead = match meta
+                .get(tables::AUDIT_ACKED)
+                .map_err(|x| StoreError::db("audit", x))?
+            {
+                Some(v) => self.open_state(tables::AUDIT_ACKED, v.value())?,
+                None => AuditHead::default(),
+            };
+            if through <= acked.seq {
+                return Ok(0);
+            }
+            let last = match audit.get(through).map_err(|x| StoreError::db("audit", x))? {
+                Some(v) => self.open_audit(through, v.value())?,
+                None => return Err(StoreError::AuditSequence(through)),
+            };
+            let before = audit.len().map_err(|e| StoreError::db("audit", e))?;
+            audit
+                .retain_in(..=through, |_, _| false)
                 .map_err(|e| StoreError::db("audit", e))?;
-            before - table.len().map_err(|e| StoreError::db("audit", e))?
+            let removed = before - audit.len().map_err(|e| StoreError::db("audit", e))?;
+            let head = AuditHead {
+                seq: through,
+                hash: last.hash,
+            };
+            meta.insert(
+                tables::AUDIT_ACKED,
+                self.seal_state(tables::AUDIT_ACKED, &head)?.as_slice(),
+            )
+            .map_err(|x| StoreError::db("audit", x))?;
+            removed
         };
+        // Patients are untouched: the read snapshot stays valid.
         tx.commit().map_err(|e| StoreError::db("commit", e))?;
-        self.committed();
         Ok(removed)
+    }
+
+    /// How many audit entries wait for upload, and the trusted time of the oldest.
+    pub fn audit_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))?;
+        let table = tables::open_read(&tx, tables::AUDIT)?;
+        let count = table.len().map_err(|e| StoreError::db("audit", e))?;
+        let Some((k, v)) = table.first().map_err(|e| StoreError::db("audit", e))? else {
+            return Ok((0, None));
+        };
+        let entry = self.open_audit(k.value(), v.value())?;
+        let record = sync_protocol::audit::AuditRecord::decode(entry.record.as_slice())
+            .map_err(|_| StoreError::Damaged(Table::Audit.name()))?;
+        Ok((count, Some(record.at)))
+    }
+
+    /// Test support: replace the record of stored entry `seq` with `record`, sealed as the
+    /// device would seal it but keeping the old hash — an entry altered by someone holding
+    /// the device's keys.
+    #[doc(hidden)]
+    pub fn dangerous_rewrite_audit(&self, seq: u64, record: Vec<u8>) -> Result<(), StoreError> {
+        let tx = self.begin_write()?;
+        {
+            let mut audit = tables::open_write(&tx, tables::AUDIT)?;
+            let mut entry = match audit.get(seq).map_err(|x| StoreError::db("audit", x))? {
+                Some(v) => self.open_audit(seq, v.value())?,
+                None => return Err(StoreError::AuditSequence(seq)),
+            };
+            entry.record = record
+                .try_into()
+                .map_err(|_| StoreError::Refused("audit record too long"))?;
+            let sealed = tables::seal(
+                &self.keys.audit,
+                Table::Audit,
+                &seq.to_be_bytes(),
+                &encode(&entry)?,
+            )?;
+            audit
+                .insert(seq, sealed.as_slice())
+                .map_err(|x| StoreError::db("audit", x))?;
+        }
+        tx.commit().map_err(|e| StoreError::db("commit", e))?;
+        Ok(())
+    }
+
+    /// Test support: flip one byte of stored entry `seq` as sealed on disk.
+    #[doc(hidden)]
+    pub fn dangerous_damage_audit(&self, seq: u64) -> Result<(), StoreError> {
+        let tx = self.begin_write()?;
+        {
+            let mut audit = tables::open_write(&tx, tables::AUDIT)?;
+            let mut sealed = match audit.get(seq).map_err(|x| StoreError::db("audit", x))? {
+                Some(v) => v.value().to_vec(),
+                None => return Err(StoreError::AuditSequence(seq)),
+            };
+            let mid = sealed.len() / 2;
+            if let Some(b) = sealed.get_mut(mid) {
+                *b ^= 0x40;
+            }
+            audit
+                .insert(seq, sealed.as_slice())
+                .map_err(|x| StoreError::db("audit", x))?;
+        }
+        tx.commit().map_err(|e| StoreError::db("commit", e))?;
+        Ok(())
     }
 
     /// Counts of what the store holds.

@@ -31,6 +31,9 @@ pub(crate) const CURSOR: &str = "sync_cursor";
 pub(crate) const HUB_TIME: &str = "hub_time";
 /// Meta key of the audit chain's head (sealed).
 pub(crate) const AUDIT_HEAD: &str = "audit_head";
+/// Meta key of the last audit entry the hub acknowledged (sealed): sequence and hash, the
+/// link the next upload continues from.
+pub(crate) const AUDIT_ACKED: &str = "audit_acked";
 
 /// Which table a sealed value belongs to (bound into its associated data).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

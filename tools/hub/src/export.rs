@@ -1,284 +1,30 @@
-//! Audit as FHIR R4 AuditEvent, following IHE Basic Audit Log Patterns (BALP): a read
-//! is `type` rest / `subtype` read (a caseload list or search is `search-type`), with the
-//! user as requestor and purpose of use, the device as source, the patient as entity.
-//! Denied accesses are recorded with outcome 4 and the reason; emergency access (ETREAT)
-//! carries the clinician's reason and is what `audit review` lists.
+//! The hub's stored audit entries rendered for people (FHIR AuditEvent NDJSON, IHE BALP;
+//! text lines) through the renderings the device shares, [`sync_protocol::audit_fhir`].
 
-use serde_json::{Value, json};
-use sync_protocol::audit::{
-    Access, AuditAction, AuditEvent, AuditOutcome, DenyReason, KeyEvent, Purpose, SectionShown,
-    SyncOutcome,
-};
+use serde_json::Value;
+use sync_protocol::audit_fhir::{self, Entry};
 
 use crate::audit::StoredEntry;
 
-/// RFC 3339 UTC instant with milliseconds, from milliseconds since the epoch.
-pub fn instant(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+fn entry(e: &StoredEntry) -> Entry<'_> {
+    Entry {
+        device: &e.device,
+        seq: e.seq,
+        record: &e.record,
+    }
 }
 
-/// The reason a denial gives, in words.
-pub fn deny_text(r: DenyReason) -> &'static str {
-    match r {
-        DenyReason::NotOnCaseload => "not on the caller's caseload",
-        DenyReason::LeaseNotYetValid => "lease not yet valid",
-        DenyReason::LeaseExpired => "lease expired",
-        DenyReason::Objected => "patient objected to sharing",
-        DenyReason::UserNotPermitted => "user not permitted by the lease",
-        DenyReason::ViewNotPermitted => "view does not include this data",
-        DenyReason::OfflineTooLong => "device offline too long",
-        DenyReason::EmergencyNotPermitted => "emergency access not permitted",
-        DenyReason::ClientNotAuthorised => "client not authorised",
-        DenyReason::UnknownPatient => "no record held",
-        DenyReason::BadRequest => "incomplete or malformed request",
-    }
+/// One stored entry as a FHIR AuditEvent.
+pub fn audit_event(e: &StoredEntry) -> Value {
+    audit_fhir::audit_event(&entry(e))
+}
+
+/// One stored entry as a line of text (patients by NHS number only).
+pub fn describe(e: &StoredEntry) -> String {
+    audit_fhir::describe(&entry(e))
 }
 
 /// True for an emergency (ETREAT) access.
 pub fn is_emergency(e: &StoredEntry) -> bool {
-    e.record
-        .access()
-        .is_some_and(|a| matches!(a.purpose, Some(Purpose::EmergencyTreat { .. })))
-}
-
-const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
-
-fn device_agent(e: &StoredEntry, client: Option<&str>) -> Value {
-    let who = match client {
-        Some(c) => format!("carecache device {} / client {c}", e.device),
-        None => format!("carecache device {}", e.device),
-    };
-    json!({
-        "type": { "coding": [{ "system": DCM, "code": "110153", "display": "Source Role ID" }] },
-        "who": { "display": who },
-        "requestor": client.is_none(),
-    })
-}
-
-fn base(
-    e: &StoredEntry,
-    kind: (&str, &str),
-    subtype: Value,
-    outcome: &str,
-    agents: Vec<Value>,
-) -> Value {
-    json!({
-        "resourceType": "AuditEvent",
-        "id": format!("{}-{}", e.device, e.seq),
-        "type": { "system": kind.0, "code": kind.1 },
-        "subtype": [subtype],
-        "action": "E",
-        "recorded": instant(e.record.at.as_millis()),
-        "outcome": outcome,
-        "agent": agents,
-        "source": {
-            "observer": { "display": format!("carecache device {}", e.device) },
-            "type": [{ "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "1", "display": "User Device" }],
-        },
-        "entity": [{
-            "what": { "identifier": { "value": format!("{}#{}", e.device, e.seq) } },
-            "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
-            "detail": [{ "type": "device-wall-clock", "valueString": instant(e.record.wall.as_millis()) }],
-        }],
-    })
-}
-
-fn set(event: &mut Value, key: &str, value: Value) {
-    if let Some(obj) = event.as_object_mut() {
-        obj.insert(key.into(), value);
-    }
-}
-
-/// One stored entry as a FHIR AuditEvent: accesses as BALP patient reads/searches,
-/// other events (authentication failures, lease ends, syncs, key events) as DICOM
-/// application activity.
-pub fn audit_event(e: &StoredEntry) -> Value {
-    match &e.record.event {
-        AuditEvent::Access(a) => access_event(e, a),
-        AuditEvent::AuthFailure {
-            request_id,
-            client,
-            reason,
-        } => {
-            let mut v = base(
-                e,
-                (DCM, "110114"),
-                json!({ "system": DCM, "code": "110122", "display": "Login" }),
-                "4",
-                vec![device_agent(e, client.as_ref().map(|c| c.as_str()))],
-            );
-            set(
-                &mut v,
-                "outcomeDesc",
-                json!(format!(
-                    "client not authenticated ({reason:?}), request {request_id}"
-                )),
-            );
-            v
-        }
-        AuditEvent::LeaseEnded {
-            lease,
-            reason,
-            purged,
-        } => {
-            let mut v = base(
-                e,
-                (DCM, "110100"),
-                json!({ "system": DCM, "code": "110141", "display": "Application Stop" }),
-                "0",
-                vec![device_agent(e, None)],
-            );
-            set(
-                &mut v,
-                "outcomeDesc",
-                json!(format!(
-                    "lease {} ended ({reason:?}); {purged} patients purged",
-                    lease.0
-                )),
-            );
-            v
-        }
-        AuditEvent::Sync {
-            outcome,
-            batches,
-            upserts,
-            removals,
-            lease_changes,
-            resync,
-        } => {
-            let mut v = base(
-                e,
-                (DCM, "110106"),
-                json!({ "system": DCM, "code": "110106", "display": "Import" }),
-                if *outcome == SyncOutcome::Ok {
-                    "0"
-                } else {
-                    "4"
-                },
-                vec![device_agent(e, None)],
-            );
-            set(
-                &mut v,
-                "outcomeDesc",
-                json!(format!(
-                    "sync {outcome:?}: {batches} batches, {upserts} records, {removals} removals, {lease_changes} lease changes{}",
-                    if *resync { ", full resync" } else { "" }
-                )),
-            );
-            v
-        }
-        AuditEvent::Key(k) => {
-            let mut v = base(
-                e,
-                (DCM, "110113"),
-                json!({ "system": DCM, "code": "110137", "display": "User Security Attributes Changed" }),
-                "0",
-                vec![device_agent(e, None)],
-            );
-            let what = match k {
-                KeyEvent::Unlocked => "store unlocked".to_owned(),
-                KeyEvent::Rekeyed => "root key rotated".to_owned(),
-                KeyEvent::Enrolled => "device enrolled".to_owned(),
-                KeyEvent::ClientAdded { name } => format!("client {} registered", name.as_str()),
-                KeyEvent::ClientRevoked { name } => format!("client {} revoked", name.as_str()),
-            };
-            set(&mut v, "outcomeDesc", json!(what));
-            v
-        }
-    }
-}
-
-fn access_event(e: &StoredEntry, r: &Access) -> Value {
-    let (subtype, subtype_display) = match r.action {
-        AuditAction::ListCaseload | AuditAction::SearchPatient => ("search-type", "search"),
-        _ => ("read", "read"),
-    };
-    let action = format!("{:?}", r.action);
-    let (purpose_code, purpose_display) = match &r.purpose {
-        Some(Purpose::Treat) => ("TREAT", "treatment"),
-        Some(Purpose::EmergencyTreat { .. }) => ("ETREAT", "Emergency Treatment"),
-        None => ("TREAT", "treatment (not stated by the client)"),
-    };
-    let user = r.user.as_ref().map_or("unknown", |u| u.as_str());
-    let mut requestor = json!({
-        "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP", "display": "information recipient" }] },
-        "who": { "identifier": { "system": "https://fhir.nhs.uk/Id/sds-user-id", "value": user } },
-        "requestor": true,
-        "purposeOfUse": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose_code }] }],
-    });
-    if let Some(role) = &r.role {
-        set(&mut requestor, "role", json!([{ "text": role.as_str() }]));
-    }
-    let shown: Vec<Value> = r
-        .shown
-        .iter()
-        .map(|s| {
-            json!({ "type": format!("{:?}", s.section), "valueString": match s.shown {
-                SectionShown::Items(n) => format!("{n} items"),
-                SectionShown::NoneRecorded => "none recorded".to_owned(),
-                SectionShown::NotAvailable => "not available".to_owned(),
-            }})
-        })
-        .collect();
-    let mut detail =
-        vec![json!({ "type": "chain-sequence", "valueString": format!("{}#{}", e.device, e.seq) })];
-    detail.extend(shown);
-    if r.withheld > 0 {
-        detail.push(json!({ "type": "withheld", "valueString": format!("{} items", r.withheld) }));
-    }
-    let mut event = json!({
-        "resourceType": "AuditEvent",
-        "id": format!("{}-{}", e.device, e.seq),
-        "meta": {
-            "profile": ["https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientRead"],
-            "security": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HTEST" }],
-        },
-        "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" },
-        "subtype": [{ "system": "http://hl7.org/fhir/restful-interaction", "code": subtype, "display": subtype_display }],
-        "action": "R",
-        "recorded": instant(e.record.at.as_millis()),
-        "outcome": match r.outcome { AuditOutcome::Served => "0", AuditOutcome::Denied(_) => "4" },
-        "purposeOfEvent": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose_code, "display": purpose_display }] }],
-        "agent": [requestor, device_agent(e, Some(r.client.as_str()))],
-        "source": {
-            "observer": { "display": format!("carecache device {}", e.device) },
-            "type": [{ "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "1", "display": "User Device" }],
-        },
-        "entity": [
-            {
-                "what": { "identifier": { "value": format!("{}:{}", e.device, r.request_id) } },
-                "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
-                "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4", "display": "Domain Resource" },
-                "description": action,
-                "detail": detail,
-            },
-        ],
-    });
-    let mut outcome_desc = Vec::new();
-    if let AuditOutcome::Denied(reason) = r.outcome {
-        outcome_desc.push(format!("denied: {}", deny_text(reason)));
-    }
-    if let Some(Purpose::EmergencyTreat { reason }) = &r.purpose {
-        outcome_desc.push(format!("emergency access: {}", reason.as_str()));
-    }
-    if !outcome_desc.is_empty() {
-        set(&mut event, "outcomeDesc", json!(outcome_desc.join("; ")));
-    }
-    if let Some(entities) = event.get_mut("entity").and_then(Value::as_array_mut) {
-        for nhs in r.patient.iter().chain(r.listed.iter()) {
-            entities.push(json!({
-                "what": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs.digits() } },
-                "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person" },
-                "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient" },
-            }));
-        }
-    }
-    event
+    audit_fhir::is_emergency(&e.record)
 }

@@ -49,6 +49,28 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
+    /// For the privacy officer: devices whose audit chain broke, and every emergency
+    /// (ETREAT) access with the clinician's reason.
+    Review {
+        /// Configuration file (for the data directory; the hub must not be running).
+        #[arg(long, default_value = "hub.toml")]
+        config: PathBuf,
+        /// FHIR AuditEvent NDJSON instead of text.
+        #[arg(long)]
+        ndjson: bool,
+    },
+    /// Every access to one patient's record, on every device, oldest first (for a
+    /// complaint or a subject access request).
+    Patient {
+        /// The patient's NHS number (spaces allowed).
+        nhs_number: String,
+        /// Configuration file (for the data directory; the hub must not be running).
+        #[arg(long, default_value = "hub.toml")]
+        config: PathBuf,
+        /// FHIR AuditEvent NDJSON instead of text.
+        #[arg(long)]
+        ndjson: bool,
+    },
     /// Write every entry as FHIR AuditEvent NDJSON (IHE BALP read pattern).
     Export {
         /// Configuration file (for the data directory; the hub must not be running).
@@ -92,6 +114,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { config } => serve_main(&Config::load(&config)?),
         Command::Audit {
+            command: AuditCommand::Review { config, ndjson },
+        } => review(&open_state(&Config::load(&config)?)?, ndjson),
+        Command::Audit {
+            command:
+                AuditCommand::Patient {
+                    nhs_number,
+                    config,
+                    ndjson,
+                },
+        } => {
+            let nhs = sync_protocol::NhsNumber::parse(&nhs_number).map_err(|_| {
+                anyhow::anyhow!("not a valid NHS number (10 digits, Modulus 11 check)")
+            })?;
+            patient(&open_state(&Config::load(&config)?)?, nhs, ndjson)
+        }
+        Command::Audit {
             command: AuditCommand::Export { config, out },
         } => {
             let config = Config::load(&config)?;
@@ -111,6 +149,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// One entry to standard output, as text or as an AuditEvent line.
+fn print_entry(
+    out: &mut impl std::io::Write,
+    e: &carecache_hub::audit::StoredEntry,
+    ndjson: bool,
+) -> std::io::Result<()> {
+    if ndjson {
+        serde_json::to_writer(&mut *out, &carecache_hub::export::audit_event(e))?;
+        out.write_all(b"\n")
+    } else {
+        writeln!(out, "  {}", carecache_hub::export::describe(e))
+    }
+}
+
+fn review(state: &HubState, ndjson: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let flagged = state.flagged_devices()?;
+    let mut text = String::new();
+    if flagged.is_empty() {
+        text.push_str("No device is flagged: every audit chain received verifies.\n");
+    } else {
+        text.push_str("Devices flagged for review (audit chain broken; nothing after the break is accepted):\n");
+        for (device, at) in &flagged {
+            text.push_str(&format!("  {device}  broken at sequence {at}\n"));
+        }
+    }
+    if ndjson {
+        eprint!("{text}");
+    } else {
+        write!(out, "{text}")?;
+        writeln!(out, "Emergency (ETREAT) accesses to review:")?;
+    }
+    let n = state.for_each_emergency(|e| print_entry(&mut out, &e, ndjson))?;
+    if !ndjson {
+        writeln!(out, "{n} emergency accesses")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn patient(state: &HubState, nhs: sync_protocol::NhsNumber, ndjson: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if !ndjson {
+        writeln!(
+            out,
+            "Accesses to the record of NHS number {nhs}, oldest first:"
+        )?;
+    }
+    let mut devices = std::collections::BTreeSet::new();
+    let n = state.for_each_patient_access(nhs, |e| {
+        devices.insert(e.device.clone());
+        print_entry(&mut out, &e, ndjson)
+    })?;
+    if !ndjson {
+        writeln!(out, "{n} accesses from {} devices", devices.len())?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn open_state(config: &Config) -> anyhow::Result<HubState> {

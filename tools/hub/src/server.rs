@@ -80,6 +80,11 @@ pub struct Hub {
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     ingest: Mutex<Option<IngestHook>>,
     tamper: Mutex<Option<ResponseHook>>,
+    /// Audit entries stored since start.
+    pub audit_stored: std::sync::atomic::AtomicU64,
+    /// Audit entries received again with equal hashes (resends after a lost ack) and
+    /// acknowledged without storing.
+    pub audit_repeated: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Hub {
@@ -119,6 +124,8 @@ impl Hub {
             clock: Arc::new(system_clock),
             ingest: Mutex::new(None),
             tamper: Mutex::new(None),
+            audit_stored: std::sync::atomic::AtomicU64::new(0),
+            audit_repeated: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -626,12 +633,23 @@ async fn audit_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respons
     })
     .await;
     match result {
-        Ok((id, Ok(durable))) => {
-            tracing::info!(device = %id, entries = n, durable, "audit stored");
+        Ok((id, Ok(pushed))) => {
+            hub.audit_stored
+                .fetch_add(pushed.stored, std::sync::atomic::Ordering::Relaxed);
+            hub.audit_repeated
+                .fetch_add(pushed.repeated, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                device = %id,
+                entries = n,
+                stored = pushed.stored,
+                repeated = pushed.repeated,
+                durable = pushed.durable,
+                "audit stored"
+            );
             frame_response(
                 StatusCode::OK,
                 &Message::AuditAck(AuditAck {
-                    durable_through: durable,
+                    durable_through: pushed.durable,
                 }),
             )
         }
@@ -698,6 +716,8 @@ async fn admin_status(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respon
             "objections": objections,
             "leases": leases,
             "devices": hub.state.devices()?.len(),
+            "audit_stored_since_start": hub.audit_stored.load(std::sync::atomic::Ordering::Relaxed),
+            "audit_repeats_since_start": hub.audit_repeated.load(std::sync::atomic::Ordering::Relaxed),
             "flagged_devices": hub.state.flagged_devices()?
                 .into_iter()
                 .map(|(d, at)| serde_json::json!({ "device": d, "broken_at": at }))

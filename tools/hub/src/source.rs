@@ -261,7 +261,7 @@ impl FhirRest {
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map_or(0, u64::from_be_bytes);
         let since = watermark.saturating_sub(self.overlap_ms);
-        let since_text = crate::export::instant(since);
+        let since_text = sync_protocol::audit_fhir::instant(since);
         let mut affected = BTreeSet::new();
         let mut versions = Vec::new();
         let mut newest = watermark;

@@ -1,0 +1,170 @@
+//! Audit upload (DESIGN.md invariant 2; SPEC.md §3.6, §6 invariants 5 and 6, §7): the
+//! entries the hub has not acknowledged are pushed in runs of consecutive sequences,
+//! each run linked to the last acknowledged entry's hash. An entry leaves the device only
+//! when an acknowledgement covers it, in the same transaction that records the new
+//! acknowledged head. A run cut anywhere — before it is sent, half sent, stored by the
+//! hub but unacknowledged — is simply sent again: the hub stores each (device, sequence)
+//! once and acknowledges repeats whose hashes match, so the effect is exactly-once.
+
+use serde::{Deserialize, Serialize};
+use sync_protocol::message::{ErrorCode, PushAudit};
+use sync_protocol::types::BoundedVec;
+use sync_protocol::{Compression, Message, MessageKind};
+
+use crate::audit::AuditHealth;
+use crate::device::DeviceError;
+use crate::store::Store;
+use crate::sync::{SyncError, path};
+use crate::transport::Transport;
+
+/// What one upload did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadReport {
+    /// Pushes acknowledged.
+    pub pushes: u32,
+    /// Entries acknowledged and dropped from the device.
+    pub entries: u64,
+    /// Request bytes on the wire (hello and pushes, after compression).
+    pub bytes_sent: u64,
+    /// Answer bytes on the wire.
+    pub bytes_received: u64,
+    /// The last sequence the hub has acknowledged.
+    pub acked_through: u64,
+}
+
+/// Why an upload stopped although the hub was reached. None carry patient data.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UploadError {
+    /// The hub found the chain broken (an entry altered, or not linking) and flagged the
+    /// device for review; it accepts nothing after the break.
+    #[error("the hub refused this device's audit chain and flagged the device for review: {0}")]
+    ChainRefused(String),
+    /// The hub holds less than it once acknowledged (restored from an older backup?):
+    /// the entries in between were dropped from the device and are only at the hub's
+    /// earlier copy.
+    #[error(
+        "the hub holds this device's audit only through sequence {hub} but acknowledged through {acked} earlier; entries {} to {acked} are missing at the hub",
+        hub + 1
+    )]
+    HubBehind {
+        /// What the hub holds.
+        hub: u64,
+        /// What it acknowledged before.
+        acked: u64,
+    },
+    /// An entry does not open (altered or damaged on disk): the upload stops before it.
+    #[error(
+        "audit entry {0} cannot be opened (altered or damaged on disk); uploads stop before it — run `carecache audit verify`"
+    )]
+    Damaged(u64),
+    /// The hub answered a push without acknowledging anything new.
+    #[error("the hub acknowledged nothing new (durable through {0})")]
+    NoProgress(u64),
+}
+
+/// Pushes every waiting entry, `chunk` at a time, acknowledging each run in the store.
+/// `hub_durable` is what the hub's welcome said it holds.
+pub(crate) fn push_all(
+    store: &Store,
+    health: &AuditHealth,
+    transport: &Transport,
+    chunk: usize,
+    compression: Compression,
+    hub_durable: u64,
+    report: &mut UploadReport,
+) -> Result<(), DeviceError> {
+    let acked = store.audit_acked()?;
+    report.acked_through = acked.seq;
+    if hub_durable < acked.seq {
+        return Err(UploadError::HubBehind {
+            hub: hub_durable,
+            acked: acked.seq,
+        }
+        .into());
+    }
+    let mut acked = acked;
+    loop {
+        let scanned = store.audit_scan(acked.seq.saturating_add(1), chunk)?;
+        let mut entries = Vec::with_capacity(scanned.len());
+        let mut damaged = None;
+        for (seq, e) in scanned {
+            match e {
+                Ok(e) => entries.push(e),
+                Err(_) => {
+                    damaged = Some(seq);
+                    break;
+                }
+            }
+        }
+        let Some(last) = entries.last().map(|e| e.seq) else {
+            return match damaged {
+                Some(seq) => Err(UploadError::Damaged(seq).into()),
+                None => Ok(()),
+            };
+        };
+        let push = Message::PushAudit(PushAudit {
+            prev_hash: acked.hash,
+            entries: BoundedVec::try_from(entries)
+                .map_err(|_| DeviceError::Sync(SyncError::OutOfOrder))?,
+        });
+        let answer =
+            transport.exchange_with(path::AUDIT, &push, MessageKind::AuditAck, compression)?;
+        report.bytes_sent += answer.sent_bytes as u64;
+        report.bytes_received += answer.wire_bytes as u64;
+        let durable = match answer.message {
+            Message::AuditAck(a) => a.durable_through,
+            Message::Error(e) => {
+                return Err(match e.code {
+                    ErrorCode::AuditChainBroken => {
+                        UploadError::ChainRefused(e.message.as_str().to_owned()).into()
+                    }
+                    ErrorCode::AuditGap => UploadError::HubBehind {
+                        hub: hub_durable.min(acked.seq),
+                        acked: acked.seq,
+                    }
+                    .into(),
+                    code => SyncError::Refused {
+                        code,
+                        message: e.message.as_str().to_owned(),
+                        retry_after_secs: e.retry_after_secs,
+                    }
+                    .into(),
+                });
+            }
+            other => {
+                return Err(SyncError::Unexpected {
+                    expected: MessageKind::AuditAck,
+                    got: other.kind(),
+                }
+                .into());
+            }
+        };
+        if durable < acked.seq {
+            return Err(UploadError::HubBehind {
+                hub: durable,
+                acked: acked.seq,
+            }
+            .into());
+        }
+        // The hub may hold more than this run (an earlier run stored, its ack lost);
+        // only what was sent and is held here can be dropped.
+        let through = durable.min(last);
+        if through <= acked.seq {
+            return Err(UploadError::NoProgress(durable).into());
+        }
+        let dropped = store.acknowledge_audit(through)?;
+        health.acknowledged(through, store);
+        report.pushes += 1;
+        report.entries += dropped;
+        report.acked_through = through;
+        tracing::debug!(through, dropped, "audit acknowledged");
+        acked = store.audit_acked()?;
+        if through < last {
+            // Acknowledged part of the run: send the rest again.
+            continue;
+        }
+        if let Some(seq) = damaged {
+            return Err(UploadError::Damaged(seq).into());
+        }
+    }
+}
