@@ -10,7 +10,6 @@ use carecache::api::{Api, Listener};
 use carecache::device::Device;
 use serde_json::Value;
 use sync_protocol::audit::{AuditEntry, AuditRecord};
-use sync_protocol::types::Hash32;
 
 use crate::device_harness::Dev;
 
@@ -112,13 +111,16 @@ impl Drop for Served {
     }
 }
 
-/// Every audit entry in `store`; panics unless they chain from the zero hash.
+/// Every audit entry `store` still holds; panics unless they chain, with no gap, from
+/// the last entry the hub acknowledged (the zero hash before any) to the stored head.
 pub(crate) fn audit_of(store: &carecache::store::Store) -> Vec<(AuditEntry, AuditRecord)> {
+    let acked = store.audit_acked().unwrap();
     let entries = store.audit_entries(0, usize::MAX).unwrap();
-    let head = sync_protocol::audit::verify_chain(&Hash32([0; 32]), &entries);
+    let head = sync_protocol::audit::verify_chain(&acked.hash, &entries);
     assert!(head.is_ok(), "audit chain broken at {:?}", head.err());
+    assert_eq!(head.unwrap(), store.audit_head().unwrap().hash);
     for (i, e) in entries.iter().enumerate() {
-        assert_eq!(e.seq, i as u64 + 1, "no gaps");
+        assert_eq!(e.seq, acked.seq + i as u64 + 1, "no gaps");
     }
     entries
         .into_iter()

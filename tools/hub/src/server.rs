@@ -62,7 +62,7 @@ pub enum Tamper {
     CutAfter(usize),
 }
 
-/// A hook over each protocol answer: given the route (`hello`, `pull`) and the encoded
+/// A hook over each protocol answer: given the route (`hello`, `pull`, `audit`) and the encoded
 /// frame, decides what is sent. Only tests set one.
 pub type ResponseHook = Arc<dyn Fn(&str, &[u8]) -> Tamper + Send + Sync>;
 
@@ -646,7 +646,8 @@ async fn audit_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respons
                 durable = pushed.durable,
                 "audit stored"
             );
-            frame_response(
+            hub.answer(
+                "audit",
                 StatusCode::OK,
                 &Message::AuditAck(AuditAck {
                     durable_through: pushed.durable,

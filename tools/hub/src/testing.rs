@@ -46,6 +46,7 @@ pub struct TestHub {
     pub ca_file: PathBuf,
     /// The synthetic source patients.
     pub patients: Vec<SourcePatient>,
+    limits: Limits,
     clock: Arc<AtomicU64>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -71,16 +72,30 @@ impl TestHub {
         let patients = Generator::new(seed).source_patients(n);
         let ndjson = dir.path().join("ndjson");
         carecache_synth::fhir::write_ndjson(&patients, &ndjson).unwrap();
-        let files = dev_ca(
+        dev_ca(
             &dir.path().join("pki"),
             &["localhost".into(), "127.0.0.1".into()],
         )
         .unwrap();
         let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
         ingest_ndjson(&state, &SharingRules::default_rules().unwrap(), &ndjson).unwrap();
-        let ca = DeviceCa::load(&files.ca_cert, &files.ca_key, 30).unwrap();
-        let ca_pem = std::fs::read_to_string(&files.ca_cert).unwrap();
-        let clock = Arc::new(AtomicU64::new(T0));
+        drop(state);
+        Self::open(dir, patients, limits, Arc::new(AtomicU64::new(T0)), 0)
+    }
+
+    /// Serves the hub whose files are in `dir` on 127.0.0.1:`port` (0: any).
+    fn open(
+        dir: tempfile::TempDir,
+        patients: Vec<SourcePatient>,
+        limits: &Limits,
+        clock: Arc<AtomicU64>,
+        port: u16,
+    ) -> Self {
+        let pki = dir.path().join("pki");
+        let (ca_file, ca_key) = (pki.join("ca.pem"), pki.join("ca.key"));
+        let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+        let ca = DeviceCa::load(&ca_file, &ca_key, 30).unwrap();
+        let ca_pem = std::fs::read_to_string(&ca_file).unwrap();
         let c2 = clock.clone();
         let hub = Arc::new(
             Hub::new(state, ca, ADMIN_TOKEN, limits).with_clock(Arc::new(move || {
@@ -89,8 +104,8 @@ impl TestHub {
         );
         let tls = {
             use rustls::pki_types::pem::PemObject;
-            let chain = pem_certs(&std::fs::read_to_string(&files.hub_cert).unwrap());
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.hub_key).unwrap();
+            let chain = pem_certs(&std::fs::read_to_string(pki.join("hub.pem")).unwrap());
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.join("hub.key")).unwrap();
             tls_config(&pem_certs(&ca_pem), chain, key).unwrap()
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -103,7 +118,9 @@ impl TestHub {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 serve(h2, listener, tls, Duration::from_secs(5), async {
                     let _ = rx.await;
@@ -116,14 +133,40 @@ impl TestHub {
         Self {
             addr,
             hub,
-            ca_file: files.ca_cert,
+            ca_file,
             dir,
             ca_pem,
             patients,
+            limits: limits.clone(),
             clock,
             shutdown: Some(tx),
             thread: Some(thread),
         }
+    }
+
+    /// Stops the hub and releases its database (the files stay): for running the
+    /// `carecache-hub` command over them, or for [`Self::restart`].
+    pub fn close(mut self) -> Closed {
+        self.stop();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let hub = std::mem::replace(&mut self.hub, Arc::new(placeholder()));
+        // The server's tasks are gone with its runtime: this is the last handle, and
+        // dropping it closes the database.
+        assert_eq!(Arc::strong_count(&hub), 1, "hub still in use");
+        drop(hub);
+        Closed {
+            dir,
+            patients: std::mem::take(&mut self.patients),
+            limits: self.limits.clone(),
+            clock: self.clock.clone(),
+            port: self.addr.port(),
+        }
+    }
+
+    /// Stops the hub and starts it again over the same database, on the same port (a
+    /// hub restart: what it committed is kept, anything in flight is lost).
+    pub fn restart(self) -> Self {
+        self.close().reopen()
     }
 
     /// `https://localhost:PORT` (the hub certificate names localhost).
@@ -252,6 +295,33 @@ impl TestHub {
             let _ = t.join();
         }
     }
+}
+
+/// A stopped test hub's files, ready to serve again.
+#[derive(Debug)]
+pub struct Closed {
+    /// Its files (`hub.redb`, `pki/`, `ndjson/`).
+    pub dir: tempfile::TempDir,
+    patients: Vec<SourcePatient>,
+    limits: Limits,
+    clock: Arc<AtomicU64>,
+    port: u16,
+}
+
+impl Closed {
+    /// Serves it again on its old port.
+    pub fn reopen(self) -> TestHub {
+        TestHub::open(self.dir, self.patients, &self.limits, self.clock, self.port)
+    }
+}
+
+/// A hub over an empty database, standing in a moved-from [`TestHub`] until it drops.
+fn placeholder() -> Hub {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let ca = DeviceCa::load(&files.ca_cert, &files.ca_key, 30).unwrap();
+    Hub::new(state, ca, ADMIN_TOKEN, &Limits::default())
 }
 
 impl Drop for TestHub {
