@@ -183,3 +183,118 @@ fn export_is_valid_fhir_audit_event_ndjson() {
     );
     assert_eq!(text.matches("\"outcome\":\"4\"").count(), 4);
 }
+
+/// A `hub.toml` for the commands that read the database of a stopped test hub.
+fn hub_toml(dir: &std::path::Path) -> std::path::PathBuf {
+    let pki = dir.join("pki");
+    let text = format!(
+        "data_dir = \"{}\"\n[tls]\nca_cert = \"{}\"\nca_key = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[source]\nkind = \"ndjson\"\npath = \"{}\"\n",
+        dir.display(),
+        pki.join("ca.pem").display(),
+        pki.join("ca.key").display(),
+        pki.join("hub.pem").display(),
+        pki.join("hub.key").display(),
+        dir.join("ndjson").display(),
+    );
+    let path = dir.join("hub.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn hub_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_carecache-hub"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The privacy officer's commands: `audit review` lists the flagged device and every
+/// emergency access with its reason; `audit patient` lists every access to one record
+/// across devices, oldest first, as text (NHS number only, no names) and as valid FHIR
+/// AuditEvent NDJSON; a bad NHS number is refused.
+#[test]
+fn review_and_patient_commands_for_the_privacy_officer() {
+    let hub = TestHub::start(10);
+    let a = hub.enrol(None);
+    let b = hub.enrol(None);
+    let entries = chain(21, &hub);
+    assert_eq!(push(&a, &entries, prev_of(&entries, 0)).0, 200);
+    assert_eq!(push(&b, &entries[..8], prev_of(&entries, 0)).0, 200);
+    // Device b's entry 9 arrives altered: b is flagged at 9.
+    let mut bad = entries[8..10].to_vec();
+    bad[0].record = entries[9].record.clone();
+    assert_eq!(push(&b, &bad, prev_of(&entries, 8)).0, 400);
+    assert_eq!(hub.hub.state.verify_audit_chain(&a.id).unwrap(), Ok(21));
+    assert_eq!(hub.hub.state.verify_audit_chain(&b.id).unwrap(), Ok(8));
+    // Patient of entries 1, 11 and 21 (10 patients, i % 10 == 1).
+    let nhs = hub.patients[1].nhs_number();
+    let family = hub.patients[1]
+        .expected
+        .demographics
+        .name
+        .family
+        .as_str()
+        .to_owned();
+    let closed = hub.close();
+    let config = hub_toml(closed.dir.path());
+    let cfg = config.to_str().unwrap();
+
+    let (ok, out, err) = hub_cli(&["audit", "review", "--config", cfg]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("{}  broken at sequence 9", b.id)),
+        "{out}"
+    );
+    // ETREAT: i multiple of 7 → a: 7, 14, 21; b: 7.
+    assert!(out.contains("4 emergency accesses"), "{out}");
+    assert_eq!(out.matches("unconscious, no lease").count(), 4, "{out}");
+    assert!(out.contains(&format!("{}#14", a.id)), "{out}");
+
+    let (ok, out, err) = hub_cli(&["audit", "patient", &nhs.digits(), "--config", cfg]);
+    assert!(ok, "{err}");
+    // a: 1, 11, 21; b: 1 → four accesses from two devices, oldest first.
+    assert!(out.contains("4 accesses from 2 devices"), "{out}");
+    assert!(out.contains(&nhs.to_string()), "NHS number 3-3-4: {out}");
+    assert!(!out.contains(&family), "no names: {out}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("  ")).collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    let times: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim().split(' ').next().unwrap())
+        .collect();
+    let sorted = {
+        let mut t = times.clone();
+        t.sort_unstable();
+        t
+    };
+    assert_eq!(times, sorted, "oldest first");
+    assert!(
+        lines[3].contains(&format!("{}#21", a.id)) && lines[3].contains("EMERGENCY (ETREAT)"),
+        "{out}"
+    );
+
+    let (ok, out, err) = hub_cli(&[
+        "audit",
+        "patient",
+        &nhs.to_string(),
+        "--ndjson",
+        "--config",
+        cfg,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 4);
+    let file = closed.dir.path().join("AuditEvent.ndjson");
+    std::fs::write(&file, &out).unwrap();
+    let (valid, report) = crate::harness::validate(&[file]);
+    assert!(valid, "{report}");
+
+    let (ok, _, err) = hub_cli(&["audit", "patient", "9990000019", "--config", cfg]);
+    assert!(!ok);
+    assert!(err.contains("not a valid NHS number"), "{err}");
+}

@@ -35,6 +35,11 @@ impl TestHub {
         Self(carecache_hub::testing::TestHub::start_with(n, 11, &limits))
     }
 
+    /// Stops the hub and releases its database, for the `carecache-hub` command.
+    pub fn close(self) -> carecache_hub::testing::Closed {
+        self.0.close()
+    }
+
     /// Every synthetic patient's NHS number, as the admin API takes them.
     pub fn all_nhs(&self) -> Vec<String> {
         self.patients
