@@ -55,11 +55,16 @@ listen = "127.0.0.1:0"
 impl Dev {
     /// A fresh, initialised, not yet enrolled device whose clock reads `T0`.
     pub(crate) fn new(hub: &TestHub) -> Self {
+        Self::with_config(hub, |text| text)
+    }
+
+    /// [`Dev::new`] with its configuration text edited by `edit`.
+    pub(crate) fn with_config(hub: &TestHub, edit: impl FnOnce(String) -> String) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let root = create_key_file(&tmp.path().join("root.key")).unwrap();
         Store::create(&tmp.path().join("data"), &root, SourceKind::KeyFile, None).unwrap();
         let config_path = tmp.path().join("carecache.toml");
-        std::fs::write(&config_path, config_text(hub, tmp.path())).unwrap();
+        std::fs::write(&config_path, edit(config_text(hub, tmp.path()))).unwrap();
         let clock = Arc::new(ManualClock::new(T0));
         let config = Config::load(&config_path).unwrap();
         let device = Device::open(config, &root, clock.clone()).unwrap();
@@ -106,6 +111,32 @@ impl Dev {
             device,
             root,
         }
+    }
+
+    /// Closes the device, runs `f` with its config path (CLI commands need the database
+    /// to themselves), and opens it again.
+    pub(crate) fn closed<T>(self, f: impl FnOnce(&str) -> T) -> (Self, T) {
+        let Dev {
+            tmp,
+            config_path,
+            clock,
+            device,
+            root,
+        } = self;
+        drop(device);
+        let out = f(config_path.to_str().unwrap());
+        let config = Config::load(&config_path).unwrap();
+        let device = Device::open(config, &root, clock.clone()).unwrap();
+        (
+            Dev {
+                tmp,
+                config_path,
+                clock,
+                device,
+                root,
+            },
+            out,
+        )
     }
 
     /// Held patients.

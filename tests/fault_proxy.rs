@@ -95,7 +95,11 @@ fn relay(client: TcpStream, upstream: SocketAddr, mode: Mode, cuts: &AtomicU64) 
     };
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     let down = std::thread::spawn(move || pump(s2, c2, None));
-    let cut = pump(client.try_clone().unwrap(), server.try_clone().unwrap(), limit);
+    let cut = pump(
+        client.try_clone().unwrap(),
+        server.try_clone().unwrap(),
+        limit,
+    );
     if cut {
         cuts.fetch_add(1, Ordering::SeqCst);
         let _ = client.shutdown(Shutdown::Both);
