@@ -465,7 +465,7 @@ fn enrol_sync_status_and_serve_from_the_command_line() {
     assert!(ok && out.contains("Second caseload"), "{out}{err}");
 }
 
-fn rustix_kill(pid: u32) {
+pub(crate) fn rustix_kill(pid: u32) {
     let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
 }

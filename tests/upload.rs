@@ -444,3 +444,178 @@ fn the_backlog_survives_restart_rekey_and_purge_and_warns_when_old() {
         "{metrics}"
     );
 }
+
+/// `carecache serve` as a process, syncing only hourly: reads are uploaded by the audit
+/// schedule (every second here), not by a sync. Then, with the hub down and the daemon
+/// stopped, the privacy officer's commands read what is left on the device: `audit
+/// verify` passes, `audit tail` shows NHS numbers in 3-3-4 form and no names, `audit
+/// export` writes valid FHIR AuditEvent NDJSON.
+#[test]
+fn the_daemon_uploads_on_its_own_schedule_and_the_audit_commands_read_the_rest() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    use crate::api_harness::try_raw;
+    use crate::device_harness::{at, config_text};
+
+    let hub = TestHub::start(20, 85);
+    let now = carecache::clock::Clock::wall_ms(&carecache::clock::SystemClock::new());
+    hub.set_time(now);
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("carecache.toml");
+    let text = config_text(&hub, tmp.path()).replace("[sync]\n", "[sync]\ninterval_secs = 3600\n");
+    std::fs::write(
+        &config,
+        format!("{text}[audit]\nupload_interval_secs = 1\n"),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let data = tmp.path().join("data");
+    let key = tmp.path().join("root.key");
+    let (ok, _, err) = run_cli(&[
+        "init",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run_cli(&["enrol", "--config", cfg, "--token", &hub.token()]);
+    assert!(ok, "{out}{err}");
+    let id = out
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .trim_end_matches(';')
+        .to_owned();
+    let patients = shareable(&hub, 6);
+    grant(
+        &hub,
+        &id,
+        &patients,
+        json!({ "not_before": at(now - 3_600_000), "not_after": at(now + 8 * 3_600_000) }),
+    );
+    let family = hub
+        .patients
+        .iter()
+        .find(|p| p.nhs_number() == patients[0])
+        .unwrap()
+        .expected
+        .demographics
+        .name
+        .family
+        .as_str()
+        .to_owned();
+    let (ok, out, err) = run_cli(&["clients", "add", "epcr", "--config", cfg]);
+    assert!(ok, "{out}{err}");
+    let token = out
+        .split_whitespace()
+        .find(|w| w.starts_with("cct_"))
+        .unwrap()
+        .to_owned();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_carecache"))
+        .args(["serve", "--config", cfg])
+        .env("CARECACHE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let _ = tx.send(rest.trim().to_owned());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    let addr: std::net::SocketAddr = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("serve did not start")
+        .parse()
+        .unwrap();
+    let get = |path: &str| {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nX-Carecache-User: n1\r\nX-Carecache-Purpose: TREAT\r\n\r\n"
+        );
+        try_raw(addr, req.as_bytes()).unwrap()
+    };
+    // Wait for the first sync (the lease arrives with it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while get("/status").json()["last_success"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "no sync");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut rids = Vec::new();
+    for nhs in &patients {
+        let r = get(&format!("/v1/patients/{}", nhs.digits()));
+        assert_eq!(r.status, 200);
+        rids.push(r.request_id());
+    }
+    // Uploaded within a few seconds, with no sync due for an hour.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = get("/status").json();
+        if s["audit_backlog"] == 0 {
+            let head = s["audit_head"].as_u64().unwrap();
+            assert_eq!(hub.hub.state.audit_head(&id).unwrap().seq, head);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not uploaded: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let held: Vec<u64> = at_hub(&hub, &id).values().filter_map(|(_, r)| *r).collect();
+    assert!(rids.iter().all(|r| held.contains(r)));
+
+    // The hub goes away; three more reads stay on the device.
+    let closed = hub.close();
+    for nhs in &patients[..3] {
+        assert_eq!(get(&format!("/v1/patients/{}", nhs.digits())).status, 200);
+    }
+    crate::policy::rustix_kill(child.id());
+    assert!(child.wait().unwrap().success());
+    let log = reader.join().unwrap();
+    assert!(log.contains("audit uploaded"), "{log}");
+    for n in &patients {
+        assert!(!log.contains(&n.digits()), "NHS number in the log");
+    }
+
+    let (ok, out, err) = run_cli(&["audit", "verify", "--config", cfg]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("audit chain intact: 3 entries held"), "{out}");
+    let (ok, out, err) = run_cli(&["audit", "tail", "-n", "2", "--config", cfg]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains(&id)).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[1].contains(&patients[2].to_string()), "3-3-4: {out}");
+    assert!(
+        lines[1].contains("read summary") && lines[1].contains("by n1 via epcr"),
+        "{out}"
+    );
+    assert!(!out.contains(&family), "no names: {out}");
+    let file = tmp.path().join("AuditEvent.ndjson");
+    let (ok, _, err) = run_cli(&[
+        "audit",
+        "export",
+        "--out",
+        file.to_str().unwrap(),
+        "--config",
+        cfg,
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("exported 3 audit events"), "{err}");
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3);
+    crate::api_harness::validate_fhir(tmp.path(), &events);
+    drop(closed);
+}
