@@ -52,9 +52,10 @@ pub enum UploadError {
         /// What it acknowledged before.
         acked: u64,
     },
-    /// An entry does not open (altered or damaged on disk): the upload stops before it.
+    /// An entry does not open (altered or damaged on disk), or is missing: the upload
+    /// stops before it.
     #[error(
-        "audit entry {0} cannot be opened (altered or damaged on disk); uploads stop before it — run `carecache audit verify`"
+        "audit entry {0} is missing or cannot be opened (altered or damaged on disk); uploads stop before it — run `carecache audit verify`"
     )]
     Damaged(u64),
     /// The hub answered a push without acknowledging anything new.
@@ -87,14 +88,21 @@ pub(crate) fn push_all(
         let scanned = store.audit_scan(acked.seq.saturating_add(1), chunk)?;
         let mut entries = Vec::with_capacity(scanned.len());
         let mut damaged = None;
+        let mut expect = acked.seq.saturating_add(1);
         for (seq, e) in scanned {
             match e {
-                Ok(e) => entries.push(e),
+                // A gap (an entry missing from the store) stops the run like damage.
+                Ok(e) if seq == expect => entries.push(e),
+                Ok(_) => {
+                    damaged = Some(expect);
+                    break;
+                }
                 Err(_) => {
                     damaged = Some(seq);
                     break;
                 }
             }
+            expect = expect.saturating_add(1);
         }
         let Some(last) = entries.last().map(|e| e.seq) else {
             return match damaged {
@@ -102,11 +110,12 @@ pub(crate) fn push_all(
                 None => Ok(()),
             };
         };
-        let push = Message::PushAudit(PushAudit {
-            prev_hash: acked.hash,
-            entries: BoundedVec::try_from(entries)
-                .map_err(|_| DeviceError::Sync(SyncError::OutOfOrder))?,
-        });
+        let push = Message::PushAudit(
+            BoundedVec::try_from(entries)
+                .ok()
+                .and_then(|entries| PushAudit::new(acked.hash, entries).ok())
+                .ok_or(DeviceError::Sync(SyncError::OutOfOrder))?,
+        );
         let answer =
             transport.exchange_with(path::AUDIT, &push, MessageKind::AuditAck, compression)?;
         report.bytes_sent += answer.sent_bytes as u64;
