@@ -178,10 +178,11 @@ impl HubState {
                 .value()
                 .split_at_checked(32)
                 .ok_or(StateError::Corrupt("audit"))?;
-            if seq != expect || chain_hash(&prev, seq, record).0 != hash {
+            let computed = chain_hash(&prev, seq, record);
+            if seq != expect || computed.0 != hash {
                 return Ok(Err(expect.min(seq)));
             }
-            prev = chain_hash(&prev, seq, record);
+            prev = computed;
             expect += 1;
         }
         if expect - 1 != head.seq || prev.0 != head.hash {
