@@ -675,14 +675,7 @@ impl Device {
                 self.wipe_now();
                 return Err(DeviceError::Revoked);
             }
-            Message::Error(e) => {
-                return Err(SyncError::Refused {
-                    code: e.code,
-                    message: e.message.as_str().to_owned(),
-                    retry_after_secs: e.retry_after_secs,
-                }
-                .into());
-            }
+            Message::Error(e) => return Err(SyncError::refused(&e).into()),
             other => {
                 return Err(SyncError::Unexpected {
                     expected: MessageKind::Welcome,

@@ -16,8 +16,8 @@ use std::time::Duration;
 use sync_protocol::NhsNumber;
 use sync_protocol::codec::SUPPORTED_VERSIONS;
 use sync_protocol::message::{
-    AllowedSetDigest, Batch, ErrorCode, Hello, Lease, LeaseChange, Message, MessageKind, Pull,
-    Welcome,
+    AllowedSetDigest, Batch, ErrorCode, ErrorMessage, Hello, Lease, LeaseChange, Message,
+    MessageKind, Pull, Welcome,
 };
 use sync_protocol::sensitive::CodeList;
 use sync_protocol::types::{Capabilities, Cursor, DeviceId, LeaseId, Text, Timestamp};
@@ -94,6 +94,15 @@ impl From<HubTimeError> for SyncError {
 }
 
 impl SyncError {
+    /// The hub's protocol error as a refusal.
+    pub fn refused(e: &ErrorMessage) -> Self {
+        Self::Refused {
+            code: e.code,
+            message: e.message.as_str().to_owned(),
+            retry_after_secs: e.retry_after_secs,
+        }
+    }
+
     /// True when the answer was refused by the device's own checks (reported as a
     /// rejected batch; the hub or the clocks need attention).
     pub fn is_rejection(&self) -> bool {
@@ -270,7 +279,7 @@ impl Round {
     ) -> Result<Step, SyncError> {
         self.summary.bytes += wire_bytes as u64;
         if let Message::Error(e) = &msg {
-            return self.on_error(e.code, e.message.as_str(), e.retry_after_secs);
+            return self.on_error(e);
         }
         match (&self.state, msg) {
             (State::Welcome, Message::Welcome(w)) => {
@@ -295,13 +304,8 @@ impl Round {
         }
     }
 
-    fn on_error(
-        &mut self,
-        code: ErrorCode,
-        message: &str,
-        retry_after_secs: Option<u32>,
-    ) -> Result<Step, SyncError> {
-        match code {
+    fn on_error(&mut self, e: &ErrorMessage) -> Result<Step, SyncError> {
+        match e.code {
             ErrorCode::DeviceRevoked => {
                 self.state = State::Done;
                 Ok(Step::Wipe)
@@ -321,11 +325,7 @@ impl Round {
                 self.start.max_bytes = MessageKind::Batch.max_payload();
                 Ok(self.pull())
             }
-            _ => Err(SyncError::Refused {
-                code,
-                message: message.to_owned(),
-                retry_after_secs,
-            }),
+            _ => Err(SyncError::refused(e)),
         }
     }
 

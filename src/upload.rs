@@ -132,12 +132,7 @@ pub(crate) fn push_all(
                         acked: acked.seq,
                     }
                     .into(),
-                    code => SyncError::Refused {
-                        code,
-                        message: e.message.as_str().to_owned(),
-                        retry_after_secs: e.retry_after_secs,
-                    }
-                    .into(),
+                    _ => SyncError::refused(&e).into(),
                 });
             }
             other => {

@@ -94,23 +94,7 @@ impl Dev {
 
     /// Closes and reopens the device (a restart), keeping its clock.
     pub(crate) fn restart(self) -> Self {
-        let Dev {
-            tmp,
-            config_path,
-            clock,
-            device,
-            root,
-        } = self;
-        drop(device);
-        let config = Config::load(&config_path).unwrap();
-        let device = Device::open(config, &root, clock.clone()).unwrap();
-        Dev {
-            tmp,
-            config_path,
-            clock,
-            device,
-            root,
-        }
+        self.closed(|_| ()).0
     }
 
     /// Closes the device, runs `f` with its config path (CLI commands need the database

@@ -761,46 +761,47 @@ impl Store {
     /// the device's keys.
     #[doc(hidden)]
     pub fn dangerous_rewrite_audit(&self, seq: u64, record: Vec<u8>) -> Result<(), StoreError> {
-        let tx = self.begin_write()?;
-        {
-            let mut audit = tables::open_write(&tx, tables::AUDIT)?;
-            let mut entry = match audit.get(seq).map_err(|x| StoreError::db("audit", x))? {
-                Some(v) => self.open_audit(seq, v.value())?,
-                None => return Err(StoreError::AuditSequence(seq)),
-            };
+        self.dangerous_edit_audit(seq, |sealed| {
+            let mut entry = self.open_audit(seq, &sealed)?;
             entry.record = record
                 .try_into()
                 .map_err(|_| StoreError::Refused("audit record too long"))?;
-            let sealed = tables::seal(
+            tables::seal(
                 &self.keys.audit,
                 Table::Audit,
                 &seq.to_be_bytes(),
                 &encode(&entry)?,
-            )?;
-            audit
-                .insert(seq, sealed.as_slice())
-                .map_err(|x| StoreError::db("audit", x))?;
-        }
-        tx.commit().map_err(|e| StoreError::db("commit", e))?;
-        Ok(())
+            )
+        })
     }
 
     /// Test support: flip one byte of stored entry `seq` as sealed on disk.
     #[doc(hidden)]
     pub fn dangerous_damage_audit(&self, seq: u64) -> Result<(), StoreError> {
-        let tx = self.begin_write()?;
-        {
-            let mut audit = tables::open_write(&tx, tables::AUDIT)?;
-            let mut sealed = match audit.get(seq).map_err(|x| StoreError::db("audit", x))? {
-                Some(v) => v.value().to_vec(),
-                None => return Err(StoreError::AuditSequence(seq)),
-            };
+        self.dangerous_edit_audit(seq, |mut sealed| {
             let mid = sealed.len() / 2;
             if let Some(b) = sealed.get_mut(mid) {
                 *b ^= 0x40;
             }
+            Ok(sealed)
+        })
+    }
+
+    /// Replaces the sealed bytes of stored audit entry `seq` with `edit` of them.
+    fn dangerous_edit_audit(
+        &self,
+        seq: u64,
+        edit: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<(), StoreError> {
+        let tx = self.begin_write()?;
+        {
+            let mut audit = tables::open_write(&tx, tables::AUDIT)?;
+            let sealed = match audit.get(seq).map_err(|x| StoreError::db("audit", x))? {
+                Some(v) => v.value().to_vec(),
+                None => return Err(StoreError::AuditSequence(seq)),
+            };
             audit
-                .insert(seq, sealed.as_slice())
+                .insert(seq, edit(sealed)?.as_slice())
                 .map_err(|x| StoreError::db("audit", x))?;
         }
         tx.commit().map_err(|e| StoreError::db("commit", e))?;

@@ -26,18 +26,6 @@ pub struct Entry<'a> {
     pub record: &'a AuditRecord,
 }
 
-/// RFC 3339 UTC instant with milliseconds, from milliseconds since the epoch.
-pub fn instant(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
-}
-
 /// The reason a denial gives, in words.
 pub fn deny_text(r: DenyReason) -> &'static str {
     match r {
@@ -89,7 +77,7 @@ fn base(
         "type": { "system": kind.0, "code": kind.1 },
         "subtype": [subtype],
         "action": "E",
-        "recorded": instant(e.record.at.as_millis()),
+        "recorded": e.record.at.rfc3339(),
         "outcome": outcome,
         "agent": agents,
         "source": {
@@ -99,7 +87,7 @@ fn base(
         "entity": [{
             "what": { "identifier": { "value": format!("{}#{}", e.device, e.seq) } },
             "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
-            "detail": [{ "type": "device-wall-clock", "valueString": instant(e.record.wall.as_millis()) }],
+            "detail": [{ "type": "device-wall-clock", "valueString": e.record.wall.rfc3339() }],
         }],
     })
 }
@@ -114,51 +102,34 @@ fn set(event: &mut Value, key: &str, value: Value) {
 /// other events (authentication failures, lease ends, syncs, key events) as DICOM
 /// application activity.
 pub fn audit_event(e: &Entry<'_>) -> Value {
-    match &e.record.event {
-        AuditEvent::Access(a) => access_event(e, a),
+    // (type, subtype code and display, outcome, client, description)
+    let (kind, subtype, outcome, client, desc) = match &e.record.event {
+        AuditEvent::Access(a) => return access_event(e, a),
         AuditEvent::AuthFailure {
             request_id,
             client,
             reason,
-        } => {
-            let mut v = base(
-                e,
-                (DCM, "110114"),
-                json!({ "system": DCM, "code": "110122", "display": "Login" }),
-                "4",
-                vec![device_agent(e, client.as_ref().map(|c| c.as_str()))],
-            );
-            set(
-                &mut v,
-                "outcomeDesc",
-                json!(format!(
-                    "client not authenticated ({reason:?}), request {request_id}"
-                )),
-            );
-            v
-        }
+        } => (
+            "110114",
+            ("110122", "Login"),
+            "4",
+            client.as_ref().map(|c| c.as_str()),
+            format!("client not authenticated ({reason:?}), request {request_id}"),
+        ),
         AuditEvent::LeaseEnded {
             lease,
             reason,
             purged,
-        } => {
-            let mut v = base(
-                e,
-                (DCM, "110100"),
-                json!({ "system": DCM, "code": "110141", "display": "Application Stop" }),
-                "0",
-                vec![device_agent(e, None)],
-            );
-            set(
-                &mut v,
-                "outcomeDesc",
-                json!(format!(
-                    "lease {} ended ({reason:?}); {purged} patients purged",
-                    lease.0
-                )),
-            );
-            v
-        }
+        } => (
+            "110100",
+            ("110141", "Application Stop"),
+            "0",
+            None,
+            format!(
+                "lease {} ended ({reason:?}); {purged} patients purged",
+                lease.0
+            ),
+        ),
         AuditEvent::Sync {
             outcome,
             batches,
@@ -166,46 +137,46 @@ pub fn audit_event(e: &Entry<'_>) -> Value {
             removals,
             lease_changes,
             resync,
-        } => {
-            let mut v = base(
-                e,
-                (DCM, "110106"),
-                json!({ "system": DCM, "code": "110106", "display": "Import" }),
-                if *outcome == SyncOutcome::Ok {
-                    "0"
-                } else {
-                    "4"
-                },
-                vec![device_agent(e, None)],
-            );
-            set(
-                &mut v,
-                "outcomeDesc",
-                json!(format!(
-                    "sync {outcome:?}: {batches} batches, {upserts} records, {removals} removals, {lease_changes} lease changes{}",
-                    if *resync { ", full resync" } else { "" }
-                )),
-            );
-            v
-        }
-        AuditEvent::Key(k) => {
-            let mut v = base(
-                e,
-                (DCM, "110113"),
-                json!({ "system": DCM, "code": "110137", "display": "User Security Attributes Changed" }),
-                "0",
-                vec![device_agent(e, None)],
-            );
-            let what = match k {
-                KeyEvent::Unlocked => "store unlocked".to_owned(),
-                KeyEvent::Rekeyed => "root key rotated".to_owned(),
-                KeyEvent::Enrolled => "device enrolled".to_owned(),
-                KeyEvent::ClientAdded { name } => format!("client {} registered", name.as_str()),
-                KeyEvent::ClientRevoked { name } => format!("client {} revoked", name.as_str()),
-            };
-            set(&mut v, "outcomeDesc", json!(what));
-            v
-        }
+        } => (
+            "110106",
+            ("110106", "Import"),
+            if *outcome == SyncOutcome::Ok {
+                "0"
+            } else {
+                "4"
+            },
+            None,
+            format!(
+                "sync {outcome:?}: {batches} batches, {upserts} records, {removals} removals, {lease_changes} lease changes{}",
+                if *resync { ", full resync" } else { "" }
+            ),
+        ),
+        AuditEvent::Key(k) => (
+            "110113",
+            ("110137", "User Security Attributes Changed"),
+            "0",
+            None,
+            key_text(k),
+        ),
+    };
+    let mut v = base(
+        e,
+        (DCM, kind),
+        json!({ "system": DCM, "code": subtype.0, "display": subtype.1 }),
+        outcome,
+        vec![device_agent(e, client)],
+    );
+    set(&mut v, "outcomeDesc", json!(desc));
+    v
+}
+
+fn key_text(k: &KeyEvent) -> String {
+    match k {
+        KeyEvent::Unlocked => "store unlocked".to_owned(),
+        KeyEvent::Rekeyed => "root key rotated".to_owned(),
+        KeyEvent::Enrolled => "device enrolled".to_owned(),
+        KeyEvent::ClientAdded { name } => format!("client {} registered", name.as_str()),
+        KeyEvent::ClientRevoked { name } => format!("client {} revoked", name.as_str()),
     }
 }
 
@@ -257,7 +228,7 @@ fn access_event(e: &Entry<'_>, r: &Access) -> Value {
         "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" },
         "subtype": [{ "system": "http://hl7.org/fhir/restful-interaction", "code": subtype, "display": subtype_display }],
         "action": "R",
-        "recorded": instant(e.record.at.as_millis()),
+        "recorded": e.record.at.rfc3339(),
         "outcome": match r.outcome { AuditOutcome::Served => "0", AuditOutcome::Denied(_) => "4" },
         "purposeOfEvent": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose_code, "display": purpose_display }] }],
         "agent": [requestor, device_agent(e, Some(r.client.as_str()))],
@@ -368,20 +339,9 @@ pub fn describe(e: &Entry<'_>) -> String {
             },
             if *resync { ", full resync" } else { "" }
         ),
-        AuditEvent::Key(k) => match k {
-            KeyEvent::Unlocked => "store unlocked".to_owned(),
-            KeyEvent::Rekeyed => "root key rotated".to_owned(),
-            KeyEvent::Enrolled => "device enrolled".to_owned(),
-            KeyEvent::ClientAdded { name } => format!("client {} registered", name.as_str()),
-            KeyEvent::ClientRevoked { name } => format!("client {} revoked", name.as_str()),
-        },
+        AuditEvent::Key(k) => key_text(k),
     };
-    format!(
-        "{}  {}#{}  {what}",
-        instant(e.record.at.as_millis()),
-        e.device,
-        e.seq
-    )
+    format!("{}  {}#{}  {what}", e.record.at.rfc3339(), e.device, e.seq)
 }
 
 fn describe_access(a: &Access) -> String {

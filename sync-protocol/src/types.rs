@@ -393,6 +393,21 @@ impl<'de> Deserialize<'de> for EnrolmentToken {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
 pub struct Timestamp(u64);
 
+#[cfg(feature = "fhir")]
+impl Timestamp {
+    /// As an RFC 3339 UTC instant (FHIR `instant`): milliseconds shown unless zero.
+    pub fn rfc3339(self) -> String {
+        let nanos = i128::from(self.0) * 1_000_000;
+        time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .ok()
+            .and_then(|d| {
+                d.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+    }
+}
+
 impl Timestamp {
     /// 10000-01-01T00:00:00Z in milliseconds; timestamps are below it.
     pub const END: u64 = 253_402_300_800_000;

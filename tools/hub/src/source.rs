@@ -261,7 +261,10 @@ impl FhirRest {
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map_or(0, u64::from_be_bytes);
         let since = watermark.saturating_sub(self.overlap_ms);
-        let since_text = sync_protocol::audit_fhir::instant(since);
+        let since_text = sync_protocol::types::Timestamp::from_millis(since).map_or_else(
+            |_| "1970-01-01T00:00:00Z".to_owned(),
+            sync_protocol::types::Timestamp::rfc3339,
+        );
         let mut affected = BTreeSet::new();
         let mut versions = Vec::new();
         let mut newest = watermark;

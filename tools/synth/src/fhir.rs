@@ -111,18 +111,6 @@ pub fn write_ndjson(
     Ok(counts)
 }
 
-/// RFC 3339 UTC instant with milliseconds.
-pub fn instant(t: Timestamp) -> String {
-    let nanos = i128::from(t.as_millis()) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
-}
-
 fn meta(
     profile: &str,
     version: u64,
@@ -135,7 +123,7 @@ fn meta(
     }
     json!({
         "versionId": version.to_string(),
-        "lastUpdated": instant(provenance.last_updated),
+        "lastUpdated": provenance.last_updated.rfc3339(),
         "source": format!("{ODS_SYSTEM}|{}", provenance.organisation.as_str()),
         "profile": [format!("https://fhir.hl7.org.uk/StructureDefinition/{profile}")],
         "security": security,
@@ -167,7 +155,7 @@ fn patient(p: &SourcePatient) -> Value {
         "id": p.fhir_id,
         "meta": {
             "versionId": "1",
-            "lastUpdated": instant(p.last_updated),
+            "lastUpdated": p.last_updated.rfc3339(),
             "profile": ["https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient"],
             "security": security,
         },
@@ -310,7 +298,7 @@ fn unavailable_allergies(pid: &str, at: Timestamp) -> Value {
     json!({
         "resourceType": "List",
         "id": format!("{pid}-allergies"),
-        "meta": { "versionId": "1", "lastUpdated": instant(at), "security": [{ "system": ACT_REASON, "code": "HTEST" }] },
+        "meta": { "versionId": "1", "lastUpdated": at.rfc3339(), "security": [{ "system": ACT_REASON, "code": "HTEST" }] },
         "status": "current",
         "mode": "snapshot",
         "code": { "coding": [{ "system": SNOMED, "code": "886921000000105", "display": "Allergies and adverse reactions" }] },
@@ -409,16 +397,16 @@ fn consent(pid: &str, recorded_at: Timestamp, withdrawn: bool) -> Value {
     json!({
         "resourceType": "Consent",
         "id": format!("{pid}-objection"),
-        "meta": { "versionId": if withdrawn { "2" } else { "1" }, "lastUpdated": instant(recorded_at), "security": [{ "system": ACT_REASON, "code": "HTEST" }] },
+        "meta": { "versionId": if withdrawn { "2" } else { "1" }, "lastUpdated": recorded_at.rfc3339(), "security": [{ "system": ACT_REASON, "code": "HTEST" }] },
         "status": if withdrawn { "inactive" } else { "active" },
         "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
         "category": [{ "coding": [{ "system": ACT_CODE, "code": "INFA" }] }],
         "patient": subject(pid),
-        "dateTime": instant(recorded_at),
+        "dateTime": recorded_at.rfc3339(),
         "policyRule": { "coding": [{ "system": ACT_CODE, "code": "OPTOUT" }] },
         "provision": {
             "type": "deny",
-            "period": { "start": instant(recorded_at) },
+            "period": { "start": recorded_at.rfc3339() },
             "purpose": [{ "system": ACT_REASON, "code": "TREAT" }],
         },
     })
