@@ -6,8 +6,6 @@
 //! read the client saw answered 200 has its entry on one side or the other.
 //! `CARECACHE_CRASH_KILLS` sets the number of kills (default 50).
 
-use std::io::BufRead;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,7 +15,7 @@ use serde_json::json;
 use sync_protocol::audit::AuditEvent;
 
 use crate::api_harness::{audit_of, try_raw};
-use crate::device_harness::{TestHub, at, config_text, grant, run_cli as run, shareable};
+use crate::device_harness::{Daemon, TestHub, at, cli_device, grant, run_cli as run, shareable};
 
 #[test]
 fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
@@ -30,27 +28,10 @@ fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
     let now = carecache::clock::Clock::wall_ms(&now);
     hub.set_time(now);
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("carecache.toml");
-    std::fs::write(&config, config_text(&hub, tmp.path())).unwrap();
+    let (config, id) = cli_device(&hub, tmp.path(), |t| t);
     let cfg = config.to_str().unwrap();
     let data = tmp.path().join("data");
     let key = tmp.path().join("root.key");
-    let (ok, _, err) = run(&[
-        "init",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--key-file",
-        key.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    let (ok, out, err) = run(&["enrol", "--config", cfg, "--token", &hub.token()]);
-    assert!(ok, "{out}{err}");
-    let id = out
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .trim_end_matches(';')
-        .to_owned();
     let patients = shareable(&hub, 40);
     grant(
         &hub,
@@ -77,28 +58,8 @@ fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
     let mut uploaded = 0;
     let started = Instant::now();
     for round in 0..kills {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_carecache"))
-            .args(["serve", "--config", cfg])
-            .env("CARECACHE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.split("addr=").nth(1) {
-                    let _ = tx.send(rest.trim().to_owned());
-                }
-            }
-        });
-        let addr: std::net::SocketAddr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("serve did not start")
-            .parse()
-            .unwrap();
+        let daemon = Daemon::spawn(cfg);
+        let addr = daemon.addr();
         // A client reads as fast as it can until the kill.
         let stop = Arc::new(AtomicBool::new(false));
         let client = {
@@ -130,11 +91,9 @@ fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
             })
         };
         std::thread::sleep(Duration::from_millis(rng.random_range(5..150)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        daemon.stop(rustix::process::Signal::KILL);
         stop.store(true, Ordering::SeqCst);
         let ids = client.join().unwrap();
-        reader.join().unwrap();
         answered.extend(ids);
         // After each kill: the store opens, the chain verifies, nothing answered is missing.
         let store = carecache::store::Store::open(&data, &root).unwrap();

@@ -200,3 +200,100 @@ pub(crate) fn run_cli(args: &[&str]) -> (bool, String, String) {
 pub(crate) fn at(ms: u64) -> String {
     carecache::clock::rfc3339(sync_protocol::types::Timestamp::from_millis(ms).unwrap())
 }
+
+/// `carecache serve --config CFG` as a process, its log read line by line as it comes.
+pub(crate) struct Daemon {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Daemon {
+    pub(crate) fn spawn(cfg: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_carecache"))
+            .args(["serve", "--config", cfg])
+            .env("CARECACHE_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut log = String::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line.clone());
+                log.push_str(&line);
+                log.push('\n');
+            }
+            log
+        });
+        Self {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The first log line from now on containing `needle`, within 30 s.
+    pub(crate) fn wait_for(&self, needle: &str) -> Option<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+    }
+
+    /// The local API's address, as the log announces it.
+    pub(crate) fn addr(&self) -> std::net::SocketAddr {
+        let line = self.wait_for("addr=").expect("serve did not start");
+        line.split("addr=").nth(1).unwrap().trim().parse().unwrap()
+    }
+
+    /// Sends `signal` and waits for the exit: its status and the whole log.
+    pub(crate) fn stop(
+        mut self,
+        signal: rustix::process::Signal,
+    ) -> (std::process::ExitStatus, String) {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+        let status = self.child.wait().unwrap();
+        let log = self.reader.take().unwrap().join().unwrap();
+        (status, log)
+    }
+}
+
+/// A device as an operator sets one up with the CLI: `config_text` (edited by `edit`)
+/// written in `dir`, `init` with a key file, `enrol` with `hub`. Returns the config path
+/// and the device id.
+pub(crate) fn cli_device(
+    hub: &TestHub,
+    dir: &std::path::Path,
+    edit: impl FnOnce(String) -> String,
+) -> (PathBuf, String) {
+    let config = dir.join("carecache.toml");
+    std::fs::write(&config, edit(config_text(hub, dir))).unwrap();
+    let cfg = config.to_str().unwrap();
+    let (ok, _, err) = run_cli(&[
+        "init",
+        "--data-dir",
+        dir.join("data").to_str().unwrap(),
+        "--key-file",
+        dir.join("root.key").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run_cli(&["enrol", "--config", cfg, "--token", &hub.token()]);
+    assert!(ok && out.contains("enrolled as"), "{out}{err}");
+    let id = out
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .trim_end_matches(';')
+        .to_owned();
+    (config, id)
+}

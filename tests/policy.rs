@@ -365,7 +365,6 @@ fn holding_that_differs_from_the_allowed_set_is_reconciled() {
 /// `serve` syncing on its own until SIGTERM.
 #[test]
 fn enrol_sync_status_and_serve_from_the_command_line() {
-    use std::process::Command;
     let hub = TestHub::start(80, 28);
     // Real processes use the system clock: the hub follows it, and leases are relative.
     let clock = carecache::clock::SystemClock::new();
@@ -426,33 +425,10 @@ fn enrol_sync_status_and_serve_from_the_command_line() {
     let mut second = window.clone();
     second["label"] = json!("Second caseload");
     grant(&hub, &id, &extra[..5], second);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_carecache"))
-        .args(["serve", "--config", cfg])
-        .env("CARECACHE_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // The log says when a round has finished (and never names a patient).
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut log = String::new();
-        for line in std::io::BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            if line.contains("sync finished") {
-                let _ = tx.send(());
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
-    let synced = rx.recv_timeout(Duration::from_secs(30)).is_ok();
-    rustix_kill(child.id());
-    let status = child.wait().unwrap();
-    let log = reader.join().unwrap();
+    let daemon = crate::device_harness::Daemon::spawn(cfg);
+    let synced = daemon.wait_for("sync finished").is_some();
+    let (status, log) = daemon.stop(rustix::process::Signal::TERM);
     assert!(synced, "serve did not sync: {log}");
     assert!(
         status.success(),
@@ -463,9 +439,4 @@ fn enrol_sync_status_and_serve_from_the_command_line() {
     }
     let (ok, out, err) = run(&["status", "--config", cfg, "--json"]);
     assert!(ok && out.contains("Second caseload"), "{out}{err}");
-}
-
-pub(crate) fn rustix_kill(pid: u32) {
-    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
 }

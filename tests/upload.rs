@@ -452,42 +452,20 @@ fn the_backlog_survives_restart_rekey_and_purge_and_warns_when_old() {
 /// export` writes valid FHIR AuditEvent NDJSON.
 #[test]
 fn the_daemon_uploads_on_its_own_schedule_and_the_audit_commands_read_the_rest() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-
     use crate::api_harness::try_raw;
-    use crate::device_harness::{at, config_text};
+    use crate::device_harness::{Daemon, at, cli_device};
 
     let hub = TestHub::start(20, 85);
     let now = carecache::clock::Clock::wall_ms(&carecache::clock::SystemClock::new());
     hub.set_time(now);
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("carecache.toml");
-    let text = config_text(&hub, tmp.path()).replace("[sync]\n", "[sync]\ninterval_secs = 3600\n");
-    std::fs::write(
-        &config,
-        format!("{text}[audit]\nupload_interval_secs = 1\n"),
-    )
-    .unwrap();
+    let (config, id) = cli_device(&hub, tmp.path(), |text| {
+        format!(
+            "{}[audit]\nupload_interval_secs = 1\n",
+            text.replace("[sync]\n", "[sync]\ninterval_secs = 3600\n")
+        )
+    });
     let cfg = config.to_str().unwrap();
-    let data = tmp.path().join("data");
-    let key = tmp.path().join("root.key");
-    let (ok, _, err) = run_cli(&[
-        "init",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--key-file",
-        key.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    let (ok, out, err) = run_cli(&["enrol", "--config", cfg, "--token", &hub.token()]);
-    assert!(ok, "{out}{err}");
-    let id = out
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .trim_end_matches(';')
-        .to_owned();
     let patients = shareable(&hub, 6);
     grant(
         &hub,
@@ -514,32 +492,8 @@ fn the_daemon_uploads_on_its_own_schedule_and_the_audit_commands_read_the_rest()
         .unwrap()
         .to_owned();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_carecache"))
-        .args(["serve", "--config", cfg])
-        .env("CARECACHE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut log = String::new();
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.split("addr=").nth(1) {
-                let _ = tx.send(rest.trim().to_owned());
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
-    let addr: std::net::SocketAddr = rx
-        .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("serve did not start")
-        .parse()
-        .unwrap();
+    let daemon = Daemon::spawn(cfg);
+    let addr = daemon.addr();
     let get = |path: &str| {
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nX-Carecache-User: n1\r\nX-Carecache-Purpose: TREAT\r\n\r\n"
@@ -578,9 +532,8 @@ fn the_daemon_uploads_on_its_own_schedule_and_the_audit_commands_read_the_rest()
     for nhs in &patients[..3] {
         assert_eq!(get(&format!("/v1/patients/{}", nhs.digits())).status, 200);
     }
-    crate::policy::rustix_kill(child.id());
-    assert!(child.wait().unwrap().success());
-    let log = reader.join().unwrap();
+    let (status, log) = daemon.stop(rustix::process::Signal::TERM);
+    assert!(status.success());
     assert!(log.contains("audit uploaded"), "{log}");
     for n in &patients {
         assert!(!log.contains(&n.digits()), "NHS number in the log");
