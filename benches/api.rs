@@ -17,6 +17,8 @@
     reason = "benchmark driver"
 )]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -27,8 +29,6 @@ use carecache::api::{Api, Listener};
 use carecache::clock::{Clock, SystemClock};
 use carecache::config::Config;
 use carecache::device::Device;
-use carecache::keysource::{SourceKind, create_key_file};
-use carecache::store::Store;
 use carecache_hub::testing::TestHub;
 
 struct Lat {
@@ -161,20 +161,11 @@ fn main() {
     let clock = Arc::new(SystemClock::new());
     let now = clock.wall_ms();
     hub.set_time(now);
-    let root = create_key_file(&tmp.path().join("root.key")).unwrap();
-    Store::create(&tmp.path().join("data"), &root, SourceKind::KeyFile, None).unwrap();
-    let config_path = tmp.path().join("carecache.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "data_dir = \"{}\"\n[key]\nsource = \"key_file\"\npath = \"{}\"\n[hub]\nurl = \"{}\"\nca_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\nmax_connections = 256\n",
-            tmp.path().join("data").display(),
-            tmp.path().join("root.key").display(),
-            hub.base_url(),
-            hub.ca_file.display()
-        ),
-    )
-    .unwrap();
+    let (root, config_path) = common::device_dir(
+        tmp.path(),
+        &hub,
+        "[api]\nlisten = \"127.0.0.1:0\"\nmax_connections = 256\n",
+    );
     let device = Device::open(Config::load(&config_path).unwrap(), &root, clock.clone()).unwrap();
     let id = device.enrol(&hub.token()).unwrap();
     let at = |ms: u64| {

@@ -16,12 +16,11 @@
     reason = "benchmark driver"
 )]
 
-use std::io::Write;
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use carecache::keysource::{SourceKind, create_key_file};
-use carecache::store::Store;
 use carecache::transport::{Identity, Transport};
 use carecache_hub::pki::make_csr;
 use carecache_hub::testing::TestHub;
@@ -202,20 +201,11 @@ fn main() {
         );
         let (hub_secs, hub_bytes, hub_upserts) = hub_only(&hub, budget);
         let tmp = tempfile::tempdir().unwrap();
-        let root = create_key_file(&tmp.path().join("root.key")).unwrap();
-        Store::create(&tmp.path().join("data"), &root, SourceKind::KeyFile, None).unwrap();
-        let config = tmp.path().join("carecache.toml");
-        let mut f = std::fs::File::create(&config).unwrap();
-        write!(
-            f,
-            "data_dir = \"{}\"\n[key]\nsource = \"key_file\"\npath = \"{}\"\n[hub]\nurl = \"{}\"\nca_file = \"{}\"\nmax_batch_bytes = {budget}\nread_timeout_secs = 600\n",
-            tmp.path().join("data").display(),
-            tmp.path().join("root.key").display(),
-            hub.base_url(),
-            hub.ca_file.display()
-        )
-        .unwrap();
-        drop(f);
+        let (_, config) = common::device_dir(
+            tmp.path(),
+            &hub,
+            &format!("max_batch_bytes = {budget}\nread_timeout_secs = 600\n"),
+        );
         let enrol = Command::new(env!("CARGO_BIN_EXE_carecache"))
             .args([
                 "enrol",

@@ -18,14 +18,14 @@
     reason = "benchmark driver"
 )]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use carecache::clock::{Clock, SystemClock};
 use carecache::config::Config;
 use carecache::device::Device;
-use carecache::keysource::{SourceKind, create_key_file};
-use carecache::store::Store;
 use carecache_hub::state::HubState;
 use carecache_hub::testing::TestHub;
 use sync_protocol::audit::{
@@ -85,20 +85,7 @@ fn main() {
     let now = clock.wall_ms();
     hub.set_time(now);
     let patients: Vec<NhsNumber> = hub.patients.iter().map(|p| p.nhs_number()).collect();
-    let root = create_key_file(&tmp.path().join("root.key")).unwrap();
-    Store::create(&tmp.path().join("data"), &root, SourceKind::KeyFile, None).unwrap();
-    let config_path = tmp.path().join("carecache.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "data_dir = \"{}\"\n[key]\nsource = \"key_file\"\npath = \"{}\"\n[hub]\nurl = \"{}\"\nca_file = \"{}\"\n",
-            tmp.path().join("data").display(),
-            tmp.path().join("root.key").display(),
-            hub.base_url(),
-            hub.ca_file.display()
-        ),
-    )
-    .unwrap();
+    let (root, config_path) = common::device_dir(tmp.path(), &hub, "");
     let device = Device::open(Config::load(&config_path).unwrap(), &root, clock.clone()).unwrap();
     let id = device.enrol(&hub.token()).unwrap();
     // The enrolment entry goes first, so the backlog is exactly `n` entries.
