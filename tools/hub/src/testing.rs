@@ -34,6 +34,8 @@ pub const T0: u64 = 1_795_507_200_000;
 
 /// A hub serving on 127.0.0.1:0 until dropped.
 pub struct TestHub {
+    /// First, so that it stops before the rest (the database, the files) drops.
+    server: Server,
     /// Where it listens.
     pub addr: SocketAddr,
     /// The hub (state, hooks).
@@ -48,8 +50,29 @@ pub struct TestHub {
     pub patients: Vec<SourcePatient>,
     limits: Limits,
     clock: Arc<AtomicU64>,
+}
+
+/// The serving thread; stopped on drop.
+struct Server {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl std::fmt::Debug for TestHub {
@@ -139,27 +162,37 @@ impl TestHub {
             patients,
             limits: limits.clone(),
             clock,
-            shutdown: Some(tx),
-            thread: Some(thread),
+            server: Server {
+                shutdown: Some(tx),
+                thread: Some(thread),
+            },
         }
     }
 
     /// Stops the hub and releases its database (the files stay): for running the
     /// `carecache-hub` command over them, or for [`Self::restart`].
-    pub fn close(mut self) -> Closed {
-        self.stop();
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        let hub = std::mem::replace(&mut self.hub, Arc::new(placeholder()));
+    pub fn close(self) -> Closed {
+        let TestHub {
+            server,
+            addr,
+            hub,
+            dir,
+            patients,
+            limits,
+            clock,
+            ..
+        } = self;
+        drop(server);
         // The server's tasks are gone with its runtime: this is the last handle, and
         // dropping it closes the database.
         assert_eq!(Arc::strong_count(&hub), 1, "hub still in use");
         drop(hub);
         Closed {
             dir,
-            patients: std::mem::take(&mut self.patients),
-            limits: self.limits.clone(),
-            clock: self.clock.clone(),
-            port: self.addr.port(),
+            patients,
+            limits,
+            clock,
+            port: addr.port(),
         }
     }
 
@@ -288,12 +321,7 @@ impl TestHub {
 
     /// Stops serving (also on drop).
     pub fn stop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.server.stop();
     }
 }
 
@@ -312,21 +340,6 @@ impl Closed {
     /// Serves it again on its old port.
     pub fn reopen(self) -> TestHub {
         TestHub::open(self.dir, self.patients, &self.limits, self.clock, self.port)
-    }
-}
-
-/// A hub over an empty database, standing in a moved-from [`TestHub`] until it drops.
-fn placeholder() -> Hub {
-    let dir = tempfile::tempdir().unwrap();
-    let files = dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
-    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
-    let ca = DeviceCa::load(&files.ca_cert, &files.ca_key, 30).unwrap();
-    Hub::new(state, ca, ADMIN_TOKEN, &Limits::default())
-}
-
-impl Drop for TestHub {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
