@@ -1,7 +1,7 @@
 //! A real hub on loopback TLS with a development CA and synthetic NDJSON, and a test
 //! device that speaks the sync protocol over HTTPS with its enrolled certificate.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -295,20 +295,5 @@ pub static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Run the FHIR validator script on NDJSON files: (passed, output).
 pub fn validate(files: &[PathBuf]) -> (bool, String) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../synth/scripts/validate_fhir.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(files)
-        .output()
-        .expect("python3 is needed for the FHIR validator (.ci/run installs fhir.resources)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !text.contains("ModuleNotFoundError"),
-        "fhir.resources is not installed: pip install 'fhir.resources>=8' ({text})"
-    );
-    (out.status.success(), text)
+    carecache_synth::fhir::validate(files)
 }

@@ -411,3 +411,30 @@ fn consent(pid: &str, recorded_at: Timestamp, withdrawn: bool) -> Value {
         },
     })
 }
+
+/// Test support: validates NDJSON `files` (each named after its resource type, e.g.
+/// `AuditEvent.ndjson`) with `fhir.resources` through `scripts/validate_fhir.py`. Returns
+/// whether all are valid and the validator's report (never the resources). Panics if
+/// python3 or `fhir.resources` is missing: the test environment is broken.
+#[allow(
+    clippy::expect_used,
+    reason = "test support: no validator is a broken environment"
+)]
+pub fn validate(files: &[std::path::PathBuf]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/validate_fhir.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(files)
+        .output()
+        .expect("python3 is needed for the FHIR validator (.ci/run installs fhir.resources)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("ModuleNotFoundError"),
+        "fhir.resources is not installed: pip install 'fhir.resources>=8' ({text})"
+    );
+    (out.status.success(), text)
+}
