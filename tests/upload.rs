@@ -572,3 +572,147 @@ fn the_daemon_uploads_on_its_own_schedule_and_the_audit_commands_read_the_rest()
     crate::api_harness::validate_fhir(tmp.path(), &events);
     drop(closed);
 }
+
+/// A hostile or broken hub's answers to an upload: each is refused with its reason and
+/// nothing leaves the device that the hub did not acknowledge for what was sent.
+#[test]
+fn hostile_hub_answers_to_an_upload_drop_nothing_unacknowledged() {
+    use sync_protocol::message::{AuditAck, MessageKind};
+    use sync_protocol::{Compression, Message, decode_with_limit, encode};
+
+    let hub = TestHub::start(20, 86);
+    let dev = Dev::with_config(&hub, |t| format!("{t}[audit]\nupload_chunk = 5\n"));
+    dev.device.enrol(&hub.token()).unwrap();
+    dev.sync().unwrap();
+    let patients = shareable(&hub, 3);
+    let write = |n: u64| {
+        for i in 0..n {
+            dev.device
+                .audit_blocking(access(patients[i as usize % patients.len()], i))
+                .unwrap();
+        }
+    };
+    let held = || dev.device.store().stats().unwrap().audit_entries;
+    let acked = || dev.device.store().audit_acked().unwrap().seq;
+    let answer = |route: &'static str, make: Arc<dyn Fn(Message) -> Vec<u8> + Send + Sync>| {
+        hub.hub
+            .dangerous_set_response_hook(Some(Arc::new(move |r: &str, bytes: &[u8]| {
+                if r != route {
+                    return Tamper::Pass;
+                }
+                let msg = decode_with_limit(bytes, MessageKind::Batch.max_payload()).unwrap();
+                Tamper::Replace(make(msg))
+            })));
+    };
+    let frame = |m: &Message| encode(m, Compression::None).unwrap();
+    write(12);
+    let before = (held(), acked());
+    assert_eq!(before.0, 12);
+
+    // Not a frame at all.
+    answer("audit", Arc::new(|_| b"garbage, not a frame".to_vec()));
+    let err = dev.device.upload_audit().unwrap_err();
+    assert!(matches!(err, DeviceError::Transport(_)), "{err}");
+    assert_eq!((held(), acked()), before);
+
+    // Another kind of message.
+    answer(
+        "audit",
+        Arc::new(move |_| {
+            frame(&Message::Pull(sync_protocol::message::Pull {
+                cursor: None,
+                max_bytes: 1 << 20,
+            }))
+        }),
+    );
+    let err = dev.device.upload_audit().unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            DeviceError::Sync(carecache::sync::SyncError::Unexpected { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!((held(), acked()), before);
+
+    // An acknowledgement of nothing new.
+    let same = before.1;
+    answer(
+        "audit",
+        Arc::new(move |_| {
+            frame(&Message::AuditAck(AuditAck {
+                durable_through: same,
+            }))
+        }),
+    );
+    let err = dev.device.upload_audit().unwrap_err();
+    assert!(
+        matches!(&err, DeviceError::Upload(UploadError::NoProgress(s)) if *s == same),
+        "{err}"
+    );
+    assert_eq!((held(), acked()), before);
+
+    // Honest again: everything goes.
+    hub.hub.dangerous_set_response_hook(None);
+    dev.device.upload_audit().unwrap();
+    let up = acked();
+    assert_eq!((held(), up), (0, before.1 + 12));
+
+    // A hub restored from an older copy: its welcome holds less than it acknowledged.
+    write(3);
+    answer(
+        "hello",
+        Arc::new(move |m| {
+            let Message::Welcome(mut w) = m else {
+                panic!("{m:?}")
+            };
+            w.audit_durable_through = up - 2;
+            frame(&Message::Welcome(w))
+        }),
+    );
+    let err = dev.device.upload_audit().unwrap_err();
+    assert!(
+        matches!(&err, DeviceError::Upload(UploadError::HubBehind { hub, acked }) if *hub == up - 2 && *acked == up),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("entries {} to {up} are missing", up - 1)),
+        "{err}"
+    );
+    assert_eq!((held(), acked()), (3, up));
+    // … or its acknowledgement does.
+    answer(
+        "audit",
+        Arc::new(move |_| {
+            frame(&Message::AuditAck(AuditAck {
+                durable_through: up - 1,
+            }))
+        }),
+    );
+    let err = dev.device.upload_audit().unwrap_err();
+    assert!(
+        matches!(&err, DeviceError::Upload(UploadError::HubBehind { .. })),
+        "{err}"
+    );
+    assert_eq!((held(), acked()), (3, up));
+
+    // An acknowledgement beyond what was sent drops only what was sent.
+    answer(
+        "audit",
+        Arc::new(move |_| {
+            frame(&Message::AuditAck(AuditAck {
+                durable_through: up + 1_000,
+            }))
+        }),
+    );
+    dev.device.upload_audit().unwrap();
+    let head = dev.device.store().audit_head().unwrap().seq;
+    assert_eq!((held(), acked()), (0, head));
+    assert_eq!(head, up + 3, "uploads write no entries of their own");
+    let status = dev.device.status().unwrap();
+    assert!(matches!(
+        status.audit_upload.map(|u| u.outcome),
+        Some(Outcome::Ok)
+    ));
+}
