@@ -47,28 +47,7 @@ pub fn enrol(config_path: &Path, token: &str) -> anyhow::Result<()> {
 pub fn sync(config_path: &Path, stats: bool) -> anyhow::Result<()> {
     let device = open(config_path, Arc::new(SystemClock::new()))?;
     let started = std::time::Instant::now();
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {wide_msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let result = device.sync_once(&mut |s| {
-        let expected: usize = device
-            .policy()
-            .leases()
-            .iter()
-            .map(|l| l.patients.len())
-            .sum();
-        bar.set_message(format!(
-            "{} / {} patients, {:.1} MB, {} batches",
-            s.upserts,
-            expected,
-            s.bytes as f64 / 1e6,
-            s.batches
-        ));
-    });
-    bar.finish_and_clear();
+    let result = sync_with_progress(&device);
     match result {
         Ok(s) => {
             println!(
@@ -96,6 +75,34 @@ pub fn sync(config_path: &Path, stats: bool) -> anyhow::Result<()> {
     }
 }
 
+/// One sync round with a progress line (patients received of those leased, megabytes,
+/// batches); the line is drawn only on a terminal.
+pub fn sync_with_progress(device: &Device) -> Result<crate::sync::Summary, DeviceError> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let result = device.sync_once(&mut |s| {
+        let expected: usize = device
+            .policy()
+            .leases()
+            .iter()
+            .map(|l| l.patients.len())
+            .sum();
+        bar.set_message(format!(
+            "{} / {} patients, {:.1} MB, {} batches",
+            s.upserts,
+            expected,
+            s.bytes as f64 / 1e6,
+            s.batches
+        ));
+    });
+    bar.finish_and_clear();
+    result
+}
+
 /// `carecache status`.
 pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
     let device = open(config_path, Arc::new(SystemClock::new()))?;
@@ -109,15 +116,45 @@ pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 /// `carecache serve`: the local API, the policy tick and the sync loop, until SIGINT or
-/// SIGTERM.
+/// SIGTERM. Under systemd (`Type=notify`) it says `READY=1` once the API listens and
+/// `STOPPING=1` when asked to stop.
 pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     let clock = Arc::new(SystemClock::new());
     let device = Arc::new(open(config_path, clock.clone())?);
+    let stop = stop_on_signals()?;
+    let result = run(device, clock, &stop, |_| {
+        notify(&[sd_notify::NotifyState::Ready])
+    });
+    notify(&[sd_notify::NotifyState::Stopping]);
+    result
+}
+
+/// A flag set by SIGINT or SIGTERM.
+pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
+    Ok(stop)
+}
+
+/// Tells the service manager, if one is listening (`$NOTIFY_SOCKET`); otherwise nothing.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::warn!(error = %e, "telling the service manager failed");
+    }
+}
+
+/// Runs an opened device — the local API, the audit uploader, the policy tick and the
+/// sync loop — until `stop` is set or the hub revokes it. `ready` is called once the API
+/// listens, with its TCP address if it has one.
+pub fn run(
+    device: Arc<Device>,
+    clock: Arc<dyn Clock>,
+    stop: &Arc<AtomicBool>,
+    ready: impl FnOnce(Option<std::net::SocketAddr>),
+) -> anyhow::Result<()> {
     device
         .audit_blocking(AuditEvent::Key(KeyEvent::Unlocked))
         .context(
@@ -130,8 +167,12 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let listeners = rt.block_on(bind(&device.config().api))?;
+    let tcp = listeners.iter().find_map(|l| match l {
+        crate::api::Listener::Tcp(t) => t.local_addr().ok(),
+        crate::api::Listener::Unix(..) => None,
+    });
     let api = crate::api::Api::new(Arc::clone(&device));
-    let stopping = Arc::clone(&stop);
+    let stopping = Arc::clone(stop);
     let server = rt.spawn(crate::api::serve(api, listeners, async move {
         while !stopping.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -139,13 +180,14 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     }));
     tracing::info!(hub = %device.config().hub.url, "serving");
     let uploader = {
-        let (device, clock, stop) = (Arc::clone(&device), Arc::clone(&clock), Arc::clone(&stop));
+        let (device, clock, stop) = (Arc::clone(&device), Arc::clone(&clock), Arc::clone(stop));
         std::thread::Builder::new()
             .name("audit-upload".into())
             .spawn(move || upload_loop(&device, clock.as_ref(), &stop))
             .context("starting the audit uploader")?
     };
-    let result = run_loop(&device, clock.as_ref(), &stop);
+    ready(tcp);
+    let result = run_loop(&device, clock.as_ref(), stop);
     stop.store(true, Ordering::SeqCst);
     if uploader.join().is_err() {
         tracing::error!("the audit uploader panicked");

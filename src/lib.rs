@@ -14,7 +14,8 @@
 //! - [`sync`] and [`transport`]: the sync engine (sans-IO) and its one network door.
 //! - [`device`]: the device's operations (enrol, sync, tick, status, clients).
 //! - [`audit`]: the durable, hash-chained audit log with group commit.
-//! - [`api`]: the local HTTP endpoint (FHIR R4, plain JSON, status, metrics).
+//! - [`api`]: the local HTTP endpoint (FHIR R4, plain JSON, viewer page, status, metrics).
+//! - `demo` (feature `demo`, default): hub, synthetic data and daemon in one command.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -26,6 +27,8 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod device;
 pub mod fhir;
 pub mod keysource;

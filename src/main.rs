@@ -19,6 +19,24 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Run the whole system on this machine: a hub with synthetic patients, this daemon
+    /// on loopback TLS, a caseload and a client token; prints the viewer URL and curl
+    /// commands. Ctrl-C stops it and removes its data.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// Synthetic patients to generate (test-range NHS numbers).
+        #[arg(long, default_value_t = 2000)]
+        patients: usize,
+        /// Seed of the synthetic data: the same seed gives the same people.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Local API port on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 8780)]
+        port: u16,
+        /// Stop as soon as everything is ready (scripts, CI).
+        #[arg(long)]
+        exit_after_ready: bool,
+    },
     /// Check an NHS number (format and Modulus 11) and print it in 3-3-4 form.
     CheckNhsNumber {
         /// Ten digits; spaces and hyphens are ignored.
@@ -190,6 +208,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync { config, stats } => daemon::sync(&config.config, stats),
         Command::Status { config, json } => daemon::status(&config.config, json),
         Command::Serve { config } => daemon::serve(&config.config),
+        #[cfg(feature = "demo")]
+        Command::Demo {
+            patients,
+            seed,
+            port,
+            exit_after_ready,
+        } => carecache::demo::run(&carecache::demo::Options {
+            patients,
+            seed,
+            port,
+            exit_after_ready,
+        }),
         Command::Audit { config, action } => daemon::audit(
             &config.config,
             match action {

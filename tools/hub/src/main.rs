@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use carecache_hub::config::{Config, SourceConfig};
-use carecache_hub::pki::{DeviceCa, dev_ca, pem_certs};
-use carecache_hub::server::{Hub, serve, system_clock, tls_config};
+use carecache_hub::pki::{DeviceCa, dev_ca};
+use carecache_hub::server::{Hub, serve, system_clock, tls_from_files};
 use carecache_hub::sharing::{DEFAULT_DENY_LABELS, SharingRules};
 use carecache_hub::source::{FhirRest, ingest_ndjson};
 use carecache_hub::state::HubState;
@@ -271,14 +271,8 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
         &config.tls.ca_key,
         config.tls.device_cert_days,
     )?;
-    let ca_pem = std::fs::read_to_string(&config.tls.ca_cert)?;
-    let chain = pem_certs(&std::fs::read_to_string(&config.tls.cert)?);
-    let key = {
-        use rustls::pki_types::pem::PemObject;
-        rustls::pki_types::PrivateKeyDer::from_pem_file(&config.tls.key)
-            .with_context(|| format!("reading the hub key {}", config.tls.key.display()))?
-    };
-    let tls = tls_config(&pem_certs(&ca_pem), chain, key).map_err(anyhow::Error::msg)?;
+    let tls = tls_from_files(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
+        .map_err(anyhow::Error::msg)?;
     let hub = Arc::new(Hub::new(state, ca, &token, &config.limits));
 
     let source = config.source.clone();

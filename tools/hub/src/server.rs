@@ -219,6 +219,97 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
+/// [`tls_config`] from PEM files: the CA that signs device certificates, the hub's
+/// certificate chain and its key.
+pub fn tls_from_files(
+    ca_cert: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))
+    };
+    let ca = crate::pki::pem_certs(&read(ca_cert)?);
+    let chain = crate::pki::pem_certs(&read(cert)?);
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("reading the hub key {}: {e}", key.display()))?;
+    tls_config(&ca, chain, key)
+}
+
+/// A hub served on a thread of its own (with its own runtime) until stopped or dropped:
+/// for the demo and for tests, which run a hub beside a device in one process.
+pub struct Background {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Background")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Background {
+    /// Binds `bind` (port 0: any free port) and serves `hub` there.
+    pub fn start(
+        hub: Arc<Hub>,
+        bind: SocketAddr,
+        tls: Arc<ServerConfig>,
+        header_timeout: Duration,
+    ) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("hub")
+            .enable_all()
+            .build()?;
+        let listener = rt.block_on(TcpListener::bind(bind))?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("hub".into())
+            .spawn(move || {
+                let served = rt.block_on(serve(hub, listener, tls, header_timeout, async {
+                    let _ = rx.await;
+                }));
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the hub stopped with an error");
+                }
+            })?;
+        Ok(Self {
+            addr,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and waits for the connections in flight (also on drop).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the hub thread panicked");
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The client certificate of a connection, if one was presented and verified.
 #[derive(Clone, Debug)]
 struct Peer {

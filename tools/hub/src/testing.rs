@@ -21,8 +21,8 @@ use sync_protocol::record::{PatientRecord, Section};
 use sync_protocol::types::{RecordVersion, Timestamp};
 
 use crate::config::Limits;
-use crate::pki::{DeviceCa, dev_ca, pem_certs};
-use crate::server::{Hub, serve, tls_config};
+use crate::pki::{DeviceCa, dev_ca};
+use crate::server::{Background, Hub, tls_from_files};
 use crate::sharing::SharingRules;
 use crate::source::ingest_ndjson;
 use crate::state::HubState;
@@ -35,7 +35,7 @@ pub const T0: u64 = 1_795_507_200_000;
 /// A hub serving on 127.0.0.1:0 until dropped.
 pub struct TestHub {
     /// First, so that it stops before the rest (the database, the files) drops.
-    server: Server,
+    server: Background,
     /// Where it listens.
     pub addr: SocketAddr,
     /// The hub (state, hooks).
@@ -50,29 +50,6 @@ pub struct TestHub {
     pub patients: Vec<SourcePatient>,
     limits: Limits,
     clock: Arc<AtomicU64>,
-}
-
-/// The serving thread; stopped on drop.
-struct Server {
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Server {
-    fn stop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 impl std::fmt::Debug for TestHub {
@@ -125,34 +102,15 @@ impl TestHub {
                 Timestamp::from_millis(c2.load(Ordering::SeqCst)).unwrap()
             })),
         );
-        let tls = {
-            use rustls::pki_types::pem::PemObject;
-            let chain = pem_certs(&std::fs::read_to_string(pki.join("hub.pem")).unwrap());
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.join("hub.key")).unwrap();
-            tls_config(&pem_certs(&ca_pem), chain, key).unwrap()
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let h2 = hub.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-                    .await
-                    .unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                serve(h2, listener, tls, Duration::from_secs(5), async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-            });
-        });
-        let addr = addr_rx.recv().unwrap();
+        let tls = tls_from_files(&ca_file, &pki.join("hub.pem"), &pki.join("hub.key")).unwrap();
+        let server = Background::start(
+            hub.clone(),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            tls,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let addr = server.addr();
         Self {
             addr,
             hub,
@@ -162,10 +120,7 @@ impl TestHub {
             patients,
             limits: limits.clone(),
             clock,
-            server: Server {
-                shutdown: Some(tx),
-                thread: Some(thread),
-            },
+            server,
         }
     }
 
