@@ -22,7 +22,7 @@ const NHS_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 
 /// Which error shape a route answers with.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(super) enum Format {
     Fhir,
     Json,
 }
@@ -104,6 +104,17 @@ fn issue_code(status: StatusCode) -> &'static str {
     }
 }
 
+/// What a refusal said, kept on the response for the viewer page to explain.
+#[derive(Clone, Debug)]
+pub(super) struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+}
+
+/// What a patient route rendered, kept on the response for the viewer page.
+#[derive(Clone, Debug)]
+pub(super) struct Rendered(pub Value);
+
 fn error(
     format: Format,
     status: StatusCode,
@@ -138,6 +149,10 @@ fn error(
         res.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
+    res.extensions_mut().insert(ErrorInfo {
+        code: code.to_owned(),
+        message: message.to_owned(),
+    });
     res
 }
 
@@ -260,7 +275,7 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 /// Authenticates the client; an auth failure is audited before the 401 leaves.
-async fn authenticate(
+pub(super) async fn authenticate(
     api: &Api,
     h: &HeaderMap,
     rid: u64,
@@ -659,6 +674,25 @@ pub(super) async fn json_summary(
     .await
 }
 
+/// The viewer's patient page: the `/v1/patients/{nhs}` pipeline and body, the body also
+/// kept on the response ([`Rendered`]) for the page to be drawn from.
+pub(super) async fn viewer_summary(api: &Api, h: &HeaderMap, nhs: &str) -> Response {
+    patient_access(
+        api,
+        h,
+        Format::Json,
+        AuditAction::ReadSummary,
+        parse_nhs(nhs),
+        Box::new(|s, f, rid| {
+            let body = render::json_summary(s, f, rid);
+            let mut res = axum::Json(&body).into_response();
+            res.extensions_mut().insert(Rendered(body));
+            Ok((res, render::shown_all(s)))
+        }),
+    )
+    .await
+}
+
 /// Most rows per page of `GET /v1/patients`.
 const PAGE_MAX: usize = sync_protocol::audit::MAX_LISTED;
 
@@ -669,15 +703,20 @@ pub(super) async fn json_list(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
+    list(&api, &h, q.as_deref()).await
+}
+
+/// The caseload pipeline; the body is also kept on the response ([`Rendered`]).
+pub(super) async fn list(api: &Api, h: &HeaderMap, q: Option<&str>) -> Response {
     let rid = api.next_request_id();
-    let client = match authenticate(&api, &h, rid, Format::Json).await {
+    let client = match authenticate(api, h, rid, Format::Json).await {
         Ok(c) => c,
         Err(res) => return res,
     };
-    let caller = Caller::read(&h, client);
+    let caller = Caller::read(h, client);
     let mut access = caller.access(rid, AuditAction::ListCaseload);
-    let outcome = list_page(&api, &caller, &mut access, q.as_deref());
-    finish(&api, Format::Json, access, outcome).await
+    let outcome = list_page(api, &caller, &mut access, q);
+    finish(api, Format::Json, access, outcome).await
 }
 
 fn list_page(
@@ -740,7 +779,9 @@ fn list_page(
         "freshness": api.freshness().json(),
         "request_id": access.request_id.to_string(),
     });
-    Ok(axum::Json(body).into_response())
+    let mut res = axum::Json(&body).into_response();
+    res.extensions_mut().insert(Rendered(body));
+    Ok(res)
 }
 
 pub(super) async fn not_found(uri: axum::http::Uri) -> Response {

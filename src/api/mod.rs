@@ -14,6 +14,7 @@
 
 mod access;
 pub mod render;
+pub mod viewer;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -62,6 +63,7 @@ pub struct Api {
     request_base: u64,
     request_seq: AtomicU64,
     started: Instant,
+    sessions: viewer::Sessions,
 }
 
 impl std::fmt::Debug for Api {
@@ -82,6 +84,7 @@ impl Api {
             request_base: u64::from(u32::from_le_bytes(b)) << 32,
             request_seq: AtomicU64::new(1),
             started: Instant::now(),
+            sessions: viewer::Sessions::default(),
         })
     }
 
@@ -125,6 +128,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/patients/{nhs}", get(access::json_summary))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/", get(viewer::home))
+        .route("/find", get(viewer::find))
+        .route("/patient/{nhs}", get(viewer::patient))
+        .route("/sign-in", post(viewer::sign_in))
+        .route("/sign-out", post(viewer::sign_out))
         .fallback(access::not_found)
         .method_not_allowed_fallback(access::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -137,15 +145,22 @@ pub fn router(api: Arc<Api>) -> Router {
         .with_state(api)
 }
 
-/// Refuses bodies (every route is a GET) and times requests out.
+/// Refuses bodies (every route but the viewer's sign-in form is a GET) and times
+/// requests out.
 async fn limit(req: Request, next: Next, timeout: Duration) -> Response {
-    let has_body = req
+    let length = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim() != "0")
-        || req.headers().contains_key(header::TRANSFER_ENCODING);
-    if has_body {
+        .map(|v| v.trim().parse::<usize>().unwrap_or(usize::MAX));
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    let form = req.method() == axum::http::Method::POST && req.uri().path() == "/sign-in";
+    let refused = if form {
+        chunked || length.is_some_and(|n| n > viewer::MAX_FORM_BYTES)
+    } else {
+        chunked || length.is_some_and(|n| n != 0)
+    };
+    if refused {
         return (
             StatusCode::PAYLOAD_TOO_LARGE,
             "this API takes no request bodies\n",
@@ -217,6 +232,7 @@ fn route_label(path: &str) -> &'static str {
         "/v1/patients/{nhs}" => "v1_patient",
         "/status" => "status",
         "/metrics" => "metrics",
+        "/" | "/find" | "/patient/{nhs}" | "/sign-in" | "/sign-out" => "viewer",
         _ => "other",
     }
 }

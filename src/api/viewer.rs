@@ -1,0 +1,1005 @@
+//! The viewer page (`GET /`): server-rendered HTML for a crew member at a tablet or a
+//! nurse at a laptop — no script, no external asset, works with no network. Sign in once
+//! per browser session with a client token and a staff id; pick a patient from the
+//! caseload (or type an NHS number); see the banner, **alerts first**, then allergies,
+//! medications and key contacts; freshness and access expiry always on screen; every
+//! refusal explained in words.
+//!
+//! Every page that shows a patient goes through the same audited pipeline as the JSON
+//! API (`/v1/patients`, `/v1/patients/{nhs}`): the session only supplies the headers a
+//! client would send. Sessions live in memory (a daemon restart signs everyone out),
+//! expire after [`IDLE`] without use or [`LIFETIME`] in all, and the cookie is
+//! `HttpOnly; SameSite=Strict` with no expiry (it ends with the browser session). Pages
+//! are `no-store`, so nothing of a patient is left in the browser's cache.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sync_protocol::types::StaffId;
+use zeroize::Zeroizing;
+
+use super::access::{self, ErrorInfo, Rendered};
+use super::{Api, headers};
+
+/// A session ends after this long without a page.
+pub const IDLE: Duration = Duration::from_secs(30 * 60);
+/// A session ends this long after sign-in, used or not (a shift).
+pub const LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// Sessions held at once; signing in beyond this ends the least recently used.
+const MAX_SESSIONS: usize = 256;
+/// Largest sign-in form accepted.
+pub const MAX_FORM_BYTES: usize = 4096;
+/// Rows per caseload page.
+const PAGE_ROWS: usize = 50;
+const COOKIE: &str = "carecache_session";
+
+/// A signed-in browser: what it sends as a client would.
+struct Session {
+    token: Zeroizing<String>,
+    user: StaffId,
+    started: Instant,
+    last_used: Instant,
+}
+
+/// The signed-in browsers, by SHA-256 of their cookie.
+#[derive(Default)]
+pub(super) struct Sessions(Mutex<HashMap<[u8; 32], Session>>);
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").finish_non_exhaustive()
+    }
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts a session; returns its cookie value.
+    fn start(&self, token: Zeroizing<String>, user: StaffId) -> Option<String> {
+        let mut id = [0u8; 32];
+        getrandom::fill(&mut id).ok()?;
+        let cookie = hex::encode(id);
+        let now = Instant::now();
+        let mut map = self.lock();
+        map.retain(|_, s| live(s, now));
+        if map.len() >= MAX_SESSIONS
+            && let Some(oldest) = map.iter().min_by_key(|(_, s)| s.last_used).map(|(k, _)| *k)
+        {
+            map.remove(&oldest);
+        }
+        map.insert(
+            Sha256::digest(cookie.as_bytes()).into(),
+            Session {
+                token,
+                user,
+                started: now,
+                last_used: now,
+            },
+        );
+        Some(cookie)
+    }
+
+    /// The session of this request's cookie, touched; `None` if absent or expired.
+    fn find(&self, h: &HeaderMap) -> Option<(Zeroizing<String>, StaffId)> {
+        let key: [u8; 32] = Sha256::digest(cookie(h)?.as_bytes()).into();
+        let now = Instant::now();
+        let mut map = self.lock();
+        let s = map.get_mut(&key)?;
+        if !live(s, now) {
+            map.remove(&key);
+            return None;
+        }
+        s.last_used = now;
+        Some((s.token.clone(), s.user.clone()))
+    }
+
+    fn end(&self, h: &HeaderMap) {
+        if let Some(c) = cookie(h) {
+            let key: [u8; 32] = Sha256::digest(c.as_bytes()).into();
+            self.lock().remove(&key);
+        }
+    }
+}
+
+fn live(s: &Session, now: Instant) -> bool {
+    now.duration_since(s.last_used) < IDLE && now.duration_since(s.started) < LIFETIME
+}
+
+fn cookie(h: &HeaderMap) -> Option<&str> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.trim())
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The headers a client would send for this session.
+fn client_headers(
+    token: &str,
+    user: &StaffId,
+    emergency_reason: Option<&str>,
+) -> Option<HeaderMap> {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).ok()?,
+    );
+    h.insert(headers::USER, HeaderValue::from_str(user.as_str()).ok()?);
+    match emergency_reason {
+        None => {
+            h.insert(headers::PURPOSE, HeaderValue::from_static("TREAT"));
+        }
+        Some(r) => {
+            h.insert(headers::PURPOSE, HeaderValue::from_static("ETREAT"));
+            let encoded =
+                percent_encoding::utf8_percent_encode(r, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string();
+            h.insert(headers::REASON, HeaderValue::from_str(&encoded).ok()?);
+        }
+    }
+    Some(h)
+}
+
+// ---- handlers -----------------------------------------------------------------------
+
+#[derive(Deserialize)]
+pub(super) struct ListQuery {
+    page: Option<usize>,
+}
+
+/// `GET /`: the caseload, or the sign-in form.
+pub(super) async fn home(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let Some((token, user)) = api.sessions.find(&h) else {
+        return sign_in_page(&api, StatusCode::OK, None);
+    };
+    let Some(headers) = client_headers(&token, &user, None) else {
+        return sign_in_page(&api, StatusCode::OK, None);
+    };
+    let page = serde_urlencoded::from_str::<ListQuery>(q.as_deref().unwrap_or(""))
+        .ok()
+        .and_then(|q| q.page)
+        .unwrap_or(0)
+        .min(1_000_000);
+    let query = format!(
+        "_count={PAGE_ROWS}&_offset={}",
+        page.saturating_mul(PAGE_ROWS)
+    );
+    let res = access::list(&api, &headers, Some(&query)).await;
+    let status = res.status();
+    if let Some(Rendered(body)) = res.extensions().get::<Rendered>() {
+        let html = caseload_page(&api, &user, body, page);
+        return page_response(status, html, &res);
+    }
+    refusal_page(&api, &user, None, &res)
+}
+
+/// `GET /find?nhs=`: to the patient's page (the number as typed; the page says if it is
+/// not a valid NHS number).
+pub(super) async fn find(RawQuery(q): RawQuery) -> Response {
+    #[derive(Deserialize)]
+    struct Find {
+        nhs: String,
+    }
+    let typed = serde_urlencoded::from_str::<Find>(q.as_deref().unwrap_or(""))
+        .map(|f| f.nhs)
+        .unwrap_or_default();
+    let digits: String = typed.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
+    let target = format!(
+        "/patient/{}",
+        percent_encoding::utf8_percent_encode(&digits, percent_encoding::NON_ALPHANUMERIC)
+    );
+    see_other(&target, None)
+}
+
+#[derive(Deserialize)]
+pub(super) struct PatientQuery {
+    reason: Option<String>,
+}
+
+/// `GET /patient/{nhs}` (with `?reason=` for emergency access).
+pub(super) async fn patient(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    Path(nhs): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let Some((token, user)) = api.sessions.find(&h) else {
+        return sign_in_page(
+            &api,
+            StatusCode::UNAUTHORIZED,
+            Some("Please sign in to see patient records."),
+        );
+    };
+    let reason = serde_urlencoded::from_str::<PatientQuery>(q.as_deref().unwrap_or(""))
+        .ok()
+        .and_then(|q| q.reason);
+    let Some(headers) = client_headers(&token, &user, reason.as_deref()) else {
+        return message_page(
+            &api,
+            Some(&user),
+            StatusCode::BAD_REQUEST,
+            "Reason not accepted",
+            "The emergency access reason could not be used; please type it again.",
+        );
+    };
+    let res = access::viewer_summary(&api, &headers, &nhs).await;
+    let status = res.status();
+    if let Some(Rendered(body)) = res.extensions().get::<Rendered>() {
+        let html = patient_page(&api, &user, body);
+        return page_response(status, html, &res);
+    }
+    refusal_page(&api, &user, Some(&nhs), &res)
+}
+
+#[derive(Deserialize)]
+struct SignIn {
+    token: String,
+    user: String,
+}
+
+/// `POST /sign-in` (form: `token`, `user`). The token is checked like any client's (a
+/// wrong one is audited as an authentication failure).
+pub(super) async fn sign_in(State(api): State<Arc<Api>>, req: Request<Body>) -> Response {
+    if !same_origin(req.headers()) {
+        return message_page(
+            &api,
+            None,
+            StatusCode::FORBIDDEN,
+            "Sign-in refused",
+            "The sign-in form must be sent from this page.",
+        );
+    }
+    let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
+        return sign_in_page(
+            &api,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some("The form was too large."),
+        );
+    };
+    let Ok(form) = serde_urlencoded::from_bytes::<SignIn>(&bytes) else {
+        return sign_in_page(
+            &api,
+            StatusCode::BAD_REQUEST,
+            Some("Enter both the client token and your staff id."),
+        );
+    };
+    let Ok(user) = StaffId::new(form.user.trim()) else {
+        return sign_in_page(
+            &api,
+            StatusCode::BAD_REQUEST,
+            Some("The staff id must be 1–32 letters, digits, '-', '.' or '_'."),
+        );
+    };
+    let token = Zeroizing::new(form.token.trim().to_owned());
+    let Some(h) = client_headers(&token, &user, None) else {
+        return sign_in_page(
+            &api,
+            StatusCode::UNAUTHORIZED,
+            Some("That client token is not recognised."),
+        );
+    };
+    let rid = api.next_request_id();
+    if let Err(res) = access::authenticate(&api, &h, rid, access::Format::Json).await {
+        let why = res
+            .extensions()
+            .get::<ErrorInfo>()
+            .map_or_else(|| "Sign-in failed.".to_owned(), |e| sentence(&e.message));
+        return sign_in_page(&api, res.status(), Some(&why));
+    }
+    match api.sessions.start(token, user) {
+        Some(cookie) => see_other(
+            "/",
+            Some(&format!(
+                "{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict"
+            )),
+        ),
+        None => message_page(
+            &api,
+            None,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in failed",
+            "No randomness for a session; try again.",
+        ),
+    }
+}
+
+/// `POST /sign-out`.
+pub(super) async fn sign_out(State(api): State<Arc<Api>>, h: HeaderMap) -> Response {
+    if same_origin(&h) {
+        api.sessions.end(&h);
+    }
+    see_other(
+        "/",
+        Some(&format!(
+            "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
+        )),
+    )
+}
+
+/// A form post from another site is refused: the `Origin` (when the browser sends one)
+/// must name this host.
+fn same_origin(h: &HeaderMap) -> bool {
+    let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|o| o == host)
+}
+
+fn see_other(to: &str, cookie: Option<&str>) -> Response {
+    let mut res = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(c).ok()) {
+        res.headers_mut().insert(header::SET_COOKIE, c);
+    }
+    res
+}
+
+// ---- pages ------------------------------------------------------------------------
+
+/// The HTML answer, keeping the pipeline's request id.
+fn page_response(status: StatusCode, html: String, from: &Response) -> Response {
+    let mut res = html_response(status, html);
+    if let Some(v) = from.headers().get(headers::REQUEST_ID) {
+        res.headers_mut().insert(headers::REQUEST_ID, v.clone());
+    }
+    res
+}
+
+fn html_response(status: StatusCode, html: String) -> Response {
+    let mut res = (status, html).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    res
+}
+
+/// Escapes text for HTML element content and quoted attributes.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+/// "1948-03-02" → "02-Mar-1948" (the NHS display format); anything else as it is.
+pub fn nhs_date(iso: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let mut parts = iso.get(..10).unwrap_or(iso).split('-');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(y), Some(m), Some(d)) if y.len() == 4 && d.len() == 2 => m
+            .parse::<usize>()
+            .ok()
+            .and_then(|m| MONTHS.get(m.checked_sub(1)?))
+            .map_or_else(|| iso.to_owned(), |mon| format!("{d}-{mon}-{y}")),
+        _ => iso.to_owned(),
+    }
+}
+
+/// An RFC 3339 instant as "02-Mar-2026 14:05 UTC".
+fn when(rfc3339: &str) -> String {
+    match (rfc3339.get(..10), rfc3339.get(11..16)) {
+        (Some(d), Some(t)) => format!("{} {t} UTC", nhs_date(d)),
+        _ => rfc3339.to_owned(),
+    }
+}
+
+fn sentence(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => format!("{}{}.", f.to_uppercase(), c.as_str().trim_end_matches('.')),
+        None => String::new(),
+    }
+}
+
+const STYLE: &str = r"
+*{box-sizing:border-box}
+body{margin:0;font:20px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,Arial,sans-serif;background:#fff;color:#000}
+header.bar{background:#002a5c;color:#fff;padding:.5rem 1rem;display:flex;flex-wrap:wrap;gap:.5rem 1.5rem;align-items:center}
+header.bar a,header.bar button{color:#fff}
+header.bar .brand{font-weight:700;font-size:1.1rem;text-decoration:none}
+header.bar form{margin:0 0 0 auto}
+header.bar button{background:none;border:2px solid #fff;border-radius:6px;font:inherit;padding:.2rem .8rem;cursor:pointer}
+.fresh{padding:.5rem 1rem;font-weight:600;border-bottom:3px solid #000}
+.fresh.ok{background:#e8f4ea}
+.fresh.stale{background:#ffd200}
+main{padding:1rem;max-width:60rem}
+h1{font-size:1.6rem;margin:.5rem 0}
+h2{font-size:1.35rem;margin:1.5rem 0 .5rem;border-bottom:3px solid #000;padding-bottom:.2rem}
+.banner{border:3px solid #000;border-radius:8px;padding:.7rem 1rem;background:#f3f3f3}
+.banner .name{font-size:1.7rem;font-weight:800}
+.banner dl{display:flex;flex-wrap:wrap;gap:.2rem 2rem;margin:.3rem 0 0}
+.banner dt{font-weight:400}.banner dd{margin:0;font-weight:800;font-size:1.25rem}
+section.alerts{border:4px solid #b00020;border-radius:8px;padding:.5rem 1rem 1rem;margin-top:1rem}
+section.alerts h2{color:#b00020;border-color:#b00020;margin-top:.3rem}
+.alert{border-left:10px solid #000;padding:.4rem .8rem;margin:.6rem 0;background:#fff}
+.alert.high_risk{border-color:#b00020;background:#fde8ea}
+.alert.warning{border-color:#8a5300;background:#fff4d6}
+.alert .sev{font-weight:800;text-transform:uppercase;letter-spacing:.03em}
+.alert .what{font-size:1.25rem;font-weight:700}
+ul.items{list-style:none;padding:0;margin:0}
+ul.items li{border-bottom:1px solid #777;padding:.5rem 0}
+.item{font-weight:700}
+.meta{color:#333;font-size:.9rem}
+.state{font-style:italic;padding:.4rem .6rem;border:2px dashed #000;display:inline-block}
+.withheld,.emergency{border:3px solid #000;padding:.6rem 1rem;margin:1rem 0;font-weight:700;background:#ffd200}
+.refusal{border:4px solid #000;border-radius:8px;padding:1rem;background:#f3f3f3}
+.refusal h1{margin-top:0}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.55rem .4rem;border-bottom:1px solid #777;vertical-align:top}
+td a{font-weight:700;color:#002a5c}
+.badge{display:inline-block;background:#b00020;color:#fff;font-weight:800;border-radius:4px;padding:0 .4rem}
+label{display:block;font-weight:700;margin:.8rem 0 .2rem}
+input{font:inherit;padding:.5rem;border:2px solid #000;border-radius:6px;width:100%;max-width:32rem}
+button.go{font:inherit;font-weight:700;margin-top:1rem;padding:.6rem 1.4rem;border:0;border-radius:6px;background:#002a5c;color:#fff;cursor:pointer}
+button.danger{background:#b00020}
+form.find{display:flex;gap:.5rem;align-items:flex-end;flex-wrap:wrap}
+form.find input{max-width:16rem}
+nav.pages{margin:1rem 0;display:flex;gap:1.5rem}
+a{color:#002a5c}
+:focus{outline:4px solid #ffbf47;outline-offset:2px}
+";
+
+/// The page frame: top bar (device, user, sign out), the freshness strip, then `body`.
+fn frame(api: &Api, title: &str, user: Option<&StaffId>, extra_strip: &str, body: &str) -> String {
+    let f = api.freshness();
+    let label = api.device.config().device_label.clone();
+    let mut out = String::with_capacity(body.len() + 4096);
+    let _ = write!(
+        out,
+        "<!doctype html><html lang=\"en-GB\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <title>{} — carecache</title><style>{STYLE}</style></head><body>\
+         <header class=\"bar\"><a class=\"brand\" href=\"/\">carecache</a><span>{}</span>",
+        esc(title),
+        esc(&label),
+    );
+    if let Some(u) = user {
+        let _ = write!(
+            out,
+            "<span>Signed in as <strong>{}</strong></span>\
+             <form method=\"post\" action=\"/sign-out\"><button type=\"submit\">Sign out</button></form>",
+            esc(u.as_str())
+        );
+    }
+    out.push_str("</header>");
+    let (class, words) = match f.last_sync {
+        Some(t) if f.stale => (
+            "stale",
+            format!(
+                "⚠ Data last updated {} — older than {} minutes; it may be out of date",
+                when(&crate::fhir::instant(t)),
+                f.stale_after_secs / 60
+            ),
+        ),
+        Some(t) => (
+            "ok",
+            format!("Data last updated {}", when(&crate::fhir::instant(t))),
+        ),
+        None => (
+            "stale",
+            "⚠ This device has never synchronised: no data yet".to_owned(),
+        ),
+    };
+    let _ = write!(
+        out,
+        "<div class=\"fresh {class}\" role=\"status\" id=\"freshness\">{}{extra_strip}</div><main>{body}</main></body></html>",
+        esc(&words)
+    );
+    out
+}
+
+fn sign_in_page(api: &Api, status: StatusCode, problem: Option<&str>) -> Response {
+    let mut body = String::from("<h1>Sign in</h1>");
+    if let Some(p) = problem {
+        let _ = write!(body, "<p class=\"refusal\" role=\"alert\">{}</p>", esc(p));
+    }
+    body.push_str(
+        "<p>Sign in once for this browser session with the client token your IT team \
+         issued for this device and your own staff id. Every record you open is audited \
+         under your staff id.</p>\
+         <form method=\"post\" action=\"/sign-in\">\
+         <label for=\"token\">Client token</label>\
+         <input id=\"token\" name=\"token\" type=\"password\" autocomplete=\"off\" required>\
+         <label for=\"user\">Staff id</label>\
+         <input id=\"user\" name=\"user\" autocomplete=\"username\" required maxlength=\"32\">\
+         <button class=\"go\" type=\"submit\">Sign in</button></form>",
+    );
+    html_response(status, frame(api, "Sign in", None, "", &body))
+}
+
+fn message_page(
+    api: &Api,
+    user: Option<&StaffId>,
+    status: StatusCode,
+    title: &str,
+    words: &str,
+) -> Response {
+    let body = format!(
+        "<div class=\"refusal\" role=\"alert\"><h1>{}</h1><p>{}</p><p><a href=\"/\">Back to the caseload</a></p></div>",
+        esc(title),
+        esc(words)
+    );
+    html_response(status, frame(api, title, user, "", &body))
+}
+
+fn find_form() -> &'static str {
+    "<form class=\"find\" method=\"get\" action=\"/find\">\
+     <div><label for=\"nhs\">Find by NHS number</label>\
+     <input id=\"nhs\" name=\"nhs\" inputmode=\"numeric\" autocomplete=\"off\" placeholder=\"999 123 4567\"></div>\
+     <button class=\"go\" type=\"submit\">Open</button></form>"
+}
+
+fn caseload_page(api: &Api, user: &StaffId, body: &Value, page: usize) -> String {
+    let total = body.get("total").and_then(Value::as_u64).unwrap_or(0);
+    let rows = body
+        .get("patients")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let mut out = String::new();
+    out.push_str(find_form());
+    let _ = write!(
+        out,
+        "<h1>Your caseload <span class=\"meta\">({total} patients)</span></h1>"
+    );
+    if rows.is_empty() {
+        out.push_str(
+            "<p class=\"state\">No patients on your caseload on this device now. A lease \
+             may not have started, may have ended, or may not have reached this device \
+             yet (it needs a sync).</p>",
+        );
+    } else {
+        out.push_str(
+            "<table><thead><tr><th>Name</th><th>Born</th><th>NHS number</th><th>Alerts</th><th>Access until</th></tr></thead><tbody>",
+        );
+        for r in rows {
+            let nhs = text(r, "nhs_number");
+            let digits: String = nhs.chars().filter(char::is_ascii_digit).collect();
+            let alerts = r.get("alert_count").and_then(Value::as_u64).unwrap_or(0);
+            let high = r
+                .get("high_risk_alert_count")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let alert_cell = match (alerts, high) {
+                (0, _) => "none".to_owned(),
+                (n, 0) => n.to_string(),
+                (n, h) => format!("{n} <span class=\"badge\">{h} high risk</span>"),
+            };
+            let _ = write!(
+                out,
+                "<tr><td><a href=\"/patient/{digits}\">{}</a></td><td>{}</td><td>{}</td><td>{alert_cell}</td><td>{}</td></tr>",
+                esc(text(r, "name")),
+                esc(&nhs_date(text(r, "birth_date"))),
+                esc(nhs),
+                esc(&when(text(r, "access_until"))),
+            );
+        }
+        out.push_str("</tbody></table>");
+    }
+    let shown_to = page.saturating_mul(PAGE_ROWS).saturating_add(rows.len());
+    out.push_str("<nav class=\"pages\">");
+    if page > 0 {
+        let _ = write!(out, "<a href=\"/?page={}\">← Previous</a>", page - 1);
+    }
+    if (shown_to as u64) < total {
+        let _ = write!(out, "<a href=\"/?page={}\">Next →</a>", page + 1);
+    }
+    out.push_str("</nav>");
+    frame(api, "Caseload", Some(user), "", &out)
+}
+
+fn state_note(section: &Value) -> Option<String> {
+    match text(section, "state") {
+        "entries" => None,
+        _ => Some(format!(
+            "<p class=\"state\">{}</p>",
+            esc(text(section, "message"))
+        )),
+    }
+}
+
+fn items(section: &Value) -> &[Value] {
+    section
+        .get("items")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
+}
+
+fn source_line(item: &Value) -> String {
+    let s = item.get("source").unwrap_or(&Value::Null);
+    format!(
+        "<div class=\"meta\">Source: {}, updated {}</div>",
+        esc(text(s, "organisation")),
+        esc(&nhs_date(text(s, "last_updated")))
+    )
+}
+
+fn patient_page(api: &Api, user: &StaffId, p: &Value) -> String {
+    let mut out = String::with_capacity(8192);
+    let access = p.get("access").unwrap_or(&Value::Null);
+    let until = when(text(access, "until"));
+    let emergency = access
+        .get("emergency")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if emergency {
+        let _ = write!(
+            out,
+            "<div class=\"emergency\" role=\"alert\">Emergency access: this patient is not on your \
+             caseload. This access is recorded with your reason and reviewed.</div>"
+        );
+    }
+    let _ = write!(
+        out,
+        "<div class=\"banner\" id=\"banner\"><div class=\"name\">{}</div><dl>\
+         <div><dt>Born</dt><dd>{}</dd></div><div><dt>NHS number</dt><dd>{}</dd></div>\
+         <div><dt>Gender</dt><dd>{}</dd></div></dl></div>",
+        esc(text(p, "name")),
+        esc(&nhs_date(text(p, "birth_date"))),
+        esc(text(p, "nhs_number")),
+        esc(&sentence(text(p, "sex")).trim_end_matches('.').to_owned()),
+    );
+
+    // Alerts first and prominent.
+    let alerts = p.get("alerts").unwrap_or(&Value::Null);
+    out.push_str("<section class=\"alerts\" id=\"alerts\"><h2>Alerts</h2>");
+    if let Some(n) = state_note(alerts) {
+        out.push_str(&n);
+    }
+    for a in items(alerts) {
+        let sev = text(a, "severity");
+        let _ = write!(
+            out,
+            "<div class=\"alert {}\"><div class=\"sev\">{}</div><div class=\"what\">{}</div><div class=\"meta\">{}{}</div>{}</div>",
+            esc(sev),
+            esc(&sev.replace('_', " ")),
+            esc(text(a, "text")),
+            esc(&sentence(&text(a, "category").replace('_', " "))
+                .trim_end_matches('.')
+                .to_owned()),
+            a.get("start")
+                .and_then(Value::as_str)
+                .map(|s| format!(" · since {}", esc(&nhs_date(s))))
+                .unwrap_or_default(),
+            source_line(a),
+        );
+    }
+    out.push_str("</section>");
+
+    let allergies = p.get("allergies").unwrap_or(&Value::Null);
+    out.push_str("<section id=\"allergies\"><h2>Allergies and adverse reactions</h2>");
+    if let Some(n) = state_note(allergies) {
+        out.push_str(&n);
+    }
+    out.push_str("<ul class=\"items\">");
+    for a in items(allergies) {
+        let reactions: Vec<String> = a
+            .get("reactions")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .map(|r| {
+                let m = r
+                    .get("manifestation")
+                    .and_then(Value::as_str)
+                    .or_else(|| r.get("description").and_then(Value::as_str))
+                    .unwrap_or("reaction");
+                match r.get("severity").and_then(Value::as_str) {
+                    Some(s) => format!("{m} ({s})"),
+                    None => m.to_owned(),
+                }
+            })
+            .collect();
+        let crit = match a.get("criticality").and_then(Value::as_str) {
+            Some("high") => " <span class=\"badge\">high criticality</span>",
+            _ => "",
+        };
+        let _ = write!(
+            out,
+            "<li><div class=\"item\">{}{crit}</div>{}{}{}</li>",
+            esc(text(a, "substance")),
+            if reactions.is_empty() {
+                String::new()
+            } else {
+                format!("<div>Reaction: {}</div>", esc(&reactions.join("; ")))
+            },
+            a.get("note")
+                .and_then(Value::as_str)
+                .map(|n| format!("<div>{}</div>", esc(n)))
+                .unwrap_or_default(),
+            source_line(a),
+        );
+    }
+    out.push_str("</ul></section>");
+
+    let meds = p.get("medications").unwrap_or(&Value::Null);
+    out.push_str("<section id=\"medications\"><h2>Medications</h2>");
+    if let Some(n) = state_note(meds) {
+        out.push_str(&n);
+    }
+    out.push_str("<ul class=\"items\">");
+    for m in items(meds) {
+        let mut details = Vec::new();
+        if let Some(c) = m.get("course").and_then(Value::as_str) {
+            details.push(c.replace('-', " "));
+        }
+        if let Some(d) = m.get("last_issued").and_then(Value::as_str) {
+            details.push(format!("last issued {}", nhs_date(d)));
+        }
+        if m.get("prescribed_elsewhere").and_then(Value::as_bool) == Some(true) {
+            details.push("prescribed elsewhere".to_owned());
+        }
+        let _ = write!(
+            out,
+            "<li><div class=\"item\">{}</div>{}<div class=\"meta\">{}</div>{}</li>",
+            esc(text(m, "medicine")),
+            m.get("dose")
+                .and_then(Value::as_str)
+                .map(|d| format!("<div>{}</div>", esc(d)))
+                .unwrap_or_default(),
+            esc(&details.join(" · ")),
+            source_line(m),
+        );
+    }
+    out.push_str("</ul></section>");
+
+    let contacts = p.get("contacts").unwrap_or(&Value::Null);
+    out.push_str("<section id=\"contacts\"><h2>Key contacts</h2>");
+    if let Some(n) = state_note(contacts) {
+        out.push_str(&n);
+    }
+    out.push_str("<ul class=\"items\">");
+    for c in items(contacts) {
+        let _ = write!(
+            out,
+            "<li><div class=\"item\">{}</div><div>{}{}</div></li>",
+            esc(text(c, "name")),
+            esc(&text(c, "role").replace('_', " ")),
+            [c.get("relationship"), c.get("phone")]
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(|t| format!(" · {}", esc(t)))
+                .collect::<String>(),
+        );
+    }
+    out.push_str("</ul></section>");
+
+    if let Some(w) = p.get("withheld").filter(|w| !w.is_null()) {
+        let _ = write!(
+            out,
+            "<div class=\"withheld\">{}</div>",
+            esc(text(w, "warning"))
+        );
+    }
+    let _ = write!(
+        out,
+        "<p class=\"meta\">Request {} · view: {}</p><p><a href=\"/\">← Back to the caseload</a></p>",
+        esc(text(p, "request_id")),
+        esc(&text(access, "view").replace('_', " ")),
+    );
+    let strip = format!(" · Your access to this record ends {}", esc(&until));
+    frame(api, text(p, "name"), Some(user), &strip, &out)
+}
+
+/// Explains a refusal from the pipeline in words a crew member can act on.
+fn refusal_page(api: &Api, user: &StaffId, nhs: Option<&str>, res: &Response) -> Response {
+    let Some(info) = res.extensions().get::<ErrorInfo>() else {
+        return message_page(
+            api,
+            Some(user),
+            res.status(),
+            "Something went wrong",
+            "The page could not be shown.",
+        );
+    };
+    if res.status() == StatusCode::UNAUTHORIZED {
+        return sign_in_page(
+            api,
+            StatusCode::UNAUTHORIZED,
+            Some(&format!(
+                "{} Please sign in again.",
+                sentence(&info.message)
+            )),
+        );
+    }
+    let (title, explain, emergency_form) = match info.code.as_str() {
+        "not-on-caseload" => (
+            "Not on your caseload",
+            "This patient is not on a caseload leased to you on this device. If you are \
+             treating them now and need their record, you can use emergency access: give \
+             your reason; it is recorded with your staff id and reviewed.",
+            true,
+        ),
+        "objected" => (
+            "Record not available",
+            "This patient's record cannot be shown on this device. Treat the patient as \
+             you would with no record available, and ask them or their carers directly.",
+            false,
+        ),
+        "access-expired" => (
+            "Your access has ended",
+            "The time-boxed access to this record has ended, or this device has been out \
+             of contact with the hub for too long. Connect the device so it can sync; if \
+             you still need access, ask your coordinator to renew the caseload.",
+            false,
+        ),
+        "not-yet-valid" => (
+            "Access not started yet",
+            "The caseload that includes this patient has not started yet.",
+            false,
+        ),
+        "emergency-not-permitted" => (
+            "Emergency access not permitted",
+            "This device does not allow emergency access to this patient.",
+            false,
+        ),
+        "reason-required" => (
+            "A reason is needed",
+            "Emergency access needs a reason (what you are doing for the patient).",
+            true,
+        ),
+        "not-held" => (
+            "No record on this device",
+            "This patient is on your caseload but their record has not reached this \
+             device yet. Connect the device so it can sync.",
+            false,
+        ),
+        "audit-unavailable" => (
+            "Records cannot be shown",
+            "The device cannot write its audit log, so no record is shown. Tell your IT \
+             team; the device status page says why.",
+            false,
+        ),
+        "bad-request" => ("Check the NHS number", "", false),
+        _ => ("Cannot show this record", "", false),
+    };
+    let mut body = format!(
+        "<div class=\"refusal\" role=\"alert\" id=\"refusal\" data-code=\"{}\"><h1>{}</h1>",
+        esc(&info.code),
+        esc(title),
+    );
+    if !info.message.eq_ignore_ascii_case(title) {
+        let _ = write!(
+            body,
+            "<p><strong>{}</strong></p>",
+            esc(&sentence(&info.message))
+        );
+    }
+    if !explain.is_empty() {
+        let _ = write!(body, "<p>{}</p>", esc(explain));
+    }
+    if emergency_form && let Some(n) = nhs {
+        let digits: String = n.chars().filter(char::is_ascii_digit).collect();
+        let _ = write!(
+            body,
+            "<form method=\"get\" action=\"/patient/{digits}\">\
+             <label for=\"reason\">Reason for emergency access</label>\
+             <input id=\"reason\" name=\"reason\" required maxlength=\"500\" autocomplete=\"off\">\
+             <button class=\"go danger\" type=\"submit\">Open with emergency access</button></form>"
+        );
+    }
+    body.push_str("<p><a href=\"/\">← Back to the caseload</a></p></div>");
+    body.push_str(find_form());
+    let mut out = html_response(res.status(), frame(api, title, Some(user), "", &body));
+    if let Some(v) = res.headers().get(headers::REQUEST_ID) {
+        out.headers_mut().insert(headers::REQUEST_ID, v.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_quotes() {
+        assert_eq!(
+            esc(r#"<script>alert("O'Brien & co")</script>"#),
+            "&lt;script&gt;alert(&quot;O&#39;Brien &amp; co&quot;)&lt;/script&gt;"
+        );
+    }
+
+    #[test]
+    fn dates_in_nhs_display_format() {
+        assert_eq!(nhs_date("1948-03-02"), "02-Mar-1948");
+        assert_eq!(nhs_date("2026-12-31T23:59:00Z"), "31-Dec-2026");
+        assert_eq!(nhs_date("1948-13-02"), "1948-13-02");
+        assert_eq!(nhs_date("garbage"), "garbage");
+        assert_eq!(when("2026-11-24T08:05:09Z"), "24-Nov-2026 08:05 UTC");
+    }
+
+    #[test]
+    fn cookie_is_found_among_others_and_must_be_well_formed() {
+        let mut h = HeaderMap::new();
+        let good = "ab".repeat(32);
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("a=1; {COOKIE}={good}; b=2"))
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(cookie(&h), Some(good.as_str()));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("carecache_session=../../etc"),
+        );
+        assert_eq!(cookie(&h), None);
+    }
+
+    #[test]
+    fn sessions_expire_when_idle() {
+        let sessions = Sessions::default();
+        let user = StaffId::new("nurse.1").unwrap_or_else(|_| unreachable!());
+        let c = sessions
+            .start(Zeroizing::new("cct_x".into()), user)
+            .unwrap_or_else(|| unreachable!());
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{COOKIE}={c}")).unwrap_or_else(|_| unreachable!()),
+        );
+        assert!(sessions.find(&h).is_some());
+        for s in sessions.lock().values_mut() {
+            s.last_used = Instant::now()
+                .checked_sub(IDLE)
+                .unwrap_or_else(|| unreachable!());
+        }
+        assert!(sessions.find(&h).is_none(), "idle session must end");
+        assert!(sessions.lock().is_empty(), "and be forgotten");
+    }
+}
