@@ -210,15 +210,33 @@ pub(crate) struct Daemon {
 
 impl Daemon {
     pub(crate) fn spawn(cfg: &str) -> Self {
+        Self::run(&["serve", "--config", cfg], false)
+    }
+
+    /// `carecache ARGS` as a process, reading its standard output (`stdout`) or its log.
+    pub(crate) fn run(args: &[&str], stdout: bool) -> Self {
         use std::io::BufRead;
+        use std::process::Stdio;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_carecache"))
-            .args(["serve", "--config", cfg])
-            .env("CARECACHE_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
+            .args(args)
+            .env("CARECACHE_LOG", if stdout { "warn" } else { "info" })
+            .stdout(if stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(if stdout {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            })
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
+        let stderr: Box<dyn std::io::Read + Send> = if stdout {
+            Box::new(child.stdout.take().unwrap())
+        } else {
+            Box::new(child.stderr.take().unwrap())
+        };
         let (tx, lines) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut log = String::new();
@@ -265,6 +283,14 @@ impl Daemon {
         let status = self.child.wait().unwrap();
         let log = self.reader.take().unwrap().join().unwrap();
         (status, log)
+    }
+}
+
+impl Drop for Daemon {
+    /// A failed test does not leave the process behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

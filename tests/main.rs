@@ -11,6 +11,7 @@ mod api;
 mod api_crash;
 mod api_harness;
 mod cli;
+mod demo;
 mod device_harness;
 mod fault_proxy;
 mod fixture_content;
