@@ -17,6 +17,7 @@
 )]
 
 mod common;
+mod table;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -155,6 +156,87 @@ fn grant_all(hub: &TestHub, device: &str) {
     }));
 }
 
+/// Starts `carecache serve` on the synced device and times it to its first answered read
+/// (a `/v1/patients/{nhs}` with its durable audit entry); then reads `reads` more and
+/// takes the process's resident memory. Returns (first-answer ms, RSS KiB, process
+/// start floor ms: `carecache --version` spawned and reaped, median of 7).
+fn serve_startup(config: &std::path::Path, nhs: &str, reads: usize) -> (f64, u64, f64) {
+    use std::io::{Read, Write};
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_carecache"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let cfg = config.to_str().unwrap();
+    let token = cli(&["clients", "add", "bench", "--config", cfg])
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("cct_"))
+        .unwrap()
+        .to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text.push_str(&format!("\n[api]\nlisten = \"127.0.0.1:{port}\"\n"));
+    std::fs::write(config, text).unwrap();
+    let request = format!(
+        "GET /v1/patients/{nhs} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nX-Carecache-User: bench\r\nX-Carecache-Purpose: TREAT\r\nConnection: close\r\n\r\n"
+    );
+    let read = || -> Option<u16> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(request.as_bytes()).ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).ok()?;
+        std::str::from_utf8(buf.get(9..12)?).ok()?.parse().ok()
+    };
+    let mut floor: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            cli(&["--version"]);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    floor.sort_by(f64::total_cmp);
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_carecache"))
+        .args(["serve", "--config", cfg])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = loop {
+        match read() {
+            Some(200) => break t.elapsed().as_secs_f64() * 1e3,
+            Some(other) => panic!("first read answered {other}"),
+            None if t.elapsed() > Duration::from_secs(60) => panic!("serve did not answer"),
+            None => std::thread::sleep(Duration::from_micros(500)),
+        }
+    };
+    for _ in 0..reads {
+        assert_eq!(read(), Some(200));
+    }
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    (first, rss, floor[3])
+}
+
 /// Changes the family name of every hundredth patient in the source and re-ingests.
 fn touch_one_percent(hub: &TestHub) -> usize {
     let path = hub.dir.path().join("ndjson").join("Patient.ndjson");
@@ -189,6 +271,8 @@ fn main() {
         .collect();
     let budget = 4 * 1024 * 1024;
     let mut rows = Vec::new();
+    let largest = sizes.iter().max().copied().unwrap_or(0);
+    let largest = &largest;
     for n in sizes {
         eprintln!("preparing a hub with {n} patients …");
         let hub = TestHub::start(n, 42);
@@ -240,6 +324,74 @@ fn main() {
             .sum();
         let hub_rate = hub_upserts as f64 / hub_secs;
         let dev_rate = initial.upserts as f64 / initial.secs;
+        let limit = if n >= 100_000 { 15.0 } else { 1.5 };
+        table::row(
+            &format!("initial sync, {n} patients"),
+            &format!("{:.2} s, {dev_rate:.0}/s", initial.secs),
+            &format!("hub serve rate {hub_rate:.0}/s"),
+            &format!("{:.2}×", dev_rate / hub_rate),
+            &format!("≥ 0.5× and ≤ {limit} s"),
+            Some(dev_rate / hub_rate >= 0.5 && initial.secs <= limit),
+        );
+        table::row(
+            &format!("1 % delta sync, {n} patients"),
+            &format!(
+                "{} records, {:.2} s, {:.1} KB",
+                delta.upserts,
+                delta.secs,
+                delta.bytes as f64 / 1e3
+            ),
+            &format!("initial {:.1} MB", initial.bytes as f64 / 1e6),
+            &format!("{:.3}× bytes", delta.bytes as f64 / initial.bytes as f64),
+            "—",
+            None,
+        );
+        table::row(
+            &format!("device peak RSS during sync, {n} patients"),
+            &format!("{:.1} MiB", initial.rss_kib as f64 / 1024.0),
+            "—",
+            "—",
+            "≤ 50 MiB",
+            Some(initial.rss_kib <= 50 * 1024),
+        );
+        table::row(
+            &format!("disk bytes per patient after sync, {n} patients"),
+            &format!("{:.0} B", disk as f64 / initial.upserts as f64),
+            "—",
+            "—",
+            "≤ 3,000 B",
+            Some(disk as f64 / initial.upserts as f64 <= 3000.0),
+        );
+        if n == *largest {
+            let nhs = hub
+                .patients
+                .iter()
+                .find(|p| p.shareable())
+                .unwrap()
+                .nhs_number()
+                .digits();
+            let (first_ms, rss_kib, floor_ms) = serve_startup(&config, &nhs, 1_000);
+            println!(
+                "serve with {n} patients: first answered read {first_ms:.1} ms after spawn (process start floor {floor_ms:.1} ms); RSS after 1,000 reads {:.1} MiB",
+                rss_kib as f64 / 1024.0
+            );
+            table::row(
+                &format!("startup to first answered read, {n} patients"),
+                &format!("{first_ms:.1} ms"),
+                &format!("process start floor {floor_ms:.1} ms"),
+                &format!("{:.1}×", first_ms / floor_ms),
+                "≤ 50 ms",
+                Some(first_ms <= 50.0),
+            );
+            table::row(
+                &format!("daemon RSS serving, {n} patients (after 1,000 reads)"),
+                &format!("{:.1} MiB", rss_kib as f64 / 1024.0),
+                "—",
+                "—",
+                "≤ 50 MB",
+                Some(rss_kib as f64 * 1024.0 <= 50e6),
+            );
+        }
         rows.push(format!(
             "| {n} | {:.2} s | {:.0}/s | {:.1} MB/s | {:.0}/s | {:.2}× | {:.1} MiB | {} rec, {:.2} s, {:.1} KB | {:.2} KB |",
             initial.secs,

@@ -113,7 +113,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let device = open_device(dir, &hub_url, &pki.ca_cert, opts.port)?;
     let enrol_token = admin.post("/admin/v1/enrolment-tokens", &serde_json::json!({}))?;
     let id = device
-        .enrol(enrol_token["token"].as_str().unwrap_or_default())
+        .enrol(
+            enrol_token
+                .get("token")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default(),
+        )
         .context("enrolling the device")?;
     let now = system_clock().as_millis();
     let at = |offset_secs: i64| {

@@ -10,6 +10,7 @@
 mod api;
 mod api_crash;
 mod api_harness;
+mod browser;
 mod cli;
 mod demo;
 mod device_harness;
@@ -21,3 +22,4 @@ mod store;
 mod store_fixture;
 mod sync;
 mod upload;
+mod viewer;

@@ -336,9 +336,13 @@ pub(super) async fn sign_out(State(api): State<Arc<Api>>, h: HeaderMap) -> Respo
     )
 }
 
-/// A form post from another site is refused: the `Origin` (when the browser sends one)
-/// must name this host.
+/// A form post from another site is refused. Browsers say where a request comes from in
+/// `Sec-Fetch-Site` (same-origin, or none for a typed address); older ones send an
+/// `Origin` that must name this host. A request with neither is not from a browser form.
 fn same_origin(h: &HeaderMap) -> bool {
+    if let Some(site) = h.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return site == "same-origin" || site == "none";
+    }
     let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return true;
     };
@@ -437,6 +441,15 @@ fn when(rfc3339: &str) -> String {
         (Some(d), Some(t)) => format!("{} {t} UTC", nhs_date(d)),
         _ => rfc3339.to_owned(),
     }
+}
+
+/// "end_of_life" → "End of life".
+fn label(s: &str) -> String {
+    let words = s.replace('_', " ");
+    let mut c = words.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 fn sentence(s: &str) -> String {
@@ -692,7 +705,7 @@ fn patient_page(api: &Api, user: &StaffId, p: &Value) -> String {
         esc(text(p, "name")),
         esc(&nhs_date(text(p, "birth_date"))),
         esc(text(p, "nhs_number")),
-        esc(&sentence(text(p, "sex")).trim_end_matches('.').to_owned()),
+        esc(&label(text(p, "sex"))),
     );
 
     // Alerts first and prominent.
@@ -709,9 +722,7 @@ fn patient_page(api: &Api, user: &StaffId, p: &Value) -> String {
             esc(sev),
             esc(&sev.replace('_', " ")),
             esc(text(a, "text")),
-            esc(&sentence(&text(a, "category").replace('_', " "))
-                .trim_end_matches('.')
-                .to_owned()),
+            esc(&label(text(a, "category"))),
             a.get("start")
                 .and_then(Value::as_str)
                 .map(|s| format!(" · since {}", esc(&nhs_date(s))))
