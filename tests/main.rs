@@ -13,6 +13,7 @@ mod api_harness;
 mod browser;
 mod cli;
 mod demo;
+mod deploy;
 mod device_harness;
 mod fault_proxy;
 mod fixture_content;

@@ -1,0 +1,101 @@
+//! What the README's deployment and API sections promise: the OpenAPI document names
+//! exactly the routes the daemon answers, the example configurations load, and `serve`
+//! tells systemd it is ready (`Type=notify`) and that it is stopping.
+
+use std::time::Duration;
+
+use carecache_hub::testing::TestHub;
+use serde_json::Value;
+
+use crate::api_harness::Served;
+use crate::device_harness::{Dev, cli_device};
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[test]
+fn the_openapi_document_names_every_route_and_only_those() {
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("docs/openapi.json")).unwrap()).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let hub = TestHub::start(5, 3);
+    let s = Served::start(Dev::enrolled(&hub));
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 16, "{}", paths.len());
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{id}", "9990000018")
+            .replace("{nhs}", "9990000018");
+        for method in ops.as_object().unwrap().keys() {
+            let req = format!(
+                "{} {concrete} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                method.to_uppercase()
+            );
+            let r = crate::api_harness::raw(s.addr, req.as_bytes());
+            assert!(
+                !r.text().contains("no such route") && r.status != 405,
+                "{method} {path} documented but not served: {} {}",
+                r.status,
+                r.text()
+            );
+        }
+    }
+    // And a route that is not documented is not served.
+    let r = s.get("/v1/everything");
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("no such route"));
+}
+
+#[test]
+fn the_example_configurations_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = std::fs::read_to_string(repo("deploy/carecache.example.toml")).unwrap();
+    carecache::config::Config::parse(&device, &dir.path().join("carecache.toml"))
+        .unwrap_or_else(|e| panic!("deploy/carecache.example.toml: {e}"));
+    carecache_hub::config::Config::load(&repo("deploy/hub.example.toml"))
+        .unwrap_or_else(|e| panic!("deploy/hub.example.toml: {e}"));
+    let unit = std::fs::read_to_string(repo("deploy/carecache.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "LoadCredentialEncrypted=carecache-root:",
+    ] {
+        assert!(unit.contains(line), "unit lacks {line}");
+    }
+}
+
+#[test]
+fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let hub = TestHub::start(10, 5);
+    // A real process reads the system clock; the hub follows it.
+    hub.set_time(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = cli_device(&hub, dir.path(), |t| t);
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_carecache"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "READY=1");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
