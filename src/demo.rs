@@ -20,14 +20,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use carecache_hub::config::Limits;
-use carecache_hub::pki::{DeviceCa, dev_ca};
+use carecache_hub::pki::{DeviceCa, agent_trusting, dev_ca};
 use carecache_hub::server::{Background, Hub, system_clock, tls_from_files};
 use carecache_hub::sharing::SharingRules;
 use carecache_hub::source::ingest_ndjson;
 use carecache_hub::state::HubState;
 use carecache_synth::{Generator, SourcePatient};
 use sync_protocol::NhsNumber;
-use sync_protocol::record::AlertSeverity;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -233,7 +232,8 @@ listen = "127.0.0.1:{port}"
 /// Three patients worth looking at.
 #[derive(Debug)]
 struct Examples {
-    /// On the demo caseload, with a high-risk alert (and allergies if any has them).
+    /// On the demo caseload, with a high-risk alert and an allergy (any shareable
+    /// patient in a dataset too small to have one).
     alerts: Option<NhsNumber>,
     /// Objected to sharing: the device holds only the objection.
     objected: Option<NhsNumber>,
@@ -243,19 +243,10 @@ struct Examples {
 
 impl Examples {
     fn pick(mine: &[SourcePatient], theirs: &[SourcePatient]) -> Self {
-        let high_risk = |p: &&SourcePatient| {
-            p.shareable()
-                && p.expected
-                    .alerts
-                    .entries()
-                    .iter()
-                    .any(|a| a.severity == AlertSeverity::HighRisk)
-        };
         let alerts = mine
             .iter()
-            .filter(high_risk)
-            .find(|p| !p.expected.allergies.entries().is_empty())
-            .or_else(|| mine.iter().find(high_risk))
+            .find(|p| p.worth_showing())
+            .or_else(|| mine.iter().find(|p| p.shareable()))
             .map(SourcePatient::nhs_number);
         Self {
             alerts,
@@ -323,16 +314,8 @@ struct Admin {
 
 impl Admin {
     fn new(base: &str, ca: &Path, token: &str) -> anyhow::Result<Self> {
-        let pem = std::fs::read(ca)?;
-        let cert = ureq::tls::Certificate::from_pem(&pem)?.to_owned();
-        let tls = ureq::tls::TlsConfig::builder()
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert])))
-            .build();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let agent = agent_trusting(&pem)?;
         Ok(Self {
             agent,
             base: base.to_owned(),

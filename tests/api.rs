@@ -12,22 +12,8 @@ use sync_protocol::audit::{
 };
 use sync_protocol::record::Section;
 
-use crate::api_harness::{Served, raw, validate_fhir};
+use crate::api_harness::{Served, raw, served, validate_fhir};
 use crate::device_harness::{Dev, TestHub, grant};
-
-fn served(n: usize, seed: u64, lease: Value) -> (TestHub, Served, Vec<NhsNumber>) {
-    let hub = TestHub::start(n, seed);
-    let dev = Dev::enrolled(&hub);
-    let patients: Vec<NhsNumber> = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .map(|p| p.nhs_number())
-        .collect();
-    grant(&hub, &dev.id(), &patients, lease);
-    dev.sync().unwrap();
-    (hub, Served::start(dev), patients)
-}
 
 /// The access entry for `request_id`.
 fn entry_for(s: &Served, request_id: u64) -> sync_protocol::audit::Access {

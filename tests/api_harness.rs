@@ -11,7 +11,8 @@ use carecache::device::Device;
 use serde_json::Value;
 use sync_protocol::audit::{AuditEntry, AuditRecord};
 
-use crate::device_harness::Dev;
+use crate::device_harness::{Dev, TestHub, grant};
+use sync_protocol::NhsNumber;
 
 pub(crate) struct Served {
     pub(crate) device: Arc<Device>,
@@ -253,4 +254,20 @@ pub(crate) fn validate_fhir(dir: &std::path::Path, resources: &[Value]) {
     }
     let (ok, text) = carecache_synth::fhir::validate(&files);
     assert!(ok, "FHIR validation failed: {text}");
+}
+
+/// A hub of `n` patients from `seed`, a device enrolled and granted every shareable one
+/// (lease JSON overridden by `lease`), synced and serving.
+pub(crate) fn served(n: usize, seed: u64, lease: Value) -> (TestHub, Served, Vec<NhsNumber>) {
+    let hub = TestHub::start(n, seed);
+    let dev = Dev::enrolled(&hub);
+    let patients: Vec<NhsNumber> = hub
+        .patients
+        .iter()
+        .filter(|p| p.shareable())
+        .map(|p| p.nhs_number())
+        .collect();
+    grant(&hub, &dev.id(), &patients, lease);
+    dev.sync().unwrap();
+    (hub, Served::start(dev), patients)
 }

@@ -6,11 +6,8 @@
 use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::{Browser, LaunchOptions};
 use serde_json::json;
-use sync_protocol::NhsNumber;
-use sync_protocol::record::AlertSeverity;
 
-use crate::api_harness::Served;
-use crate::device_harness::{Dev, grant};
+use crate::api_harness::served;
 
 fn chromium() -> std::path::PathBuf {
     let found = std::env::var_os("CHROME")
@@ -32,31 +29,13 @@ fn chromium() -> std::path::PathBuf {
 
 #[test]
 fn headless_chromium_signs_in_and_sees_alerts_above_allergies() {
-    let hub = carecache_hub::testing::TestHub::start(40, 91);
-    let dev = Dev::enrolled(&hub);
-    let patients: Vec<NhsNumber> = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .map(|p| p.nhs_number())
-        .collect();
+    let (hub, s, _) = served(40, 91, json!({ "users": ["crew.1"] }));
     let target = hub
         .patients
         .iter()
-        .find(|p| {
-            p.shareable()
-                && p.expected
-                    .alerts
-                    .entries()
-                    .iter()
-                    .any(|a| a.severity == AlertSeverity::HighRisk)
-                && !p.expected.allergies.entries().is_empty()
-        })
+        .find(|p| p.worth_showing())
         .unwrap()
         .nhs_number();
-    grant(&hub, &dev.id(), &patients, json!({ "users": ["crew.1"] }));
-    dev.sync().unwrap();
-    let s = Served::start(dev);
     let base = format!("http://{}", s.addr);
 
     let browser = Browser::new(LaunchOptions {

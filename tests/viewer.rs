@@ -11,7 +11,6 @@ use carecache_hub::testing::TestHub;
 use serde_json::json;
 use sync_protocol::NhsNumber;
 use sync_protocol::audit::{AuditAction, AuditEvent, Purpose};
-use sync_protocol::record::AlertSeverity;
 
 use crate::api_harness::{Resp, Served, raw};
 use crate::device_harness::{Dev, grant};
@@ -112,14 +111,7 @@ fn a_crew_member_signs_in_sees_alerts_first_and_every_refusal_is_explained() {
     let with_alerts = shareable
         .iter()
         .take(40)
-        .find(|p| {
-            p.expected
-                .alerts
-                .entries()
-                .iter()
-                .any(|a| a.severity == AlertSeverity::HighRisk)
-                && !p.expected.allergies.entries().is_empty()
-        })
+        .find(|p| p.worth_showing())
         .unwrap();
     let hostile = shareable
         .iter()

@@ -658,25 +658,12 @@ pub(super) async fn json_summary(
     h: HeaderMap,
     Path(nhs): Path<String>,
 ) -> Response {
-    patient_access(
-        &api,
-        &h,
-        Format::Json,
-        AuditAction::ReadSummary,
-        parse_nhs(&nhs),
-        Box::new(|s, f, rid| {
-            Ok((
-                axum::Json(render::json_summary(s, f, rid)).into_response(),
-                render::shown_all(s),
-            ))
-        }),
-    )
-    .await
+    summary(&api, &h, &nhs).await
 }
 
-/// The viewer's patient page: the `/v1/patients/{nhs}` pipeline and body, the body also
-/// kept on the response ([`Rendered`]) for the page to be drawn from.
-pub(super) async fn viewer_summary(api: &Api, h: &HeaderMap, nhs: &str) -> Response {
+/// The `/v1/patients/{nhs}` pipeline; the body is also kept on the response
+/// ([`Rendered`]) for the viewer page.
+pub(super) async fn summary(api: &Api, h: &HeaderMap, nhs: &str) -> Response {
     patient_access(
         api,
         h,
@@ -684,13 +671,20 @@ pub(super) async fn viewer_summary(api: &Api, h: &HeaderMap, nhs: &str) -> Respo
         AuditAction::ReadSummary,
         parse_nhs(nhs),
         Box::new(|s, f, rid| {
-            let body = render::json_summary(s, f, rid);
-            let mut res = axum::Json(&body).into_response();
-            res.extensions_mut().insert(Rendered(body));
-            Ok((res, render::shown_all(s)))
+            Ok((
+                json_keeping(render::json_summary(s, f, rid)),
+                render::shown_all(s),
+            ))
         }),
     )
     .await
+}
+
+/// A JSON answer that also keeps its body as [`Rendered`].
+fn json_keeping(body: Value) -> Response {
+    let mut res = axum::Json(&body).into_response();
+    res.extensions_mut().insert(Rendered(body));
+    res
 }
 
 /// Most rows per page of `GET /v1/patients`.
@@ -779,9 +773,7 @@ fn list_page(
         "freshness": api.freshness().json(),
         "request_id": access.request_id.to_string(),
     });
-    let mut res = axum::Json(&body).into_response();
-    res.extensions_mut().insert(Rendered(body));
-    Ok(res)
+    Ok(json_keeping(body))
 }
 
 pub(super) async fn not_found(uri: axum::http::Uri) -> Response {

@@ -242,7 +242,7 @@ pub(super) async fn patient(
             "The emergency access reason could not be used; please type it again.",
         );
     };
-    let res = access::viewer_summary(&api, &headers, &nhs).await;
+    let res = access::summary(&api, &headers, &nhs).await;
     let status = res.status();
     if let Some(Rendered(body)) = res.extensions().get::<Rendered>() {
         let html = patient_page(&api, &user, body);

@@ -23,6 +23,9 @@ pub enum PkiError {
         /// What is wrong.
         reason: String,
     },
+    /// A CA certificate is not PEM a TLS client can trust.
+    #[error("CA certificate: {0}")]
+    BadCa(String),
     /// Generation failed.
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
@@ -192,4 +195,22 @@ pub fn make_csr(label: &str) -> Result<(String, Vec<u8>), PkiError> {
     params.distinguished_name.push(DnType::CommonName, label);
     let csr = params.serialize_request(&key)?;
     Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// An HTTPS client that trusts only the CA in `ca_pem` and hands back every status (for
+/// calling a hub's admin API: the demo, tests and benchmarks).
+pub fn agent_trusting(ca_pem: &[u8]) -> Result<ureq::Agent, PkiError> {
+    let ca = ureq::tls::Certificate::from_pem(ca_pem)
+        .map_err(|e| PkiError::BadCa(e.to_string()))?
+        .to_owned();
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+            ca,
+        ])))
+        .build();
+    Ok(ureq::Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .build()
+        .into())
 }

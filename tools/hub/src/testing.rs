@@ -21,7 +21,7 @@ use sync_protocol::record::{PatientRecord, Section};
 use sync_protocol::types::{RecordVersion, Timestamp};
 
 use crate::config::Limits;
-use crate::pki::{DeviceCa, dev_ca};
+use crate::pki::{DeviceCa, agent_trusting, dev_ca};
 use crate::server::{Background, Hub, tls_from_files};
 use crate::sharing::SharingRules;
 use crate::source::ingest_ndjson;
@@ -190,15 +190,7 @@ impl TestHub {
         body: Option<serde_json::Value>,
         token: &str,
     ) -> (u16, serde_json::Value) {
-        let ca = ureq::tls::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
-        let tls = ureq::tls::TlsConfig::builder()
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])))
-            .build();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = agent_trusting(self.ca_pem.as_bytes()).unwrap();
         let url = format!("{}{path}", self.base_url());
         let auth = format!("Bearer {token}");
         let mut resp = match method {

@@ -74,6 +74,19 @@ impl SourcePatient {
     pub fn shareable(&self) -> bool {
         self.objection.is_none_or(|o| o.withdrawn)
     }
+
+    /// True if a device may hold this patient and they have a high-risk alert and a
+    /// recorded allergy: the patient to show first in demos and viewer tests.
+    pub fn worth_showing(&self) -> bool {
+        self.shareable()
+            && !self.expected.allergies.entries().is_empty()
+            && self
+                .expected
+                .alerts
+                .entries()
+                .iter()
+                .any(|a| a.severity == AlertSeverity::HighRisk)
+    }
 }
 
 impl Generator {
