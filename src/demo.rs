@@ -64,6 +64,15 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             opts.patients
         );
     }
+    // Before any work: the one thing a user most often has to change.
+    if opts.port != 0 {
+        std::net::TcpListener::bind(("127.0.0.1", opts.port)).map_err(|e| {
+            anyhow::anyhow!(
+                "port {} on 127.0.0.1 is not free ({e}); choose another with --port, or --port 0 for any free port",
+                opts.port
+            )
+        })?;
+    }
     let stop = crate::daemon::stop_on_signals()?;
     let tmp = tempfile::Builder::new()
         .prefix("carecache-demo-")
@@ -218,15 +227,7 @@ listen = "127.0.0.1:{port}"
         ),
     )?;
     let config = Config::load(&config_path)?;
-    Device::open(config, &root, Arc::new(SystemClock::new()))
-        .context("opening the demo device")
-        .map_err(|e| {
-            if port != 0 {
-                e.context(format!("is port {port} free? choose another with --port"))
-            } else {
-                e
-            }
-        })
+    Device::open(config, &root, Arc::new(SystemClock::new())).context("opening the demo device")
 }
 
 /// Three patients worth looking at.
