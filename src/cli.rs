@@ -134,6 +134,12 @@ pub fn rekey(
         } else {
             path.clone()
         };
+        if same && target.exists() {
+            // Left by a rotation killed before the store used it (`unlock` above finishes
+            // one killed after): the store never used this key.
+            std::fs::remove_file(&target)
+                .with_context(|| format!("removing the leftover {}", target.display()))?;
+        }
         write_key_file(&target, &new_root)?;
         store.rekey(&new_root, SourceKind::KeyFile, None)?;
         if same {

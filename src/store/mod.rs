@@ -133,7 +133,8 @@ pub fn unlock(dir: &Path, source: &KeySource) -> Result<RootKey, StoreError> {
     match source {
         KeySource::KeyFile(path) => {
             refuse_inside(dir, path)?;
-            Ok(read_key_file(path)?)
+            let root = read_key_file(path)?;
+            finish_key_file_rotation(dir, path, root)
         }
         KeySource::Credential(name) => Ok(read_credential(name)?),
         KeySource::Passphrase(pass) => {
@@ -155,6 +156,38 @@ pub fn unlock(dir: &Path, source: &KeySource) -> Result<RootKey, StoreError> {
             })
         }
     }
+}
+
+/// `carecache rekey --new-key-file` in place writes `KEY.new`, rekeys the store, then
+/// renames `KEY.new` over `KEY`. Killed between the last two, the store opens only with
+/// the key in `KEY.new`: finish the rename then. Otherwise `root` is returned as it is
+/// (and a wrong key is refused by `Store::open` as ever).
+fn finish_key_file_rotation(dir: &Path, path: &Path, root: RootKey) -> Result<RootKey, StoreError> {
+    let pending = path.with_extension("new");
+    if !pending.exists() || !dir.join(KEYRING_FILE).exists() {
+        return Ok(root);
+    }
+    if keyring::Keyring::open_check(dir, &root)? {
+        // The rotation never reached the store: the old key still opens it.
+        return Ok(root);
+    }
+    // A half-written `KEY.new` (killed while writing it) never reached the store.
+    let Ok(new_root) = read_key_file(&pending) else {
+        return Ok(root);
+    };
+    if !keyring::Keyring::open_check(dir, &new_root)? {
+        return Ok(root);
+    }
+    fs::rename(&pending, path).map_err(|e| StoreError::io("finishing a key rotation", path, e))?;
+    if let Some(parent) = path.parent() {
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::io("finishing a key rotation", path, e))?;
+    }
+    tracing::warn!(
+        "finished a root-key rotation that was interrupted before the new key file was moved into place"
+    );
+    Ok(new_root)
 }
 
 /// Refuses a key file inside the data directory: a copy of the directory must not unlock.
@@ -998,19 +1031,33 @@ impl Store {
         };
         // New keys (pending) and the keys of deleted rows (dying) are durable before the
         // commit; see keyring.rs for how a crash on either side of it is settled.
-        let outcome = result
-            .and_then(|v| {
-                if !allocated.is_empty() || !destroyed.is_empty() {
-                    ring.mark_dying(&destroyed)?;
-                    ring.sync()?;
+        let prepared = result.and_then(|v| {
+            if !allocated.is_empty() || !destroyed.is_empty() {
+                ring.mark_dying(&destroyed)?;
+                ring.sync()?;
+            }
+            Ok(v)
+        });
+        let outcome = match prepared {
+            Ok(v) => match tx.commit() {
+                Ok(()) => {
+                    self.committed();
+                    Ok(v)
                 }
-                Ok(v)
-            })
-            .and_then(|v| {
-                tx.commit().map_err(|e| StoreError::db("commit", e))?;
-                self.committed();
-                Ok(v)
-            });
+                Err(e) => {
+                    // A commit that failed at its last write or sync may still be on the
+                    // disk, so whether its rows exist is unknown until the next open: its
+                    // new keys stay pending and the keys of its deleted rows stay dying
+                    // (both still open their rows), and the next open settles each by
+                    // whether a row refers to it. Destroying them now could leave
+                    // committed rows without keys.
+                    self.forget_keys(&allocated)?;
+                    tracing::warn!("a commit failed; its key slots are settled at next open");
+                    return Err(StoreError::db("commit", e));
+                }
+            },
+            Err(e) => Err(e),
+        };
         let outcome = match outcome {
             Ok(v) => v,
             Err(e) => {
