@@ -732,6 +732,7 @@ impl Device {
         let start = Start {
             device_id,
             cursor: if resync { None } else { self.store.cursor()? },
+            last_batch_time: self.store.hub_time()?,
             resync,
             // The cached policy is refreshed whenever the leases change.
             leases: self.policy().leases().to_vec(),

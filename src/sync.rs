@@ -36,6 +36,10 @@ pub mod path {
     pub const AUDIT: &str = "/ccsp/v1/audit";
 }
 
+/// How far a batch's hub time may fall behind the last applied batch's before it is
+/// taken for a replay (a hub's clock may be stepped back a little).
+pub const REPLAY_TOLERANCE: Duration = Duration::from_secs(60);
+
 /// Why a round stopped without finishing. Nothing of a rejected answer was applied.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SyncError {
@@ -48,6 +52,15 @@ pub enum SyncError {
     /// Hub or device clock: hub time too far from trusted time.
     #[error("answer rejected: {0}")]
     HubTime(HubTimeError),
+    /// Hub: a batch older than one already committed (a replayed answer).
+    #[error(
+        "batch rejected: its hub time is {} older than a batch already applied (replayed?)",
+        crate::clock::human(*.older_by_secs)
+    )]
+    Replayed {
+        /// How much older, in seconds.
+        older_by_secs: u64,
+    },
     /// Hub: answered with a message of the wrong kind.
     #[error("hub answered {got} where {expected} was expected")]
     Unexpected {
@@ -190,6 +203,9 @@ pub struct Start {
     pub device_id: DeviceId,
     /// The last committed cursor, if any.
     pub cursor: Option<Cursor>,
+    /// The hub time of the last committed batch: a batch older than this by more than
+    /// [`REPLAY_TOLERANCE`] is a replay.
+    pub last_batch_time: Option<Timestamp>,
     /// Pull everything again and purge what the hub no longer sends.
     pub resync: bool,
     /// The leases held.
@@ -346,6 +362,14 @@ impl Round {
         now: Timestamp,
     ) -> Result<Step, SyncError> {
         check_hub_time(batch.hub_time, now, self.start.max_skew)?;
+        if let Some(last) = self.start.last_batch_time {
+            let older = last.as_millis().saturating_sub(batch.hub_time.as_millis());
+            if u128::from(older) > REPLAY_TOLERANCE.as_millis() {
+                return Err(SyncError::Replayed {
+                    older_by_secs: older / 1000,
+                });
+            }
+        }
         // Leases as they will be after this batch.
         let (leases, covered) = if batch.leases.is_empty() {
             (None, None)
@@ -382,6 +406,7 @@ impl Round {
             return Err(SyncError::Sensitive(sensitive));
         }
         self.hub_time = Some(batch.hub_time);
+        self.start.last_batch_time = self.start.last_batch_time.max(Some(batch.hub_time));
         if self.start.resync {
             self.seen.extend(batch.upserts.iter().map(|r| r.nhs_number));
             for r in batch.removals.iter() {
