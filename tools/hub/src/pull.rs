@@ -223,8 +223,12 @@ pub fn pull(
                 set.insert(n, o);
             }
         }
+        // A patient newly on a lease gets its objection state whole, a withdrawal
+        // included: the device may remember an objection from an earlier lease that
+        // was withdrawn while no lease of its named the patient, and would otherwise
+        // refuse the record for good.
         for &n in &fresh_patients {
-            if let Some(o) = objection(n)?.filter(|o| o.status == ObjectionStatus::Objected) {
+            if let Some(o) = objection(n)? {
                 set.insert(n, o);
             }
         }
