@@ -55,8 +55,71 @@ pub struct Options {
     pub exit_after_ready: bool,
 }
 
+/// Everything the demo sets up before it serves: the temporary directory, the hub
+/// serving on loopback TLS, the enrolled and synced device, a client token.
+pub struct Prepared {
+    /// The demo's directory (removed on drop).
+    pub tmp: tempfile::TempDir,
+    /// The hub's server.
+    pub server: Background,
+    /// The hub.
+    pub hub: Arc<Hub>,
+    /// The device, enrolled, leased and synced.
+    pub device: Device,
+    /// A registered client's token (name `demo-viewer`).
+    pub token: String,
+    /// The source patients on the demo user's caseload, then the other crew's.
+    pub patients: Vec<SourcePatient>,
+    pub(crate) admin: Admin,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("dir", &self.tmp.path())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Runs the demo until Ctrl-C (or, with `exit_after_ready`, until it is ready).
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let stop = crate::daemon::stop_on_signals()?;
+    let Prepared {
+        tmp,
+        mut server,
+        hub,
+        device,
+        token,
+        patients,
+        admin,
+    } = prepare(opts, &mut |line| println!("{line}"))?;
+    let (mine, theirs) = patients.split_at(patients.len() - OTHER_PATIENTS);
+    let examples = Examples::pick(mine, theirs);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let stopping = Arc::clone(&stop);
+    let exit_after_ready = opts.exit_after_ready;
+    let result = crate::daemon::run(Arc::new(device), clock, &stop, move |addr| {
+        match addr {
+            Some(addr) => print_ready(addr, &token, &examples),
+            None => println!("the local API has no TCP listener"),
+        }
+        if exit_after_ready {
+            stopping.store(true, Ordering::SeqCst);
+        }
+    });
+    server.stop();
+    drop(hub);
+    let path = tmp.path().display().to_string();
+    drop(admin);
+    tmp.close()
+        .with_context(|| format!("removing the demo directory {path}"))?;
+    println!("demo stopped; {path} removed");
+    result
+}
+
+/// Sets the demo up (hub, synthetic patients, device, leases, first sync, client token),
+/// telling `say` how it goes. Also the fixture of the local-API fuzz target.
+pub fn prepare(opts: &Options, say: &mut dyn FnMut(String)) -> anyhow::Result<Prepared> {
     if !(OTHER_PATIENTS + 10..=200_000).contains(&opts.patients) {
         bail!(
             "--patients must be {}..=200000 (got {})",
@@ -73,14 +136,15 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             )
         })?;
     }
-    let stop = crate::daemon::stop_on_signals()?;
     let tmp = tempfile::Builder::new()
         .prefix("carecache-demo-")
         .tempdir()
         .context("making the demo's temporary directory")?;
     let dir = tmp.path();
-    println!("carecache demo — synthetic data only (test-range NHS numbers 999…, no real person)");
-    println!("  working in {}", dir.display());
+    say(
+        "carecache demo — synthetic data only (test-range NHS numbers 999…, no real person)".into(),
+    );
+    say(format!("  working in {}", dir.display()));
 
     // The hub: development CA, synthetic source, ingest, serve on loopback TLS.
     let started = std::time::Instant::now();
@@ -101,7 +165,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let hub = Arc::new(Hub::new(state, ca, &admin_token, &Limits::default()));
     let tls =
         tls_from_files(&pki.ca_cert, &pki.hub_cert, &pki.hub_key).map_err(anyhow::Error::msg)?;
-    let mut server = Background::start(
+    let server = Background::start(
         Arc::clone(&hub),
         SocketAddr::from(([127, 0, 0, 1], 0)),
         tls,
@@ -109,12 +173,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     )
     .context("starting the hub")?;
     let hub_url = format!("https://localhost:{}", server.addr().port());
-    println!(
+    say(format!(
         "  hub: {} synthetic patients ingested ({} resources), serving {hub_url} (mutual TLS) [{:.1} s]",
         patients.len(),
         ingested.resources,
         started.elapsed().as_secs_f64()
-    );
+    ));
     let admin = Admin::new(&hub_url, &pki.ca_cert, &admin_token)?;
 
     // The device: key file, encrypted store, enrolment, leases, first sync.
@@ -154,42 +218,28 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             }),
         )?;
     }
-    println!(
+    say(format!(
         "  device {id} enrolled; leases: {} patients to {DEMO_USER}, {OTHER_PATIENTS} to {OTHER_USER} (12 h)",
         mine.len()
-    );
+    ));
     let synced = crate::daemon::sync_with_progress(&device).context("the first sync")?;
-    println!(
+    say(format!(
         "  synced {} records in {} batches, {:.1} MB [{:.1} s]",
         synced.upserts,
         synced.batches,
         synced.bytes as f64 / 1e6,
         started.elapsed().as_secs_f64()
-    );
-    let token = device.add_client("demo-viewer")?;
-
-    let examples = Examples::pick(mine, theirs);
-    let token_text = token.expose().to_owned();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let stopping = Arc::clone(&stop);
-    let exit_after_ready = opts.exit_after_ready;
-    let result = crate::daemon::run(Arc::new(device), clock, &stop, move |addr| {
-        match addr {
-            Some(addr) => print_ready(addr, &token_text, &examples),
-            None => println!("the local API has no TCP listener"),
-        }
-        if exit_after_ready {
-            stopping.store(true, Ordering::SeqCst);
-        }
-    });
-    server.stop();
-    drop(hub);
-    let path = dir.display().to_string();
-    drop(admin);
-    tmp.close()
-        .with_context(|| format!("removing the demo directory {path}"))?;
-    println!("demo stopped; {path} removed");
-    result
+    ));
+    let token = device.add_client("demo-viewer")?.expose().to_owned();
+    Ok(Prepared {
+        tmp,
+        server,
+        hub,
+        device,
+        token,
+        patients,
+        admin,
+    })
 }
 
 /// The device half: key file, empty encrypted store, config, opened with the real clock.
@@ -307,7 +357,7 @@ fn random_token() -> anyhow::Result<String> {
 }
 
 /// The hub's admin API, as its administrator would call it.
-struct Admin {
+pub(crate) struct Admin {
     agent: ureq::Agent,
     base: String,
     auth: String,

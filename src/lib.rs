@@ -31,6 +31,9 @@ pub mod daemon;
 pub mod demo;
 pub mod device;
 pub mod fhir;
+#[cfg(feature = "demo")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keysource;
 pub mod metrics;
 pub mod policy;

@@ -384,17 +384,7 @@ pub async fn serve(
                 let cfg = cfg.clone();
                 conns.spawn(async move {
                     let _permit = permit;
-                    let service =
-                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            app.clone().oneshot(req.map(axum::body::Body::new))
-                        });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(cfg.request_timeout)
-                        .max_buf_size(cfg.max_header_bytes)
-                        .max_headers(64)
-                        .serve_connection(io, service);
-                    if let Err(e) = conn.await {
+                    if let Err(e) = serve_connection(app, &cfg, io).await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });
@@ -415,6 +405,32 @@ pub async fn serve(
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// HTTP/1.1 on one accepted connection with the daemon's limits (header read timeout,
+/// header buffer, at most 64 headers; answers a client that half-closed). [`serve`] runs it per connection; the
+/// request-parsing fuzz target runs it over an in-memory pipe.
+pub async fn serve_connection<I>(
+    app: Router,
+    cfg: &crate::config::ApiConfig,
+    io: I,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.request_timeout)
+        .max_buf_size(cfg.max_header_bytes)
+        .max_headers(64)
+        // A client that half-closes after its request (`nc -N`, scripts) still gets its
+        // answer.
+        .half_close(true)
+        .serve_connection(io, service)
+        .await
 }
 
 enum Io {

@@ -114,6 +114,59 @@ fn check_digit(digits: &[u8; 10]) -> Option<u8> {
     }
 }
 
+/// The fuzzing and corpus-replay property of [`NhsNumber::parse`]: it accepts exactly
+/// what a reference written separately from the NHS Data Dictionary rule accepts (after
+/// trimming: ten ASCII digits, spaces or hyphens only between digits, Modulus 11 with
+/// weights 10..2, remainder 10 invalid), and an accepted number round-trips through its
+/// digits, its `3 3 4` display and its integer form. Panics when the property fails;
+/// returns whether the input was accepted.
+#[doc(hidden)]
+#[allow(clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // Panicking is how this check reports a broken property; ten digits are checked before indexing.
+pub fn check_parse(input: &str) -> bool {
+    let parsed = NhsNumber::parse(input).ok();
+    let t = input.trim();
+    let chars_ok = t
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == ' ' || c == '-');
+    let ends_ok =
+        t.starts_with(|c: char| c.is_ascii_digit()) && t.ends_with(|c: char| c.is_ascii_digit());
+    let digits: Vec<u32> = t.chars().filter_map(|c| c.to_digit(10)).collect();
+    let reference = chars_ok && ends_ok && digits.len() == 10 && {
+        let sum: u32 = digits[..9]
+            .iter()
+            .zip([10, 9, 8, 7, 6, 5, 4, 3, 2])
+            .map(|(d, w)| d * w)
+            .sum();
+        let check = (11 - sum % 11) % 11;
+        check != 10 && check == digits[9]
+    };
+    match parsed {
+        None => {
+            assert!(!reference, "a valid NHS number was refused");
+            false
+        }
+        Some(n) => {
+            assert!(reference, "an invalid NHS number was accepted");
+            let expected: String = digits
+                .iter()
+                .map(|d| char::from_digit(*d, 10).expect("a digit"))
+                .collect();
+            assert_eq!(n.digits(), expected, "accepted as another number");
+            assert_eq!(
+                NhsNumber::parse(&n.to_string()).ok(),
+                Some(n),
+                "display does not parse back"
+            );
+            assert_eq!(
+                NhsNumber::from_u64(n.as_u64()).ok(),
+                Some(n),
+                "integer form does not round-trip"
+            );
+            true
+        }
+    }
+}
+
 impl FromStr for NhsNumber {
     type Err = FieldError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
