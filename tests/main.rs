@@ -12,6 +12,7 @@ mod api_crash;
 mod api_harness;
 mod browser;
 mod cli;
+mod crash;
 mod demo;
 mod deploy;
 mod device_harness;
