@@ -84,6 +84,10 @@ pub enum StoreError {
     /// Test support: an injected write failure (as from a full disk).
     #[error("write failed: injected I/O failure (test)")]
     Injected,
+    /// Machine: the database is being reopened after a failed write (a full disk, say),
+    /// or could not be reopened yet.
+    #[error("the local database is recovering from a failed write (is the disk full?); retrying")]
+    Unavailable,
     /// Bug: a thread panicked while holding the store's lock.
     #[error("store lock poisoned by an earlier panic")]
     Poisoned,

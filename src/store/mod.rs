@@ -14,7 +14,7 @@ mod tables;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -118,7 +118,13 @@ pub struct Store {
     snapshot: RwLock<Option<Arc<Snapshot>>>,
     /// Bumped after every commit; a snapshot from an older generation is rebuilt.
     generation: AtomicU64,
-    db: Database,
+    /// The database; `None` only while it is being reopened after an I/O error.
+    db: RwLock<Option<Arc<Database>>>,
+    /// The database file, when the store can reopen it (not for test backends).
+    db_path: Option<PathBuf>,
+    /// Set when a write failed in the database layer: redb refuses every later
+    /// transaction after an I/O error, so the next write reopens it first.
+    db_failed: std::sync::atomic::AtomicBool,
     keyring: Mutex<keyring::Keyring>,
     master: MasterKey,
     keys: Subkeys,
@@ -235,7 +241,12 @@ impl Store {
             .map_err(|e| StoreError::db("create database", e))?;
         migrate::initialise(&db, &store_id)?;
         sync_dir(dir)?;
-        Ok(Self::assemble(db, ring, master))
+        Ok(Self::assemble(
+            db,
+            Some(dir.join(DATABASE_FILE)),
+            ring,
+            master,
+        ))
     }
 
     /// The key source a data directory expects, read without any key.
@@ -253,7 +264,7 @@ impl Store {
     /// down.
     pub fn open(dir: &Path, root: &RootKey) -> Result<Store, StoreError> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Self::open_inner(dir, root, |path| {
+            Self::open_inner(dir, root, true, |path| {
                 migrate::peek_version(path)?;
                 Database::builder()
                     .set_cache_size(CACHE_BYTES)
@@ -270,7 +281,7 @@ impl Store {
         root: &RootKey,
         backend: impl redb::StorageBackend,
     ) -> Result<Store, StoreError> {
-        Self::open_inner(dir, root, |_| {
+        Self::open_inner(dir, root, false, |_| {
             Database::builder()
                 .set_cache_size(CACHE_BYTES)
                 .create_with_backend(backend)
@@ -281,6 +292,7 @@ impl Store {
     fn open_inner(
         dir: &Path,
         root: &RootKey,
+        reopen: bool,
         open_db: impl FnOnce(&Path) -> Result<Database, StoreError>,
     ) -> Result<Store, StoreError> {
         if !dir.join(KEYRING_FILE).exists() {
@@ -302,15 +314,22 @@ impl Store {
                 "key slots and rows disagree; the database may be damaged"
             );
         }
-        Ok(Self::assemble(db, ring, master))
+        Ok(Self::assemble(db, reopen.then_some(db_path), ring, master))
     }
 
-    fn assemble(db: Database, ring: keyring::Keyring, master: MasterKey) -> Store {
+    fn assemble(
+        db: Database,
+        db_path: Option<PathBuf>,
+        ring: keyring::Keyring,
+        master: MasterKey,
+    ) -> Store {
         let keys = master.subkeys();
         Store {
             snapshot: RwLock::new(None),
             generation: AtomicU64::new(0),
-            db,
+            db: RwLock::new(Some(Arc::new(db))),
+            db_path,
+            db_failed: std::sync::atomic::AtomicBool::new(false),
             keyring: Mutex::new(ring),
             master,
             keys,
@@ -513,7 +532,7 @@ impl Store {
         mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let table = tables::open_read(&tx, tables::PATIENTS)?;
@@ -530,7 +549,7 @@ impl Store {
     /// The leases held.
     pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let table = tables::open_read(&tx, tables::LEASES)?;
@@ -546,7 +565,7 @@ impl Store {
     pub fn objected(&self, nhs: &NhsNumber) -> Result<bool, StoreError> {
         let row = RowKey::of(&self.keys.index, nhs);
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let table = tables::open_read(&tx, tables::OBJECTIONS)?;
@@ -617,14 +636,14 @@ impl Store {
         }
         // Audit commits do not change what readers see: the read snapshot is kept (it is
         // refreshed by age, so it does not pin freed pages for long).
-        tx.commit().map_err(|e| StoreError::db("commit", e))?;
+        tx.commit().map_err(|e| self.write_failed("commit", e))?;
         Ok(())
     }
 
     /// The last audit entry written (sequence and hash), or sequence 0 and the zero hash.
     pub fn audit_head(&self) -> Result<AuditHead, StoreError> {
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let meta = tables::open_read(&tx, tables::META)?;
@@ -684,7 +703,7 @@ impl Store {
     /// Audit entries from `from` (inclusive), at most `limit`.
     pub fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let table = tables::open_read(&tx, tables::AUDIT)?;
@@ -705,7 +724,7 @@ impl Store {
     /// sequence rather than ending the scan. For `audit verify`.
     pub fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<ScannedAudit>, StoreError> {
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let table = tables::open_read(&tx, tables::AUDIT)?;
@@ -768,14 +787,14 @@ impl Store {
             removed
         };
         // Patients are untouched: the read snapshot stays valid.
-        tx.commit().map_err(|e| StoreError::db("commit", e))?;
+        tx.commit().map_err(|e| self.write_failed("commit", e))?;
         Ok(removed)
     }
 
     /// How many audit entries wait for upload, and the trusted time of the oldest.
     pub fn audit_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError> {
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let table = tables::open_read(&tx, tables::AUDIT)?;
@@ -837,14 +856,14 @@ impl Store {
                 .insert(seq, edit(sealed)?.as_slice())
                 .map_err(|x| StoreError::db("audit", x))?;
         }
-        tx.commit().map_err(|e| StoreError::db("commit", e))?;
+        tx.commit().map_err(|e| self.write_failed("commit", e))?;
         Ok(())
     }
 
     /// Counts of what the store holds.
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let len = |r: Result<u64, redb::StorageError>| r.map_err(|e| StoreError::db("read", e));
@@ -894,7 +913,7 @@ impl Store {
             *self.keys.audit.expose(),
             *self.keys.wrap.expose(),
         ];
-        for (slot, scope) in slot_owners(&self.db)? {
+        for (slot, scope) in slot_owners(&*self.db()?)? {
             out.push(*self.data_key(slot, scope)?.expose());
         }
         Ok(out)
@@ -950,7 +969,7 @@ impl Store {
 
     fn get_state<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let table = tables::open_read(&tx, tables::META)?;
@@ -976,7 +995,7 @@ impl Store {
             return Ok(Arc::clone(s));
         }
         let tx = self
-            .db
+            .db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))?;
         let fresh = Arc::new(Snapshot {
@@ -1003,14 +1022,74 @@ impl Store {
         }
     }
 
+    /// The database, reopened first if a write failed in it since.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let current = self.db.read().map_err(|_| StoreError::Poisoned)?.clone();
+        current.ok_or(StoreError::Unavailable)
+    }
+
+    /// After a failed write, redb answers every later transaction with "previous I/O
+    /// error" until the database is reopened: the disk filled, say, and space has come
+    /// back since. Reopens it (when this store opened it from its file) and settles the
+    /// key slots the failed commit left, as an open does. While the disk is still full
+    /// this fails and is tried again at the next write.
+    fn recover(&self) -> Result<(), StoreError> {
+        if !self.db_failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some(path) = &self.db_path else {
+            return Ok(());
+        };
+        let mut ring = self.ring()?;
+        let mut slot = self.db.write().map_err(|_| StoreError::Poisoned)?;
+        if let Ok(mut snap) = self.snapshot.write() {
+            *snap = None;
+        }
+        if let Some(old) = slot.take() {
+            // Transactions in flight hold the database briefly; wait for them.
+            let mut old = old;
+            for _ in 0..200 {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still) => {
+                        old = still;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .open(path)
+            .map_err(|e| StoreError::db("reopen database", e))?;
+        let referenced: HashSet<u32> = slot_owners(&db)?.into_iter().map(|o| o.0).collect();
+        let orphans = ring.reconcile(&referenced)?;
+        *slot = Some(Arc::new(db));
+        drop(slot);
+        self.db_failed.store(false, Ordering::Release);
+        self.committed();
+        tracing::warn!(orphans, "database reopened after a failed write");
+        Ok(())
+    }
+
     fn ring(&self) -> Result<MutexGuard<'_, keyring::Keyring>, StoreError> {
         self.keyring.lock().map_err(|_| StoreError::Poisoned)
     }
 
     fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
-        self.db
+        self.recover()?;
+        self.db()?
             .begin_write()
-            .map_err(|e| StoreError::db("begin write", e))
+            .map_err(|e| self.write_failed("begin write", e))
+    }
+
+    /// A write failed in the database: the next one reopens it first ([`Self::recover`]).
+    fn write_failed(&self, what: &'static str, e: impl Into<redb::Error>) -> StoreError {
+        self.db_failed.store(true, Ordering::Release);
+        StoreError::db(what, e)
     }
 
     /// Runs `f` in one write transaction. New data keys are made durable in the keyring before
@@ -1020,6 +1099,7 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.recover()?;
         let mut ring = self.ring()?;
         let tx = self.begin_write()?;
         let (result, allocated, destroyed) = match Writer::new(&tx, &mut ring, self) {
@@ -1045,6 +1125,7 @@ impl Store {
                     Ok(v)
                 }
                 Err(e) => {
+                    self.db_failed.store(true, Ordering::Release);
                     // A commit that failed at its last write or sync may still be on the
                     // disk, so whether its rows exist is unknown until the next open: its
                     // new keys stay pending and the keys of its deleted rows stay dying
