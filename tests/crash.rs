@@ -238,3 +238,48 @@ fn kill_9_during_key_rotation_leaves_a_store_the_key_file_opens() {
         span.as_secs_f64() * 1000.0
     );
 }
+
+#[test]
+fn a_key_rotation_killed_between_the_store_and_the_rename_is_finished_at_unlock() {
+    use carecache::crypto::RootKey;
+    use carecache::keysource::{SourceKind, create_key_file, write_key_file};
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, key) = (tmp.path().join("data"), tmp.path().join("root.key"));
+    let old = create_key_file(&key).unwrap();
+    let store = Store::create(&data, &old, SourceKind::KeyFile, None).unwrap();
+    let records = carecache_synth::Generator::new(83).patients(5);
+    store.put_records(&records).unwrap();
+    // The crash point: `KEY.new` written, the store rekeyed to it, the rename not done.
+    let new = RootKey::random().unwrap();
+    write_key_file(&key.with_extension("new"), &new).unwrap();
+    store.rekey(&new, SourceKind::KeyFile, None).unwrap();
+    drop(store);
+    let before = std::fs::read(&key).unwrap();
+    let root = unlock(&data, &KeySource::KeyFile(key.clone())).unwrap();
+    let store = Store::open(&data, &root).expect("the key file opens the store");
+    assert_eq!(store.records().unwrap().len(), 5);
+    assert_ne!(
+        std::fs::read(&key).unwrap(),
+        before,
+        "the new key moved into place"
+    );
+    assert!(!key.with_extension("new").exists());
+    drop(store);
+    // A `KEY.new` half-written before the store used it is ignored, and the next
+    // rotation replaces it.
+    std::fs::write(key.with_extension("new"), "not a key").unwrap();
+    let root = unlock(&data, &KeySource::KeyFile(key.clone())).unwrap();
+    Store::open(&data, &root).expect("the key file still opens the store");
+    let (ok, out, err) = run_cli(&[
+        "rekey",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--new-key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let root = unlock(&data, &KeySource::KeyFile(key.clone())).unwrap();
+    Store::open(&data, &root).expect("the rotated key opens the store");
+}

@@ -99,3 +99,44 @@ fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
     assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
+
+/// Every test that docs/RELIABILITY.md and the hazard log name exists: `module::name`
+/// in this crate's tests, a bare name in the hub's or the protocol crate's tests.
+#[test]
+fn reliability_table_and_hazard_log_name_only_tests_that_exist() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = String::new();
+    for dir in ["tests", "tools/hub/tests", "sync-protocol/tests"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "rs") {
+                sources.push_str(&std::fs::read_to_string(&p).unwrap());
+            }
+        }
+    }
+    let mut named = 0;
+    for doc in ["docs/RELIABILITY.md", "docs/clinical-safety/hazard-log.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        for quoted in text.split('`').skip(1).step_by(2) {
+            let (module, name) = match quoted.split_once("::") {
+                Some((m, n)) => (Some(m), n),
+                None => (None, quoted),
+            };
+            let is_test_name = name.matches('_').count() >= 3
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !is_test_name {
+                continue;
+            }
+            named += 1;
+            let found = match module {
+                Some(m) => std::fs::read_to_string(root.join(format!("tests/{m}.rs")))
+                    .is_ok_and(|src| src.contains(&format!("fn {name}("))),
+                None => sources.contains(&format!("fn {name}(")),
+            };
+            assert!(found, "{doc} names `{quoted}`, which is no test");
+        }
+    }
+    assert!(named >= 40, "only {named} tests named");
+}
