@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use carecache::clock::Clock;
 use carecache::policy::{Denial, EndReason, Purpose};
 use rand::{Rng, SeedableRng};
 use serde_json::json;

@@ -133,7 +133,7 @@ fn kill_9_during_sync_apply_and_purge_leaves_a_committed_state() {
     let mut killed_with = [0usize; 2]; // kills that left nothing / something of the new half
     // Each phase swaps the caseload: the hub revokes one half and grants the other, so a
     // sync purges 600 patients and applies 600.
-    let mut swap = |lease: &mut u64, half: &mut usize| {
+    let swap = |lease: &mut u64, half: &mut usize| {
         let (status, _) = hub.admin("DELETE", &format!("/admin/v1/leases/{lease}"), None);
         assert!((200..300).contains(&status));
         *half = 1 - *half;
