@@ -9,7 +9,7 @@
 //! (default 50) set the number of kills.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use carecache::audit_tools::{Verification, verify};
@@ -94,19 +94,44 @@ fn check_after_kill(data: &Path, key: &Path, what: &str) -> BTreeSet<NhsNumber> 
     held
 }
 
+/// A hub of `n` patients on real time, and a device set up with the CLI in `tmp`:
+/// config path, device id, data directory, key file, and the lease window (now − 1 h to
+/// now + 8 h) for grants.
+fn cli_setup(
+    n: usize,
+    seed: u64,
+    tmp: &Path,
+) -> (
+    TestHub,
+    PathBuf,
+    String,
+    PathBuf,
+    PathBuf,
+    serde_json::Value,
+) {
+    let hub = TestHub::start(n, seed);
+    let now = carecache::clock::Clock::wall_ms(&carecache::clock::SystemClock::new());
+    hub.set_time(now);
+    let (config, id) = cli_device(&hub, tmp, |t| t);
+    let window = json!({ "not_before": at(now - 3_600_000), "not_after": at(now + 8 * 3_600_000) });
+    (
+        hub,
+        config,
+        id,
+        tmp.join("data"),
+        tmp.join("root.key"),
+        window,
+    )
+}
+
 #[test]
 fn kill_9_during_sync_apply_and_purge_leaves_a_committed_state() {
     let kills = kills("CARECACHE_CRASH_SYNC_KILLS", 100);
-    let hub = TestHub::start(1200, 81);
-    let now = carecache::clock::Clock::wall_ms(&carecache::clock::SystemClock::new());
-    hub.set_time(now);
     let tmp = tempfile::tempdir().unwrap();
-    // The smallest batches allowed (256 KiB): several commits per sync, so kills land
-    // between and inside them.
-    let (config, id) = cli_device(&hub, tmp.path(), |t| t);
+    // The default (smallest allowed) 256 KiB batches: several commits per sync, so kills
+    // land between and inside them.
+    let (hub, config, id, data, key, window) = cli_setup(1200, 81, tmp.path());
     let cfg = config.to_str().unwrap();
-    let (data, key) = (tmp.path().join("data"), tmp.path().join("root.key"));
-    let window = json!({ "not_before": at(now - 3_600_000), "not_after": at(now + 8 * 3_600_000) });
     let all: Vec<NhsNumber> = hub.patients.iter().map(|p| p.nhs_number()).collect();
     let halves = [all[..600].to_vec(), all[600..].to_vec()];
     let allowed = |half: usize| -> BTreeSet<NhsNumber> {
@@ -188,20 +213,11 @@ fn kill_9_during_sync_apply_and_purge_leaves_a_committed_state() {
 #[test]
 fn kill_9_during_key_rotation_leaves_a_store_the_key_file_opens() {
     let kills = kills("CARECACHE_CRASH_REKEY_KILLS", 50);
-    let hub = TestHub::start(200, 82);
-    let now = carecache::clock::Clock::wall_ms(&carecache::clock::SystemClock::new());
-    hub.set_time(now);
     let tmp = tempfile::tempdir().unwrap();
-    let (config, id) = cli_device(&hub, tmp.path(), |t| t);
+    let (hub, config, id, data, key, window) = cli_setup(200, 82, tmp.path());
     let cfg = config.to_str().unwrap();
-    let (data, key) = (tmp.path().join("data"), tmp.path().join("root.key"));
     let patients: Vec<NhsNumber> = hub.patients.iter().map(|p| p.nhs_number()).collect();
-    grant(
-        &hub,
-        &id,
-        &patients,
-        json!({ "not_before": at(now - 3_600_000), "not_after": at(now + 8 * 3_600_000) }),
-    );
+    grant(&hub, &id, &patients, window);
     let (ok, out, err) = run_cli(&["sync", "--config", cfg]);
     assert!(ok, "{out}{err}");
     let before = check_after_kill(&data, &key, "before");
