@@ -603,6 +603,7 @@ impl Store {
         if self.fail_audit.load(Ordering::Relaxed) {
             return Err(StoreError::Injected);
         }
+        self.recover()?;
         let tx = self.begin_write()?;
         {
             let mut meta = tables::open_write(&tx, tables::META)?;
@@ -752,6 +753,7 @@ impl Store {
     /// upload links. Returns how many entries were dropped; an acknowledgement at or
     /// below the one held changes nothing. `through` must be an entry the device holds.
     pub fn acknowledge_audit(&self, through: u64) -> Result<u64, StoreError> {
+        self.recover()?;
         let tx = self.begin_write()?;
         let removed = {
             let mut meta = tables::open_write(&tx, tables::META)?;
@@ -845,6 +847,7 @@ impl Store {
         seq: u64,
         edit: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, StoreError>,
     ) -> Result<(), StoreError> {
+        self.recover()?;
         let tx = self.begin_write()?;
         {
             let mut audit = tables::open_write(&tx, tables::AUDIT)?;
@@ -1079,8 +1082,9 @@ impl Store {
         self.keyring.lock().map_err(|_| StoreError::Poisoned)
     }
 
+    /// A write transaction. Callers run [`Self::recover`] first, before taking the
+    /// keyring lock (recovery takes it too).
     fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
-        self.recover()?;
         self.db()?
             .begin_write()
             .map_err(|e| self.write_failed("begin write", e))
