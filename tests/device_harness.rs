@@ -323,3 +323,51 @@ pub(crate) fn cli_device(
         .to_owned();
     (config, id)
 }
+
+/// Answers each pull with what `f` makes of the hub's encoded batch.
+pub(crate) fn on_pull(
+    hub: &TestHub,
+    f: impl Fn(&[u8]) -> carecache_hub::server::Tamper + Send + Sync + 'static,
+) {
+    use carecache_hub::server::Tamper;
+    hub.hub
+        .dangerous_set_response_hook(Some(Arc::new(move |route, bytes| {
+            if route == "pull" {
+                f(bytes)
+            } else {
+                Tamper::Pass
+            }
+        })));
+}
+
+/// Rewrites each pull answer with `f` (decoded batch in, batch out).
+pub(crate) fn tamper_batches(
+    hub: &TestHub,
+    f: impl Fn(sync_protocol::message::Batch) -> sync_protocol::message::Batch + Send + Sync + 'static,
+) {
+    use carecache_hub::server::Tamper;
+    use sync_protocol::{Compression, Message, decode, encode};
+    on_pull(hub, move |bytes| match decode(bytes) {
+        Ok(Message::Batch(b)) => {
+            Tamper::Replace(encode(&Message::Batch(f(b)), Compression::None).unwrap())
+        }
+        _ => Tamper::Pass,
+    });
+}
+
+/// `b` with the first alert of its first record that has alerts recoded as HIV
+/// infection (SNOMED CT 86406008), which is on the shipped sensitive list.
+pub(crate) fn with_sensitive_alert(
+    mut b: sync_protocol::message::Batch,
+) -> sync_protocol::message::Batch {
+    use sync_protocol::record::Section;
+    use sync_protocol::types::{BoundedVec, SctId};
+    let mut v = b.upserts.into_inner();
+    if let Some(r) = v.iter_mut().find(|r| !r.alerts.entries().is_empty()) {
+        let mut alerts = r.alerts.entries().to_vec();
+        alerts[0].code.code = SctId::new(86_406_008).unwrap();
+        r.alerts = Section::Entries(BoundedVec::try_from(alerts).unwrap());
+    }
+    b.upserts = BoundedVec::try_from(v).unwrap();
+    b
+}

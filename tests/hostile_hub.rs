@@ -13,11 +13,12 @@ use carecache::device::Outcome;
 use carecache_hub::server::Tamper;
 use serde_json::json;
 use sync_protocol::message::{Batch, ObjectionChange, ObjectionStatus};
-use sync_protocol::record::Section;
-use sync_protocol::types::{BoundedVec, SctId, Timestamp};
+use sync_protocol::types::{BoundedVec, Timestamp};
 use sync_protocol::{Compression, Message, NhsNumber, decode, encode};
 
-use crate::device_harness::{Dev, T0, TestHub, first_n, grant, shareable};
+use crate::device_harness::{
+    Dev, T0, TestHub, first_n, grant, on_pull, shareable, tamper_batches, with_sensitive_alert,
+};
 use crate::fault_proxy::{FaultProxy, Mode};
 
 /// Everything a hostile answer could change on the device.
@@ -49,28 +50,6 @@ fn snapshot(dev: &Dev) -> Snapshot {
             .collect(),
         hub_time: store.hub_time().unwrap(),
     }
-}
-
-/// Replaces each pull answer with what `f` makes of its bytes.
-fn on_pull(hub: &TestHub, f: impl Fn(&[u8]) -> Tamper + Send + Sync + 'static) {
-    hub.hub
-        .dangerous_set_response_hook(Some(Arc::new(move |route, bytes| {
-            if route == "pull" {
-                f(bytes)
-            } else {
-                Tamper::Pass
-            }
-        })));
-}
-
-/// The pull answer decoded, changed by `f`, encoded again.
-fn on_batch(hub: &TestHub, f: impl Fn(Batch) -> Batch + Send + Sync + 'static) {
-    on_pull(hub, move |bytes| match decode(bytes) {
-        Ok(Message::Batch(b)) => {
-            Tamper::Replace(encode(&Message::Batch(f(b)), Compression::None).unwrap())
-        }
-        _ => Tamper::Pass,
-    });
 }
 
 /// Runs one case: the sync fails, nothing changes, status explains with `expect`.
@@ -177,7 +156,7 @@ fn every_hostile_answer_is_rejected_with_nothing_applied_and_reported() {
     // A patient outside the leases.
     let stranger = hub.patients[63].expected.clone();
     assert!(!first_n(&hub, 60).contains(&stranger.nhs_number));
-    on_batch(&hub, move |mut b| {
+    tamper_batches(&hub, move |mut b| {
         let mut v = b.upserts.into_inner();
         v.push(stranger.clone());
         b.upserts = BoundedVec::try_from(v).unwrap();
@@ -196,7 +175,7 @@ fn every_hostile_answer_is_rejected_with_nothing_applied_and_reported() {
     case(&dev, "replayed batch", &["replayed"]);
 
     // A cursor from the future: a batch stamped a year ahead of trusted time.
-    on_batch(&hub, |mut b| {
+    tamper_batches(&hub, |mut b| {
         b.hub_time = Timestamp::from_millis(b.hub_time.as_millis() + 365 * 86_400_000).unwrap();
         b
     });
@@ -245,17 +224,7 @@ fn every_hostile_answer_is_rejected_with_nothing_applied_and_reported() {
     case(&dev, "objection after data", &["objected patient upserted"]);
 
     // A record carrying an item on the sensitive list.
-    on_batch(&hub, |mut b| {
-        let mut v = b.upserts.into_inner();
-        if let Some(r) = v.iter_mut().find(|r| !r.alerts.entries().is_empty()) {
-            let mut alerts = r.alerts.entries().to_vec();
-            // HIV infection: on the shipped sensitive list.
-            alerts[0].code.code = SctId::new(86_406_008).unwrap();
-            r.alerts = Section::Entries(BoundedVec::try_from(alerts).unwrap());
-        }
-        b.upserts = BoundedVec::try_from(v).unwrap();
-        b
-    });
+    tamper_batches(&hub, with_sensitive_alert);
     case(&dev, "sensitive record", &["coded as sensitive"]);
     hub.hub.dangerous_set_response_hook(None);
 

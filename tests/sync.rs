@@ -3,7 +3,7 @@
 //! frames, a cut connection, a hub clock ten years out, sensitive items — is rejected
 //! whole with nothing applied and the reason in status.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use carecache::device::{DeviceError, Outcome};
@@ -14,31 +14,16 @@ use carecache_hub::testing::normalised;
 use serde_json::json;
 use sync_protocol::codec::HEADER_LEN;
 use sync_protocol::message::{Batch, MessageKind};
-use sync_protocol::record::Section;
-use sync_protocol::types::{BoundedVec, SctId};
-use sync_protocol::{Compression, Message, decode, encode};
+use sync_protocol::types::BoundedVec;
+use sync_protocol::{Message, decode};
 
-use crate::device_harness::{Dev, TestHub, first_n, grant, shareable};
+use crate::device_harness::{
+    Dev, TestHub, first_n, grant, shareable, tamper_batches, with_sensitive_alert,
+};
 
 fn sorted(mut v: Vec<sync_protocol::NhsNumber>) -> Vec<sync_protocol::NhsNumber> {
     v.sort();
     v
-}
-
-/// Rewrites each pull answer with `f` (decoded batch in, batch out).
-fn tamper_batches(hub: &TestHub, f: impl Fn(usize, Batch) -> Batch + Send + Sync + 'static) {
-    let n = AtomicUsize::new(0);
-    hub.hub
-        .dangerous_set_response_hook(Some(Arc::new(move |route, bytes| {
-            if route != "pull" {
-                return Tamper::Pass;
-            }
-            let Ok(Message::Batch(b)) = decode(bytes) else {
-                return Tamper::Pass;
-            };
-            let b = f(n.fetch_add(1, Ordering::SeqCst), b);
-            Tamper::Replace(encode(&Message::Batch(b), Compression::Zstd).unwrap())
-        })));
 }
 
 fn assert_nothing_applied(dev: &Dev) {
@@ -208,7 +193,7 @@ fn batch_naming_a_patient_outside_the_leases_is_rejected_whole() {
     let dev = Dev::enrolled(&hub);
     grant(&hub, &dev.id(), &first_n(&hub, 30), json!({}));
     let stranger = hub.patients[45].expected.clone();
-    tamper_batches(&hub, move |_, mut b| {
+    tamper_batches(&hub, move |mut b| {
         let mut v = b.upserts.into_inner();
         v.push(stranger.clone());
         b.upserts = BoundedVec::try_from(v).unwrap();
@@ -235,17 +220,7 @@ fn sensitive_items_from_the_hub_are_refused_by_the_device() {
     let hub = TestHub::start(60, 4);
     let dev = Dev::enrolled(&hub);
     grant(&hub, &dev.id(), &first_n(&hub, 60), json!({}));
-    tamper_batches(&hub, |_, mut b| {
-        let mut v = b.upserts.into_inner();
-        if let Some(r) = v.iter_mut().find(|r| !r.alerts.entries().is_empty()) {
-            let mut alerts = r.alerts.entries().to_vec();
-            // HIV infection: on the shipped sensitive list.
-            alerts[0].code.code = SctId::new(86_406_008).unwrap();
-            r.alerts = Section::Entries(BoundedVec::try_from(alerts).unwrap());
-        }
-        b.upserts = BoundedVec::try_from(v).unwrap();
-        b
-    });
+    tamper_batches(&hub, with_sensitive_alert);
     let err = dev.sync().unwrap_err();
     assert!(
         matches!(err, DeviceError::Sync(SyncError::Sensitive(1))),
