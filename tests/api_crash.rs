@@ -15,7 +15,9 @@ use serde_json::json;
 use sync_protocol::audit::AuditEvent;
 
 use crate::api_harness::{audit_of, try_raw};
-use crate::device_harness::{Daemon, TestHub, at, cli_device, grant, run_cli as run, shareable};
+use crate::device_harness::{
+    Daemon, TestHub, at, cli_client_token, cli_device, grant, run_cli as run, shareable,
+};
 
 #[test]
 fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
@@ -41,13 +43,7 @@ fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
     );
     let (ok, out, err) = run(&["sync", "--config", cfg]);
     assert!(ok, "{out}{err}");
-    let (ok, out, err) = run(&["clients", "add", "epcr", "--config", cfg]);
-    assert!(ok, "{out}{err}");
-    let token = out
-        .split_whitespace()
-        .find(|w| w.starts_with("cct_"))
-        .unwrap()
-        .to_owned();
+    let token = cli_client_token(cfg);
     let root = carecache::store::unlock(
         &data,
         &carecache::keysource::KeySource::KeyFile(key.clone()),

@@ -196,6 +196,16 @@ pub(crate) fn run_cli(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `carecache clients add epcr --config CFG` as the operator runs it: the token printed.
+pub(crate) fn cli_client_token(cfg: &str) -> String {
+    let (ok, out, err) = run_cli(&["clients", "add", "epcr", "--config", cfg]);
+    assert!(ok, "{out}{err}");
+    out.split_whitespace()
+        .find(|w| w.starts_with("cct_"))
+        .expect("a token is printed")
+        .to_owned()
+}
+
 /// RFC 3339 for milliseconds since the epoch (lease windows for real processes).
 pub(crate) fn at(ms: u64) -> String {
     carecache::clock::rfc3339(sync_protocol::types::Timestamp::from_millis(ms).unwrap())

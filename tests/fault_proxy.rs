@@ -230,11 +230,6 @@ fn misbehave(client: TcpStream, upstream: SocketAddr, fault: Fault) {
         dup_at,
     );
     let _ = up.join();
-    if fault == Fault::Reset {
-        for s in [&client, &server] {
-            let _ = rustix::net::sockopt::set_socket_linger(s, Some(Duration::ZERO));
-        }
-    }
     let _ = client.shutdown(Shutdown::Both);
     let _ = server.shutdown(Shutdown::Both);
 }
@@ -258,8 +253,7 @@ fn faulty_pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, after: usiz
                 let _ = to.write_all(data);
                 if fault == Fault::Stall {
                     // Hold the connection open, forwarding nothing, until the device
-                    // gives up (its own deadline) or 10 s pass.
-                    let _ = from.set_read_timeout(Some(Duration::from_secs(10)));
+                    // gives up (its own deadline) or the 10 s read timeout passes.
                     while let Ok(n) = from.read(&mut buf) {
                         if n == 0 {
                             break;

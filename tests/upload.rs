@@ -17,7 +17,7 @@ use serde_json::json;
 use sync_protocol::audit::{AuditEntry, AuditEvent, AuditRecord};
 
 use crate::api_harness::{Served, audit_of};
-use crate::device_harness::{Dev, HOUR, T0, TestHub, grant, run_cli, shareable};
+use crate::device_harness::{Dev, HOUR, T0, TestHub, cli_client_token, grant, run_cli, shareable};
 use crate::fault_proxy::{FaultProxy, Mode};
 
 /// Everything the hub holds for `device`, by sequence: hash and request id (accesses).
@@ -484,13 +484,7 @@ fn the_daemon_uploads_on_its_own_schedule_and_the_audit_commands_read_the_rest()
         .family
         .as_str()
         .to_owned();
-    let (ok, out, err) = run_cli(&["clients", "add", "epcr", "--config", cfg]);
-    assert!(ok, "{out}{err}");
-    let token = out
-        .split_whitespace()
-        .find(|w| w.starts_with("cct_"))
-        .unwrap()
-        .to_owned();
+    let token = cli_client_token(cfg);
 
     let daemon = Daemon::spawn(cfg);
     let addr = daemon.addr();
