@@ -531,10 +531,7 @@ impl Store {
         &self,
         mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
+        let tx = self.read_tx()?;
         let table = tables::open_read(&tx, tables::PATIENTS)?;
         for item in table.iter().map_err(|e| StoreError::db("read", e))? {
             let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
@@ -548,10 +545,7 @@ impl Store {
 
     /// The leases held.
     pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
+        let tx = self.read_tx()?;
         let table = tables::open_read(&tx, tables::LEASES)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(|e| StoreError::db("read", e))? {
@@ -564,10 +558,7 @@ impl Store {
     /// Whether the patient has an objection on record.
     pub fn objected(&self, nhs: &NhsNumber) -> Result<bool, StoreError> {
         let row = RowKey::of(&self.keys.index, nhs);
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
+        let tx = self.read_tx()?;
         let table = tables::open_read(&tx, tables::OBJECTIONS)?;
         let Some(v) = table.get(row.0).map_err(|e| StoreError::db("read", e))? else {
             return Ok(false);
@@ -643,10 +634,7 @@ impl Store {
 
     /// The last audit entry written (sequence and hash), or sequence 0 and the zero hash.
     pub fn audit_head(&self) -> Result<AuditHead, StoreError> {
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
+        let tx = self.read_tx()?;
         let meta = tables::open_read(&tx, tables::META)?;
         let audit = tables::open_read(&tx, tables::AUDIT)?;
         self.head_from(&meta, &audit)
@@ -701,33 +689,20 @@ impl Store {
         decode(&plain, Table::Meta)
     }
 
-    /// Audit entries from `from` (inclusive), at most `limit`.
+    /// Audit entries from `from` (inclusive), at most `limit`; fails at the first that
+    /// does not open.
     pub fn audit_entries(&self, from: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
-        let table = tables::open_read(&tx, tables::AUDIT)?;
-        let mut out = Vec::new();
-        for item in table
-            .range(from..)
-            .map_err(|e| StoreError::db("read", e))?
-            .take(limit)
-        {
-            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
-            out.push(self.open_audit(k.value(), v.value())?);
-        }
-        Ok(out)
+        self.audit_scan(from, limit)?
+            .into_iter()
+            .map(|(_, entry)| entry)
+            .collect()
     }
 
     /// Audit entries from `from` (inclusive), at most `limit`, each opened on its own: an
     /// entry that does not open (altered or damaged on disk) is reported under its
     /// sequence rather than ending the scan. For `audit verify`.
     pub fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<ScannedAudit>, StoreError> {
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
+        let tx = self.read_tx()?;
         let table = tables::open_read(&tx, tables::AUDIT)?;
         let mut out = Vec::new();
         for item in table
@@ -795,10 +770,7 @@ impl Store {
 
     /// How many audit entries wait for upload, and the trusted time of the oldest.
     pub fn audit_backlog(&self) -> Result<(u64, Option<Timestamp>), StoreError> {
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
+        let tx = self.read_tx()?;
         let table = tables::open_read(&tx, tables::AUDIT)?;
         let count = table.len().map_err(|e| StoreError::db("audit", e))?;
         let Some((k, v)) = table.first().map_err(|e| StoreError::db("audit", e))? else {
@@ -865,10 +837,7 @@ impl Store {
 
     /// Counts of what the store holds.
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
+        let tx = self.read_tx()?;
         let len = |r: Result<u64, redb::StorageError>| r.map_err(|e| StoreError::db("read", e));
         Ok(StoreStats {
             patients: len(tables::open_read(&tx, tables::PATIENTS)?.len())?,
@@ -971,10 +940,7 @@ impl Store {
     }
 
     fn get_state<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
+        let tx = self.read_tx()?;
         let table = tables::open_read(&tx, tables::META)?;
         let Some(v) = table.get(name).map_err(|e| StoreError::db("read", e))? else {
             return Ok(None);
@@ -997,10 +963,7 @@ impl Store {
         {
             return Ok(Arc::clone(s));
         }
-        let tx = self
-            .db()?
-            .begin_read()
-            .map_err(|e| StoreError::db("read", e))?;
+        let tx = self.read_tx()?;
         let fresh = Arc::new(Snapshot {
             generation,
             taken: std::time::Instant::now(),
@@ -1080,6 +1043,13 @@ impl Store {
 
     fn ring(&self) -> Result<MutexGuard<'_, keyring::Keyring>, StoreError> {
         self.keyring.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// A read transaction on the database as of the latest commit.
+    fn read_tx(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.db()?
+            .begin_read()
+            .map_err(|e| StoreError::db("read", e))
     }
 
     /// A write transaction. Callers run [`Self::recover`] first, before taking the
