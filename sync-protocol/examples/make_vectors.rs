@@ -16,11 +16,16 @@ use sync_protocol::audit::{
     Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, DenyReason, LeaseEnd,
     Purpose, SectionKind, SectionShown, Shown,
 };
-use sync_protocol::codec::VERSION;
 use sync_protocol::message::*;
 use sync_protocol::record::*;
 use sync_protocol::types::*;
-use sync_protocol::{Compression, FrameHeader, Message, MessageKind, NhsNumber, decode, encode};
+use sync_protocol::{
+    Compression, FrameHeader, Message, MessageKind, NhsNumber, decode, encode, encode_version,
+};
+
+/// The vectors written before version 2 are version-1 frames, and are generated as such:
+/// regenerating them gives the committed bytes.
+const LEGACY: u16 = 1;
 
 fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors");
@@ -55,7 +60,7 @@ fn header(
     content_len: usize,
 ) -> Vec<u8> {
     FrameHeader {
-        version: VERSION,
+        version: LEGACY,
         kind,
         compression,
         payload_len: u32::try_from(payload_len).unwrap(),
@@ -81,6 +86,10 @@ fn raw(kind: MessageKind, payload: &[u8]) -> Vec<u8> {
 }
 
 fn enc(m: Message) -> Vec<u8> {
+    encode_version(&m, Compression::None, LEGACY).unwrap()
+}
+
+fn enc2(m: Message) -> Vec<u8> {
     encode(&m, Compression::None).unwrap()
 }
 
@@ -98,16 +107,14 @@ fn t<const N: usize>(s: &str) -> Text<N> {
 
 fn prov() -> Provenance {
     Provenance {
-        organisation: OdsCode::new("M85001").unwrap(),
-        last_updated: ts(1_735_689_600_000),
+        organisation: Some(OdsCode::new("M85001").unwrap()),
+        recorded_by: None,
+        last_updated: Some(ts(1_735_689_600_000)),
     }
 }
 
 fn coding(code: u64, display: &str) -> Coding {
-    Coding {
-        code: SctId::new(code).unwrap(),
-        display: t(display),
-    }
+    Coding::snomed(SctId::new(code).unwrap(), t(display))
 }
 
 /// A full record: every section kind appears, and allergies are "not available" while
@@ -155,7 +162,108 @@ fn record() -> PatientRecord {
         .unwrap(),
         contacts: Section::NoneRecorded,
         withheld: 1,
+        unreadable: Unreadable::default(),
     }
+}
+
+/// A record as version 2 carries it from field data: a locally coded DNACPR alert, a
+/// text-only allergy, a dm+d medicine, provenance without an ODS code, medications withheld
+/// at the patient's request, and one alert the hub could not read.
+fn field_record() -> PatientRecord {
+    let mut r = record();
+    r.nhs_number = nhs("999 000 0050");
+    r.alerts = Section::from_items(vec![Alert {
+        source_id: SourceId::new("flag-local-1").unwrap(),
+        category: AlertCategory::EndOfLife,
+        code: Coding {
+            code: Some(Code::Other {
+                system: t("https://example.invalid/CodeSystem/alerts"),
+                code: t("DNR"),
+            }),
+            display: t("Do not attempt CPR"),
+        },
+        detail: None,
+        period: Period::default(),
+        severity: AlertSeverity::HighRisk,
+        provenance: Provenance {
+            organisation: None,
+            recorded_by: Some(t("Dr A Example")),
+            last_updated: None,
+        },
+    }])
+    .unwrap();
+    r.allergies = Section::from_items(vec![Allergy {
+        source_id: SourceId::new("alg-text-1").unwrap(),
+        substance: Coding {
+            code: None,
+            display: t("penicillin - rash"),
+        },
+        category: None,
+        criticality: None,
+        status: AllergyStatus::Active,
+        reactions: BoundedVec::new(),
+        onset: None,
+        note: None,
+        provenance: Provenance {
+            organisation: None,
+            recorded_by: Some(t("Practitioner/pr-9")),
+            last_updated: Some(ts(1_735_689_600_000)),
+        },
+    }])
+    .unwrap();
+    r.medications = Section::WithheldByPatient;
+    r.contacts = Section::from_items(vec![KeyContact {
+        role: ContactRole::Carer,
+        name: t("Sam Testcarer"),
+        relationship: None,
+        phone: None,
+        provenance: prov(),
+    }])
+    .unwrap();
+    r.unreadable = Unreadable {
+        alerts: 1,
+        ..Unreadable::default()
+    };
+    r
+}
+
+fn dmd_record() -> PatientRecord {
+    let mut r = record();
+    r.nhs_number = nhs("999 000 0069");
+    r.medications = Section::from_items(vec![Medication {
+        source_id: SourceId::new("med-dmd-1").unwrap(),
+        medicine: Coding {
+            code: Some(Code::Dmd(SctId::new(39732311000001104).unwrap())),
+            display: t("Amoxicillin 250mg capsules"),
+        },
+        dose_text: None,
+        status: MedicationStatus::Active,
+        course: Some(Course::Acute),
+        started: None,
+        last_issued: None,
+        prescribed_elsewhere: false,
+        provenance: prov(),
+    }])
+    .unwrap();
+    r
+}
+
+fn batch_v2() -> Batch {
+    let records = vec![field_record(), dmd_record()];
+    let allowed = sync_protocol::digest::allowed_set_digest(
+        records.iter().map(|r| (r.nhs_number, r.version)),
+    );
+    Batch::new(
+        BoundedVec::new(),
+        BoundedVec::new(),
+        BoundedVec::try_from(records).unwrap(),
+        BoundedVec::new(),
+        cursor(),
+        false,
+        ts(1_735_690_000_000),
+        allowed,
+    )
+    .unwrap()
 }
 
 fn allergy_record() -> PatientRecord {
@@ -441,8 +549,8 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let hello_frame = enc(hello());
     let mut hello_zstd = hello_frame.clone();
     hello_zstd[7] = 1;
-    let mut v2 = hello_frame.clone();
-    v2[5] = 2;
+    let mut v3 = hello_frame.clone();
+    v3[5] = 3;
     let mut bad_magic = hello_frame.clone();
     bad_magic[0] = b'X';
     let mut unknown_kind = hello_frame.clone();
@@ -454,7 +562,23 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut long_frame = hello_frame.clone();
     long_frame.push(0);
 
+    let v2_batch = enc2(Message::Batch(batch_v2()));
+    let v2_bad_dmd = patch(
+        v2_batch.clone(),
+        &varint(39_732_311_000_001_104),
+        &varint(39_732_311_000_001_105),
+    );
     vec![
+        (
+            "ok-batch-v2-field-shaped",
+            "version 2: a locally coded alert, a text-only allergy, a dm+d medicine, provenance without ODS, a section withheld at the patient's request, one unreadable alert",
+            v2_batch,
+        ),
+        (
+            "err-v2-invalid-dmd",
+            "version 2: a dm+d code with a wrong Verhoeff check digit",
+            v2_bad_dmd,
+        ),
         (
             "ok-enrol-request",
             "enrol: one-time token, CSR bytes, device label",
@@ -538,7 +662,7 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (
             "ok-push-audit-zstd",
             "the audit push, zstd-compressed",
-            encode(&Message::PushAudit(push_audit()), Compression::Zstd).unwrap(),
+            encode_version(&Message::PushAudit(push_audit()), Compression::Zstd, LEGACY).unwrap(),
         ),
         (
             "ok-audit-ack",
@@ -576,7 +700,7 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "audit ack whose declared payload has a byte after the message",
             raw(MessageKind::AuditAck, &trailing_in_payload),
         ),
-        ("err-unsupported-version", "hello in a version-2 frame", v2),
+        ("err-unsupported-version", "hello in a version-3 frame", v3),
         ("err-unknown-kind", "kind 10", unknown_kind),
         ("err-unknown-compression", "compression 2", unknown_comp),
         (

@@ -20,16 +20,17 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{DecodeError, EncodeError, clear_field_error, from_postcard};
-use crate::message::{Message, MessageKind};
+use crate::message::{Message, MessageKind, WireBatch};
+use crate::record::v1;
 
 /// The four magic bytes.
 pub const MAGIC: [u8; 4] = *b"CCSP";
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 16;
-/// The protocol version this crate encodes.
-pub const VERSION: u16 = 1;
-/// The versions this crate decodes.
-pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=1;
+/// The protocol version this crate encodes by default.
+pub const VERSION: u16 = 2;
+/// The versions this crate decodes (and encodes, with [`encode_version`]).
+pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=2;
 /// zstd level used when compressing: fast to encode, and decoding speed does not
 /// depend on it.
 const ZSTD_LEVEL: i32 = 3;
@@ -184,10 +185,10 @@ pub fn decode_with_limit(bytes: &[u8], limit: u32) -> Result<Message, DecodeErro
         return Err(DecodeError::TrailingBytes(len64(payload.len() - declared)));
     }
     match header.compression {
-        Compression::None => decode_payload(header.kind, payload),
+        Compression::None => decode_payload(header.version, header.kind, payload),
         Compression::Zstd => {
             let content = inflate(payload, header.content_len)?;
-            decode_payload(header.kind, &content)
+            decode_payload(header.version, header.kind, &content)
         }
     }
 }
@@ -206,8 +207,15 @@ fn inflate(payload: &[u8], declared: u32) -> Result<Vec<u8>, DecodeError> {
     Ok(content)
 }
 
-fn decode_payload(kind: MessageKind, payload: &[u8]) -> Result<Message, DecodeError> {
+/// Only a batch differs between versions 1 and 2 (its records); every other kind is the
+/// same in both.
+fn decode_payload(version: u16, kind: MessageKind, payload: &[u8]) -> Result<Message, DecodeError> {
     Ok(match kind {
+        MessageKind::Batch if version == 1 => Message::Batch(
+            decode_canonical::<WireBatch<v1::PatientRecord>>(payload)?
+                .upgrade()
+                .map_err(DecodeError::from)?,
+        ),
         MessageKind::EnrolRequest => Message::EnrolRequest(decode_canonical(payload)?),
         MessageKind::EnrolResponse => Message::EnrolResponse(decode_canonical(payload)?),
         MessageKind::Hello => Message::Hello(decode_canonical(payload)?),
@@ -272,11 +280,34 @@ impl postcard::ser_flavors::Flavor for SameAs<'_> {
     }
 }
 
-/// Encode a message as one frame. `compression` is a request: it is used only where the
-/// kind allows it and it makes the frame smaller.
+/// Encode a message as one frame of the current version — or of version 1 for `hello`,
+/// `welcome` and `error`, which any peer must read (SPEC.md §5). `compression` is a
+/// request: it is used only where the kind allows it and it makes the frame smaller.
 pub fn encode(message: &Message, compression: Compression) -> Result<Vec<u8>, EncodeError> {
+    let version = match message.kind() {
+        MessageKind::Hello | MessageKind::Welcome | MessageKind::Error => 1,
+        _ => VERSION,
+    };
+    encode_version(message, compression, version)
+}
+
+/// Encode a message as one frame of protocol `version` (a peer that negotiated an older
+/// one). Refused if the version is not supported or the message uses what it cannot
+/// carry.
+pub fn encode_version(
+    message: &Message,
+    compression: Compression,
+    version: u16,
+) -> Result<Vec<u8>, EncodeError> {
+    if !SUPPORTED_VERSIONS.contains(&version) {
+        return Err(EncodeError::NotRepresentable(version));
+    }
     let kind = message.kind();
     let payload = match message {
+        Message::Batch(m) if version == 1 => to_vec(
+            &WireBatch::<v1::PatientRecord>::downgrade(m)
+                .map_err(|_| EncodeError::NotRepresentable(version))?,
+        ),
         Message::EnrolRequest(m) => to_vec(m),
         Message::EnrolResponse(m) => to_vec(m),
         Message::Hello(m) => to_vec(m),
@@ -307,7 +338,7 @@ pub fn encode(message: &Message, compression: Compression) -> Result<Vec<u8>, En
         None => (Compression::None, payload),
     };
     let header = FrameHeader {
-        version: VERSION,
+        version,
         kind,
         compression,
         // Fits: compressed output is smaller than the payload, itself within u32.
@@ -337,13 +368,16 @@ pub fn check_roundtrip(bytes: &[u8]) -> bool {
     let Ok(header) = FrameHeader::parse(bytes, u32::MAX) else {
         panic!("decoded a frame whose header does not parse");
     };
+    let v = header.version;
     match header.compression {
         Compression::None => {
-            let again = encode(&message, Compression::None).expect("accepted message re-encodes");
+            let again = encode_version(&message, Compression::None, v)
+                .expect("accepted message re-encodes");
             assert_eq!(again, bytes, "accepted frame is not the canonical encoding");
         }
         Compression::Zstd => {
-            let plain = encode(&message, Compression::None).expect("accepted message re-encodes");
+            let plain = encode_version(&message, Compression::None, v)
+                .expect("accepted message re-encodes");
             let content = bytes
                 .get(HEADER_LEN..)
                 .and_then(|p| inflate(p, header.content_len).ok());
@@ -352,7 +386,8 @@ pub fn check_roundtrip(bytes: &[u8]) -> bool {
                 content.as_deref(),
                 "content is not canonical"
             );
-            let recompressed = encode(&message, Compression::Zstd).expect("re-encodes compressed");
+            let recompressed =
+                encode_version(&message, Compression::Zstd, v).expect("re-encodes compressed");
             assert_eq!(
                 decode(&recompressed).as_ref(),
                 Ok(&message),

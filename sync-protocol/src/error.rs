@@ -142,6 +142,9 @@ pub enum EncodeError {
     /// The serializer or compressor failed (a bug: should not happen).
     #[error("encoder failure")]
     Internal,
+    /// The message uses what the requested protocol version cannot carry.
+    #[error("message cannot be written in protocol version {0}")]
+    NotRepresentable(u16),
 }
 
 /// A field-level rule that a value broke. Raised by constructors (`TryFrom`, `new`) and,

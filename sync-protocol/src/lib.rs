@@ -1,4 +1,4 @@
-//! carecache sync protocol, version 1: the messages between a device and its hub, and
+//! carecache sync protocol, version 2 (reads version 1): the messages between a device and its hub, and
 //! the frame codec. No I/O; `SPEC.md` beside this crate is normative.
 //!
 //! - [`nhs`]: the NHS number, valid by construction.
@@ -28,7 +28,7 @@ pub mod record;
 pub mod sensitive;
 pub mod types;
 
-pub use codec::{Compression, FrameHeader, decode, decode_with_limit, encode};
+pub use codec::{Compression, FrameHeader, decode, decode_with_limit, encode, encode_version};
 pub use error::{DecodeError, EncodeError, FieldError};
 pub use message::{Message, MessageKind};
 pub use nhs::NhsNumber;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::AuditEntry;
 use crate::error::FieldError;
 use crate::nhs::NhsNumber;
-use crate::record::PatientRecord;
+use crate::record::{PatientRecord, v1};
 use crate::types::{
     BoundedVec, Bytes, Capabilities, Cursor, DeviceId, EnrolmentToken, Hash32, LeaseId, StaffId,
     Text, Timestamp, deserialize_via,
@@ -508,16 +508,60 @@ pub struct Batch {
     pub allowed: AllowedSetDigest,
 }
 
-#[derive(Deserialize)]
-struct RawBatch {
+/// A batch as it is on the wire, with records of one protocol version: `R` is
+/// [`PatientRecord`] for the current version and [`v1::PatientRecord`] for version 1.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct WireBatch<R> {
     objections: BoundedVec<ObjectionChange, MAX_BATCH_OBJECTIONS>,
     leases: BoundedVec<LeaseChange, MAX_BATCH_LEASES>,
-    upserts: BoundedVec<PatientRecord, MAX_BATCH_UPSERTS>,
+    upserts: BoundedVec<R, MAX_BATCH_UPSERTS>,
     removals: BoundedVec<Removal, MAX_BATCH_REMOVALS>,
     next_cursor: Cursor,
     more: bool,
     hub_time: Timestamp,
     allowed: AllowedSetDigest,
+}
+
+type RawBatch = WireBatch<PatientRecord>;
+
+impl WireBatch<v1::PatientRecord> {
+    /// A version-1 batch read as the current one: every v1 record converts without loss,
+    /// and the batch is then checked as any other.
+    pub(crate) fn upgrade(self) -> Result<Batch, FieldError> {
+        let upserts: Vec<PatientRecord> = self
+            .upserts
+            .into_inner()
+            .into_iter()
+            .map(PatientRecord::from)
+            .collect();
+        Batch::try_from(RawBatch {
+            objections: self.objections,
+            leases: self.leases,
+            upserts: BoundedVec::try_from(upserts)?,
+            removals: self.removals,
+            next_cursor: self.next_cursor,
+            more: self.more,
+            hub_time: self.hub_time,
+            allowed: self.allowed,
+        })
+    }
+
+    /// The batch as version 1 writes it: each record as v1 can carry it (sections it
+    /// cannot carry whole are "not available"; SPEC.md §5).
+    pub(crate) fn downgrade(b: &Batch) -> Result<Self, FieldError> {
+        let upserts: Vec<v1::PatientRecord> =
+            b.upserts.iter().map(v1::PatientRecord::from).collect();
+        Ok(Self {
+            objections: b.objections.clone(),
+            leases: b.leases.clone(),
+            upserts: BoundedVec::try_from(upserts)?,
+            removals: b.removals.clone(),
+            next_cursor: b.next_cursor.clone(),
+            more: b.more,
+            hub_time: b.hub_time,
+            allowed: b.allowed,
+        })
+    }
 }
 
 impl TryFrom<RawBatch> for Batch {

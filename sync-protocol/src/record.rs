@@ -16,6 +16,8 @@ use crate::types::{
     deserialize_via,
 };
 
+pub mod v1;
+
 /// Most alerts in one record.
 pub const MAX_ALERTS: usize = 64;
 /// Most allergies in one record.
@@ -49,6 +51,30 @@ pub struct PatientRecord {
     /// How many items were withheld for confidentiality, across all sections. Never
     /// their category: a count per section would disclose it.
     pub withheld: u16,
+    /// Items the source holds but the hub could not read, per section (since protocol
+    /// version 2). Readers say how many could not be shown beside the items that could.
+    pub unreadable: Unreadable,
+}
+
+/// How many items of each section the hub could not read. Not patient data: a count of
+/// the hub's mapping failures.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct Unreadable {
+    /// Alerts.
+    pub alerts: u16,
+    /// Allergies.
+    pub allergies: u16,
+    /// Medications.
+    pub medications: u16,
+    /// Key contacts.
+    pub contacts: u16,
+}
+
+impl Unreadable {
+    /// True if every count is zero.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl fmt::Debug for PatientRecord {
@@ -61,6 +87,7 @@ impl fmt::Debug for PatientRecord {
             .field("medications", &self.medications)
             .field("contacts", &self.contacts)
             .field("withheld", &self.withheld)
+            .field("unreadable", &self.unreadable)
             .finish_non_exhaustive()
     }
 }
@@ -77,6 +104,10 @@ pub enum Section<T, const N: usize> {
     NoneRecorded,
     /// One or more entries (never zero: that is `NoneRecorded`).
     Entries(BoundedVec<T, N>),
+    /// Withheld at the patient's request: a partial objection (a Consent whose deny
+    /// provision names this section's data class). Readers must say so, never "none".
+    /// Since protocol version 2.
+    WithheldByPatient,
 }
 
 #[derive(Deserialize)]
@@ -84,6 +115,7 @@ enum RawSection<T, const N: usize> {
     NotAvailable,
     NoneRecorded,
     Entries(BoundedVec<T, N>),
+    WithheldByPatient,
 }
 
 impl<T, const N: usize> Section<T, N> {
@@ -91,7 +123,7 @@ impl<T, const N: usize> Section<T, N> {
     pub fn entries(&self) -> &[T] {
         match self {
             Self::Entries(items) => items,
-            Self::NotAvailable | Self::NoneRecorded => &[],
+            Self::NotAvailable | Self::NoneRecorded | Self::WithheldByPatient => &[],
         }
     }
 
@@ -116,6 +148,7 @@ impl<T, const N: usize> TryFrom<RawSection<T, N>> for Section<T, N> {
                 ));
             }
             RawSection::Entries(items) => Self::Entries(items),
+            RawSection::WithheldByPatient => Self::WithheldByPatient,
         })
     }
 }
@@ -133,6 +166,7 @@ impl<T, const N: usize> fmt::Debug for Section<T, N> {
             Self::NotAvailable => f.write_str("NotAvailable"),
             Self::NoneRecorded => f.write_str("NoneRecorded"),
             Self::Entries(items) => write!(f, "Entries({})", items.len()),
+            Self::WithheldByPatient => f.write_str("WithheldByPatient"),
         }
     }
 }
@@ -305,7 +339,7 @@ pub struct Alert {
     pub source_id: SourceId,
     /// Category.
     pub category: AlertCategory,
-    /// SNOMED CT concept and display.
+    /// The concept (SNOMED CT, a local code, or text alone) and its display.
     pub code: Coding,
     /// Free-text detail.
     pub detail: Option<Text<2048>>,
@@ -430,7 +464,7 @@ pub enum Course {
 pub struct Medication {
     /// Upstream resource id.
     pub source_id: SourceId,
-    /// dm+d (or SNOMED CT) product and display.
+    /// dm+d (or SNOMED CT, Read, local, or text alone) product and display.
     pub medicine: Coding,
     /// Dose instructions as written.
     pub dose_text: Option<Text<1024>>,

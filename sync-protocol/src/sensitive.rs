@@ -1,12 +1,13 @@
 //! The sensitive code list of the sharing agreement: items coded with any of these
-//! SNOMED CT / dm+d concepts never reach a device. The hub withholds them at ingest; the
+//! SNOMED CT / dm+d concepts (under either system: dm+d ids are SCTIDs) never reach a
+//! device. The hub withholds them at ingest; the
 //! device refuses any batch that carries one (defence in depth, DESIGN.md invariant 5).
 //! Both sides read the same data file, `data/sensitive-codes.csv`.
 
 use std::collections::BTreeSet;
 
 use crate::record::PatientRecord;
-use crate::types::SctId;
+use crate::types::{Coding, SctId};
 
 /// The code list shipped with carecache (data, reviewed by the clinical safety officer).
 pub const DEFAULT_CODE_LIST: &str = include_str!("../data/sensitive-codes.csv");
@@ -100,29 +101,31 @@ impl CodeList {
     /// and reaction manifestations, medicines). A device refuses a batch where this is
     /// not zero.
     pub fn listed_items(&self, record: &PatientRecord) -> usize {
-        let listed = |c: SctId| self.contains(c.as_u64());
+        // SNOMED CT and dm+d codes share one namespace (dm+d ids are SCTIDs), so one
+        // list covers both systems; other systems are mapped by the hub before this.
+        let listed = |c: &Coding| c.sctid().is_some_and(|id| self.contains(id.as_u64()));
         let alerts = record
             .alerts
             .entries()
             .iter()
-            .filter(|a| listed(a.code.code))
+            .filter(|a| listed(&a.code))
             .count();
         let allergies = record
             .allergies
             .entries()
             .iter()
             .filter(|a| {
-                listed(a.substance.code)
+                listed(&a.substance)
                     || a.reactions
                         .iter()
-                        .any(|r| r.manifestation.as_ref().is_some_and(|m| listed(m.code)))
+                        .any(|r| r.manifestation.as_ref().is_some_and(listed))
             })
             .count();
         let medications = record
             .medications
             .entries()
             .iter()
-            .filter(|m| listed(m.medicine.code))
+            .filter(|m| listed(&m.medicine))
             .count();
         alerts + allergies + medications
     }

@@ -636,22 +636,116 @@ fn verhoeff_valid(mut n: u64) -> bool {
     c == 0
 }
 
-/// A coded concept with the display text it was recorded with.
+/// SNOMED CT's system URI.
+pub const SNOMED_SYSTEM: &str = "http://snomed.info/sct";
+/// dm+d's system URI (VTM, VMP, AMP, VMPP and AMPP codes: SCTIDs under their own system).
+pub const DMD_SYSTEM: &str = "https://dmd.nhs.uk";
+/// Read v2's system URI.
+pub const READ_V2_SYSTEM: &str = "http://read.info/readv2";
+/// CTV3's system URI.
+pub const CTV3_SYSTEM: &str = "http://read.info/ctv3";
+
+/// A code and the system it comes from, as the source recorded it. SNOMED CT and dm+d
+/// codes are SCTIDs (checked); any other system keeps its URI and code as given.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Code {
+    /// SNOMED CT (`http://snomed.info/sct`).
+    Snomed(SctId),
+    /// dm+d (`https://dmd.nhs.uk`).
+    Dmd(SctId),
+    /// Read v2 (`http://read.info/readv2`).
+    ReadV2(Text<16>),
+    /// CTV3 (`http://read.info/ctv3`).
+    Ctv3(Text<16>),
+    /// Any other code system, a local one included: its URI and the code.
+    Other {
+        /// The system URI as the source wrote it.
+        system: Text<256>,
+        /// The code.
+        code: Text<64>,
+    },
+}
+
+impl Code {
+    /// The FHIR system URI.
+    pub fn system(&self) -> &str {
+        match self {
+            Self::Snomed(_) => SNOMED_SYSTEM,
+            Self::Dmd(_) => DMD_SYSTEM,
+            Self::ReadV2(_) => READ_V2_SYSTEM,
+            Self::Ctv3(_) => CTV3_SYSTEM,
+            Self::Other { system, .. } => system.as_str(),
+        }
+    }
+
+    /// The code as FHIR writes it.
+    pub fn value(&self) -> String {
+        match self {
+            Self::Snomed(id) | Self::Dmd(id) => id.to_string(),
+            Self::ReadV2(c) | Self::Ctv3(c) => c.as_str().to_owned(),
+            Self::Other { code, .. } => code.as_str().to_owned(),
+        }
+    }
+
+    /// The SCTID of a SNOMED CT or dm+d code (dm+d ids are SNOMED CT ids).
+    pub fn sctid(&self) -> Option<SctId> {
+        match self {
+            Self::Snomed(id) | Self::Dmd(id) => Some(*id),
+            Self::ReadV2(_) | Self::Ctv3(_) | Self::Other { .. } => None,
+        }
+    }
+
+    /// A short name of the system for people: `SNOMED CT`, `dm+d`, `Read v2`, `CTV3`, or
+    /// `local`.
+    pub fn system_name(&self) -> &'static str {
+        match self {
+            Self::Snomed(_) => "SNOMED CT",
+            Self::Dmd(_) => "dm+d",
+            Self::ReadV2(_) => "Read v2",
+            Self::Ctv3(_) => "CTV3",
+            Self::Other { .. } => "local",
+        }
+    }
+}
+
+/// A concept as it was recorded: a code from some system with its display text, or text
+/// alone (an item the source recorded without a code).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Coding {
-    /// SNOMED CT (or dm+d) concept.
-    pub code: SctId,
-    /// The display text as recorded upstream.
+    /// The code; `None` for a text-only item.
+    pub code: Option<Code>,
+    /// The display text as recorded upstream (the coding's display, else the concept's
+    /// text).
     pub display: Text<512>,
 }
 
-/// Where an item came from: the organisation that holds it and when it last changed.
+impl Coding {
+    /// A SNOMED CT concept.
+    pub fn snomed(code: SctId, display: Text<512>) -> Self {
+        Self {
+            code: Some(Code::Snomed(code)),
+            display,
+        }
+    }
+
+    /// The SCTID, if the code is SNOMED CT or dm+d.
+    pub fn sctid(&self) -> Option<SctId> {
+        self.code.as_ref().and_then(Code::sctid)
+    }
+}
+
+/// Where an item came from: the organisation that holds it, who recorded it, and when it
+/// last changed — each as the source gave it, or absent. A missing part is never a reason
+/// to drop an item.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Provenance {
-    /// Source organisation (ODS code).
-    pub organisation: OdsCode,
-    /// When the source last updated the item.
-    pub last_updated: Timestamp,
+    /// Source organisation (ODS code), when the source names one.
+    pub organisation: Option<OdsCode>,
+    /// Who recorded or asserted the item, as the source names them: a display name or a
+    /// reference such as `Practitioner/…`, kept as given.
+    pub recorded_by: Option<Text<256>>,
+    /// When the source last updated the item, when it says.
+    pub last_updated: Option<Timestamp>,
 }
 
 /// A position in the hub's change log, opaque to the device: it stores the token and

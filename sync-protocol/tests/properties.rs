@@ -12,7 +12,19 @@ mod common;
 use proptest::prelude::*;
 use sync_protocol::audit::{AuditRecord, verify_chain};
 use sync_protocol::codec::{HEADER_LEN, check_roundtrip};
-use sync_protocol::{Compression, DecodeError, Message, decode, decode_with_limit, encode};
+use sync_protocol::record::{PatientRecord, Section, v1};
+use sync_protocol::{
+    Compression, DecodeError, Message, decode, decode_with_limit, encode, encode_version,
+};
+
+/// A section after a trip through version 1 is the same, or "not available": never a
+/// shorter list, never "none recorded" for something that had entries or was withheld.
+fn same_or_not_available<T: PartialEq, const N: usize>(
+    before: &Section<T, N>,
+    after: &Section<T, N>,
+) -> bool {
+    after == before || *after == Section::NotAvailable
+}
 
 fn cases() -> u32 {
     std::env::var("CARECACHE_PROPTEST_CASES")
@@ -23,6 +35,30 @@ fn cases() -> u32 {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn a_version_1_peer_gets_the_same_or_not_available(batch in common::batch()) {
+        let frame = encode_version(&Message::Batch(batch.clone()), Compression::None, 1).unwrap();
+        prop_assert_eq!(&frame[4..6], &[0, 1]);
+        prop_assert!(check_roundtrip(&frame));
+        let Ok(Message::Batch(back)) = decode(&frame) else {
+            panic!("a version-1 batch decodes");
+        };
+        prop_assert_eq!(back.upserts.len(), batch.upserts.len());
+        for (b, a) in batch.upserts.iter().zip(back.upserts.iter()) {
+            prop_assert_eq!(b.nhs_number, a.nhs_number);
+            prop_assert_eq!(b.withheld, a.withheld);
+            prop_assert!(same_or_not_available(&b.alerts, &a.alerts));
+            prop_assert!(same_or_not_available(&b.allergies, &a.allergies));
+            prop_assert!(same_or_not_available(&b.medications, &a.medications));
+            prop_assert!(same_or_not_available(&b.contacts, &a.contacts));
+            // Once through version 1, a record is exactly what version 1 can carry.
+            let again = PatientRecord::from(v1::PatientRecord::from(a));
+            prop_assert_eq!(&again, a);
+        }
+        prop_assert_eq!(back.objections, batch.objections);
+        prop_assert_eq!(back.removals, batch.removals);
+    }
 
     #[test]
     fn every_message_round_trips(msg in common::message(), zstd in any::<bool>()) {

@@ -66,15 +66,31 @@ pub fn sctid() -> impl Strategy<Value = SctId> {
     })
 }
 
+pub fn code() -> impl Strategy<Value = Code> {
+    prop_oneof![
+        sctid().prop_map(Code::Snomed),
+        sctid().prop_map(Code::Dmd),
+        text().prop_map(Code::ReadV2),
+        text().prop_map(Code::Ctv3),
+        (text(), text()).prop_map(|(system, code)| Code::Other { system, code }),
+    ]
+}
+
 pub fn coding() -> impl Strategy<Value = Coding> {
-    (sctid(), text()).prop_map(|(code, display)| Coding { code, display })
+    (option::of(code()), text()).prop_map(|(code, display)| Coding { code, display })
 }
 
 pub fn provenance() -> impl Strategy<Value = Provenance> {
-    (ods(), timestamp()).prop_map(|(organisation, last_updated)| Provenance {
-        organisation,
-        last_updated,
-    })
+    (
+        option::of(ods()),
+        option::of(text()),
+        option::of(timestamp()),
+    )
+        .prop_map(|(organisation, recorded_by, last_updated)| Provenance {
+            organisation,
+            recorded_by,
+            last_updated,
+        })
 }
 
 fn period() -> impl Strategy<Value = Period> {
@@ -267,6 +283,7 @@ fn section<T: std::fmt::Debug + Clone, const N: usize>(
     prop_oneof![
         Just(Section::NotAvailable),
         Just(Section::NoneRecorded),
+        Just(Section::WithheldByPatient),
         vec(item, 1..4).prop_map(|v| Section::from_items(v).expect("under limit")),
     ]
 }
@@ -310,9 +327,20 @@ pub fn record() -> impl Strategy<Value = PatientRecord> {
         section(medication()),
         section(contact()),
         any::<u16>(),
+        any::<[u16; 4]>(),
     )
         .prop_map(
-            |(nhs_number, v, demographics, alerts, allergies, medications, contacts, withheld)| {
+            |(
+                nhs_number,
+                v,
+                demographics,
+                alerts,
+                allergies,
+                medications,
+                contacts,
+                withheld,
+                u,
+            )| {
                 PatientRecord {
                     nhs_number,
                     version: RecordVersion(v),
@@ -322,6 +350,12 @@ pub fn record() -> impl Strategy<Value = PatientRecord> {
                     medications,
                     contacts,
                     withheld,
+                    unreadable: Unreadable {
+                        alerts: u[0],
+                        allergies: u[1],
+                        medications: u[2],
+                        contacts: u[3],
+                    },
                 }
             },
         )
