@@ -257,7 +257,7 @@ fn touch_one_percent(hub: &TestHub) -> usize {
         out.push('\n');
     }
     std::fs::write(&path, out).unwrap();
-    let rules = carecache_hub::sharing::SharingRules::default_rules().unwrap();
+    let rules = carecache_hub::testing::synthetic_rules();
     carecache_hub::source::ingest_ndjson(&hub.hub.state, &rules, &hub.dir.path().join("ndjson"))
         .unwrap();
     touched

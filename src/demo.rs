@@ -158,7 +158,14 @@ pub fn prepare(opts: &Options, say: &mut dyn FnMut(String)) -> anyhow::Result<Pr
     )
     .context("making the development CA")?;
     let state = HubState::open(&dir.join("hub/hub.redb")).context("opening the hub database")?;
-    let rules = SharingRules::default_rules().map_err(anyhow::Error::msg)?;
+    // The synthetic GP system codes some alerts locally: the demo region publishes the
+    // map from those codes to SNOMED CT, as a real one would (`[sharing] local_code_map`).
+    let rules = SharingRules::default_rules()
+        .map_err(anyhow::Error::msg)?
+        .with_local_map(
+            carecache_hub::sharing::LocalCodeMap::parse(&carecache_synth::local_code_map())
+                .map_err(anyhow::Error::msg)?,
+        );
     let ingested = ingest_ndjson(&state, &rules, &ndjson).context("ingesting the source")?;
     let admin_token = random_token()?;
     let ca = DeviceCa::load(&pki.ca_cert, &pki.ca_key, 30).context("loading the CA")?;

@@ -19,7 +19,6 @@ use sync_protocol::types::{Coding, Provenance, Timestamp};
 
 const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
-const SNOMED: &str = "http://snomed.info/sct";
 
 /// Every resource for one record, Patient first.
 pub fn resources(record: &PatientRecord) -> Vec<Value> {
@@ -84,10 +83,34 @@ pub fn patient_parts(nhs: &NhsNumber, d: &Demographics) -> Value {
     p
 }
 
+/// A CodeableConcept as the source recorded it: its coding in its own system (SNOMED
+/// CT, dm+d, Read, or a local system) with the display, or the text alone.
 fn concept(c: &Coding) -> Value {
-    json!({
-        "coding": [{ "system": SNOMED, "code": c.code.to_string(), "display": c.display.as_str() }],
-        "text": c.display.as_str()
+    match &c.code {
+        Some(code) => json!({
+            "coding": [{ "system": code.system(), "code": code.value(), "display": c.display.as_str() }],
+            "text": c.display.as_str()
+        }),
+        None => json!({ "text": c.display.as_str() }),
+    }
+}
+
+/// Who recorded an item, as the source named them: the organisation by ODS code, else the
+/// recorder's name or reference as given. `None` if the source named nobody.
+fn who(p: &Provenance) -> Option<Value> {
+    if let Some(org) = &p.organisation {
+        let mut r = json!({ "identifier": { "system": ODS_SYSTEM, "value": org.as_str() } });
+        if let Some(by) = &p.recorded_by {
+            r["display"] = json!(by.as_str());
+        }
+        return Some(r);
+    }
+    p.recorded_by.as_ref().map(|by| {
+        if by.as_str().starts_with("Practitioner/") && !by.as_str().contains(char::is_whitespace) {
+            json!({ "reference": by.as_str() })
+        } else {
+            json!({ "display": by.as_str() })
+        }
     })
 }
 
@@ -119,11 +142,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 fn meta(profile: &str, provenance: &Provenance) -> Value {
-    json!({
+    let mut m = json!({
         "profile": [format!("https://fhir.hl7.org.uk/StructureDefinition/{profile}")],
-        "lastUpdated": instant(provenance.last_updated),
-        "source": format!("{ODS_SYSTEM}|{}", provenance.organisation.as_str()),
-    })
+    });
+    if let Some(t) = provenance.last_updated {
+        m["lastUpdated"] = json!(instant(t));
+    }
+    if let Some(org) = &provenance.organisation {
+        m["source"] = json!(format!("{ODS_SYSTEM}|{}", org.as_str()));
+    }
+    m
 }
 
 fn subject(patient_id: &str) -> Value {
@@ -146,8 +174,10 @@ pub fn flag(patient_id: &str, a: &Alert) -> Value {
         "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/flag-category", "code": category }] }],
         "code": concept(&a.code),
         "subject": subject(patient_id),
-        "author": { "identifier": { "system": ODS_SYSTEM, "value": a.provenance.organisation.as_str() } },
     });
+    if let Some(w) = who(&a.provenance) {
+        f["author"] = w;
+    }
     if let Some(detail) = &a.detail {
         f["code"]["text"] = json!(format!("{}: {}", a.code.display.as_str(), detail.as_str()));
     }
@@ -178,8 +208,10 @@ pub fn allergy(patient_id: &str, a: &Allergy) -> Value {
         "verificationStatus": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "unconfirmed" }] },
         "code": concept(&a.substance),
         "patient": subject(patient_id),
-        "recorder": { "identifier": { "system": ODS_SYSTEM, "value": a.provenance.organisation.as_str() } },
     });
+    if let Some(w) = who(&a.provenance) {
+        r["recorder"] = w;
+    }
     if let Some(c) = a.category {
         let c = match c {
             AllergyCategory::Food => "food",
@@ -246,8 +278,10 @@ pub fn medication(patient_id: &str, m: &Medication) -> Value {
         "status": status,
         "medicationCodeableConcept": concept(&m.medicine),
         "subject": subject(patient_id),
-        "informationSource": { "identifier": { "system": ODS_SYSTEM, "value": m.provenance.organisation.as_str() } },
     });
+    if let Some(w) = who(&m.provenance) {
+        r["informationSource"] = w;
+    }
     if let Some(dose) = &m.dose_text {
         r["dosage"] = json!([{ "text": dose.as_str() }]);
     }

@@ -13,7 +13,7 @@ use sync_protocol::NhsNumber;
 use sync_protocol::message::{Audience, Lease, LeaseEndReason, View};
 use sync_protocol::record::{
     Alert, Allergy, Demographics, KeyContact, MAX_ALERTS, MAX_ALLERGIES, MAX_CONTACTS,
-    MAX_MEDICATIONS, Medication, Section,
+    MAX_MEDICATIONS, Medication, Section, Unreadable,
 };
 use sync_protocol::types::{LeaseId, StaffId, Timestamp};
 
@@ -422,6 +422,9 @@ pub struct Shown {
     pub clinical: Option<Clinical>,
     /// Items withheld for confidentiality (show the standard warning when non-zero).
     pub withheld: u16,
+    /// Items the hub could not read, per section shown (the social-care view's counts
+    /// for allergies and medications are zero: those sections are not part of it).
+    pub unreadable: Unreadable,
     /// The grant this was read under.
     pub grant: Grant,
 }
@@ -454,12 +457,17 @@ pub fn open(store: &Store, grant: Grant) -> Result<Option<Shown>, StoreError> {
     let Some(r) = store.record(&grant.nhs)? else {
         return Ok(None);
     };
+    let mut unreadable = r.unreadable;
     let clinical = match grant.view {
         View::Clinical => Some(Clinical {
             allergies: r.allergies,
             medications: r.medications,
         }),
-        View::SocialCare => None,
+        View::SocialCare => {
+            unreadable.allergies = 0;
+            unreadable.medications = 0;
+            None
+        }
     };
     Ok(Some(Shown {
         nhs_number: r.nhs_number,
@@ -468,6 +476,7 @@ pub fn open(store: &Store, grant: Grant) -> Result<Option<Shown>, StoreError> {
         contacts: r.contacts,
         clinical,
         withheld: r.withheld,
+        unreadable,
         grant,
     }))
 }

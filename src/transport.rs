@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sync_protocol::codec::HEADER_LEN;
-use sync_protocol::{Compression, DecodeError, Message, MessageKind, decode_with_limit, encode};
+use sync_protocol::{
+    Compression, DecodeError, Message, MessageKind, decode_with_limit, encode, encode_version,
+};
 use zeroize::Zeroizing;
 
 /// The content type of protocol frames (SPEC.md §1).
@@ -83,6 +85,9 @@ impl std::fmt::Debug for Identity {
 pub struct Transport {
     agent: ureq::Agent,
     base: String,
+    /// The protocol version the hub chose at the last welcome: later requests are framed
+    /// in it (SPEC.md §5), so a device still talks to a version-1 hub.
+    version: std::sync::atomic::AtomicU16,
 }
 
 impl std::fmt::Debug for Transport {
@@ -152,6 +157,7 @@ impl Transport {
         Ok(Self {
             agent,
             base: base.trim_end_matches('/').to_owned(),
+            version: std::sync::atomic::AtomicU16::new(sync_protocol::codec::VERSION),
         })
     }
 
@@ -176,7 +182,18 @@ impl Transport {
         expect: MessageKind,
         compression: Compression,
     ) -> Result<Answer, TransportError> {
-        let body = encode(msg, compression).map_err(|_| TransportError::Encode)?;
+        let body = match msg.kind() {
+            // Always version-1 frames, so any hub can read them.
+            MessageKind::Hello | MessageKind::Welcome | MessageKind::Error => {
+                encode(msg, compression)
+            }
+            _ => encode_version(
+                msg,
+                compression,
+                self.version.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        }
+        .map_err(|_| TransportError::Encode)?;
         let url = format!("{}{path}", self.base);
         let mut resp = self
             .agent
@@ -215,6 +232,12 @@ impl Transport {
         }
         let decode_limit = expect.max_payload().max(MessageKind::Error.max_payload());
         let message = decode_with_limit(&bytes, decode_limit)?;
+        if let Message::Welcome(w) = &message
+            && sync_protocol::codec::SUPPORTED_VERSIONS.contains(&w.version)
+        {
+            self.version
+                .store(w.version, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(Answer {
             message,
             status,

@@ -86,6 +86,10 @@ fn fhir_routes_answer_valid_r4_with_alerts_first_and_absences_explicit() {
                 saw.3 = true;
                 assert_eq!(allergies["entry"].as_array().unwrap().len(), items.len());
             }
+            Section::WithheldByPatient => {
+                assert_eq!(allergies["emptyReason"]["coding"][0]["code"], "withheld");
+                assert!(text.contains("withheld at the patient's request"), "{text}");
+            }
         }
         if r.withheld > 0 {
             saw.2 = true;
@@ -122,7 +126,7 @@ fn fhir_routes_answer_valid_r4_with_alerts_first_and_absences_explicit() {
             match r.alerts {
                 Section::Entries(ref e) => SectionShown::Items(e.len() as u16),
                 Section::NoneRecorded => SectionShown::NoneRecorded,
-                Section::NotAvailable => SectionShown::NotAvailable,
+                Section::NotAvailable | Section::WithheldByPatient => SectionShown::NotAvailable,
             }
         );
         resources.push(b);

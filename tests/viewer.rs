@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use carecache_hub::sharing::SharingRules;
 use carecache_hub::source::ingest_ndjson;
 use carecache_hub::testing::TestHub;
 use serde_json::json;
@@ -84,7 +83,7 @@ fn make_hostile(hub: &TestHub, fhir_id: &str) {
     std::fs::write(&path, out).unwrap();
     ingest_ndjson(
         &hub.hub.state,
-        &SharingRules::default_rules().unwrap(),
+        &carecache_hub::testing::synthetic_rules(),
         &hub.ndjson_dir(),
     )
     .unwrap();

@@ -144,9 +144,11 @@ pub fn alerts_by_severity(shown: &Shown) -> Vec<&Alert> {
     a
 }
 
+/// The audit's word for a section. A section withheld at the patient's request showed
+/// nothing, which the audit format (unchanged since v1) records as "not available".
 fn section_shown<T, const N: usize>(s: &Section<T, N>) -> SectionShown {
     match s {
-        Section::NotAvailable => SectionShown::NotAvailable,
+        Section::NotAvailable | Section::WithheldByPatient => SectionShown::NotAvailable,
         Section::NoneRecorded => SectionShown::NoneRecorded,
         Section::Entries(e) => SectionShown::Items(u16::try_from(e.len()).unwrap_or(u16::MAX)),
     }
@@ -237,10 +239,37 @@ pub fn patient_search(s: &Shown, f: &Freshness, now: Timestamp) -> Value {
     searchset(vec![patient(s, f)], Vec::new(), f, now)
 }
 
+/// "1 alert could not be displayed — check the source record", for a section with items
+/// the hub could not read.
+pub fn could_not_show(unreadable: u16, noun: (&str, &str)) -> Option<String> {
+    (unreadable > 0).then(|| {
+        format!(
+            "{unreadable} {} could not be displayed — check the source record",
+            if unreadable == 1 { noun.0 } else { noun.1 }
+        )
+    })
+}
+
+/// Nouns for the sections, singular and plural.
+pub const ALERT_NOUN: (&str, &str) = ("alert", "alerts");
+/// See [`ALERT_NOUN`].
+pub const ALLERGY_NOUN: (&str, &str) = ("allergy", "allergies");
+/// See [`ALERT_NOUN`].
+pub const MEDICATION_NOUN: (&str, &str) = ("medication", "medications");
+/// See [`ALERT_NOUN`].
+pub const CONTACT_NOUN: (&str, &str) = ("contact", "contacts");
+
+/// Words for a section withheld at the patient's request.
+fn withheld_by_patient(what: &str) -> String {
+    format!("{what}: withheld at the patient's request")
+}
+
 fn section_note<T, const N: usize>(
     section: &Section<T, N>,
     what: &str,
     withheld: u16,
+    unreadable: u16,
+    noun: (&str, &str),
 ) -> Vec<Value> {
     let mut notes = Vec::new();
     match section {
@@ -254,7 +283,15 @@ fn section_note<T, const N: usize>(
             "informational",
             &format!("{what}: none recorded at the source"),
         )),
+        Section::WithheldByPatient => notes.push(operation_outcome(
+            "warning",
+            "suppressed",
+            &withheld_by_patient(what),
+        )),
         Section::Entries(_) => {}
+    }
+    if let Some(words) = could_not_show(unreadable, noun) {
+        notes.push(operation_outcome("warning", "incomplete", &words));
     }
     if withheld > 0 {
         notes.push(operation_outcome("warning", "suppressed", WITHHELD_WARNING));
@@ -279,7 +316,7 @@ pub fn section_bundle(
                 .into_iter()
                 .map(|a| fhir::flag(&id, a))
                 .collect(),
-            section_note(&s.alerts, "Alerts", s.withheld),
+            section_note(&s.alerts, "Alerts", s.withheld, s.unreadable.alerts, ALERT_NOUN),
         ),
         (SectionKind::Allergies, Some(c)) => (
             c.allergies
@@ -287,7 +324,13 @@ pub fn section_bundle(
                 .iter()
                 .map(|a| fhir::allergy(&id, a))
                 .collect(),
-            section_note(&c.allergies, "Allergies", s.withheld),
+            section_note(
+                &c.allergies,
+                "Allergies",
+                s.withheld,
+                s.unreadable.allergies,
+                ALLERGY_NOUN,
+            ),
         ),
         (SectionKind::Medications, Some(c)) => (
             c.medications
@@ -295,7 +338,13 @@ pub fn section_bundle(
                 .iter()
                 .map(|m| fhir::medication(&id, m))
                 .collect(),
-            section_note(&c.medications, "Medications", s.withheld),
+            section_note(
+                &c.medications,
+                "Medications",
+                s.withheld,
+                s.unreadable.medications,
+                MEDICATION_NOUN,
+            ),
         ),
         _ => return None,
     };
@@ -310,14 +359,19 @@ fn comp_section<T, const N: usize>(
     section: Option<&Section<T, N>>,
     refs: Vec<String>,
     summary: &str,
+    not_shown: Option<String>,
 ) -> Value {
     let mut v = json!({
         "title": title,
         "code": { "coding": [{ "system": LOINC, "code": loinc.0, "display": loinc.1 }] },
     });
+    let with_note = |text: String| match &not_shown {
+        Some(n) => format!("{text} {n}."),
+        None => text,
+    };
     match section {
         Some(Section::Entries(_)) => {
-            v["text"] = narrative(summary);
+            v["text"] = narrative(&with_note(summary.to_owned()));
             v["entry"] = json!(
                 refs.into_iter()
                     .map(|r| json!({ "reference": r }))
@@ -332,10 +386,14 @@ fn comp_section<T, const N: usize>(
             ));
         }
         Some(Section::NotAvailable) => {
-            v["text"] = narrative(&format!(
+            v["text"] = narrative(&with_note(format!(
                 "{title}: information not available from the source."
-            ));
+            )));
             v["emptyReason"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "unavailable", "display": "Unavailable" }] });
+        }
+        Some(Section::WithheldByPatient) => {
+            v["text"] = narrative(&format!("{}.", withheld_by_patient(title)));
+            v["emptyReason"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "withheld", "display": "Information Withheld" }] });
         }
         None => {
             v["text"] = narrative(&format!("{title}: not part of your view of this record."));
@@ -373,6 +431,7 @@ pub fn summary(
         Some(&s.alerts),
         alert_refs,
         &alert_lines.join("; "),
+        could_not_show(s.unreadable.alerts, ALERT_NOUN),
     )];
     match &s.clinical {
         Some(c) => {
@@ -391,6 +450,7 @@ pub fn summary(
                 Some(&c.allergies),
                 refs,
                 &lines.join("; "),
+                could_not_show(s.unreadable.allergies, ALLERGY_NOUN),
             ));
             let mut refs = Vec::new();
             let mut lines = Vec::new();
@@ -407,6 +467,7 @@ pub fn summary(
                 Some(&c.medications),
                 refs,
                 &lines.join("; "),
+                could_not_show(s.unreadable.medications, MEDICATION_NOUN),
             ));
         }
         None => {
@@ -416,6 +477,7 @@ pub fn summary(
                 None,
                 Vec::new(),
                 "",
+                None,
             ));
             sections.push(comp_section::<Medication, 1>(
                 "Medications",
@@ -423,6 +485,7 @@ pub fn summary(
                 None,
                 Vec::new(),
                 "",
+                None,
             ));
         }
     }
@@ -536,6 +599,19 @@ pub fn capability_statement(now: Timestamp) -> Value {
 fn json_section<T, const N: usize>(
     s: &Section<T, N>,
     what: &str,
+    unreadable: (u16, (&str, &str)),
+    item: impl Fn(&T) -> Value,
+) -> Value {
+    let mut v = json_section_state(s, what, item);
+    if let Some(words) = could_not_show(unreadable.0, unreadable.1) {
+        v["could_not_show"] = json!({ "count": unreadable.0, "message": words });
+    }
+    v
+}
+
+fn json_section_state<T, const N: usize>(
+    s: &Section<T, N>,
+    what: &str,
     item: impl Fn(&T) -> Value,
 ) -> Value {
     match s {
@@ -553,6 +629,11 @@ fn json_section<T, const N: usize>(
             "state": "entries",
             "items": items.iter().map(item).collect::<Vec<_>>(),
         }),
+        Section::WithheldByPatient => json!({
+            "state": "withheld_by_patient",
+            "message": withheld_by_patient(what),
+            "items": [],
+        }),
     }
 }
 
@@ -565,7 +646,19 @@ fn not_in_view(what: &str) -> Value {
 }
 
 fn source(p: &sync_protocol::types::Provenance) -> Value {
-    json!({ "organisation": p.organisation.as_str(), "last_updated": instant(p.last_updated) })
+    json!({
+        "organisation": p.organisation.as_ref().map(|o| o.as_str()),
+        "recorded_by": p.recorded_by.as_ref().map(|r| r.as_str()),
+        "last_updated": p.last_updated.map(instant),
+    })
+}
+
+/// A coded concept for JSON: the system it came from and its code, or text only.
+fn code_json(c: &sync_protocol::types::Coding) -> Value {
+    match &c.code {
+        Some(code) => json!({ "system": code.system(), "system_name": code.system_name(), "code": code.value() }),
+        None => json!({ "system": null, "system_name": "text only", "code": null }),
+    }
 }
 
 fn alert_json(a: &Alert) -> Value {
@@ -585,7 +678,8 @@ fn alert_json(a: &Alert) -> Value {
             AlertCategory::Other => "other",
         },
         "text": alert_text(a),
-        "snomed": a.code.code.to_string(),
+        "snomed": a.code.sctid().map(|c| c.to_string()),
+        "coding": code_json(&a.code),
         "start": a.period.start.map(|d| d.to_string()),
         "end": a.period.end.map(|d| d.to_string()),
         "source": source(&a.provenance),
@@ -595,7 +689,8 @@ fn alert_json(a: &Alert) -> Value {
 fn allergy_json(a: &Allergy) -> Value {
     json!({
         "substance": a.substance.display.as_str(),
-        "snomed": a.substance.code.to_string(),
+        "snomed": a.substance.sctid().map(|c| c.to_string()),
+        "coding": code_json(&a.substance),
         "criticality": a.criticality.map(|c| match c {
             Criticality::Low => "low",
             Criticality::High => "high",
@@ -615,7 +710,8 @@ fn allergy_json(a: &Allergy) -> Value {
 fn medication_json(m: &Medication) -> Value {
     json!({
         "medicine": m.medicine.display.as_str(),
-        "code": m.medicine.code.to_string(),
+        "code": m.medicine.code.as_ref().map(sync_protocol::types::Code::value),
+        "coding": code_json(&m.medicine),
         "dose": m.dose_text.as_ref().map(|d| d.as_str()),
         "status": format!("{:?}", m.status).to_lowercase(),
         "course": m.course.map(|c| format!("{c:?}").to_lowercase()),
@@ -643,14 +739,27 @@ pub fn display_name(s: &sync_protocol::record::Demographics) -> String {
 pub fn json_summary(s: &Shown, f: &Freshness, request_id: u64) -> Value {
     let d = &s.demographics;
     let alerts: Vec<Value> = alerts_by_severity(s).into_iter().map(alert_json).collect();
-    let alerts = match &s.alerts {
+    let mut alerts = match &s.alerts {
         Section::Entries(_) => json!({ "state": "entries", "items": alerts }),
-        other => json_section(other, "Alerts", alert_json),
+        other => json_section_state(other, "Alerts", alert_json),
     };
+    if let Some(words) = could_not_show(s.unreadable.alerts, ALERT_NOUN) {
+        alerts["could_not_show"] = json!({ "count": s.unreadable.alerts, "message": words });
+    }
     let (allergies, medications) = match &s.clinical {
         Some(c) => (
-            json_section(&c.allergies, "Allergies", allergy_json),
-            json_section(&c.medications, "Medications", medication_json),
+            json_section(
+                &c.allergies,
+                "Allergies",
+                (s.unreadable.allergies, ALLERGY_NOUN),
+                allergy_json,
+            ),
+            json_section(
+                &c.medications,
+                "Medications",
+                (s.unreadable.medications, MEDICATION_NOUN),
+                medication_json,
+            ),
         ),
         None => (not_in_view("Allergies"), not_in_view("Medications")),
     };
@@ -663,7 +772,7 @@ pub fn json_summary(s: &Shown, f: &Freshness, request_id: u64) -> Value {
         "alerts": alerts,
         "allergies": allergies,
         "medications": medications,
-        "contacts": json_section(&s.contacts, "Key contacts", |c| json!({
+        "contacts": json_section(&s.contacts, "Key contacts", (s.unreadable.contacts, CONTACT_NOUN), |c| json!({
             "role": match c.role {
                 ContactRole::NextOfKin => "next_of_kin",
                 ContactRole::Carer => "carer",

@@ -656,14 +656,26 @@ fn caseload_page(api: &Api, user: &StaffId, body: &Value, page: usize) -> String
     frame(api, "Caseload", Some(user), "", &out)
 }
 
+/// The section's state in words ("not available", "none recorded", "withheld at the
+/// patient's request"), and how many of its items could not be displayed — beside the
+/// items that could, never instead of them.
 fn state_note(section: &Value) -> Option<String> {
-    match text(section, "state") {
-        "entries" => None,
-        _ => Some(format!(
+    let mut out = String::new();
+    if text(section, "state") != "entries" {
+        let _ = write!(
+            out,
             "<p class=\"state\">{}</p>",
             esc(text(section, "message"))
-        )),
+        );
     }
+    if let Some(n) = section.get("could_not_show") {
+        let _ = write!(
+            out,
+            "<p class=\"state could-not-show\" role=\"alert\">{}</p>",
+            esc(text(n, "message"))
+        );
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 fn items(section: &Value) -> &[Value] {
@@ -673,12 +685,26 @@ fn items(section: &Value) -> &[Value] {
         .map_or(&[][..], Vec::as_slice)
 }
 
+/// Where an item came from, as the source said: organisation, recorder, update time —
+/// whichever it gave.
 fn source_line(item: &Value) -> String {
     let s = item.get("source").unwrap_or(&Value::Null);
+    let mut parts = Vec::new();
+    for key in ["organisation", "recorded_by"] {
+        if let Some(v) = s.get(key).and_then(Value::as_str) {
+            parts.push(esc(v));
+        }
+    }
+    if parts.is_empty() {
+        parts.push("not stated".to_owned());
+    }
+    let updated = s
+        .get("last_updated")
+        .and_then(Value::as_str)
+        .map_or_else(|| "update time not stated".to_owned(), |t| format!("updated {}", esc(&nhs_date(t))));
     format!(
-        "<div class=\"meta\">Source: {}, updated {}</div>",
-        esc(text(s, "organisation")),
-        esc(&nhs_date(text(s, "last_updated")))
+        "<div class=\"meta\">Source: {}, {updated}</div>",
+        parts.join(", ")
     )
 }
 

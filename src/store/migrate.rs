@@ -7,7 +7,14 @@
 //!   new version, so a crash leaves either the old or the new version, never a mix;
 //! - a version no step starts from → refused.
 //!
-//! Version history: 1 — tables meta, patients, leases, objections, audit (carecache 0.1).
+//! Version history:
+//! - 1 — tables meta, patients, leases, objections, audit (carecache 0.1).
+//! - 2 — patient records are sync-protocol version-2 records (codes of any system,
+//!   provenance without ODS, sections withheld at the patient's request, unreadable
+//!   counts). Nothing is rewritten: a record sealed under schema 1 says so in its sealed
+//!   value's version byte and is read as a version-1 record until the next sync replaces
+//!   it (`Store::record`); every other table's encoding is unchanged.
+//!
 //! A fixture written by version 1 lives in `tests/fixtures/store-v1/` and is opened by every
 //! test run, forever.
 
@@ -17,7 +24,7 @@ use super::StoreError;
 use super::tables::{self, META, SCHEMA, STORE_ID};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// One migration: from `from` to `from + 1`.
 pub(crate) struct Step {
@@ -25,8 +32,12 @@ pub(crate) struct Step {
     pub(crate) run: fn(&WriteTransaction) -> Result<(), StoreError>,
 }
 
-/// Steps from every older version. Empty while version 1 is the only one.
-const STEPS: &[Step] = &[];
+/// Steps from every older version.
+const STEPS: &[Step] = &[Step {
+    from: 1,
+    // Records sealed under schema 1 are read by their version byte; nothing to rewrite.
+    run: |_| Ok(()),
+}];
 
 /// Writes the metadata of a new store.
 pub(crate) fn initialise(db: &Database, store_id: &[u8; 16]) -> Result<(), StoreError> {

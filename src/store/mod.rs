@@ -464,7 +464,8 @@ impl Store {
             version: RecordVersion,
         }
         let mut out = Vec::new();
-        self.for_each_record(|plain| {
+        // The first two fields are the same in every record version.
+        self.for_each_record(|_, plain| {
             let (head, _) = postcard::take_from_bytes::<Head>(plain)
                 .map_err(|_| StoreError::Damaged(Table::Patients.name()))?;
             out.push((head.nhs_number, head.version));
@@ -475,10 +476,14 @@ impl Store {
 
     /// One patient's record, if held.
     pub fn record(&self, nhs: &NhsNumber) -> Result<Option<PatientRecord>, StoreError> {
-        let Some(plain) = self.record_bytes(nhs)? else {
+        let Some((version, plain)) = self.with_patient_row(nhs, |row, slot, sealed| {
+            let key = self.data_key(slot, Scope::Patient(row))?;
+            tables::unseal_versioned(&key, Table::Patients, &row.0, sealed)
+        })?
+        else {
             return Ok(None);
         };
-        let record: PatientRecord = decode(&plain, Table::Patients)?;
+        let record = decode_record(version, &plain)?;
         if record.nhs_number != *nhs {
             return Err(StoreError::Damaged(Table::Patients.name()));
         }
@@ -518,8 +523,8 @@ impl Store {
     /// Every record held, in row-key order (which reveals nothing about the patients).
     pub fn records(&self) -> Result<Vec<PatientRecord>, StoreError> {
         let mut out = Vec::new();
-        self.for_each_record(|plain| {
-            out.push(decode(plain, Table::Patients)?);
+        self.for_each_record(|version, plain| {
+            out.push(decode_record(version, plain)?);
             Ok(())
         })?;
         Ok(out)
@@ -529,7 +534,7 @@ impl Store {
     /// order, from one read transaction.
     fn for_each_record(
         &self,
-        mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
+        mut f: impl FnMut(u8, &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let tx = self.read_tx()?;
         let table = tables::open_read(&tx, tables::PATIENTS)?;
@@ -538,7 +543,9 @@ impl Store {
             let row = RowKey(k.value());
             let (slot, sealed) = tables::split_slot(v.value())?;
             let key = self.data_key(slot, Scope::Patient(row))?;
-            f(&tables::unseal(&key, Table::Patients, &row.0, sealed)?)?;
+            let (version, plain) =
+                tables::unseal_versioned(&key, Table::Patients, &row.0, sealed)?;
+            f(version, &plain)?;
         }
         Ok(())
     }
@@ -1454,6 +1461,16 @@ fn encode<T: Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, StoreError> {
     postcard::to_extend(value, Vec::with_capacity(4096))
         .map(Zeroizing::new)
         .map_err(|_| StoreError::Encode)
+}
+
+/// A record by the schema it was sealed under: schema 1 held protocol-version-1
+/// records, read as the current record (nothing is lost: v1 is a subset).
+fn decode_record(version: u8, plain: &[u8]) -> Result<PatientRecord, StoreError> {
+    if version == 1 {
+        let v1: sync_protocol::record::v1::PatientRecord = decode(plain, Table::Patients)?;
+        return Ok(PatientRecord::from(v1));
+    }
+    decode(plain, Table::Patients)
 }
 
 fn decode<T: DeserializeOwned>(plain: &[u8], table: Table) -> Result<T, StoreError> {

@@ -123,6 +123,18 @@ pub(crate) fn unseal(
     row: &[u8],
     value: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    unseal_versioned(key, table, row, value).map(|(_, plain)| plain)
+}
+
+/// [`unseal`], with the schema version the value was sealed under: a reader whose
+/// encoding changed between versions decodes by it (a record sealed under schema 1 is a
+/// protocol-version-1 record).
+pub(crate) fn unseal_versioned(
+    key: &Secret32,
+    table: Table,
+    row: &[u8],
+    value: &[u8],
+) -> Result<(u8, Zeroizing<Vec<u8>>), StoreError> {
     let (&version, sealed) = value
         .split_first()
         .ok_or(StoreError::Damaged(table.name()))?;
@@ -130,6 +142,7 @@ pub(crate) fn unseal(
         return Err(StoreError::Damaged(table.name()));
     }
     crypto::open(key, &sealed_ad(version, table, row), sealed)
+        .map(|plain| (version, plain))
         .map_err(|_| StoreError::Damaged(table.name()))
 }
 

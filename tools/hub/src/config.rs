@@ -77,6 +77,12 @@ pub enum SourceConfig {
         /// Page size asked for (`_count`).
         #[serde(default = "default_page")]
         page_size: u32,
+        /// Deletions: every poll reads the server's `_history` for deleted resources
+        /// where it offers it; at least this often every known patient is read again
+        /// whole, so a resource that vanished without a trace leaves devices within one
+        /// interval (0: every poll).
+        #[serde(default = "default_reconcile")]
+        reconcile_secs: u64,
     },
 }
 
@@ -90,6 +96,13 @@ pub struct SharingConfig {
     /// Sensitivity labels (v3 ActCode) to withhold; the defaults if absent.
     #[serde(default)]
     pub deny_labels: Option<Vec<String>>,
+    /// The region's map of local, Read v2 and CTV3 codes to SNOMED CT (CSV with a
+    /// `# version:` line), so the code list also covers them.
+    #[serde(default)]
+    pub local_code_map: Option<PathBuf>,
+    /// A clinical item no list can classify: `share` (default) or `withhold`.
+    #[serde(default)]
+    pub unclassified: crate::sharing::Unclassified,
 }
 
 /// Request limits.
@@ -132,6 +145,9 @@ fn default_poll() -> u64 {
 }
 fn default_overlap() -> u64 {
     300
+}
+fn default_reconcile() -> u64 {
+    3600
 }
 fn default_page() -> u32 {
     500

@@ -1,11 +1,22 @@
 //! FHIR R4 in: the upstream's resources mapped into the internal model, one patient at a
 //! time, with the sharing rules applied on the way (`sharing`).
 //!
-//! A resource the mapping cannot read is reported and skipped whole — never half-mapped.
-//! Because a silently shorter allergy or medication list would look complete to a
-//! clinician, a section that lost an unreadable item is served as "not available", not
-//! as the items that happened to map. Reports carry the resource type, its FHIR id and
-//! the rule it broke; never patient data.
+//! Real records are messier than a tidy export, and the two kinds of failure are handled
+//! in opposite directions (tools/hub/README.md, "Mapping rules"):
+//! - **privacy fails closed**: a Consent in the patient-privacy scope that denies counts
+//!   as an objection whatever the precision of its dates, with no date, with a missing or
+//!   unknown status, or with a provision that cannot be fully read; a Consent that cannot
+//!   be read at all withholds the patient. Only a readable withdrawal dated after the
+//!   objection lifts it. A deny provision limited to data classes withholds those sections
+//!   only; one limited in a way that cannot be classified withholds the whole patient.
+//! - **clinical content fails visible**: an item that cannot be read is reported and
+//!   counted in its section's `unreadable`, never dropped silently and never hiding the
+//!   items that could be read. A section is "not available" only when the source says so
+//!   or nothing in it was readable. Codes of any system (SNOMED CT, dm+d, Read v2, CTV3, a
+//!   local system) and text-only items are read as they are; provenance without an ODS
+//!   code is kept as it is.
+//!
+//! Reports carry the resource type, its FHIR id and the rule it broke; never patient data.
 
 use std::collections::BTreeMap;
 
@@ -15,20 +26,21 @@ use sync_protocol::message::ObjectionStatus;
 use sync_protocol::record::{
     Alert, AlertCategory, AlertSeverity, Allergy, AllergyCategory, AllergyStatus, ContactRole,
     Course, Criticality, Demographics, HumanName, KeyContact, Medication, MedicationStatus,
-    PatientRecord, Period, Reaction, ReactionSeverity, Section, Sex,
+    PatientRecord, Period, Reaction, ReactionSeverity, Section, Sex, Unreadable,
 };
 use sync_protocol::types::{
-    BoundedVec, Coding, Date, OdsCode, PostcodeDistrict, Provenance, RecordVersion, SctId,
-    SourceId, Text, Timestamp,
+    BoundedVec, CTV3_SYSTEM, Code, Coding, DMD_SYSTEM, Date, OdsCode, PostcodeDistrict,
+    Provenance, READ_V2_SYSTEM, RecordVersion, SNOMED_SYSTEM, SctId, SourceId, Text, Timestamp,
 };
 
 use crate::sharing::SharingRules;
 
 const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
-const SNOMED: &str = "http://snomed.info/sct";
+const SNOMED: &str = SNOMED_SYSTEM;
 const CONFIDENTIALITY: &str = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality";
 const ALLERGY_LIST_CODE: &str = "886921000000105";
+const CONSENT_SCOPE: &str = "http://terminology.hl7.org/CodeSystem/consentscope";
 
 /// Why a resource could not be mapped. Names a rule, never a value.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -47,12 +59,14 @@ impl std::fmt::Display for MappingIssue {
     }
 }
 
-/// A patient's objection as the source states it.
+/// A patient's whole-record objection as the source states it, after the fail-closed
+/// rules (see [`resolve_consents`]).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct SourceObjection {
     /// Objected or withdrawn.
     pub status: ObjectionStatus,
-    /// When it was recorded.
+    /// When it was recorded: the latest instant its date allows, else the resource's
+    /// `meta.lastUpdated`, else the epoch (unknown).
     pub recorded_at: Timestamp,
 }
 
@@ -60,9 +74,9 @@ pub struct SourceObjection {
 /// and the objection, if any.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Mapped {
-    /// The record, after the sharing rules.
+    /// The record, after the sharing rules and any partial objection.
     pub record: PatientRecord,
-    /// The latest objection the source holds.
+    /// The whole-record objection state the source holds, if it holds any.
     pub objection: Option<SourceObjection>,
 }
 
@@ -86,6 +100,20 @@ pub struct Collector<'a> {
     /// What could not be placed.
     pub issues: Vec<MappingIssue>,
     rules: &'a SharingRules,
+}
+
+/// The patient a resource belongs to: its own id for a Patient, else the id in
+/// `subject` or `patient` (`Patient/{id}`, or an absolute URL ending so).
+pub fn patient_of(resource: &Value) -> Option<&str> {
+    if str_at(resource, &["resourceType"]) == Some("Patient") {
+        return str_at(resource, &["id"]).filter(|id| !id.is_empty());
+    }
+    let reference = str_at(resource, &["subject", "reference"])
+        .or_else(|| str_at(resource, &["patient", "reference"]))?;
+    let at = reference.rfind("Patient/")?;
+    let id = reference.get(at + "Patient/".len()..)?;
+    let id = id.split('/').next().unwrap_or(id);
+    (!id.is_empty()).then_some(id)
 }
 
 impl<'a> Collector<'a> {
@@ -119,21 +147,20 @@ impl<'a> Collector<'a> {
             | "MedicationStatement"
             | "RelatedPerson"
             | "List"
-            | "Consent" => {
-                let reference = str_at(&resource, &["subject", "reference"])
-                    .or_else(|| str_at(&resource, &["patient", "reference"]));
-                match reference.and_then(|r| r.strip_prefix("Patient/")) {
-                    Some(pid) if !pid.is_empty() => {
-                        let item = classify(&resource, self.rules);
-                        self.patients
-                            .entry(pid.to_owned())
-                            .or_default()
-                            .items
-                            .push(item);
-                    }
-                    _ => self.issues.push(issue("no Patient reference")),
+            | "Consent" => match patient_of(&resource) {
+                Some(pid) => {
+                    let pid = pid.to_owned();
+                    let item = classify(&resource, self.rules);
+                    self.patients.entry(pid).or_default().items.push(item);
                 }
-            }
+                None if kind == "Consent" => {
+                    // A Consent that names no patient we can find cannot be honoured and
+                    // cannot be placed: reported loudly, and the ingest summary counts it.
+                    self.issues
+                        .push(issue("Consent names no Patient: objection cannot be placed"));
+                }
+                None => self.issues.push(issue("no Patient reference")),
+            },
             _ => self.issues.push(issue("resource type not used")),
         }
     }
@@ -153,12 +180,143 @@ pub enum Item {
     Contact(Result<Option<KeyContact>, MappingIssue>),
     /// The source says it cannot provide allergies.
     AllergiesUnavailable,
-    /// A Consent (an objection, or one that does not restrict sharing).
-    Objection(Result<Option<SourceObjection>, MappingIssue>),
+    /// A Consent: `Ok(None)` if it does not restrict sharing; an `Err` withholds the
+    /// patient (fail closed).
+    Consent(Result<Option<Denial>, MappingIssue>),
     /// Withheld by the sharing rules: only counted.
     Withheld,
     /// Read but not used (e.g. another kind of List).
     Ignored,
+}
+
+/// Which sections a partial objection withholds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Sections {
+    /// Alerts (Flag).
+    pub alerts: bool,
+    /// Allergies (AllergyIntolerance).
+    pub allergies: bool,
+    /// Medications (MedicationStatement and the other medication resources).
+    pub medications: bool,
+    /// Key contacts (RelatedPerson).
+    pub contacts: bool,
+}
+
+impl Sections {
+    fn union(self, o: Self) -> Self {
+        Self {
+            alerts: self.alerts || o.alerts,
+            allergies: self.allergies || o.allergies,
+            medications: self.medications || o.medications,
+            contacts: self.contacts || o.contacts,
+        }
+    }
+
+    fn covers(self, o: Self) -> bool {
+        (self.alerts || !o.alerts)
+            && (self.allergies || !o.allergies)
+            && (self.medications || !o.medications)
+            && (self.contacts || !o.contacts)
+    }
+}
+
+/// What a denial covers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DenialScope {
+    /// The whole patient.
+    Patient,
+    /// These sections only.
+    Sections(Sections),
+}
+
+impl DenialScope {
+    fn covers(self, o: Self) -> bool {
+        match (self, o) {
+            (Self::Patient, _) => true,
+            (Self::Sections(_), Self::Patient) => false,
+            (Self::Sections(a), Self::Sections(b)) => a.covers(b),
+        }
+    }
+}
+
+/// A patient-privacy Consent that denies, as read.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Denial {
+    /// True for a readable withdrawal (status `inactive` or `rejected`).
+    pub withdrawn: bool,
+    /// The earliest and latest instants its `dateTime` allows; `None` if it has none or
+    /// it cannot be read.
+    pub when: Option<(Timestamp, Timestamp)>,
+    /// What it denies.
+    pub scope: DenialScope,
+    /// `meta.lastUpdated`, if readable.
+    pub last_updated: Option<Timestamp>,
+}
+
+impl Denial {
+    /// How a Consent that cannot be read counts: an objection to the whole patient, in
+    /// force, that no withdrawal can be ordered after.
+    fn unreadable() -> Self {
+        Self {
+            withdrawn: false,
+            when: None,
+            scope: DenialScope::Patient,
+            last_updated: None,
+        }
+    }
+
+    fn recorded_at(&self) -> Timestamp {
+        self.when
+            .map(|(_, latest)| latest)
+            .or(self.last_updated)
+            .unwrap_or_else(|| Timestamp::from_millis(0).unwrap_or_else(|_| unreachable!()))
+    }
+}
+
+/// Resolve a patient's denials, failing closed: an objection stands unless a readable
+/// withdrawal covering at least its scope is dated, without doubt, after it (the
+/// withdrawal's earliest possible instant after the objection's latest). Imprecise or
+/// missing dates therefore resolve in favour of the objection. Returns the whole-record
+/// objection state (if any denial was seen) and the sections partial objections withhold.
+pub fn resolve_consents(denials: &[Denial]) -> (Option<SourceObjection>, Sections) {
+    let lifted = |d: &Denial| {
+        denials.iter().any(|w| {
+            w.withdrawn
+                && w.scope.covers(d.scope)
+                && matches!((w.when, d.when), (Some((w_earliest, _)), Some((_, d_latest))) if w_earliest > d_latest)
+        })
+    };
+    let in_force: Vec<&Denial> = denials
+        .iter()
+        .filter(|d| !d.withdrawn && !lifted(d))
+        .collect();
+    let whole: Vec<&&Denial> = in_force
+        .iter()
+        .filter(|d| d.scope == DenialScope::Patient)
+        .collect();
+    let sections = in_force.iter().fold(Sections::default(), |acc, d| match d.scope {
+        DenialScope::Sections(s) => acc.union(s),
+        DenialScope::Patient => acc,
+    });
+    let objection = if let Some(at) = whole.iter().map(|d| d.recorded_at()).max() {
+        Some(SourceObjection {
+            status: ObjectionStatus::Objected,
+            recorded_at: at,
+        })
+    } else {
+        // Denials seen, none standing for the whole patient: withdrawn (lifts an
+        // objection the hub held before).
+        denials
+            .iter()
+            .filter(|d| d.scope == DenialScope::Patient || d.withdrawn)
+            .map(Denial::recorded_at)
+            .max()
+            .map(|at| SourceObjection {
+                status: ObjectionStatus::Withdrawn,
+                recorded_at: at,
+            })
+    };
+    (objection, sections)
 }
 
 /// Map one item resource, applying the sharing rules first.
@@ -170,8 +328,10 @@ pub fn classify(item: &Value, rules: &SharingRules) -> Item {
         id: id.to_owned(),
         reason,
     };
-    if matches!(kind, "Flag" | "AllergyIntolerance" | "MedicationStatement")
-        && !entered_in_error(item)
+    if matches!(
+        kind,
+        "Flag" | "AllergyIntolerance" | "MedicationStatement" | "RelatedPerson"
+    ) && !entered_in_error(item)
         && rules.withholds(item)
     {
         return Item::Withheld;
@@ -190,13 +350,13 @@ pub fn classify(item: &Value, rules: &SharingRules) -> Item {
                 Item::Ignored
             }
         }
-        "Consent" => Item::Objection(consent(item).map_err(issue)),
+        "Consent" => Item::Consent(consent(item).map_err(issue)),
         _ => Item::Ignored,
     }
 }
 
 /// Map one patient. `Err` when the Patient itself cannot be read (the whole patient is
-/// skipped); item problems are pushed to `issues` and the rest is mapped.
+/// skipped); item problems are pushed to `issues` and counted, and the rest is mapped.
 pub fn map_patient(
     fhir_id: &str,
     resources: PatientResources,
@@ -217,7 +377,7 @@ pub fn map_patient(
     let mut medications = SectionBuilder::default();
     let mut contacts = SectionBuilder::default();
     let mut allergies_unavailable = false;
-    let mut objection: Option<SourceObjection> = None;
+    let mut denials = Vec::new();
     let mut withheld: u16 = 0;
 
     for item in resources.items {
@@ -227,98 +387,145 @@ pub fn map_patient(
             Item::Medication(r) => medications.push(r, issues),
             Item::Contact(r) => contacts.push(r, issues),
             Item::AllergiesUnavailable => allergies_unavailable = true,
-            Item::Objection(Ok(Some(o))) => {
-                if objection.is_none_or(|prev| prev.recorded_at <= o.recorded_at) {
-                    objection = Some(o);
-                }
+            Item::Consent(Ok(Some(d))) => denials.push(d),
+            Item::Consent(Ok(None)) | Item::Ignored => {}
+            Item::Consent(Err(issue)) => {
+                issues.push(issue);
+                denials.push(Denial::unreadable());
             }
-            Item::Objection(Ok(None)) | Item::Ignored => {}
-            Item::Objection(Err(issue)) => issues.push(issue),
             Item::Withheld => withheld = withheld.saturating_add(1),
         }
     }
+    let (objection, by_patient) = resolve_consents(&denials);
 
-    let record = PatientRecord {
+    let (alerts, u_alerts) = alerts.finish(false);
+    let (allergies, u_allergies) = allergies.finish(allergies_unavailable);
+    let (medications, u_medications) = medications.finish(false);
+    let (contacts, u_contacts) = contacts.finish(false);
+    let mut record = PatientRecord {
         nhs_number,
         version: RecordVersion(0),
         demographics,
-        alerts: alerts.finish(false),
-        allergies: allergies.finish(allergies_unavailable),
-        medications: medications.finish(false),
-        contacts: contacts.finish(false),
+        alerts,
+        allergies,
+        medications,
+        contacts,
         withheld,
+        unreadable: Unreadable {
+            alerts: u_alerts,
+            allergies: u_allergies,
+            medications: u_medications,
+            contacts: u_contacts,
+        },
     };
+    // A partial objection replaces the section whole; nothing about what it held stays.
+    if by_patient.alerts {
+        record.alerts = Section::WithheldByPatient;
+        record.unreadable.alerts = 0;
+    }
+    if by_patient.allergies {
+        record.allergies = Section::WithheldByPatient;
+        record.unreadable.allergies = 0;
+    }
+    if by_patient.medications {
+        record.medications = Section::WithheldByPatient;
+        record.unreadable.medications = 0;
+    }
+    if by_patient.contacts {
+        record.contacts = Section::WithheldByPatient;
+        record.unreadable.contacts = 0;
+    }
     Ok(Mapped { record, objection })
 }
 
 /// Items of one section; `Ok(None)` from a mapper means "not shared, not an error"
 /// (entered in error, inactive).
 struct SectionBuilder<T> {
-    items: Vec<(String, T)>,
-    broken: bool,
+    items: Vec<T>,
+    broken: u16,
 }
 
 impl<T> Default for SectionBuilder<T> {
     fn default() -> Self {
         Self {
             items: Vec::new(),
-            broken: false,
+            broken: 0,
         }
     }
 }
 
-impl<T: HasSourceId> SectionBuilder<T> {
+impl<T: SectionItem> SectionBuilder<T> {
     fn push(&mut self, mapped: Result<Option<T>, MappingIssue>, issues: &mut Vec<MappingIssue>) {
         match mapped {
-            Ok(Some(item)) => self.items.push((item.source_id().to_owned(), item)),
+            Ok(Some(item)) => self.items.push(item),
             Ok(None) => {}
             Err(issue) => {
                 issues.push(issue);
-                self.broken = true;
+                self.broken = self.broken.saturating_add(1);
             }
         }
     }
 
-    /// Items sorted by source id (the source's order is not meaningful); "not available"
-    /// if anything could not be read, or the list is over its limit, or the source said
-    /// so.
-    fn finish<const N: usize>(mut self, unavailable: bool) -> Section<T, N> {
-        if self.broken || self.items.len() > N {
-            return Section::NotAvailable;
+    /// The section and how many of its items could not be shown. Every readable item is
+    /// kept, sorted by source id (the source's order is not meaningful); past the
+    /// section's limit the least urgent are counted as not shown (an alert list keeps its
+    /// high-risk alerts first). "Not available" when the source said so, or when items
+    /// exist but none was readable; "none recorded" only when the source holds none.
+    fn finish<const N: usize>(mut self, unavailable: bool) -> (Section<T, N>, u16) {
+        let mut unreadable = self.broken;
+        if self.items.len() > N {
+            self.items
+                .sort_by(|a, b| b.rank().cmp(&a.rank()).then(a.key().cmp(b.key())));
+            let over = self.items.len() - N;
+            self.items.truncate(N);
+            unreadable = unreadable.saturating_add(u16::try_from(over).unwrap_or(u16::MAX));
         }
-        self.items.sort_by(|a, b| a.0.cmp(&b.0));
-        let items: Vec<T> = self.items.into_iter().map(|(_, t)| t).collect();
-        if items.is_empty() {
-            return if unavailable {
+        self.items.sort_by(|a, b| a.key().cmp(b.key()));
+        if self.items.is_empty() {
+            let section = if unavailable || unreadable > 0 {
                 Section::NotAvailable
             } else {
                 Section::NoneRecorded
             };
+            return (section, unreadable);
         }
-        Section::from_items(items).unwrap_or(Section::NotAvailable)
+        let section = Section::from_items(self.items).unwrap_or(Section::NotAvailable);
+        (section, unreadable)
     }
 }
 
-trait HasSourceId {
-    fn source_id(&self) -> &str;
+trait SectionItem {
+    /// The order items are kept in.
+    fn key(&self) -> &str;
+    /// Kept first when a section is over its limit.
+    fn rank(&self) -> u8 {
+        0
+    }
 }
-impl HasSourceId for Alert {
-    fn source_id(&self) -> &str {
+impl SectionItem for Alert {
+    fn key(&self) -> &str {
+        self.source_id.as_str()
+    }
+    fn rank(&self) -> u8 {
+        match self.severity {
+            AlertSeverity::HighRisk => 2,
+            AlertSeverity::Warning => 1,
+            AlertSeverity::Information => 0,
+        }
+    }
+}
+impl SectionItem for Allergy {
+    fn key(&self) -> &str {
         self.source_id.as_str()
     }
 }
-impl HasSourceId for Allergy {
-    fn source_id(&self) -> &str {
+impl SectionItem for Medication {
+    fn key(&self) -> &str {
         self.source_id.as_str()
     }
 }
-impl HasSourceId for Medication {
-    fn source_id(&self) -> &str {
-        self.source_id.as_str()
-    }
-}
-impl HasSourceId for KeyContact {
-    fn source_id(&self) -> &str {
+impl SectionItem for KeyContact {
+    fn key(&self) -> &str {
         // Contacts have no source id on the wire; order by name then.
         self.name.as_str()
     }
@@ -346,69 +553,113 @@ fn coding_code<'a>(concept: Option<&'a Value>, system: &str) -> Option<&'a str> 
         .as_str()
 }
 
-/// The SNOMED coding of a CodeableConcept, with its display (or the concept's text).
-fn snomed(concept: Option<&Value>) -> Result<Coding, &'static str> {
+/// A CodeableConcept as it was recorded: the best coding it carries — SNOMED CT, then
+/// dm+d, Read v2, CTV3, then any other system — with its display (or the concept's text),
+/// or the concept's text alone. A coding that breaks its system's rule (a SNOMED CT or
+/// dm+d code failing its check digit, an over-long code) is passed over for the next; the
+/// concept is unreadable only when no coding and no text can be used.
+fn concept(concept: Option<&Value>) -> Result<Coding, &'static str> {
     let concept = concept.ok_or("no code")?;
-    let coding = concept
+    let concept_text = concept
+        .get("text")
+        .and_then(Value::as_str)
+        .filter(|t| !t.trim().is_empty());
+    let codings = concept
         .get("coding")
         .and_then(Value::as_array)
-        .and_then(|cs| {
-            cs.iter()
-                .find(|c| c.get("system").and_then(Value::as_str) == Some(SNOMED))
-        })
-        .ok_or("no SNOMED CT coding")?;
-    let code: u64 = coding
-        .get("code")
-        .and_then(Value::as_str)
-        .and_then(|c| c.parse().ok())
-        .ok_or("SNOMED CT code is not a number")?;
-    let code = SctId::new(code).map_err(|_| "SNOMED CT code fails its check digit")?;
-    let display = coding
-        .get("display")
-        .and_then(Value::as_str)
-        .or_else(|| concept.get("text").and_then(Value::as_str))
-        .ok_or("coding without display text")?;
-    Ok(Coding {
-        code,
-        display: Text::new(display).map_err(|_| "display text too long or not printable")?,
-    })
-}
-
-/// Every SNOMED code a resource carries in the places the sharing rules look.
-pub(crate) fn snomed_codes(v: &Value) -> Vec<u64> {
-    let mut out = Vec::new();
-    let mut collect = |concept: Option<&Value>| {
-        if let Some(cs) = concept
-            .and_then(|c| c.get("coding"))
-            .and_then(Value::as_array)
-        {
-            for c in cs {
-                if c.get("system").and_then(Value::as_str) == Some(SNOMED)
-                    && let Some(code) = c
-                        .get("code")
-                        .and_then(Value::as_str)
-                        .and_then(|s| s.parse().ok())
-                {
-                    out.push(code);
-                }
-            }
-        }
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let rank = |system: &str| match system {
+        SNOMED => 0,
+        DMD_SYSTEM => 1,
+        READ_V2_SYSTEM => 2,
+        CTV3_SYSTEM => 3,
+        _ => 4,
     };
-    collect(v.get("code"));
-    collect(v.get("medicationCodeableConcept"));
-    for key in ["reasonCode", "category"] {
-        if let Some(list) = v.get(key).and_then(Value::as_array) {
-            for c in list {
-                collect(Some(c));
-            }
+    let mut candidates: Vec<(u8, Code, Option<&str>)> = codings
+        .iter()
+        .filter_map(|c| {
+            let system = c.get("system").and_then(Value::as_str)?;
+            let value = c.get("code").and_then(Value::as_str)?.trim();
+            let display = c
+                .get("display")
+                .and_then(Value::as_str)
+                .filter(|d| !d.trim().is_empty());
+            let sct = || value.parse::<u64>().ok().and_then(|n| SctId::new(n).ok());
+            let code = match system {
+                SNOMED => Code::Snomed(sct()?),
+                DMD_SYSTEM => Code::Dmd(sct()?),
+                READ_V2_SYSTEM => Code::ReadV2(Text::new(value).ok()?),
+                CTV3_SYSTEM => Code::Ctv3(Text::new(value).ok()?),
+                _ if value.is_empty() => return None,
+                _ => Code::Other {
+                    system: Text::new(system).ok()?,
+                    code: Text::new(value).ok()?,
+                },
+            };
+            Some((rank(system), code, display))
+        })
+        .collect();
+    candidates.sort_by_key(|(r, _, _)| *r);
+    // The best coding that has words to show; a coding without a display borrows the
+    // concept's text.
+    for (_, code, display) in candidates {
+        if let Some(display) = display.or(concept_text) {
+            return Ok(Coding {
+                code: Some(code),
+                display: text(display, "display text too long or not printable")?,
+            });
         }
     }
-    if let Some(reactions) = v.get("reaction").and_then(Value::as_array) {
-        for r in reactions {
+    match concept_text {
+        Some(t) => Ok(Coding {
+            code: None,
+            display: text(t, "text too long or not printable")?,
+        }),
+        None => Err("neither a usable coding with display text nor text"),
+    }
+}
+
+/// Every (system, code) a resource carries in the places the sharing rules look: the
+/// item's code, medicine, reason, category and reaction manifestations.
+pub(crate) fn codings(v: &Value) -> Vec<(&str, &str)> {
+    let mut out = Vec::new();
+    let concepts = {
+        let mut cs: Vec<&Value> = Vec::new();
+        for key in ["code", "medicationCodeableConcept"] {
+            if let Some(c) = v.get(key) {
+                cs.push(c);
+            }
+        }
+        for key in ["reasonCode", "category"] {
+            if let Some(list) = v.get(key).and_then(Value::as_array) {
+                cs.extend(list.iter());
+            }
+        }
+        for r in v
+            .get("reaction")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(ms) = r.get("manifestation").and_then(Value::as_array) {
-                for m in ms {
-                    collect(Some(m));
-                }
+                cs.extend(ms.iter());
+            }
+        }
+        cs
+    };
+    for c in concepts {
+        for coding in c
+            .get("coding")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let (Some(system), Some(code)) = (
+                coding.get("system").and_then(Value::as_str),
+                coding.get("code").and_then(Value::as_str),
+            ) {
+                out.push((system, code.trim()));
             }
         }
     }
@@ -459,23 +710,57 @@ pub(crate) fn instant(s: &str) -> Result<Timestamp, &'static str> {
         .ok_or("instant out of range")
 }
 
-/// Item provenance: organisation from `meta.source` (`ODS_SYSTEM|code`) or the
-/// author/informationSource/recorder identifier; time from `meta.lastUpdated`.
+/// Item provenance, each part as the source gives it and none of them required:
+/// - organisation: `meta.source` (`ODS_SYSTEM|code`), else the first of recorder,
+///   asserter, author and informationSource identified by an ODS code;
+/// - recorded by: the first of those that names a person or a reference without an ODS
+///   code — its display, else its reference (`Practitioner/…`), kept as given;
+/// - last updated: `meta.lastUpdated` when it is a readable instant.
 fn provenance(v: &Value) -> Result<Provenance, &'static str> {
-    let org = str_at(v, &["meta", "source"])
+    const WHO: [&str; 4] = ["recorder", "asserter", "author", "informationSource"];
+    let ods_of = |r: &Value| -> Option<OdsCode> {
+        let system = str_at(r, &["identifier", "system"]);
+        let value = str_at(r, &["identifier", "value"])?;
+        let is_org = system == Some(ODS_SYSTEM)
+            || (system.is_none() && str_at(r, &["type"]) == Some("Organization"));
+        if is_org { OdsCode::new(value.trim()).ok() } else { None }
+    };
+    let organisation = str_at(v, &["meta", "source"])
         .and_then(|s| s.strip_prefix(ODS_SYSTEM))
         .and_then(|s| s.strip_prefix('|'))
-        .or_else(|| {
-            ["author", "informationSource", "recorder"]
-                .iter()
-                .find_map(|k| str_at(v, &[k, "identifier", "value"]))
+        .and_then(|code| OdsCode::new(code.trim()).ok())
+        .or_else(|| WHO.iter().filter_map(|k| v.get(*k)).find_map(ods_of));
+    let recorded_by = WHO
+        .iter()
+        .filter_map(|k| v.get(*k))
+        .filter(|r| ods_of(r).is_none())
+        .find_map(|r| {
+            str_at(r, &["display"])
+                .or_else(|| str_at(r, &["reference"]))
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
         })
-        .ok_or("no source organisation")?;
-    let at = str_at(v, &["meta", "lastUpdated"]).ok_or("no meta.lastUpdated")?;
+        .map(|who| Text::new(truncate(who, 256)))
+        .transpose()
+        .map_err(|_| "recorder name not printable")?;
+    let last_updated = str_at(v, &["meta", "lastUpdated"]).and_then(|t| instant(t).ok());
     Ok(Provenance {
-        organisation: OdsCode::new(org).map_err(|_| "source organisation is not an ODS code")?,
-        last_updated: instant(at)?,
+        organisation,
+        recorded_by,
+        last_updated,
     })
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
 }
 
 fn source_id(v: &Value) -> Result<SourceId, &'static str> {
@@ -602,7 +887,7 @@ fn flag(v: &Value) -> Result<Option<Alert>, &'static str> {
         Some("inactive" | "entered-in-error") => return Ok(None),
         _ => return Err("Flag status missing or not in the R4 value set"),
     }
-    let code = snomed(v.get("code"))?;
+    let code = concept(v.get("code"))?;
     let category_text = v
         .get("category")
         .and_then(Value::as_array)
@@ -719,7 +1004,7 @@ fn allergy(v: &Value) -> Result<Option<Allergy>, &'static str> {
         let null_flavour =
             coding_code(first, "http://terminology.hl7.org/CodeSystem/v3-NullFlavor").is_some();
         let manifestation = match first {
-            Some(m) if !null_flavour => Some(snomed(Some(m))?),
+            Some(m) if !null_flavour => Some(concept(Some(m))?),
             _ => None,
         };
         let severity = match str_at(r, &["severity"]) {
@@ -750,7 +1035,7 @@ fn allergy(v: &Value) -> Result<Option<Allergy>, &'static str> {
         .filter(|n| !n.is_empty());
     Ok(Some(Allergy {
         source_id: source_id(v)?,
-        substance: snomed(v.get("code"))?,
+        substance: concept(v.get("code"))?,
         category,
         criticality,
         status,
@@ -822,7 +1107,7 @@ fn medication(v: &Value) -> Result<Option<Medication>, &'static str> {
         .transpose()?;
     Ok(Some(Medication {
         source_id: source_id(v)?,
-        medicine: snomed(v.get("medicationCodeableConcept"))?,
+        medicine: concept(v.get("medicationCodeableConcept"))?,
         dose_text,
         status,
         course,
@@ -901,29 +1186,179 @@ fn related_person(v: &Value) -> Result<Option<KeyContact>, &'static str> {
     }))
 }
 
-/// An objection: a patient-privacy Consent whose provision denies. `Ok(None)` for other
-/// consents (they do not restrict sharing).
-fn consent(v: &Value) -> Result<Option<SourceObjection>, &'static str> {
-    let scope = coding_code(
-        v.get("scope"),
-        "http://terminology.hl7.org/CodeSystem/consentscope",
-    );
-    if scope != Some("patient-privacy") || str_at(v, &["provision", "type"]) != Some("deny") {
+/// A Consent as the sharing rules read it. `Ok(None)`: it does not restrict sharing (a
+/// consent of another scope, a permit with nothing denied, entered in error). `Ok(Some)`:
+/// a denial (an objection, partial or whole, or its withdrawal). `Err`: it cannot be read
+/// — the caller counts it as a standing objection to the whole patient.
+///
+/// Fail-closed rules (tools/hub/README.md, "Objections"):
+/// - scope `patient-privacy`, or no readable scope at all, is a privacy consent; another
+///   scope (treatment, research, advance directive) does not restrict sharing;
+/// - status `inactive` / `rejected` is a withdrawal, `entered-in-error` is ignored, and
+///   every other status — `active`, `proposed`, `draft`, missing or unknown — objects;
+/// - the date may be a year, year-month, date or dateTime, with or without a zone, or
+///   absent: it is kept as the range of instants it allows;
+/// - a top-level `deny` limited by `class` to data classes the mapper knows withholds
+///   those sections; any other limit (codes, nested exceptions, unknown classes) withholds
+///   the whole patient; a `permit` with nested `deny` provisions denies what they name; a
+///   provision of no readable type denies the whole patient.
+fn consent(v: &Value) -> Result<Option<Denial>, &'static str> {
+    let scopes: Vec<&str> = v
+        .get("scope")
+        .and_then(|s| s.get("coding"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("code").and_then(Value::as_str))
+        .collect();
+    let privacy = scopes.is_empty()
+        || coding_code(v.get("scope"), CONSENT_SCOPE) == Some("patient-privacy")
+        || scopes.contains(&"patient-privacy");
+    if !privacy {
         return Ok(None);
     }
-    let status = match str_at(v, &["status"]) {
-        Some("active") => ObjectionStatus::Objected,
-        Some("inactive" | "rejected") => ObjectionStatus::Withdrawn,
-        Some("entered-in-error" | "draft" | "proposed") => return Ok(None),
-        _ => return Err("Consent status missing or not in the R4 value set"),
+    let withdrawn = match str_at(v, &["status"]) {
+        Some("entered-in-error") => return Ok(None),
+        Some("inactive" | "rejected") => true,
+        _ => false,
     };
-    let at = str_at(v, &["dateTime"])
-        .or_else(|| str_at(v, &["meta", "lastUpdated"]))
-        .ok_or("Consent without dateTime")?;
-    Ok(Some(SourceObjection {
-        status,
-        recorded_at: instant(at)?,
+    let scope = match v.get("provision") {
+        None => DenialScope::Patient,
+        Some(p) => match provision_denies(p, 0) {
+            Some(scope) => scope,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(Denial {
+        withdrawn,
+        when: str_at(v, &["dateTime"]).and_then(instant_range),
+        scope,
+        last_updated: str_at(v, &["meta", "lastUpdated"]).and_then(|t| instant(t).ok()),
     }))
+}
+
+/// What a provision denies; `None` if it denies nothing.
+fn provision_denies(p: &Value, depth: u8) -> Option<DenialScope> {
+    let nested: Vec<&Value> = p
+        .get("provision")
+        .and_then(Value::as_array)
+        .map(|n| n.iter().collect())
+        .unwrap_or_default();
+    match str_at(p, &["type"]) {
+        Some("deny") => {
+            if !nested.is_empty() || p.get("code").is_some() || depth > 2 {
+                // Exceptions inside a denial, or a denial limited by codes, cannot be
+                // classified into sections: the whole patient.
+                return Some(DenialScope::Patient);
+            }
+            let classes: Vec<&Value> = p
+                .get("class")
+                .and_then(Value::as_array)
+                .map(|c| c.iter().collect())
+                .unwrap_or_default();
+            if classes.is_empty() {
+                return Some(DenialScope::Patient);
+            }
+            let mut sections = Sections::default();
+            for class in classes {
+                let system = str_at(class, &["system"]);
+                let known_system = matches!(
+                    system,
+                    None | Some("http://hl7.org/fhir/resource-types")
+                );
+                match (known_system, str_at(class, &["code"])) {
+                    (true, Some("Flag")) => sections.alerts = true,
+                    (true, Some("AllergyIntolerance")) => sections.allergies = true,
+                    (
+                        true,
+                        Some(
+                            "MedicationStatement"
+                            | "MedicationRequest"
+                            | "Medication"
+                            | "MedicationAdministration"
+                            | "MedicationDispense",
+                        ),
+                    ) => sections.medications = true,
+                    (true, Some("RelatedPerson")) => sections.contacts = true,
+                    _ => return Some(DenialScope::Patient),
+                }
+            }
+            Some(DenialScope::Sections(sections))
+        }
+        Some("permit") => {
+            let mut out: Option<DenialScope> = None;
+            for n in nested {
+                match (out, provision_denies(n, depth.saturating_add(1))) {
+                    (_, None) => {}
+                    (_, Some(DenialScope::Patient)) => return Some(DenialScope::Patient),
+                    (None, Some(s)) => out = Some(s),
+                    (Some(DenialScope::Sections(a)), Some(DenialScope::Sections(b))) => {
+                        out = Some(DenialScope::Sections(a.union(b)));
+                    }
+                    (Some(DenialScope::Patient), Some(_)) => {
+                        return Some(DenialScope::Patient);
+                    }
+                }
+            }
+            out
+        }
+        // A provision whose type cannot be read, in a privacy consent: the whole patient.
+        _ => Some(DenialScope::Patient),
+    }
+}
+
+/// The earliest and latest instants a FHIR `date` or `dateTime` allows. A year,
+/// year-month or date spans its whole period; one without a zone (a date, or a dateTime
+/// written without one) is widened by 14 hours each way, since the source's offset could
+/// be any. `None` if it cannot be read.
+pub(crate) fn instant_range(s: &str) -> Option<(Timestamp, Timestamp)> {
+    const ZONE_SLACK_MS: u64 = 14 * 3_600_000;
+    if let Ok(t) = instant(s) {
+        return Some((t, t));
+    }
+    let (day_part, time_part) = match s.split_once('T') {
+        Some((d, t)) => (d, Some(t)),
+        None => (s, None),
+    };
+    date(day_part).ok()?;
+    let mut parts = day_part.split('-');
+    let y: i32 = parts.next()?.parse().ok()?;
+    let m: Option<u8> = parts.next().map(str::parse).transpose().ok()?;
+    let d: Option<u8> = parts.next().map(str::parse).transpose().ok()?;
+    let day = |y: i32, m: u8, d: u8| -> Option<i64> {
+        let month = time::Month::try_from(m).ok()?;
+        let date = time::Date::from_calendar_date(y, month, d).ok()?;
+        Some(date.midnight().assume_utc().unix_timestamp() * 1000)
+    };
+    let (start, end) = match (m, d, time_part) {
+        (None, _, _) => (day(y, 1, 1)?, day(y.checked_add(1)?, 1, 1)?),
+        (Some(m), None, _) => {
+            let (ny, nm) = if m == 12 { (y.checked_add(1)?, 1) } else { (y, m + 1) };
+            (day(y, m, 1)?, day(ny, nm, 1)?)
+        }
+        (Some(m), Some(d), None) => {
+            let start = day(y, m, d)?;
+            (start, start.checked_add(86_400_000)?)
+        }
+        (Some(m), Some(d), Some(t)) => {
+            // A local time with no zone: that instant at any offset.
+            let mut hms = t.split(['.', '+', '-', 'Z']).next()?.split(':');
+            let h: i64 = hms.next()?.parse().ok()?;
+            let mi: i64 = hms.next()?.parse().ok()?;
+            let sec: i64 = hms.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+            if !(0..24).contains(&h) || !(0..60).contains(&mi) || !(0..61).contains(&sec) {
+                return None;
+            }
+            let at = day(y, m, d)? + ((h * 60 + mi) * 60 + sec) * 1000;
+            (at, at + 1)
+        }
+    };
+    let start = u64::try_from(start).ok()?.saturating_sub(ZONE_SLACK_MS);
+    let end = u64::try_from(end).ok()?.saturating_sub(1).saturating_add(ZONE_SLACK_MS);
+    Some((
+        Timestamp::from_millis(start).ok()?,
+        Timestamp::from_millis(end.min(Timestamp::END - 1)).ok()?,
+    ))
 }
 
 #[cfg(test)]

@@ -253,10 +253,16 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
             .map(|s| (*s).to_owned())
             .collect()
     });
-    let rules = match &config.sharing.code_list {
+    let mut rules = match &config.sharing.code_list {
         Some(p) => SharingRules::from_file(p, &labels)?,
         None => SharingRules::new(carecache_hub::sharing::DEFAULT_CODE_LIST, &labels)?,
-    };
+    }
+    .with_unclassified(config.sharing.unclassified);
+    if let Some(path) = &config.sharing.local_code_map {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the local code map {}", path.display()))?;
+        rules = rules.with_local_map(carecache_hub::sharing::LocalCodeMap::parse(&text)?);
+    }
     let state = open_state(config)?;
     for spec in &config.leases {
         state.put_lease(spec, None).with_context(|| {
@@ -287,8 +293,10 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
                 base_url,
                 overlap_secs,
                 page_size,
+                reconcile_secs,
                 ..
             } => FhirRest::new(base_url, *overlap_secs, *page_size)
+                .with_reconcile(*reconcile_secs)
                 .poll(&ingest_hub.state, &ingest_rules),
         };
         summary

@@ -33,7 +33,7 @@ use sync_protocol::message::{
 use sync_protocol::types::{
     BoundedVec, Bytes as WireBytes, Capabilities, DeviceId, Text, Timestamp,
 };
-use sync_protocol::{Compression, decode_with_limit, encode};
+use sync_protocol::{Compression, decode_with_limit, encode, encode_version};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
@@ -46,7 +46,7 @@ use crate::state::{HubState, LeaseSpec, StateError};
 /// Content type of sync-protocol frames.
 pub const FRAME_CONTENT_TYPE: &str = "application/vnd.carecache.sync";
 /// Protocol versions this hub speaks.
-const VERSIONS: (u16, u16) = (1, 1);
+const VERSIONS: (u16, u16) = (1, 2);
 
 /// A source re-read the admin API can trigger; returns a JSON report.
 pub type IngestHook = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
@@ -461,6 +461,18 @@ async fn read_frame(
     body: Body,
     kind: MessageKind,
 ) -> Result<Message, Response> {
+    read_frame_versioned(headers, body, kind)
+        .await
+        .map(|(m, _)| m)
+}
+
+/// [`read_frame`], with the protocol version the request was framed in: the hub answers
+/// in it (SPEC.md §5).
+async fn read_frame_versioned(
+    headers: &HeaderMap,
+    body: Body,
+    kind: MessageKind,
+) -> Result<(Message, u16), Response> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -506,7 +518,12 @@ async fn read_frame(
             None,
         ));
     }
-    Ok(msg)
+    // The header parsed once already: decoding succeeded.
+    let version = bytes
+        .get(4..6)
+        .and_then(|v| <[u8; 2]>::try_from(v).ok())
+        .map_or(1, u16::from_be_bytes);
+    Ok((msg, version))
 }
 
 /// The enrolled, unrevoked device behind a request, within its rate limit.
@@ -657,10 +674,12 @@ async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response
         Ok(d) => d,
         Err(r) => return r,
     };
-    let Message::Pull(p) = (match read_frame(&parts.headers, body, MessageKind::Pull).await {
-        Ok(m) => m,
-        Err(resp) => return resp,
-    }) else {
+    let (msg, version) =
+        match read_frame_versioned(&parts.headers, body, MessageKind::Pull).await {
+            Ok(m) => m,
+            Err(resp) => return resp,
+        };
+    let Message::Pull(p) = msg else {
         return error_frame(ErrorCode::Malformed, "expected pull", None);
     };
     let now = hub.now();
@@ -686,6 +705,18 @@ async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response
                 more = batch.more,
                 "batch served"
             );
+            if version == 1 {
+                // A version-1 device: each record as v1 can carry it (SPEC.md §5).
+                return match encode_version(&Message::Batch(batch), Compression::Zstd, 1) {
+                    Ok(bytes) => (
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, FRAME_CONTENT_TYPE)],
+                        bytes,
+                    )
+                        .into_response(),
+                    Err(e) => internal(&e),
+                };
+            }
             hub.answer("pull", StatusCode::OK, &Message::Batch(batch))
         }
         Ok((_, Err(PullError::CursorInvalid(why)))) => error_frame(

@@ -1,15 +1,17 @@
 //! Sharing rules applied at ingest, before anything is stored: sensitive items are
-//! withheld by security label and by a versioned code-list data file. Objections are
-//! applied when a device's view is built (`pull`), because they change independently of
-//! the record.
+//! withheld by security label and by a versioned code-list data file, which covers SNOMED
+//! CT and dm+d codes (dm+d ids are SCTIDs) and, through a region's versioned local-code
+//! map, Read v2, CTV3 and local codes. Objections are applied when a device's view is
+//! built (`pull`), because they change independently of the record.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::Value;
 use sync_protocol::sensitive::CodeList;
+use sync_protocol::types::{DMD_SYSTEM, SNOMED_SYSTEM, SctId};
 
-use crate::fhir_in::{security_codes, snomed_codes};
+use crate::fhir_in::{codings, security_codes};
 
 /// The code list shipped with carecache (shared with the device, which re-checks it).
 pub const DEFAULT_CODE_LIST: &str = sync_protocol::sensitive::DEFAULT_CODE_LIST;
@@ -31,6 +33,14 @@ pub enum SharingError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The local-code map is malformed.
+    #[error("local code map, line {line}: {reason}")]
+    CodeMap {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// The code-list file could not be read.
     #[error("reading the sensitive code list {path}: {source}")]
     Read {
@@ -41,11 +51,96 @@ pub enum SharingError {
     },
 }
 
+/// What happens to a clinical item none of whose codes any list can check (only local
+/// codes the map does not hold, or text alone).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unclassified {
+    /// Shown (the default): security labels still apply, and a locally coded DNACPR or
+    /// safeguarding alert reaches the crew. Hazard log HAZ-14.
+    #[default]
+    Share,
+    /// Withheld and counted, as a sensitive item is.
+    Withhold,
+}
+
+/// A region's map from local, Read v2 or CTV3 codes to SNOMED CT (a ConceptMap as a CSV
+/// file): `# version: …`, the header `system,code,snomed,display`, then one mapping a
+/// line. Versioned and recorded with each ingest, like the code list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalCodeMap {
+    version: String,
+    map: BTreeMap<(String, String), Vec<u64>>,
+}
+
+impl LocalCodeMap {
+    /// Parse the CSV text. Every target must pass the SNOMED CT check digit.
+    pub fn parse(text: &str) -> Result<Self, SharingError> {
+        let mut version = None;
+        let mut map: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+        let mut header_seen = false;
+        for (i, line) in text.lines().enumerate() {
+            let err = |reason| SharingError::CodeMap {
+                line: i + 1,
+                reason,
+            };
+            let line = line.trim();
+            if let Some(comment) = line.strip_prefix('#') {
+                if let Some(v) = comment.trim().strip_prefix("version:") {
+                    version = Some(v.trim().to_owned());
+                }
+                continue;
+            }
+            if line.is_empty() {
+                continue;
+            }
+            if !header_seen {
+                if !line.starts_with("system,code,snomed") {
+                    return Err(err("expected the header line `system,code,snomed,display`"));
+                }
+                header_seen = true;
+                continue;
+            }
+            let mut fields = line.splitn(4, ',');
+            let system = fields.next().unwrap_or("").trim();
+            let code = fields.next().unwrap_or("").trim();
+            let target = fields.next().unwrap_or("").trim();
+            if system.is_empty() || code.is_empty() {
+                return Err(err("system and code are required"));
+            }
+            let target: u64 = target.parse().map_err(|_| err("snomed is not a number"))?;
+            SctId::new(target).map_err(|_| err("snomed fails the SNOMED CT check digit"))?;
+            map.entry((system.to_owned(), code.to_owned()))
+                .or_default()
+                .push(target);
+        }
+        let version = version.ok_or(SharingError::CodeMap {
+            line: 1,
+            reason: "no `# version:` line",
+        })?;
+        Ok(Self { version, map })
+    }
+
+    /// The map's version line.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The SNOMED CT concepts a (system, code) maps to.
+    pub fn targets(&self, system: &str, code: &str) -> &[u64] {
+        self.map
+            .get(&(system.to_owned(), code.to_owned()))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
 /// What the hub withholds.
 #[derive(Clone, Debug)]
 pub struct SharingRules {
     list: CodeList,
     deny_labels: BTreeSet<String>,
+    local_map: Option<LocalCodeMap>,
+    unclassified: Unclassified,
 }
 
 impl SharingRules {
@@ -58,7 +153,26 @@ impl SharingRules {
         Ok(Self {
             list,
             deny_labels: deny_labels.iter().cloned().collect(),
+            local_map: None,
+            unclassified: Unclassified::Share,
         })
+    }
+
+    /// The same rules with a region's local-code map.
+    pub fn with_local_map(mut self, map: LocalCodeMap) -> Self {
+        self.local_map = Some(map);
+        self
+    }
+
+    /// The same rules with a policy for items no list can classify.
+    pub fn with_unclassified(mut self, policy: Unclassified) -> Self {
+        self.unclassified = policy;
+        self
+    }
+
+    /// The local-code map's version, if one is loaded (recorded with every ingest).
+    pub fn local_map_version(&self) -> Option<&str> {
+        self.local_map.as_ref().map(LocalCodeMap::version)
     }
 
     /// The shipped code list and default labels.
@@ -90,15 +204,47 @@ impl SharingRules {
     }
 
     /// True if an item must be withheld: confidentiality `R` or `V`, a denied
-    /// sensitivity label, or any of its codes on the list.
+    /// sensitivity label (on any item), any of its SNOMED CT or dm+d codes on the list,
+    /// any of its other codes mapped to a listed concept — or, for a clinical item none of
+    /// whose codes a list could check, the [`Unclassified`] policy says so.
     pub fn withholds(&self, item: &Value) -> bool {
-        security_codes(item, CONFIDENTIALITY)
+        if security_codes(item, CONFIDENTIALITY)
             .iter()
             .any(|c| matches!(*c, "R" | "V"))
             || security_codes(item, ACT_CODE)
                 .iter()
                 .any(|c| self.deny_labels.contains(*c))
-            || snomed_codes(item).iter().any(|c| self.list.contains(*c))
+        {
+            return true;
+        }
+        let mut classified = false;
+        for (system, code) in codings(item) {
+            let listed = match system {
+                SNOMED_SYSTEM | DMD_SYSTEM => match code.parse::<u64>() {
+                    Ok(c) => {
+                        classified = true;
+                        self.list.contains(c)
+                    }
+                    Err(_) => false,
+                },
+                _ => {
+                    let targets = self
+                        .local_map
+                        .as_ref()
+                        .map_or(&[][..], |m| m.targets(system, code));
+                    classified |= !targets.is_empty();
+                    targets.iter().any(|c| self.list.contains(*c))
+                }
+            };
+            if listed {
+                return true;
+            }
+        }
+        let clinical = matches!(
+            item.get("resourceType").and_then(Value::as_str),
+            Some("Flag" | "AllergyIntolerance" | "MedicationStatement")
+        );
+        clinical && !classified && self.unclassified == Unclassified::Withhold
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::fhir_in::{Collector, MappingIssue, instant, map_patient, str_at};
+use crate::fhir_in::{Collector, MappingIssue, instant, map_patient, patient_of, str_at};
 use crate::sharing::SharingRules;
 use crate::state::{HubState, IngestReport, StateError};
 
@@ -41,6 +41,12 @@ pub struct IngestSummary {
     pub issues: Vec<String>,
     /// Version of the sensitive code list applied.
     pub code_list_version: String,
+    /// Version of the local-code map applied, if any.
+    pub local_code_map_version: Option<String>,
+    /// REST source: whether the server's `_history` could be read for deletions.
+    pub history: Option<bool>,
+    /// REST source: whether this poll read every known patient again.
+    pub reconciled: Option<bool>,
 }
 
 /// A source failed as a whole (nothing was stored).
@@ -85,6 +91,9 @@ fn map_and_store(
         stored,
         issues: issues.iter().map(MappingIssue::to_string).collect(),
         code_list_version: rules.version().to_owned(),
+        local_code_map_version: rules.local_map_version().map(str::to_owned),
+        history: None,
+        reconciled: None,
     };
     for issue in &issues {
         tracing::warn!(%issue, "resource skipped");
@@ -161,17 +170,28 @@ pub fn ingest_ndjson(
     map_and_store(state, rules, collector, true, resources)
 }
 
-/// A FHIR R4 server polled by `_lastUpdated`.
+/// A FHIR R4 server polled by `_lastUpdated`, with deletions found through `_history`
+/// where the server offers it and by a periodic reconciliation where it does not.
 #[derive(Debug)]
 pub struct FhirRest {
     base: String,
     agent: ureq::Agent,
     overlap_ms: u64,
     page_size: u32,
+    reconcile_ms: u64,
+}
+
+/// What a GET found.
+enum Got {
+    Found(Value),
+    /// 404 or 410: the resource is not (or no longer) there.
+    Gone,
+    /// Another 4xx: the server does not offer this interaction.
+    Refused(u16),
 }
 
 impl FhirRest {
-    /// A client for `base_url`.
+    /// A client for `base_url`; reconciliation every hour.
     pub fn new(base_url: &str, overlap_secs: u64, page_size: u32) -> Self {
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(60)))
@@ -182,10 +202,19 @@ impl FhirRest {
             agent: config.into(),
             overlap_ms: overlap_secs.saturating_mul(1000),
             page_size: page_size.clamp(1, 5000),
+            reconcile_ms: 3_600_000,
         }
     }
 
-    fn get(&self, url: &str) -> Result<Value, SourceError> {
+    /// Read every known patient again whole at least every `secs` seconds (0: every
+    /// poll): a resource deleted at the source without a trace in `_history` leaves
+    /// devices within one interval.
+    pub fn with_reconcile(mut self, secs: u64) -> Self {
+        self.reconcile_ms = secs.saturating_mul(1000);
+        self
+    }
+
+    fn fetch(&self, url: &str) -> Result<Got, SourceError> {
         // Follow only links on the configured server: a hostile `next` cannot send the
         // hub elsewhere.
         if !url.starts_with(&self.base) {
@@ -206,30 +235,33 @@ impl FhirRest {
             .limit(MAX_RESPONSE)
             .read_to_vec()
             .map_err(|e| SourceError::Fhir(format!("reading response: {e}")))?;
-        if status != 200 {
-            return Err(SourceError::Fhir(format!("HTTP {status} for a search")));
+        match status {
+            200 => serde_json::from_slice(&body)
+                .map(Got::Found)
+                .map_err(|_| SourceError::Fhir("response is not JSON".into())),
+            404 | 410 => Ok(Got::Gone),
+            400..=499 => Ok(Got::Refused(status)),
+            _ => Err(SourceError::Fhir(format!("HTTP {status} for a search"))),
         }
-        serde_json::from_slice(&body).map_err(|_| SourceError::Fhir("response is not JSON".into()))
     }
 
-    /// Every resource of a search, following `next` links.
-    fn search(&self, query: &str) -> Result<Vec<Value>, SourceError> {
+    /// Every entry of a search or history, following `next` links; `None` if the server
+    /// refuses the first page (it does not offer the interaction).
+    fn entries(&self, query: &str) -> Result<Option<Vec<Value>>, SourceError> {
         let mut out = Vec::new();
         let mut url = format!("{}/{query}", self.base);
-        for _ in 0..100_000 {
-            let bundle = self.get(&url)?;
+        for page in 0..100_000 {
+            let bundle = match self.fetch(&url)? {
+                Got::Found(b) => b,
+                Got::Refused(_) | Got::Gone if page == 0 => return Ok(None),
+                Got::Refused(s) => return Err(SourceError::Fhir(format!("HTTP {s} paging"))),
+                Got::Gone => return Err(SourceError::Fhir("HTTP 404 paging".into())),
+            };
             if str_at(&bundle, &["resourceType"]) != Some("Bundle") {
                 return Err(SourceError::Fhir("search did not return a Bundle".into()));
             }
-            for e in bundle
-                .get("entry")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(r) = e.get("resource") {
-                    out.push(r.clone());
-                }
+            if let Some(Value::Array(entries)) = bundle.get("entry") {
+                out.extend(entries.iter().cloned());
             }
             let next = bundle
                 .get("link")
@@ -242,15 +274,30 @@ impl FhirRest {
                 .and_then(|l| str_at(l, &["url"]));
             match next {
                 Some(n) => url = n.to_owned(),
-                None => return Ok(out),
+                None => return Ok(Some(out)),
             }
         }
         Err(SourceError::Fhir("search paging did not end".into()))
     }
 
+    /// Every resource of a search, following `next` links.
+    fn search(&self, query: &str) -> Result<Vec<Value>, SourceError> {
+        let entries = self
+            .entries(query)?
+            .ok_or_else(|| SourceError::Fhir("the server refused a search".into()))?;
+        Ok(entries
+            .into_iter()
+            .filter(|e| str_at(e, &["search", "mode"]) != Some("outcome"))
+            .filter_map(|e| e.get("resource").cloned())
+            .collect())
+    }
+
     /// One incremental poll: resources changed since the last watermark (less the
-    /// overlap), de-duplicated by id + versionId; each affected patient is then read
-    /// whole by patient search and re-mapped.
+    /// overlap), de-duplicated by id + versionId; resources deleted since then, from the
+    /// server's `_history`; and, when the reconciliation interval has passed, every
+    /// patient the hub holds. Each affected patient is then read whole (Patient by id,
+    /// its resources by patient search) and re-mapped, so an item deleted at the source
+    /// leaves the record; a Patient that is gone (404/410) is deleted with its record.
     pub fn poll(
         &self,
         state: &HubState,
@@ -265,8 +312,11 @@ impl FhirRest {
             |_| "1970-01-01T00:00:00Z".to_owned(),
             sync_protocol::types::Timestamp::rfc3339,
         );
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let mut affected = BTreeSet::new();
-        let mut versions = Vec::new();
+        let mut values: Vec<(String, Vec<u8>)> = Vec::new();
         let mut newest = watermark;
         for kind in RESOURCE_TYPES {
             let found = self.search(&format!(
@@ -286,47 +336,103 @@ impl FhirRest {
                 {
                     continue; // seen in an earlier, overlapping poll
                 }
-                let patient = if *kind == "Patient" {
-                    Some(id.clone())
-                } else {
-                    str_at(&r, &["subject", "reference"])
-                        .or_else(|| str_at(&r, &["patient", "reference"]))
-                        .and_then(|p| p.strip_prefix("Patient/"))
-                        .map(str::to_owned)
-                };
-                if let Some(p) = patient {
-                    affected.insert(p);
+                if let Some(p) = patient_of(&r) {
+                    affected.insert(p.to_owned());
                 }
-                versions.push((key, version));
+                values.push((key, version.into_bytes()));
             }
+        }
+        // Deletions the server keeps in its history: the patient the resource belonged
+        // to is known from when it was read (`p:` keys).
+        let mut history = true;
+        for kind in RESOURCE_TYPES {
+            let Some(entries) = self.entries(&format!(
+                "{kind}/_history?_since={since_text}&_count={}",
+                self.page_size
+            ))?
+            else {
+                history = false;
+                continue;
+            };
+            for e in entries {
+                let deleted = str_at(&e, &["request", "method"]) == Some("DELETE")
+                    || (e.get("resource").is_none()
+                        && str_at(&e, &["response", "status"])
+                            .is_some_and(|s| s.starts_with("204") || s.starts_with("410")));
+                if !deleted {
+                    continue;
+                }
+                let Some(id) = str_at(&e, &["request", "url"])
+                    .or_else(|| str_at(&e, &["fullUrl"]))
+                    .and_then(|u| deleted_id(u, kind))
+                else {
+                    continue;
+                };
+                if *kind == "Patient" {
+                    affected.insert(id);
+                } else if let Some(p) = state.source_value(&format!("p:{kind}/{id}"))? {
+                    affected.insert(String::from_utf8_lossy(&p).into_owned());
+                }
+            }
+        }
+        let last_reconcile = state
+            .source_value("fhir.reconciled")?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let reconcile = now_ms.saturating_sub(last_reconcile) >= self.reconcile_ms;
+        if reconcile {
+            affected.extend(state.patient_fhir_ids()?);
+            values.push(("fhir.reconciled".to_owned(), now_ms.to_be_bytes().to_vec()));
         }
         let mut collector = Collector::new(rules);
         let mut resources = 0u64;
+        let mut gone = Vec::new();
         for pid in &affected {
-            let patient = self.get(&format!("{}/Patient/{pid}", self.base))?;
+            let patient = match self.fetch(&format!("{}/Patient/{pid}", self.base))? {
+                Got::Found(p) => p,
+                Got::Gone => {
+                    gone.push(pid.clone());
+                    continue;
+                }
+                Got::Refused(s) => {
+                    return Err(SourceError::Fhir(format!("HTTP {s} reading a Patient")));
+                }
+            };
             collector.add(patient);
             resources += 1;
             for kind in RESOURCE_TYPES.iter().skip(1) {
-                for r in self.search(&format!("{kind}?patient=Patient/{pid}"))? {
+                for r in self.search(&format!(
+                    "{kind}?patient=Patient/{pid}&_count={}",
+                    self.page_size
+                ))? {
                     // Only resources that really name this patient.
-                    let names = str_at(&r, &["subject", "reference"])
-                        .or_else(|| str_at(&r, &["patient", "reference"]))
-                        == Some(format!("Patient/{pid}").as_str());
-                    if names {
+                    if patient_of(&r) == Some(pid.as_str()) {
+                        if let Some(id) = str_at(&r, &["id"]) {
+                            values.push((format!("p:{kind}/{id}"), pid.clone().into_bytes()));
+                        }
                         collector.add(r);
                         resources += 1;
                     }
                 }
             }
         }
-        let summary = map_and_store(state, rules, collector, false, resources)?;
-        // One transaction for every seen version and the new watermark.
-        let mut values: Vec<(String, Vec<u8>)> = versions
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes()))
-            .collect();
+        let mut summary = map_and_store(state, rules, collector, false, resources)?;
+        summary.stored.deleted += state.delete_patients(&gone)?;
+        summary.history = Some(history);
+        summary.reconciled = Some(reconcile);
+        // One transaction for every seen version, patient link and the new watermark.
         values.push(("fhir.watermark".to_owned(), newest.to_be_bytes().to_vec()));
         state.set_source_values(&values)?;
         Ok(summary)
     }
+}
+
+/// The id in a history entry's `request.url` or `fullUrl` (`Flag/7`, `…/Flag/7`,
+/// `Flag/7/_history/3`) for a resource of `kind`.
+fn deleted_id(url: &str, kind: &str) -> Option<String> {
+    let marker = format!("{kind}/");
+    let at = url.rfind(&marker)?;
+    let rest = url.get(at + marker.len()..)?;
+    let id = rest.split(['/', '?']).next()?;
+    (!id.is_empty() && id != "_history").then(|| id.to_owned())
 }

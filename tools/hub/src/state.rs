@@ -200,6 +200,52 @@ pub(crate) fn dec<'a, T: Deserialize<'a>>(
     postcard::from_bytes(b).map_err(|_| StateError::Corrupt(table))
 }
 
+/// The record format the hub stores: 2 since sync protocol version 2 (codes of any
+/// system, provenance without ODS, partial objections, unreadable counts). A database
+/// with no `records` key holds version-1 records.
+const RECORDS_FORMAT: u32 = 2;
+
+/// Bring stored patient rows to [`RECORDS_FORMAT`] in the opening transaction (a crash
+/// leaves the old format, to be migrated again); refuse a database from a newer hub.
+fn migrate_records(
+    tx: &redb::WriteTransaction,
+    meta: &mut redb::Table<&str, &[u8]>,
+) -> Result<(), StateError> {
+    #[derive(Deserialize)]
+    struct RowV1 {
+        seq: u64,
+        fhir_id: String,
+        record: Option<sync_protocol::record::v1::PatientRecord>,
+    }
+    let found = meta
+        .get("records")?
+        .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+        .map_or(1, u32::from_le_bytes);
+    if found > RECORDS_FORMAT {
+        return Err(StateError::Database(format!(
+            "records format {found} is newer than this hub ({RECORDS_FORMAT}): upgrade the hub"
+        )));
+    }
+    if found < RECORDS_FORMAT {
+        let mut patients = tx.open_table(PATIENTS)?;
+        let old: Vec<(u64, Vec<u8>)> = patients
+            .iter()?
+            .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
+            .collect::<Result<_, _>>()?;
+        for (nhs, bytes) in old {
+            let v1: RowV1 = dec(&bytes, "patients")?;
+            let row = PatientRow {
+                seq: v1.seq,
+                fhir_id: v1.fhir_id,
+                record: v1.record.map(PatientRecord::from),
+            };
+            patients.insert(nhs, enc(&row).as_slice())?;
+        }
+        meta.insert("records", RECORDS_FORMAT.to_le_bytes().as_slice())?;
+    }
+    Ok(())
+}
+
 /// The hub's database.
 #[derive(Debug)]
 pub struct HubState {
@@ -222,6 +268,7 @@ impl HubState {
             tx.open_table(SOURCE)?;
             crate::audit::create_tables(&tx)?;
             let mut meta = tx.open_table(META)?;
+            migrate_records(&tx, &mut meta)?;
             let existing = meta
                 .get("hub_id")?
                 .and_then(|v| <[u8; 8]>::try_from(v.value()).ok());
@@ -615,6 +662,60 @@ impl HubState {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The FHIR ids of every patient the hub holds a record for (the REST source's
+    /// reconciliation reads each again).
+    pub fn patient_fhir_ids(&self) -> Result<Vec<String>, StateError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in tx.open_table(PATIENTS)?.iter()? {
+            let (_, v) = row?;
+            let row: PatientRow = dec(v.value(), "patients")?;
+            if row.record.is_some() {
+                out.push(row.fhir_id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete the records of patients the source no longer has (by FHIR id), in one
+    /// transaction; devices remove them at their next pull. Returns how many were held.
+    pub fn delete_patients(&self, fhir_ids: &[String]) -> Result<u64, StateError> {
+        if fhir_ids.is_empty() {
+            return Ok(0);
+        }
+        let wanted: std::collections::HashSet<&str> =
+            fhir_ids.iter().map(String::as_str).collect();
+        let tx = self.db.begin_write()?;
+        let mut deleted = 0;
+        {
+            let mut meta = tx.open_table(META)?;
+            let mut patients = tx.open_table(PATIENTS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut seq = read_seq(&meta)?;
+            let gone: Vec<(u64, PatientRow)> = patients
+                .iter()?
+                .filter_map(Result::ok)
+                .filter_map(|(k, v)| {
+                    dec::<PatientRow>(v.value(), "patients")
+                        .ok()
+                        .filter(|r| r.record.is_some() && wanted.contains(r.fhir_id.as_str()))
+                        .map(|r| (k.value(), r))
+                })
+                .collect();
+            for (nhs, mut row) in gone {
+                seq += 1;
+                relog(&mut log, Some(row.seq), seq, LogKey::Patient(nhs))?;
+                row.seq = seq;
+                row.record = None;
+                patients.insert(nhs, enc(&row).as_slice())?;
+                deleted += 1;
+            }
+            meta.insert("seq", seq.to_be_bytes().as_slice())?;
+        }
+        tx.commit()?;
+        Ok(deleted)
     }
 
     /// Patients and objections held, for status (counts only).

@@ -27,6 +27,17 @@ use crate::sharing::SharingRules;
 use crate::source::ingest_ndjson;
 use crate::state::HubState;
 
+
+/// The shipped rules with the synthetic record's local-code map: what a region running
+/// on the synthetic data would configure (`[sharing] local_code_map`).
+pub fn synthetic_rules() -> SharingRules {
+    SharingRules::default_rules()
+        .unwrap()
+        .with_local_map(
+            crate::sharing::LocalCodeMap::parse(&carecache_synth::local_code_map()).unwrap(),
+        )
+}
+
 /// The admin token of test hubs.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// Hub time at start: 2026-11-24T08:00:00Z.
@@ -78,7 +89,7 @@ impl TestHub {
         )
         .unwrap();
         let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
-        ingest_ndjson(&state, &SharingRules::default_rules().unwrap(), &ndjson).unwrap();
+        ingest_ndjson(&state, &synthetic_rules(), &ndjson).unwrap();
         drop(state);
         Self::open(dir, patients, limits, Arc::new(AtomicU64::new(T0)), 0)
     }
@@ -262,8 +273,7 @@ impl TestHub {
             .unwrap();
         writeln!(f, "{consent}").unwrap();
         drop(f);
-        let rules = SharingRules::default_rules().unwrap();
-        ingest_ndjson(&self.hub.state, &rules, &self.ndjson_dir()).unwrap();
+        ingest_ndjson(&self.hub.state, &synthetic_rules(), &self.ndjson_dir()).unwrap();
     }
 
     /// Stops serving (also on drop).

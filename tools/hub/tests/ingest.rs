@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use carecache_hub::sharing::SharingRules;
 use carecache_hub::source::ingest_ndjson;
 use carecache_hub::state::HubState;
 use carecache_synth::{SENSITIVE_CODES, Withheld};
@@ -66,7 +65,7 @@ fn sensitive_items_never_travel_only_their_count() {
     for b in device.pull_all(None, 16 * 1024 * 1024) {
         model.apply(&b);
     }
-    let rules = SharingRules::default_rules().unwrap();
+    let rules = carecache_hub::testing::synthetic_rules();
     for (code, _) in SENSITIVE_CODES {
         assert!(
             rules.lists(*code),
@@ -81,10 +80,12 @@ fn sensitive_items_never_travel_only_their_count() {
         with_withheld += usize::from(!p.withheld.is_empty());
         for w in &p.withheld {
             withheld_ids.push(match w {
-                Withheld::CodedAlert(a) => a.source_id.as_str().to_owned(),
-                Withheld::LabelledMedication(m, _) | Withheld::RestrictedMedication(m) => {
-                    m.source_id.as_str().to_owned()
+                Withheld::CodedAlert(a) | Withheld::LocalCodedAlert(a) => {
+                    a.source_id.as_str().to_owned()
                 }
+                Withheld::LabelledMedication(m, _)
+                | Withheld::RestrictedMedication(m)
+                | Withheld::DmdMedication(m) => m.source_id.as_str().to_owned(),
             });
         }
         if let Some(e) = &p.entered_in_error {
@@ -94,7 +95,7 @@ fn sensitive_items_never_travel_only_their_count() {
     assert!(with_withheld > 5);
     for r in model.records.values() {
         for a in r.alerts.entries() {
-            assert!(!rules.lists(a.code.code.as_u64()));
+            assert!(a.code.sctid().is_none_or(|c| !rules.lists(c.as_u64())));
             assert!(!withheld_ids.contains(&a.source_id.as_str().to_owned()));
         }
         for m in r.medications.entries() {
@@ -147,7 +148,7 @@ fn unreadable_resources_are_reported_and_skipped_whole() {
 
     let state_dir = tempfile::tempdir().unwrap();
     let state = HubState::open(&state_dir.path().join("hub.redb")).unwrap();
-    let summary = ingest_ndjson(&state, &SharingRules::default_rules().unwrap(), &dir).unwrap();
+    let summary = ingest_ndjson(&state, &carecache_hub::testing::synthetic_rules(), &dir).unwrap();
     let issues = summary.issues.join("\n");
     assert!(issues.contains("clinicalStatus"), "{issues}");
     assert!(issues.contains("not a JSON object"), "{issues}");

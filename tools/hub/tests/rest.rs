@@ -10,7 +10,6 @@ use axum::extract::{Path, Query, State};
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use carecache_hub::sharing::SharingRules;
 use carecache_hub::source::FhirRest;
 use carecache_hub::state::HubState;
 
@@ -124,7 +123,7 @@ fn incremental_polls_dedupe_and_pick_up_changes() {
     let base = start_server(store.clone());
     let dir = tempfile::tempdir().unwrap();
     let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
-    let rules = SharingRules::default_rules().unwrap();
+    let rules = carecache_hub::testing::synthetic_rules();
     // Small pages so paging is exercised.
     let source = FhirRest::new(&base, 300, 37);
 

@@ -103,7 +103,7 @@ fn pull_until_done_within_budget_and_resumable() {
 }
 
 fn reingest(hub: &TestHub) {
-    let rules = carecache_hub::sharing::SharingRules::default_rules().unwrap();
+    let rules = carecache_hub::testing::synthetic_rules();
     carecache_hub::source::ingest_ndjson(&hub.hub.state, &rules, &hub.ndjson_dir()).unwrap();
 }
 

@@ -8,9 +8,63 @@ use sync_protocol::record::{
     Alert, AlertCategory, AlertSeverity, Allergy, AllergyStatus, Medication, MedicationStatus,
     PatientRecord, Period,
 };
-use sync_protocol::types::{SourceId, Timestamp};
+use sync_protocol::record::Section;
+use sync_protocol::types::{Code, Coding, Provenance, SctId, SourceId, Text, Timestamp};
 
-use crate::{Generator, coding};
+use crate::{Generator, coding, stamp};
+
+fn text<const N: usize>(s: &str) -> Text<N> {
+    Text::new(s).unwrap_or_else(|_| unreachable!("short printable text"))
+}
+
+/// The objection shapes, in the order the dataset cycles through them.
+fn objection_shape(n: usize, recorded_at: Timestamp) -> Objection {
+    use ConsentDate as D;
+    use ConsentStatus as S;
+    let base = |date, status, provision| Objection {
+        recorded_at,
+        withdrawn: false,
+        date,
+        status,
+        provision,
+        later_withdrawal: None,
+    };
+    let shapes = [
+        base(D::Instant, S::Given, Provision::Deny),
+        base(D::Date, S::Given, Provision::Deny),
+        base(D::YearMonth, S::Given, Provision::Deny),
+        base(D::Year, S::Given, Provision::Deny),
+        base(D::Absent, S::Given, Provision::Deny),
+        base(D::NoZone, S::Given, Provision::Deny),
+        base(D::Date, S::Missing, Provision::Deny),
+        base(D::Instant, S::Proposed, Provision::Deny),
+        base(D::Date, S::Given, Provision::DenyClasses(vec!["MedicationStatement"])),
+        base(D::Year, S::Given, Provision::DenyClasses(vec!["Flag", "RelatedPerson"])),
+        base(D::Instant, S::Given, Provision::DenyCode),
+        base(D::Date, S::Given, Provision::Untyped),
+        Objection {
+            later_withdrawal: Some(LaterWithdrawal::ClearlyLater),
+            ..base(D::Date, S::Given, Provision::Deny)
+        },
+        Objection {
+            later_withdrawal: Some(LaterWithdrawal::Ambiguous),
+            ..base(D::Year, S::Given, Provision::Deny)
+        },
+        Objection {
+            withdrawn: true,
+            ..base(D::YearMonth, S::Given, Provision::Deny)
+        },
+        Objection {
+            withdrawn: true,
+            ..base(D::Date, S::Given, Provision::DenyClasses(vec!["AllergyIntolerance"]))
+        },
+    ];
+    let i = n % shapes.len();
+    shapes
+        .into_iter()
+        .nth(i)
+        .unwrap_or_else(|| unreachable!("index within the table"))
+}
 
 /// Codes on the sensitive list (GP summary exclusion areas: sexually transmitted
 /// infection, HIV, gender identity, termination of pregnancy). Synthetic items carrying
@@ -31,20 +85,149 @@ pub const SENSITIVE_LABELS: &[&str] = &["SEX", "STD", "HIV", "SDV"];
 pub enum Withheld {
     /// An alert coded from the sensitive code list.
     CodedAlert(Alert),
+    /// A medication coded under dm+d with a listed code.
+    DmdMedication(Medication),
+    /// An alert with a local code the region's map sends to a listed concept.
+    LocalCodedAlert(Alert),
     /// A medication carrying a sensitivity label.
     LabelledMedication(Medication, &'static str),
     /// A medication whose confidentiality is `R` (restricted).
     RestrictedMedication(Medication),
 }
 
-/// A patient's objection as the source records it (a FHIR Consent, provision deny).
+/// How a Consent writes its `dateTime`: every shape valid FHIR allows, and none.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ConsentDate {
+    /// `2024-03-01T10:00:00Z`
+    Instant,
+    /// `2024-03-01T10:00:00` (no zone: invalid FHIR, seen in exports)
+    NoZone,
+    /// `2024-03-01`
+    Date,
+    /// `2024-03`
+    YearMonth,
+    /// `2024`
+    Year,
+    /// No `dateTime` (and no `meta.lastUpdated`).
+    Absent,
+}
+
+/// How a Consent writes its `status`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ConsentStatus {
+    /// `active` (or `inactive` once withdrawn).
+    Given,
+    /// No status (poor exports).
+    Missing,
+    /// `proposed`.
+    Proposed,
+}
+
+/// What a Consent's provision says.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Provision {
+    /// `deny`, unlimited: the whole record.
+    Deny,
+    /// `deny` limited by `class` to these resource types: those sections only.
+    DenyClasses(Vec<&'static str>),
+    /// `deny` limited by a code: cannot be classified, so the whole record.
+    DenyCode,
+    /// A provision with no type: cannot be read, so the whole record.
+    Untyped,
+}
+
+/// A second Consent recording a withdrawal, beside a standing one.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LaterWithdrawal {
+    /// Dated, without doubt, after the objection: lifts it.
+    ClearlyLater,
+    /// Dated so imprecisely that it may precede the objection: the objection stands.
+    Ambiguous,
+}
+
+/// A patient's objection as the source records it (FHIR Consent, scope patient-privacy)
+/// in one of the shapes real exports use.
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Objection {
     /// When the objection was recorded.
     pub recorded_at: Timestamp,
-    /// True if the patient later withdrew it (the Consent is inactive).
+    /// True if the patient withdrew it (the same Consent is `inactive`).
     pub withdrawn: bool,
+    /// How the date is written.
+    pub date: ConsentDate,
+    /// How the status is written.
+    pub status: ConsentStatus,
+    /// What it denies.
+    pub provision: Provision,
+    /// A separate withdrawal Consent, if any.
+    pub later_withdrawal: Option<LaterWithdrawal>,
 }
+
+impl Objection {
+    /// True if, by the fail-closed rules, the patient objects to the whole record.
+    pub fn objects_whole(&self) -> bool {
+        !self.withdrawn
+            && !matches!(self.provision, Provision::DenyClasses(_))
+            && self.later_withdrawal != Some(LaterWithdrawal::ClearlyLater)
+    }
+
+    /// The resource types a standing partial objection withholds.
+    pub fn withheld_classes(&self) -> &[&'static str] {
+        match (&self.provision, self.withdrawn) {
+            (Provision::DenyClasses(c), false) => c,
+            _ => &[],
+        }
+    }
+}
+
+/// A resource deleted at the source between two exports.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Deleted {
+    /// FHIR resource type.
+    pub resource_type: &'static str,
+    /// FHIR id.
+    pub id: String,
+}
+
+/// An item written so that the hub cannot read it (valid FHIR, no words to show): it
+/// must be counted as "could not be shown", never silently dropped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Unreadable {
+    /// A Flag coded with a local code and no display or text.
+    Alert,
+    /// A MedicationStatement naming its medicine only by a Medication reference.
+    Medication,
+}
+
+/// The local code system synthetic alerts use (as a GP system's own codes would be).
+pub const LOCAL_ALERT_SYSTEM: &str = "https://gp-system.invalid/CodeSystem/alert-codes";
+
+/// A local code for an alert concept (the map a region would publish from them is
+/// `local_code_map`).
+pub fn local_alert_code(sctid: u64) -> String {
+    format!("LA{}", sctid % 100_000)
+}
+
+/// The local-code map CSV for the synthetic alerts' local codes, and a locally coded
+/// sensitive concept (`LASX1` → HIV infection), as a region would publish it.
+pub fn local_code_map() -> String {
+    let mut out = String::from(
+        "# carecache synthetic local-code map: the synthetic GP system's alert codes\n# version: synthetic-1\nsystem,code,snomed,display\n",
+    );
+    for (code, display, ..) in crate::ALERT_CODES {
+        out.push_str(&format!(
+            "{LOCAL_ALERT_SYSTEM},{},{code},{display}\n",
+            local_alert_code(*code)
+        ));
+    }
+    out.push_str(&format!(
+        "{LOCAL_ALERT_SYSTEM},{SENSITIVE_LOCAL_CODE},86406008,Human immunodeficiency virus infection\n"
+    ));
+    out
+}
+
+/// A local alert code the synthetic map sends to a sensitive SNOMED CT concept.
+pub const SENSITIVE_LOCAL_CODE: &str = "LASX1";
 
 /// One patient of the synthetic record.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -60,6 +243,8 @@ pub struct SourcePatient {
     pub entered_in_error: Option<Allergy>,
     /// The patient's objection, if any.
     pub objection: Option<Objection>,
+    /// Items written unreadable (counted in `expected.unreadable`).
+    pub unreadable: Vec<Unreadable>,
     /// When the source last changed the Patient resource.
     pub last_updated: Timestamp,
 }
@@ -70,9 +255,10 @@ impl SourcePatient {
         self.expected.nhs_number
     }
 
-    /// True if a device may hold this patient (no standing objection).
+    /// True if a device may hold this patient (no standing objection to the whole
+    /// record; a partial objection leaves the rest shareable).
     pub fn shareable(&self) -> bool {
-        self.objection.is_none_or(|o| o.withdrawn)
+        self.objection.as_ref().is_none_or(|o| !o.objects_whole())
     }
 
     /// True if a device may hold this patient and they have a high-risk alert and a
@@ -100,6 +286,7 @@ impl Generator {
     fn source_patient(&mut self, index: usize) -> SourcePatient {
         let mut expected = self.patient();
         renumber(&mut expected, index);
+        self.fieldify(&mut expected);
         let mut withheld = Vec::new();
         if self.rng.random_ratio(1, 25) {
             for k in 0..self.rng.random_range(1..=2) {
@@ -112,31 +299,164 @@ impl Generator {
             a.source_id = id(&format!("alg-{index}-eie"));
             a
         });
-        let objection = if self.rng.random_ratio(1, 50) {
-            Some(Objection {
-                recorded_at: self.provenance().last_updated,
-                withdrawn: false,
-            })
-        } else if self.rng.random_ratio(1, 200) {
-            Some(Objection {
-                recorded_at: self.provenance().last_updated,
-                withdrawn: true,
-            })
+        let mut unreadable = Vec::new();
+        if self.rng.random_ratio(1, 20) {
+            unreadable.push(Unreadable::Alert);
+            expected.unreadable.alerts += 1;
+            if matches!(expected.alerts, Section::NoneRecorded) {
+                expected.alerts = Section::NotAvailable;
+            }
+        }
+        if self.rng.random_ratio(1, 20) {
+            unreadable.push(Unreadable::Medication);
+            expected.unreadable.medications += 1;
+            if matches!(expected.medications, Section::NoneRecorded) {
+                expected.medications = Section::NotAvailable;
+            }
+        }
+        let recorded_at = stamp(&self.provenance());
+        // Every objection shape appears in any run of a few hundred patients: one patient
+        // in twelve objects, in the next shape of the cycle.
+        let objection = if index % 12 == 7 {
+            Some(objection_shape(index / 12, recorded_at))
         } else {
             None
         };
+        if let Some(o) = &objection {
+            for class in o.withheld_classes() {
+                match *class {
+                    "Flag" => {
+                        expected.alerts = Section::WithheldByPatient;
+                        expected.unreadable.alerts = 0;
+                    }
+                    "AllergyIntolerance" => {
+                        expected.allergies = Section::WithheldByPatient;
+                        expected.unreadable.allergies = 0;
+                    }
+                    "MedicationStatement" => {
+                        expected.medications = Section::WithheldByPatient;
+                        expected.unreadable.medications = 0;
+                    }
+                    _ => {
+                        expected.contacts = Section::WithheldByPatient;
+                        expected.unreadable.contacts = 0;
+                    }
+                }
+            }
+        }
         SourcePatient {
             fhir_id: format!("pat-{index}-{:08x}", self.rng.random::<u32>()),
             expected,
             withheld,
             entered_in_error,
             objection,
-            last_updated: self.provenance().last_updated,
+            unreadable,
+            last_updated: stamp(&self.provenance()),
+        }
+    }
+
+    /// Rewrite items the way GP and community systems record them: dm+d-coded medicines
+    /// (and some text only), locally coded alerts (DNACPR among them), free-text
+    /// allergies, and provenance without an ODS code (a recorder's name, a Practitioner
+    /// reference, or nothing but the time; sometimes not even that).
+    fn fieldify(&mut self, r: &mut PatientRecord) {
+        if let Section::Entries(items) = &mut r.alerts {
+            let mut items = std::mem::take(items).into_inner();
+            for a in &mut items {
+                if self.rng.random_ratio(1, 3)
+                    && let Some(id) = a.code.sctid()
+                {
+                    a.code.code = Some(Code::Other {
+                        system: text(LOCAL_ALERT_SYSTEM),
+                        code: text(&local_alert_code(id.as_u64())),
+                    });
+                }
+                self.field_provenance(&mut a.provenance);
+            }
+            r.alerts = Section::from_items(items).unwrap_or(Section::NotAvailable);
+        }
+        if let Section::Entries(items) = &mut r.allergies {
+            let mut items = std::mem::take(items).into_inner();
+            for a in &mut items {
+                if self.rng.random_ratio(1, 4) {
+                    // "penicillin - rash": free text only, as many systems hold it.
+                    a.substance.code = None;
+                }
+                self.field_provenance(&mut a.provenance);
+            }
+            r.allergies = Section::from_items(items).unwrap_or(Section::NotAvailable);
+        }
+        if let Section::Entries(items) = &mut r.medications {
+            let mut items = std::mem::take(items).into_inner();
+            for m in &mut items {
+                match self.rng.random_range(0..20) {
+                    0 => m.medicine.code = None,
+                    1..=14 => {
+                        if let Some(id) = m.medicine.sctid() {
+                            m.medicine.code = Some(Code::Dmd(id));
+                        }
+                    }
+                    _ => {}
+                }
+                self.field_provenance(&mut m.provenance);
+            }
+            r.medications = Section::from_items(items).unwrap_or(Section::NotAvailable);
+        }
+    }
+
+    fn field_provenance(&mut self, p: &mut Provenance) {
+        match self.rng.random_range(0..10) {
+            0 => {
+                p.organisation = None;
+                p.recorded_by = Some(text(&format!("Dr {}", self.pick(crate::codes::FAMILY))));
+            }
+            1 => {
+                p.organisation = None;
+                p.recorded_by = Some(text(&format!(
+                    "Practitioner/pr-{}",
+                    self.rng.random_range(1..500)
+                )));
+            }
+            2 => {
+                p.organisation = None;
+                if self.rng.random_ratio(1, 3) {
+                    p.last_updated = None;
+                }
+            }
+            _ => {}
         }
     }
 
     fn withheld_item(&mut self, index: usize, k: usize) -> Withheld {
-        match self.rng.random_range(0..3) {
+        match self.rng.random_range(0..5) {
+            3 => {
+                let (code, display) = self.pick(SENSITIVE_CODES);
+                let mut m = self.medication(0);
+                m.source_id = id(&format!("med-{index}-d{k}"));
+                m.status = MedicationStatus::Active;
+                m.medicine = Coding {
+                    code: Some(Code::Dmd(
+                        SctId::new(code).unwrap_or_else(|_| unreachable!("listed code")),
+                    )),
+                    display: text(display),
+                };
+                Withheld::DmdMedication(m)
+            }
+            4 => Withheld::LocalCodedAlert(Alert {
+                source_id: id(&format!("flag-{index}-l{k}")),
+                category: AlertCategory::ClinicalWarning,
+                code: Coding {
+                    code: Some(Code::Other {
+                        system: text(LOCAL_ALERT_SYSTEM),
+                        code: text(SENSITIVE_LOCAL_CODE),
+                    }),
+                    display: text("Clinical note"),
+                },
+                detail: None,
+                period: Period::default(),
+                severity: AlertSeverity::Warning,
+                provenance: self.provenance(),
+            }),
             0 => {
                 let (code, display) = self.pick(SENSITIVE_CODES);
                 Withheld::CodedAlert(Alert {
@@ -211,3 +531,76 @@ fn renumber(record: &mut PatientRecord, index: usize) {
 fn id(s: &str) -> SourceId {
     SourceId::new(s).unwrap_or_else(|_| unreachable!("short ASCII id"))
 }
+
+/// Delete at the source, between two exports: `items` alerts or medications of
+    /// shareable patients (each leaves its section), and `patients` whole patients.
+    /// Returns every resource deleted; `patients` is changed to what the source holds
+    /// afterwards (its `expected` records included).
+pub fn delete_at_source(
+        patients: &mut Vec<SourcePatient>,
+        items: usize,
+        whole: usize,
+    ) -> Vec<Deleted> {
+        let mut out = Vec::new();
+        let mut deleted_items = 0;
+        for p in patients.iter_mut().filter(|p| p.shareable()) {
+            if deleted_items >= items {
+                break;
+            }
+            if let Section::Entries(list) = &p.expected.alerts
+                && list.len() > 1
+            {
+                let mut list = list.clone().into_inner();
+                let gone = list.remove(0);
+                out.push(Deleted {
+                    resource_type: "Flag",
+                    id: gone.source_id.as_str().to_owned(),
+                });
+                p.expected.alerts = Section::from_items(list).unwrap_or(Section::NotAvailable);
+                deleted_items += 1;
+            } else if let Section::Entries(list) = &p.expected.medications {
+                let mut list = list.clone().into_inner();
+                let gone = list.remove(0);
+                out.push(Deleted {
+                    resource_type: "MedicationStatement",
+                    id: gone.source_id.as_str().to_owned(),
+                });
+                p.expected.medications = if list.is_empty() && p.expected.unreadable.medications > 0 {
+                    Section::NotAvailable
+                } else {
+                    Section::from_items(list).unwrap_or(Section::NotAvailable)
+                };
+                deleted_items += 1;
+            }
+        }
+        let mut removed = 0;
+        let mut i = patients.len();
+        while removed < whole && i > 0 {
+            i -= 1;
+            let shareable = patients.get(i).is_some_and(SourcePatient::shareable);
+            if shareable {
+                let p = patients.remove(i);
+                for r in crate::fhir::resources(&p) {
+                    if let (Some(kind), Some(id)) = (
+                        r.get("resourceType").and_then(serde_json::Value::as_str),
+                        r.get("id").and_then(serde_json::Value::as_str),
+                    ) {
+                        out.push(Deleted {
+                            resource_type: match kind {
+                                "Patient" => "Patient",
+                                "Flag" => "Flag",
+                                "AllergyIntolerance" => "AllergyIntolerance",
+                                "MedicationStatement" => "MedicationStatement",
+                                "RelatedPerson" => "RelatedPerson",
+                                "List" => "List",
+                                _ => "Consent",
+                            },
+                            id: id.to_owned(),
+                        });
+                    }
+                }
+                removed += 1;
+            }
+        }
+        out
+    }

@@ -29,7 +29,10 @@ use sync_protocol::record::{
 };
 use sync_protocol::types::{Coding, Date, Provenance, Timestamp};
 
-use crate::dataset::{SourcePatient, Withheld};
+use crate::dataset::{
+    ConsentDate, ConsentStatus, LOCAL_ALERT_SYSTEM, LaterWithdrawal, Objection, Provision,
+    SourcePatient, Unreadable as UnreadableItem, Withheld,
+};
 
 /// NHS number identifier system.
 pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
@@ -65,7 +68,8 @@ pub fn resources(p: &SourcePatient) -> Vec<Value> {
     );
     for w in &p.withheld {
         out.push(match w {
-            Withheld::CodedAlert(a) => flag(pid, a, None),
+            Withheld::CodedAlert(a) | Withheld::LocalCodedAlert(a) => flag(pid, a, None),
+            Withheld::DmdMedication(m) => medication(pid, m, None),
             Withheld::LabelledMedication(m, label) => medication(pid, m, Some((ACT_CODE, label))),
             Withheld::RestrictedMedication(m) => medication(pid, m, Some((CONFIDENTIALITY, "R"))),
         });
@@ -73,8 +77,11 @@ pub fn resources(p: &SourcePatient) -> Vec<Value> {
     if let Some(a) = &p.entered_in_error {
         out.push(allergy(pid, a, true));
     }
+    for (i, u) in p.unreadable.iter().enumerate() {
+        out.push(unreadable(pid, i, *u, p.last_updated));
+    }
     if let Some(o) = &p.objection {
-        out.push(consent(pid, o.recorded_at, o.withdrawn));
+        out.extend(consents(pid, o));
     }
     out
 }
@@ -121,17 +128,46 @@ fn meta(
     if let Some((system, code)) = extra_label {
         security.push(json!({ "system": system, "code": code }));
     }
-    json!({
+    let mut m = json!({
         "versionId": version.to_string(),
-        "lastUpdated": provenance.last_updated.rfc3339(),
-        "source": format!("{ODS_SYSTEM}|{}", provenance.organisation.as_str()),
         "profile": [format!("https://fhir.hl7.org.uk/StructureDefinition/{profile}")],
         "security": security,
-    })
+    });
+    if let Some(t) = provenance.last_updated {
+        m["lastUpdated"] = json!(t.rfc3339());
+    }
+    if let Some(org) = &provenance.organisation {
+        m["source"] = json!(format!("{ODS_SYSTEM}|{}", org.as_str()));
+    }
+    m
 }
 
+/// A CodeableConcept as the source records it: one coding in its own system, or the text
+/// alone.
 fn concept(c: &Coding) -> Value {
-    json!({ "coding": [{ "system": SNOMED, "code": c.code.to_string(), "display": c.display.as_str() }] })
+    match &c.code {
+        Some(code) => {
+            json!({ "coding": [{ "system": code.system(), "code": code.value(), "display": c.display.as_str() }] })
+        }
+        None => json!({ "text": c.display.as_str() }),
+    }
+}
+
+/// Who recorded an item: the organisation by ODS code, else the recorder as the source
+/// names them (a display name, or a Practitioner reference).
+fn who(p: &Provenance) -> Option<Value> {
+    if let Some(org) = &p.organisation {
+        return Some(
+            json!({ "type": "Organization", "identifier": { "system": ODS_SYSTEM, "value": org.as_str() } }),
+        );
+    }
+    p.recorded_by.as_ref().map(|r| {
+        if r.as_str().starts_with("Practitioner/") {
+            json!({ "reference": r.as_str() })
+        } else {
+            json!({ "display": r.as_str() })
+        }
+    })
 }
 
 fn subject(pid: &str) -> Value {
@@ -216,8 +252,15 @@ fn flag(pid: &str, a: &Alert, label: Option<(&str, &str)>) -> Value {
         "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/flag-category", "code": code }], "text": text }],
         "code": concept(&a.code),
         "subject": subject(pid),
-        "author": { "type": "Organization", "identifier": { "system": ODS_SYSTEM, "value": a.provenance.organisation.as_str() } },
     });
+    if let Some(w) = who(&a.provenance) {
+        f["author"] = w;
+    }
+    if a.provenance.organisation.is_some()
+        && let Some(r) = &a.provenance.recorded_by
+    {
+        f["author"] = json!({ "display": r.as_str() });
+    }
     if let Some(detail) = &a.detail {
         f["code"]["text"] = json!(detail.as_str());
     }
@@ -241,6 +284,9 @@ fn allergy(pid: &str, a: &Allergy, entered_in_error: bool) -> Value {
         "code": concept(&a.substance),
         "patient": subject(pid),
     });
+    if let Some(w) = who(&a.provenance) {
+        r["recorder"] = w;
+    }
     // R4 (ait-1/ait-2): no clinicalStatus when entered in error.
     if !entered_in_error {
         r["clinicalStatus"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": status }] });
@@ -324,8 +370,10 @@ fn medication(pid: &str, m: &Medication, label: Option<(&str, &str)>) -> Value {
         "status": status,
         "medicationCodeableConcept": concept(&m.medicine),
         "subject": subject(pid),
-        "informationSource": { "type": "Organization", "identifier": { "system": ODS_SYSTEM, "value": m.provenance.organisation.as_str() } },
     });
+    if let Some(w) = who(&m.provenance) {
+        r["informationSource"] = w;
+    }
     if let Some(dose) = &m.dose_text {
         r["dosage"] = json!([{ "text": dose.as_str() }]);
     }
@@ -393,23 +441,106 @@ fn related_person(pid: &str, i: usize, c: &KeyContact) -> Value {
     r
 }
 
-fn consent(pid: &str, recorded_at: Timestamp, withdrawn: bool) -> Value {
-    json!({
+/// An item written so that no mapper can show it (valid FHIR, nothing to read).
+fn unreadable(pid: &str, i: usize, u: UnreadableItem, at: Timestamp) -> Value {
+    let meta = json!({ "versionId": "1", "lastUpdated": at.rfc3339(), "security": [{ "system": ACT_REASON, "code": "HTEST" }] });
+    match u {
+        UnreadableItem::Alert => json!({
+            "resourceType": "Flag",
+            "id": format!("{pid}-odd{i}"),
+            "meta": meta,
+            "status": "active",
+            "code": { "coding": [{ "system": LOCAL_ALERT_SYSTEM, "code": "ZZ999" }] },
+            "subject": subject(pid),
+        }),
+        UnreadableItem::Medication => json!({
+            "resourceType": "MedicationStatement",
+            "id": format!("{pid}-odd{i}"),
+            "meta": meta,
+            "status": "active",
+            "medicationReference": { "reference": format!("Medication/{pid}-m{i}") },
+            "subject": subject(pid),
+        }),
+    }
+}
+
+/// A date as a Consent shape writes it.
+fn consent_date(at: Timestamp, shape: ConsentDate) -> Option<String> {
+    let full = at.rfc3339();
+    let day = full.get(..10).unwrap_or("2024-01-01").to_owned();
+    Some(match shape {
+        ConsentDate::Instant => full,
+        ConsentDate::NoZone => full.get(..19).unwrap_or(&full).to_owned(),
+        ConsentDate::Date => day,
+        ConsentDate::YearMonth => day.get(..7).unwrap_or(&day).to_owned(),
+        ConsentDate::Year => day.get(..4).unwrap_or(&day).to_owned(),
+        ConsentDate::Absent => return None,
+    })
+}
+
+/// The Consent resources of an objection, in its shape.
+fn consents(pid: &str, o: &Objection) -> Vec<Value> {
+    let mut provision = json!({ "type": "deny", "purpose": [{ "system": ACT_REASON, "code": "TREAT" }] });
+    match &o.provision {
+        Provision::Deny => {}
+        Provision::DenyClasses(classes) => {
+            provision["class"] = classes
+                .iter()
+                .map(|c| json!({ "system": "http://hl7.org/fhir/resource-types", "code": c }))
+                .collect();
+        }
+        Provision::DenyCode => {
+            provision["code"] = json!([{ "coding": [{ "system": SNOMED, "code": "61460002", "display": "Immunization record" }] }]);
+        }
+        Provision::Untyped => {
+            provision = json!({ "purpose": [{ "system": ACT_REASON, "code": "TREAT" }] });
+        }
+    }
+    let mut c = json!({
         "resourceType": "Consent",
         "id": format!("{pid}-objection"),
-        "meta": { "versionId": if withdrawn { "2" } else { "1" }, "lastUpdated": recorded_at.rfc3339(), "security": [{ "system": ACT_REASON, "code": "HTEST" }] },
-        "status": if withdrawn { "inactive" } else { "active" },
+        "meta": { "versionId": if o.withdrawn { "2" } else { "1" }, "security": [{ "system": ACT_REASON, "code": "HTEST" }] },
         "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
         "category": [{ "coding": [{ "system": ACT_CODE, "code": "INFA" }] }],
         "patient": subject(pid),
-        "dateTime": recorded_at.rfc3339(),
         "policyRule": { "coding": [{ "system": ACT_CODE, "code": "OPTOUT" }] },
-        "provision": {
-            "type": "deny",
-            "period": { "start": recorded_at.rfc3339() },
-            "purpose": [{ "system": ACT_REASON, "code": "TREAT" }],
-        },
-    })
+        "provision": provision,
+    });
+    match o.status {
+        ConsentStatus::Given => {
+            c["status"] = json!(if o.withdrawn { "inactive" } else { "active" });
+        }
+        ConsentStatus::Proposed => c["status"] = json!("proposed"),
+        ConsentStatus::Missing => {}
+    }
+    if let Some(d) = consent_date(o.recorded_at, o.date) {
+        c["dateTime"] = json!(d);
+        c["meta"]["lastUpdated"] = json!(o.recorded_at.rfc3339());
+    }
+    let mut out = vec![c];
+    if let Some(w) = o.later_withdrawal {
+        // A second Consent withdrawing the first: a day and a year later with a full
+        // date (clearly after), or dated only to the objection's own year (ambiguous).
+        let later = Timestamp::from_millis(o.recorded_at.as_millis() + 400 * 86_400_000)
+            .unwrap_or(o.recorded_at);
+        let date = match w {
+            LaterWithdrawal::ClearlyLater => later.rfc3339(),
+            LaterWithdrawal::Ambiguous => o.recorded_at.rfc3339().get(..4).unwrap_or("2024").to_owned(),
+        };
+        out.push(json!({
+            "resourceType": "Consent",
+            "id": format!("{pid}-withdrawal"),
+            "meta": { "versionId": "1", "lastUpdated": later.rfc3339(), "security": [{ "system": ACT_REASON, "code": "HTEST" }] },
+            "status": "inactive",
+            "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+            "category": [{ "coding": [{ "system": ACT_CODE, "code": "INFA" }] }],
+            "patient": subject(pid),
+            "dateTime": date,
+            "policyRule": { "coding": [{ "system": ACT_CODE, "code": "OPTOUT" }] },
+            "provision": { "type": "deny" },
+        }));
+    }
+    out
 }
 
 /// Test support: validates NDJSON `files` (each named after its resource type, e.g.

@@ -14,6 +14,7 @@ use sync_protocol::NhsNumber;
 use sync_protocol::record::{
     Alert, Allergy, AllergyStatus, Course, Criticality, Demographics, HumanName, KeyContact,
     Medication, MedicationStatus, PatientRecord, Period, Reaction, ReactionSeverity, Section, Sex,
+    Unreadable,
 };
 use sync_protocol::types::{
     BoundedVec, Coding, Date, OdsCode, PostcodeDistrict, Provenance, RecordVersion, SctId,
@@ -21,7 +22,11 @@ use sync_protocol::types::{
 };
 
 pub use codes::{ALERT_CODES, ALLERGY_CODES, MANIFESTATIONS, MEDICATION_CODES};
-pub use dataset::{Objection, SENSITIVE_CODES, SENSITIVE_LABELS, SourcePatient, Withheld};
+pub use dataset::{
+    ConsentDate, ConsentStatus, Deleted, LOCAL_ALERT_SYSTEM, LaterWithdrawal, Objection,
+    Provision, SENSITIVE_CODES, SENSITIVE_LABELS, SENSITIVE_LOCAL_CODE, SourcePatient,
+    Unreadable as UnreadableItem, Withheld, delete_at_source, local_alert_code, local_code_map,
+};
 
 /// How many items of each kind a patient gets.
 #[derive(Clone, Copy, Debug)]
@@ -121,6 +126,7 @@ impl Generator {
             } else {
                 0
             },
+            unreadable: Unreadable::default(),
         }
     }
 
@@ -190,8 +196,11 @@ impl Generator {
         let org = self.pick(codes::GP_PRACTICES);
         let ms = 1_700_000_000_000 + self.rng.random_range(0..40_000_000_000u64);
         Provenance {
-            organisation: ods(org),
-            last_updated: Timestamp::from_millis(ms).unwrap_or_else(|_| unreachable!("2023-2025")),
+            organisation: Some(ods(org)),
+            recorded_by: None,
+            last_updated: Some(
+                Timestamp::from_millis(ms).unwrap_or_else(|_| unreachable!("2023-2025")),
+            ),
         }
     }
 
@@ -303,11 +312,16 @@ fn ods(code: &str) -> OdsCode {
 }
 
 fn coding(code: u64, display: &str) -> Coding {
-    Coding {
-        code: SctId::new(code)
-            .unwrap_or_else(|_| unreachable!("code tables are checked by a test")),
-        display: text(display),
-    }
+    Coding::snomed(
+        SctId::new(code).unwrap_or_else(|_| unreachable!("code tables are checked by a test")),
+        text(display),
+    )
+}
+
+/// A timestamp the generator made (2023–2025), for places that need one.
+fn stamp(p: &Provenance) -> Timestamp {
+    p.last_updated
+        .unwrap_or_else(|| Timestamp::from_millis(1_700_000_000_000).unwrap_or_else(|_| unreachable!()))
 }
 
 #[cfg(test)]
