@@ -236,16 +236,16 @@ mod tests {
     fn newer_and_unknown_versions_are_refused() {
         let (_d, db) = fresh();
         assert!(matches!(
-            run(&db, 5, 1, STEPS),
+            run(&db, 5, SCHEMA_VERSION, STEPS),
             Err(StoreError::NewerSchema {
                 found: 5,
-                supported: 1
+                supported: SCHEMA_VERSION
             })
         ));
         assert!(matches!(
-            run(&db, 0, 1, STEPS),
+            run(&db, 0, SCHEMA_VERSION, STEPS),
             Err(StoreError::NoMigration(0))
         ));
-        assert_eq!(version(&db), 1);
+        assert_eq!(version(&db), SCHEMA_VERSION);
     }
 }

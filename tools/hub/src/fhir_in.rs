@@ -1378,6 +1378,203 @@ mod tests {
         }
     }
 
+    fn privacy_consent(extra: Value) -> Value {
+        let mut c = serde_json::json!({
+            "resourceType": "Consent",
+            "id": "c1",
+            "status": "active",
+            "scope": { "coding": [{ "system": CONSENT_SCOPE, "code": "patient-privacy" }] },
+            "patient": { "reference": "Patient/p1" },
+            "dateTime": "2024-03-01T10:00:00Z",
+            "provision": { "type": "deny" },
+        });
+        if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                if v.is_null() {
+                    c.remove(k);
+                } else {
+                    c.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        c
+    }
+
+    fn objects_whole(consents: &[Value]) -> bool {
+        let denials: Vec<Denial> = consents
+            .iter()
+            .map(|c| consent(c).unwrap_or(Some(Denial::unreadable())))
+            .filter_map(|d| d)
+            .collect();
+        resolve_consents(&denials).0.map(|o| o.status) == Some(ObjectionStatus::Objected)
+    }
+
+    /// HAZ-4: every date precision, no date, and a missing, proposed, draft or unknown
+    /// status object; only entered-in-error is ignored and only a withdrawal lifts.
+    #[test]
+    fn every_consent_shape_that_denies_objects() {
+        use serde_json::json;
+        for date in [
+            json!("2024"),
+            json!("2024-03"),
+            json!("2024-03-01"),
+            json!("2024-03-01T10:00:00Z"),
+            json!("2024-03-01T10:00:00+01:00"),
+            json!("2024-03-01T10:00:00"),
+            json!("not a date"),
+            Value::Null,
+        ] {
+            let c = privacy_consent(json!({ "dateTime": date }));
+            assert!(objects_whole(&[c]), "date {date}");
+        }
+        for status in [
+            Value::Null,
+            json!("proposed"),
+            json!("draft"),
+            json!("sometimes"),
+            json!(7),
+        ] {
+            let c = privacy_consent(json!({ "status": status }));
+            assert!(objects_whole(&[c]), "status {status}");
+        }
+        // No scope at all: read as a privacy consent.
+        assert!(objects_whole(&[privacy_consent(json!({ "scope": null }))]));
+        // A provision of no readable type, a code-limited or nested denial, an unknown
+        // class: the whole patient.
+        for provision in [
+            json!({}),
+            json!({ "type": "perhaps" }),
+            json!({ "type": "deny", "code": [{ "text": "immunisations" }] }),
+            json!({ "type": "deny", "provision": [{ "type": "permit" }] }),
+            json!({ "type": "deny", "class": [{ "system": "http://hl7.org/fhir/resource-types", "code": "Observation" }] }),
+            json!({ "type": "deny", "class": [{ "system": "https://local.invalid", "code": "Flag" }] }),
+            json!({ "type": "permit", "provision": [{ "type": "deny" }] }),
+        ] {
+            let c = privacy_consent(json!({ "provision": provision }));
+            assert!(objects_whole(&[c]), "provision {provision}");
+        }
+        // Not objections: entered in error, another scope, a plain permit, a withdrawal.
+        for extra in [
+            json!({ "status": "entered-in-error" }),
+            json!({ "scope": { "coding": [{ "system": CONSENT_SCOPE, "code": "treatment" }] } }),
+            json!({ "provision": { "type": "permit" } }),
+            json!({ "status": "inactive" }),
+            json!({ "status": "rejected" }),
+        ] {
+            let c = privacy_consent(extra.clone());
+            assert!(!objects_whole(&[c]), "{extra}");
+        }
+    }
+
+    /// HAZ-4: a separate withdrawal lifts an objection only when it is, without doubt,
+    /// later; imprecise dates resolve in favour of the objection.
+    #[test]
+    fn imprecise_dates_resolve_in_favour_of_the_objection() {
+        use serde_json::json;
+        let objection = |d: &str| privacy_consent(json!({ "id": "o", "dateTime": d }));
+        let withdrawal = |d: Value| {
+            privacy_consent(json!({ "id": "w", "status": "inactive", "dateTime": d }))
+        };
+        let cases = [
+            ("2023-01-10", json!("2024-06-01T09:00:00Z"), false),
+            ("2023-01-10T08:00:00Z", json!("2023-01-10T09:00:00Z"), false),
+            ("2024", json!("2024-06-01"), true),
+            ("2024-06", json!("2024-06-20"), true),
+            ("2024-06-20", json!("2024-06-20T23:00:00Z"), true),
+            ("2024-06-20", json!("2024-06-21"), true),
+            ("2024-06-20", json!("2024-06-23"), false),
+            ("2024-06-20", Value::Null, true),
+            ("2024-06-20T10:00:00Z", json!("2024-06-20T09:00:00Z"), true),
+        ];
+        for (o, w, stands) in cases {
+            assert_eq!(
+                objects_whole(&[objection(o), withdrawal(w.clone())]),
+                stands,
+                "objection {o}, withdrawal {w}"
+            );
+        }
+        // An unreadable Consent beside a clear withdrawal still objects.
+        assert!(objects_whole(&[
+            withdrawal(json!("2030-01-01")),
+            json!({ "resourceType": "Consent" })
+        ]));
+        // A partial withdrawal does not lift a whole objection.
+        let partial_w = privacy_consent(json!({
+            "id": "w", "status": "inactive", "dateTime": "2030-01-01",
+            "provision": { "type": "deny", "class": [{ "code": "Flag" }] }
+        }));
+        assert!(objects_whole(&[objection("2020-01-01"), partial_w]));
+    }
+
+    /// A deny limited to known classes withholds those sections only.
+    #[test]
+    fn partial_objections_name_their_sections() {
+        use serde_json::json;
+        let c = privacy_consent(json!({ "provision": { "type": "deny", "class": [
+            { "system": "http://hl7.org/fhir/resource-types", "code": "MedicationStatement" },
+            { "code": "RelatedPerson" },
+        ] } }));
+        let d = consent(&c).unwrap().unwrap();
+        let (whole, sections) = resolve_consents(&[d]);
+        assert_eq!(whole, None);
+        assert_eq!(
+            sections,
+            Sections {
+                medications: true,
+                contacts: true,
+                ..Sections::default()
+            }
+        );
+    }
+
+    /// Codings as they are in the wild: SNOMED CT first, then dm+d, Read, CTV3, local;
+    /// a broken coding is passed over; text alone is an item; nothing to show is an error.
+    #[test]
+    fn concepts_read_every_coding_system_and_text() {
+        use serde_json::json;
+        let c = |v: Value| concept(Some(&v));
+        let local = c(json!({ "coding": [{ "system": "https://gp.invalid/cs", "code": "DNR", "display": "DNACPR" }] })).unwrap();
+        assert_eq!(local.code.as_ref().map(Code::system), Some("https://gp.invalid/cs"));
+        assert_eq!(local.display.as_str(), "DNACPR");
+        let dmd = c(json!({ "coding": [{ "system": DMD_SYSTEM, "code": "39732311000001104", "display": "Amoxicillin 250mg capsules" }] })).unwrap();
+        assert!(matches!(dmd.code, Some(Code::Dmd(_))));
+        let both = c(json!({ "coding": [
+            { "system": "https://gp.invalid/cs", "code": "X", "display": "local words" },
+            { "system": SNOMED, "code": "450476008", "display": "Not for CPR" },
+        ] })).unwrap();
+        assert!(matches!(both.code, Some(Code::Snomed(_))));
+        let broken_snomed = c(json!({ "coding": [
+            { "system": SNOMED, "code": "450476009", "display": "typo" },
+            { "system": READ_V2_SYSTEM, "code": "1JC..", "display": "read words" },
+        ] })).unwrap();
+        assert!(matches!(broken_snomed.code, Some(Code::ReadV2(_))));
+        let text_only = c(json!({ "text": "penicillin - rash" })).unwrap();
+        assert_eq!(text_only.code, None);
+        assert_eq!(text_only.display.as_str(), "penicillin - rash");
+        let borrowed = c(json!({ "coding": [{ "system": "https://gp.invalid/cs", "code": "X" }], "text": "words" })).unwrap();
+        assert_eq!(borrowed.display.as_str(), "words");
+        assert!(c(json!({ "coding": [{ "system": "https://gp.invalid/cs", "code": "X" }] })).is_err());
+        assert!(c(json!({})).is_err());
+    }
+
+    /// Provenance without an ODS code is kept as it is, never an error.
+    #[test]
+    fn provenance_keeps_what_the_source_gives() {
+        use serde_json::json;
+        let p = provenance(&json!({ "recorder": { "display": "Dr A Example" } })).unwrap();
+        assert_eq!(p.organisation, None);
+        assert_eq!(p.recorded_by.as_ref().map(Text::as_str), Some("Dr A Example"));
+        assert_eq!(p.last_updated, None);
+        let p = provenance(&json!({ "author": { "reference": "Practitioner/pr-1" }, "meta": { "lastUpdated": "2024-01-01T00:00:00Z" } })).unwrap();
+        assert_eq!(p.recorded_by.as_ref().map(Text::as_str), Some("Practitioner/pr-1"));
+        assert!(p.last_updated.is_some());
+        let p = provenance(&json!({ "informationSource": { "type": "Organization", "identifier": { "system": ODS_SYSTEM, "value": "M85001" } } })).unwrap();
+        assert_eq!(p.organisation.as_ref().map(OdsCode::as_str), Some("M85001"));
+        assert_eq!(p.recorded_by, None);
+        let p = provenance(&json!({})).unwrap();
+        assert_eq!(p, Provenance { organisation: None, recorded_by: None, last_updated: None });
+    }
+
     #[test]
     fn instants_keep_milliseconds() {
         assert_eq!(

@@ -63,8 +63,8 @@ fn malformed_frames_are_refused_and_nothing_applied() {
     // A version this hub does not speak.
     let v2 = sync_protocol::encode(
         &Message::Hello(sync_protocol::message::Hello {
-            min_version: 2,
-            max_version: 3,
+            min_version: 3,
+            max_version: 4,
             capabilities: sync_protocol::types::Capabilities(0),
             device_time: sync_protocol::types::Timestamp::from_millis(0).unwrap(),
             software: sync_protocol::types::Text::new("x").unwrap(),

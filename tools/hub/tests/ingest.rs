@@ -191,8 +191,18 @@ fn generator_output_passes_a_real_fhir_validator() {
         .map(|k| dir.path().join(format!("{k}.ndjson")))
         .collect();
     let out = crate::harness::validate(&files);
-    assert!(out.0, "validator: {}", out.1);
-    assert!(out.1.contains("0 invalid"), "{}", out.1);
+    // Exactly the Consents written as poor exports write them (no status, a dateTime
+    // without a zone) are invalid: the hub must read those too, and fail closed on them.
+    let poor = patients
+        .iter()
+        .filter_map(|p| p.objection.as_ref())
+        .filter(|o| o.poor_export())
+        .count();
+    assert!(poor > 0, "the dataset has poor-export Consents");
+    assert!(out.1.contains(&format!(", {poor} invalid")), "{}", out.1);
+    for line in out.1.lines().filter(|l| l.contains(".ndjson:")) {
+        assert!(line.starts_with("Consent.ndjson:"), "{line}");
+    }
 
     let bad = dir.path().join("bad");
     std::fs::create_dir(&bad).unwrap();

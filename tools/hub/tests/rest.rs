@@ -130,7 +130,11 @@ fn incremental_polls_dedupe_and_pick_up_changes() {
     let first = source.poll(&state, &rules).unwrap();
     assert_eq!(first.patients, 120);
     assert_eq!(first.stored.added, 120);
-    assert!(first.issues.is_empty(), "{:?}", first.issues);
+    // The only issues are the items the generator wrote unreadable, each reported once.
+    let unreadable: usize = patients.iter().map(|p| p.unreadable.len()).sum();
+    assert!(unreadable > 0);
+    assert_eq!(first.issues.len(), unreadable, "{:?}", first.issues);
+    assert!(first.issues.iter().all(|i| i.contains("-odd")), "{:?}", first.issues);
 
     // Nothing changed: the overlap window re-reads recent resources, dedupe skips them.
     let second = source.poll(&state, &rules).unwrap();

@@ -171,6 +171,13 @@ impl Objection {
             && self.later_withdrawal != Some(LaterWithdrawal::ClearlyLater)
     }
 
+    /// True if the Consent is written as poor exports write it — no status, or a
+    /// dateTime without a zone — which a strict FHIR R4 validator refuses (a server would
+    /// not accept it; a bulk export may still carry it).
+    pub fn poor_export(&self) -> bool {
+        self.status == ConsentStatus::Missing || self.date == ConsentDate::NoZone
+    }
+
     /// The resource types a standing partial objection withholds.
     pub fn withheld_classes(&self) -> &[&'static str] {
         match (&self.provision, self.withdrawn) {
