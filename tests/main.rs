@@ -25,6 +25,7 @@ mod fuzz_corpora;
 mod harness;
 mod hostile_hub;
 mod policy;
+mod real_fhir;
 mod store;
 mod store_fixture;
 mod sync;

@@ -16,7 +16,7 @@ use crate::device_harness::{Dev, grant};
 
 const HOSTILE: &str = "<script>alert(1)</script>O'Hara";
 
-fn get(addr: SocketAddr, path: &str, cookie: Option<&str>) -> Resp {
+pub(crate) fn get(addr: SocketAddr, path: &str, cookie: Option<&str>) -> Resp {
     let cookie = cookie
         .map(|c| format!("Cookie: {c}\r\n"))
         .unwrap_or_default();
@@ -39,7 +39,7 @@ fn post(addr: SocketAddr, path: &str, body: &str, extra: &str) -> Resp {
 }
 
 /// Signs in; returns the `name=value` cookie.
-fn sign_in(addr: SocketAddr, token: &str, user: &str) -> String {
+pub(crate) fn sign_in(addr: SocketAddr, token: &str, user: &str) -> String {
     let r = post(
         addr,
         "/sign-in",

@@ -17,6 +17,8 @@ use crate::state::{HubState, IngestReport, StateError};
 /// the hub allocate without bound).
 const MAX_LINE: usize = 1024 * 1024;
 const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
+/// Patients read whole by one search per resource type.
+const PATIENTS_PER_SEARCH: usize = 50;
 /// Resource types read from a source.
 pub const RESOURCE_TYPES: &[&str] = &[
     "Patient",
@@ -250,6 +252,7 @@ impl FhirRest {
     fn entries(&self, query: &str) -> Result<Option<Vec<Value>>, SourceError> {
         let mut out = Vec::new();
         let mut url = format!("{}/{query}", self.base);
+        let mut total = None;
         for page in 0..100_000 {
             let bundle = match self.fetch(&url)? {
                 Got::Found(b) => b,
@@ -259,6 +262,9 @@ impl FhirRest {
             };
             if str_at(&bundle, &["resourceType"]) != Some("Bundle") {
                 return Err(SourceError::Fhir("search did not return a Bundle".into()));
+            }
+            if page == 0 {
+                total = bundle.get("total").and_then(Value::as_u64);
             }
             if let Some(Value::Array(entries)) = bundle.get("entry") {
                 out.extend(entries.iter().cloned());
@@ -274,7 +280,24 @@ impl FhirRest {
                 .and_then(|l| str_at(l, &["url"]));
             match next {
                 Some(n) => url = n.to_owned(),
-                None => return Ok(Some(out)),
+                None => {
+                    // A server that says it matched more than it sent, and offers no
+                    // next page, would make a shorter record look complete: fail the
+                    // poll instead (nothing is stored).
+                    let matched = out
+                        .iter()
+                        .filter(|e| {
+                            matches!(str_at(e, &["search", "mode"]), None | Some("match"))
+                        })
+                        .count() as u64;
+                    if total.is_some_and(|t| t > matched) {
+                        return Err(SourceError::Fhir(format!(
+                            "the server matched {} but sent {matched} with no next page",
+                            total.unwrap_or(0)
+                        )));
+                    }
+                    return Ok(Some(out));
+                }
             }
         }
         Err(SourceError::Fhir("search paging did not end".into()))
@@ -384,35 +407,61 @@ impl FhirRest {
             affected.extend(state.patient_fhir_ids()?);
             values.push(("fhir.reconciled".to_owned(), now_ms.to_be_bytes().to_vec()));
         }
+        // Affected patients are read whole, in groups (one search per resource type for a
+        // group: `patient=Patient/a,Patient/b,…`), which costs a server one pass per type
+        // and group rather than per patient.
         let mut collector = Collector::new(rules);
         let mut resources = 0u64;
         let mut gone = Vec::new();
-        for pid in &affected {
-            let patient = match self.fetch(&format!("{}/Patient/{pid}", self.base))? {
-                Got::Found(p) => p,
-                Got::Gone => {
-                    gone.push(pid.clone());
-                    continue;
-                }
-                Got::Refused(s) => {
-                    return Err(SourceError::Fhir(format!("HTTP {s} reading a Patient")));
-                }
-            };
-            collector.add(patient);
-            resources += 1;
-            for kind in RESOURCE_TYPES.iter().skip(1) {
-                for r in self.search(&format!(
-                    "{kind}?patient=Patient/{pid}&_count={}",
-                    self.page_size
-                ))? {
-                    // Only resources that really name this patient.
-                    if patient_of(&r) == Some(pid.as_str()) {
-                        if let Some(id) = str_at(&r, &["id"]) {
-                            values.push((format!("p:{kind}/{id}"), pid.clone().into_bytes()));
-                        }
-                        collector.add(r);
+        let affected: Vec<String> = affected.into_iter().collect();
+        for group in affected.chunks(PATIENTS_PER_SEARCH) {
+            let ids = group.join(",");
+            let found = self.search(&format!(
+                "Patient?_id={ids}&_count={}",
+                self.page_size.max(PATIENTS_PER_SEARCH as u32)
+            ))?;
+            let mut present = BTreeSet::new();
+            for patient in found {
+                match str_at(&patient, &["id"]) {
+                    Some(id) if group.iter().any(|g| g == id) => {
+                        present.insert(id.to_owned());
+                        collector.add(patient);
                         resources += 1;
                     }
+                    _ => {}
+                }
+            }
+            // A Patient the server no longer returns is deleted (404/410 confirms it; any
+            // other answer fails the poll and nothing is stored).
+            for pid in group.iter().filter(|p| !present.contains(*p)) {
+                match self.fetch(&format!("{}/Patient/{pid}", self.base))? {
+                    Got::Gone => gone.push(pid.clone()),
+                    Got::Found(_) | Got::Refused(_) => {
+                        return Err(SourceError::Fhir(
+                            "a Patient missing from a search is still readable".into(),
+                        ));
+                    }
+                }
+            }
+            let refs: Vec<String> = present.iter().map(|p| format!("Patient/{p}")).collect();
+            if refs.is_empty() {
+                continue;
+            }
+            for kind in RESOURCE_TYPES.iter().skip(1) {
+                for r in self.search(&format!(
+                    "{kind}?patient={}&_count={}",
+                    refs.join(","),
+                    self.page_size
+                ))? {
+                    // Only resources that really name one of these patients.
+                    let Some(pid) = patient_of(&r).filter(|p| present.contains(*p)) else {
+                        continue;
+                    };
+                    if let Some(id) = str_at(&r, &["id"]) {
+                        values.push((format!("p:{kind}/{id}"), pid.as_bytes().to_vec()));
+                    }
+                    collector.add(r);
+                    resources += 1;
                 }
             }
         }

@@ -24,7 +24,7 @@ use crate::config::Limits;
 use crate::pki::{DeviceCa, agent_trusting, dev_ca};
 use crate::server::{Background, Hub, tls_from_files};
 use crate::sharing::SharingRules;
-use crate::source::ingest_ndjson;
+use crate::source::{FhirRest, IngestSummary, ingest_ndjson};
 use crate::state::HubState;
 
 
@@ -92,6 +92,42 @@ impl TestHub {
         ingest_ndjson(&state, &synthetic_rules(), &ndjson).unwrap();
         drop(state);
         Self::open(dir, patients, limits, Arc::new(AtomicU64::new(T0)), 0)
+    }
+
+    /// A hub whose source is the FHIR R4 server at `base_url`, holding `patients` (what
+    /// the server was loaded with): the first ingest is one REST poll, reconciling every
+    /// poll (`reconcile_secs` 0), with pages of 100.
+    pub fn start_from_fhir(base_url: &str, patients: Vec<SourcePatient>) -> (Self, IngestSummary) {
+        let dir = tempfile::tempdir().unwrap();
+        dev_ca(
+            &dir.path().join("pki"),
+            &["localhost".into(), "127.0.0.1".into()],
+        )
+        .unwrap();
+        let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+        let summary = FhirRest::new(base_url, 300, 100)
+            .with_reconcile(0)
+            .poll(&state, &synthetic_rules())
+            .unwrap();
+        drop(state);
+        let hub = Self::open(
+            dir,
+            patients,
+            &Limits::default(),
+            Arc::new(AtomicU64::new(T0)),
+            0,
+        );
+        (hub, summary)
+    }
+
+    /// Polls the FHIR R4 server at `base_url` again (see [`Self::start_from_fhir`]);
+    /// `patients` is what the source holds now.
+    pub fn poll_fhir(&mut self, base_url: &str, patients: Vec<SourcePatient>) -> IngestSummary {
+        self.patients = patients;
+        FhirRest::new(base_url, 300, 100)
+            .with_reconcile(0)
+            .poll(&self.hub.state, &synthetic_rules())
+            .unwrap()
     }
 
     /// Serves the hub whose files are in `dir` on 127.0.0.1:`port` (0: any).
@@ -316,4 +352,99 @@ pub fn normalised(mut r: PatientRecord) -> PatientRecord {
     sort_by(&mut r.contacts, |c| c.name.as_str().to_owned());
     r.version = RecordVersion(0);
     r
+}
+
+/// A real FHIR R4 server on loopback for tests: Medplum's FHIR engine and R4 validator
+/// (`tools/fhir-server`, installed by `.ci/run` with `npm ci`), run by Node.js. Stops when
+/// dropped.
+#[derive(Debug)]
+pub struct FhirServer {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT/fhir`.
+    pub base: String,
+    agent: ureq::Agent,
+}
+
+impl FhirServer {
+    /// Starts the server. Panics with the fix if Node.js or the packages are missing.
+    pub fn start() -> Self {
+        use std::io::BufRead;
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fhir-server");
+        assert!(
+            dir.join("node_modules/@medplum/fhir-router").exists(),
+            "the test FHIR server is not installed: run `npm ci --prefix tools/fhir-server` (.ci/run does)"
+        );
+        let mut child = std::process::Command::new("node")
+            .arg(dir.join("server.mjs"))
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("Node.js is needed for the test FHIR server");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+        let port: u16 = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the FHIR server did not start: {line:?}"));
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Self {
+            child,
+            base: format!("http://127.0.0.1:{port}/fhir"),
+            agent,
+        }
+    }
+
+    /// PUTs a resource (create or update by id); returns the HTTP status.
+    pub fn put(&self, resource: &serde_json::Value) -> u16 {
+        let kind = resource["resourceType"].as_str().unwrap();
+        let id = resource["id"].as_str().unwrap();
+        self.agent
+            .put(&format!("{}/{kind}/{id}", self.base))
+            .header("Content-Type", "application/fhir+json")
+            .send(resource.to_string())
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// DELETEs a resource; returns the HTTP status.
+    pub fn delete(&self, kind: &str, id: &str) -> u16 {
+        self.agent
+            .delete(&format!("{}/{kind}/{id}", self.base))
+            .call()
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// Loads every resource of `patients` through the REST API. Returns how many the
+    /// server's validator refused (with their patients' FHIR ids).
+    pub fn load(&self, patients: &[SourcePatient]) -> Vec<String> {
+        let mut refused = Vec::new();
+        for p in patients {
+            for r in carecache_synth::fhir::resources(p) {
+                match self.put(&r) {
+                    200 | 201 => {}
+                    400 => refused.push(p.fhir_id.clone()),
+                    other => panic!("PUT {}: HTTP {other}", r["resourceType"]),
+                }
+            }
+        }
+        refused
+    }
+}
+
+impl Drop for FhirServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -36,9 +36,13 @@ async fn search(
             },
         )
         .filter(|r| match q.get("patient") {
-            Some(p) => {
-                r["subject"]["reference"] == p.as_str() || r["patient"]["reference"] == p.as_str()
-            }
+            Some(p) => p.split(',').any(|p| {
+                r["subject"]["reference"] == p || r["patient"]["reference"] == p
+            }),
+            None => true,
+        })
+        .filter(|r| match q.get("_id") {
+            Some(ids) => ids.split(',').any(|id| r["id"] == id),
             None => true,
         })
         .collect();
