@@ -53,8 +53,20 @@ fn the_example_configurations_load() {
     let device = std::fs::read_to_string(repo("deploy/carecache.example.toml")).unwrap();
     carecache::config::Config::parse(&device, &dir.path().join("carecache.toml"))
         .unwrap_or_else(|e| panic!("deploy/carecache.example.toml: {e}"));
-    carecache_hub::config::Config::load(&repo("deploy/hub.example.toml"))
+    let hub = carecache_hub::config::Config::load(&repo("deploy/hub.example.toml"))
         .unwrap_or_else(|e| panic!("deploy/hub.example.toml: {e}"));
+    assert_eq!(
+        hub.sharing.unclassified,
+        carecache_hub::sharing::Unclassified::Share
+    );
+    let map = carecache_hub::sharing::LocalCodeMap::parse(
+        &std::fs::read_to_string(repo("deploy/local-code-map.example.csv")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        map.targets("https://gp-system.invalid/CodeSystem/alert-codes", "DNR"),
+        &[450_476_008]
+    );
     let unit = std::fs::read_to_string(repo("deploy/carecache.service")).unwrap();
     for line in [
         "Type=notify",
@@ -106,7 +118,12 @@ fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
 fn reliability_table_and_hazard_log_name_only_tests_that_exist() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut sources = String::new();
-    for dir in ["tests", "tools/hub/tests", "sync-protocol/tests"] {
+    for dir in [
+        "tests",
+        "tools/hub/tests",
+        "tools/hub/src",
+        "sync-protocol/tests",
+    ] {
         for e in std::fs::read_dir(root.join(dir)).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "rs") {

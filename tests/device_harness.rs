@@ -375,7 +375,9 @@ pub(crate) fn with_sensitive_alert(
     let mut v = b.upserts.into_inner();
     if let Some(r) = v.iter_mut().find(|r| !r.alerts.entries().is_empty()) {
         let mut alerts = r.alerts.entries().to_vec();
-        alerts[0].code.code = Some(sync_protocol::types::Code::Snomed(SctId::new(86_406_008).unwrap()));
+        alerts[0].code.code = Some(sync_protocol::types::Code::Snomed(
+            SctId::new(86_406_008).unwrap(),
+        ));
         r.alerts = Section::Entries(BoundedVec::try_from(alerts).unwrap());
     }
     b.upserts = BoundedVec::try_from(v).unwrap();

@@ -44,7 +44,11 @@ fn assert_device_matches(dev: &Dev, patients: &[SourcePatient], server_times: bo
         c.device[0] += r.alerts.entries().len();
         c.device[1] += r.allergies.entries().len();
         c.device[2] += r.medications.entries().len();
-        assert_eq!(r.unreadable, e.unreadable, "{}: unreadable counts", p.fhir_id);
+        assert_eq!(
+            r.unreadable, e.unreadable,
+            "{}: unreadable counts",
+            p.fhir_id
+        );
         let (mut r, mut e) = (normalised(r), normalised(e.clone()));
         if server_times {
             // A REST server owns `meta.lastUpdated`: it is the time of the load, kept as
@@ -54,12 +58,28 @@ fn assert_device_matches(dev: &Dev, patients: &[SourcePatient], server_times: bo
             erase_times(&mut e);
         }
         // Section by section, so a failure names the section (never its content).
-        assert!(r.demographics == e.demographics, "{}: demographics differ", p.fhir_id);
+        assert!(
+            r.demographics == e.demographics,
+            "{}: demographics differ",
+            p.fhir_id
+        );
         assert!(r.alerts == e.alerts, "{}: alerts differ", p.fhir_id);
-        assert!(r.allergies == e.allergies, "{}: allergies differ", p.fhir_id);
-        assert!(r.medications == e.medications, "{}: medications differ", p.fhir_id);
+        assert!(
+            r.allergies == e.allergies,
+            "{}: allergies differ",
+            p.fhir_id
+        );
+        assert!(
+            r.medications == e.medications,
+            "{}: medications differ",
+            p.fhir_id
+        );
         assert!(r.contacts == e.contacts, "{}: contacts differ", p.fhir_id);
-        assert!(r == e, "{}: the record on the device differs from the source", p.fhir_id);
+        assert!(
+            r == e,
+            "{}: the record on the device differs from the source",
+            p.fhir_id
+        );
     }
     c
 }
@@ -69,9 +89,24 @@ fn provenances(r: &PatientRecord) -> Vec<Option<Timestamp>> {
         .entries()
         .iter()
         .map(|a| a.provenance.last_updated)
-        .chain(r.allergies.entries().iter().map(|a| a.provenance.last_updated))
-        .chain(r.medications.entries().iter().map(|m| m.provenance.last_updated))
-        .chain(r.contacts.entries().iter().map(|c| c.provenance.last_updated))
+        .chain(
+            r.allergies
+                .entries()
+                .iter()
+                .map(|a| a.provenance.last_updated),
+        )
+        .chain(
+            r.medications
+                .entries()
+                .iter()
+                .map(|m| m.provenance.last_updated),
+        )
+        .chain(
+            r.contacts
+                .entries()
+                .iter()
+                .map(|c| c.provenance.last_updated),
+        )
         .collect()
 }
 
@@ -149,25 +184,24 @@ fn lease_everyone(hub: &TestHub, dev: &Dev) {
     grant(hub, &dev.id(), &all, json!({ "users": ["n1"] }));
 }
 
-/// HAZ-4, HAZ-14, HAZ-15: from NDJSON (every objection shape, poor exports included).
+/// HAZ-04, HAZ-13, HAZ-14, HAZ-16: from NDJSON (every objection shape, poor exports included).
 #[test]
 fn no_objector_of_any_shape_is_served_and_every_readable_item_arrives() {
     let hub = TestHub::start(400, 20);
-    let shapes: BTreeMap<String, usize> =
-        hub.patients
-            .iter()
-            .filter_map(|p| p.objection.as_ref())
-            .fold(BTreeMap::new(), |mut m, o| {
-                *m.entry(format!("{:?}/{:?}/{:?}", o.date, o.status, o.provision))
-                    .or_default() += 1;
-                m
-            });
+    let shapes: BTreeMap<String, usize> = hub
+        .patients
+        .iter()
+        .filter_map(|p| p.objection.as_ref())
+        .fold(BTreeMap::new(), |mut m, o| {
+            *m.entry(format!("{:?}/{:?}/{:?}", o.date, o.status, o.provision))
+                .or_default() += 1;
+            m
+        });
     assert!(shapes.len() >= 12, "objection shapes: {shapes:?}");
     assert!(
-        hub.patients.iter().any(|p| p
-            .objection
-            .as_ref()
-            .is_some_and(|o| o.poor_export())),
+        hub.patients
+            .iter()
+            .any(|p| p.objection.as_ref().is_some_and(|o| o.poor_export())),
         "poor-export Consents are in the source"
     );
     let dev = Dev::enrolled(&hub);
@@ -179,7 +213,7 @@ fn no_objector_of_any_shape_is_served_and_every_readable_item_arrives() {
     assert_objectors_refused_everywhere(&s, &hub.patients);
 }
 
-/// HAZ-4, HAZ-15, HAZ-16: a real FHIR R4 server, loaded through its REST API; the device
+/// HAZ-04, HAZ-13, HAZ-15: a real FHIR R4 server, loaded through its REST API; the device
 /// holds every readable item of every shareable patient (100 %), no objector, and
 /// resources deleted at the source leave it at the next poll and sync.
 #[test]
@@ -249,14 +283,13 @@ fn a_real_fhir_server_feeds_the_device_whole_and_deletions_reach_it() {
     assert!(second.stored.deleted >= 2, "{second:?}");
     assert!(second.stored.changed >= 8, "{second:?}");
     dev.sync().unwrap();
-    let at_source: Vec<_> = hub
-        .patients
-        .iter()
-        .map(SourcePatient::nhs_number)
-        .collect();
+    let at_source: Vec<_> = hub.patients.iter().map(SourcePatient::nhs_number).collect();
     let store = dev.device.store();
     let held = store.records().unwrap();
-    assert_eq!(held.len(), patients.iter().filter(|p| p.shareable()).count());
+    assert_eq!(
+        held.len(),
+        patients.iter().filter(|p| p.shareable()).count()
+    );
     assert!(held.iter().all(|r| at_source.contains(&r.nhs_number)));
     let c = assert_device_matches(&dev, &patients, true);
     assert_eq!(c.source, c.device);

@@ -316,7 +316,13 @@ pub fn section_bundle(
                 .into_iter()
                 .map(|a| fhir::flag(&id, a))
                 .collect(),
-            section_note(&s.alerts, "Alerts", s.withheld, s.unreadable.alerts, ALERT_NOUN),
+            section_note(
+                &s.alerts,
+                "Alerts",
+                s.withheld,
+                s.unreadable.alerts,
+                ALERT_NOUN,
+            ),
         ),
         (SectionKind::Allergies, Some(c)) => (
             c.allergies
@@ -656,7 +662,9 @@ fn source(p: &sync_protocol::types::Provenance) -> Value {
 /// A coded concept for JSON: the system it came from and its code, or text only.
 fn code_json(c: &sync_protocol::types::Coding) -> Value {
     match &c.code {
-        Some(code) => json!({ "system": code.system(), "system_name": code.system_name(), "code": code.value() }),
+        Some(code) => {
+            json!({ "system": code.system(), "system_name": code.system_name(), "code": code.value() })
+        }
         None => json!({ "system": null, "system_name": "text only", "code": null }),
     }
 }

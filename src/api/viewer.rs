@@ -698,10 +698,10 @@ fn source_line(item: &Value) -> String {
     if parts.is_empty() {
         parts.push("not stated".to_owned());
     }
-    let updated = s
-        .get("last_updated")
-        .and_then(Value::as_str)
-        .map_or_else(|| "update time not stated".to_owned(), |t| format!("updated {}", esc(&nhs_date(t))));
+    let updated = s.get("last_updated").and_then(Value::as_str).map_or_else(
+        || "update time not stated".to_owned(),
+        |t| format!("updated {}", esc(&nhs_date(t))),
+    );
     format!(
         "<div class=\"meta\">Source: {}, {updated}</div>",
         parts.join(", ")

@@ -543,8 +543,7 @@ impl Store {
             let row = RowKey(k.value());
             let (slot, sealed) = tables::split_slot(v.value())?;
             let key = self.data_key(slot, Scope::Patient(row))?;
-            let (version, plain) =
-                tables::unseal_versioned(&key, Table::Patients, &row.0, sealed)?;
+            let (version, plain) = tables::unseal_versioned(&key, Table::Patients, &row.0, sealed)?;
             f(version, &plain)?;
         }
         Ok(())

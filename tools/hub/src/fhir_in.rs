@@ -29,8 +29,8 @@ use sync_protocol::record::{
     PatientRecord, Period, Reaction, ReactionSeverity, Section, Sex, Unreadable,
 };
 use sync_protocol::types::{
-    BoundedVec, CTV3_SYSTEM, Code, Coding, DMD_SYSTEM, Date, OdsCode, PostcodeDistrict,
-    Provenance, READ_V2_SYSTEM, RecordVersion, SNOMED_SYSTEM, SctId, SourceId, Text, Timestamp,
+    BoundedVec, CTV3_SYSTEM, Code, Coding, DMD_SYSTEM, Date, OdsCode, PostcodeDistrict, Provenance,
+    READ_V2_SYSTEM, RecordVersion, SNOMED_SYSTEM, SctId, SourceId, Text, Timestamp,
 };
 
 use crate::sharing::SharingRules;
@@ -156,8 +156,9 @@ impl<'a> Collector<'a> {
                 None if kind == "Consent" => {
                     // A Consent that names no patient we can find cannot be honoured and
                     // cannot be placed: reported loudly, and the ingest summary counts it.
-                    self.issues
-                        .push(issue("Consent names no Patient: objection cannot be placed"));
+                    self.issues.push(issue(
+                        "Consent names no Patient: objection cannot be placed",
+                    ));
                 }
                 None => self.issues.push(issue("no Patient reference")),
             },
@@ -294,10 +295,12 @@ pub fn resolve_consents(denials: &[Denial]) -> (Option<SourceObjection>, Section
         .iter()
         .filter(|d| d.scope == DenialScope::Patient)
         .collect();
-    let sections = in_force.iter().fold(Sections::default(), |acc, d| match d.scope {
-        DenialScope::Sections(s) => acc.union(s),
-        DenialScope::Patient => acc,
-    });
+    let sections = in_force
+        .iter()
+        .fold(Sections::default(), |acc, d| match d.scope {
+            DenialScope::Sections(s) => acc.union(s),
+            DenialScope::Patient => acc,
+        });
     let objection = if let Some(at) = whole.iter().map(|d| d.recorded_at()).max() {
         Some(SourceObjection {
             status: ObjectionStatus::Objected,
@@ -723,7 +726,11 @@ fn provenance(v: &Value) -> Result<Provenance, &'static str> {
         let value = str_at(r, &["identifier", "value"])?;
         let is_org = system == Some(ODS_SYSTEM)
             || (system.is_none() && str_at(r, &["type"]) == Some("Organization"));
-        if is_org { OdsCode::new(value.trim()).ok() } else { None }
+        if is_org {
+            OdsCode::new(value.trim()).ok()
+        } else {
+            None
+        }
     };
     let organisation = str_at(v, &["meta", "source"])
         .and_then(|s| s.strip_prefix(ODS_SYSTEM))
@@ -1262,10 +1269,8 @@ fn provision_denies(p: &Value, depth: u8) -> Option<DenialScope> {
             let mut sections = Sections::default();
             for class in classes {
                 let system = str_at(class, &["system"]);
-                let known_system = matches!(
-                    system,
-                    None | Some("http://hl7.org/fhir/resource-types")
-                );
+                let known_system =
+                    matches!(system, None | Some("http://hl7.org/fhir/resource-types"));
                 match (known_system, str_at(class, &["code"])) {
                     (true, Some("Flag")) => sections.alerts = true,
                     (true, Some("AllergyIntolerance")) => sections.allergies = true,
@@ -1333,7 +1338,11 @@ pub(crate) fn instant_range(s: &str) -> Option<(Timestamp, Timestamp)> {
     let (start, end) = match (m, d, time_part) {
         (None, _, _) => (day(y, 1, 1)?, day(y.checked_add(1)?, 1, 1)?),
         (Some(m), None, _) => {
-            let (ny, nm) = if m == 12 { (y.checked_add(1)?, 1) } else { (y, m + 1) };
+            let (ny, nm) = if m == 12 {
+                (y.checked_add(1)?, 1)
+            } else {
+                (y, m + 1)
+            };
             (day(y, m, 1)?, day(ny, nm, 1)?)
         }
         (Some(m), Some(d), None) => {
@@ -1354,7 +1363,10 @@ pub(crate) fn instant_range(s: &str) -> Option<(Timestamp, Timestamp)> {
         }
     };
     let start = u64::try_from(start).ok()?.saturating_sub(ZONE_SLACK_MS);
-    let end = u64::try_from(end).ok()?.saturating_sub(1).saturating_add(ZONE_SLACK_MS);
+    let end = u64::try_from(end)
+        .ok()?
+        .saturating_sub(1)
+        .saturating_add(ZONE_SLACK_MS);
     Some((
         Timestamp::from_millis(start).ok()?,
         Timestamp::from_millis(end.min(Timestamp::END - 1)).ok()?,
@@ -1403,13 +1415,12 @@ mod tests {
     fn objects_whole(consents: &[Value]) -> bool {
         let denials: Vec<Denial> = consents
             .iter()
-            .map(|c| consent(c).unwrap_or(Some(Denial::unreadable())))
-            .filter_map(|d| d)
+            .filter_map(|c| consent(c).unwrap_or(Some(Denial::unreadable())))
             .collect();
         resolve_consents(&denials).0.map(|o| o.status) == Some(ObjectionStatus::Objected)
     }
 
-    /// HAZ-4: every date precision, no date, and a missing, proposed, draft or unknown
+    /// HAZ-04: every date precision, no date, and a missing, proposed, draft or unknown
     /// status object; only entered-in-error is ignored and only a withdrawal lifts.
     #[test]
     fn every_consent_shape_that_denies_objects() {
@@ -1466,15 +1477,14 @@ mod tests {
         }
     }
 
-    /// HAZ-4: a separate withdrawal lifts an objection only when it is, without doubt,
+    /// HAZ-04: a separate withdrawal lifts an objection only when it is, without doubt,
     /// later; imprecise dates resolve in favour of the objection.
     #[test]
     fn imprecise_dates_resolve_in_favour_of_the_objection() {
         use serde_json::json;
         let objection = |d: &str| privacy_consent(json!({ "id": "o", "dateTime": d }));
-        let withdrawal = |d: Value| {
-            privacy_consent(json!({ "id": "w", "status": "inactive", "dateTime": d }))
-        };
+        let withdrawal =
+            |d: Value| privacy_consent(json!({ "id": "w", "status": "inactive", "dateTime": d }));
         let cases = [
             ("2023-01-10", json!("2024-06-01T09:00:00Z"), false),
             ("2023-01-10T08:00:00Z", json!("2023-01-10T09:00:00Z"), false),
@@ -1534,26 +1544,33 @@ mod tests {
         use serde_json::json;
         let c = |v: Value| concept(Some(&v));
         let local = c(json!({ "coding": [{ "system": "https://gp.invalid/cs", "code": "DNR", "display": "DNACPR" }] })).unwrap();
-        assert_eq!(local.code.as_ref().map(Code::system), Some("https://gp.invalid/cs"));
+        assert_eq!(
+            local.code.as_ref().map(Code::system),
+            Some("https://gp.invalid/cs")
+        );
         assert_eq!(local.display.as_str(), "DNACPR");
         let dmd = c(json!({ "coding": [{ "system": DMD_SYSTEM, "code": "39732311000001104", "display": "Amoxicillin 250mg capsules" }] })).unwrap();
         assert!(matches!(dmd.code, Some(Code::Dmd(_))));
         let both = c(json!({ "coding": [
             { "system": "https://gp.invalid/cs", "code": "X", "display": "local words" },
             { "system": SNOMED, "code": "450476008", "display": "Not for CPR" },
-        ] })).unwrap();
+        ] }))
+        .unwrap();
         assert!(matches!(both.code, Some(Code::Snomed(_))));
         let broken_snomed = c(json!({ "coding": [
             { "system": SNOMED, "code": "450476009", "display": "typo" },
             { "system": READ_V2_SYSTEM, "code": "1JC..", "display": "read words" },
-        ] })).unwrap();
+        ] }))
+        .unwrap();
         assert!(matches!(broken_snomed.code, Some(Code::ReadV2(_))));
         let text_only = c(json!({ "text": "penicillin - rash" })).unwrap();
         assert_eq!(text_only.code, None);
         assert_eq!(text_only.display.as_str(), "penicillin - rash");
         let borrowed = c(json!({ "coding": [{ "system": "https://gp.invalid/cs", "code": "X" }], "text": "words" })).unwrap();
         assert_eq!(borrowed.display.as_str(), "words");
-        assert!(c(json!({ "coding": [{ "system": "https://gp.invalid/cs", "code": "X" }] })).is_err());
+        assert!(
+            c(json!({ "coding": [{ "system": "https://gp.invalid/cs", "code": "X" }] })).is_err()
+        );
         assert!(c(json!({})).is_err());
     }
 
@@ -1563,16 +1580,29 @@ mod tests {
         use serde_json::json;
         let p = provenance(&json!({ "recorder": { "display": "Dr A Example" } })).unwrap();
         assert_eq!(p.organisation, None);
-        assert_eq!(p.recorded_by.as_ref().map(Text::as_str), Some("Dr A Example"));
+        assert_eq!(
+            p.recorded_by.as_ref().map(Text::as_str),
+            Some("Dr A Example")
+        );
         assert_eq!(p.last_updated, None);
         let p = provenance(&json!({ "author": { "reference": "Practitioner/pr-1" }, "meta": { "lastUpdated": "2024-01-01T00:00:00Z" } })).unwrap();
-        assert_eq!(p.recorded_by.as_ref().map(Text::as_str), Some("Practitioner/pr-1"));
+        assert_eq!(
+            p.recorded_by.as_ref().map(Text::as_str),
+            Some("Practitioner/pr-1")
+        );
         assert!(p.last_updated.is_some());
         let p = provenance(&json!({ "informationSource": { "type": "Organization", "identifier": { "system": ODS_SYSTEM, "value": "M85001" } } })).unwrap();
         assert_eq!(p.organisation.as_ref().map(OdsCode::as_str), Some("M85001"));
         assert_eq!(p.recorded_by, None);
         let p = provenance(&json!({})).unwrap();
-        assert_eq!(p, Provenance { organisation: None, recorded_by: None, last_updated: None });
+        assert_eq!(
+            p,
+            Provenance {
+                organisation: None,
+                recorded_by: None,
+                last_updated: None
+            }
+        );
     }
 
     #[test]

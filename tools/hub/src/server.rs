@@ -674,11 +674,10 @@ async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response
         Ok(d) => d,
         Err(r) => return r,
     };
-    let (msg, version) =
-        match read_frame_versioned(&parts.headers, body, MessageKind::Pull).await {
-            Ok(m) => m,
-            Err(resp) => return resp,
-        };
+    let (msg, version) = match read_frame_versioned(&parts.headers, body, MessageKind::Pull).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    };
     let Message::Pull(p) = msg else {
         return error_frame(ErrorCode::Malformed, "expected pull", None);
     };

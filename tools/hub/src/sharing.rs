@@ -261,6 +261,52 @@ mod tests {
         );
     }
 
+    /// HAZ-14: every coding system with a list is checked (SNOMED CT, dm+d, and local
+    /// codes through the map); an item no list can classify follows the policy, and by
+    /// default a locally coded DNACPR alert is shared; labels apply to any item.
+    #[test]
+    fn every_listed_coding_system_is_checked_and_unclassified_items_follow_the_policy() {
+        use serde_json::json;
+        const LOCAL: &str = "https://gp.invalid/cs";
+        let map = LocalCodeMap::parse(&format!(
+            "# version: t-1\nsystem,code,snomed,display\n{LOCAL},HIV1,86406008,HIV\n{LOCAL},DNR,450476008,DNACPR\n"
+        ))
+        .unwrap();
+        let rules = SharingRules::default_rules().unwrap().with_local_map(map);
+        let item = |system: &str, code: &str| json!({ "resourceType": "Flag", "code": { "coding": [{ "system": system, "code": code, "display": "x" }] } });
+        assert!(rules.withholds(&item(SNOMED_SYSTEM, "86406008")));
+        assert!(rules.withholds(&item(DMD_SYSTEM, "86406008")));
+        assert!(rules.withholds(&item(LOCAL, "HIV1")));
+        assert!(!rules.withholds(&item(LOCAL, "DNR")));
+        let unmapped = item(LOCAL, "DNACPR-LOCAL");
+        let text_only = json!({ "resourceType": "AllergyIntolerance", "code": { "text": "penicillin - rash" } });
+        assert!(!rules.withholds(&unmapped), "shared by default");
+        assert!(!rules.withholds(&text_only));
+        let strict = rules.clone().with_unclassified(Unclassified::Withhold);
+        assert!(strict.withholds(&unmapped));
+        assert!(strict.withholds(&text_only));
+        assert!(!strict.withholds(&item(LOCAL, "DNR")), "mapped: classified");
+        let labelled = json!({ "resourceType": "RelatedPerson", "meta": { "security": [{ "system": ACT_CODE, "code": "HIV" }] } });
+        assert!(rules.withholds(&labelled));
+        assert_eq!(rules.local_map_version(), Some("t-1"));
+    }
+
+    #[test]
+    fn bad_local_maps_name_the_line() {
+        for (text, line) in [
+            ("system,code,snomed\nA,B,86406008\n", 1),
+            ("# version: 1\nsystem,code\n", 2),
+            ("# version: 1\nsystem,code,snomed\nA,B,86406009\n", 3),
+            ("# version: 1\nsystem,code,snomed\n,B,86406008\n", 3),
+            ("# version: 1\nsystem,code,snomed\nA,B,x\n", 3),
+        ] {
+            match LocalCodeMap::parse(text) {
+                Err(SharingError::CodeMap { line: l, .. }) => assert_eq!(l, line, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn bad_lists_name_the_line() {
         for (text, line) in [

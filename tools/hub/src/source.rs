@@ -19,6 +19,8 @@ const MAX_LINE: usize = 1024 * 1024;
 const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
 /// Patients read whole by one search per resource type.
 const PATIENTS_PER_SEARCH: usize = 50;
+/// [`PATIENTS_PER_SEARCH`] as a `_count`.
+const PATIENTS_PER_SEARCH_COUNT: u32 = 50;
 /// Resource types read from a source.
 pub const RESOURCE_TYPES: &[&str] = &[
     "Patient",
@@ -286,9 +288,7 @@ impl FhirRest {
                     // poll instead (nothing is stored).
                     let matched = out
                         .iter()
-                        .filter(|e| {
-                            matches!(str_at(e, &["search", "mode"]), None | Some("match"))
-                        })
+                        .filter(|e| matches!(str_at(e, &["search", "mode"]), None | Some("match")))
                         .count() as u64;
                     if total.is_some_and(|t| t > matched) {
                         return Err(SourceError::Fhir(format!(
@@ -418,7 +418,7 @@ impl FhirRest {
             let ids = group.join(",");
             let found = self.search(&format!(
                 "Patient?_id={ids}&_count={}",
-                self.page_size.max(PATIENTS_PER_SEARCH as u32)
+                self.page_size.max(PATIENTS_PER_SEARCH_COUNT)
             ))?;
             let mut present = BTreeSet::new();
             for patient in found {

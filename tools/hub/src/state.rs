@@ -685,8 +685,7 @@ impl HubState {
         if fhir_ids.is_empty() {
             return Ok(0);
         }
-        let wanted: std::collections::HashSet<&str> =
-            fhir_ids.iter().map(String::as_str).collect();
+        let wanted: std::collections::HashSet<&str> = fhir_ids.iter().map(String::as_str).collect();
         let tx = self.db.begin_write()?;
         let mut deleted = 0;
         {

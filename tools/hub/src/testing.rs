@@ -27,15 +27,12 @@ use crate::sharing::SharingRules;
 use crate::source::{FhirRest, IngestSummary, ingest_ndjson};
 use crate::state::HubState;
 
-
 /// The shipped rules with the synthetic record's local-code map: what a region running
 /// on the synthetic data would configure (`[sharing] local_code_map`).
 pub fn synthetic_rules() -> SharingRules {
-    SharingRules::default_rules()
-        .unwrap()
-        .with_local_map(
-            crate::sharing::LocalCodeMap::parse(&carecache_synth::local_code_map()).unwrap(),
-        )
+    SharingRules::default_rules().unwrap().with_local_map(
+        crate::sharing::LocalCodeMap::parse(&carecache_synth::local_code_map()).unwrap(),
+    )
 }
 
 /// The admin token of test hubs.
@@ -384,7 +381,9 @@ impl FhirServer {
             .expect("Node.js is needed for the test FHIR server");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
         let port: u16 = line
             .trim()
             .strip_prefix("listening ")

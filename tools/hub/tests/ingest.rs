@@ -93,6 +93,23 @@ fn sensitive_items_never_travel_only_their_count() {
         }
     }
     assert!(with_withheld > 5);
+    // Every kind of sensitive item is in the source: SNOMED CT-coded, dm+d-coded (the
+    // list covers both systems), locally coded (through the region's map), labelled,
+    // restricted.
+    let kinds: std::collections::BTreeSet<&str> = hub
+        .patients
+        .iter()
+        .filter(|p| p.shareable())
+        .flat_map(|p| p.withheld.iter())
+        .map(|w| match w {
+            Withheld::CodedAlert(_) => "snomed",
+            Withheld::DmdMedication(_) => "dmd",
+            Withheld::LocalCodedAlert(_) => "local",
+            Withheld::LabelledMedication(..) => "label",
+            Withheld::RestrictedMedication(_) => "restricted",
+        })
+        .collect();
+    assert_eq!(kinds.len(), 5, "{kinds:?}");
     for r in model.records.values() {
         for a in r.alerts.entries() {
             assert!(a.code.sctid().is_none_or(|c| !rules.lists(c.as_u64())));

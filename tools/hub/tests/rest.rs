@@ -36,9 +36,9 @@ async fn search(
             },
         )
         .filter(|r| match q.get("patient") {
-            Some(p) => p.split(',').any(|p| {
-                r["subject"]["reference"] == p || r["patient"]["reference"] == p
-            }),
+            Some(p) => p
+                .split(',')
+                .any(|p| r["subject"]["reference"] == p || r["patient"]["reference"] == p),
             None => true,
         })
         .filter(|r| match q.get("_id") {
@@ -138,7 +138,11 @@ fn incremental_polls_dedupe_and_pick_up_changes() {
     let unreadable: usize = patients.iter().map(|p| p.unreadable.len()).sum();
     assert!(unreadable > 0);
     assert_eq!(first.issues.len(), unreadable, "{:?}", first.issues);
-    assert!(first.issues.iter().all(|i| i.contains("-odd")), "{:?}", first.issues);
+    assert!(
+        first.issues.iter().all(|i| i.contains("-odd")),
+        "{:?}",
+        first.issues
+    );
 
     // Nothing changed: the overlap window re-reads recent resources, dedupe skips them.
     let second = source.poll(&state, &rules).unwrap();

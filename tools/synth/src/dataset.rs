@@ -4,11 +4,11 @@
 
 use rand::Rng;
 use sync_protocol::NhsNumber;
+use sync_protocol::record::Section;
 use sync_protocol::record::{
     Alert, AlertCategory, AlertSeverity, Allergy, AllergyStatus, Medication, MedicationStatus,
     PatientRecord, Period,
 };
-use sync_protocol::record::Section;
 use sync_protocol::types::{Code, Coding, Provenance, SctId, SourceId, Text, Timestamp};
 
 use crate::{Generator, coding, stamp};
@@ -38,8 +38,16 @@ fn objection_shape(n: usize, recorded_at: Timestamp) -> Objection {
         base(D::NoZone, S::Given, Provision::Deny),
         base(D::Date, S::Missing, Provision::Deny),
         base(D::Instant, S::Proposed, Provision::Deny),
-        base(D::Date, S::Given, Provision::DenyClasses(vec!["MedicationStatement"])),
-        base(D::Year, S::Given, Provision::DenyClasses(vec!["Flag", "RelatedPerson"])),
+        base(
+            D::Date,
+            S::Given,
+            Provision::DenyClasses(vec!["MedicationStatement"]),
+        ),
+        base(
+            D::Year,
+            S::Given,
+            Provision::DenyClasses(vec!["Flag", "RelatedPerson"]),
+        ),
         base(D::Instant, S::Given, Provision::DenyCode),
         base(D::Date, S::Given, Provision::Untyped),
         Objection {
@@ -56,7 +64,11 @@ fn objection_shape(n: usize, recorded_at: Timestamp) -> Objection {
         },
         Objection {
             withdrawn: true,
-            ..base(D::Date, S::Given, Provision::DenyClasses(vec!["AllergyIntolerance"]))
+            ..base(
+                D::Date,
+                S::Given,
+                Provision::DenyClasses(vec!["AllergyIntolerance"]),
+            )
         },
     ];
     let i = n % shapes.len();
@@ -540,74 +552,74 @@ fn id(s: &str) -> SourceId {
 }
 
 /// Delete at the source, between two exports: `items` alerts or medications of
-    /// shareable patients (each leaves its section), and `patients` whole patients.
-    /// Returns every resource deleted; `patients` is changed to what the source holds
-    /// afterwards (its `expected` records included).
+/// shareable patients (each leaves its section), and `patients` whole patients.
+/// Returns every resource deleted; `patients` is changed to what the source holds
+/// afterwards (its `expected` records included).
 pub fn delete_at_source(
-        patients: &mut Vec<SourcePatient>,
-        items: usize,
-        whole: usize,
-    ) -> Vec<Deleted> {
-        let mut out = Vec::new();
-        let mut deleted_items = 0;
-        for p in patients.iter_mut().filter(|p| p.shareable()) {
-            if deleted_items >= items {
-                break;
-            }
-            if let Section::Entries(list) = &p.expected.alerts
-                && list.len() > 1
-            {
-                let mut list = list.clone().into_inner();
-                let gone = list.remove(0);
-                out.push(Deleted {
-                    resource_type: "Flag",
-                    id: gone.source_id.as_str().to_owned(),
-                });
-                p.expected.alerts = Section::from_items(list).unwrap_or(Section::NotAvailable);
-                deleted_items += 1;
-            } else if let Section::Entries(list) = &p.expected.medications {
-                let mut list = list.clone().into_inner();
-                let gone = list.remove(0);
-                out.push(Deleted {
-                    resource_type: "MedicationStatement",
-                    id: gone.source_id.as_str().to_owned(),
-                });
-                p.expected.medications = if list.is_empty() && p.expected.unreadable.medications > 0 {
-                    Section::NotAvailable
-                } else {
-                    Section::from_items(list).unwrap_or(Section::NotAvailable)
-                };
-                deleted_items += 1;
-            }
+    patients: &mut Vec<SourcePatient>,
+    items: usize,
+    whole: usize,
+) -> Vec<Deleted> {
+    let mut out = Vec::new();
+    let mut deleted_items = 0;
+    for p in patients.iter_mut().filter(|p| p.shareable()) {
+        if deleted_items >= items {
+            break;
         }
-        let mut removed = 0;
-        let mut i = patients.len();
-        while removed < whole && i > 0 {
-            i -= 1;
-            let shareable = patients.get(i).is_some_and(SourcePatient::shareable);
-            if shareable {
-                let p = patients.remove(i);
-                for r in crate::fhir::resources(&p) {
-                    if let (Some(kind), Some(id)) = (
-                        r.get("resourceType").and_then(serde_json::Value::as_str),
-                        r.get("id").and_then(serde_json::Value::as_str),
-                    ) {
-                        out.push(Deleted {
-                            resource_type: match kind {
-                                "Patient" => "Patient",
-                                "Flag" => "Flag",
-                                "AllergyIntolerance" => "AllergyIntolerance",
-                                "MedicationStatement" => "MedicationStatement",
-                                "RelatedPerson" => "RelatedPerson",
-                                "List" => "List",
-                                _ => "Consent",
-                            },
-                            id: id.to_owned(),
-                        });
-                    }
-                }
-                removed += 1;
-            }
+        if let Section::Entries(list) = &p.expected.alerts
+            && list.len() > 1
+        {
+            let mut list = list.clone().into_inner();
+            let gone = list.remove(0);
+            out.push(Deleted {
+                resource_type: "Flag",
+                id: gone.source_id.as_str().to_owned(),
+            });
+            p.expected.alerts = Section::from_items(list).unwrap_or(Section::NotAvailable);
+            deleted_items += 1;
+        } else if let Section::Entries(list) = &p.expected.medications {
+            let mut list = list.clone().into_inner();
+            let gone = list.remove(0);
+            out.push(Deleted {
+                resource_type: "MedicationStatement",
+                id: gone.source_id.as_str().to_owned(),
+            });
+            p.expected.medications = if list.is_empty() && p.expected.unreadable.medications > 0 {
+                Section::NotAvailable
+            } else {
+                Section::from_items(list).unwrap_or(Section::NotAvailable)
+            };
+            deleted_items += 1;
         }
-        out
     }
+    let mut removed = 0;
+    let mut i = patients.len();
+    while removed < whole && i > 0 {
+        i -= 1;
+        let shareable = patients.get(i).is_some_and(SourcePatient::shareable);
+        if shareable {
+            let p = patients.remove(i);
+            for r in crate::fhir::resources(&p) {
+                if let (Some(kind), Some(id)) = (
+                    r.get("resourceType").and_then(serde_json::Value::as_str),
+                    r.get("id").and_then(serde_json::Value::as_str),
+                ) {
+                    out.push(Deleted {
+                        resource_type: match kind {
+                            "Patient" => "Patient",
+                            "Flag" => "Flag",
+                            "AllergyIntolerance" => "AllergyIntolerance",
+                            "MedicationStatement" => "MedicationStatement",
+                            "RelatedPerson" => "RelatedPerson",
+                            "List" => "List",
+                            _ => "Consent",
+                        },
+                        id: id.to_owned(),
+                    });
+                }
+            }
+            removed += 1;
+        }
+    }
+    out
+}

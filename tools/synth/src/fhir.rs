@@ -480,7 +480,8 @@ fn consent_date(at: Timestamp, shape: ConsentDate) -> Option<String> {
 
 /// The Consent resources of an objection, in its shape.
 fn consents(pid: &str, o: &Objection) -> Vec<Value> {
-    let mut provision = json!({ "type": "deny", "purpose": [{ "system": ACT_REASON, "code": "TREAT" }] });
+    let mut provision =
+        json!({ "type": "deny", "purpose": [{ "system": ACT_REASON, "code": "TREAT" }] });
     match &o.provision {
         Provision::Deny => {}
         Provision::DenyClasses(classes) => {
@@ -525,7 +526,12 @@ fn consents(pid: &str, o: &Objection) -> Vec<Value> {
             .unwrap_or(o.recorded_at);
         let date = match w {
             LaterWithdrawal::ClearlyLater => later.rfc3339(),
-            LaterWithdrawal::Ambiguous => o.recorded_at.rfc3339().get(..4).unwrap_or("2024").to_owned(),
+            LaterWithdrawal::Ambiguous => o
+                .recorded_at
+                .rfc3339()
+                .get(..4)
+                .unwrap_or("2024")
+                .to_owned(),
         };
         out.push(json!({
             "resourceType": "Consent",

@@ -23,8 +23,8 @@ use sync_protocol::types::{
 
 pub use codes::{ALERT_CODES, ALLERGY_CODES, MANIFESTATIONS, MEDICATION_CODES};
 pub use dataset::{
-    ConsentDate, ConsentStatus, Deleted, LOCAL_ALERT_SYSTEM, LaterWithdrawal, Objection,
-    Provision, SENSITIVE_CODES, SENSITIVE_LABELS, SENSITIVE_LOCAL_CODE, SourcePatient,
+    ConsentDate, ConsentStatus, Deleted, LOCAL_ALERT_SYSTEM, LaterWithdrawal, Objection, Provision,
+    SENSITIVE_CODES, SENSITIVE_LABELS, SENSITIVE_LOCAL_CODE, SourcePatient,
     Unreadable as UnreadableItem, Withheld, delete_at_source, local_alert_code, local_code_map,
 };
 
@@ -320,8 +320,9 @@ fn coding(code: u64, display: &str) -> Coding {
 
 /// A timestamp the generator made (2023–2025), for places that need one.
 fn stamp(p: &Provenance) -> Timestamp {
-    p.last_updated
-        .unwrap_or_else(|| Timestamp::from_millis(1_700_000_000_000).unwrap_or_else(|_| unreachable!()))
+    p.last_updated.unwrap_or_else(|| {
+        Timestamp::from_millis(1_700_000_000_000).unwrap_or_else(|_| unreachable!())
+    })
 }
 
 #[cfg(test)]
