@@ -145,15 +145,29 @@ fn assert_objectors_refused_everywhere(s: &Served, patients: &[SourcePatient]) {
             let j = s.get(&format!("/v1/patients/{d}"));
             assert_eq!(j.status, 200, "{}", j.text());
             let j = j.json();
+            let summary = s.get(&format!("/fhir/Patient/{d}/$summary")).json();
+            let sections = summary["entry"][0]["resource"]["section"]
+                .as_array()
+                .unwrap();
+            let page = viewer_get(s.addr, &format!("/patient/{d}"), Some(&cookie)).text();
             for class in p.objection.as_ref().unwrap().withheld_classes() {
-                let key = match *class {
-                    "Flag" => "alerts",
-                    "AllergyIntolerance" => "allergies",
-                    "MedicationStatement" => "medications",
-                    _ => "contacts",
+                let (key, title) = match *class {
+                    "Flag" => ("alerts", "Alerts"),
+                    "AllergyIntolerance" => ("allergies", "Allergies and adverse reactions"),
+                    "MedicationStatement" => ("medications", "Medications"),
+                    _ => ("contacts", ""),
                 };
                 assert_eq!(j[key]["state"], "withheld_by_patient", "{key}: {j}");
                 assert!(j[key]["items"].as_array().unwrap().is_empty());
+                if !title.is_empty() {
+                    let sec = sections.iter().find(|x| x["title"] == title).unwrap();
+                    assert_eq!(sec["emptyReason"]["coding"][0]["code"], "withheld");
+                    assert!(sec.get("entry").is_none());
+                }
+                assert!(
+                    page.contains("withheld at the patient&#39;s request"),
+                    "viewer"
+                );
             }
             continue;
         }
@@ -211,6 +225,68 @@ fn no_objector_of_any_shape_is_served_and_every_readable_item_arrives() {
     assert_eq!(c.source, c.device);
     let s = Served::start(dev);
     assert_objectors_refused_everywhere(&s, &hub.patients);
+    assert_unreadable_items_are_said(&s, &hub.patients);
+}
+
+/// An item the hub could not read is said beside the items that could be read, in
+/// JSON, FHIR and the viewer; it never hides them.
+fn assert_unreadable_items_are_said(s: &Served, patients: &[SourcePatient]) {
+    let cookie = sign_in(s.addr, &s.token, "n1");
+    let mut checked = 0;
+    for p in patients.iter().filter(|p| p.shareable()) {
+        let u = p.expected.unreadable;
+        if u.alerts == 0 && u.medications == 0 {
+            continue;
+        }
+        let d = p.nhs_number().digits();
+        let j = s.get(&format!("/v1/patients/{d}")).json();
+        let page = viewer_get(s.addr, &format!("/patient/{d}"), Some(&cookie)).text();
+        for (key, n, route, items) in [
+            (
+                "alerts",
+                u.alerts,
+                "Flag",
+                p.expected.alerts.entries().len(),
+            ),
+            (
+                "medications",
+                u.medications,
+                "MedicationStatement",
+                p.expected.medications.entries().len(),
+            ),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            let noun = if key == "alerts" {
+                "alert"
+            } else {
+                "medication"
+            };
+            let words = format!("{n} {noun} could not be displayed — check the source record");
+            assert_eq!(j[key]["could_not_show"]["message"], words.as_str(), "{j}");
+            assert_eq!(j[key]["items"].as_array().unwrap().len(), items);
+            assert!(page.contains(&words), "the viewer says it");
+            let bundle = s.get(&format!("/fhir/{route}?patient={d}")).json();
+            let entries = bundle["entry"].as_array().unwrap();
+            let matches = entries
+                .iter()
+                .filter(|e| e["search"]["mode"] == "match")
+                .count();
+            assert_eq!(matches, items, "the readable items are all there");
+            assert!(
+                entries
+                    .iter()
+                    .any(|e| e["resource"]["issue"][0]["diagnostics"] == words.as_str()),
+                "the searchset says it"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 5,
+        "{checked} sections with unreadable items checked"
+    );
 }
 
 /// HAZ-04, HAZ-13, HAZ-15: a real FHIR R4 server, loaded through its REST API; the device

@@ -664,6 +664,19 @@ impl HubState {
         Ok(())
     }
 
+    /// The record the hub holds for a patient (`None` if none, or deleted upstream).
+    pub fn record(
+        &self,
+        nhs: &sync_protocol::NhsNumber,
+    ) -> Result<Option<PatientRecord>, StateError> {
+        let tx = self.db.begin_read()?;
+        let row: Option<PatientRow> = match tx.open_table(PATIENTS)?.get(nhs.as_u64())? {
+            Some(v) => Some(dec(v.value(), "patients")?),
+            None => None,
+        };
+        Ok(row.and_then(|r| r.record))
+    }
+
     /// The FHIR ids of every patient the hub holds a record for (the REST source's
     /// reconciliation reads each again).
     pub fn patient_fhir_ids(&self) -> Result<Vec<String>, StateError> {

@@ -90,9 +90,29 @@ async fn read(
     }
 }
 
+/// A type's history: only the deletions (a `__deleted` marker in the store per deleted
+/// resource), as a server records them — `request.method` DELETE, no resource.
+async fn history(State(store): State<Store>, Path(kind): Path<String>) -> axum::Json<Value> {
+    let all = store.lock().unwrap().clone();
+    let entries: Vec<Value> = all
+        .iter()
+        .filter(|r| r["resourceType"] == "__deleted" && r["kind"] == kind.as_str())
+        .map(|r| {
+            json!({
+                "request": { "method": "DELETE", "url": format!("{kind}/{}", r["id"].as_str().unwrap()) },
+                "response": { "status": "204" },
+            })
+        })
+        .collect();
+    axum::Json(
+        json!({ "resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries }),
+    )
+}
+
 fn start_server(store: Store) -> String {
     let app = axum::Router::new()
         .route("/fhir/{kind}", get(search))
+        .route("/fhir/{kind}/_history", get(history))
         .route("/fhir/{kind}/{id}", get(read))
         .with_state(store);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -187,5 +207,72 @@ fn incremental_polls_dedupe_and_pick_up_changes() {
     assert!(
         err.to_string().contains("leaves the configured server"),
         "{err}"
+    );
+}
+
+/// HAZ-15: a server that keeps deletions in `_history` gets them to the hub at the next
+/// poll, with no reconciliation due: a deleted Flag leaves its patient's record, a
+/// deleted Patient is deleted with its record.
+#[test]
+fn deletions_in_the_servers_history_reach_the_hub_at_the_next_poll() {
+    let _serial = crate::harness::SERIAL
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let patients = carecache_synth::Generator::new(22).source_patients(60);
+    let resources: Vec<Value> = patients
+        .iter()
+        .flat_map(carecache_synth::fhir::resources)
+        .collect();
+    let store: Store = Arc::new(Mutex::new(resources));
+    let base = start_server(store.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let rules = carecache_hub::testing::synthetic_rules();
+    let source = FhirRest::new(&base, 300, 50).with_reconcile(86_400);
+    let first = source.poll(&state, &rules).unwrap();
+    assert_eq!(first.stored.added, 60);
+    assert_eq!(first.history, Some(true));
+
+    let with_alerts = patients
+        .iter()
+        .find(|p| p.shareable() && p.expected.alerts.entries().len() > 1)
+        .unwrap();
+    let flag = with_alerts.expected.alerts.entries()[0]
+        .source_id
+        .as_str()
+        .to_owned();
+    let gone = patients
+        .iter()
+        .rev()
+        .find(|p| p.shareable() && p.fhir_id != with_alerts.fhir_id)
+        .unwrap();
+    {
+        let mut s = store.lock().unwrap();
+        s.retain(|r| !(r["resourceType"] == "Flag" && r["id"] == flag.as_str()));
+        s.push(json!({ "resourceType": "__deleted", "kind": "Flag", "id": flag }));
+        s.retain(|r| !(r["resourceType"] == "Patient" && r["id"] == gone.fhir_id.as_str()));
+        s.push(json!({ "resourceType": "__deleted", "kind": "Patient", "id": gone.fhir_id }));
+    }
+    let second = source.poll(&state, &rules).unwrap();
+    assert_eq!(second.reconciled, Some(false), "no reconciliation was due");
+    assert_eq!(second.stored.changed, 1, "{second:?}");
+    assert_eq!(second.stored.deleted, 1, "{second:?}");
+    assert!(
+        state
+            .patient_fhir_ids()
+            .unwrap()
+            .iter()
+            .all(|id| *id != gone.fhir_id)
+    );
+    let held = state.record(&with_alerts.nhs_number()).unwrap().unwrap();
+    assert_eq!(
+        held.alerts.entries().len(),
+        with_alerts.expected.alerts.entries().len() - 1
+    );
+    assert!(
+        held.alerts
+            .entries()
+            .iter()
+            .all(|a| a.source_id.as_str() != flag)
     );
 }
