@@ -665,10 +665,7 @@ impl HubState {
     }
 
     /// The record the hub holds for a patient (`None` if none, or deleted upstream).
-    pub fn record(
-        &self,
-        nhs: &sync_protocol::NhsNumber,
-    ) -> Result<Option<PatientRecord>, StateError> {
+    pub fn record(&self, nhs: &NhsNumber) -> Result<Option<PatientRecord>, StateError> {
         let tx = self.db.begin_read()?;
         let row: Option<PatientRow> = match tx.open_table(PATIENTS)?.get(nhs.as_u64())? {
             Some(v) => Some(dec(v.value(), "patients")?),
