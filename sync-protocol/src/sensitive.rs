@@ -34,40 +34,19 @@ impl CodeList {
     /// `code,area,term,status`, then one concept per line. Every code must pass the SNOMED
     /// CT check digit; the list must have a version and at least one code.
     pub fn parse(text: &str) -> Result<Self, CodeListError> {
-        let mut version = None;
+        let (version, rows) = versioned_csv(
+            text,
+            "code,",
+            "expected the header line `code,area,term,status`",
+        )?;
         let mut codes = BTreeSet::new();
-        let mut header_seen = false;
-        for (i, line) in text.lines().enumerate() {
-            let err = |reason| CodeListError {
-                line: i + 1,
-                reason,
-            };
-            let line = line.trim();
-            if let Some(comment) = line.strip_prefix('#') {
-                if let Some(v) = comment.trim().strip_prefix("version:") {
-                    version = Some(v.trim().to_owned());
-                }
-                continue;
-            }
-            if line.is_empty() {
-                continue;
-            }
-            if !header_seen {
-                if !line.starts_with("code,") {
-                    return Err(err("expected the header line `code,area,term,status`"));
-                }
-                header_seen = true;
-                continue;
-            }
-            let code = line.split(',').next().unwrap_or("");
+        for (line, row) in rows {
+            let err = |reason| CodeListError { line, reason };
+            let code = row.split(',').next().unwrap_or("");
             let code: u64 = code.parse().map_err(|_| err("code is not a number"))?;
             SctId::new(code).map_err(|_| err("code fails the SNOMED CT check digit"))?;
             codes.insert(code);
         }
-        let version = version.ok_or(CodeListError {
-            line: 1,
-            reason: "no `# version:` line",
-        })?;
         if codes.is_empty() {
             return Err(CodeListError {
                 line: 1,
@@ -129,6 +108,51 @@ impl CodeList {
             .count();
         alerts + allergies + medications
     }
+}
+
+/// A data row of a versioned CSV file: its 1-based line number and its text.
+pub type CsvRow<'a> = (usize, &'a str);
+
+/// The rows of a versioned CSV data file (the code list, a hub's local-code map): `#`
+/// comment lines, one of them `# version: …`, blank lines, a header line starting with
+/// `header_prefix` (`header` names it in the error), then data rows, each with its 1-based
+/// line number.
+pub fn versioned_csv<'a>(
+    text: &'a str,
+    header_prefix: &str,
+    header: &'static str,
+) -> Result<(String, Vec<CsvRow<'a>>), CodeListError> {
+    let mut version = None;
+    let mut header_seen = false;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(comment) = line.strip_prefix('#') {
+            if let Some(v) = comment.trim().strip_prefix("version:") {
+                version = Some(v.trim().to_owned());
+            }
+            continue;
+        }
+        if line.is_empty() {
+            continue;
+        }
+        if !header_seen {
+            if !line.starts_with(header_prefix) {
+                return Err(CodeListError {
+                    line: i + 1,
+                    reason: header,
+                });
+            }
+            header_seen = true;
+            continue;
+        }
+        rows.push((i + 1, line));
+    }
+    let version = version.ok_or(CodeListError {
+        line: 1,
+        reason: "no `# version:` line",
+    })?;
+    Ok((version, rows))
 }
 
 #[cfg(test)]

@@ -422,22 +422,25 @@ pub fn map_patient(
         },
     };
     // A partial objection replaces the section whole; nothing about what it held stays.
-    if by_patient.alerts {
-        record.alerts = Section::WithheldByPatient;
-        record.unreadable.alerts = 0;
+    fn withhold<T, const N: usize>(on: bool, section: &mut Section<T, N>, unreadable: &mut u16) {
+        if on {
+            *section = Section::WithheldByPatient;
+            *unreadable = 0;
+        }
     }
-    if by_patient.allergies {
-        record.allergies = Section::WithheldByPatient;
-        record.unreadable.allergies = 0;
-    }
-    if by_patient.medications {
-        record.medications = Section::WithheldByPatient;
-        record.unreadable.medications = 0;
-    }
-    if by_patient.contacts {
-        record.contacts = Section::WithheldByPatient;
-        record.unreadable.contacts = 0;
-    }
+    let u = &mut record.unreadable;
+    withhold(by_patient.alerts, &mut record.alerts, &mut u.alerts);
+    withhold(
+        by_patient.allergies,
+        &mut record.allergies,
+        &mut u.allergies,
+    );
+    withhold(
+        by_patient.medications,
+        &mut record.medications,
+        &mut u.medications,
+    );
+    withhold(by_patient.contacts, &mut record.contacts, &mut u.contacts);
     Ok(Mapped { record, objection })
 }
 

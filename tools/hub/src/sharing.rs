@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::Value;
-use sync_protocol::sensitive::CodeList;
+use sync_protocol::sensitive::{CodeList, versioned_csv};
 use sync_protocol::types::{DMD_SYSTEM, SNOMED_SYSTEM, SctId};
 
 use crate::fhir_in::{codings, security_codes};
@@ -76,32 +76,20 @@ pub struct LocalCodeMap {
 impl LocalCodeMap {
     /// Parse the CSV text. Every target must pass the SNOMED CT check digit.
     pub fn parse(text: &str) -> Result<Self, SharingError> {
-        let mut version = None;
+        let to_err = |e: sync_protocol::sensitive::CodeListError| SharingError::CodeMap {
+            line: e.line,
+            reason: e.reason,
+        };
+        let (version, rows) = versioned_csv(
+            text,
+            "system,code,snomed",
+            "expected the header line `system,code,snomed,display`",
+        )
+        .map_err(to_err)?;
         let mut map: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
-        let mut header_seen = false;
-        for (i, line) in text.lines().enumerate() {
-            let err = |reason| SharingError::CodeMap {
-                line: i + 1,
-                reason,
-            };
-            let line = line.trim();
-            if let Some(comment) = line.strip_prefix('#') {
-                if let Some(v) = comment.trim().strip_prefix("version:") {
-                    version = Some(v.trim().to_owned());
-                }
-                continue;
-            }
-            if line.is_empty() {
-                continue;
-            }
-            if !header_seen {
-                if !line.starts_with("system,code,snomed") {
-                    return Err(err("expected the header line `system,code,snomed,display`"));
-                }
-                header_seen = true;
-                continue;
-            }
-            let mut fields = line.splitn(4, ',');
+        for (line, row) in rows {
+            let err = |reason| SharingError::CodeMap { line, reason };
+            let mut fields = row.splitn(4, ',');
             let system = fields.next().unwrap_or("").trim();
             let code = fields.next().unwrap_or("").trim();
             let target = fields.next().unwrap_or("").trim();
@@ -114,10 +102,6 @@ impl LocalCodeMap {
                 .or_default()
                 .push(target);
         }
-        let version = version.ok_or(SharingError::CodeMap {
-            line: 1,
-            reason: "no `# version:` line",
-        })?;
         Ok(Self { version, map })
     }
 

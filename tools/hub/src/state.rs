@@ -347,25 +347,9 @@ impl HubState {
                 }
             }
             if full_snapshot {
-                let gone: Vec<(u64, PatientRow)> = patients
-                    .iter()?
-                    .filter_map(Result::ok)
-                    .filter(|(k, _)| !seen.contains(&k.value()))
-                    .filter_map(|(k, v)| {
-                        dec::<PatientRow>(v.value(), "patients")
-                            .ok()
-                            .filter(|r| r.record.is_some())
-                            .map(|r| (k.value(), r))
-                    })
-                    .collect();
-                for (nhs, mut row) in gone {
-                    seq += 1;
-                    relog(&mut log, Some(row.seq), seq, LogKey::Patient(nhs))?;
-                    row.seq = seq;
-                    row.record = None;
-                    patients.insert(nhs, enc(&row).as_slice())?;
-                    report.deleted += 1;
-                }
+                report.deleted += delete_rows(&mut patients, &mut log, &mut seq, |nhs, _| {
+                    !seen.contains(&nhs)
+                })?;
             }
             meta.insert("seq", seq.to_be_bytes().as_slice())?;
         }
@@ -697,32 +681,17 @@ impl HubState {
         }
         let wanted: std::collections::HashSet<&str> = fhir_ids.iter().map(String::as_str).collect();
         let tx = self.db.begin_write()?;
-        let mut deleted = 0;
-        {
+        let deleted = {
             let mut meta = tx.open_table(META)?;
             let mut patients = tx.open_table(PATIENTS)?;
             let mut log = tx.open_table(LOG)?;
             let mut seq = read_seq(&meta)?;
-            let gone: Vec<(u64, PatientRow)> = patients
-                .iter()?
-                .filter_map(Result::ok)
-                .filter_map(|(k, v)| {
-                    dec::<PatientRow>(v.value(), "patients")
-                        .ok()
-                        .filter(|r| r.record.is_some() && wanted.contains(r.fhir_id.as_str()))
-                        .map(|r| (k.value(), r))
-                })
-                .collect();
-            for (nhs, mut row) in gone {
-                seq += 1;
-                relog(&mut log, Some(row.seq), seq, LogKey::Patient(nhs))?;
-                row.seq = seq;
-                row.record = None;
-                patients.insert(nhs, enc(&row).as_slice())?;
-                deleted += 1;
-            }
+            let deleted = delete_rows(&mut patients, &mut log, &mut seq, |_, row| {
+                wanted.contains(row.fhir_id.as_str())
+            })?;
             meta.insert("seq", seq.to_be_bytes().as_slice())?;
-        }
+            deleted
+        };
         tx.commit()?;
         Ok(deleted)
     }
@@ -772,6 +741,36 @@ fn set_objection(
     };
     objections.insert(nhs, enc(&row).as_slice())?;
     Ok(true)
+}
+
+/// Delete the records of the held patients `gone` picks (upstream deleted them): each
+/// moves to a new log position with no record, so devices remove it. Returns how many.
+fn delete_rows(
+    patients: &mut redb::Table<u64, &[u8]>,
+    log: &mut redb::Table<u64, &[u8]>,
+    seq: &mut u64,
+    gone: impl Fn(u64, &PatientRow) -> bool,
+) -> Result<u64, StateError> {
+    let rows: Vec<(u64, PatientRow)> = patients
+        .iter()?
+        .filter_map(Result::ok)
+        .filter_map(|(k, v)| {
+            dec::<PatientRow>(v.value(), "patients")
+                .ok()
+                .filter(|r| r.record.is_some() && gone(k.value(), r))
+                .map(|r| (k.value(), r))
+        })
+        .collect();
+    let mut deleted = 0;
+    for (nhs, mut row) in rows {
+        *seq += 1;
+        relog(log, Some(row.seq), *seq, LogKey::Patient(nhs))?;
+        row.seq = *seq;
+        row.record = None;
+        patients.insert(nhs, enc(&row).as_slice())?;
+        deleted += 1;
+    }
+    Ok(deleted)
 }
 
 /// Move a key's log entry from `old` to `new`.

@@ -133,12 +133,19 @@ fn start_server(store: Store) -> String {
     base
 }
 
-#[test]
-fn incremental_polls_dedupe_and_pick_up_changes() {
-    let _serial = crate::harness::SERIAL
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let patients = carecache_synth::Generator::new(21).source_patients(120);
+/// `n` synthetic patients from `seed` served by the in-test server, and an empty hub
+/// database.
+fn served_source(
+    seed: u64,
+    n: usize,
+) -> (
+    Vec<carecache_synth::SourcePatient>,
+    Store,
+    String,
+    tempfile::TempDir,
+    HubState,
+) {
+    let patients = carecache_synth::Generator::new(seed).source_patients(n);
     let resources: Vec<Value> = patients
         .iter()
         .flat_map(carecache_synth::fhir::resources)
@@ -147,6 +154,15 @@ fn incremental_polls_dedupe_and_pick_up_changes() {
     let base = start_server(store.clone());
     let dir = tempfile::tempdir().unwrap();
     let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    (patients, store, base, dir, state)
+}
+
+#[test]
+fn incremental_polls_dedupe_and_pick_up_changes() {
+    let _serial = crate::harness::SERIAL
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let (patients, store, base, _dir, state) = served_source(21, 120);
     let rules = carecache_hub::testing::synthetic_rules();
     // Small pages so paging is exercised.
     let source = FhirRest::new(&base, 300, 37);
@@ -218,15 +234,7 @@ fn deletions_in_the_servers_history_reach_the_hub_at_the_next_poll() {
     let _serial = crate::harness::SERIAL
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let patients = carecache_synth::Generator::new(22).source_patients(60);
-    let resources: Vec<Value> = patients
-        .iter()
-        .flat_map(carecache_synth::fhir::resources)
-        .collect();
-    let store: Store = Arc::new(Mutex::new(resources));
-    let base = start_server(store.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let (patients, store, base, _dir, state) = served_source(22, 60);
     let rules = carecache_hub::testing::synthetic_rules();
     let source = FhirRest::new(&base, 300, 50).with_reconcile(86_400);
     let first = source.poll(&state, &rules).unwrap();
