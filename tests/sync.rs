@@ -310,3 +310,67 @@ fn hub_time_ten_years_ahead_is_rejected_and_does_not_move_trusted_time() {
     let status = dev.device.status().unwrap();
     assert!(status.last_error.unwrap().contains("ahead"));
 }
+
+/// A device still talks to a hub that speaks only protocol version 1: told so in the
+/// welcome, it frames its pulls in version 1 and the hub answers in version 1. Every
+/// record arrives as version 1 can carry it: each section whole, or "not available"
+/// where version 1 cannot say what it holds (a local or dm+d code, no ODS code, a
+/// section withheld at the patient's request) — never a shorter list.
+#[test]
+fn a_version_1_hub_is_still_read_and_never_shortens_a_section() {
+    use carecache_hub::server::Tamper;
+    use sync_protocol::record::Section;
+    use sync_protocol::{Compression, Message, decode, encode};
+    let hub = TestHub::start(200, 9);
+    let dev = Dev::enrolled(&hub);
+    grant(&hub, &dev.id(), &first_n(&hub, 200), json!({}));
+    hub.hub
+        .dangerous_set_response_hook(Some(Arc::new(|route, bytes| {
+            if route != "hello" {
+                return Tamper::Pass;
+            }
+            match decode(bytes) {
+                Ok(Message::Welcome(mut w)) => {
+                    w.version = 1;
+                    Tamper::Replace(encode(&Message::Welcome(w), Compression::None).unwrap())
+                }
+                _ => Tamper::Pass,
+            }
+        })));
+    dev.sync().unwrap();
+    assert_eq!(dev.held(), sorted(shareable(&hub, 200)));
+    fn same_or_not_available<T: PartialEq, const N: usize>(
+        got: &Section<T, N>,
+        want: &Section<T, N>,
+    ) -> bool {
+        got == want || *got == Section::NotAvailable
+    }
+    let store = dev.device.store();
+    let (mut whole, mut not_available) = (0, 0);
+    for p in hub.patients.iter().filter(|p| p.shareable()) {
+        let got = normalised(store.record(&p.nhs_number()).unwrap().unwrap());
+        let want = normalised(p.expected.clone());
+        assert!(same_or_not_available(&got.alerts, &want.alerts));
+        assert!(same_or_not_available(&got.allergies, &want.allergies));
+        assert!(same_or_not_available(&got.medications, &want.medications));
+        assert!(same_or_not_available(&got.contacts, &want.contacts));
+        assert!(got.unreadable.is_empty());
+        for (g, w) in [
+            (
+                got.alerts == want.alerts,
+                want.alerts == Section::NotAvailable,
+            ),
+            (got.medications == want.medications, false),
+        ] {
+            if g {
+                whole += 1;
+            } else if !w {
+                not_available += 1;
+            }
+        }
+    }
+    assert!(
+        whole > 50 && not_available > 20,
+        "{whole} whole, {not_available} not available"
+    );
+}
