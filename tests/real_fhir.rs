@@ -287,6 +287,34 @@ fn assert_unreadable_items_are_said(s: &Served, patients: &[SourcePatient]) {
         checked >= 5,
         "{checked} sections with unreadable items checked"
     );
+    // Items coded outside SNOMED CT say where their code came from.
+    let words = [
+        ("local", "local code of the source system"),
+        ("dm+d", "coded with dm+d"),
+        ("text only", "recorded as text only"),
+    ];
+    for (name, said) in words {
+        let p = patients
+            .iter()
+            .filter(|p| p.shareable())
+            .find(|p| {
+                let j = s
+                    .get(&format!("/v1/patients/{}", p.nhs_number().digits()))
+                    .json();
+                ["alerts", "allergies", "medications"].iter().any(|k| {
+                    j[*k]["items"]
+                        .as_array()
+                        .is_some_and(|i| i.iter().any(|x| x["coding"]["system_name"] == name))
+                })
+            })
+            .unwrap_or_else(|| panic!("no {name} item"));
+        let page = viewer_get(
+            s.addr,
+            &format!("/patient/{}", p.nhs_number().digits()),
+            Some(&cookie),
+        );
+        assert!(page.text().contains(said), "the viewer says {said}");
+    }
 }
 
 /// HAZ-04, HAZ-13, HAZ-15: a real FHIR R4 server, loaded through its REST API; the device

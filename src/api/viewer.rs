@@ -702,10 +702,28 @@ fn source_line(item: &Value) -> String {
         || "update time not stated".to_owned(),
         |t| format!("updated {}", esc(&nhs_date(t))),
     );
+    // Where the code came from, when it is not SNOMED CT: a local code or text alone
+    // is shown as the source wrote it, and says so.
+    let coded = item
+        .get("coding")
+        .and_then(|c| c.get("system_name"))
+        .and_then(Value::as_str)
+        .filter(|n| *n != "SNOMED CT")
+        .map(|n| format!(" · {}", esc(&code_words(n))))
+        .unwrap_or_default();
     format!(
-        "<div class=\"meta\">Source: {}, {updated}</div>",
+        "<div class=\"meta\">Source: {}, {updated}{coded}</div>",
         parts.join(", ")
     )
+}
+
+/// A coding system's name as the viewer says it.
+fn code_words(system_name: &str) -> String {
+    match system_name {
+        "text only" => "recorded as text only".to_owned(),
+        "local" => "local code of the source system".to_owned(),
+        other => format!("coded with {other}"),
+    }
 }
 
 fn patient_page(api: &Api, user: &StaffId, p: &Value) -> String {
