@@ -79,7 +79,7 @@ fn fhir_routes_answer_valid_r4_with_alerts_first_and_absences_explicit() {
             }
             Section::NoneRecorded => {
                 saw.1 = true;
-                assert!(allergies.get("emptyReason").is_none());
+                assert_eq!(allergies["emptyReason"]["coding"][0]["code"], "nilknown");
                 assert!(text.contains("none recorded") && !text.contains("not available"));
             }
             Section::Entries(items) => {
@@ -610,4 +610,186 @@ fn status_metrics_and_the_unix_socket() {
     }
     drop(s);
     assert!(!sock.exists(), "the socket is removed at shutdown");
+}
+
+/// What unmodified FHIR client libraries send and expect: `_count` and `_offset` on
+/// every searchset, with `total`, `self` and `next` links that lead through every match
+/// and stop at the last; the bearer scheme in any case; 406 for a format the API does not
+/// speak and OperationOutcome for every error on a FHIR route; `emptyReason` on every
+/// empty `$summary` section and a code of its own for each.
+#[test]
+fn fhir_searchsets_page_and_every_fhir_error_is_an_operation_outcome() {
+    let (hub, s, _) = served(60, 64, json!({ "users": ["n1"] }));
+    let p = hub
+        .patients
+        .iter()
+        .filter(|p| p.shareable())
+        .find(|p| p.expected.medications.entries().len() >= 5)
+        .unwrap();
+    let d = p.nhs_number().digits();
+    let n = p.expected.medications.entries().len();
+    let mut url = format!("/fhir/MedicationStatement?patient=Patient/{d}&_count=2");
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    loop {
+        let r = s.get(&url);
+        assert_eq!(r.status, 200, "{url}: {}", r.text());
+        let b = r.json();
+        assert_eq!(b["total"].as_u64().unwrap() as usize, n);
+        let matches: Vec<&Value> = b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["search"]["mode"] == "match")
+            .collect();
+        assert!(matches.len() <= 2);
+        ids.extend(
+            matches
+                .iter()
+                .map(|e| e["resource"]["id"].as_str().unwrap().to_owned()),
+        );
+        let links = b["link"].as_array().unwrap();
+        assert!(links.iter().any(|l| l["relation"] == "self"));
+        pages += 1;
+        match links.iter().find(|l| l["relation"] == "next") {
+            Some(next) => {
+                let next = next["url"].as_str().unwrap();
+                assert!(next.starts_with("http://localhost/fhir/"), "{next}");
+                url = next.trim_start_matches("http://localhost").to_owned();
+            }
+            None => break,
+        }
+        assert!(pages < 10);
+    }
+    assert_eq!(pages, n.div_ceil(2), "no page past the last");
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), n, "every medication once, across the pages");
+    // _count=0: the total only; a bad _count is refused as an OperationOutcome.
+    let zero = s.get(&format!("/fhir/Flag?patient={d}&_count=0")).json();
+    assert_eq!(
+        zero["total"].as_u64().unwrap() as usize,
+        p.expected.alerts.entries().len()
+    );
+    assert!(
+        zero["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["search"]["mode"] != "match")
+    );
+    let bad = s.get(&format!("/fhir/Flag?patient={d}&_count=many"));
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["resourceType"], "OperationOutcome");
+    let search = s.get(&format!(
+        "/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|{d}&_count=50&_format=json"
+    ));
+    assert_eq!(search.status, 200, "{}", search.text());
+    assert_eq!(search.json()["total"], 1);
+
+    // The bearer scheme is case-insensitive; another scheme is not a token.
+    for scheme in ["BEARER", "bearer", "Bearer"] {
+        let mut h = s.treat();
+        h[0].1 = format!("{scheme} {}", s.token);
+        assert_eq!(
+            s.get_as(&format!("/fhir/Patient/{d}"), &h).status,
+            200,
+            "{scheme}"
+        );
+    }
+    let mut basic = s.treat();
+    basic[0].1 = format!("Basic {}", s.token);
+    assert_eq!(s.get_as(&format!("/fhir/Patient/{d}"), &basic).status, 401);
+
+    // A format the API does not speak: 406, as an OperationOutcome.
+    for (accept, status) in [
+        ("application/fhir+xml", 406),
+        ("text/turtle, application/fhir+xml;q=0.9", 406),
+        ("application/fhir+json;q=0", 406),
+        ("application/fhir+json", 200),
+        ("application/json, */*;q=0.1", 200),
+        ("*/*", 200),
+    ] {
+        let mut h = s.treat();
+        h.push(("Accept".into(), accept.into()));
+        let r = s.get_as(&format!("/fhir/Patient/{d}"), &h);
+        assert_eq!(r.status, status, "{accept}");
+        if status == 406 {
+            assert_eq!(r.json()["resourceType"], "OperationOutcome", "{accept}");
+        }
+    }
+    // A body on a FHIR route: 413 as an OperationOutcome.
+    let req = format!(
+        "GET /fhir/Patient/{d} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        s.token
+    );
+    let r = raw(s.addr, req.as_bytes());
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["resourceType"], "OperationOutcome");
+
+    // $summary: every empty section says why, and every section has its own code.
+    for q in hub.patients.iter().filter(|q| q.shareable()).take(30) {
+        let b = s
+            .get(&format!(
+                "/fhir/Patient/{}/$summary",
+                q.nhs_number().digits()
+            ))
+            .json();
+        let sections = b["entry"][0]["resource"]["section"].as_array().unwrap();
+        let mut codes: Vec<String> = sections
+            .iter()
+            .map(|x| x["code"]["coding"][0]["code"].as_str().unwrap().to_owned())
+            .collect();
+        let all = codes.len();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), all, "a code per section");
+        for x in sections {
+            if x.get("entry").is_none() {
+                assert!(x["emptyReason"]["coding"][0]["code"].is_string(), "{x}");
+            }
+        }
+    }
+}
+
+/// The caseload list pages through exactly the patients it may show: objectors on the
+/// lease are left out, every page has someone on it, and `next` is never offered past
+/// the last patient.
+#[test]
+fn the_caseload_list_never_offers_a_page_past_its_last_patient() {
+    let hub = TestHub::start(90, 65);
+    let dev = Dev::enrolled(&hub);
+    let all: Vec<NhsNumber> = hub.patients.iter().map(|p| p.nhs_number()).collect();
+    let objectors = hub.patients.iter().filter(|p| !p.shareable()).count();
+    assert!(objectors >= 3, "{objectors}");
+    grant(&hub, &dev.id(), &all, json!({ "users": ["n1"] }));
+    dev.sync().unwrap();
+    let s = Served::start(dev);
+    for count in [1, 4, 7, 100] {
+        let mut url = format!("/v1/patients?_count={count}");
+        let mut seen = Vec::new();
+        loop {
+            let v = s.get(&url).json();
+            let rows = v["patients"].as_array().unwrap();
+            assert!(!rows.is_empty(), "an empty page at {url}");
+            seen.extend(
+                rows.iter()
+                    .map(|r| r["nhs_number"].as_str().unwrap().to_owned()),
+            );
+            match v["next"].as_str() {
+                Some(next) => url = next.to_owned(),
+                None => break,
+            }
+        }
+        let mut want: Vec<String> = hub
+            .patients
+            .iter()
+            .filter(|p| p.shareable())
+            .map(|p| p.nhs_number().to_string())
+            .collect();
+        want.sort();
+        seen.sort();
+        assert_eq!(seen, want, "_count={count}");
+    }
 }

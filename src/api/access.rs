@@ -17,7 +17,7 @@ use super::{Api, headers};
 use crate::audit::AuditError;
 use crate::policy::{self, Denial, Purpose, Shown};
 
-const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+pub(super) const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 const NHS_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 
 /// Which error shape a route answers with.
@@ -284,11 +284,7 @@ pub(super) async fn authenticate(
     let token = h
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+        .and_then(bearer_token);
     let clients = api.device.clients();
     match clients.authenticate(token) {
         Ok(c) => Ok(Text::new(c.name.clone()).unwrap_or_default()),
@@ -465,6 +461,16 @@ fn parse_nhs(text: &str) -> Result<NhsNumber, String> {
         .map_err(|_| "malformed NHS number: the check digit does not match (Modulus 11)".to_owned())
 }
 
+/// The token of an `Authorization: Bearer …` value. The scheme is matched
+/// case-insensitively (RFC 9110 §11.1): `Bearer`, `bearer` and `BEARER` are the same.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 /// Query parameters, refusing duplicates and anything not in `allowed` (`_format` is
 /// accepted and ignored: the API speaks JSON only).
 fn params(raw: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, String> {
@@ -497,10 +503,47 @@ fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn patient_param(raw: Option<&str>) -> Result<NhsNumber, String> {
-    let pairs = params(raw, &["patient"])?;
+/// `?patient=` with the paging parameters of a searchset.
+fn patient_param(raw: Option<&str>) -> Result<(NhsNumber, render::Paging), String> {
+    let pairs = params(raw, &["patient", "_count", "_offset"])?;
     let p = param(&pairs, "patient").ok_or("missing parameter patient=Patient/{NHS number}")?;
-    parse_nhs(p.strip_prefix("Patient/").unwrap_or(p))
+    Ok((
+        parse_nhs(p.strip_prefix("Patient/").unwrap_or(p))?,
+        paging(&pairs)?,
+    ))
+}
+
+/// `_count` (0 to 1,000; 0 asks for the total only) and `_offset` of a FHIR search.
+fn paging(pairs: &[(String, String)]) -> Result<render::Paging, String> {
+    let count = param(pairs, "_count")
+        .map(|c| {
+            c.parse::<usize>()
+                .ok()
+                .filter(|n| *n <= render::MAX_COUNT)
+                .ok_or_else(|| format!("_count must be 0..={}", render::MAX_COUNT))
+        })
+        .transpose()?;
+    let offset = param(pairs, "_offset")
+        .map(|o| {
+            o.parse::<usize>()
+                .map_err(|_| "_offset must be a whole number".to_owned())
+        })
+        .transpose()?
+        .unwrap_or(0);
+    Ok(render::Paging { count, offset })
+}
+
+/// The base of this server's absolute URLs, from the request's `Host` (the API listens on
+/// loopback over plain HTTP); empty (relative links) without one.
+fn base_url(h: &HeaderMap) -> String {
+    h.get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|host| {
+            host.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-' | b'[' | b']'))
+        })
+        .map(|host| format!("http://{host}"))
+        .unwrap_or_default()
 }
 
 fn fhir_ok(body: &Value) -> Response {
@@ -527,7 +570,8 @@ pub(super) async fn fhir_patient_search(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let patient = params(q.as_deref(), &["identifier"]).and_then(|pairs| {
+    let mut page = render::Paging::default();
+    let patient = params(q.as_deref(), &["identifier", "_count", "_offset"]).and_then(|pairs| {
         let id = param(&pairs, "identifier")
             .ok_or_else(|| format!("missing parameter identifier={NHS_SYSTEM}|{{NHS number}}"))?;
         let value = match id.split_once('|') {
@@ -535,8 +579,10 @@ pub(super) async fn fhir_patient_search(
             Some(_) => return Err(format!("only {NHS_SYSTEM} identifiers can be searched")),
             None => id,
         };
+        page = paging(&pairs)?;
         parse_nhs(value)
     });
+    let base = base_url(&h);
     let now = api.device.now();
     patient_access(
         &api,
@@ -546,7 +592,7 @@ pub(super) async fn fhir_patient_search(
         patient,
         Box::new(move |s, f, _| {
             Ok((
-                fhir_ok(&render::patient_search(s, f, now)),
+                fhir_ok(&render::patient_search(s, f, now, page, &base)),
                 render::shown_one(SectionKind::Demographics, s),
             ))
         }),
@@ -639,14 +685,20 @@ async fn fhir_section(api: &Api, h: &HeaderMap, q: Option<&str>, kind: SectionKi
         SectionKind::Medications => (AuditAction::ReadMedications, "Medications"),
         _ => (AuditAction::ReadAlerts, "Alerts"),
     };
+    let (patient, page) = match patient_param(q) {
+        Ok((nhs, page)) => (Ok(nhs), page),
+        Err(e) => (Err(e), render::Paging::default()),
+    };
+    let base = base_url(h);
     patient_access(
         api,
         h,
         Format::Fhir,
         action,
-        patient_param(q),
+        patient,
         Box::new(move |s, f, _| {
-            let b = render::section_bundle(kind, s, f, now).ok_or_else(|| view_refusal(what))?;
+            let b = render::section_bundle(kind, s, f, now, page, &base)
+                .ok_or_else(|| view_refusal(what))?;
             Ok((fhir_ok(&b), render::shown_one(kind, s)))
         }),
     )
@@ -749,21 +801,28 @@ fn list_page(
     let total = caseload.len();
     let mut rows = Vec::new();
     let mut listed = Vec::new();
-    for (nhs, _) in caseload.iter().skip(offset).take(count) {
+    // The page is the next `count` listable patients from `offset`; `next` points at the
+    // one after them, and is offered only if there is one (a page never leads to an
+    // empty page past the last patient).
+    let mut next = None;
+    for (i, (nhs, _)) in caseload.iter().enumerate().skip(offset) {
         let Ok(grant) = policy
             .decide(device.store(), now, user, &Purpose::Treat, nhs)
             .map_err(|e| internal(&e))?
         else {
             continue; // objected since the lease was granted: not listed
         };
-        if let Some(shown) = policy::open(device.store(), grant).map_err(|e| internal(&e))? {
-            rows.push(render::json_list_item(&shown));
-            listed.push(*nhs);
+        let Some(shown) = policy::open(device.store(), grant).map_err(|e| internal(&e))? else {
+            continue; // not held (yet)
+        };
+        if rows.len() == count {
+            next = Some(format!("/v1/patients?_count={count}&_offset={i}"));
+            break;
         }
+        rows.push(render::json_list_item(&shown));
+        listed.push(*nhs);
     }
     access.listed = BoundedVec::try_from(listed).unwrap_or_default();
-    let next = (offset + count < total)
-        .then(|| format!("/v1/patients?_count={count}&_offset={}", offset + count));
     let body = json!({
         "total": total,
         "offset": offset,

@@ -160,17 +160,66 @@ async fn limit(req: Request, next: Next, timeout: Duration) -> Response {
     } else {
         chunked || length.is_some_and(|n| n != 0)
     };
+    // FHIR routes answer every error as an OperationOutcome, these included.
+    let fhir = req.uri().path().starts_with("/fhir");
+    let answer = |status: StatusCode, code: &str, text: &str| -> Response {
+        if fhir {
+            (
+                status,
+                [(header::CONTENT_TYPE, access::FHIR_JSON)],
+                serde_json::to_vec(&render::operation_outcome("error", code, text))
+                    .unwrap_or_default(),
+            )
+                .into_response()
+        } else {
+            (status, format!("{text}\n")).into_response()
+        }
+    };
     if refused {
-        return (
+        return answer(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "this API takes no request bodies\n",
-        )
-            .into_response();
+            "too-costly",
+            "this API takes no request bodies",
+        );
+    }
+    if fhir && !accepts_json(req.headers()) {
+        return answer(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-supported",
+            "this API answers application/fhir+json only",
+        );
     }
     match tokio::time::timeout(timeout, next.run(req)).await {
         Ok(r) => r,
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response(),
+        Err(_) => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "request timed out",
+        ),
     }
+}
+
+/// Whether the `Accept` header (absent: yes) takes JSON: `application/fhir+json`,
+/// `application/json`, `application/*` or `*/*`, not at `q=0`.
+fn accepts_json(h: &axum::http::HeaderMap) -> bool {
+    let Some(accept) = h.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return h.get(header::ACCEPT).is_none();
+    };
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';');
+        let kind = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let refused = parts.any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        !refused
+            && matches!(
+                kind.as_str(),
+                "application/fhir+json" | "application/json" | "application/*" | "*/*"
+            )
+    })
 }
 
 /// Freshness, no-store and latency on every answer.

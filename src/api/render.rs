@@ -28,6 +28,8 @@ pub const WITHHELD_WARNING: &str =
     "Items excluded due to confidentiality and/or patient preferences.";
 
 const FRESHNESS_SYSTEM: &str = "https://carecache.invalid/fhir/CodeSystem/data-freshness";
+/// carecache's own section codes, for a `$summary` section no LOINC code names.
+const SECTION_SYSTEM: &str = "https://carecache.invalid/fhir/CodeSystem/summary-section";
 const LOINC: &str = "http://loinc.org";
 const XHTML: &str = "http://www.w3.org/1999/xhtml";
 
@@ -206,8 +208,46 @@ pub fn patient(s: &Shown, f: &Freshness) -> Value {
     p
 }
 
-fn searchset(entries: Vec<Value>, notes: Vec<Value>, f: &Freshness, now: Timestamp) -> Value {
+/// Most entries one searchset page holds.
+pub const MAX_COUNT: usize = 1_000;
+
+/// A FHIR search's `_count` (none: every match) and `_offset`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Paging {
+    /// Entries per page; 0 asks for the total only.
+    pub count: Option<usize>,
+    /// Matches skipped.
+    pub offset: usize,
+}
+
+/// A searchset page: `entries` (every match, in order) cut to the page, with `total`,
+/// `self` and — if more matches follow — `next` links (`base` is the server's absolute
+/// base, `query` the search without paging). Notes about the section (OperationOutcome
+/// entries) travel on the first page.
+fn searchset(
+    entries: Vec<Value>,
+    notes: Vec<Value>,
+    f: &Freshness,
+    now: Timestamp,
+    page: Paging,
+    link: (&str, &str),
+) -> Value {
     let total = entries.len();
+    let count = page.count.unwrap_or(total.max(1));
+    let (base, query) = link;
+    let url = |offset: usize| {
+        let mut u = format!("{base}{query}");
+        if page.count.is_some() || offset > 0 {
+            u.push_str(&format!("&_count={count}&_offset={offset}"));
+        }
+        u
+    };
+    let mut links = vec![json!({ "relation": "self", "url": url(page.offset) })];
+    if count > 0 && page.offset.saturating_add(count) < total {
+        links.push(json!({ "relation": "next", "url": url(page.offset + count) }));
+    }
+    let notes = if page.offset == 0 { notes } else { Vec::new() };
+    let entries: Vec<Value> = entries.into_iter().skip(page.offset).take(count).collect();
     let mut list: Vec<Value> = entries
         .into_iter()
         .map(|r| {
@@ -228,6 +268,7 @@ fn searchset(entries: Vec<Value>, notes: Vec<Value>, f: &Freshness, now: Timesta
         "type": "searchset",
         "timestamp": instant(now),
         "total": total,
+        "link": links,
         "entry": list,
     });
     tag(&mut b, f);
@@ -235,8 +276,19 @@ fn searchset(entries: Vec<Value>, notes: Vec<Value>, f: &Freshness, now: Timesta
 }
 
 /// `GET /fhir/Patient?identifier=…`.
-pub fn patient_search(s: &Shown, f: &Freshness, now: Timestamp) -> Value {
-    searchset(vec![patient(s, f)], Vec::new(), f, now)
+pub fn patient_search(s: &Shown, f: &Freshness, now: Timestamp, page: Paging, base: &str) -> Value {
+    let query = format!(
+        "/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number%7C{}",
+        s.nhs_number.digits()
+    );
+    searchset(
+        vec![patient(s, f)],
+        Vec::new(),
+        f,
+        now,
+        page,
+        (base, &query),
+    )
 }
 
 /// "1 alert could not be displayed — check the source record", for a section with items
@@ -308,8 +360,16 @@ pub fn section_bundle(
     s: &Shown,
     f: &Freshness,
     now: Timestamp,
+    page: Paging,
+    base: &str,
 ) -> Option<Value> {
     let id = s.nhs_number.digits();
+    let resource = match kind {
+        SectionKind::Allergies => "AllergyIntolerance",
+        SectionKind::Medications => "MedicationStatement",
+        _ => "Flag",
+    };
+    let query = format!("/fhir/{resource}?patient=Patient/{id}");
     let (entries, notes) = match (kind, &s.clinical) {
         (SectionKind::Alerts, _) => (
             alerts_by_severity(s)
@@ -354,7 +414,7 @@ pub fn section_bundle(
         ),
         _ => return None,
     };
-    Some(searchset(entries, notes, f, now))
+    Some(searchset(entries, notes, f, now, page, (base, &query)))
 }
 
 /// A Composition section: entries referenced by their Bundle `fullUrl`s, or an empty
@@ -385,11 +445,12 @@ fn comp_section<T, const N: usize>(
             );
         }
         Some(Section::NoneRecorded) => {
-            // Not "nil known": the source holds nothing, which is not a clinical
-            // statement that the patient has none.
-            v["text"] = narrative(&format!(
+            // The source holds nothing: "nil known" (list-empty-reason `nilknown`), which
+            // the narrative says is not a clinical statement that the patient has none.
+            v["text"] = narrative(&with_note(format!(
                 "{title}: none recorded at the source. This is not a statement that the patient has none."
-            ));
+            )));
+            v["emptyReason"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "nilknown", "display": "Nil Known" }] });
         }
         Some(Section::NotAvailable) => {
             v["text"] = narrative(&with_note(format!(
@@ -498,7 +559,7 @@ pub fn summary(
     if s.withheld > 0 {
         sections.push(json!({
             "title": "Withheld items",
-            "code": { "coding": [{ "system": LOINC, "code": "104605-1", "display": "Alert" }] },
+            "code": { "coding": [{ "system": SECTION_SYSTEM, "code": "withheld-items", "display": "Items withheld for confidentiality" }] },
             "text": narrative(WITHHELD_WARNING),
             "emptyReason": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "withheld", "display": "Information Withheld" }] },
         }));
