@@ -12,8 +12,9 @@
 use serde_json::{Value, json};
 use sync_protocol::NhsNumber;
 use sync_protocol::record::{
-    Alert, AlertCategory, Allergy, AllergyCategory, AllergyStatus, Course, Criticality,
-    Demographics, Medication, MedicationStatus, PatientRecord, ReactionSeverity, Sex,
+    Alert, AlertCategory, AlertSeverity, Allergy, AllergyCategory, AllergyStatus,
+    AllergyVerification, Course, Criticality, Demographics, Medication, MedicationStatus,
+    PatientRecord, ReactionSeverity, Sex,
 };
 use sync_protocol::types::{Coding, Provenance, Timestamp};
 
@@ -166,10 +167,21 @@ pub fn flag(patient_id: &str, a: &Alert) -> Value {
         AlertCategory::Safeguarding => "safety",
         AlertCategory::Other => "admin",
     };
+    // The core flag-priority extension, so crew software reading FHIR can tell a
+    // DNACPR from an interpreter note.
+    let (priority, priority_display) = match a.severity {
+        AlertSeverity::HighRisk => ("PH", "High priority"),
+        AlertSeverity::Warning => ("PM", "Medium priority"),
+        AlertSeverity::Information => ("PL", "Low priority"),
+    };
     let mut f = json!({
         "resourceType": "Flag",
         "id": a.source_id.as_str(),
         "meta": meta("UKCore-Flag", &a.provenance),
+        "extension": [{
+            "url": "http://hl7.org/fhir/StructureDefinition/flag-priority",
+            "valueCodeableConcept": { "coding": [{ "system": "http://hl7.org/fhir/flag-priority-code", "code": priority, "display": priority_display }] }
+        }],
         "status": "active",
         "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/flag-category", "code": category }] }],
         "code": concept(&a.code),
@@ -205,12 +217,22 @@ pub fn allergy(patient_id: &str, a: &Allergy) -> Value {
         "id": a.source_id.as_str(),
         "meta": meta("UKCore-AllergyIntolerance", &a.provenance),
         "clinicalStatus": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": status }] },
-        "verificationStatus": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "unconfirmed" }] },
         "code": concept(&a.substance),
         "patient": subject(patient_id),
     });
     if let Some(w) = who(&a.provenance) {
         r["recorder"] = w;
+    }
+    // As the source stated it; absent when it did not (never "unconfirmed" by default,
+    // never "confirmed" either).
+    if let Some(v) = a.verification {
+        let (code, display) = match v {
+            AllergyVerification::Unconfirmed => ("unconfirmed", "Unconfirmed"),
+            AllergyVerification::Provisional => ("provisional", "Provisional"),
+            AllergyVerification::Differential => ("differential", "Differential"),
+            AllergyVerification::Confirmed => ("confirmed", "Confirmed"),
+        };
+        r["verificationStatus"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": code, "display": display }] });
     }
     if let Some(c) = a.category {
         let c = match c {
@@ -285,8 +307,15 @@ pub fn medication(patient_id: &str, m: &Medication) -> Value {
     if let Some(dose) = &m.dose_text {
         r["dosage"] = json!([{ "text": dose.as_str() }]);
     }
+    let mut period = serde_json::Map::new();
     if let Some(start) = m.started {
-        r["effectivePeriod"] = json!({ "start": start.to_string() });
+        period.insert("start".into(), json!(start.to_string()));
+    }
+    if let Some(end) = m.ended {
+        period.insert("end".into(), json!(end.to_string()));
+    }
+    if !period.is_empty() {
+        r["effectivePeriod"] = Value::Object(period);
     }
     let mut extension = Vec::new();
     if let Some(last) = m.last_issued {

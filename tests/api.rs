@@ -793,3 +793,86 @@ fn the_caseload_list_never_offers_a_page_past_its_last_patient() {
         assert_eq!(seen, want, "_count={count}");
     }
 }
+
+/// Clinical detail reaches FHIR as the source gave it (hazard log HAZ-03, HAZ-08): an
+/// allergy's verification status (a confirmed allergy never served as unconfirmed, one
+/// the source did not verify never served as confirmed), every alert's priority in the
+/// core `flag-priority` extension, a medication's end date.
+#[test]
+fn clinical_detail_reaches_fhir_as_the_source_gave_it() {
+    use sync_protocol::record::{AlertSeverity, AllergyVerification};
+    let (hub, s, _) = served(80, 66, json!({ "users": ["n1"] }));
+    let (mut verified, mut unstated, mut flags, mut ended) = (0, 0, 0, 0);
+    for p in hub.patients.iter().filter(|p| p.shareable()) {
+        let d = p.nhs_number().digits();
+        if let Section::Entries(allergies) = &p.expected.allergies {
+            let b = s
+                .get(&format!("/fhir/AllergyIntolerance?patient={d}"))
+                .json();
+            for a in allergies.iter() {
+                let r = &b["entry"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["resource"]["id"] == a.source_id.as_str())
+                    .unwrap()["resource"];
+                let got = r["verificationStatus"]["coding"][0]["code"].as_str();
+                let want = a.verification.map(|v| match v {
+                    AllergyVerification::Confirmed => "confirmed",
+                    AllergyVerification::Unconfirmed => "unconfirmed",
+                    AllergyVerification::Provisional => "provisional",
+                    AllergyVerification::Differential => "differential",
+                });
+                assert_eq!(got, want);
+                if want.is_some() {
+                    verified += 1;
+                } else {
+                    unstated += 1;
+                }
+            }
+        }
+        if let Section::Entries(alerts) = &p.expected.alerts {
+            let b = s.get(&format!("/fhir/Flag?patient={d}")).json();
+            for a in alerts.iter() {
+                let r = &b["entry"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["resource"]["id"] == a.source_id.as_str())
+                    .unwrap()["resource"];
+                let ext = r["extension"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["url"] == "http://hl7.org/fhir/StructureDefinition/flag-priority")
+                    .unwrap();
+                let want = match a.severity {
+                    AlertSeverity::HighRisk => "PH",
+                    AlertSeverity::Warning => "PM",
+                    AlertSeverity::Information => "PL",
+                };
+                assert_eq!(ext["valueCodeableConcept"]["coding"][0]["code"], want);
+                flags += 1;
+            }
+        }
+        for m in p.expected.medications.entries() {
+            if let Some(end) = m.ended {
+                let b = s
+                    .get(&format!("/fhir/MedicationStatement?patient={d}"))
+                    .json();
+                let r = &b["entry"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["resource"]["id"] == m.source_id.as_str())
+                    .unwrap()["resource"];
+                assert_eq!(r["effectivePeriod"]["end"], end.to_string());
+                ended += 1;
+            }
+        }
+    }
+    assert!(
+        verified > 10 && unstated > 0 && flags > 20 && ended > 5,
+        "{verified} verified, {unstated} unstated, {flags} flags, {ended} ended"
+    );
+}

@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use sync_protocol::audit::{SectionKind, SectionShown, Shown as ShownSection};
 use sync_protocol::message::View;
 use sync_protocol::record::{
-    Alert, AlertCategory, AlertSeverity, Allergy, ContactRole, Criticality, Medication, Section,
-    Sex,
+    Alert, AlertCategory, AlertSeverity, Allergy, AllergyVerification, ContactRole, Criticality,
+    Medication, Section, Sex,
 };
 use sync_protocol::types::Timestamp;
 
@@ -615,10 +615,15 @@ fn alert_text(a: &Alert) -> String {
 }
 
 fn allergy_text(a: &Allergy) -> String {
-    match a.criticality {
-        Some(Criticality::High) => format!("{} (high criticality)", a.substance.display.as_str()),
-        _ => a.substance.display.as_str().to_owned(),
+    let mut t = a.substance.display.as_str().to_owned();
+    if a.criticality == Some(Criticality::High) {
+        t.push_str(" (high criticality)");
     }
+    match a.verification {
+        Some(AllergyVerification::Confirmed) | None => {}
+        Some(v) => t.push_str(&format!(" ({})", format!("{v:?}").to_lowercase())),
+    }
+    t
 }
 
 fn medication_text(m: &Medication) -> String {
@@ -766,6 +771,7 @@ fn allergy_json(a: &Allergy) -> Value {
             Criticality::UnableToAssess => "unable_to_assess",
         }),
         "status": format!("{:?}", a.status).to_lowercase(),
+        "verification": a.verification.map(|v| format!("{v:?}").to_lowercase()),
         "reactions": a.reactions.iter().map(|r| json!({
             "manifestation": r.manifestation.as_ref().map(|m| m.display.as_str()),
             "description": r.description.as_ref().map(|d| d.as_str()),
@@ -785,6 +791,7 @@ fn medication_json(m: &Medication) -> Value {
         "status": format!("{:?}", m.status).to_lowercase(),
         "course": m.course.map(|c| format!("{c:?}").to_lowercase()),
         "started": m.started.map(|d| d.to_string()),
+        "ended": m.ended.map(|d| d.to_string()),
         "last_issued": m.last_issued.map(|d| d.to_string()),
         "prescribed_elsewhere": m.prescribed_elsewhere,
         "source": source(&m.provenance),

@@ -804,10 +804,20 @@ fn patient_page(api: &Api, user: &StaffId, p: &Value) -> String {
             Some("high") => " <span class=\"badge\">high criticality</span>",
             _ => "",
         };
+        // Verification as the source stated it: a confirmed allergy is never shown as
+        // unconfirmed, and one not confirmed says so.
+        let verification = match a.get("verification").and_then(Value::as_str) {
+            Some("confirmed") => " · confirmed",
+            Some("unconfirmed") => " · <strong>unconfirmed</strong>",
+            Some("provisional") => " · <strong>provisional</strong>",
+            Some("differential") => " · <strong>differential</strong>",
+            _ => " · verification not stated",
+        };
         let _ = write!(
             out,
-            "<li><div class=\"item\">{}{crit}</div>{}{}{}</li>",
+            "<li><div class=\"item\">{}{crit}</div><div class=\"meta\">{}{verification}</div>{}{}{}</li>",
             esc(text(a, "substance")),
+            esc(text(a, "status")),
             if reactions.is_empty() {
                 String::new()
             } else {

@@ -158,6 +158,7 @@ fn record() -> PatientRecord {
             last_issued: Some(Date::ymd(2025, 1, 2).unwrap()),
             prescribed_elsewhere: false,
             provenance: prov(),
+            ended: None,
         }])
         .unwrap(),
         contacts: Section::NoneRecorded,
@@ -209,6 +210,7 @@ fn field_record() -> PatientRecord {
             recorded_by: Some(t("Practitioner/pr-9")),
             last_updated: Some(ts(1_735_689_600_000)),
         },
+        verification: Some(AllergyVerification::Confirmed),
     }])
     .unwrap();
     r.medications = Section::WithheldByPatient;
@@ -243,6 +245,7 @@ fn dmd_record() -> PatientRecord {
         last_issued: None,
         prescribed_elsewhere: false,
         provenance: prov(),
+        ended: Some(Date::ymd(2025, 2, 1).unwrap()),
     }])
     .unwrap();
     r
@@ -284,6 +287,7 @@ fn allergy_record() -> PatientRecord {
         onset: Some(Date::year_only(1987).unwrap()),
         note: None,
         provenance: prov(),
+        verification: None,
     }])
     .unwrap();
     r.contacts = Section::from_items(vec![KeyContact {

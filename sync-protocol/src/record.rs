@@ -386,6 +386,20 @@ pub enum AllergyStatus {
     Resolved,
 }
 
+/// FHIR AllergyIntolerance `verificationStatus` (refuted and entered-in-error items never
+/// travel). Since protocol version 2.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum AllergyVerification {
+    /// `unconfirmed`
+    Unconfirmed,
+    /// `provisional`
+    Provisional,
+    /// `differential`
+    Differential,
+    /// `confirmed`
+    Confirmed,
+}
+
 /// FHIR `reaction.severity`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum ReactionSeverity {
@@ -429,6 +443,10 @@ pub struct Allergy {
     pub note: Option<Text<2048>>,
     /// Source and last update.
     pub provenance: Provenance,
+    /// Verification status, when the source states it (since protocol version 2). A
+    /// reader never presents a confirmed allergy as unconfirmed, nor an absent status as
+    /// either.
+    pub verification: Option<AllergyVerification>,
 }
 
 /// FHIR MedicationStatement `status` (entered-in-error items never travel).
@@ -480,6 +498,8 @@ pub struct Medication {
     pub prescribed_elsewhere: bool,
     /// Source and last update.
     pub provenance: Provenance,
+    /// When it ended (`effectivePeriod.end`), if it has (since protocol version 2).
+    pub ended: Option<Date>,
 }
 
 /// A key contact's role.

@@ -17,6 +17,17 @@ use sync_protocol::{
     Compression, DecodeError, Message, decode, decode_with_limit, encode, encode_version,
 };
 
+fn strip<T: Clone, const N: usize>(s: &Section<T, N>, f: impl Fn(&mut T)) -> Section<T, N> {
+    match s {
+        Section::Entries(items) => {
+            let mut v = items.to_vec();
+            v.iter_mut().for_each(f);
+            Section::from_items(v).unwrap()
+        }
+        other => other.clone(),
+    }
+}
+
 /// A section after a trip through version 1 is the same, or "not available": never a
 /// shorter list, never "none recorded" for something that had entries or was withheld.
 fn same_or_not_available<T: PartialEq, const N: usize>(
@@ -46,6 +57,12 @@ proptest! {
         };
         prop_assert_eq!(back.upserts.len(), batch.upserts.len());
         for (b, a) in batch.upserts.iter().zip(back.upserts.iter()) {
+            // Version 1 has no allergy verification or medication end: items travel
+            // without them.
+            let mut b = b.clone();
+            b.allergies = strip(&b.allergies, |x| x.verification = None);
+            b.medications = strip(&b.medications, |x| x.ended = None);
+            let b = &b;
             prop_assert_eq!(b.nhs_number, a.nhs_number);
             prop_assert_eq!(b.withheld, a.withheld);
             prop_assert!(same_or_not_available(&b.alerts, &a.alerts));

@@ -224,6 +224,7 @@ impl From<Allergy> for super::Allergy {
             onset: a.onset,
             note: a.note,
             provenance: a.provenance.into(),
+            verification: None,
         }
     }
 }
@@ -240,6 +241,7 @@ impl From<Medication> for super::Medication {
             last_issued: m.last_issued,
             prescribed_elsewhere: m.prescribed_elsewhere,
             provenance: m.provenance.into(),
+            ended: None,
         }
     }
 }

@@ -154,6 +154,22 @@ fn reaction() -> impl Strategy<Value = Reaction> {
 
 pub fn allergy() -> impl Strategy<Value = Allergy> {
     (
+        allergy_fields(),
+        option::of(prop_oneof![
+            Just(AllergyVerification::Unconfirmed),
+            Just(AllergyVerification::Provisional),
+            Just(AllergyVerification::Differential),
+            Just(AllergyVerification::Confirmed),
+        ]),
+    )
+        .prop_map(|(mut a, v)| {
+            a.verification = v;
+            a
+        })
+}
+
+fn allergy_fields() -> impl Strategy<Value = Allergy> {
+    (
         source_id(),
         coding(),
         option::of(prop_oneof![
@@ -199,12 +215,20 @@ pub fn allergy() -> impl Strategy<Value = Allergy> {
                     onset,
                     note,
                     provenance,
+                    verification: None,
                 }
             },
         )
 }
 
 pub fn medication() -> impl Strategy<Value = Medication> {
+    (medication_fields(), option::of(date())).prop_map(|(mut m, ended)| {
+        m.ended = ended;
+        m
+    })
+}
+
+fn medication_fields() -> impl Strategy<Value = Medication> {
     (
         source_id(),
         coding(),
@@ -249,6 +273,7 @@ pub fn medication() -> impl Strategy<Value = Medication> {
                     last_issued,
                     prescribed_elsewhere,
                     provenance,
+                    ended: None,
                 }
             },
         )

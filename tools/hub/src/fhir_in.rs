@@ -24,9 +24,10 @@ use serde_json::Value;
 use sync_protocol::NhsNumber;
 use sync_protocol::message::ObjectionStatus;
 use sync_protocol::record::{
-    Alert, AlertCategory, AlertSeverity, Allergy, AllergyCategory, AllergyStatus, ContactRole,
-    Course, Criticality, Demographics, HumanName, KeyContact, Medication, MedicationStatus,
-    PatientRecord, Period, Reaction, ReactionSeverity, Section, Sex, Unreadable,
+    Alert, AlertCategory, AlertSeverity, Allergy, AllergyCategory, AllergyStatus,
+    AllergyVerification, ContactRole, Course, Criticality, Demographics, HumanName, KeyContact,
+    Medication, MedicationStatus, PatientRecord, Period, Reaction, ReactionSeverity, Section, Sex,
+    Unreadable,
 };
 use sync_protocol::types::{
     BoundedVec, CTV3_SYSTEM, Code, Coding, DMD_SYSTEM, Date, OdsCode, PostcodeDistrict, Provenance,
@@ -968,12 +969,16 @@ fn allergy(v: &Value) -> Result<Option<Allergy>, &'static str> {
     const VERIFICATION: &str =
         "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification";
     const CLINICAL: &str = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical";
-    if matches!(
-        coding_code(v.get("verificationStatus"), VERIFICATION),
-        Some("entered-in-error" | "refuted")
-    ) {
-        return Ok(None);
-    }
+    let verification = match coding_code(v.get("verificationStatus"), VERIFICATION) {
+        Some("entered-in-error" | "refuted") => return Ok(None),
+        Some("confirmed") => Some(AllergyVerification::Confirmed),
+        Some("unconfirmed") => Some(AllergyVerification::Unconfirmed),
+        Some("provisional") => Some(AllergyVerification::Provisional),
+        Some("differential") => Some(AllergyVerification::Differential),
+        // Not stated, or a code outside the value set: shown as not stated, never as
+        // confirmed.
+        _ => None,
+    };
     let status = match coding_code(v.get("clinicalStatus"), CLINICAL) {
         Some("active") => AllergyStatus::Active,
         Some("inactive") => AllergyStatus::Inactive,
@@ -1053,6 +1058,7 @@ fn allergy(v: &Value) -> Result<Option<Allergy>, &'static str> {
         onset: str_at(v, &["onsetDateTime"]).map(date).transpose()?,
         note: note.map(|n| text(&n, "note too long")).transpose()?,
         provenance: provenance(v)?,
+        verification,
     }))
 }
 
@@ -1125,6 +1131,9 @@ fn medication(v: &Value) -> Result<Option<Medication>, &'static str> {
         last_issued,
         prescribed_elsewhere,
         provenance: provenance(v)?,
+        ended: str_at(v, &["effectivePeriod", "end"])
+            .map(date)
+            .transpose()?,
     }))
 }
 

@@ -24,8 +24,9 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 use sync_protocol::record::{
-    Alert, AlertCategory, AlertSeverity, Allergy, AllergyCategory, AllergyStatus, ContactRole,
-    Course, Criticality, KeyContact, Medication, MedicationStatus, ReactionSeverity, Section, Sex,
+    Alert, AlertCategory, AlertSeverity, Allergy, AllergyCategory, AllergyStatus,
+    AllergyVerification, ContactRole, Course, Criticality, KeyContact, Medication,
+    MedicationStatus, ReactionSeverity, Section, Sex,
 };
 use sync_protocol::types::{Coding, Date, Provenance, Timestamp};
 
@@ -280,12 +281,24 @@ fn allergy(pid: &str, a: &Allergy, entered_in_error: bool) -> Value {
         "resourceType": "AllergyIntolerance",
         "id": a.source_id.as_str(),
         "meta": meta("UKCore-AllergyIntolerance", 1, &a.provenance, None),
-        "verificationStatus": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": if entered_in_error { "entered-in-error" } else { "confirmed" } }] },
         "code": concept(&a.substance),
         "patient": subject(pid),
     });
     if let Some(w) = who(&a.provenance) {
         r["recorder"] = w;
+    }
+    let verification = if entered_in_error {
+        Some("entered-in-error")
+    } else {
+        a.verification.map(|v| match v {
+            AllergyVerification::Unconfirmed => "unconfirmed",
+            AllergyVerification::Provisional => "provisional",
+            AllergyVerification::Differential => "differential",
+            AllergyVerification::Confirmed => "confirmed",
+        })
+    };
+    if let Some(code) = verification {
+        r["verificationStatus"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": code }] });
     }
     // R4 (ait-1/ait-2): no clinicalStatus when entered in error.
     if !entered_in_error {
@@ -377,8 +390,8 @@ fn medication(pid: &str, m: &Medication, label: Option<(&str, &str)>) -> Value {
     if let Some(dose) = &m.dose_text {
         r["dosage"] = json!([{ "text": dose.as_str() }]);
     }
-    if let Some(start) = m.started {
-        r["effectivePeriod"] = json!({ "start": start.to_string() });
+    if m.started.is_some() || m.ended.is_some() {
+        r["effectivePeriod"] = period(m.started, m.ended).unwrap_or_else(|| json!({}));
     }
     let mut extension = Vec::new();
     if let Some(last) = m.last_issued {
