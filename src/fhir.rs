@@ -326,10 +326,12 @@ pub fn medication(patient_id: &str, m: &Medication) -> Value {
     }
     extension.push(json!({
         "url": "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-MedicationPrescribingOrganizationType",
-        "valueCoding": {
+        // UK Core: value[x] only CodeableConcept.
+        "valueCodeableConcept": { "coding": [{
             "system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-MedicationPrescribingOrganizationType",
-            "code": if m.prescribed_elsewhere { "prescribed-by-another-organisation" } else { "prescribed-at-gp-practice" }
-        }
+            "code": if m.prescribed_elsewhere { "prescribed-by-another-organisation" } else { "prescribed-at-gp-practice" },
+            "display": if m.prescribed_elsewhere { "Prescribed by another organisation" } else { "Prescribed at GP practice" }
+        }] }
     }));
     r["extension"] = Value::Array(extension);
     if let Some(course) = m.course {

@@ -867,6 +867,26 @@ fn clinical_detail_reaches_fhir_as_the_source_gave_it() {
                     .find(|e| e["resource"]["id"] == m.source_id.as_str())
                     .unwrap()["resource"];
                 assert_eq!(r["effectivePeriod"]["end"], end.to_string());
+                let ext = r["extension"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| {
+                        e["url"]
+                            .as_str()
+                            .unwrap()
+                            .ends_with("MedicationPrescribingOrganizationType")
+                    })
+                    .unwrap();
+                assert_eq!(
+                    ext["valueCodeableConcept"]["coding"][0]["code"],
+                    if m.prescribed_elsewhere {
+                        "prescribed-by-another-organisation"
+                    } else {
+                        "prescribed-at-gp-practice"
+                    },
+                    "UK Core: value[x] only CodeableConcept"
+                );
                 ended += 1;
             }
         }

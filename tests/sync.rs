@@ -349,7 +349,18 @@ fn a_version_1_hub_is_still_read_and_never_shortens_a_section() {
     let (mut whole, mut not_available) = (0, 0);
     for p in hub.patients.iter().filter(|p| p.shareable()) {
         let got = normalised(store.record(&p.nhs_number()).unwrap().unwrap());
-        let want = normalised(p.expected.clone());
+        // Version 1 has no allergy verification or medication end date.
+        let mut want = normalised(p.expected.clone());
+        if let Section::Entries(items) = &want.allergies {
+            let mut v = items.to_vec();
+            v.iter_mut().for_each(|a| a.verification = None);
+            want.allergies = Section::from_items(v).unwrap();
+        }
+        if let Section::Entries(items) = &want.medications {
+            let mut v = items.to_vec();
+            v.iter_mut().for_each(|m| m.ended = None);
+            want.medications = Section::from_items(v).unwrap();
+        }
         assert!(same_or_not_available(&got.alerts, &want.alerts));
         assert!(same_or_not_available(&got.allergies, &want.allergies));
         assert!(same_or_not_available(&got.medications, &want.medications));

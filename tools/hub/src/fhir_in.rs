@@ -1111,7 +1111,14 @@ fn medication(v: &Value) -> Result<Option<Medication>, &'static str> {
         v,
         "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-MedicationPrescribingOrganizationType",
     )
-    .and_then(|e| str_at(e, &["valueCoding", "code"]))
+    .and_then(|e| {
+        // UK Core's valueCodeableConcept; valueCoding as older exports wrote it.
+        coding_code(
+            e.get("valueCodeableConcept"),
+            "https://fhir.hl7.org.uk/CodeSystem/UKCore-MedicationPrescribingOrganizationType",
+        )
+        .or_else(|| str_at(e, &["valueCoding", "code"]))
+    })
         == Some("prescribed-by-another-organisation");
     let dose_text = v
         .get("dosage")
