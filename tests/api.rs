@@ -896,3 +896,67 @@ fn clinical_detail_reaches_fhir_as_the_source_gave_it() {
         "{verified} verified, {unstated} unstated, {flags} flags, {ended} ended"
     );
 }
+
+/// Two unmodified FHIR client libraries (PyPI's `fhirclient` and `fhirpy`, installed by
+/// `.ci/run`) search a patient by NHS number, page through their alerts and medications
+/// by the `next` links, and read the `$summary` document.
+#[test]
+fn unmodified_fhir_client_libraries_read_paged_searchsets_and_the_summary() {
+    let (hub, s, _) = served(60, 67, json!({ "users": ["n1"] }));
+    let p = hub
+        .patients
+        .iter()
+        .filter(|p| p.shareable())
+        .find(|p| {
+            p.expected.alerts.entries().len() >= 2 && p.expected.medications.entries().len() >= 3
+        })
+        .unwrap();
+    let d = p.nhs_number().digits();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/fhir_clients.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(format!("http://{}/fhir", s.addr))
+        .arg(&s.token)
+        .arg(&d)
+        .output()
+        .expect("python3 runs the client libraries (.ci/run installs fhirclient and fhirpy)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("ModuleNotFoundError"),
+        "pip install fhirclient fhirpy (.ci/run does): {stderr}"
+    );
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut alerts: Vec<String> = p
+        .expected
+        .alerts
+        .entries()
+        .iter()
+        .map(|a| a.source_id.as_str().to_owned())
+        .collect();
+    alerts.sort();
+    let mut meds: Vec<String> = p
+        .expected
+        .medications
+        .entries()
+        .iter()
+        .map(|m| m.source_id.as_str().to_owned())
+        .collect();
+    meds.sort();
+    for lib in ["fhirclient", "fhirpy"] {
+        assert_eq!(v[format!("{lib}_patient")], json!([d]), "{lib}: {v}");
+        assert_eq!(
+            v[format!("{lib}_flags")],
+            json!(alerts),
+            "{lib} paged alerts: {v}"
+        );
+        assert_eq!(
+            v[format!("{lib}_medications")],
+            json!(meds),
+            "{lib} paged medications: {v}"
+        );
+    }
+    assert_eq!(v["fhirclient_summary"]["type"], "document");
+    assert_eq!(v["fhirclient_summary"]["sections"][0], "Alerts");
+}
