@@ -335,11 +335,15 @@ pub fn medication(patient_id: &str, m: &Medication) -> Value {
     }));
     r["extension"] = Value::Array(extension);
     if let Some(course) = m.course {
-        r["category"] = json!({ "text": match course {
-            Course::Acute => "acute",
-            Course::Repeat => "repeat",
-            Course::RepeatDispensing => "repeat dispensing",
-        }});
+        let (code, text) = match course {
+            Course::Acute => ("acute", "acute"),
+            Course::Repeat => ("continuous", "repeat"),
+            Course::RepeatDispensing => ("continuous-repeating-dispensing", "repeat dispensing"),
+        };
+        r["category"] = json!({
+            "coding": [{ "system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-MedicationRequestCourseOfTherapy", "code": code }],
+            "text": text
+        });
     }
     r
 }

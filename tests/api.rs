@@ -960,3 +960,176 @@ fn unmodified_fhir_client_libraries_read_paged_searchsets_and_the_summary() {
     assert_eq!(v["fhirclient_summary"]["type"], "document");
     assert_eq!(v["fhirclient_summary"]["sections"][0], "Alerts");
 }
+
+/// Field by field, source FHIR (what the synthetic source system wrote) against the
+/// device's FHIR for the same items: no clinical element is dropped on the way — alert
+/// code and system, display, priority, period, author; allergy code, clinical and
+/// verification status, criticality, reactions (manifestation, severity), onset;
+/// medication code, status, dosage text, effective period, course, last issue,
+/// prescribing organisation.
+#[test]
+fn source_fhir_and_device_fhir_agree_on_every_clinical_element() {
+    let (hub, s, _) = served(80, 68, json!({ "users": ["n1"] }));
+    let pick = |v: &Value, paths: &[&str]| -> Vec<Value> {
+        paths
+            .iter()
+            .map(|p| v.pointer(p).cloned().unwrap_or(Value::Null))
+            .collect()
+    };
+    let coding = |c: &Value| -> Value {
+        // The coding's system, code and display, or the text of a text-only concept.
+        match c.get("coding") {
+            Some(cs) => json!([cs[0]["system"], cs[0]["code"], cs[0]["display"]]),
+            None => c["text"].clone(),
+        }
+    };
+    let ext = |r: &Value, suffix: &str| -> Value {
+        r["extension"]
+            .as_array()
+            .and_then(|e| {
+                e.iter()
+                    .find(|x| x["url"].as_str().is_some_and(|u| u.ends_with(suffix)))
+            })
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let mut compared = [0usize; 3];
+    for p in hub.patients.iter().filter(|p| p.shareable()) {
+        let source = carecache_synth::fhir::resources(p);
+        let d = p.nhs_number().digits();
+        for (route, kind, i) in [
+            ("Flag", "Flag", 0),
+            ("AllergyIntolerance", "AllergyIntolerance", 1),
+            ("MedicationStatement", "MedicationStatement", 2),
+        ] {
+            let b = s.get(&format!("/fhir/{route}?patient={d}")).json();
+            for dev in b["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["search"]["mode"] == "match")
+                .map(|e| &e["resource"])
+            {
+                let src = source
+                    .iter()
+                    .find(|r| r["resourceType"] == kind && r["id"] == dev["id"])
+                    .unwrap_or_else(|| panic!("{kind}/{} not in the source", dev["id"]));
+                let (a, b) = match kind {
+                    "Flag" => (
+                        (
+                            coding(&src["code"]),
+                            ext(src, "flag-priority")["valueCodeableConcept"]["coding"][0]["code"]
+                                .clone(),
+                            pick(src, &["/period/start", "/period/end", "/status"]),
+                        ),
+                        (
+                            coding(&dev["code"]),
+                            ext(dev, "flag-priority")["valueCodeableConcept"]["coding"][0]["code"]
+                                .clone(),
+                            pick(dev, &["/period/start", "/period/end", "/status"]),
+                        ),
+                    ),
+                    "AllergyIntolerance" => {
+                        let reactions = |r: &Value| -> Value {
+                            r["reaction"]
+                                .as_array()
+                                .map(|rs| {
+                                    rs.iter()
+                                        .map(|x| {
+                                            json!([coding(&x["manifestation"][0]), x["severity"]])
+                                        })
+                                        .collect::<Vec<_>>()
+                                })
+                                .map_or(Value::Null, Value::from)
+                        };
+                        (
+                            (
+                                coding(&src["code"]),
+                                reactions(src),
+                                pick(
+                                    src,
+                                    &[
+                                        "/clinicalStatus/coding/0/code",
+                                        "/verificationStatus/coding/0/code",
+                                        "/criticality",
+                                        "/onsetDateTime",
+                                    ],
+                                ),
+                            ),
+                            (
+                                coding(&dev["code"]),
+                                reactions(dev),
+                                pick(
+                                    dev,
+                                    &[
+                                        "/clinicalStatus/coding/0/code",
+                                        "/verificationStatus/coding/0/code",
+                                        "/criticality",
+                                        "/onsetDateTime",
+                                    ],
+                                ),
+                            ),
+                        )
+                    }
+                    _ => (
+                        (
+                            coding(&src["medicationCodeableConcept"]),
+                            json!([
+                                ext(src, "LastIssueDate")["valueDateTime"],
+                                ext(src, "PrescribingOrganizationType")["valueCodeableConcept"]["coding"]
+                                    [0]["code"]
+                            ]),
+                            pick(
+                                src,
+                                &[
+                                    "/status",
+                                    "/dosage/0/text",
+                                    "/effectivePeriod/start",
+                                    "/effectivePeriod/end",
+                                    "/category/coding/0/code",
+                                ],
+                            ),
+                        ),
+                        (
+                            coding(&dev["medicationCodeableConcept"]),
+                            json!([
+                                ext(dev, "LastIssueDate")["valueDateTime"],
+                                ext(dev, "PrescribingOrganizationType")["valueCodeableConcept"]["coding"]
+                                    [0]["code"]
+                            ]),
+                            pick(
+                                dev,
+                                &[
+                                    "/status",
+                                    "/dosage/0/text",
+                                    "/effectivePeriod/start",
+                                    "/effectivePeriod/end",
+                                    "/category/coding/0/code",
+                                ],
+                            ),
+                        ),
+                    ),
+                };
+                assert_eq!(a, b, "{kind}/{}: source and device differ", dev["id"]);
+                // Who recorded it, as the source named them.
+                let who_key = match kind {
+                    "Flag" => "author",
+                    "AllergyIntolerance" => "recorder",
+                    _ => "informationSource",
+                };
+                let who = |r: &Value| {
+                    pick(
+                        &r[who_key],
+                        &["/identifier/value", "/display", "/reference"],
+                    )
+                };
+                assert_eq!(who(src), who(dev), "{kind}/{}: {who_key}", dev["id"]);
+                compared[i] += 1;
+            }
+        }
+    }
+    assert!(
+        compared.iter().all(|n| *n > 20),
+        "compared {compared:?} alerts, allergies, medications"
+    );
+}
