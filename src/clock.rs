@@ -187,7 +187,7 @@ pub fn check_hub_time(
 
 /// A timestamp as RFC 3339 UTC to the second (`2026-11-24T08:00:00Z`).
 pub fn rfc3339(t: Timestamp) -> String {
-    crate::fhir::instant(t)
+    t.utc_seconds()
 }
 
 /// A duration in words, for status and error text: "3 d 4 h", "12 min", "40 s".

@@ -242,9 +242,9 @@ pub fn clients(config_path: &Path, action: ClientsAction) -> anyhow::Result<()> 
                 println!(
                     "{:<24} issued {}{}",
                     c.name,
-                    crate::fhir::instant(c.created),
+                    c.created.utc_seconds(),
                     c.revoked
-                        .map(|t| format!(", revoked {}", crate::fhir::instant(t)))
+                        .map(|t| format!(", revoked {}", t.utc_seconds()))
                         .unwrap_or_default()
                 );
             }

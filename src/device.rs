@@ -19,7 +19,6 @@ use crate::clients::{Client, ClientError, Clients, IssuedToken};
 use crate::clock::{Clock, TrustedTime, check_hub_time, human};
 use crate::config::Config;
 use crate::crypto::RootKey;
-use crate::fhir::instant;
 use crate::policy::{ENDED_KEPT, EndReason, EndedLease, Policy, Standing};
 use crate::store::{self, Extras, Store, StoreError};
 use crate::sync::{self, Plan, Round, Start, Step, Summary, SyncError};
@@ -950,12 +949,12 @@ impl Device {
         Ok(Status {
             device_id: self.device_id()?,
             hub: self.config.hub.url.clone(),
-            trusted_time: instant(now),
+            trusted_time: now.utc_seconds(),
             wall_clock: Timestamp::from_millis(wall)
-                .map_or_else(|_| String::from("invalid"), instant),
+                .map_or_else(|_| String::from("invalid"), Timestamp::utc_seconds),
             wall_clock_behind_secs: now.as_millis().saturating_sub(wall) / 1000,
-            last_contact: contact.map(instant),
-            last_success: last_ok.map(instant),
+            last_contact: contact.map(Timestamp::utc_seconds),
+            last_success: last_ok.map(Timestamp::utc_seconds),
             last_sync,
             last_error,
             leases,
@@ -963,7 +962,7 @@ impl Device {
             patients_held: stats.patients,
             objections: stats.objections,
             audit_backlog: stats.audit_entries,
-            audit_backlog_oldest: backlog.oldest.map(instant),
+            audit_backlog_oldest: backlog.oldest.map(Timestamp::utc_seconds),
             audit_backlog_age_secs: backlog_age,
             audit_backlog_overdue: overdue,
             audit_acked: backlog.acked,
@@ -986,7 +985,7 @@ fn lease_status(policy: &Policy, l: &Lease, now: Timestamp) -> LeaseStatus {
             String::from("active"),
             Some(until.as_millis().saturating_sub(now.as_millis()) / 1000),
         ),
-        Standing::NotYet(t) => (format!("not yet valid (from {})", instant(t)), None),
+        Standing::NotYet(t) => (format!("not yet valid (from {})", t.utc_seconds()), None),
         Standing::Ended(r) => (r.describe().to_owned(), None),
     };
     LeaseStatus {
@@ -1001,8 +1000,8 @@ fn lease_status(policy: &Policy, l: &Lease, now: Timestamp) -> LeaseStatus {
             Audience::Users(u) => format!("{} named user(s)", u.len()),
         },
         patients: l.patients.len(),
-        not_before: instant(l.not_before),
-        not_after: instant(l.not_after),
+        not_before: l.not_before.utc_seconds(),
+        not_after: l.not_after.utc_seconds(),
         standing,
         seconds_left,
         emergency_access: l.emergency_access,
@@ -1035,7 +1034,7 @@ pub fn render_status(s: &Status) -> String {
             None => String::from("never"),
             Some(r) => format!(
                 "{} — {}",
-                instant(r.at),
+                r.at.utc_seconds(),
                 match &r.outcome {
                     Outcome::Ok => format!(
                         "ok ({} batches, {} records, {} bytes)",
@@ -1078,7 +1077,7 @@ pub fn render_status(s: &Status) -> String {
         let _ = writeln!(
             out,
             "upload      {} — {}",
-            instant(u.at),
+            u.at.utc_seconds(),
             match &u.outcome {
                 Outcome::Ok => format!(
                     "ok ({} entries, {} bytes)",
@@ -1108,7 +1107,7 @@ pub fn render_status(s: &Status) -> String {
             out,
             "ended {:>5} at {}: {}",
             e.id.0,
-            instant(e.ended_at),
+            e.ended_at.utc_seconds(),
             e.reason.describe()
         );
     }

@@ -106,7 +106,7 @@ pub enum Denial {
     #[error("access expired ({})", .0.describe())]
     AccessEnded(EndReason),
     /// The lease naming this patient is not valid yet.
-    #[error("access not yet valid (starts at {})", crate::fhir::instant(*.0))]
+    #[error("access not yet valid (starts at {})", .0.utc_seconds())]
     NotYetValid(Timestamp),
     /// Emergency access asked for where no lease permits it.
     #[error("emergency access is not permitted for this patient on this device")]

@@ -232,9 +232,10 @@ async fn common_headers(State(api): State<Arc<Api>>, req: Request, next: Next) -
     let mut res = next.run(req).await;
     let f = api.freshness();
     let h = res.headers_mut();
-    let last = f
-        .last_sync
-        .map_or_else(|| "never".to_owned(), crate::fhir::instant);
+    let last = f.last_sync.map_or_else(
+        || "never".to_owned(),
+        sync_protocol::types::Timestamp::utc_seconds,
+    );
     if let Ok(v) = HeaderValue::from_str(&last) {
         h.insert(headers::LAST_SYNC, v);
     }
@@ -249,7 +250,7 @@ async fn common_headers(State(api): State<Arc<Api>>, req: Request, next: Next) -
         && let Ok(v) = HeaderValue::from_str(&format!(
             "{} entries not uploaded, oldest {} ({}s ago)",
             backlog.entries,
-            crate::fhir::instant(oldest),
+            oldest.utc_seconds(),
             age
         ))
     {

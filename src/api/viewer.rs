@@ -536,13 +536,13 @@ fn frame(api: &Api, title: &str, user: Option<&StaffId>, extra_strip: &str, body
             "stale",
             format!(
                 "⚠ Data last updated {} — older than {} minutes; it may be out of date",
-                when(&crate::fhir::instant(t)),
+                when(&t.utc_seconds()),
                 f.stale_after_secs / 60
             ),
         ),
         Some(t) => (
             "ok",
-            format!("Data last updated {}", when(&crate::fhir::instant(t))),
+            format!("Data last updated {}", when(&t.utc_seconds())),
         ),
         None => (
             "stale",

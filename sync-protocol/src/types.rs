@@ -409,6 +409,21 @@ impl Timestamp {
 }
 
 impl Timestamp {
+    /// As RFC 3339 UTC to the second (`2026-11-24T08:00:00Z`): how status, errors, the
+    /// audit and the API write a time (no calendar crate: H. Hinnant's civil-from-days).
+    pub fn utc_seconds(self) -> String {
+        let secs = self.0 / 1000;
+        let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX);
+        let rem = secs % 86_400;
+        let (y, m, d) = civil_from_days(days);
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        )
+    }
+
     /// 10000-01-01T00:00:00Z in milliseconds; timestamps are below it.
     pub const END: u64 = 253_402_300_800_000;
 
@@ -590,6 +605,20 @@ impl fmt::Debug for SctId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SctId({})", self.0)
     }
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 const VERHOEFF_D: [[u8; 10]; 10] = [
@@ -831,6 +860,15 @@ impl Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_seconds_is_rfc3339_to_the_second() {
+        let t = |ms| Timestamp::from_millis(ms).unwrap().utc_seconds();
+        assert_eq!(t(0), "1970-01-01T00:00:00Z");
+        assert_eq!(t(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(t(1_735_689_599_999), "2024-12-31T23:59:59Z");
+        assert_eq!(t(Timestamp::END - 1), "9999-12-31T23:59:59Z");
+    }
 
     #[test]
     fn verhoeff_accepts_real_sctids_and_rejects_a_changed_digit() {
