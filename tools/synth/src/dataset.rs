@@ -6,10 +6,10 @@ use rand::Rng;
 use sync_protocol::NhsNumber;
 use sync_protocol::record::Section;
 use sync_protocol::record::{
-    Alert, AlertCategory, AlertSeverity, Allergy, AllergyStatus, Medication, MedicationStatus,
-    PatientRecord, Period,
+    Alert, AlertCategory, AlertSeverity, Allergy, AllergyStatus, AllergyVerification, Medication,
+    MedicationStatus, PatientRecord, Period,
 };
-use sync_protocol::types::{Code, Coding, Provenance, SctId, SourceId, Text, Timestamp};
+use sync_protocol::types::{Code, Coding, Date, Provenance, SctId, SourceId, Text, Timestamp};
 
 use crate::{Generator, coding, stamp};
 
@@ -401,6 +401,11 @@ impl Generator {
                     // "penicillin - rash": free text only, as many systems hold it.
                     a.substance.code = None;
                 }
+                a.verification = match self.rng.random_range(0..10) {
+                    0 => None,
+                    1 | 2 => Some(AllergyVerification::Unconfirmed),
+                    _ => Some(AllergyVerification::Confirmed),
+                };
                 self.field_provenance(&mut a.provenance);
             }
             r.allergies = Section::from_items(items).unwrap_or(Section::NotAvailable);
@@ -408,6 +413,14 @@ impl Generator {
         if let Section::Entries(items) = &mut r.medications {
             let mut items = std::mem::take(items).into_inner();
             for m in &mut items {
+                // One in eight has ended (completed), a year or two after it started.
+                if self.rng.random_ratio(1, 8)
+                    && let Some(started) = m.started
+                {
+                    let y = started.year().saturating_add(self.rng.random_range(1..=2));
+                    m.ended = Date::ymd(y, 1, 15).ok();
+                    m.status = MedicationStatus::Completed;
+                }
                 match self.rng.random_range(0..20) {
                     0 => m.medicine.code = None,
                     1..=14 => {

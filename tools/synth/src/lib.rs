@@ -12,9 +12,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sync_protocol::NhsNumber;
 use sync_protocol::record::{
-    Alert, Allergy, AllergyStatus, AllergyVerification, Course, Criticality, Demographics,
-    HumanName, KeyContact, Medication, MedicationStatus, PatientRecord, Period, Reaction,
-    ReactionSeverity, Section, Sex, Unreadable,
+    Alert, Allergy, AllergyStatus, Course, Criticality, Demographics, HumanName, KeyContact,
+    Medication, MedicationStatus, PatientRecord, Period, Reaction, ReactionSeverity, Section, Sex,
+    Unreadable,
 };
 use sync_protocol::types::{
     BoundedVec, Coding, Date, OdsCode, PostcodeDistrict, Provenance, RecordVersion, SctId,
@@ -261,42 +261,31 @@ impl Generator {
             ),
             note: None,
             provenance: self.provenance(),
-            verification: match self.rng.random_range(0..10) {
-                0 => None,
-                1 | 2 => Some(AllergyVerification::Unconfirmed),
-                _ => Some(AllergyVerification::Confirmed),
-            },
+            // Set by the source-record path (`fieldify`), so the plain records and their
+            // random sequence stay as they were (the store-v1 fixture is rebuilt from them).
+            verification: None,
         }
     }
 
     fn medication(&mut self, i: usize) -> Medication {
         let (code, display, dose) = self.pick(MEDICATION_CODES);
         let repeat = self.rng.random_ratio(2, 3);
-        let started = self.date(2018, 2024);
-        // One in eight has ended (completed), a year or two after it started.
-        let ended = self.rng.random_ratio(1, 8).then(|| {
-            let y = started.year().saturating_add(self.rng.random_range(1..=2));
-            Date::ymd(y, 1, 15).unwrap_or(started)
-        });
         Medication {
             source_id: self.source_id("med", i),
             medicine: coding(code, display),
             dose_text: Some(text(dose)),
-            status: if ended.is_some() {
-                MedicationStatus::Completed
-            } else {
-                MedicationStatus::Active
-            },
+            status: MedicationStatus::Active,
             course: Some(if repeat {
                 Course::Repeat
             } else {
                 Course::Acute
             }),
-            started: Some(started),
+            started: Some(self.date(2018, 2024)),
             last_issued: Some(self.date(2024, 2025)),
             prescribed_elsewhere: self.rng.random_ratio(1, 12),
             provenance: self.provenance(),
-            ended,
+            // Set by the source-record path (`fieldify`), as `verification` above.
+            ended: None,
         }
     }
 
