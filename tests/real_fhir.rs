@@ -226,6 +226,47 @@ fn no_objector_of_any_shape_is_served_and_every_readable_item_arrives() {
     let s = Served::start(dev);
     assert_objectors_refused_everywhere(&s, &hub.patients);
     assert_unreadable_items_are_said(&s, &hub.patients);
+    assert_a_second_validator_accepts_the_device_fhir(&s, &hub.patients);
+}
+
+/// The device's FHIR for field-shaped patients, every route, through a second R4
+/// validator (Medplum's, in the test FHIR server; the first, `fhir.resources`, runs in
+/// `api::fhir_routes_answer_valid_r4_with_alerts_first_and_absences_explicit`): every
+/// resource is accepted.
+fn assert_a_second_validator_accepts_the_device_fhir(s: &Served, patients: &[SourcePatient]) {
+    let server = FhirServer::start();
+    let mut checked = 0;
+    for p in patients.iter().filter(|p| p.shareable()).take(60) {
+        let d = p.nhs_number().digits();
+        let mut resources = vec![s.get(&format!("/fhir/Patient/{d}")).json()];
+        for route in [
+            format!("/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|{d}"),
+            format!("/fhir/Flag?patient={d}"),
+            format!("/fhir/AllergyIntolerance?patient={d}"),
+            format!("/fhir/MedicationStatement?patient={d}"),
+            format!("/fhir/Patient/{d}/$summary"),
+        ] {
+            let b = s.get(&route).json();
+            for e in b["entry"].as_array().unwrap() {
+                let mut r = e["resource"].clone();
+                if r.get("id").is_none() {
+                    r["id"] = json!(format!("oo-{checked}"));
+                }
+                resources.push(r);
+            }
+        }
+        for r in resources {
+            let status = server.put(&r);
+            assert!(
+                status == 200 || status == 201,
+                "{} {} refused by the second validator ({status})",
+                r["resourceType"],
+                r["id"]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 300, "{checked} resources validated");
 }
 
 /// An item the hub could not read is said beside the items that could be read, in
