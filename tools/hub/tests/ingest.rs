@@ -236,3 +236,48 @@ fn generator_output_passes_a_real_fhir_validator() {
         out.1
     );
 }
+
+/// HAZ-15: between two bulk exports, items and whole patients deleted at the source: the
+/// second ingest drops the items from their records and deletes the patients.
+#[test]
+fn deletions_between_two_exports_leave_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut patients = carecache_synth::Generator::new(24).source_patients(80);
+    let first = dir.path().join("first");
+    carecache_synth::fhir::write_ndjson(&patients, &first).unwrap();
+    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let rules = carecache_hub::testing::synthetic_rules();
+    let one = ingest_ndjson(&state, &rules, &first).unwrap();
+    assert_eq!(one.stored.added, 80);
+
+    let deleted = carecache_synth::delete_at_source(&mut patients, 6, 2);
+    let second = dir.path().join("second");
+    carecache_synth::fhir::write_ndjson(&patients, &second).unwrap();
+    let two = ingest_ndjson(&state, &rules, &second).unwrap();
+    assert_eq!(two.stored.deleted, 2, "{two:?}");
+    assert_eq!(two.stored.changed, 6, "{two:?}");
+    for p in patients.iter().filter(|p| p.shareable()) {
+        let held = state.record(&p.nhs_number()).unwrap().unwrap();
+        assert_eq!(
+            held.alerts.entries().len(),
+            p.expected.alerts.entries().len()
+        );
+        assert_eq!(
+            held.medications.entries().len(),
+            p.expected.medications.entries().len()
+        );
+    }
+    let gone: Vec<&str> = deleted
+        .iter()
+        .filter(|d| d.resource_type == "Patient")
+        .map(|d| d.id.as_str())
+        .collect();
+    assert_eq!(gone.len(), 2);
+    assert!(
+        state
+            .patient_fhir_ids()
+            .unwrap()
+            .iter()
+            .all(|id| !gone.contains(&id.as_str()))
+    );
+}
