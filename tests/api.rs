@@ -1014,103 +1014,61 @@ fn source_fhir_and_device_fhir_agree_on_every_clinical_element() {
                     .iter()
                     .find(|r| r["resourceType"] == kind && r["id"] == dev["id"])
                     .unwrap_or_else(|| panic!("{kind}/{} not in the source", dev["id"]));
-                let (a, b) = match kind {
-                    "Flag" => (
-                        (
-                            coding(&src["code"]),
-                            ext(src, "flag-priority")["valueCodeableConcept"]["coding"][0]["code"]
-                                .clone(),
-                            pick(src, &["/period/start", "/period/end", "/status"]),
-                        ),
-                        (
-                            coding(&dev["code"]),
-                            ext(dev, "flag-priority")["valueCodeableConcept"]["coding"][0]["code"]
-                                .clone(),
-                            pick(dev, &["/period/start", "/period/end", "/status"]),
-                        ),
-                    ),
-                    "AllergyIntolerance" => {
-                        let reactions = |r: &Value| -> Value {
-                            r["reaction"]
-                                .as_array()
-                                .map(|rs| {
-                                    rs.iter()
-                                        .map(|x| {
-                                            json!([coding(&x["manifestation"][0]), x["severity"]])
-                                        })
-                                        .collect::<Vec<_>>()
-                                })
-                                .map_or(Value::Null, Value::from)
-                        };
-                        (
-                            (
-                                coding(&src["code"]),
-                                reactions(src),
-                                pick(
-                                    src,
-                                    &[
-                                        "/clinicalStatus/coding/0/code",
-                                        "/verificationStatus/coding/0/code",
-                                        "/criticality",
-                                        "/onsetDateTime",
-                                    ],
-                                ),
+                // The clinical elements of one resource, as comparable values.
+                let fields = |r: &Value| -> Value {
+                    let reactions = |r: &Value| -> Value {
+                        r["reaction"]
+                            .as_array()
+                            .map(|rs| {
+                                rs.iter()
+                                    .map(|x| json!([coding(&x["manifestation"][0]), x["severity"]]))
+                                    .collect::<Vec<_>>()
+                            })
+                            .map_or(Value::Null, Value::from)
+                    };
+                    match kind {
+                        "Flag" => json!([
+                            coding(&r["code"]),
+                            ext(r, "flag-priority")["valueCodeableConcept"]["coding"][0]["code"],
+                            pick(r, &["/period/start", "/period/end", "/status"]),
+                        ]),
+                        "AllergyIntolerance" => json!([
+                            coding(&r["code"]),
+                            reactions(r),
+                            pick(
+                                r,
+                                &[
+                                    "/clinicalStatus/coding/0/code",
+                                    "/verificationStatus/coding/0/code",
+                                    "/criticality",
+                                    "/onsetDateTime",
+                                ],
                             ),
-                            (
-                                coding(&dev["code"]),
-                                reactions(dev),
-                                pick(
-                                    dev,
-                                    &[
-                                        "/clinicalStatus/coding/0/code",
-                                        "/verificationStatus/coding/0/code",
-                                        "/criticality",
-                                        "/onsetDateTime",
-                                    ],
-                                ),
+                        ]),
+                        _ => json!([
+                            coding(&r["medicationCodeableConcept"]),
+                            ext(r, "LastIssueDate")["valueDateTime"],
+                            ext(r, "PrescribingOrganizationType")["valueCodeableConcept"]["coding"]
+                                [0]["code"],
+                            pick(
+                                r,
+                                &[
+                                    "/status",
+                                    "/dosage/0/text",
+                                    "/effectivePeriod/start",
+                                    "/effectivePeriod/end",
+                                    "/category/coding/0/code",
+                                ],
                             ),
-                        )
+                        ]),
                     }
-                    _ => (
-                        (
-                            coding(&src["medicationCodeableConcept"]),
-                            json!([
-                                ext(src, "LastIssueDate")["valueDateTime"],
-                                ext(src, "PrescribingOrganizationType")["valueCodeableConcept"]["coding"]
-                                    [0]["code"]
-                            ]),
-                            pick(
-                                src,
-                                &[
-                                    "/status",
-                                    "/dosage/0/text",
-                                    "/effectivePeriod/start",
-                                    "/effectivePeriod/end",
-                                    "/category/coding/0/code",
-                                ],
-                            ),
-                        ),
-                        (
-                            coding(&dev["medicationCodeableConcept"]),
-                            json!([
-                                ext(dev, "LastIssueDate")["valueDateTime"],
-                                ext(dev, "PrescribingOrganizationType")["valueCodeableConcept"]["coding"]
-                                    [0]["code"]
-                            ]),
-                            pick(
-                                dev,
-                                &[
-                                    "/status",
-                                    "/dosage/0/text",
-                                    "/effectivePeriod/start",
-                                    "/effectivePeriod/end",
-                                    "/category/coding/0/code",
-                                ],
-                            ),
-                        ),
-                    ),
                 };
-                assert_eq!(a, b, "{kind}/{}: source and device differ", dev["id"]);
+                assert_eq!(
+                    fields(src),
+                    fields(dev),
+                    "{kind}/{}: source and device differ",
+                    dev["id"]
+                );
                 // Who recorded it, as the source named them.
                 let who_key = match kind {
                     "Flag" => "author",
