@@ -2,7 +2,7 @@
 //! time, with the sharing rules applied on the way (`sharing`).
 //!
 //! Real records are messier than a tidy export, and the two kinds of failure are handled
-//! in opposite directions (tools/hub/README.md, "Mapping rules"):
+//! in opposite directions (tools/hub/README.md, "FHIR in" and "Objections"):
 //! - **privacy fails closed**: a Consent in the patient-privacy scope that denies counts
 //!   as an objection whatever the precision of its dates, with no date, with a missing or
 //!   unknown status, or with a provision that cannot be fully read; a Consent that cannot
@@ -38,7 +38,6 @@ use crate::sharing::SharingRules;
 
 const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
-const SNOMED: &str = SNOMED_SYSTEM;
 const CONFIDENTIALITY: &str = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality";
 const ALLERGY_LIST_CODE: &str = "886921000000105";
 const CONSENT_SCOPE: &str = "http://terminology.hl7.org/CodeSystem/consentscope";
@@ -100,7 +99,35 @@ pub struct Collector<'a> {
     pub patients: BTreeMap<String, PatientResources>,
     /// What could not be placed.
     pub issues: Vec<MappingIssue>,
+    /// Items that name their patient by NHS number (`identifier`) rather than by
+    /// reference, placed by [`Collector::finish`] once every Patient has been read.
+    by_nhs: BTreeMap<u64, Vec<(String, String, Item)>>,
     rules: &'a SharingRules,
+}
+
+/// The NHS number a resource names its patient by, when it uses a logical reference
+/// (`subject.identifier` / `patient.identifier` with the NHS number system).
+fn nhs_reference(resource: &Value) -> Option<u64> {
+    let who = resource
+        .get("subject")
+        .or_else(|| resource.get("patient"))?;
+    if str_at(who, &["identifier", "system"]) != Some(NHS_NUMBER_SYSTEM) {
+        return None;
+    }
+    let value = str_at(who, &["identifier", "value"])?;
+    NhsNumber::parse(value).ok().map(NhsNumber::as_u64)
+}
+
+/// The NHS number on a Patient resource, if readable.
+fn patient_nhs(patient: &Value) -> Option<u64> {
+    patient
+        .get("identifier")?
+        .as_array()?
+        .iter()
+        .find(|i| str_at(i, &["system"]) == Some(NHS_NUMBER_SYSTEM))
+        .and_then(|i| str_at(i, &["value"]))
+        .and_then(|v| NhsNumber::parse(v).ok())
+        .map(NhsNumber::as_u64)
 }
 
 /// The patient a resource belongs to: its own id for a Patient, else the id in
@@ -123,8 +150,39 @@ impl<'a> Collector<'a> {
         Self {
             patients: BTreeMap::new(),
             issues: Vec::new(),
+            by_nhs: BTreeMap::new(),
             rules,
         }
+    }
+
+    /// Every patient's resources and what could not be placed: items that named their
+    /// patient by NHS number join that patient; a Consent naming an NHS number no Patient
+    /// of the source carries is reported (it cannot be honoured, nor leak anything).
+    pub fn finish(mut self) -> (BTreeMap<String, PatientResources>, Vec<MappingIssue>) {
+        if !self.by_nhs.is_empty() {
+            for res in self.patients.values_mut() {
+                if let Some(items) = res
+                    .patient
+                    .as_ref()
+                    .and_then(patient_nhs)
+                    .and_then(|nhs| self.by_nhs.remove(&nhs))
+                {
+                    res.items.extend(items.into_iter().map(|(_, _, item)| item));
+                }
+            }
+        }
+        for (kind, id, _) in self.by_nhs.into_values().flatten() {
+            self.issues.push(MappingIssue {
+                reason: if kind == "Consent" {
+                    "Consent names a Patient the source did not send: objection cannot be placed"
+                } else {
+                    "names a Patient the source did not send"
+                },
+                resource_type: kind,
+                id,
+            });
+        }
+        (self.patients, self.issues)
     }
 
     /// Add one resource.
@@ -148,20 +206,24 @@ impl<'a> Collector<'a> {
             | "MedicationStatement"
             | "RelatedPerson"
             | "List"
-            | "Consent" => match patient_of(&resource) {
-                Some(pid) => {
+            | "Consent" => match (patient_of(&resource), nhs_reference(&resource)) {
+                (Some(pid), _) => {
                     let pid = pid.to_owned();
                     let item = classify(&resource, self.rules);
                     self.patients.entry(pid).or_default().items.push(item);
                 }
-                None if kind == "Consent" => {
+                (None, Some(nhs)) => {
+                    let item = classify(&resource, self.rules);
+                    self.by_nhs.entry(nhs).or_default().push((kind, id, item));
+                }
+                (None, None) if kind == "Consent" => {
                     // A Consent that names no patient we can find cannot be honoured and
                     // cannot be placed: reported loudly, and the ingest summary counts it.
                     self.issues.push(issue(
                         "Consent names no Patient: objection cannot be placed",
                     ));
                 }
-                None => self.issues.push(issue("no Patient reference")),
+                (None, None) => self.issues.push(issue("no Patient reference")),
             },
             _ => self.issues.push(issue("resource type not used")),
         }
@@ -346,7 +408,7 @@ pub fn classify(item: &Value, rules: &SharingRules) -> Item {
         "MedicationStatement" => Item::Medication(medication(item).map_err(issue)),
         "RelatedPerson" => Item::Contact(related_person(item).map_err(issue)),
         "List" => {
-            if coding_code(item.get("code"), SNOMED) == Some(ALLERGY_LIST_CODE)
+            if coding_code(item.get("code"), SNOMED_SYSTEM) == Some(ALLERGY_LIST_CODE)
                 && item.get("emptyReason").is_some()
             {
                 Item::AllergiesUnavailable
@@ -577,7 +639,7 @@ fn concept(concept: Option<&Value>) -> Result<Coding, &'static str> {
         .map(Vec::as_slice)
         .unwrap_or_default();
     let rank = |system: &str| match system {
-        SNOMED => 0,
+        SNOMED_SYSTEM => 0,
         DMD_SYSTEM => 1,
         READ_V2_SYSTEM => 2,
         CTV3_SYSTEM => 3,
@@ -594,7 +656,7 @@ fn concept(concept: Option<&Value>) -> Result<Coding, &'static str> {
                 .filter(|d| !d.trim().is_empty());
             let sct = || value.parse::<u64>().ok().and_then(|n| SctId::new(n).ok());
             let code = match system {
-                SNOMED => Code::Snomed(sct()?),
+                SNOMED_SYSTEM => Code::Snomed(sct()?),
                 DMD_SYSTEM => Code::Dmd(sct()?),
                 READ_V2_SYSTEM => Code::ReadV2(Text::new(value).ok()?),
                 CTV3_SYSTEM => Code::Ctv3(Text::new(value).ok()?),
@@ -628,49 +690,34 @@ fn concept(concept: Option<&Value>) -> Result<Coding, &'static str> {
 }
 
 /// Every (system, code) a resource carries in the places the sharing rules look: the
-/// item's code, medicine, reason, category and reaction manifestations.
+/// item's code, medicine, reason, category and reaction manifestations. A coding with no
+/// system is given as system `""`.
 pub(crate) fn codings(v: &Value) -> Vec<(&str, &str)> {
-    let mut out = Vec::new();
-    let concepts = {
-        let mut cs: Vec<&Value> = Vec::new();
-        for key in ["code", "medicationCodeableConcept"] {
-            if let Some(c) = v.get(key) {
-                cs.push(c);
-            }
-        }
-        for key in ["reasonCode", "category"] {
-            if let Some(list) = v.get(key).and_then(Value::as_array) {
-                cs.extend(list.iter());
-            }
-        }
-        for r in v
-            .get("reaction")
+    let list = |key: &str| v.get(key).and_then(Value::as_array).into_iter().flatten();
+    let manifestations = list("reaction").flat_map(|r| {
+        r.get("manifestation")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-        {
-            if let Some(ms) = r.get("manifestation").and_then(Value::as_array) {
-                cs.extend(ms.iter());
-            }
-        }
-        cs
-    };
-    for c in concepts {
-        for coding in c
-            .get("coding")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let (Some(system), Some(code)) = (
-                coding.get("system").and_then(Value::as_str),
-                coding.get("code").and_then(Value::as_str),
-            ) {
-                out.push((system, code.trim()));
-            }
-        }
-    }
-    out
+    });
+    ["code", "medicationCodeableConcept"]
+        .iter()
+        .filter_map(|k| v.get(*k))
+        .chain(list("reasonCode"))
+        .chain(list("category"))
+        .chain(manifestations)
+        .flat_map(|c| {
+            c.get("coding")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        })
+        .filter_map(|coding| {
+            let code = coding.get("code").and_then(Value::as_str)?.trim();
+            let system = coding.get("system").and_then(Value::as_str).unwrap_or("");
+            Some((system, code))
+        })
+        .collect()
 }
 
 fn text<const N: usize>(s: &str, what: &'static str) -> Result<Text<N>, &'static str> {
@@ -1572,12 +1619,12 @@ mod tests {
         assert!(matches!(dmd.code, Some(Code::Dmd(_))));
         let both = c(json!({ "coding": [
             { "system": "https://gp.invalid/cs", "code": "X", "display": "local words" },
-            { "system": SNOMED, "code": "450476008", "display": "Not for CPR" },
+            { "system": SNOMED_SYSTEM, "code": "450476008", "display": "Not for CPR" },
         ] }))
         .unwrap();
         assert!(matches!(both.code, Some(Code::Snomed(_))));
         let broken_snomed = c(json!({ "coding": [
-            { "system": SNOMED, "code": "450476009", "display": "typo" },
+            { "system": SNOMED_SYSTEM, "code": "450476009", "display": "typo" },
             { "system": READ_V2_SYSTEM, "code": "1JC..", "display": "read words" },
         ] }))
         .unwrap();

@@ -211,6 +211,9 @@ impl SharingRules {
                     }
                     Err(_) => false,
                 },
+                // A coding with no system cannot be classified, but a listed SCTID in it
+                // is withheld all the same (privacy fails closed).
+                "" => code.parse::<u64>().is_ok_and(|c| self.list.contains(c)),
                 _ => {
                     let targets = self
                         .local_map
@@ -261,6 +264,9 @@ mod tests {
         assert!(rules.withholds(&item(SNOMED_SYSTEM, "86406008")));
         assert!(rules.withholds(&item(DMD_SYSTEM, "86406008")));
         assert!(rules.withholds(&item(LOCAL, "HIV1")));
+        let systemless =
+            json!({ "resourceType": "Flag", "code": { "coding": [{ "code": "86406008" }] } });
+        assert!(rules.withholds(&systemless), "a listed code with no system");
         assert!(!rules.withholds(&item(LOCAL, "DNR")));
         let unmapped = item(LOCAL, "DNACPR-LOCAL");
         let text_only = json!({ "resourceType": "AllergyIntolerance", "code": { "text": "penicillin - rash" } });

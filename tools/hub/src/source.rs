@@ -79,9 +79,9 @@ fn map_and_store(
     full_snapshot: bool,
     resources: u64,
 ) -> Result<IngestSummary, SourceError> {
-    let mut issues = collector.issues;
-    let mut mapped = Vec::with_capacity(collector.patients.len());
-    for (fhir_id, res) in collector.patients {
+    let (patients, mut issues) = collector.finish();
+    let mut mapped = Vec::with_capacity(patients.len());
+    for (fhir_id, res) in patients {
         match map_patient(&fhir_id, res, &mut issues) {
             Ok(m) => mapped.push((fhir_id, m)),
             Err(issue) => issues.push(issue),

@@ -658,6 +658,16 @@ impl HubState {
         Ok(row.and_then(|r| r.record))
     }
 
+    /// The objection state the hub holds for a patient, if any.
+    pub fn objection(&self, nhs: &NhsNumber) -> Result<Option<ObjectionStatus>, StateError> {
+        let tx = self.db.begin_read()?;
+        let row: Option<ObjectionRow> = match tx.open_table(OBJECTIONS)?.get(nhs.as_u64())? {
+            Some(v) => Some(dec(v.value(), "objections")?),
+            None => None,
+        };
+        Ok(row.map(|r| r.status))
+    }
+
     /// The FHIR ids of every patient the hub holds a record for (the REST source's
     /// reconciliation reads each again).
     pub fn patient_fhir_ids(&self) -> Result<Vec<String>, StateError> {

@@ -281,3 +281,86 @@ fn deletions_between_two_exports_leave_the_records() {
             .all(|id| !gone.contains(&id.as_str()))
     );
 }
+
+/// HAZ-04: resources that name their patient by NHS number (`patient.identifier`) rather
+/// than by reference still reach that patient — an objection so written withholds the
+/// patient, and items so written are on the record; one naming a patient the export
+/// does not carry is reported.
+#[test]
+fn resources_naming_their_patient_by_nhs_number_are_placed_and_objections_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let patients = carecache_synth::Generator::new(25).source_patients(40);
+    let target = patients
+        .iter()
+        .find(|p| p.objection.is_none() && !p.expected.alerts.entries().is_empty())
+        .unwrap();
+    let by_identifier = |r: &mut serde_json::Value, nhs: &str| {
+        let key = if r.get("subject").is_some() {
+            "subject"
+        } else {
+            "patient"
+        };
+        r[key] = serde_json::json!({ "identifier": {
+            "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs } });
+    };
+    let mut resources: Vec<serde_json::Value> = patients
+        .iter()
+        .flat_map(carecache_synth::fhir::resources)
+        .collect();
+    // The target's Flags by identifier, and an objection by identifier.
+    for r in resources.iter_mut().filter(|r| {
+        r["resourceType"] == "Flag"
+            && r["subject"]["reference"] == format!("Patient/{}", target.fhir_id).as_str()
+    }) {
+        by_identifier(r, &target.nhs_number().digits());
+    }
+    let mut consent = serde_json::json!({
+        "resourceType": "Consent", "id": "by-identifier", "status": "active",
+        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+        "category": [{ "text": "objection" }],
+        "policyRule": { "text": "opt-out" },
+        "provision": { "type": "deny" },
+    });
+    by_identifier(&mut consent, &target.nhs_number().digits());
+    let mut stranger = consent.clone();
+    stranger["id"] = serde_json::json!("unknown-patient");
+    by_identifier(&mut stranger, "9434765919");
+    resources.push(consent);
+    resources.push(stranger);
+    let ndjson = dir.path().join("ndjson");
+    std::fs::create_dir_all(&ndjson).unwrap();
+    let mut files: BTreeMap<String, String> = BTreeMap::new();
+    for r in &resources {
+        let f = files
+            .entry(r["resourceType"].as_str().unwrap().to_owned())
+            .or_default();
+        f.push_str(&r.to_string());
+        f.push('\n');
+    }
+    for (kind, text) in &files {
+        std::fs::write(ndjson.join(format!("{kind}.ndjson")), text).unwrap();
+    }
+    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let summary =
+        ingest_ndjson(&state, &carecache_hub::testing::synthetic_rules(), &ndjson).unwrap();
+    assert!(
+        summary
+            .issues
+            .iter()
+            .any(|i| i.starts_with("Consent/unknown-patient")),
+        "{:?}",
+        summary.issues
+    );
+    assert!(summary.stored.objections >= 1);
+    assert_eq!(
+        state.objection(&target.nhs_number()).unwrap(),
+        Some(sync_protocol::message::ObjectionStatus::Objected),
+        "the objection by NHS number is honoured"
+    );
+    let held = state.record(&target.nhs_number()).unwrap().unwrap();
+    assert_eq!(
+        held.alerts.entries().len(),
+        target.expected.alerts.entries().len(),
+        "items naming the patient by NHS number are on the record"
+    );
+}
