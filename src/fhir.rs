@@ -12,9 +12,8 @@
 use serde_json::{Value, json};
 use sync_protocol::NhsNumber;
 use sync_protocol::record::{
-    Alert, AlertCategory, AlertSeverity, Allergy, AllergyCategory, AllergyStatus,
-    AllergyVerification, Course, Criticality, Demographics, Medication, MedicationStatus,
-    PatientRecord, ReactionSeverity, Sex,
+    Alert, AlertCategory, Allergy, AllergyCategory, AllergyStatus, Course, Criticality,
+    Demographics, Medication, MedicationStatus, PatientRecord, ReactionSeverity, Sex,
 };
 use sync_protocol::types::{Coding, Provenance, Timestamp};
 
@@ -147,11 +146,7 @@ pub fn flag(patient_id: &str, a: &Alert) -> Value {
     };
     // The core flag-priority extension, so crew software reading FHIR can tell a
     // DNACPR from an interpreter note.
-    let (priority, priority_display) = match a.severity {
-        AlertSeverity::HighRisk => ("PH", "High priority"),
-        AlertSeverity::Warning => ("PM", "Medium priority"),
-        AlertSeverity::Information => ("PL", "Low priority"),
-    };
+    let (priority, priority_display) = a.severity.priority();
     let mut f = json!({
         "resourceType": "Flag",
         "id": a.source_id.as_str(),
@@ -204,12 +199,7 @@ pub fn allergy(patient_id: &str, a: &Allergy) -> Value {
     // As the source stated it; absent when it did not (never "unconfirmed" by default,
     // never "confirmed" either).
     if let Some(v) = a.verification {
-        let (code, display) = match v {
-            AllergyVerification::Unconfirmed => ("unconfirmed", "Unconfirmed"),
-            AllergyVerification::Provisional => ("provisional", "Provisional"),
-            AllergyVerification::Differential => ("differential", "Differential"),
-            AllergyVerification::Confirmed => ("confirmed", "Confirmed"),
-        };
+        let (code, display) = v.code();
         r["verificationStatus"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": code, "display": display }] });
     }
     if let Some(c) = a.category {

@@ -620,12 +620,7 @@ fn status_metrics_and_the_unix_socket() {
 #[test]
 fn fhir_searchsets_page_and_every_fhir_error_is_an_operation_outcome() {
     let (hub, s, _) = served(60, 64, json!({ "users": ["n1"] }));
-    let p = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .find(|p| p.expected.medications.entries().len() >= 5)
-        .unwrap();
+    let p = shareable_where(&hub, |p| p.expected.medications.entries().len() >= 5);
     let d = p.nhs_number().digits();
     let n = p.expected.medications.entries().len();
     let mut url = format!("/fhir/MedicationStatement?patient=Patient/{d}&_count=2");
@@ -810,12 +805,7 @@ fn clinical_detail_reaches_fhir_as_the_source_gave_it() {
                 .get(&format!("/fhir/AllergyIntolerance?patient={d}"))
                 .json();
             for a in allergies.iter() {
-                let r = &b["entry"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|e| e["resource"]["id"] == a.source_id.as_str())
-                    .unwrap()["resource"];
+                let r = entry_resource(&b, a.source_id.as_str());
                 let got = r["verificationStatus"]["coding"][0]["code"].as_str();
                 let want = a.verification.map(|v| match v {
                     AllergyVerification::Confirmed => "confirmed",
@@ -834,12 +824,7 @@ fn clinical_detail_reaches_fhir_as_the_source_gave_it() {
         if let Section::Entries(alerts) = &p.expected.alerts {
             let b = s.get(&format!("/fhir/Flag?patient={d}")).json();
             for a in alerts.iter() {
-                let r = &b["entry"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|e| e["resource"]["id"] == a.source_id.as_str())
-                    .unwrap()["resource"];
+                let r = entry_resource(&b, a.source_id.as_str());
                 let ext = r["extension"]
                     .as_array()
                     .unwrap()
@@ -860,12 +845,7 @@ fn clinical_detail_reaches_fhir_as_the_source_gave_it() {
                 let b = s
                     .get(&format!("/fhir/MedicationStatement?patient={d}"))
                     .json();
-                let r = &b["entry"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|e| e["resource"]["id"] == m.source_id.as_str())
-                    .unwrap()["resource"];
+                let r = entry_resource(&b, m.source_id.as_str());
                 assert_eq!(r["effectivePeriod"]["end"], end.to_string());
                 let ext = r["extension"]
                     .as_array()
@@ -897,20 +877,37 @@ fn clinical_detail_reaches_fhir_as_the_source_gave_it() {
     );
 }
 
+/// The resource with `id` among a searchset's entries.
+fn entry_resource<'a>(bundle: &'a Value, id: &str) -> &'a Value {
+    &bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["resource"]["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in the bundle"))["resource"]
+}
+
+/// The first shareable patient of the hub that `f` picks.
+fn shareable_where(
+    hub: &TestHub,
+    f: impl Fn(&carecache_synth::SourcePatient) -> bool,
+) -> &carecache_synth::SourcePatient {
+    hub.patients
+        .iter()
+        .filter(|p| p.shareable())
+        .find(|p| f(p))
+        .unwrap()
+}
+
 /// Two unmodified FHIR client libraries (PyPI's `fhirclient` and `fhirpy`, installed by
 /// `.ci/run`) search a patient by NHS number, page through their alerts and medications
 /// by the `next` links, and read the `$summary` document.
 #[test]
 fn unmodified_fhir_client_libraries_read_paged_searchsets_and_the_summary() {
     let (hub, s, _) = served(60, 67, json!({ "users": ["n1"] }));
-    let p = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .find(|p| {
-            p.expected.alerts.entries().len() >= 2 && p.expected.medications.entries().len() >= 3
-        })
-        .unwrap();
+    let p = shareable_where(&hub, |p| {
+        p.expected.alerts.entries().len() >= 2 && p.expected.medications.entries().len() >= 3
+    });
     let d = p.nhs_number().digits();
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/fhir_clients.py");

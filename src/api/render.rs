@@ -621,7 +621,7 @@ fn allergy_text(a: &Allergy) -> String {
     }
     match a.verification {
         Some(AllergyVerification::Confirmed) | None => {}
-        Some(v) => t.push_str(&format!(" ({})", format!("{v:?}").to_lowercase())),
+        Some(v) => t.push_str(&format!(" ({})", v.code().0)),
     }
     t
 }
@@ -675,10 +675,15 @@ fn json_section<T, const N: usize>(
     item: impl Fn(&T) -> Value,
 ) -> Value {
     let mut v = json_section_state(s, what, item);
-    if let Some(words) = could_not_show(unreadable.0, unreadable.1) {
-        v["could_not_show"] = json!({ "count": unreadable.0, "message": words });
-    }
+    note_unreadable(&mut v, unreadable.0, unreadable.1);
     v
+}
+
+/// Adds `could_not_show` to a JSON section when the hub could not read some of its items.
+fn note_unreadable(section: &mut Value, unreadable: u16, noun: (&str, &str)) {
+    if let Some(words) = could_not_show(unreadable, noun) {
+        section["could_not_show"] = json!({ "count": unreadable, "message": words });
+    }
 }
 
 fn json_section_state<T, const N: usize>(
@@ -771,7 +776,7 @@ fn allergy_json(a: &Allergy) -> Value {
             Criticality::UnableToAssess => "unable_to_assess",
         }),
         "status": format!("{:?}", a.status).to_lowercase(),
-        "verification": a.verification.map(|v| format!("{v:?}").to_lowercase()),
+        "verification": a.verification.map(|v| v.code().0),
         "reactions": a.reactions.iter().map(|r| json!({
             "manifestation": r.manifestation.as_ref().map(|m| m.display.as_str()),
             "description": r.description.as_ref().map(|d| d.as_str()),
@@ -819,9 +824,7 @@ pub fn json_summary(s: &Shown, f: &Freshness, request_id: u64) -> Value {
         Section::Entries(_) => json!({ "state": "entries", "items": alerts }),
         other => json_section_state(other, "Alerts", alert_json),
     };
-    if let Some(words) = could_not_show(s.unreadable.alerts, ALERT_NOUN) {
-        alerts["could_not_show"] = json!({ "count": s.unreadable.alerts, "message": words });
-    }
+    note_unreadable(&mut alerts, s.unreadable.alerts, ALERT_NOUN);
     let (allergies, medications) = match &s.clinical {
         Some(c) => (
             json_section(

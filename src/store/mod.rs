@@ -476,11 +476,7 @@ impl Store {
 
     /// One patient's record, if held.
     pub fn record(&self, nhs: &NhsNumber) -> Result<Option<PatientRecord>, StoreError> {
-        let Some((version, plain)) = self.with_patient_row(nhs, |row, slot, sealed| {
-            let key = self.data_key(slot, Scope::Patient(row))?;
-            tables::unseal_versioned(&key, Table::Patients, &row.0, sealed)
-        })?
-        else {
+        let Some((version, plain)) = self.record_unsealed(nhs)? else {
             return Ok(None);
         };
         let record = decode_record(version, &plain)?;
@@ -494,9 +490,15 @@ impl Store {
     /// benchmark measures reads with it; [`Self::record`] decodes it.
     #[doc(hidden)]
     pub fn record_bytes(&self, nhs: &NhsNumber) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        Ok(self.record_unsealed(nhs)?.map(|(_, plain)| plain))
+    }
+
+    /// One patient's record as its decrypted encoding, with the schema version it was
+    /// sealed under (which says how to decode it), if held.
+    fn record_unsealed(&self, nhs: &NhsNumber) -> Result<Option<Unsealed>, StoreError> {
         self.with_patient_row(nhs, |row, slot, sealed| {
             let key = self.data_key(slot, Scope::Patient(row))?;
-            tables::unseal(&key, Table::Patients, &row.0, sealed)
+            tables::unseal_versioned(&key, Table::Patients, &row.0, sealed)
         })
     }
 
@@ -1461,6 +1463,9 @@ fn encode<T: Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         .map(Zeroizing::new)
         .map_err(|_| StoreError::Encode)
 }
+
+/// A decrypted value and the schema version it was sealed under.
+type Unsealed = (u8, Zeroizing<Vec<u8>>);
 
 /// A record by the schema it was sealed under: schema 1 held protocol-version-1
 /// records, read as the current record (nothing is lost: v1 is a subset).

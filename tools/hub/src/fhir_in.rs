@@ -1018,13 +1018,9 @@ fn allergy(v: &Value) -> Result<Option<Allergy>, &'static str> {
     const CLINICAL: &str = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical";
     let verification = match coding_code(v.get("verificationStatus"), VERIFICATION) {
         Some("entered-in-error" | "refuted") => return Ok(None),
-        Some("confirmed") => Some(AllergyVerification::Confirmed),
-        Some("unconfirmed") => Some(AllergyVerification::Unconfirmed),
-        Some("provisional") => Some(AllergyVerification::Provisional),
-        Some("differential") => Some(AllergyVerification::Differential),
         // Not stated, or a code outside the value set: shown as not stated, never as
         // confirmed.
-        _ => None,
+        code => code.and_then(AllergyVerification::from_code),
     };
     let status = match coding_code(v.get("clinicalStatus"), CLINICAL) {
         Some("active") => AllergyStatus::Active,

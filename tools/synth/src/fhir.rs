@@ -24,9 +24,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 use sync_protocol::record::{
-    Alert, AlertCategory, AlertSeverity, Allergy, AllergyCategory, AllergyStatus,
-    AllergyVerification, ContactRole, Course, Criticality, KeyContact, Medication,
-    MedicationStatus, ReactionSeverity, Section, Sex,
+    Alert, AlertCategory, Allergy, AllergyCategory, AllergyStatus, ContactRole, Course,
+    Criticality, KeyContact, Medication, MedicationStatus, ReactionSeverity, Section, Sex,
 };
 use sync_protocol::types::{Coding, Date, Provenance, Timestamp};
 
@@ -236,11 +235,7 @@ fn period(start: Option<Date>, end: Option<Date>) -> Option<Value> {
 
 fn flag(pid: &str, a: &Alert, label: Option<(&str, &str)>) -> Value {
     let (text, code) = alert_category(a.category);
-    let priority = match a.severity {
-        AlertSeverity::Information => ("PL", "Low priority"),
-        AlertSeverity::Warning => ("PM", "Medium priority"),
-        AlertSeverity::HighRisk => ("PH", "High priority"),
-    };
+    let priority = a.severity.priority();
     let mut f = json!({
         "resourceType": "Flag",
         "id": a.source_id.as_str(),
@@ -290,12 +285,7 @@ fn allergy(pid: &str, a: &Allergy, entered_in_error: bool) -> Value {
     let verification = if entered_in_error {
         Some("entered-in-error")
     } else {
-        a.verification.map(|v| match v {
-            AllergyVerification::Unconfirmed => "unconfirmed",
-            AllergyVerification::Provisional => "provisional",
-            AllergyVerification::Differential => "differential",
-            AllergyVerification::Confirmed => "confirmed",
-        })
+        a.verification.map(|v| v.code().0)
     };
     if let Some(code) = verification {
         r["verificationStatus"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": code }] });
