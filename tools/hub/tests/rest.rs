@@ -56,7 +56,7 @@ async fn search(
         .map(|r| json!({ "resource": r }))
         .collect();
     let mut bundle = json!({ "resourceType": "Bundle", "type": "searchset", "total": hits.len(), "entry": page });
-    if offset + count < hits.len() {
+    if offset + count < hits.len() && !DROP_NEXT.load(std::sync::atomic::Ordering::SeqCst) {
         let mut params: Vec<String> = q
             .iter()
             .filter(|(k, _)| *k != "_offset")
@@ -71,6 +71,8 @@ async fn search(
 }
 
 static BASE_URL: Mutex<String> = Mutex::new(String::new());
+/// A broken server: pages without their `next` link.
+static DROP_NEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 fn store_base() -> String {
     BASE_URL.lock().unwrap().clone()
 }
@@ -283,4 +285,21 @@ fn deletions_in_the_servers_history_reach_the_hub_at_the_next_poll() {
             .iter()
             .all(|a| a.source_id.as_str() != flag)
     );
+}
+
+/// A server that says it matched more than it sent and offers no next page would make a
+/// shorter record look complete: the poll fails with a clear error and stores nothing.
+#[test]
+fn a_server_that_drops_pages_fails_the_poll_and_nothing_is_stored() {
+    let _serial = crate::harness::SERIAL
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let (_patients, _store, base, _dir, state) = served_source(26, 30);
+    DROP_NEXT.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = FhirRest::new(&base, 300, 5).poll(&state, &carecache_hub::testing::synthetic_rules());
+    DROP_NEXT.store(false, std::sync::atomic::Ordering::SeqCst);
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("with no next page"), "{err}");
+    assert_eq!(state.head().unwrap(), 0, "nothing stored");
+    assert!(state.patient_fhir_ids().unwrap().is_empty());
 }
