@@ -52,7 +52,7 @@ fn main() {
     // Baseline: the same records as FHIR R4 JSON resources, one per line (NDJSON).
     let mut fhir = Vec::new();
     for r in &records {
-        for res in carecache::fhir::resources(r) {
+        for res in carecache_fhir::write::resources(r) {
             serde_json::to_writer(&mut fhir, &res).unwrap();
             fhir.push(b'\n');
         }

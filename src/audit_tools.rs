@@ -13,8 +13,8 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
+use carecache_fhir::audit::{self as audit_fhir, Entry};
 use sync_protocol::audit::{AuditEntry, AuditRecord};
-use sync_protocol::audit_fhir::{self, Entry};
 
 use crate::store::{AuditHead, Store, StoreError};
 

@@ -5,7 +5,6 @@
 //!
 //! Architecture (DESIGN.md; parts land issue by issue):
 //! - `sync-protocol` (crate): the wire format between device and hub.
-//! - [`fhir`]: FHIR R4 / UK Core rendering of records for the local API.
 //! - [`cli`]: data-directory commands (`init`, `rekey`, `wipe`).
 //! - [`crypto`]: the key hierarchy and sealing (XChaCha20-Poly1305, HMAC-SHA256 row keys).
 //! - [`keysource`]: where the root key comes from (key file, systemd credential, passphrase).
@@ -30,7 +29,6 @@ pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod device;
-pub mod fhir;
 #[cfg(feature = "demo")]
 #[doc(hidden)]
 pub mod fuzzing;

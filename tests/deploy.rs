@@ -122,6 +122,8 @@ fn reliability_table_and_hazard_log_name_only_tests_that_exist() {
         "tests",
         "tools/hub/tests",
         "tools/hub/src",
+        "fhir/src",
+        "fhir/tests",
         "sync-protocol/tests",
     ] {
         for e in std::fs::read_dir(root.join(dir)).unwrap() {

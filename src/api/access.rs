@@ -18,7 +18,8 @@ use crate::audit::AuditError;
 use crate::policy::{self, Denial, Purpose, Shown};
 
 pub(super) const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
-const NHS_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
+use carecache_fhir::codes::NHS_NUMBER_SYSTEM as NHS_SYSTEM;
+use carecache_fhir::model::{CodeableConcept, Coding, Resource};
 
 /// Which error shape a route answers with.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -125,18 +126,18 @@ fn error(
     let mut res = match format {
         Format::Json => json_error(status, code, message, rid),
         Format::Fhir => {
-            let mut oo = render::operation_outcome("error", issue_code(status), message);
-            if let Some(issue) = oo
-                .get_mut("issue")
-                .and_then(Value::as_array_mut)
-                .and_then(|a| a.first_mut())
-                .and_then(Value::as_object_mut)
-            {
-                issue.insert(
-                    "details".into(),
-                    json!({ "coding": [{ "system": "https://carecache.invalid/fhir/CodeSystem/error", "code": code }], "text": message }),
+            let mut oo =
+                carecache_fhir::document::operation_outcome("error", issue_code(status), message);
+            if let Some(issue) = oo.issue.first_mut() {
+                issue.details = Some(
+                    CodeableConcept::coded(Coding::new(
+                        "https://carecache.invalid/fhir/CodeSystem/error",
+                        code,
+                    ))
+                    .with_text(message),
                 );
             }
+            let oo = Resource::OperationOutcome(oo).to_json();
             fhir_json(status, &oo)
         }
     };

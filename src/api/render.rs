@@ -11,7 +11,6 @@
 )]
 
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use sync_protocol::audit::{SectionKind, SectionShown, Shown as ShownSection};
 use sync_protocol::message::View;
 use sync_protocol::record::{
@@ -20,9 +19,19 @@ use sync_protocol::record::{
 };
 use sync_protocol::types::Timestamp;
 
-use crate::fhir::{self, instant};
+use carecache_fhir::codes::{self, FhirCode, LOINC};
+use carecache_fhir::document::{self, EmptyReason, narrative, operation_outcome as outcome};
+use carecache_fhir::model::{
+    self, BundleLink, Coding, Composition, CompositionSection, OperationOutcome, Reference,
+    Resource,
+};
+use carecache_fhir::write;
+
 use crate::policy::Shown;
 
+fn instant(t: Timestamp) -> String {
+    carecache_fhir::dates::instant_text(t)
+}
 /// The standard text for items removed for confidentiality.
 pub const WITHHELD_WARNING: &str =
     "Items excluded due to confidentiality and/or patient preferences.";
@@ -30,8 +39,6 @@ pub const WITHHELD_WARNING: &str =
 const FRESHNESS_SYSTEM: &str = "https://carecache.invalid/fhir/CodeSystem/data-freshness";
 /// carecache's own section codes, for a `$summary` section no LOINC code names.
 const SECTION_SYSTEM: &str = "https://carecache.invalid/fhir/CodeSystem/summary-section";
-const LOINC: &str = "http://loinc.org";
-const XHTML: &str = "http://www.w3.org/1999/xhtml";
 
 /// How fresh the data is.
 #[derive(Clone, Copy, Debug)]
@@ -67,76 +74,22 @@ impl Freshness {
     }
 
     /// A `meta.tag` coding saying fresh or stale, with the last sync time in words.
-    fn tag(&self) -> Value {
-        json!({
-            "system": FRESHNESS_SYSTEM,
-            "code": if self.stale { "stale" } else { "fresh" },
-            "display": self.words(),
-        })
+    fn tag(&self) -> Coding {
+        Coding::new(FRESHNESS_SYSTEM, if self.stale { "stale" } else { "fresh" })
+            .display(&self.words())
     }
 }
 
 /// Adds the freshness tag to a resource's `meta`.
-pub fn tag(resource: &mut Value, f: &Freshness) {
-    let Some(obj) = resource.as_object_mut() else {
-        return;
-    };
-    let meta = obj.entry("meta").or_insert_with(|| json!({}));
-    if let Some(m) = meta.as_object_mut() {
-        let tags = m.entry("tag").or_insert_with(|| json!([]));
-        if let Some(list) = tags.as_array_mut() {
-            list.push(f.tag());
-        }
+pub fn tag(resource: &mut Resource, f: &Freshness) {
+    if let Some(m) = resource.meta_mut() {
+        m.tag.push(f.tag());
     }
 }
 
-/// An OperationOutcome with one issue.
+/// An OperationOutcome with one issue, as JSON.
 pub fn operation_outcome(severity: &str, code: &str, text: &str) -> Value {
-    json!({
-        "resourceType": "OperationOutcome",
-        "issue": [{ "severity": severity, "code": code, "diagnostics": text, "details": { "text": text } }],
-    })
-}
-
-fn xhtml(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 48);
-    out.push_str("<div xmlns=\"");
-    out.push_str(XHTML);
-    out.push_str("\">");
-    for c in text.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out.push_str("</div>");
-    out
-}
-
-fn narrative(text: &str) -> Value {
-    json!({ "status": "generated", "div": xhtml(text) })
-}
-
-/// A deterministic `urn:uuid:` for a resource in a Bundle (SHA-256 of its type and id,
-/// shaped as a version-8 UUID).
-fn urn(kind: &str, id: &str) -> String {
-    let h = Sha256::digest(format!("{kind}/{id}").as_bytes());
-    let mut b = [0u8; 16];
-    b.copy_from_slice(h.get(..16).unwrap_or(&[0; 16]));
-    b[6] = (b[6] & 0x0f) | 0x80;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let x = hex::encode(b);
-    format!(
-        "urn:uuid:{}-{}-{}-{}-{}",
-        &x[0..8],
-        &x[8..12],
-        &x[12..16],
-        &x[16..20],
-        &x[20..32]
-    )
+    Resource::OperationOutcome(outcome(severity, code, text)).to_json()
 }
 
 /// Alerts most severe first (high risk, warning, information), stable otherwise.
@@ -203,7 +156,15 @@ pub fn shown_one(kind: SectionKind, s: &Shown) -> Vec<ShownSection> {
 
 /// `GET /fhir/Patient/{id}`: the UK Core Patient with the freshness tag.
 pub fn patient(s: &Shown, f: &Freshness) -> Value {
-    let mut p = fhir::patient_parts(&s.nhs_number, &s.demographics);
+    patient_resource(s, f).to_json()
+}
+
+fn patient_resource(s: &Shown, f: &Freshness) -> Resource {
+    let mut p = Resource::Patient(write::patient(
+        &s.nhs_number.digits(),
+        &s.nhs_number,
+        &s.demographics,
+    ));
     tag(&mut p, f);
     p
 }
@@ -225,8 +186,8 @@ pub struct Paging {
 /// base, `query` the search without paging). Notes about the section (OperationOutcome
 /// entries) travel on the first page.
 fn searchset(
-    entries: Vec<Value>,
-    notes: Vec<Value>,
+    entries: Vec<Resource>,
+    notes: Vec<OperationOutcome>,
     f: &Freshness,
     now: Timestamp,
     page: Paging,
@@ -242,47 +203,39 @@ fn searchset(
         }
         u
     };
-    let mut links = vec![json!({ "relation": "self", "url": url(page.offset) })];
+    let link = |relation: &str, offset: usize| BundleLink {
+        relation: relation.to_owned(),
+        url: url(offset),
+    };
+    let mut links = vec![link("self", page.offset)];
     if count > 0 && page.offset.saturating_add(count) < total {
-        links.push(json!({ "relation": "next", "url": url(page.offset + count) }));
+        links.push(link("next", page.offset + count));
     }
-    let notes = if page.offset == 0 { notes } else { Vec::new() };
-    let entries: Vec<Value> = entries.into_iter().skip(page.offset).take(count).collect();
-    let mut list: Vec<Value> = entries
-        .into_iter()
-        .map(|r| {
-            let kind = r["resourceType"].as_str().unwrap_or("Resource").to_owned();
-            let id = r["id"].as_str().unwrap_or("").to_owned();
-            json!({ "fullUrl": urn(&kind, &id), "resource": r, "search": { "mode": "match" } })
-        })
-        .collect();
-    let mut notes = notes;
+    let mut notes = if page.offset == 0 { notes } else { Vec::new() };
     if f.stale {
-        notes.push(operation_outcome("warning", "informational", &f.words()));
+        notes.push(outcome("warning", "informational", &f.words()));
     }
-    for (i, n) in notes.into_iter().enumerate() {
-        list.push(json!({ "fullUrl": urn("OperationOutcome", &format!("note-{i}")), "resource": n, "search": { "mode": "outcome" } }));
-    }
-    let mut b = json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "timestamp": instant(now),
-        "total": total,
-        "link": links,
-        "entry": list,
-    });
+    let entries: Vec<Resource> = entries.into_iter().skip(page.offset).take(count).collect();
+    let mut b = Resource::Bundle(Box::new(document::searchset(
+        entries,
+        notes,
+        total,
+        links,
+        instant(now),
+    )));
     tag(&mut b, f);
-    b
+    b.to_json()
 }
 
 /// `GET /fhir/Patient?identifier=…`.
 pub fn patient_search(s: &Shown, f: &Freshness, now: Timestamp, page: Paging, base: &str) -> Value {
     let query = format!(
-        "/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number%7C{}",
+        "/fhir/Patient?identifier={}%7C{}",
+        codes::NHS_NUMBER_SYSTEM,
         s.nhs_number.digits()
     );
     searchset(
-        vec![patient(s, f)],
+        vec![patient_resource(s, f)],
         Vec::new(),
         f,
         now,
@@ -322,31 +275,29 @@ fn section_note<T, const N: usize>(
     withheld: u16,
     unreadable: u16,
     noun: (&str, &str),
-) -> Vec<Value> {
+) -> Vec<OperationOutcome> {
     let mut notes = Vec::new();
     match section {
-        Section::NotAvailable => notes.push(operation_outcome(
+        Section::NotAvailable => notes.push(outcome(
             "warning",
             "incomplete",
             &format!("{what}: information not available from the source"),
         )),
-        Section::NoneRecorded => notes.push(operation_outcome(
+        Section::NoneRecorded => notes.push(outcome(
             "information",
             "informational",
             &format!("{what}: none recorded at the source"),
         )),
-        Section::WithheldByPatient => notes.push(operation_outcome(
-            "warning",
-            "suppressed",
-            &withheld_by_patient(what),
-        )),
+        Section::WithheldByPatient => {
+            notes.push(outcome("warning", "suppressed", &withheld_by_patient(what)))
+        }
         Section::Entries(_) => {}
     }
     if let Some(words) = could_not_show(unreadable, noun) {
-        notes.push(operation_outcome("warning", "incomplete", &words));
+        notes.push(outcome("warning", "incomplete", &words));
     }
     if withheld > 0 {
-        notes.push(operation_outcome("warning", "suppressed", WITHHELD_WARNING));
+        notes.push(outcome("warning", "suppressed", WITHHELD_WARNING));
     }
     notes
 }
@@ -374,7 +325,7 @@ pub fn section_bundle(
         (SectionKind::Alerts, _) => (
             alerts_by_severity(s)
                 .into_iter()
-                .map(|a| fhir::flag(&id, a))
+                .map(|a| Resource::Flag(write::flag(&id, a)))
                 .collect(),
             section_note(
                 &s.alerts,
@@ -388,7 +339,7 @@ pub fn section_bundle(
             c.allergies
                 .entries()
                 .iter()
-                .map(|a| fhir::allergy(&id, a))
+                .map(|a| Resource::AllergyIntolerance(write::allergy(&id, a)))
                 .collect(),
             section_note(
                 &c.allergies,
@@ -402,7 +353,7 @@ pub fn section_bundle(
             c.medications
                 .entries()
                 .iter()
-                .map(|m| fhir::medication(&id, m))
+                .map(|m| Resource::MedicationStatement(write::medication(&id, m)))
                 .collect(),
             section_note(
                 &c.medications,
@@ -426,52 +377,56 @@ fn comp_section<T, const N: usize>(
     refs: Vec<String>,
     summary: &str,
     not_shown: Option<String>,
-) -> Value {
-    let mut v = json!({
-        "title": title,
-        "code": { "coding": [{ "system": LOINC, "code": loinc.0, "display": loinc.1 }] },
-    });
+) -> CompositionSection {
+    let code = Coding::new(LOINC, loinc.0).display(loinc.1);
     let with_note = |text: String| match &not_shown {
         Some(n) => format!("{text} {n}."),
         None => text,
     };
     match section {
         Some(Section::Entries(_)) => {
-            v["text"] = narrative(&with_note(summary.to_owned()));
-            v["entry"] = json!(
-                refs.into_iter()
-                    .map(|r| json!({ "reference": r }))
-                    .collect::<Vec<_>>()
-            );
+            document::section(title, code, &with_note(summary.to_owned()), refs, None)
         }
-        Some(Section::NoneRecorded) => {
-            // The source holds nothing: "nil known" (list-empty-reason `nilknown`), which
-            // the narrative says is not a clinical statement that the patient has none.
-            v["text"] = narrative(&with_note(format!(
+        // The source holds nothing: "nil known", which the narrative says is not a
+        // clinical statement that the patient has none.
+        Some(Section::NoneRecorded) => document::section(
+            title,
+            code,
+            &with_note(format!(
                 "{title}: none recorded at the source. This is not a statement that the patient has none."
-            )));
-            v["emptyReason"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "nilknown", "display": "Nil Known" }] });
-        }
-        Some(Section::NotAvailable) => {
-            v["text"] = narrative(&with_note(format!(
+            )),
+            Vec::new(),
+            Some(EmptyReason::NilKnown),
+        ),
+        Some(Section::NotAvailable) => document::section(
+            title,
+            code,
+            &with_note(format!(
                 "{title}: information not available from the source."
-            )));
-            v["emptyReason"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "unavailable", "display": "Unavailable" }] });
-        }
-        Some(Section::WithheldByPatient) => {
-            v["text"] = narrative(&format!("{}.", withheld_by_patient(title)));
-            v["emptyReason"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "withheld", "display": "Information Withheld" }] });
-        }
-        None => {
-            v["text"] = narrative(&format!("{title}: not part of your view of this record."));
-            v["emptyReason"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "withheld", "display": "Information Withheld" }] });
-        }
+            )),
+            Vec::new(),
+            Some(EmptyReason::Unavailable),
+        ),
+        Some(Section::WithheldByPatient) => document::section(
+            title,
+            code,
+            &format!("{}.", withheld_by_patient(title)),
+            Vec::new(),
+            Some(EmptyReason::Withheld),
+        ),
+        None => document::section(
+            title,
+            code,
+            &format!("{title}: not part of your view of this record."),
+            Vec::new(),
+            Some(EmptyReason::Withheld),
+        ),
     }
-    v
 }
 
 /// `GET /fhir/Patient/{id}/$summary`: a document Bundle whose Composition lists alerts
-/// first, then allergies, then medications.
+/// first, then allergies, then medications. Every section reference is the `fullUrl` of
+/// an entry in the same Bundle.
 pub fn summary(
     s: &Shown,
     f: &Freshness,
@@ -480,17 +435,19 @@ pub fn summary(
     request_id: u64,
 ) -> Value {
     let id = s.nhs_number.digits();
-    let patient = patient(s, f);
-    let patient_url = urn("Patient", &id);
-    let mut resources: Vec<(String, Value)> = Vec::new();
+    let patient = patient_resource(s, f);
+    let patient_url = document::full_url(&patient);
+    let mut resources: Vec<Resource> = vec![patient];
+    // Each item's entry and its reference from the section: the same `fullUrl`.
+    let mut add = |r: Resource, refs: &mut Vec<String>| {
+        refs.push(document::full_url(&r));
+        resources.push(r);
+    };
     let mut alert_refs = Vec::new();
     let mut alert_lines = Vec::new();
     for a in alerts_by_severity(s) {
-        let r = fhir::flag(&id, a);
-        let url = urn("Flag", r["id"].as_str().unwrap_or(""));
-        alert_refs.push(url.clone());
+        add(Resource::Flag(write::flag(&id, a)), &mut alert_refs);
         alert_lines.push(format!("{}{}", severity_word(a.severity), alert_text(a)));
-        resources.push((url, r));
     }
     let mut sections = vec![comp_section(
         "Alerts",
@@ -505,11 +462,11 @@ pub fn summary(
             let mut refs = Vec::new();
             let mut lines = Vec::new();
             for a in c.allergies.entries() {
-                let r = fhir::allergy(&id, a);
-                let url = urn("AllergyIntolerance", r["id"].as_str().unwrap_or(""));
-                refs.push(url.clone());
+                add(
+                    Resource::AllergyIntolerance(write::allergy(&id, a)),
+                    &mut refs,
+                );
                 lines.push(allergy_text(a));
-                resources.push((url, r));
             }
             sections.push(comp_section(
                 "Allergies and adverse reactions",
@@ -522,11 +479,11 @@ pub fn summary(
             let mut refs = Vec::new();
             let mut lines = Vec::new();
             for m in c.medications.entries() {
-                let r = fhir::medication(&id, m);
-                let url = urn("MedicationStatement", r["id"].as_str().unwrap_or(""));
-                refs.push(url.clone());
+                add(
+                    Resource::MedicationStatement(write::medication(&id, m)),
+                    &mut refs,
+                );
                 lines.push(medication_text(m));
-                resources.push((url, r));
             }
             sections.push(comp_section(
                 "Medications",
@@ -557,46 +514,44 @@ pub fn summary(
         }
     }
     if s.withheld > 0 {
-        sections.push(json!({
-            "title": "Withheld items",
-            "code": { "coding": [{ "system": SECTION_SYSTEM, "code": "withheld-items", "display": "Items withheld for confidentiality" }] },
-            "text": narrative(WITHHELD_WARNING),
-            "emptyReason": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "withheld", "display": "Information Withheld" }] },
-        }));
+        sections.push(CompositionSection {
+            title: "Withheld items".into(),
+            code: model::CodeableConcept::coded(
+                Coding::new(SECTION_SYSTEM, "withheld-items")
+                    .display("Items withheld for confidentiality"),
+            ),
+            text: Some(narrative(WITHHELD_WARNING)),
+            entry: Vec::new(),
+            empty_reason: Some(EmptyReason::Withheld.concept()),
+        });
     }
-    let comp_id = format!("summary-{id}-{request_id}");
-    let mut composition = json!({
-        "resourceType": "Composition",
-        "id": comp_id,
-        "status": "final",
-        "type": { "coding": [{ "system": LOINC, "code": "60591-5", "display": "Patient summary Document" }] },
-        "subject": { "reference": patient_url, "display": s.nhs_number.to_string() },
-        "date": instant(now),
-        "author": [{ "display": format!("carecache ({device_label})") }],
-        "title": "Patient summary (alerts, allergies, medications)",
-        "confidentiality": if s.demographics.restricted { "R" } else { "N" },
-        "section": sections,
+    let mut composition = Resource::Composition(Composition {
+        id: format!("summary-{id}-{request_id}"),
+        meta: None,
+        status: "final".into(),
+        kind: model::CodeableConcept::coded(
+            Coding::new(LOINC, "60591-5").display("Patient summary Document"),
+        ),
+        subject: Reference {
+            reference: Some(patient_url),
+            display: Some(s.nhs_number.to_string()),
+            ..Reference::default()
+        },
+        date: instant(now),
+        author: vec![Reference::display(format!("carecache ({device_label})"))],
+        title: "Patient summary (alerts, allergies, medications)".into(),
+        confidentiality: if s.demographics.restricted { "R" } else { "N" }.into(),
+        section: sections,
     });
     tag(&mut composition, f);
-    let comp_url = urn("Composition", &comp_id);
-    let mut entry = vec![
-        json!({ "fullUrl": comp_url, "resource": composition }),
-        json!({ "fullUrl": patient_url, "resource": patient }),
-    ];
-    entry.extend(
-        resources
-            .into_iter()
-            .map(|(url, r)| json!({ "fullUrl": url, "resource": r })),
-    );
-    let mut b = json!({
-        "resourceType": "Bundle",
-        "identifier": { "system": "urn:ietf:rfc:3986", "value": urn("Bundle", &format!("{id}-{request_id}")) },
-        "type": "document",
-        "timestamp": instant(now),
-        "entry": entry,
-    });
+    let mut b = Resource::Bundle(Box::new(document::document(
+        &format!("{id}-{request_id}"),
+        instant(now),
+        composition,
+        resources,
+    )));
     tag(&mut b, f);
-    b
+    b.to_json()
 }
 
 fn severity_word(s: AlertSeverity) -> &'static str {
@@ -621,7 +576,7 @@ fn allergy_text(a: &Allergy) -> String {
     }
     match a.verification {
         Some(AllergyVerification::Confirmed) | None => {}
-        Some(v) => t.push_str(&format!(" ({})", v.code().0)),
+        Some(v) => t.push_str(&format!(" ({})", v.code())),
     }
     t
 }
@@ -635,6 +590,7 @@ fn medication_text(m: &Medication) -> String {
 
 /// The CapabilityStatement (`GET /fhir/metadata`).
 pub fn capability_statement(now: Timestamp) -> Value {
+    let profile = codes::uk_core;
     let search_patient = json!([{ "name": "patient", "type": "reference", "documentation": "The patient: Patient/{NHS number} or the NHS number" }]);
     json!({
         "resourceType": "CapabilityStatement",
@@ -653,14 +609,14 @@ pub fn capability_statement(now: Timestamp) -> Value {
             "resource": [
                 {
                     "type": "Patient",
-                    "profile": "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient",
+                    "profile": profile("UKCore-Patient"),
                     "interaction": [{ "code": "read" }, { "code": "search-type" }],
-                    "searchParam": [{ "name": "identifier", "type": "token", "documentation": "https://fhir.nhs.uk/Id/nhs-number|{NHS number}" }],
+                    "searchParam": [{ "name": "identifier", "type": "token", "documentation": format!("{}|{{NHS number}}", codes::NHS_NUMBER_SYSTEM) }],
                     "operation": [{ "name": "summary", "definition": "http://hl7.org/fhir/uv/ips/OperationDefinition/summary" }],
                 },
-                { "type": "Flag", "profile": "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Flag", "interaction": [{ "code": "search-type" }], "searchParam": search_patient },
-                { "type": "AllergyIntolerance", "profile": "https://fhir.hl7.org.uk/StructureDefinition/UKCore-AllergyIntolerance", "interaction": [{ "code": "search-type" }], "searchParam": search_patient },
-                { "type": "MedicationStatement", "profile": "https://fhir.hl7.org.uk/StructureDefinition/UKCore-MedicationStatement", "interaction": [{ "code": "search-type" }], "searchParam": search_patient },
+                { "type": "Flag", "profile": profile("UKCore-Flag"), "interaction": [{ "code": "search-type" }], "searchParam": search_patient },
+                { "type": "AllergyIntolerance", "profile": profile("UKCore-AllergyIntolerance"), "interaction": [{ "code": "search-type" }], "searchParam": search_patient },
+                { "type": "MedicationStatement", "profile": profile("UKCore-MedicationStatement"), "interaction": [{ "code": "search-type" }], "searchParam": search_patient },
             ],
         }],
     })
@@ -776,7 +732,7 @@ fn allergy_json(a: &Allergy) -> Value {
             Criticality::UnableToAssess => "unable_to_assess",
         }),
         "status": format!("{:?}", a.status).to_lowercase(),
-        "verification": a.verification.map(|v| v.code().0),
+        "verification": a.verification.map(FhirCode::code),
         "reactions": a.reactions.iter().map(|r| json!({
             "manifestation": r.manifestation.as_ref().map(|m| m.display.as_str()),
             "description": r.description.as_ref().map(|d| d.as_str()),

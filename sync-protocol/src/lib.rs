@@ -5,8 +5,8 @@
 //! - [`types`]: bounded texts, lists, dates, codes, ids.
 //! - [`record`]: a patient's alerts, allergies, medications and contacts.
 //! - [`message`]: enrol, hello/welcome, pull/batch, push-audit/ack, error.
-//! - [`audit`]: audit records and their hash chain (`audit_fhir`, feature `fhir`: the
-//!   same as FHIR AuditEvent and as text).
+//! - [`audit`]: audit records and their hash chain (as FHIR AuditEvent and as text:
+//!   the `carecache-fhir` crate).
 //! - [`sensitive`]: the sharing agreement's sensitive code list (hub and device).
 //! - [`digest`]: the allowed-set digest a device reconciles against.
 //! - [`codec`]: framing, limits, compression, canonical decoding.
@@ -17,8 +17,6 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
-#[cfg(feature = "fhir")]
-pub mod audit_fhir;
 pub mod codec;
 pub mod digest;
 pub mod error;

@@ -332,17 +332,6 @@ pub enum AlertSeverity {
     HighRisk,
 }
 
-impl AlertSeverity {
-    /// The core `flag-priority` code (`PH`, `PM`, `PL`) and its display.
-    pub fn priority(self) -> (&'static str, &'static str) {
-        match self {
-            Self::HighRisk => ("PH", "High priority"),
-            Self::Warning => ("PM", "Medium priority"),
-            Self::Information => ("PL", "Low priority"),
-        }
-    }
-}
-
 /// An alert (FHIR Flag).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Alert {
@@ -419,22 +408,6 @@ impl AllergyVerification {
         Self::Differential,
         Self::Confirmed,
     ];
-
-    /// The FHIR code (allergyintolerance-verification) and its display.
-    pub fn code(self) -> (&'static str, &'static str) {
-        match self {
-            Self::Unconfirmed => ("unconfirmed", "Unconfirmed"),
-            Self::Provisional => ("provisional", "Provisional"),
-            Self::Differential => ("differential", "Differential"),
-            Self::Confirmed => ("confirmed", "Confirmed"),
-        }
-    }
-
-    /// The status a FHIR code names, if it names one (not `refuted`, not
-    /// `entered-in-error`: those items never travel).
-    pub fn from_code(code: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|v| v.code().0 == code)
-    }
 }
 
 /// FHIR `reaction.severity`.

@@ -393,7 +393,7 @@ impl<'de> Deserialize<'de> for EnrolmentToken {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
 pub struct Timestamp(u64);
 
-#[cfg(feature = "fhir")]
+#[cfg(feature = "rfc3339")]
 impl Timestamp {
     /// As an RFC 3339 UTC instant (FHIR `instant`): milliseconds shown unless zero.
     pub fn rfc3339(self) -> String {
@@ -405,6 +405,15 @@ impl Timestamp {
                     .ok()
             })
             .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+    }
+
+    /// An RFC 3339 instant (with its offset), to the millisecond; `None` if it is not
+    /// one or falls outside 1970–9999.
+    pub fn from_rfc3339(s: &str) -> Option<Self> {
+        let t =
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+        let ms = u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()?;
+        Self::from_millis(ms).ok()
     }
 }
 

@@ -1,8 +1,8 @@
 //! The hub's stored audit entries rendered for people (FHIR AuditEvent NDJSON, IHE BALP;
-//! text lines) through the renderings the device shares, [`sync_protocol::audit_fhir`].
+//! text lines) through the renderings the device shares, [`carecache_fhir::audit`].
 
+use carecache_fhir::audit::{self as audit_fhir, Entry};
 use serde_json::Value;
-use sync_protocol::audit_fhir::{self, Entry};
 
 use crate::audit::StoredEntry;
 
@@ -16,7 +16,7 @@ fn entry(e: &StoredEntry) -> Entry<'_> {
 
 /// One stored entry as a FHIR AuditEvent.
 pub fn audit_event(e: &StoredEntry) -> Value {
-    audit_fhir::audit_event(&entry(e))
+    audit_fhir::audit_event(&entry(e)).to_json()
 }
 
 /// One stored entry as a line of text (patients by NHS number only).

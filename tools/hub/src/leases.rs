@@ -29,7 +29,7 @@ pub(crate) fn to_wire(id: u64, spec: &LeaseSpec) -> Result<Lease, StateError> {
         ViewSpec::SocialCare => View::SocialCare,
     };
     let time = |s: &str| {
-        crate::fhir_in::instant(s).map_err(|_| {
+        sync_protocol::types::Timestamp::from_rfc3339(s).ok_or_else(|| {
             invalid("lease times must be RFC 3339 instants, e.g. 2026-11-24T08:00:00Z")
         })
     };

@@ -7,11 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use serde_json::Value;
 use sync_protocol::sensitive::{CodeList, versioned_csv};
 use sync_protocol::types::{DMD_SYSTEM, SNOMED_SYSTEM, SctId};
 
-use crate::fhir_in::{codings, security_codes};
+use carecache_fhir::model::Labels;
 
 /// The code list shipped with carecache (shared with the device, which re-checks it).
 pub const DEFAULT_CODE_LIST: &str = sync_protocol::sensitive::DEFAULT_CODE_LIST;
@@ -191,18 +190,20 @@ impl SharingRules {
     /// sensitivity label (on any item), any of its SNOMED CT or dm+d codes on the list,
     /// any of its other codes mapped to a listed concept — or, for a clinical item none of
     /// whose codes a list could check, the [`Unclassified`] policy says so.
-    pub fn withholds(&self, item: &Value) -> bool {
-        if security_codes(item, CONFIDENTIALITY)
+    pub fn withholds(&self, item: &Labels) -> bool {
+        if item
+            .security(CONFIDENTIALITY)
             .iter()
             .any(|c| matches!(*c, "R" | "V"))
-            || security_codes(item, ACT_CODE)
+            || item
+                .security(ACT_CODE)
                 .iter()
                 .any(|c| self.deny_labels.contains(*c))
         {
             return true;
         }
         let mut classified = false;
-        for (system, code) in codings(item) {
+        for (system, code) in item.codings() {
             let listed = match system {
                 SNOMED_SYSTEM | DMD_SYSTEM => match code.parse::<u64>() {
                     Ok(c) => {
@@ -228,8 +229,8 @@ impl SharingRules {
             }
         }
         let clinical = matches!(
-            item.get("resourceType").and_then(Value::as_str),
-            Some("Flag" | "AllergyIntolerance" | "MedicationStatement")
+            item.kind(),
+            "Flag" | "AllergyIntolerance" | "MedicationStatement"
         );
         clinical && !classified && self.unclassified == Unclassified::Withhold
     }
@@ -238,6 +239,11 @@ impl SharingRules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
+
+    fn withholds(rules: &SharingRules, item: &serde_json::Value) -> bool {
+        rules.withholds(&Labels::deserialize(item).unwrap())
+    }
 
     #[test]
     fn shipped_list_loads_and_is_versioned() {
@@ -261,23 +267,29 @@ mod tests {
         .unwrap();
         let rules = SharingRules::default_rules().unwrap().with_local_map(map);
         let item = |system: &str, code: &str| json!({ "resourceType": "Flag", "code": { "coding": [{ "system": system, "code": code, "display": "x" }] } });
-        assert!(rules.withholds(&item(SNOMED_SYSTEM, "86406008")));
-        assert!(rules.withholds(&item(DMD_SYSTEM, "86406008")));
-        assert!(rules.withholds(&item(LOCAL, "HIV1")));
+        assert!(withholds(&rules, &item(SNOMED_SYSTEM, "86406008")));
+        assert!(withholds(&rules, &item(DMD_SYSTEM, "86406008")));
+        assert!(withholds(&rules, &item(LOCAL, "HIV1")));
         let systemless =
             json!({ "resourceType": "Flag", "code": { "coding": [{ "code": "86406008" }] } });
-        assert!(rules.withholds(&systemless), "a listed code with no system");
-        assert!(!rules.withholds(&item(LOCAL, "DNR")));
+        assert!(
+            withholds(&rules, &systemless),
+            "a listed code with no system"
+        );
+        assert!(!withholds(&rules, &item(LOCAL, "DNR")));
         let unmapped = item(LOCAL, "DNACPR-LOCAL");
         let text_only = json!({ "resourceType": "AllergyIntolerance", "code": { "text": "penicillin - rash" } });
-        assert!(!rules.withholds(&unmapped), "shared by default");
-        assert!(!rules.withholds(&text_only));
+        assert!(!withholds(&rules, &unmapped), "shared by default");
+        assert!(!withholds(&rules, &text_only));
         let strict = rules.clone().with_unclassified(Unclassified::Withhold);
-        assert!(strict.withholds(&unmapped));
-        assert!(strict.withholds(&text_only));
-        assert!(!strict.withholds(&item(LOCAL, "DNR")), "mapped: classified");
+        assert!(withholds(&strict, &unmapped));
+        assert!(withholds(&strict, &text_only));
+        assert!(
+            !withholds(&strict, &item(LOCAL, "DNR")),
+            "mapped: classified"
+        );
         let labelled = json!({ "resourceType": "RelatedPerson", "meta": { "security": [{ "system": ACT_CODE, "code": "HIV" }] } });
-        assert!(rules.withholds(&labelled));
+        assert!(withholds(&rules, &labelled));
         assert_eq!(rules.local_map_version(), Some("t-1"));
     }
 

@@ -9,7 +9,11 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::fhir_in::{Collector, MappingIssue, instant, map_patient, patient_of, str_at};
+use carecache_fhir::dates::instant;
+use carecache_fhir::model::{Bundle, BundleEntry, Envelope};
+use serde::Deserialize;
+
+use crate::fhir_in::{Collector, MappingIssue, map_patient, patient_of};
 use crate::sharing::SharingRules;
 use crate::state::{HubState, IngestReport, StateError};
 
@@ -251,7 +255,7 @@ impl FhirRest {
 
     /// Every entry of a search or history, following `next` links; `None` if the server
     /// refuses the first page (it does not offer the interaction).
-    fn entries(&self, query: &str) -> Result<Option<Vec<Value>>, SourceError> {
+    fn entries(&self, query: &str) -> Result<Option<Vec<BundleEntry<Value>>>, SourceError> {
         let mut out = Vec::new();
         let mut url = format!("{}/{query}", self.base);
         let mut total = None;
@@ -262,34 +266,23 @@ impl FhirRest {
                 Got::Refused(s) => return Err(SourceError::Fhir(format!("HTTP {s} paging"))),
                 Got::Gone => return Err(SourceError::Fhir("HTTP 404 paging".into())),
             };
-            if str_at(&bundle, &["resourceType"]) != Some("Bundle") {
-                return Err(SourceError::Fhir("search did not return a Bundle".into()));
-            }
+            let is_bundle = Envelope::deserialize(&bundle).is_ok_and(|e| e.kind() == "Bundle");
+            let bundle = Bundle::<Value>::deserialize(&bundle)
+                .ok()
+                .filter(|_| is_bundle)
+                .ok_or_else(|| SourceError::Fhir("search did not return a Bundle".into()))?;
             if page == 0 {
-                total = bundle.get("total").and_then(Value::as_u64);
+                total = bundle.total;
             }
-            if let Some(Value::Array(entries)) = bundle.get("entry") {
-                out.extend(entries.iter().cloned());
-            }
-            let next = bundle
-                .get("link")
-                .and_then(Value::as_array)
-                .and_then(|links| {
-                    links
-                        .iter()
-                        .find(|l| str_at(l, &["relation"]) == Some("next"))
-                })
-                .and_then(|l| str_at(l, &["url"]));
+            let next = bundle.next().map(str::to_owned);
+            out.extend(bundle.entry);
             match next {
-                Some(n) => url = n.to_owned(),
+                Some(n) => url = n,
                 None => {
                     // A server that says it matched more than it sent, and offers no
                     // next page, would make a shorter record look complete: fail the
                     // poll instead (nothing is stored).
-                    let matched = out
-                        .iter()
-                        .filter(|e| matches!(str_at(e, &["search", "mode"]), None | Some("match")))
-                        .count() as u64;
+                    let matched = out.iter().filter(|e| is_match(e)).count() as u64;
                     if total.is_some_and(|t| t > matched) {
                         return Err(SourceError::Fhir(format!(
                             "the server matched {} but sent {matched} with no next page",
@@ -310,8 +303,8 @@ impl FhirRest {
             .ok_or_else(|| SourceError::Fhir("the server refused a search".into()))?;
         Ok(entries
             .into_iter()
-            .filter(|e| str_at(e, &["search", "mode"]) != Some("outcome"))
-            .filter_map(|e| e.get("resource").cloned())
+            .filter(is_match)
+            .filter_map(|e| e.resource)
             .collect())
     }
 
@@ -347,9 +340,13 @@ impl FhirRest {
                 self.page_size
             ))?;
             for r in found {
-                let id = str_at(&r, &["id"]).unwrap_or("").to_owned();
-                let version = str_at(&r, &["meta", "versionId"]).unwrap_or("").to_owned();
-                if let Some(t) = str_at(&r, &["meta", "lastUpdated"]).and_then(|t| instant(t).ok())
+                let env = Envelope::deserialize(&r).unwrap_or_default();
+                let id = env.id().to_owned();
+                let meta = env.meta();
+                let version = meta.and_then(|m| m.version_id.clone()).unwrap_or_default();
+                if let Some(t) = meta
+                    .and_then(|m| m.last_updated.as_deref())
+                    .and_then(|t| instant(t).ok())
                 {
                     newest = newest.max(t.as_millis());
                 }
@@ -360,7 +357,7 @@ impl FhirRest {
                     continue; // seen in an earlier, overlapping poll
                 }
                 if let Some(p) = patient_of(&r) {
-                    affected.insert(p.to_owned());
+                    affected.insert(p);
                 }
                 values.push((key, version.into_bytes()));
             }
@@ -378,15 +375,19 @@ impl FhirRest {
                 continue;
             };
             for e in entries {
-                let deleted = str_at(&e, &["request", "method"]) == Some("DELETE")
-                    || (e.get("resource").is_none()
-                        && str_at(&e, &["response", "status"])
+                let request = e.request.as_ref();
+                let deleted = request.and_then(|r| r.method.as_deref()) == Some("DELETE")
+                    || (e.resource.is_none()
+                        && e.response
+                            .as_ref()
+                            .and_then(|r| r.status.as_deref())
                             .is_some_and(|s| s.starts_with("204") || s.starts_with("410")));
                 if !deleted {
                     continue;
                 }
-                let Some(id) = str_at(&e, &["request", "url"])
-                    .or_else(|| str_at(&e, &["fullUrl"]))
+                let Some(id) = request
+                    .and_then(|r| r.url.as_deref())
+                    .or(e.full_url.as_deref())
                     .and_then(|u| deleted_id(u, kind))
                 else {
                     continue;
@@ -422,7 +423,8 @@ impl FhirRest {
             ))?;
             let mut present = BTreeSet::new();
             for patient in found {
-                match str_at(&patient, &["id"]) {
+                let env = Envelope::deserialize(&patient).unwrap_or_default();
+                match Some(env.id()).filter(|id| env.kind() == "Patient" && !id.is_empty()) {
                     Some(id) if group.iter().any(|g| g == id) => {
                         present.insert(id.to_owned());
                         collector.add(patient);
@@ -454,11 +456,12 @@ impl FhirRest {
                     self.page_size
                 ))? {
                     // Only resources that really name one of these patients.
-                    let Some(pid) = patient_of(&r).filter(|p| present.contains(*p)) else {
+                    let Some(pid) = patient_of(&r).filter(|p| present.contains(p)) else {
                         continue;
                     };
-                    if let Some(id) = str_at(&r, &["id"]) {
-                        values.push((format!("p:{kind}/{id}"), pid.as_bytes().to_vec()));
+                    let env = Envelope::deserialize(&r).unwrap_or_default();
+                    if !env.id().is_empty() {
+                        values.push((format!("p:{kind}/{}", env.id()), pid.as_bytes().to_vec()));
                     }
                     collector.add(r);
                     resources += 1;
@@ -474,6 +477,14 @@ impl FhirRest {
         state.set_source_values(&values)?;
         Ok(summary)
     }
+}
+
+/// True for a search entry that is a match (not an OperationOutcome note).
+fn is_match(e: &BundleEntry<Value>) -> bool {
+    matches!(
+        e.search.as_ref().and_then(|s| s.mode.as_deref()),
+        None | Some("match")
+    )
 }
 
 /// The id in a history entry's `request.url` or `fullUrl` (`Flag/7`, `…/Flag/7`,

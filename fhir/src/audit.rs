@@ -5,11 +5,14 @@
 //! outcome 4 and the reason; emergency access (ETREAT) carries the clinician's reason.
 //! Other events (authentication failures, lease ends, syncs, key events) are DICOM
 //! application activity. Used by the device (`carecache audit export|tail`) and the hub
-//! (`carecache-hub audit export|review|patient`) alike. Feature `fhir`.
+//! (`carecache-hub audit export|review|patient`) alike.
 
-use serde_json::{Value, json};
-
-use crate::audit::{
+use crate::codes;
+use crate::model::{
+    self, AuditAgent, AuditDetail, AuditEntity, AuditSource, CodeableConcept, Coding, Identifier,
+    Meta, Reference,
+};
+use sync_protocol::audit::{
     Access, AuditAction, AuditEvent, AuditOutcome, AuditRecord, DenyReason, KeyEvent, LeaseEnd,
     Purpose, SectionKind, SectionShown, SyncOutcome,
 };
@@ -51,57 +54,49 @@ pub fn is_emergency(record: &AuditRecord) -> bool {
 }
 
 const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
+const SOURCE_TYPE: &str = "http://terminology.hl7.org/CodeSystem/security-source-type";
+const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
+const OBJECT_ROLE: &str = "http://terminology.hl7.org/CodeSystem/object-role";
 
-fn device_agent(e: &Entry<'_>, client: Option<&str>) -> Value {
+fn device_agent(e: &Entry<'_>, client: Option<&str>) -> AuditAgent {
     let who = match client {
         Some(c) => format!("carecache device {} / client {c}", e.device),
         None => format!("carecache device {}", e.device),
     };
-    json!({
-        "type": { "coding": [{ "system": DCM, "code": "110153", "display": "Source Role ID" }] },
-        "who": { "display": who },
-        "requestor": client.is_none(),
-    })
+    AuditAgent {
+        kind: CodeableConcept::coded(Coding::new(DCM, "110153").display("Source Role ID")),
+        who: Reference::display(who),
+        requestor: client.is_none(),
+        ..AuditAgent::default()
+    }
 }
 
-fn base(
-    e: &Entry<'_>,
-    kind: (&str, &str),
-    subtype: Value,
-    outcome: &str,
-    agents: Vec<Value>,
-) -> Value {
-    json!({
-        "resourceType": "AuditEvent",
-        "id": format!("{}-{}", e.device, e.seq),
-        "type": { "system": kind.0, "code": kind.1 },
-        "subtype": [subtype],
-        "action": "E",
-        "recorded": e.record.at.rfc3339(),
-        "outcome": outcome,
-        "agent": agents,
-        "source": {
-            "observer": { "display": format!("carecache device {}", e.device) },
-            "type": [{ "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "1", "display": "User Device" }],
-        },
-        "entity": [{
-            "what": { "identifier": { "value": format!("{}#{}", e.device, e.seq) } },
-            "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
-            "detail": [{ "type": "device-wall-clock", "valueString": e.record.wall.rfc3339() }],
-        }],
-    })
+fn source(e: &Entry<'_>) -> AuditSource {
+    AuditSource {
+        observer: Reference::display(format!("carecache device {}", e.device)),
+        kind: vec![Coding::new(SOURCE_TYPE, "1").display("User Device")],
+    }
 }
 
-fn set(event: &mut Value, key: &str, value: Value) {
-    if let Some(obj) = event.as_object_mut() {
-        obj.insert(key.into(), value);
+fn system_object(what: String) -> AuditEntity {
+    AuditEntity {
+        what: Reference::identified(Identifier {
+            system: None,
+            value: Some(what),
+        }),
+        kind: Coding::new(ENTITY_TYPE, "2").display("System Object"),
+        ..AuditEntity::default()
     }
 }
 
 /// One stored entry as a FHIR AuditEvent: accesses as BALP patient reads/searches,
 /// other events (authentication failures, lease ends, syncs, key events) as DICOM
 /// application activity.
-pub fn audit_event(e: &Entry<'_>) -> Value {
+pub fn audit_event(e: &Entry<'_>) -> model::Resource {
+    model::Resource::AuditEvent(event(e))
+}
+
+fn event(e: &Entry<'_>) -> model::AuditEvent {
     // (type, subtype code and display, outcome, client, description)
     let (kind, subtype, outcome, client, desc) = match &e.record.event {
         AuditEvent::Access(a) => return access_event(e, a),
@@ -159,15 +154,25 @@ pub fn audit_event(e: &Entry<'_>) -> Value {
             key_text(k),
         ),
     };
-    let mut v = base(
-        e,
-        (DCM, kind),
-        json!({ "system": DCM, "code": subtype.0, "display": subtype.1 }),
-        outcome,
-        vec![device_agent(e, client)],
-    );
-    set(&mut v, "outcomeDesc", json!(desc));
-    v
+    let mut entity = system_object(format!("{}#{}", e.device, e.seq));
+    entity.detail = vec![AuditDetail {
+        kind: "device-wall-clock".into(),
+        value_string: e.record.wall.rfc3339(),
+    }];
+    model::AuditEvent {
+        id: format!("{}-{}", e.device, e.seq),
+        meta: None,
+        kind: Coding::new(DCM, kind),
+        subtype: vec![Coding::new(DCM, subtype.0).display(subtype.1)],
+        action: "E".into(),
+        recorded: e.record.at.rfc3339(),
+        outcome: outcome.into(),
+        outcome_desc: Some(desc),
+        purpose_of_event: Vec::new(),
+        agent: vec![device_agent(e, client)],
+        source: source(e),
+        entity: vec![entity],
+    }
 }
 
 fn key_text(k: &KeyEvent) -> String {
@@ -180,72 +185,74 @@ fn key_text(k: &KeyEvent) -> String {
     }
 }
 
-fn access_event(e: &Entry<'_>, r: &Access) -> Value {
+fn access_event(e: &Entry<'_>, r: &Access) -> model::AuditEvent {
     let (subtype, subtype_display) = match r.action {
         AuditAction::ListCaseload | AuditAction::SearchPatient => ("search-type", "search"),
         _ => ("read", "read"),
     };
-    let action = format!("{:?}", r.action);
     let (purpose_code, purpose_display) = match &r.purpose {
         Some(Purpose::Treat) => ("TREAT", "treatment"),
         Some(Purpose::EmergencyTreat { .. }) => ("ETREAT", "Emergency Treatment"),
         None => ("TREAT", "treatment (not stated by the client)"),
     };
     let user = r.user.as_ref().map_or("unknown", |u| u.as_str());
-    let mut requestor = json!({
-        "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP", "display": "information recipient" }] },
-        "who": { "identifier": { "system": "https://fhir.nhs.uk/Id/sds-user-id", "value": user } },
-        "requestor": true,
-        "purposeOfUse": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose_code }] }],
-    });
-    if let Some(role) = &r.role {
-        set(&mut requestor, "role", json!([{ "text": role.as_str() }]));
-    }
-    let shown: Vec<Value> = r
-        .shown
-        .iter()
-        .map(|s| {
-            json!({ "type": format!("{:?}", s.section), "valueString": match s.shown {
-                SectionShown::Items(n) => format!("{n} items"),
-                SectionShown::NoneRecorded => "none recorded".to_owned(),
-                SectionShown::NotAvailable => "not available".to_owned(),
-            }})
-        })
-        .collect();
-    let mut detail =
-        vec![json!({ "type": "chain-sequence", "valueString": format!("{}#{}", e.device, e.seq) })];
-    detail.extend(shown);
+    let requestor = AuditAgent {
+        kind: CodeableConcept::coded(
+            Coding::new(
+                "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                "IRCP",
+            )
+            .display("information recipient"),
+        ),
+        role: r
+            .role
+            .iter()
+            .map(|role| CodeableConcept::text(role.as_str()))
+            .collect(),
+        who: Reference::identified(Identifier::new(codes::SDS_USER_SYSTEM, user)),
+        requestor: true,
+        purpose_of_use: vec![CodeableConcept::coded(Coding::new(
+            codes::ACT_REASON,
+            purpose_code,
+        ))],
+    };
+    let mut detail = vec![AuditDetail {
+        kind: "chain-sequence".into(),
+        value_string: format!("{}#{}", e.device, e.seq),
+    }];
+    detail.extend(r.shown.iter().map(|s| AuditDetail {
+        kind: format!("{:?}", s.section),
+        value_string: match s.shown {
+            SectionShown::Items(n) => format!("{n} items"),
+            SectionShown::NoneRecorded => "none recorded".to_owned(),
+            SectionShown::NotAvailable => "not available".to_owned(),
+        },
+    }));
     if r.withheld > 0 {
-        detail.push(json!({ "type": "withheld", "valueString": format!("{} items", r.withheld) }));
+        detail.push(AuditDetail {
+            kind: "withheld".into(),
+            value_string: format!("{} items", r.withheld),
+        });
     }
-    let mut event = json!({
-        "resourceType": "AuditEvent",
-        "id": format!("{}-{}", e.device, e.seq),
-        "meta": {
-            "profile": ["https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientRead"],
-            "security": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HTEST" }],
-        },
-        "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" },
-        "subtype": [{ "system": "http://hl7.org/fhir/restful-interaction", "code": subtype, "display": subtype_display }],
-        "action": "R",
-        "recorded": e.record.at.rfc3339(),
-        "outcome": match r.outcome { AuditOutcome::Served => "0", AuditOutcome::Denied(_) => "4" },
-        "purposeOfEvent": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose_code, "display": purpose_display }] }],
-        "agent": [requestor, device_agent(e, Some(r.client.as_str()))],
-        "source": {
-            "observer": { "display": format!("carecache device {}", e.device) },
-            "type": [{ "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "1", "display": "User Device" }],
-        },
-        "entity": [
-            {
-                "what": { "identifier": { "value": format!("{}:{}", e.device, r.request_id) } },
-                "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
-                "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4", "display": "Domain Resource" },
-                "description": action,
-                "detail": detail,
-            },
-        ],
-    });
+    let mut request = system_object(format!("{}:{}", e.device, r.request_id));
+    request.role = Some(Coding::new(OBJECT_ROLE, "4").display("Domain Resource"));
+    request.description = Some(format!("{:?}", r.action));
+    request.detail = detail;
+    let mut entity = vec![request];
+    entity.extend(
+        r.patient
+            .iter()
+            .chain(r.listed.iter())
+            .map(|nhs| AuditEntity {
+                what: Reference::identified(Identifier::new(
+                    codes::NHS_NUMBER_SYSTEM,
+                    &nhs.digits(),
+                )),
+                kind: Coding::new(ENTITY_TYPE, "1").display("Person"),
+                role: Some(Coding::new(OBJECT_ROLE, "1").display("Patient")),
+                ..AuditEntity::default()
+            }),
+    );
     let mut outcome_desc = Vec::new();
     if let AuditOutcome::Denied(reason) = r.outcome {
         outcome_desc.push(format!("denied: {}", deny_text(reason)));
@@ -253,19 +260,40 @@ fn access_event(e: &Entry<'_>, r: &Access) -> Value {
     if let Some(Purpose::EmergencyTreat { reason }) = &r.purpose {
         outcome_desc.push(format!("emergency access: {}", reason.as_str()));
     }
-    if !outcome_desc.is_empty() {
-        set(&mut event, "outcomeDesc", json!(outcome_desc.join("; ")));
-    }
-    if let Some(entities) = event.get_mut("entity").and_then(Value::as_array_mut) {
-        for nhs in r.patient.iter().chain(r.listed.iter()) {
-            entities.push(json!({
-                "what": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs.digits() } },
-                "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person" },
-                "role": { "system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient" },
-            }));
+    model::AuditEvent {
+        id: format!("{}-{}", e.device, e.seq),
+        meta: Some(Meta {
+            profile: vec![
+                "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientRead"
+                    .into(),
+            ],
+            security: vec![Coding::new(codes::ACT_REASON, "HTEST")],
+            ..Meta::default()
+        }),
+        kind: Coding::new(
+            "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "rest",
+        )
+        .display("RESTful Operation"),
+        subtype: vec![
+            Coding::new("http://hl7.org/fhir/restful-interaction", subtype)
+                .display(subtype_display),
+        ],
+        action: "R".into(),
+        recorded: e.record.at.rfc3339(),
+        outcome: match r.outcome {
+            AuditOutcome::Served => "0",
+            AuditOutcome::Denied(_) => "4",
         }
+        .into(),
+        outcome_desc: (!outcome_desc.is_empty()).then(|| outcome_desc.join("; ")),
+        purpose_of_event: vec![CodeableConcept::coded(
+            Coding::new(codes::ACT_REASON, purpose_code).display(purpose_display),
+        )],
+        agent: vec![requestor, device_agent(e, Some(r.client.as_str()))],
+        source: source(e),
+        entity,
     }
-    event
 }
 
 /// What an action is, in words.
