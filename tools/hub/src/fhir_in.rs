@@ -669,4 +669,58 @@ mod tests {
             }
         );
     }
+
+    /// A resource with one element of the wrong JSON type is still placed on its
+    /// patient: an item is counted as "could not be shown" (never dropped), one carrying
+    /// a sensitive code is withheld all the same, and a Consent withholds the patient.
+    #[test]
+    fn a_resource_with_an_odd_element_is_placed_labelled_and_counted() {
+        use serde_json::json;
+        let rules = SharingRules::default_rules().unwrap();
+        let mut c = Collector::new(&rules);
+        c.add(json!({ "resourceType": "Patient", "id": "p1",
+            "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018" }],
+            "name": [{ "family": "Example", "given": ["Ann"] }], "birthDate": "1950-01-01" }));
+        let flag = |code: &str| {
+            json!({ "resourceType": "Flag", "id": format!("f-{code}"), "status": "active",
+                "subject": { "reference": "Patient/p1" }, "period": "since last year",
+                "code": { "coding": [{ "system": "http://snomed.info/sct", "code": code, "display": "x" }] } })
+        };
+        c.add(flag("450476008"));
+        c.add(flag("86406008"));
+        c.add(json!({ "resourceType": "Flag", "id": "ok", "status": "active",
+            "subject": { "reference": "Patient/p1" },
+            "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "450476008", "display": "Not for attempted CPR" }] } }));
+        let (patients, issues) = c.finish();
+        assert!(issues.is_empty(), "{issues:?}");
+        let mut problems = Vec::new();
+        let mapped = map_patient("p1", patients["p1"].clone(), &mut problems).unwrap();
+        assert_eq!(
+            mapped.record.alerts.entries().len(),
+            1,
+            "the readable alert"
+        );
+        assert_eq!(mapped.record.unreadable.alerts, 1, "the odd one is counted");
+        assert_eq!(
+            mapped.record.withheld, 1,
+            "the sensitive odd one is withheld"
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(mapped.objection.is_none());
+
+        let mut c = Collector::new(&rules);
+        c.add(json!({ "resourceType": "Patient", "id": "p1",
+            "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018" }],
+            "name": [{ "family": "Example", "given": ["Ann"] }], "birthDate": "1950-01-01" }));
+        c.add(privacy_consent(
+            json!({ "provision": "deny", "dateTime": 2024 }),
+        ));
+        let (patients, _) = c.finish();
+        let mapped = map_patient("p1", patients["p1"].clone(), &mut problems).unwrap();
+        assert_eq!(
+            mapped.objection.map(|o| o.status),
+            Some(ObjectionStatus::Objected),
+            "an unreadable Consent objects"
+        );
+    }
 }
