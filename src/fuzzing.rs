@@ -103,7 +103,12 @@ impl HttpFixture {
             let app = self.app.clone();
             let cfg = self.cfg.clone();
             let conn = tokio::spawn(async move {
-                let _ = crate::api::serve_connection(app, &cfg, TokioIo::new(server)).await;
+                let _ = crate::api::serve_connection(
+                    app,
+                    &cfg,
+                    TokioIo::new(crate::api::HeadLimit::new(server)),
+                )
+                .await;
             });
             let (mut rx, mut tx) = tokio::io::split(client);
             let write = async {

@@ -424,6 +424,28 @@ fn oversized_heads_and_a_thousand_connections_leave_the_server_up() {
     );
     let r = raw(s.addr, many.as_bytes());
     assert!(r.status == 431 || r.status == 400, "{}", r.status);
+    assert!(r.text().contains("request head too large"), "{}", r.text());
+    // On a FHIR route hyper's own refusal still comes as an OperationOutcome (too big,
+    // and too many headers), and the connection is closed.
+    for head in [
+        format!("X-Big: {}\r\n", "a".repeat(64 * 1024)),
+        "X-A: 1\r\n".repeat(200),
+    ] {
+        let req = format!(
+            "GET /fhir/Flag?patient={} HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n",
+            patients[0].digits()
+        );
+        let r = raw(s.addr, req.as_bytes());
+        assert_eq!(r.status, 431);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|t| t.starts_with("application/fhir+json"))
+        );
+        let oo = r.json();
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        assert_eq!(oo["issue"][0]["code"], "too-long");
+        assert_eq!(r.header("connection"), Some("close"));
+    }
     let rss_before = rss_kib();
     let path = format!("/v1/patients/{}", patients[0].digits());
     let req = {

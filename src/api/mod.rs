@@ -13,6 +13,7 @@
 //! times requests out.
 
 mod access;
+mod head_limit;
 pub mod render;
 pub mod viewer;
 
@@ -458,7 +459,8 @@ pub async fn serve(
 }
 
 /// HTTP/1.1 on one accepted connection with the daemon's limits (header read timeout,
-/// header buffer, at most 64 headers; answers a client that half-closed). [`serve`] runs it per connection; the
+/// header buffer, at most 64 headers; answers a client that half-closed). The stream is
+/// wrapped in [`HeadLimit`] so a head over the limits is answered in the route's format. [`serve`] runs it per connection; the
 /// request-parsing fuzz target runs it over an in-memory pipe.
 pub async fn serve_connection<I>(
     app: Router,
@@ -483,9 +485,11 @@ where
         .await
 }
 
+pub use head_limit::HeadLimit;
+
 enum Io {
-    Tcp(TokioIo<tokio::net::TcpStream>),
-    Unix(TokioIo<tokio::net::UnixStream>),
+    Tcp(TokioIo<HeadLimit<tokio::net::TcpStream>>),
+    Unix(TokioIo<HeadLimit<tokio::net::UnixStream>>),
 }
 
 async fn accept(l: &Listener) -> std::io::Result<Io> {
@@ -493,11 +497,11 @@ async fn accept(l: &Listener) -> std::io::Result<Io> {
         Listener::Tcp(t) => {
             let (s, _) = t.accept().await?;
             let _ = s.set_nodelay(true);
-            Io::Tcp(TokioIo::new(s))
+            Io::Tcp(TokioIo::new(HeadLimit::new(s)))
         }
         Listener::Unix(u, _) => {
             let (s, _) = u.accept().await?;
-            Io::Unix(TokioIo::new(s))
+            Io::Unix(TokioIo::new(HeadLimit::new(s)))
         }
     })
 }
