@@ -21,6 +21,7 @@ mod disk_full;
 mod fault_proxy;
 mod faults;
 mod fixture_content;
+mod fixture_content_v2;
 mod fuzz_corpora;
 mod harness;
 mod hostile_hub;

@@ -3,7 +3,7 @@
 
 use sync_protocol::record::{
     AlertCategory, AlertSeverity, AllergyCategory, AllergyStatus, AllergyVerification, ContactRole,
-    Course, Criticality, MedicationStatus, ReactionSeverity, Sex,
+    Course, Criticality, MedicationStatus, PeriodUnit, ReactionSeverity, Sex,
 };
 
 /// NHS number identifier system.
@@ -150,6 +150,16 @@ fhir_code!(Course, COURSE_OF_THERAPY_SYSTEM, {
     Course::Acute => ("acute", "Short course (acute) therapy"),
     Course::Repeat => ("continuous", "Continuous long term therapy"),
     Course::RepeatDispensing => ("continuous-repeating-dispensing", "Continuous long term (repeat dispensing)"),
+});
+
+fhir_code!(PeriodUnit, UCUM, {
+    PeriodUnit::Second => ("s", "second"),
+    PeriodUnit::Minute => ("min", "minute"),
+    PeriodUnit::Hour => ("h", "hour"),
+    PeriodUnit::Day => ("d", "day"),
+    PeriodUnit::Week => ("wk", "week"),
+    PeriodUnit::Month => ("mo", "month"),
+    PeriodUnit::Year => ("a", "year"),
 });
 
 /// The core `flag-priority` code of an alert's severity: `PH`, `PM`, `PL`.
@@ -315,6 +325,15 @@ mod tests {
             MedicationStatus::Unknown,
         ]);
         round_trips(&[Course::Acute, Course::Repeat, Course::RepeatDispensing]);
+        round_trips(&[
+            PeriodUnit::Second,
+            PeriodUnit::Minute,
+            PeriodUnit::Hour,
+            PeriodUnit::Day,
+            PeriodUnit::Week,
+            PeriodUnit::Month,
+            PeriodUnit::Year,
+        ]);
         round_trips(&[
             AlertSeverity::HighRisk,
             AlertSeverity::Warning,

@@ -1,7 +1,106 @@
-//! Structured dosage in words, for a dosage the source coded but did not write out:
-//! "2 tablet, 3 times a day, oral, when required".
+//! Structured dosage: FHIR `Dosage` to and from the protocol's, and in words for a
+//! dosage the source coded but did not write out: "2 tablet, 3 times a day, oral, when
+//! required".
 
-use crate::model::{Dosage, Quantity};
+use sync_protocol::record::{self, DoseQuantity, PeriodUnit};
+use sync_protocol::types::{Decimal, Text};
+
+use crate::codes::FhirCode;
+use crate::model::{Dosage, DoseAndRate, Quantity, Timing, TimingRepeat};
+use crate::{read, write};
+
+/// The structure of a source's dosage, when it has any. `Err` names what could not be
+/// read (the medication is then "could not be shown": a dose is not guessed).
+pub fn read(d: &Dosage) -> Result<Option<record::Dosage>, &'static str> {
+    let dose = d
+        .dose_and_rate
+        .iter()
+        .find_map(|r| r.dose_quantity.as_ref())
+        .map(|q| -> Result<DoseQuantity, &'static str> {
+            Ok(DoseQuantity {
+                value: Decimal::from_f64(q.value.ok_or("dose quantity without a value")?)
+                    .map_err(|_| "dose quantity not a non-negative number")?,
+                unit: q
+                    .unit
+                    .as_deref()
+                    .or(q.code.as_deref())
+                    .map(|u| Text::new(u).map_err(|_| "dose unit too long"))
+                    .transpose()?,
+            })
+        })
+        .transpose()?;
+    let repeat = d.timing.as_ref().and_then(|t| t.repeat.as_ref());
+    let frequency = repeat
+        .and_then(|r| r.frequency)
+        .map(|f| u16::try_from(f).map_err(|_| "dose frequency out of range"))
+        .transpose()?;
+    let period = repeat
+        .and_then(|r| r.period)
+        .map(|p| Decimal::from_f64(p).map_err(|_| "dose period not a non-negative number"))
+        .transpose()?;
+    let period_unit = repeat
+        .and_then(|r| r.period_unit.as_deref())
+        .map(|u| PeriodUnit::from_code(u).ok_or("dose period unit not in UCUM's units of time"))
+        .transpose()?;
+    let route = d
+        .route
+        .as_ref()
+        .map(|r| read::concept(Some(r)))
+        .transpose()?;
+    let as_needed = d.as_needed_boolean == Some(true);
+    let structured = dose.is_some()
+        || frequency.is_some()
+        || period.is_some()
+        || period_unit.is_some()
+        || route.is_some()
+        || as_needed;
+    Ok(structured.then_some(record::Dosage {
+        dose,
+        frequency,
+        period,
+        period_unit,
+        route,
+        as_needed,
+    }))
+}
+
+/// The FHIR `Dosage` of a medication: its text and, when the source structured it, the
+/// structure.
+pub fn write(text: Option<&str>, d: Option<&record::Dosage>) -> Option<Dosage> {
+    if text.is_none() && d.is_none() {
+        return None;
+    }
+    let mut out = Dosage {
+        text: text.map(str::to_owned),
+        ..Dosage::default()
+    };
+    if let Some(d) = d {
+        out.dose_and_rate = d
+            .dose
+            .iter()
+            .map(|q| DoseAndRate {
+                dose_quantity: Some(Quantity {
+                    value: Some(q.value.as_f64()),
+                    unit: q.unit.as_ref().map(|u| u.as_str().to_owned()),
+                    system: None,
+                    code: None,
+                }),
+            })
+            .collect();
+        if d.frequency.is_some() || d.period.is_some() || d.period_unit.is_some() {
+            out.timing = Some(Timing {
+                repeat: Some(TimingRepeat {
+                    frequency: d.frequency.map(u32::from),
+                    period: d.period.as_ref().map(Decimal::as_f64),
+                    period_unit: d.period_unit.map(|u| u.code().to_owned()),
+                }),
+            });
+        }
+        out.route = d.route.as_ref().map(write::concept);
+        out.as_needed_boolean = d.as_needed.then_some(true);
+    }
+    Some(out)
+}
 
 fn number(v: f64) -> String {
     // Whole doses without a decimal point; fractional ones as written (0.5, 2.5).

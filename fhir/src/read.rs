@@ -402,8 +402,9 @@ pub fn allergy(v: &model::AllergyIntolerance) -> Result<Option<Allergy>, &'stati
     }))
 }
 
-/// A MedicationStatement as a medication. Dose text is the first dosage's text, else the
-/// words of its structured dose (quantity, frequency, route, "when required").
+/// A MedicationStatement as a medication. The first dosage is read: its text, else the
+/// words of its structured dose (quantity, frequency, route, "when required"), and its
+/// structure when it has one.
 pub fn medication(v: &model::MedicationStatement) -> Result<Option<Medication>, &'static str> {
     let status = match v.status.as_deref() {
         Some("entered-in-error" | "not-taken") => return Ok(None),
@@ -437,6 +438,12 @@ pub fn medication(v: &model::MedicationStatement) -> Result<Option<Medication>, 
                 .and_then(|c| c.code_in(codes::PRESCRIBING_ORG_SYSTEM))
                 .or_else(|| e.value_coding.as_ref().and_then(|c| c.code.as_deref()))
         }) == Some(codes::prescribing_org(true).0);
+    let dosage = v
+        .dosage
+        .first()
+        .map(crate::dosage::read)
+        .transpose()?
+        .flatten();
     let dose_text = match v.dosage.first() {
         Some(d) => match d.text.as_deref() {
             Some(t) => Some(t.to_owned()),
@@ -457,6 +464,7 @@ pub fn medication(v: &model::MedicationStatement) -> Result<Option<Medication>, 
         prescribed_elsewhere,
         provenance: provenance(v.meta.as_ref(), &[v.information_source.as_ref()])?,
         ended,
+        dosage,
     }))
 }
 

@@ -12,7 +12,7 @@ use sync_protocol::types::{Coding, Provenance};
 use crate::codes::{self, FhirCode};
 use crate::dates::date_text;
 use crate::model::{
-    self, Address, AllergyReaction, Annotation, CodeableConcept, ContactPoint, Dosage, Extension,
+    self, Address, AllergyReaction, Annotation, CodeableConcept, ContactPoint, Extension,
     HumanName, Identifier, Meta, Reference, Resource,
 };
 
@@ -286,13 +286,8 @@ pub fn medication(patient_id: &str, m: &Medication) -> model::MedicationStatemen
         effective_date_time: None,
         effective_period: model::Period::of(m.started.map(date_text), m.ended.map(date_text)),
         information_source: who(&m.provenance),
-        dosage: m
-            .dose_text
-            .iter()
-            .map(|t| Dosage {
-                text: Some(t.as_str().to_owned()),
-                ..Dosage::default()
-            })
+        dosage: crate::dosage::write(m.dose_text.as_ref().map(|t| t.as_str()), m.dosage.as_ref())
+            .into_iter()
             .collect(),
     }
 }

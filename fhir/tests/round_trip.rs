@@ -21,6 +21,7 @@ fn every_item_reads_back_as_written_and_writes_again_the_same() {
     let mut counts = [0usize; 5];
     let mut text_only = 0;
     let mut no_ods = 0;
+    let mut structured = 0;
     for p in &patients {
         let r = &p.expected;
         let pid = p.fhir_id.as_str();
@@ -69,6 +70,7 @@ fn every_item_reads_back_as_written_and_writes_again_the_same() {
                 Resource::MedicationStatement(write::medication(pid, &read)),
                 w
             );
+            structured += usize::from(m.dosage.is_some());
             counts[3] += 1;
         }
         for (i, c) in r.contacts.entries().iter().enumerate() {
@@ -90,6 +92,7 @@ fn every_item_reads_back_as_written_and_writes_again_the_same() {
     );
     assert!(text_only > 0, "text-only items are in the data");
     assert!(no_ods > 0, "items without an ODS code are in the data");
+    assert!(structured > 0, "structured doses are in the data");
 }
 
 /// A dosage given only as structure reaches the crew in words.

@@ -749,6 +749,17 @@ fn medication_json(m: &Medication) -> Value {
         "code": m.medicine.code.as_ref().map(sync_protocol::types::Code::value),
         "coding": code_json(&m.medicine),
         "dose": m.dose_text.as_ref().map(|d| d.as_str()),
+        "dosage": m.dosage.as_ref().map(|d| json!({
+            "dose": d.dose.as_ref().map(|q| json!({
+                "value": q.value.as_f64(),
+                "unit": q.unit.as_ref().map(|u| u.as_str()),
+            })),
+            "frequency": d.frequency,
+            "period": d.period.as_ref().map(sync_protocol::types::Decimal::as_f64),
+            "period_unit": d.period_unit.map(FhirCode::code),
+            "route": d.route.as_ref().map(|r| r.display.as_str()),
+            "as_needed": d.as_needed,
+        })),
         "status": format!("{:?}", m.status).to_lowercase(),
         "course": m.course.map(|c| format!("{c:?}").to_lowercase()),
         "started": m.started.map(|d| d.to_string()),

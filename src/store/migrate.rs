@@ -14,9 +14,12 @@
 //!   counts). Nothing is rewritten: a record sealed under schema 1 says so in its sealed
 //!   value's version byte and is read as a version-1 record until the next sync replaces
 //!   it (`Store::record`); every other table's encoding is unchanged.
+//! - 3 — patient records are sync-protocol version-3 records (a medication's structured
+//!   dosage). As for 2: a record sealed under schema 2 is read as a version-2 record by
+//!   its version byte, nothing is rewritten.
 //!
-//! A fixture written by version 1 lives in `tests/fixtures/store-v1/` and is opened by every
-//! test run, forever.
+//! Fixtures written by versions 1 and 2 live in `tests/fixtures/store-v1/` and
+//! `tests/fixtures/store-v2/` and are opened by every test run, forever.
 
 use redb::{Database, ReadableDatabase, WriteTransaction};
 
@@ -24,7 +27,7 @@ use super::StoreError;
 use super::tables::{self, META, SCHEMA, STORE_ID};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// One migration: from `from` to `from + 1`.
 pub(crate) struct Step {
@@ -33,11 +36,18 @@ pub(crate) struct Step {
 }
 
 /// Steps from every older version.
-const STEPS: &[Step] = &[Step {
-    from: 1,
-    // Records sealed under schema 1 are read by their version byte; nothing to rewrite.
-    run: |_| Ok(()),
-}];
+const STEPS: &[Step] = &[
+    Step {
+        from: 1,
+        // Records sealed under schema 1 are read by their version byte; nothing to rewrite.
+        run: |_| Ok(()),
+    },
+    Step {
+        from: 2,
+        // Likewise for schema 2.
+        run: |_| Ok(()),
+    },
+];
 
 /// Writes the metadata of a new store.
 pub(crate) fn initialise(db: &Database, store_id: &[u8; 16]) -> Result<(), StoreError> {

@@ -1467,14 +1467,15 @@ fn encode<T: Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, StoreError> {
 /// A decrypted value and the schema version it was sealed under.
 type Unsealed = (u8, Zeroizing<Vec<u8>>);
 
-/// A record by the schema it was sealed under: schema 1 held protocol-version-1
-/// records, read as the current record (nothing is lost: v1 is a subset).
+/// A record by the schema it was sealed under: schemas 1 and 2 held protocol-version-1
+/// and -2 records, read as the current record (nothing is lost: each is a subset).
 fn decode_record(version: u8, plain: &[u8]) -> Result<PatientRecord, StoreError> {
-    if version == 1 {
-        let v1: sync_protocol::record::v1::PatientRecord = decode(plain, Table::Patients)?;
-        return Ok(PatientRecord::from(v1));
+    use sync_protocol::record::{v1, v2};
+    match version {
+        1 => decode::<v1::PatientRecord>(plain, Table::Patients).map(PatientRecord::from),
+        2 => decode::<v2::PatientRecord>(plain, Table::Patients).map(PatientRecord::from),
+        _ => decode(plain, Table::Patients),
     }
-    decode(plain, Table::Patients)
 }
 
 fn decode<T: DeserializeOwned>(plain: &[u8], table: Table) -> Result<T, StoreError> {

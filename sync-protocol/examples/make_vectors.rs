@@ -20,7 +20,7 @@ use sync_protocol::message::*;
 use sync_protocol::record::*;
 use sync_protocol::types::*;
 use sync_protocol::{
-    Compression, FrameHeader, Message, MessageKind, NhsNumber, decode, encode, encode_version,
+    Compression, FrameHeader, Message, MessageKind, NhsNumber, decode, encode_version,
 };
 
 /// The vectors written before version 2 are version-1 frames, and are generated as such:
@@ -90,7 +90,11 @@ fn enc(m: Message) -> Vec<u8> {
 }
 
 fn enc2(m: Message) -> Vec<u8> {
-    encode(&m, Compression::None).unwrap()
+    encode_version(&m, Compression::None, 2).unwrap()
+}
+
+fn enc3(m: Message) -> Vec<u8> {
+    encode_version(&m, Compression::None, 3).unwrap()
 }
 
 fn nhs(n: &str) -> NhsNumber {
@@ -159,6 +163,7 @@ fn record() -> PatientRecord {
             prescribed_elsewhere: false,
             provenance: prov(),
             ended: None,
+            dosage: None,
         }])
         .unwrap(),
         contacts: Section::NoneRecorded,
@@ -246,13 +251,52 @@ fn dmd_record() -> PatientRecord {
         prescribed_elsewhere: false,
         provenance: prov(),
         ended: Some(Date::ymd(2025, 2, 1).unwrap()),
+        dosage: None,
     }])
     .unwrap();
     r
 }
 
-fn batch_v2() -> Batch {
-    let records = vec![field_record(), dmd_record()];
+/// Version 3: a medication whose dose the source structured (and whose words the hub
+/// wrote for it).
+fn dosage_record() -> PatientRecord {
+    let mut r = record();
+    r.nhs_number = nhs("999 000 0069");
+    r.medications = Section::from_items(vec![Medication {
+        source_id: SourceId::new("med-dose-1").unwrap(),
+        medicine: Coding {
+            code: None,
+            display: t("Amoxicillin 250mg/5ml oral suspension"),
+        },
+        dose_text: Some(t("10 mL, 3 times a day, Oral")),
+        status: MedicationStatus::Active,
+        course: Some(Course::Acute),
+        started: None,
+        last_issued: None,
+        prescribed_elsewhere: false,
+        provenance: prov(),
+        ended: None,
+        dosage: Some(Dosage {
+            dose: Some(DoseQuantity {
+                value: Decimal::new("10").unwrap(),
+                unit: Some(t("mL")),
+            }),
+            frequency: Some(3),
+            period: Some(Decimal::new("1").unwrap()),
+            period_unit: Some(PeriodUnit::Day),
+            route: Some(Coding {
+                code: Some(Code::Snomed(SctId::new(26643006).unwrap())),
+                display: t("Oral"),
+            }),
+            as_needed: false,
+        }),
+    }])
+    .unwrap();
+    r
+}
+
+/// A batch of `records` alone (no objections, leases or removals).
+fn upserts_only(records: Vec<PatientRecord>) -> Batch {
     let allowed = sync_protocol::digest::allowed_set_digest(
         records.iter().map(|r| (r.nhs_number, r.version)),
     );
@@ -267,6 +311,14 @@ fn batch_v2() -> Batch {
         allowed,
     )
     .unwrap()
+}
+
+fn batch_v3() -> Batch {
+    upserts_only(vec![dosage_record()])
+}
+
+fn batch_v2() -> Batch {
+    upserts_only(vec![field_record(), dmd_record()])
 }
 
 fn allergy_record() -> PatientRecord {
@@ -553,8 +605,10 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let hello_frame = enc(hello());
     let mut hello_zstd = hello_frame.clone();
     hello_zstd[7] = 1;
+    // A version no peer will ever speak.
     let mut v3 = hello_frame.clone();
-    v3[5] = 3;
+    v3[4] = 0xff;
+    v3[5] = 0xff;
     let mut bad_magic = hello_frame.clone();
     bad_magic[0] = b'X';
     let mut unknown_kind = hello_frame.clone();
@@ -572,7 +626,19 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         &varint(39_732_311_000_001_104),
         &varint(39_732_311_000_001_105),
     );
+    let v3_batch = enc3(Message::Batch(batch_v3()));
+    let v3_bad_decimal = patch(v3_batch.clone(), &[2, b'1', b'0', 1], &[2, b'1', b'.', 1]);
     vec![
+        (
+            "ok-batch-v3-structured-dosage",
+            "version 3: a medication with a structured dose (10 mL, 3 times a day, oral) beside its words",
+            v3_batch,
+        ),
+        (
+            "err-v3-non-canonical-decimal",
+            "version 3: a dose written 1. (decimals have one canonical form)",
+            v3_bad_decimal,
+        ),
         (
             "ok-batch-v2-field-shaped",
             "version 2: a locally coded alert, a text-only allergy, a dm+d medicine, provenance without ODS, a section withheld at the patient's request, one unreadable alert",
@@ -704,7 +770,11 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "audit ack whose declared payload has a byte after the message",
             raw(MessageKind::AuditAck, &trailing_in_payload),
         ),
-        ("err-unsupported-version", "hello in a version-3 frame", v3),
+        (
+            "err-unsupported-version",
+            "hello in a version-65535 frame",
+            v3,
+        ),
         ("err-unknown-kind", "kind 10", unknown_kind),
         ("err-unknown-compression", "compression 2", unknown_comp),
         (

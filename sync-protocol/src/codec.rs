@@ -21,16 +21,16 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{DecodeError, EncodeError, clear_field_error, from_postcard};
 use crate::message::{Message, MessageKind, WireBatch};
-use crate::record::v1;
+use crate::record::{v1, v2};
 
 /// The four magic bytes.
 pub const MAGIC: [u8; 4] = *b"CCSP";
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this crate encodes by default.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The versions this crate decodes (and encodes, with [`encode_version`]).
-pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=2;
+pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=3;
 /// zstd level used when compressing: fast to encode, and decoding speed does not
 /// depend on it.
 const ZSTD_LEVEL: i32 = 3;
@@ -207,12 +207,17 @@ fn inflate(payload: &[u8], declared: u32) -> Result<Vec<u8>, DecodeError> {
     Ok(content)
 }
 
-/// Only a batch differs between versions 1 and 2 (its records); every other kind is the
-/// same in both.
+/// Only a batch differs between versions (its records); every other kind is the same
+/// in all.
 fn decode_payload(version: u16, kind: MessageKind, payload: &[u8]) -> Result<Message, DecodeError> {
     Ok(match kind {
         MessageKind::Batch if version == 1 => Message::Batch(
             decode_canonical::<WireBatch<v1::PatientRecord>>(payload)?
+                .upgrade()
+                .map_err(DecodeError::from)?,
+        ),
+        MessageKind::Batch if version == 2 => Message::Batch(
+            decode_canonical::<WireBatch<v2::PatientRecord>>(payload)?
                 .upgrade()
                 .map_err(DecodeError::from)?,
         ),
@@ -306,6 +311,10 @@ pub fn encode_version(
     let payload = match message {
         Message::Batch(m) if version == 1 => to_vec(
             &WireBatch::<v1::PatientRecord>::downgrade(m)
+                .map_err(|_| EncodeError::NotRepresentable(version))?,
+        ),
+        Message::Batch(m) if version == 2 => to_vec(
+            &WireBatch::<v2::PatientRecord>::downgrade(m)
                 .map_err(|_| EncodeError::NotRepresentable(version))?,
         ),
         Message::EnrolRequest(m) => to_vec(m),

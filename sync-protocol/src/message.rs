@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::AuditEntry;
 use crate::error::FieldError;
 use crate::nhs::NhsNumber;
-use crate::record::{PatientRecord, v1};
+use crate::record::{PatientRecord, v1, v2};
 use crate::types::{
     BoundedVec, Bytes, Capabilities, Cursor, DeviceId, EnrolmentToken, Hash32, LeaseId, StaffId,
     Text, Timestamp, deserialize_via,
@@ -509,7 +509,8 @@ pub struct Batch {
 }
 
 /// A batch as it is on the wire, with records of one protocol version: `R` is
-/// [`PatientRecord`] for the current version and [`v1::PatientRecord`] for version 1.
+/// [`PatientRecord`] for the current version, [`v2::PatientRecord`] for version 2 and
+/// [`v1::PatientRecord`] for version 1.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct WireBatch<R> {
     objections: BoundedVec<ObjectionChange, MAX_BATCH_OBJECTIONS>,
@@ -524,15 +525,50 @@ pub(crate) struct WireBatch<R> {
 
 type RawBatch = WireBatch<PatientRecord>;
 
-impl WireBatch<v1::PatientRecord> {
-    /// A version-1 batch read as the current one: every v1 record converts without loss,
-    /// and the batch is then checked as any other.
+/// A record as one protocol version carries it.
+pub(crate) trait WireRecord: Sized {
+    /// Read as the current record (always without loss).
+    fn up(self) -> PatientRecord;
+    /// The current record as this version can carry it (SPEC.md §5).
+    fn down(r: &PatientRecord) -> Self;
+}
+
+impl WireRecord for PatientRecord {
+    fn up(self) -> PatientRecord {
+        self
+    }
+    fn down(r: &PatientRecord) -> Self {
+        r.clone()
+    }
+}
+
+impl WireRecord for v1::PatientRecord {
+    fn up(self) -> PatientRecord {
+        PatientRecord::from(self)
+    }
+    fn down(r: &PatientRecord) -> Self {
+        Self::from(r)
+    }
+}
+
+impl WireRecord for v2::PatientRecord {
+    fn up(self) -> PatientRecord {
+        PatientRecord::from(self)
+    }
+    fn down(r: &PatientRecord) -> Self {
+        Self::from(r)
+    }
+}
+
+impl<R: WireRecord> WireBatch<R> {
+    /// A batch of an earlier version read as the current one: every record converts
+    /// without loss, and the batch is then checked as any other.
     pub(crate) fn upgrade(self) -> Result<Batch, FieldError> {
         let upserts: Vec<PatientRecord> = self
             .upserts
             .into_inner()
             .into_iter()
-            .map(PatientRecord::from)
+            .map(WireRecord::up)
             .collect();
         Batch::try_from(RawBatch {
             objections: self.objections,
@@ -546,11 +582,9 @@ impl WireBatch<v1::PatientRecord> {
         })
     }
 
-    /// The batch as version 1 writes it: each record as v1 can carry it (sections it
-    /// cannot carry whole are "not available"; SPEC.md §5).
+    /// The batch as this version writes it: each record as the version can carry it.
     pub(crate) fn downgrade(b: &Batch) -> Result<Self, FieldError> {
-        let upserts: Vec<v1::PatientRecord> =
-            b.upserts.iter().map(v1::PatientRecord::from).collect();
+        let upserts: Vec<R> = b.upserts.iter().map(R::down).collect();
         Ok(Self {
             objections: b.objections.clone(),
             leases: b.leases.clone(),

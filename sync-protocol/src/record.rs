@@ -12,11 +12,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::FieldError;
 use crate::nhs::NhsNumber;
 use crate::types::{
-    BoundedVec, Coding, Date, OdsCode, PostcodeDistrict, Provenance, RecordVersion, SourceId, Text,
-    deserialize_via,
+    BoundedVec, Coding, Date, Decimal, OdsCode, PostcodeDistrict, Provenance, RecordVersion,
+    SourceId, Text, deserialize_via,
 };
 
 pub mod v1;
+pub mod v2;
 
 /// Most alerts in one record.
 pub const MAX_ALERTS: usize = 64;
@@ -510,6 +511,55 @@ pub struct Medication {
     pub provenance: Provenance,
     /// When it ended (`effectivePeriod.end`), if it has (since protocol version 2).
     pub ended: Option<Date>,
+    /// The dose as the source structured it, when it did (since protocol version 3).
+    /// `dose_text` is then its words when the source wrote none.
+    pub dosage: Option<Dosage>,
+}
+
+/// A time unit of a dose schedule (FHIR `Timing.repeat.periodUnit`, UCUM).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum PeriodUnit {
+    /// `s`
+    Second,
+    /// `min`
+    Minute,
+    /// `h`
+    Hour,
+    /// `d`
+    Day,
+    /// `wk`
+    Week,
+    /// `mo`
+    Month,
+    /// `a`
+    Year,
+}
+
+/// An amount with its unit as written (`2 tablet`, `5 mL`).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct DoseQuantity {
+    /// The amount.
+    pub value: Decimal,
+    /// Its unit, as the source wrote it (UCUM code or words).
+    pub unit: Option<Text<64>>,
+}
+
+/// A structured dose (FHIR `Dosage`): how much, how often, by which route, and whether
+/// only when required. Since protocol version 3.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Dosage {
+    /// How much each time.
+    pub dose: Option<DoseQuantity>,
+    /// How many times per period.
+    pub frequency: Option<u16>,
+    /// The period's length, in `period_unit`s.
+    pub period: Option<Decimal>,
+    /// The period's unit.
+    pub period_unit: Option<PeriodUnit>,
+    /// The route (oral, inhaled, …).
+    pub route: Option<Coding>,
+    /// Only when required (PRN).
+    pub as_needed: bool,
 }
 
 /// A key contact's role.

@@ -267,6 +267,73 @@ impl<'de, const N: usize> Deserialize<'de> for Text<N> {
     }
 }
 
+/// A non-negative decimal in its one canonical form (the shortest text that reads back
+/// as the same `f64`: `2`, `0.5`, `12.75`), at most 24 characters. Used for structured
+/// doses; the form is checked on decoding, so a value has one encoding. Since protocol
+/// version 3.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Decimal(String);
+
+/// A dose is clinical content: `Debug` does not show it.
+impl fmt::Debug for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Decimal(..)")
+    }
+}
+
+impl Decimal {
+    /// The decimal of a finite, non-negative `f64`.
+    pub fn from_f64(v: f64) -> Result<Self, FieldError> {
+        if !v.is_finite() || v < 0.0 {
+            return Err(FieldError::Invalid("decimal not finite and non-negative"));
+        }
+        Self::new(format!("{}", v + 0.0))
+    }
+
+    /// Check a decimal's text: canonical, finite, non-negative, at most 24 characters.
+    pub fn new(s: impl Into<String>) -> Result<Self, FieldError> {
+        let s = s.into();
+        let canonical = s.len() <= 24
+            && s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            && s.parse::<f64>()
+                .is_ok_and(|v| v.is_finite() && format!("{v}") == s);
+        if canonical {
+            Ok(Self(s))
+        } else {
+            Err(FieldError::Invalid("decimal not in canonical form"))
+        }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The value.
+    pub fn as_f64(&self) -> f64 {
+        self.0.parse().unwrap_or(0.0)
+    }
+}
+
+impl fmt::Display for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Decimal {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Decimal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        Self::new(s).map_err(field_error)
+    }
+}
+
 /// Defines an ASCII identifier type: length range, allowed characters, and a name
 /// used in error messages. These carry no patient data, so `Debug` shows the value.
 macro_rules! ascii_id {
@@ -869,6 +936,19 @@ impl Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_have_one_form() {
+        assert_eq!(Decimal::from_f64(2.0).unwrap().as_str(), "2");
+        assert_eq!(Decimal::from_f64(0.5).unwrap().as_str(), "0.5");
+        assert_eq!(Decimal::from_f64(-0.0).unwrap().as_str(), "0");
+        for bad in ["2.0", "02", ".5", "1e3", "-1", "NaN", "inf", ""] {
+            assert!(Decimal::new(bad).is_err(), "{bad}");
+        }
+        assert!(Decimal::from_f64(f64::NAN).is_err());
+        assert!(Decimal::from_f64(-1.0).is_err());
+        assert_eq!(Decimal::new("12.75").unwrap().as_f64(), 12.75);
+    }
 
     #[test]
     fn utc_seconds_is_rfc3339_to_the_second() {

@@ -242,6 +242,7 @@ impl From<Medication> for super::Medication {
             prescribed_elsewhere: m.prescribed_elsewhere,
             provenance: m.provenance.into(),
             ended: None,
+            dosage: None,
         }
     }
 }

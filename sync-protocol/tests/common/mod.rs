@@ -222,10 +222,44 @@ fn allergy_fields() -> impl Strategy<Value = Allergy> {
 }
 
 pub fn medication() -> impl Strategy<Value = Medication> {
-    (medication_fields(), option::of(date())).prop_map(|(mut m, ended)| {
-        m.ended = ended;
-        m
-    })
+    (
+        medication_fields(),
+        option::of(date()),
+        option::of(dosage()),
+    )
+        .prop_map(|(mut m, ended, dosage)| {
+            m.ended = ended;
+            m.dosage = dosage;
+            m
+        })
+}
+
+fn dosage() -> impl Strategy<Value = Dosage> {
+    (
+        option::of((0u32..10_000, option::of(text()))),
+        option::of(1u16..24),
+        option::of(1u32..100),
+        option::of(prop_oneof![
+            Just(PeriodUnit::Hour),
+            Just(PeriodUnit::Day),
+            Just(PeriodUnit::Week)
+        ]),
+        option::of(coding()),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(dose, frequency, period, period_unit, route, as_needed)| Dosage {
+                dose: dose.map(|(v, unit)| DoseQuantity {
+                    value: Decimal::from_f64(f64::from(v) / 4.0).unwrap(),
+                    unit,
+                }),
+                frequency,
+                period: period.map(|p| Decimal::from_f64(f64::from(p)).unwrap()),
+                period_unit,
+                route,
+                as_needed,
+            },
+        )
 }
 
 fn medication_fields() -> impl Strategy<Value = Medication> {
@@ -274,6 +308,7 @@ fn medication_fields() -> impl Strategy<Value = Medication> {
                     prescribed_elsewhere,
                     provenance,
                     ended: None,
+                    dosage: None,
                 }
             },
         )

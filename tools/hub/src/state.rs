@@ -200,10 +200,11 @@ pub(crate) fn dec<'a, T: Deserialize<'a>>(
     postcard::from_bytes(b).map_err(|_| StateError::Corrupt(table))
 }
 
-/// The record format the hub stores: 2 since sync protocol version 2 (codes of any
-/// system, provenance without ODS, partial objections, unreadable counts). A database
-/// with no `records` key holds version-1 records.
-const RECORDS_FORMAT: u32 = 2;
+/// The record format the hub stores: the sync protocol version of its records — 2 (codes
+/// of any system, provenance without ODS, partial objections, unreadable counts), 3 (a
+/// medication's structured dosage). A database with no `records` key holds version-1
+/// records.
+const RECORDS_FORMAT: u32 = 3;
 
 /// Bring stored patient rows to [`RECORDS_FORMAT`] in the opening transaction (a crash
 /// leaves the old format, to be migrated again); refuse a database from a newer hub.
@@ -212,10 +213,20 @@ fn migrate_records(
     meta: &mut redb::Table<&str, &[u8]>,
 ) -> Result<(), StateError> {
     #[derive(Deserialize)]
-    struct RowV1 {
+    struct Row<R> {
         seq: u64,
         fhir_id: String,
-        record: Option<sync_protocol::record::v1::PatientRecord>,
+        record: Option<R>,
+    }
+    fn up<R: Into<PatientRecord> + serde::de::DeserializeOwned>(
+        bytes: &[u8],
+    ) -> Result<PatientRow, StateError> {
+        let old: Row<R> = dec(bytes, "patients")?;
+        Ok(PatientRow {
+            seq: old.seq,
+            fhir_id: old.fhir_id,
+            record: old.record.map(Into::into),
+        })
     }
     let found = meta
         .get("records")?
@@ -233,11 +244,9 @@ fn migrate_records(
             .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
             .collect::<Result<_, _>>()?;
         for (nhs, bytes) in old {
-            let v1: RowV1 = dec(&bytes, "patients")?;
-            let row = PatientRow {
-                seq: v1.seq,
-                fhir_id: v1.fhir_id,
-                record: v1.record.map(PatientRecord::from),
+            let row = match found {
+                1 => up::<sync_protocol::record::v1::PatientRecord>(&bytes)?,
+                _ => up::<sync_protocol::record::v2::PatientRecord>(&bytes)?,
             };
             patients.insert(nhs, enc(&row).as_slice())?;
         }
@@ -828,4 +837,59 @@ fn token_hash(token: &str) -> [u8; 32] {
 pub(crate) fn parse_nhs(s: &str) -> Result<NhsNumber, StateError> {
     NhsNumber::parse(s)
         .map_err(|_| StateError::Invalid("a lease names an invalid NHS number".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database holding version-1 or version-2 records opens with each row read as
+    /// the current record (nothing lost) and the format stepped.
+    #[test]
+    fn older_record_formats_are_migrated_at_open() {
+        use sync_protocol::record::{v1, v2};
+        #[derive(Serialize)]
+        struct Row<R> {
+            seq: u64,
+            fhir_id: String,
+            record: Option<R>,
+        }
+        fn old_db<R: Serialize>(path: &Path, format: u32, nhs: u64, record: R) {
+            drop(HubState::open(path).unwrap());
+            let db = Database::open(path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let row = Row {
+                    seq: 7,
+                    fhir_id: "p-1".into(),
+                    record: Some(record),
+                };
+                let mut patients = tx.open_table(PATIENTS).unwrap();
+                patients
+                    .insert(nhs, postcard::to_allocvec(&row).unwrap().as_slice())
+                    .unwrap();
+                let mut meta = tx.open_table(META).unwrap();
+                meta.insert("records", format.to_le_bytes().as_slice())
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let record = carecache_synth::Generator::new(5).patient();
+        let nhs = record.nhs_number;
+
+        let v2_path = dir.path().join("v2.redb");
+        old_db(&v2_path, 2, nhs.as_u64(), v2::PatientRecord::from(&record));
+        let state = HubState::open(&v2_path).unwrap();
+        assert_eq!(state.record(&nhs).unwrap().as_ref(), Some(&record));
+
+        let v1_path = dir.path().join("v1.redb");
+        let as_v1 = v1::PatientRecord::from(&record);
+        old_db(&v1_path, 1, nhs.as_u64(), as_v1.clone());
+        let state = HubState::open(&v1_path).unwrap();
+        assert_eq!(
+            state.record(&nhs).unwrap(),
+            Some(PatientRecord::from(as_v1))
+        );
+    }
 }

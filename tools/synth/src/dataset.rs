@@ -6,10 +6,12 @@ use rand::Rng;
 use sync_protocol::NhsNumber;
 use sync_protocol::record::Section;
 use sync_protocol::record::{
-    Alert, AlertCategory, AlertSeverity, Allergy, AllergyStatus, AllergyVerification, Medication,
-    MedicationStatus, PatientRecord, Period,
+    Alert, AlertCategory, AlertSeverity, Allergy, AllergyStatus, AllergyVerification, Dosage,
+    DoseQuantity, Medication, MedicationStatus, PatientRecord, Period, PeriodUnit,
 };
-use sync_protocol::types::{Code, Coding, Date, Provenance, SctId, SourceId, Text, Timestamp};
+use sync_protocol::types::{
+    Code, Coding, Date, Decimal, Provenance, SctId, SourceId, Text, Timestamp,
+};
 
 use crate::{Generator, coding, stamp};
 
@@ -430,9 +432,62 @@ impl Generator {
                     }
                     _ => {}
                 }
+                // One in five has a structured dose, written out in words; some sources
+                // export only the structure (`fhir::medication`), and the hub then
+                // writes the words.
+                if self.rng.random_ratio(1, 5) {
+                    let inhaled = m.medicine.display.as_str().contains("inhaler");
+                    let d = self.dosage(inhaled);
+                    m.dose_text = carecache_fhir::dosage::write(None, Some(&d))
+                        .and_then(|f| carecache_fhir::dosage::words(&f))
+                        .map(|w| text(&w));
+                    m.dosage = Some(d);
+                }
                 self.field_provenance(&mut m.provenance);
             }
             r.medications = Section::from_items(items).unwrap_or(Section::NotAvailable);
+        }
+    }
+
+    fn dosage(&mut self, inhaled: bool) -> Dosage {
+        let (value, unit) = *[
+            (1.0, "tablet"),
+            (2.0, "tablet"),
+            (5.0, "mL"),
+            (0.5, "tablet"),
+        ]
+        .get(self.rng.random_range(0..4))
+        .unwrap_or(&(1.0, "tablet"));
+        if inhaled {
+            return Dosage {
+                dose: Decimal::from_f64(2.0).ok().map(|value| DoseQuantity {
+                    value,
+                    unit: Some(text("puff")),
+                }),
+                frequency: Some(4),
+                period: Decimal::from_f64(1.0).ok(),
+                period_unit: Some(PeriodUnit::Day),
+                // A route recorded as text only.
+                route: Some(Coding {
+                    code: None,
+                    display: text("inhaled"),
+                }),
+                as_needed: true,
+            };
+        }
+        Dosage {
+            dose: Decimal::from_f64(value).ok().map(|value| DoseQuantity {
+                value,
+                unit: Some(text(unit)),
+            }),
+            frequency: Some(self.rng.random_range(1..=4)),
+            period: Decimal::from_f64(1.0).ok(),
+            period_unit: Some(PeriodUnit::Day),
+            route: SctId::new(26643006).ok().map(|id| Coding {
+                code: Some(Code::Snomed(id)),
+                display: text("Oral"),
+            }),
+            as_needed: self.rng.random_ratio(1, 4),
         }
     }
 

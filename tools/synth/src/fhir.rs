@@ -175,6 +175,13 @@ fn medication(
     label: Option<(&str, &str)>,
 ) -> Resource {
     let mut r = write::medication(pid, m);
+    // Some sources export a structured dose without its words (every other such
+    // medication, by id): the hub writes them.
+    if m.dosage.is_some() && m.source_id.as_str().len().is_multiple_of(2) {
+        for d in &mut r.dosage {
+            d.text = None;
+        }
+    }
     source_meta(&mut r.meta, 1, label);
     Resource::MedicationStatement(r)
 }

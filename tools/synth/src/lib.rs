@@ -286,6 +286,7 @@ impl Generator {
             provenance: self.provenance(),
             // Set by the source-record path (`fieldify`), as `verification` above.
             ended: None,
+            dosage: None,
         }
     }
 
