@@ -349,7 +349,7 @@ fn a_version_1_hub_is_still_read_and_never_shortens_a_section() {
     let (mut whole, mut not_available) = (0, 0);
     for p in hub.patients.iter().filter(|p| p.shareable()) {
         let got = normalised(store.record(&p.nhs_number()).unwrap().unwrap());
-        // Version 1 has no allergy verification or medication end date.
+        // Version 1 has no allergy verification, medication end date or structured dose.
         let mut want = normalised(p.expected.clone());
         if let Section::Entries(items) = &want.allergies {
             let mut v = items.to_vec();
@@ -358,7 +358,10 @@ fn a_version_1_hub_is_still_read_and_never_shortens_a_section() {
         }
         if let Section::Entries(items) = &want.medications {
             let mut v = items.to_vec();
-            v.iter_mut().for_each(|m| m.ended = None);
+            v.iter_mut().for_each(|m| {
+                m.ended = None;
+                m.dosage = None;
+            });
             want.medications = Section::from_items(v).unwrap();
         }
         assert!(same_or_not_available(&got.alerts, &want.alerts));
@@ -384,4 +387,49 @@ fn a_version_1_hub_is_still_read_and_never_shortens_a_section() {
         whole > 50 && not_available > 20,
         "{whole} whole, {not_available} not available"
     );
+}
+
+/// A hub that speaks version 2 at most: every record arrives whole but for structured
+/// doses, whose words arrive in the dose text.
+#[test]
+fn a_version_2_hub_is_read_whole_but_for_structured_doses() {
+    use carecache_hub::server::Tamper;
+    use sync_protocol::record::Section;
+    use sync_protocol::{Compression, Message, decode, encode};
+    let hub = TestHub::start(200, 9);
+    let dev = Dev::enrolled(&hub);
+    grant(&hub, &dev.id(), &first_n(&hub, 200), json!({}));
+    hub.hub
+        .dangerous_set_response_hook(Some(Arc::new(|route, bytes| {
+            if route != "hello" {
+                return Tamper::Pass;
+            }
+            match decode(bytes) {
+                Ok(Message::Welcome(mut w)) => {
+                    w.version = 2;
+                    Tamper::Replace(encode(&Message::Welcome(w), Compression::None).unwrap())
+                }
+                _ => Tamper::Pass,
+            }
+        })));
+    dev.sync().unwrap();
+    assert_eq!(dev.held(), sorted(shareable(&hub, 200)));
+    let store = dev.device.store();
+    let mut structured = 0;
+    for p in hub.patients.iter().filter(|p| p.shareable()) {
+        let got = normalised(store.record(&p.nhs_number()).unwrap().unwrap());
+        let mut want = normalised(p.expected.clone());
+        if let Section::Entries(items) = &want.medications {
+            let mut v = items.to_vec();
+            for m in &mut v {
+                if m.dosage.take().is_some() {
+                    structured += 1;
+                    assert!(m.dose_text.is_some(), "the words of a structured dose");
+                }
+            }
+            want.medications = Section::from_items(v).unwrap();
+        }
+        assert!(got == want, "a version-2 record differs");
+    }
+    assert!(structured > 5, "{structured} structured doses");
 }

@@ -46,7 +46,10 @@ use crate::state::{HubState, LeaseSpec, StateError};
 /// Content type of sync-protocol frames.
 pub const FRAME_CONTENT_TYPE: &str = "application/vnd.carecache.sync";
 /// Protocol versions this hub speaks.
-const VERSIONS: (u16, u16) = (1, 2);
+const VERSIONS: (u16, u16) = (
+    *sync_protocol::codec::SUPPORTED_VERSIONS.start(),
+    *sync_protocol::codec::SUPPORTED_VERSIONS.end(),
+);
 
 /// A source re-read the admin API can trigger; returns a JSON report.
 pub type IngestHook = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
@@ -704,9 +707,10 @@ async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response
                 more = batch.more,
                 "batch served"
             );
-            if version == 1 {
-                // A version-1 device: each record as v1 can carry it (SPEC.md §5).
-                return match encode_version(&Message::Batch(batch), Compression::Zstd, 1) {
+            if version != sync_protocol::codec::VERSION {
+                // A device of an earlier version: each record as that version can carry
+                // it (SPEC.md §5).
+                return match encode_version(&Message::Batch(batch), Compression::Zstd, version) {
                     Ok(bytes) => (
                         StatusCode::OK,
                         [(header::CONTENT_TYPE, FRAME_CONTENT_TYPE)],
