@@ -133,6 +133,20 @@ pub struct Store {
     fail_audit: std::sync::atomic::AtomicBool,
 }
 
+impl Drop for Store {
+    /// redb can panic closing a database corrupted outside it (its closing transaction
+    /// reads the table of tables); a damaged file is reported when read, and must not
+    /// take the process down when the store is dropped.
+    fn drop(&mut self) {
+        if let Ok(snapshot) = self.snapshot.get_mut() {
+            snapshot.take();
+        }
+        if let Some(db) = self.db.get_mut().ok().and_then(Option::take) {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+        }
+    }
+}
+
 /// Obtains the root key for `dir` from `source`. For a passphrase this runs Argon2id with
 /// the parameters stored in the keyring: do it once per start and keep the [`RootKey`].
 pub fn unlock(dir: &Path, source: &KeySource) -> Result<RootKey, StoreError> {
