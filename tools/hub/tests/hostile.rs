@@ -60,11 +60,12 @@ fn malformed_frames_are_refused_and_nothing_applied() {
         )),
         Some(ErrorCode::Malformed)
     );
-    // A version this hub does not speak.
+    // A version this hub does not speak (the next two after the newest).
+    let newest = *sync_protocol::codec::SUPPORTED_VERSIONS.end();
     let v2 = sync_protocol::encode(
         &Message::Hello(sync_protocol::message::Hello {
-            min_version: 3,
-            max_version: 4,
+            min_version: newest + 1,
+            max_version: newest + 2,
             capabilities: sync_protocol::types::Capabilities(0),
             device_time: sync_protocol::types::Timestamp::from_millis(0).unwrap(),
             software: sync_protocol::types::Text::new("x").unwrap(),
