@@ -35,6 +35,7 @@ pub mod fuzzing;
 pub mod keysource;
 pub mod metrics;
 pub mod policy;
+pub mod search;
 pub mod store;
 pub mod sync;
 pub mod transport;

@@ -921,8 +921,9 @@ fn shareable_where(
 }
 
 /// Two unmodified FHIR client libraries (PyPI's `fhirclient` and `fhirpy`, installed by
-/// `.ci/run`) search a patient by NHS number, page through their alerts and medications
-/// by the `next` links, and read the `$summary` document.
+/// `.ci/run`) search a patient by NHS number and by family name and date of birth, page
+/// through their alerts and medications by the `next` links, and read the `$summary`
+/// document.
 #[test]
 fn unmodified_fhir_client_libraries_read_paged_searchsets_and_the_summary() {
     let (hub, s, _) = served(60, 67, json!({ "users": ["n1"] }));
@@ -937,6 +938,8 @@ fn unmodified_fhir_client_libraries_read_paged_searchsets_and_the_summary() {
         .arg(format!("http://{}/fhir", s.addr))
         .arg(&s.token)
         .arg(&d)
+        .arg(p.expected.demographics.name.family.as_str())
+        .arg(p.expected.demographics.birth_date.to_string())
         .output()
         .expect("python3 runs the client libraries (.ci/run installs fhirclient and fhirpy)");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -964,6 +967,12 @@ fn unmodified_fhir_client_libraries_read_paged_searchsets_and_the_summary() {
     meds.sort();
     for lib in ["fhirclient", "fhirpy"] {
         assert_eq!(v[format!("{lib}_patient")], json!([d]), "{lib}: {v}");
+        assert!(
+            v[format!("{lib}_search")]
+                .as_array()
+                .is_some_and(|ids| ids.contains(&json!(d))),
+            "{lib} demographic search: {v}"
+        );
         assert_eq!(
             v[format!("{lib}_flags")],
             json!(alerts),

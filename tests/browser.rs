@@ -106,3 +106,88 @@ fn headless_chromium_signs_in_and_sees_alerts_above_allergies() {
     assert_eq!(last.patient, Some(target));
     assert_eq!(last.user.unwrap().as_str(), "crew.1");
 }
+
+/// The viewer's search form, as a crew at a door would use it: a misspelt family name and
+/// a date of birth typed the UK way; the patient is the first match, the page says why
+/// and to check, and the record opens from it.
+#[test]
+fn headless_chromium_finds_a_patient_by_misspelt_name_and_date_of_birth() {
+    let (hub, s, _) = served(40, 93, json!({ "users": ["crew.1"] }));
+    let target = hub
+        .patients
+        .iter()
+        .find(|p| {
+            p.shareable()
+                && p.expected.demographics.birth_date.is_full()
+                && p.expected.demographics.name.family.as_str().chars().count() >= 4
+        })
+        .unwrap();
+    let d = &target.expected.demographics;
+    let mut family: Vec<char> = d.name.family.as_str().chars().collect();
+    let i = family.len() / 2;
+    family[i] = if family[i] == 'e' { 'a' } else { 'e' };
+    let family: String = family.into_iter().collect();
+    let b = d.birth_date;
+    let typed_date = format!(
+        "{:02}/{:02}/{:04}",
+        b.day().unwrap(),
+        b.month().unwrap(),
+        b.year()
+    );
+    let base = format!("http://{}", s.addr);
+    let browser = Browser::new(LaunchOptions {
+        headless: true,
+        sandbox: false,
+        path: Some(chromium()),
+        window_size: Some((800, 1280)),
+        ..LaunchOptions::default()
+    })
+    .unwrap();
+    let tab = browser.new_tab().unwrap();
+    tab.navigate_to(&format!("{base}/")).unwrap();
+    tab.wait_for_element("#token").unwrap().click().unwrap();
+    tab.type_str(&s.token).unwrap();
+    tab.wait_for_element("#user").unwrap().click().unwrap();
+    tab.type_str("crew.1").unwrap();
+    tab.wait_for_element("button[type=submit].go")
+        .unwrap()
+        .click()
+        .unwrap();
+    tab.wait_until_navigated().unwrap();
+    tab.wait_for_element("#family").unwrap().click().unwrap();
+    tab.type_str(&family).unwrap();
+    tab.wait_for_element("#birthdate").unwrap().click().unwrap();
+    tab.type_str(&typed_date).unwrap();
+    tab.wait_for_element("form[action=\"/search\"] button")
+        .unwrap()
+        .click()
+        .unwrap();
+    tab.wait_until_navigated().unwrap();
+    let first = tab
+        .wait_for_element("table tbody tr:first-child a")
+        .unwrap_or_else(|e| panic!("{e}: {}", tab.get_content().unwrap_or_default()));
+    assert_eq!(
+        first.get_attribute_value("href").unwrap().as_deref(),
+        Some(format!("/patient/{}", target.nhs_number().digits()).as_str())
+    );
+    let notice = tab
+        .wait_for_element("p.banner")
+        .unwrap()
+        .get_inner_text()
+        .unwrap();
+    assert!(notice.contains("check the NHS number"), "{notice}");
+    let why = tab
+        .wait_for_element("table tbody tr:first-child td:last-child")
+        .unwrap()
+        .get_inner_text()
+        .unwrap();
+    assert!(why.contains("similar spelling"), "{why}");
+    first.click().unwrap();
+    let banner = tab.wait_for_element("#banner").unwrap();
+    assert!(
+        banner
+            .get_inner_text()
+            .unwrap()
+            .contains(&target.nhs_number().to_string())
+    );
+}

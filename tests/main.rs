@@ -27,6 +27,7 @@ mod harness;
 mod hostile_hub;
 mod policy;
 mod real_fhir;
+mod search;
 mod store;
 mod store_fixture;
 mod sync;

@@ -129,6 +129,7 @@ pub fn searchset(
             resource: Some(Resource::OperationOutcome(n)),
             search: Some(EntrySearch {
                 mode: Some("outcome".into()),
+                score: None,
             }),
             request: None,
             response: None,
@@ -151,6 +152,7 @@ fn entry(r: Resource, mode: &str) -> BundleEntry<Resource> {
         resource: Some(r),
         search: Some(EntrySearch {
             mode: Some(mode.into()),
+            score: None,
         }),
         request: None,
         response: None,

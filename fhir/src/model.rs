@@ -717,12 +717,15 @@ pub struct BundleLink {
 }
 
 /// `Bundle.entry.search`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EntrySearch {
     /// `mode` (match | include | outcome).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// `score` (0–1, how well a match fits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
 }
 
 /// `Bundle.entry.request`.

@@ -16,6 +16,7 @@ use super::render::{self, Freshness};
 use super::{Api, headers};
 use crate::audit::AuditError;
 use crate::policy::{self, Denial, Purpose, Shown};
+use crate::search;
 
 pub(super) const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 use carecache_fhir::codes::NHS_NUMBER_SYSTEM as NHS_SYSTEM;
@@ -571,10 +572,31 @@ pub(super) async fn fhir_patient_search(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
+    const ALLOWED: [&str; 8] = [
+        "identifier",
+        "_count",
+        "_offset",
+        "family",
+        "given",
+        "birthdate",
+        "gender",
+        "address-postalcode",
+    ];
+    if let Ok(pairs) = params(q.as_deref(), &ALLOWED)
+        && param(&pairs, "identifier").is_none()
+    {
+        return fhir_demographic_search(&api, &h, &pairs).await;
+    }
     let mut page = render::Paging::default();
-    let patient = params(q.as_deref(), &["identifier", "_count", "_offset"]).and_then(|pairs| {
-        let id = param(&pairs, "identifier")
-            .ok_or_else(|| format!("missing parameter identifier={NHS_SYSTEM}|{{NHS number}}"))?;
+    let patient = params(q.as_deref(), &ALLOWED).and_then(|pairs| {
+        let id = param(&pairs, "identifier").ok_or_else(|| {
+            format!(
+                "missing parameter identifier={NHS_SYSTEM}|{{NHS number}}, or at least two of family/given, birthdate, address-postalcode"
+            )
+        })?;
+        if ALLOWED[3..].iter().any(|t| param(&pairs, t).is_some()) {
+            return Err("search by identifier or by demographics, not both".to_owned());
+        }
         let value = match id.split_once('|') {
             Some((system, value)) if system == NHS_SYSTEM || system.is_empty() => value,
             Some(_) => return Err(format!("only {NHS_SYSTEM} identifiers can be searched")),
@@ -599,6 +621,53 @@ pub(super) async fn fhir_patient_search(
         }),
     )
     .await
+}
+
+/// `GET /fhir/Patient?family=&given=&birthdate=&gender=&address-postalcode=`: a
+/// searchset of the matches the caller may see, each with `search.score`.
+async fn fhir_demographic_search(api: &Api, h: &HeaderMap, pairs: &[(String, String)]) -> Response {
+    let rid = api.next_request_id();
+    if api.device.is_wiped() {
+        return error(
+            Format::Fhir,
+            StatusCode::GONE,
+            "device-revoked",
+            "this device was revoked by the hub; its data has been destroyed",
+            Some(rid),
+        );
+    }
+    let client = match authenticate(api, h, rid, Format::Fhir).await {
+        Ok(c) => c,
+        Err(res) => return res,
+    };
+    let caller = Caller::read(h, client);
+    let mut access = caller.access(rid, AuditAction::SearchPatient);
+    let base = base_url(h);
+    let outcome = (|| {
+        let query = search_query(pairs, "address-postalcode")
+            .map_err(Refusal::bad_request)?
+            .ok_or_else(|| Refusal::bad_request("no search terms"))?;
+        let page = paging(pairs).map_err(Refusal::bad_request)?;
+        let found = search(api, &caller, &mut access, &query)?;
+        let results: Vec<(&Shown, f64)> = found.iter().map(|(m, s)| (s, m.score)).collect();
+        // The paging links repeat the search the caller sent (to the caller only: the
+        // terms are never logged or audited).
+        let terms: Vec<&(String, String)> =
+            pairs.iter().filter(|(k, _)| !k.starts_with('_')).collect();
+        let query = format!(
+            "/fhir/Patient?{}",
+            serde_urlencoded::to_string(&terms).unwrap_or_default()
+        );
+        Ok(fhir_ok(&render::patient_matches(
+            &results,
+            &api.freshness(),
+            api.device.now(),
+            page,
+            (&base, &query),
+            SEARCH_NOTICE,
+        )))
+    })();
+    finish(api, Format::Fhir, access, outcome).await
 }
 
 pub(super) async fn fhir_patient_read(
@@ -780,7 +849,35 @@ fn list_page(
         .purpose
         .as_ref()
         .map_err(|e| Refusal::bad_request(e.clone()))?;
-    let pairs = params(q, &["_count", "_offset"]).map_err(Refusal::bad_request)?;
+    let pairs = params(
+        q,
+        &[
+            "_count",
+            "_offset",
+            "family",
+            "given",
+            "birthdate",
+            "gender",
+            "postcode",
+        ],
+    )
+    .map_err(Refusal::bad_request)?;
+    if let Some(query) = search_query(&pairs, "postcode").map_err(Refusal::bad_request)? {
+        access.action = AuditAction::SearchPatient;
+        let found = search(api, caller, access, &query)?;
+        let rows: Vec<Value> = found
+            .iter()
+            .map(|(m, shown)| render::json_search_item(shown, m.score, &m.reasons))
+            .collect();
+        return Ok(json_keeping(json!({
+            "search": true,
+            "count": rows.len(),
+            "patients": rows,
+            "notice": SEARCH_NOTICE,
+            "freshness": api.freshness().json(),
+            "request_id": access.request_id.to_string(),
+        })));
+    }
     let count = match param(&pairs, "_count") {
         None => PAGE_MAX,
         Some(c) => c
@@ -834,6 +931,80 @@ fn list_page(
         "request_id": access.request_id.to_string(),
     });
     Ok(json_keeping(body))
+}
+
+/// What every search answer says beside its matches (HAZ-02).
+pub(super) const SEARCH_NOTICE: &str = "Matches are ranked by how closely they fit what was typed; check the NHS number, date of birth and address with the patient or a relative before relying on a record.";
+
+/// A demographic search from request parameters, if any search term is present
+/// (`postcode_param` names the postcode: `postcode` in JSON, `address-postalcode` in
+/// FHIR). `Err` says why the terms cannot be searched.
+fn search_query(
+    pairs: &[(String, String)],
+    postcode_param: &str,
+) -> Result<Option<search::Query>, String> {
+    let terms = ["family", "given", "birthdate", "gender", postcode_param];
+    if !terms.iter().any(|t| param(pairs, t).is_some()) {
+        return Ok(None);
+    }
+    search::Query::new(
+        param(pairs, "family"),
+        param(pairs, "given"),
+        param(pairs, "birthdate"),
+        param(pairs, "gender"),
+        param(pairs, postcode_param),
+    )
+    .map(Some)
+    .map_err(|e| e.to_string())
+}
+
+/// The matches `query` finds that the caller may see, best first, at most
+/// [`search::MAX_RESULTS`]: each decided by the policy as a read of that patient would
+/// be (a patient the caller may not see is left out without a trace; with emergency
+/// access and a reason, patients held under leases that allow it are included and marked).
+/// Records the shown patients in `access`.
+fn search(
+    api: &Api,
+    caller: &Caller,
+    access: &mut Access,
+    query: &search::Query,
+) -> Result<Vec<(search::Match, Shown)>, Refusal> {
+    let user = caller
+        .user
+        .as_ref()
+        .map_err(|e| Refusal::bad_request(e.clone()))?;
+    let purpose = caller
+        .purpose
+        .as_ref()
+        .map_err(|e| Refusal::bad_request(e.clone()))?;
+    let device = &api.device;
+    let now = device.now();
+    let policy = device.policy();
+    let matches = api
+        .search_index(|index| index.search(query))
+        .map_err(|e| internal(&e))?;
+    let mut out = Vec::new();
+    for m in matches {
+        if out.len() == search::MAX_RESULTS {
+            break;
+        }
+        let Ok(grant) = policy
+            .decide(device.store(), now, user, purpose, &m.nhs)
+            .map_err(|e| internal(&e))?
+        else {
+            continue;
+        };
+        let Some(shown) = policy::open(device.store(), grant).map_err(|e| internal(&e))? else {
+            continue;
+        };
+        out.push((m, shown));
+    }
+    access.listed = BoundedVec::try_from(out.iter().map(|(m, _)| m.nhs).collect::<Vec<_>>())
+        .unwrap_or_default();
+    if let [(m, _)] = out.as_slice() {
+        access.patient = Some(m.nhs);
+    }
+    Ok(out)
 }
 
 pub(super) async fn not_found(uri: axum::http::Uri) -> Response {

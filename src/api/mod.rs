@@ -65,6 +65,8 @@ pub struct Api {
     request_seq: AtomicU64,
     started: Instant,
     sessions: viewer::Sessions,
+    /// The demographic search index, rebuilt after any store commit (`search_index`).
+    search: std::sync::Mutex<crate::search::Index>,
 }
 
 impl std::fmt::Debug for Api {
@@ -74,6 +76,25 @@ impl std::fmt::Debug for Api {
 }
 
 impl Api {
+    /// Runs `f` over the search index of the patients held now: rebuilt from the store
+    /// when a commit happened since it was built (so a purged patient is never found).
+    pub(crate) fn search_index<T>(
+        &self,
+        f: impl FnOnce(&crate::search::Index) -> T,
+    ) -> Result<T, crate::store::StoreError> {
+        let store = self.device.store();
+        let generation = store.generation();
+        let mut index = self
+            .search
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if index.generation() != Some(generation) {
+            let records = store.records()?;
+            *index = crate::search::Index::build(&records).at(generation);
+        }
+        Ok(f(&index))
+    }
+
     /// The endpoint over `device`.
     pub fn new(device: Arc<Device>) -> Arc<Self> {
         let mut b = [0u8; 4];
@@ -85,6 +106,7 @@ impl Api {
             request_base: u64::from(u32::from_le_bytes(b)) << 32,
             request_seq: AtomicU64::new(1),
             started: Instant::now(),
+            search: std::sync::Mutex::new(crate::search::Index::default()),
             sessions: viewer::Sessions::default(),
         })
     }
@@ -131,6 +153,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/metrics", get(metrics))
         .route("/", get(viewer::home))
         .route("/find", get(viewer::find))
+        .route("/search", get(viewer::search))
         .route("/patient/{nhs}", get(viewer::patient))
         .route("/sign-in", post(viewer::sign_in))
         .route("/sign-out", post(viewer::sign_out))

@@ -244,6 +244,42 @@ pub fn patient_search(s: &Shown, f: &Freshness, now: Timestamp, page: Paging, ba
     )
 }
 
+/// `GET /fhir/Patient?family=…`: the matches of a demographic search, best first, each
+/// with `search.score`; `notice` (check the match with the patient) as an
+/// OperationOutcome on the first page. `query` is the search for the paging links.
+pub fn patient_matches(
+    matches: &[(&Shown, f64)],
+    f: &Freshness,
+    now: Timestamp,
+    page: Paging,
+    link: (&str, &str),
+    notice: &str,
+) -> Value {
+    let mut bundle = searchset(
+        matches
+            .iter()
+            .map(|(s, _)| patient_resource(s, f))
+            .collect(),
+        vec![outcome("information", "informational", notice)],
+        f,
+        now,
+        page,
+        link,
+    );
+    // Scores, in the order the matches were given (the page is a slice of them).
+    let scores = matches.iter().skip(page.offset).map(|(_, score)| *score);
+    if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
+        for (entry, score) in entries
+            .iter_mut()
+            .filter(|e| e["search"]["mode"] == "match")
+            .zip(scores)
+        {
+            entry["search"]["score"] = json!(score);
+        }
+    }
+    bundle
+}
+
 /// "1 alert could not be displayed — check the source record", for a section with items
 /// the hub could not read.
 pub fn could_not_show(unreadable: u16, noun: (&str, &str)) -> Option<String> {
@@ -843,6 +879,17 @@ pub fn json_summary(s: &Shown, f: &Freshness, request_id: u64) -> Value {
 }
 
 /// One row of `GET /v1/patients`.
+/// One match of a demographic search: the caseload row, how well it matched (0–1), why,
+/// and whether it is shown under emergency access.
+pub fn json_search_item(s: &Shown, score: f64, reasons: &[&str]) -> Value {
+    let mut row = json_list_item(s);
+    row["score"] = json!(score);
+    row["match"] = json!(reasons);
+    row["emergency_access"] = json!(s.grant.emergency());
+    row
+}
+
+/// One row of the caseload list.
 pub fn json_list_item(s: &Shown) -> Value {
     let high = s
         .alerts

@@ -595,7 +595,114 @@ fn find_form() -> &'static str {
     "<form class=\"find\" method=\"get\" action=\"/find\">\
      <div><label for=\"nhs\">Find by NHS number</label>\
      <input id=\"nhs\" name=\"nhs\" inputmode=\"numeric\" autocomplete=\"off\" placeholder=\"999 123 4567\"></div>\
-     <button class=\"go\" type=\"submit\">Open</button></form>"
+     <button class=\"go\" type=\"submit\">Open</button></form>\
+     <form class=\"find\" method=\"get\" action=\"/search\">\
+     <div><label for=\"family\">Family name</label><input id=\"family\" name=\"family\" autocomplete=\"off\"></div>\
+     <div><label for=\"given\">Given name</label><input id=\"given\" name=\"given\" autocomplete=\"off\"></div>\
+     <div><label for=\"birthdate\">Date of birth</label><input id=\"birthdate\" name=\"birthdate\" autocomplete=\"off\" placeholder=\"DD/MM/YYYY\"></div>\
+     <div><label for=\"postcode\">Postcode</label><input id=\"postcode\" name=\"postcode\" autocomplete=\"off\" placeholder=\"WV10 9QR\"></div>\
+     <button class=\"go\" type=\"submit\">Search</button></form>"
+}
+
+/// `GET /search?family=&given=&birthdate=&postcode=`: the matches the caller may see,
+/// best first, with why each matched and a reminder to check before relying on one.
+pub(super) async fn search(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let Some((token, user)) = api.sessions.find(&h) else {
+        return sign_in_page(
+            &api,
+            StatusCode::UNAUTHORIZED,
+            Some("Please sign in to search for patients."),
+        );
+    };
+    let Some(headers) = client_headers(&token, &user, None) else {
+        return sign_in_page(&api, StatusCode::OK, None);
+    };
+    // Only the search terms pass through (empty fields dropped).
+    let terms: Vec<(String, String)> =
+        serde_urlencoded::from_str::<Vec<(String, String)>>(q.as_deref().unwrap_or(""))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, v)| {
+                matches!(k.as_str(), "family" | "given" | "birthdate" | "postcode")
+                    && !v.trim().is_empty()
+            })
+            .collect();
+    if terms.is_empty() {
+        return see_other("/", None);
+    }
+    let query = serde_urlencoded::to_string(&terms).unwrap_or_default();
+    let res = access::list(&api, &headers, Some(&query)).await;
+    let status = res.status();
+    if let Some(Rendered(body)) = res.extensions().get::<Rendered>() {
+        let html = search_page(&api, &user, body);
+        return page_response(status, html, &res);
+    }
+    if status == StatusCode::BAD_REQUEST {
+        // The terms cannot be searched (too few, a date that is not one): say why, with
+        // the form to try again.
+        let why = res
+            .extensions()
+            .get::<ErrorInfo>()
+            .map(|e| e.message.clone())
+            .unwrap_or_else(|| "These search terms cannot be used.".to_owned());
+        let body = format!(
+            "{}<p class=\"state\" role=\"alert\">{}</p>",
+            find_form(),
+            esc(&why)
+        );
+        return html_response(status, frame(&api, "Search", Some(&user), "", &body));
+    }
+    refusal_page(&api, &user, None, &res)
+}
+
+fn search_page(api: &Api, user: &StaffId, body: &Value) -> String {
+    let rows = body
+        .get("patients")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let mut out = String::new();
+    out.push_str(find_form());
+    let _ = write!(
+        out,
+        "<h1>Search <span class=\"meta\">({} found)</span></h1><p class=\"banner\" role=\"note\">{}</p>",
+        rows.len(),
+        esc(text(body, "notice"))
+    );
+    if rows.is_empty() {
+        out.push_str(
+            "<p class=\"state\">No patient you may see matches. Check the spelling, try \
+             the date of birth the other way round, or search by NHS number.</p>",
+        );
+        return frame(api, "Search", Some(user), "", &out);
+    }
+    out.push_str(
+        "<table><thead><tr><th>Name</th><th>Born</th><th>NHS number</th><th>Match</th><th>Why</th></tr></thead><tbody>",
+    );
+    for r in rows {
+        let nhs = text(r, "nhs_number");
+        let digits: String = nhs.chars().filter(char::is_ascii_digit).collect();
+        let score = r.get("score").and_then(Value::as_f64).unwrap_or(0.0);
+        let why: Vec<&str> = r
+            .get("match")
+            .and_then(Value::as_array)
+            .map(|m| m.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            "<tr><td><a href=\"/patient/{digits}\">{}</a></td><td>{}</td><td>{}</td><td>{:.0}%</td><td>{}</td></tr>",
+            esc(text(r, "name")),
+            esc(&nhs_date(text(r, "birth_date"))),
+            esc(nhs),
+            score * 100.0,
+            esc(&why.join("; ")),
+        );
+    }
+    out.push_str("</tbody></table>");
+    frame(api, "Search", Some(user), "", &out)
 }
 
 fn caseload_page(api: &Api, user: &StaffId, body: &Value, page: usize) -> String {

@@ -970,6 +970,11 @@ impl Store {
         self.open_state(name, v.value()).map(Some)
     }
 
+    /// Bumped after every commit: a reader's cache built at an older generation is stale.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// The current snapshot, rebuilt if a commit happened since it was taken. The generation
     /// is read before the transaction begins, so a snapshot is never newer than its tag says
     /// and never kept after a later commit.

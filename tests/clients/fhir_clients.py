@@ -1,12 +1,12 @@
 """Unmodified FHIR client libraries against a carecache device's local API.
 
-Usage: fhir_clients.py BASE_URL TOKEN NHS_NUMBER
+Usage: fhir_clients.py BASE_URL TOKEN NHS_NUMBER FAMILY BIRTHDATE
 Prints one JSON object of what each library read; exits non-zero on any library error.
 """
 import json
 import sys
 
-base, token, nhs = sys.argv[1], sys.argv[2], sys.argv[3]
+base, token, nhs, family, birthdate = sys.argv[1:6]
 headers = {
     "Authorization": f"Bearer {token}",
     "X-Carecache-User": "n1",
@@ -44,6 +44,14 @@ meds = [
     if isinstance(r, MedicationStatement)
 ]
 out["fhirclient_medications"] = sorted(m.id for m in meds)
+# Demographic search: the patient without their NHS number.
+out["fhirclient_search"] = [
+    p.id
+    for p in Patient.where(struct={"family": family, "birthdate": birthdate}).perform_resources(
+        smart.server
+    )
+    if isinstance(p, Patient)
+]
 summary = Bundle(smart.server.request_json(f"Patient/{nhs}/$summary"))
 out["fhirclient_summary"] = {
     "type": summary.type,
@@ -64,6 +72,9 @@ out["fhirpy_patient"] = [
     for p in fp.resources("Patient")
     .search(identifier=f"https://fhir.nhs.uk/Id/nhs-number|{nhs}")
     .fetch_all()
+]
+out["fhirpy_search"] = [
+    p["id"] for p in fp.resources("Patient").search(family=family, birthdate=birthdate).fetch_all()
 ]
 out["fhirpy_flags"] = sorted(
     f["id"] for f in fp.resources("Flag").search(patient=f"Patient/{nhs}").limit(1).fetch_all()
