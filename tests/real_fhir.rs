@@ -229,7 +229,8 @@ fn no_objector_of_any_shape_is_served_and_every_readable_item_arrives() {
     assert_a_second_validator_accepts_the_device_fhir(&s, &hub.patients);
 }
 
-/// The device's FHIR for field-shaped patients, every route, through a second R4
+/// The device's FHIR for field-shaped patients, every route (the demographic search
+/// included), through a second R4
 /// validator (Medplum's, in the test FHIR server; the first, `fhir.resources`, runs in
 /// `api::fhir_routes_answer_valid_r4_with_alerts_first_and_absences_explicit`): every
 /// resource is accepted.
@@ -245,6 +246,14 @@ fn assert_a_second_validator_accepts_the_device_fhir(s: &Served, patients: &[Sou
             format!("/fhir/AllergyIntolerance?patient={d}"),
             format!("/fhir/MedicationStatement?patient={d}"),
             format!("/fhir/Patient/{d}/$summary"),
+            format!(
+                "/fhir/Patient?family={}&birthdate={}",
+                percent_encoding::utf8_percent_encode(
+                    p.expected.demographics.name.family.as_str(),
+                    percent_encoding::NON_ALPHANUMERIC
+                ),
+                p.expected.demographics.birth_date
+            ),
         ] {
             let b = s.get(&route).json();
             for e in b["entry"].as_array().unwrap() {

@@ -67,6 +67,9 @@ pub struct Api {
     sessions: viewer::Sessions,
     /// The demographic search index, rebuilt after any store commit (`search_index`).
     search: std::sync::Mutex<crate::search::Index>,
+    /// A search has been made: from then on the index is kept fresh in the background
+    /// after each sync, so the first search after one does not wait for the rebuild.
+    search_used: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Api {
@@ -77,22 +80,46 @@ impl std::fmt::Debug for Api {
 
 impl Api {
     /// Runs `f` over the search index of the patients held now: rebuilt from the store
-    /// when a commit happened since it was built (so a purged patient is never found).
+    /// when a commit happened since it was built (so a purged patient is not found; the
+    /// policy check on every match is the guard if a commit lands meanwhile).
     pub(crate) fn search_index<T>(
         &self,
         f: impl FnOnce(&crate::search::Index) -> T,
     ) -> Result<T, crate::store::StoreError> {
+        self.search_used.store(true, Ordering::Relaxed);
+        self.refresh_search_index()?;
+        let index = self
+            .search
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(f(&index))
+    }
+
+    /// Rebuilds the search index if the store changed since it was built. The store is
+    /// read without holding the index, so searches go on meanwhile.
+    pub(crate) fn refresh_search_index(&self) -> Result<(), crate::store::StoreError> {
         let store = self.device.store();
-        let generation = store.generation();
+        let current = store.generation();
+        let built = self
+            .search
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .generation();
+        if built == Some(current) {
+            return Ok(());
+        }
+        let fresh = crate::search::Index::from_store(store)?;
         let mut index = self
             .search
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if index.generation() != Some(generation) {
-            let records = store.records()?;
-            *index = crate::search::Index::build(&records).at(generation);
+        if index
+            .generation()
+            .is_none_or(|g| Some(g) < fresh.generation())
+        {
+            *index = fresh;
         }
-        Ok(f(&index))
+        Ok(())
     }
 
     /// The endpoint over `device`.
@@ -107,6 +134,7 @@ impl Api {
             request_seq: AtomicU64::new(1),
             started: Instant::now(),
             search: std::sync::Mutex::new(crate::search::Index::default()),
+            search_used: std::sync::atomic::AtomicBool::new(false),
             sessions: viewer::Sessions::default(),
         })
     }
@@ -416,6 +444,25 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let cfg = api.device.config().api.clone();
+    // Keep the search index fresh once it is in use (built lazily: startup and memory
+    // stay as they were for a device nobody searches on).
+    let warm = {
+        let api = Arc::clone(&api);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if api.search_used.load(Ordering::Relaxed) {
+                    let api = Arc::clone(&api);
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Err(e) = api.refresh_search_index() {
+                            tracing::warn!(error = %e, "search index not refreshed");
+                        }
+                    })
+                    .await;
+                }
+            }
+        })
+    };
     let app = router(api);
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -473,6 +520,7 @@ pub async fn serve(
         });
     }
     shutdown.await;
+    warm.abort();
     let _ = stop_tx.send(true);
     while loops.join_next().await.is_some() {}
     for p in sockets {

@@ -546,6 +546,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Hands `f` every held record, one at a time (each decoded, used and dropped before
+    /// the next is opened): for indexes built over all patients without holding them all.
+    pub fn for_each_record_decoded(
+        &self,
+        mut f: impl FnMut(&PatientRecord),
+    ) -> Result<(), StoreError> {
+        self.for_each_record(|version, plain| {
+            f(&decode_record(version, plain)?);
+            Ok(())
+        })
+    }
+
     /// Hands `f` every held record's decrypted encoding (zeroized after each), in row-key
     /// order, from one read transaction.
     fn for_each_record(
