@@ -120,6 +120,7 @@ fn reliability_table_and_hazard_log_name_only_tests_that_exist() {
     let mut sources = String::new();
     for dir in [
         "tests",
+        "src",
         "tools/hub/tests",
         "tools/hub/src",
         "fhir/src",
