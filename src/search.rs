@@ -258,26 +258,26 @@ impl Entry {
 }
 
 /// How well one typed name matches one held name, and in what way.
-fn name_match(typed: &str, held: &str) -> Option<(f64, &'static str)> {
+fn name_match(typed: &str, held: &str) -> Option<(f64, How)> {
     if typed.is_empty() || held.is_empty() {
         return None;
     }
     if typed == held {
-        return Some((1.0, "exact"));
+        return Some((1.0, How::Exact));
     }
     // Compare without spaces too: "Mc Donald" and "McDonald", "Smith Jones" and
     // "Smith-Jones".
     let t: String = typed.split(' ').collect();
     let h: String = held.split(' ').collect();
     if t == h {
-        return Some((0.98, "exact"));
+        return Some((0.98, How::Exact));
     }
     if held.split(' ').any(|w| w == typed) || typed.split(' ').any(|w| w == held) {
-        return Some((0.9, "one part of a double name"));
+        return Some((0.9, How::Part));
     }
     let similarity = strsim::jaro_winkler(&t, &h);
     if similarity >= NAME_SIMILARITY {
-        return Some((similarity * 0.9, "similar spelling"));
+        return Some((similarity * 0.9, How::Similar));
     }
     // One slip of the pen in a short name (Shaw / Shew), two in a long one: Jaro-Winkler
     // marks short names down for one changed letter. Only near names pay for the count.
@@ -288,11 +288,11 @@ fn name_match(typed: &str, held: &str) -> Option<(f64, &'static str)> {
             _ => 2,
         };
         if allowed > 0 && strsim::damerau_levenshtein(&t, &h) <= allowed {
-            return Some((0.8, "similar spelling"));
+            return Some((0.8, How::Similar));
         }
     }
     if t.len() >= 3 && h.starts_with(&t) {
-        return Some((0.7, "starts with what was typed"));
+        return Some((0.7, How::Prefix));
     }
     None
 }
@@ -350,27 +350,20 @@ fn score(q: &Query, e: &Entry) -> Option<Match> {
             parts += 1.0;
             if let Some((s, why)) = name_match(f, &e.family) {
                 name_score += s;
-                reasons.push(family_reason(why));
+                reasons.push(why.reason(true));
             }
         }
         if let Some(g) = &q.given {
             parts += 1.0;
-            let best = g
-                .split(' ')
-                .next()
-                .map(|first| {
-                    e.given
-                        .iter()
-                        .filter_map(|held| name_match(first, held))
-                        .fold(None, |best: Option<(f64, &'static str)>, m| match best {
-                            Some(b) if b.0 >= m.0 => Some(b),
-                            _ => Some(m),
-                        })
-                })
-                .unwrap_or_default();
+            let best = g.split(' ').next().and_then(|first| {
+                e.given
+                    .iter()
+                    .filter_map(|held| name_match(first, held))
+                    .max_by(|a, b| a.0.total_cmp(&b.0))
+            });
             if let Some((s, why)) = best {
                 name_score += s;
-                reasons.push(given_reason(why));
+                reasons.push(why.reason(false));
             }
         }
         asked += 1.0;
@@ -414,21 +407,28 @@ fn score(q: &Query, e: &Entry) -> Option<Match> {
     })
 }
 
-fn family_reason(why: &'static str) -> &'static str {
-    match why {
-        "exact" => "family name",
-        "one part of a double name" => "family name (one part of a double name)",
-        "similar spelling" => "family name (similar spelling)",
-        _ => "family name (starts with what was typed)",
-    }
+/// How a typed name matched a held one.
+#[derive(Clone, Copy)]
+enum How {
+    Exact,
+    Part,
+    Similar,
+    Prefix,
 }
 
-fn given_reason(why: &'static str) -> &'static str {
-    match why {
-        "exact" => "given name",
-        "one part of a double name" => "given name (one part)",
-        "similar spelling" => "given name (similar spelling)",
-        _ => "given name (starts with what was typed)",
+impl How {
+    /// The reason shown, for a family (`true`) or given name.
+    fn reason(self, family: bool) -> &'static str {
+        match (self, family) {
+            (Self::Exact, true) => "family name",
+            (Self::Part, true) => "family name (one part of a double name)",
+            (Self::Similar, true) => "family name (similar spelling)",
+            (Self::Prefix, true) => "family name (starts with what was typed)",
+            (Self::Exact, false) => "given name",
+            (Self::Part, false) => "given name (one part)",
+            (Self::Similar, false) => "given name (similar spelling)",
+            (Self::Prefix, false) => "given name (starts with what was typed)",
+        }
     }
 }
 

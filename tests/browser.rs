@@ -27,17 +27,13 @@ fn chromium() -> std::path::PathBuf {
     })
 }
 
-#[test]
-fn headless_chromium_signs_in_and_sees_alerts_above_allergies() {
-    let (hub, s, _) = served(40, 91, json!({ "users": ["crew.1"] }));
-    let target = hub
-        .patients
-        .iter()
-        .find(|p| p.worth_showing())
-        .unwrap()
-        .nhs_number();
-    let base = format!("http://{}", s.addr);
-
+/// A headless Chromium signed in to the viewer at `base` (the browser must outlive the
+/// tab).
+fn signed_in(
+    base: &str,
+    token: &str,
+    user: &str,
+) -> (Browser, std::sync::Arc<headless_chrome::Tab>) {
     let browser = Browser::new(LaunchOptions {
         headless: true,
         sandbox: false,
@@ -49,13 +45,28 @@ fn headless_chromium_signs_in_and_sees_alerts_above_allergies() {
     let tab = browser.new_tab().unwrap();
     tab.navigate_to(&format!("{base}/")).unwrap();
     tab.wait_for_element("#token").unwrap().click().unwrap();
-    tab.type_str(&s.token).unwrap();
+    tab.type_str(token).unwrap();
     tab.wait_for_element("#user").unwrap().click().unwrap();
-    tab.type_str("crew.1").unwrap();
+    tab.type_str(user).unwrap();
     tab.wait_for_element("button[type=submit].go")
         .unwrap()
         .click()
         .unwrap();
+    (browser, tab)
+}
+
+#[test]
+fn headless_chromium_signs_in_and_sees_alerts_above_allergies() {
+    let (hub, s, _) = served(40, 91, json!({ "users": ["crew.1"] }));
+    let target = hub
+        .patients
+        .iter()
+        .find(|p| p.worth_showing())
+        .unwrap()
+        .nhs_number();
+    let base = format!("http://{}", s.addr);
+
+    let (_browser, tab) = signed_in(&base, &s.token, "crew.1");
     // The caseload; open the patient from it.
     tab.wait_until_navigated().unwrap();
     tab.wait_for_element(&format!("a[href=\"/patient/{}\"]", target.digits()))
@@ -135,24 +146,7 @@ fn headless_chromium_finds_a_patient_by_misspelt_name_and_date_of_birth() {
         b.year()
     );
     let base = format!("http://{}", s.addr);
-    let browser = Browser::new(LaunchOptions {
-        headless: true,
-        sandbox: false,
-        path: Some(chromium()),
-        window_size: Some((800, 1280)),
-        ..LaunchOptions::default()
-    })
-    .unwrap();
-    let tab = browser.new_tab().unwrap();
-    tab.navigate_to(&format!("{base}/")).unwrap();
-    tab.wait_for_element("#token").unwrap().click().unwrap();
-    tab.type_str(&s.token).unwrap();
-    tab.wait_for_element("#user").unwrap().click().unwrap();
-    tab.type_str("crew.1").unwrap();
-    tab.wait_for_element("button[type=submit].go")
-        .unwrap()
-        .click()
-        .unwrap();
+    let (_browser, tab) = signed_in(&base, &s.token, "crew.1");
     tab.wait_until_navigated().unwrap();
     tab.wait_for_element("#family").unwrap().click().unwrap();
     tab.type_str(&family).unwrap();

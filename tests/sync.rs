@@ -318,25 +318,11 @@ fn hub_time_ten_years_ahead_is_rejected_and_does_not_move_trusted_time() {
 /// section withheld at the patient's request) — never a shorter list.
 #[test]
 fn a_version_1_hub_is_still_read_and_never_shortens_a_section() {
-    use carecache_hub::server::Tamper;
     use sync_protocol::record::Section;
-    use sync_protocol::{Compression, Message, decode, encode};
     let hub = TestHub::start(200, 9);
     let dev = Dev::enrolled(&hub);
     grant(&hub, &dev.id(), &first_n(&hub, 200), json!({}));
-    hub.hub
-        .dangerous_set_response_hook(Some(Arc::new(|route, bytes| {
-            if route != "hello" {
-                return Tamper::Pass;
-            }
-            match decode(bytes) {
-                Ok(Message::Welcome(mut w)) => {
-                    w.version = 1;
-                    Tamper::Replace(encode(&Message::Welcome(w), Compression::None).unwrap())
-                }
-                _ => Tamper::Pass,
-            }
-        })));
+    hub_speaking_at_most(&hub, 1);
     dev.sync().unwrap();
     assert_eq!(dev.held(), sorted(shareable(&hub, 200)));
     fn same_or_not_available<T: PartialEq, const N: usize>(
@@ -393,25 +379,11 @@ fn a_version_1_hub_is_still_read_and_never_shortens_a_section() {
 /// doses, whose words arrive in the dose text.
 #[test]
 fn a_version_2_hub_is_read_whole_but_for_structured_doses() {
-    use carecache_hub::server::Tamper;
     use sync_protocol::record::Section;
-    use sync_protocol::{Compression, Message, decode, encode};
     let hub = TestHub::start(200, 9);
     let dev = Dev::enrolled(&hub);
     grant(&hub, &dev.id(), &first_n(&hub, 200), json!({}));
-    hub.hub
-        .dangerous_set_response_hook(Some(Arc::new(|route, bytes| {
-            if route != "hello" {
-                return Tamper::Pass;
-            }
-            match decode(bytes) {
-                Ok(Message::Welcome(mut w)) => {
-                    w.version = 2;
-                    Tamper::Replace(encode(&Message::Welcome(w), Compression::None).unwrap())
-                }
-                _ => Tamper::Pass,
-            }
-        })));
+    hub_speaking_at_most(&hub, 2);
     dev.sync().unwrap();
     assert_eq!(dev.held(), sorted(shareable(&hub, 200)));
     let store = dev.device.store();
@@ -432,4 +404,22 @@ fn a_version_2_hub_is_read_whole_but_for_structured_doses() {
         assert!(got == want, "a version-2 record differs");
     }
     assert!(structured > 5, "{structured} structured doses");
+}
+
+/// Makes `hub` answer every hello as a hub of protocol `version` at most would.
+fn hub_speaking_at_most(hub: &TestHub, version: u16) {
+    use sync_protocol::{Compression, Message, decode, encode};
+    hub.hub
+        .dangerous_set_response_hook(Some(Arc::new(move |route, bytes| {
+            if route != "hello" {
+                return Tamper::Pass;
+            }
+            match decode(bytes) {
+                Ok(Message::Welcome(mut w)) => {
+                    w.version = version;
+                    Tamper::Replace(encode(&Message::Welcome(w), Compression::None).unwrap())
+                }
+                _ => Tamper::Pass,
+            }
+        })));
 }

@@ -582,13 +582,14 @@ pub(super) async fn fhir_patient_search(
         "gender",
         "address-postalcode",
     ];
-    if let Ok(pairs) = params(q.as_deref(), &ALLOWED)
-        && param(&pairs, "identifier").is_none()
+    let pairs = params(q.as_deref(), &ALLOWED);
+    if let Ok(pairs) = &pairs
+        && param(pairs, "identifier").is_none()
     {
-        return fhir_demographic_search(&api, &h, &pairs).await;
+        return fhir_demographic_search(&api, &h, pairs).await;
     }
     let mut page = render::Paging::default();
-    let patient = params(q.as_deref(), &ALLOWED).and_then(|pairs| {
+    let patient = pairs.and_then(|pairs| {
         let id = param(&pairs, "identifier").ok_or_else(|| {
             format!(
                 "missing parameter identifier={NHS_SYSTEM}|{{NHS number}}, or at least two of family/given, birthdate, address-postalcode"

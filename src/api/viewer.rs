@@ -659,11 +659,15 @@ pub(super) async fn search(
     refusal_page(&api, &user, None, &res)
 }
 
-fn search_page(api: &Api, user: &StaffId, body: &Value) -> String {
-    let rows = body
-        .get("patients")
+/// The `patients` of a caseload or search answer.
+fn patient_rows(body: &Value) -> &[Value] {
+    body.get("patients")
         .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice);
+        .map_or(&[][..], Vec::as_slice)
+}
+
+fn search_page(api: &Api, user: &StaffId, body: &Value) -> String {
+    let rows = patient_rows(body);
     let mut out = String::new();
     out.push_str(find_form());
     let _ = write!(
@@ -707,10 +711,7 @@ fn search_page(api: &Api, user: &StaffId, body: &Value) -> String {
 
 fn caseload_page(api: &Api, user: &StaffId, body: &Value, page: usize) -> String {
     let total = body.get("total").and_then(Value::as_u64).unwrap_or(0);
-    let rows = body
-        .get("patients")
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice);
+    let rows = patient_rows(body);
     let mut out = String::new();
     out.push_str(find_form());
     let _ = write!(

@@ -183,11 +183,11 @@ impl<'a> Collector<'a> {
             ) {
                 (Some(pid), _) => {
                     let pid = pid.to_owned();
-                    let item = classify(&resource, self.rules);
+                    let item = classify(&resource, &id, self.rules);
                     self.patients.entry(pid).or_default().items.push(item);
                 }
                 (None, Some(nhs)) => {
-                    let item = classify(&resource, self.rules);
+                    let item = classify(&resource, &id, self.rules);
                     self.by_nhs
                         .entry(nhs.as_u64())
                         .or_default()
@@ -293,17 +293,15 @@ pub fn consent(v: &Value) -> Result<Option<Denial>, &'static str> {
     read::consent(&typed(v)?)
 }
 
-/// Map one item resource, applying the sharing rules first. The rules see the item's
-/// labels and codes even when the rest of it cannot be read.
-pub fn classify(item: &Value, rules: &SharingRules) -> Item {
+/// Map one item resource (`id` as its envelope gave it), applying the sharing rules
+/// first. The rules see the item's labels and codes even when the rest of it cannot be
+/// read.
+pub fn classify(item: &Value, id: &str, rules: &SharingRules) -> Item {
     let labels = Labels::deserialize(item).unwrap_or_default();
     let kind = labels.kind();
-    let id = Envelope::deserialize(item)
-        .map(|e| e.id().to_owned())
-        .unwrap_or_default();
     let issue = |reason| MappingIssue {
         resource_type: kind.to_owned(),
-        id: id.clone(),
+        id: id.to_owned(),
         reason,
     };
     if matches!(
