@@ -71,6 +71,31 @@ struct Raw {
     api: RawApi,
     #[serde(default)]
     audit: RawAudit,
+    identity: Option<RawIdentity>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    mode: String,
+    issuer: Option<String>,
+    #[serde(default)]
+    client_ids: Vec<String>,
+    viewer_client_id: Option<String>,
+    scopes: Option<String>,
+    staff_claim: Option<String>,
+    role_claim: Option<String>,
+    algorithms: Option<Vec<String>>,
+    #[serde(default = "defaults::max_session")]
+    max_session_secs: u64,
+    #[serde(default = "defaults::idle_lock")]
+    idle_lock_secs: u64,
+    #[serde(default = "defaults::max_token_age")]
+    max_token_age_secs: u64,
+    #[serde(default = "defaults::pin_attempts")]
+    pin_attempts: u8,
+    #[serde(default)]
+    role_views: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +216,18 @@ mod defaults {
     )]
     pub(super) fn listen() -> Option<String> {
         Some(String::from("127.0.0.1:7380"))
+    }
+    pub(super) fn max_session() -> u64 {
+        12 * 3600
+    }
+    pub(super) fn idle_lock() -> u64 {
+        15 * 60
+    }
+    pub(super) fn max_token_age() -> u64 {
+        600
+    }
+    pub(super) fn pin_attempts() -> u8 {
+        5
     }
     pub(super) fn upload_interval() -> u64 {
         60
@@ -347,6 +384,8 @@ pub struct Config {
     pub sensitive: CodeList,
     /// The local API.
     pub api: ApiConfig,
+    /// Staff identity: asserted by the client software, or proven by OpenID Connect.
+    pub identity: crate::identity::Mode,
 }
 
 impl Config {
@@ -489,6 +528,7 @@ impl Config {
                 30 * 86_400,
             )?,
         };
+        let identity = identity(raw.identity, &invalid)?;
         let label = raw
             .device
             .label
@@ -519,7 +559,145 @@ impl Config {
             sensitive,
             api,
             audit,
+            identity,
         })
+    }
+}
+
+/// `[identity]`: required, so that a production configuration says which mode vouches
+/// for staff ids.
+fn identity(
+    raw: Option<RawIdentity>,
+    invalid: &dyn Fn(&'static str, &str) -> ConfigError,
+) -> Result<crate::identity::Mode, ConfigError> {
+    use crate::identity::{Mode, OidcConfig};
+    let Some(r) = raw else {
+        return Err(invalid(
+            "identity",
+            "missing: set [identity] mode = \"oidc\" (staff proven by the region's OpenID Connect provider, with issuer and client_ids) or mode = \"asserted\" (the client software vouches for the staff id)",
+        ));
+    };
+    let secs = |key, v: u64, min: u64, max: u64| {
+        if (min..=max).contains(&v) {
+            Ok(Duration::from_secs(v))
+        } else {
+            Err(invalid(key, &format!("must be {min}..={max} seconds")))
+        }
+    };
+    match r.mode.as_str() {
+        "asserted" => {
+            if r.issuer.is_some() || !r.client_ids.is_empty() {
+                return Err(invalid(
+                    "identity.issuer",
+                    "asserted mode takes no issuer or client_ids (did you mean mode = \"oidc\"?)",
+                ));
+            }
+            Ok(Mode::Asserted)
+        }
+        "oidc" => {
+            let issuer = r
+                .issuer
+                .map(|i| i.trim_end_matches('/').to_owned())
+                .ok_or_else(|| invalid("identity.issuer", "oidc mode needs the issuer URL"))?;
+            let loopback_http = ["127.0.0.1", "localhost", "[::1]"].iter().any(|host| {
+                issuer
+                    .strip_prefix("http://")
+                    .and_then(|rest| rest.strip_prefix(host))
+                    .is_some_and(|after| after.is_empty() || after.starts_with([':', '/']))
+            });
+            if !(issuer.starts_with("https://") || loopback_http) {
+                return Err(invalid(
+                    "identity.issuer",
+                    "must be https:// (plain http only for a provider on this machine's loopback)",
+                ));
+            }
+            if r.client_ids.is_empty() || r.client_ids.iter().any(|c| c.is_empty() || c.len() > 256)
+            {
+                return Err(invalid(
+                    "identity.client_ids",
+                    "list the client ids (audiences) whose ID tokens this device accepts",
+                ));
+            }
+            let viewer_client_id = r
+                .viewer_client_id
+                .or_else(|| r.client_ids.first().cloned())
+                .unwrap_or_default();
+            if !r.client_ids.contains(&viewer_client_id) {
+                return Err(invalid(
+                    "identity.viewer_client_id",
+                    "must be one of client_ids",
+                ));
+            }
+            let mut algorithms = Vec::new();
+            for a in r
+                .algorithms
+                .unwrap_or_else(|| vec!["RS256".into(), "ES256".into()])
+            {
+                use jsonwebtoken::Algorithm as A;
+                let alg = match a.as_str() {
+                    "RS256" => A::RS256,
+                    "RS384" => A::RS384,
+                    "RS512" => A::RS512,
+                    "PS256" => A::PS256,
+                    "PS384" => A::PS384,
+                    "PS512" => A::PS512,
+                    "ES256" => A::ES256,
+                    "ES384" => A::ES384,
+                    "EdDSA" => A::EdDSA,
+                    _ => {
+                        return Err(invalid(
+                            "identity.algorithms",
+                            "only asymmetric JWS algorithms (RS256/384/512, PS256/384/512, ES256/384, EdDSA); never none or HMAC",
+                        ));
+                    }
+                };
+                algorithms.push(alg);
+            }
+            if algorithms.is_empty() {
+                return Err(invalid("identity.algorithms", "name at least one"));
+            }
+            let mut role_views = Vec::new();
+            for (role, view) in r.role_views {
+                let v = match view.as_str() {
+                    "social-care" => sync_protocol::message::View::SocialCare,
+                    "clinical" => sync_protocol::message::View::Clinical,
+                    _ => {
+                        return Err(invalid(
+                            "identity.role_views",
+                            "each role maps to \"social-care\" or \"clinical\"",
+                        ));
+                    }
+                };
+                role_views.push((role, v));
+            }
+            if !(3..=10).contains(&r.pin_attempts) {
+                return Err(invalid("identity.pin_attempts", "must be 3..=10"));
+            }
+            Ok(Mode::Oidc(OidcConfig {
+                issuer,
+                client_ids: r.client_ids,
+                viewer_client_id,
+                scopes: r.scopes.unwrap_or_else(|| "openid".into()),
+                staff_claim: r.staff_claim.unwrap_or_else(|| "sub".into()),
+                role_claim: match r.role_claim.as_deref() {
+                    None => Some("selected_roleid".into()),
+                    Some("") => None,
+                    Some(c) => Some(c.to_owned()),
+                },
+                role_views,
+                algorithms,
+                max_session: secs("identity.max_session_secs", r.max_session_secs, 10, 86_400)?,
+                idle_lock: secs("identity.idle_lock_secs", r.idle_lock_secs, 5, 86_400)?,
+                max_token_age: secs(
+                    "identity.max_token_age_secs",
+                    r.max_token_age_secs,
+                    10,
+                    86_400,
+                )?,
+                pin_attempts: r.pin_attempts,
+            }))
+        }
+        _ => Err(invalid("identity.mode", "must be \"oidc\" or \"asserted\"")),
     }
 }
 
@@ -535,6 +713,8 @@ path = "/etc/carecache/root.key"
 [hub]
 url = "https://hub.example:8443/"
 ca_file = "ca.pem"
+[identity]
+mode = "asserted"
 "#;
 
     #[test]

@@ -277,6 +277,11 @@ label = "Demo ambulance"
 
 [api]
 listen = "127.0.0.1:{port}"
+
+# The demo trusts the client software to name the member of staff; production
+# configurations prove it with the region's OpenID Connect provider (mode = "oidc").
+[identity]
+mode = "asserted"
 "#,
             data = data.display(),
             key = key_path.display(),

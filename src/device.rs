@@ -12,7 +12,9 @@ use sync_protocol::message::{Audience, EnrolRequest, Lease, LeaseChange, Message
 use sync_protocol::types::{Bytes, DeviceId, EnrolmentToken, Text, Timestamp};
 use zeroize::{Zeroize, Zeroizing};
 
-use sync_protocol::audit::{AuditEvent, AuditRecord, KeyEvent, LeaseEnd, SyncOutcome};
+use sync_protocol::audit::{
+    AuditEvent, AuditRecord, KeyEvent, LeaseEnd, SessionEnd, SessionEvent, SyncOutcome,
+};
 
 use crate::audit::AuditLog;
 use crate::clients::{Client, ClientError, Clients, IssuedToken};
@@ -227,6 +229,8 @@ pub struct Device {
     trusted: Mutex<TrustedTime>,
     policy: RwLock<Arc<Policy>>,
     wiped: AtomicBool,
+    /// Staff identity: the mode, the issuer's keys, staff sessions.
+    identity: crate::identity::Identity,
     /// One audit upload at a time (the daemon's schedule and sync rounds both upload).
     upload_lock: Mutex<()>,
 }
@@ -252,6 +256,7 @@ impl Device {
         let clients: Vec<Client> = store.device_state(key::CLIENTS)?.unwrap_or_default();
         let audit = AuditLog::start(Arc::clone(&store))?;
         let last_ok: Option<Timestamp> = store.device_state(key::LAST_OK)?;
+        let identity = crate::identity::Identity::open(config.identity.clone(), &store)?;
         let device = Self {
             config,
             store,
@@ -263,6 +268,7 @@ impl Device {
             trusted: Mutex::new(trusted),
             policy: RwLock::new(Arc::new(Policy::new(Vec::new(), Vec::new(), None))),
             wiped: AtomicBool::new(false),
+            identity,
             upload_lock: Mutex::new(()),
         };
         device.refresh_policy()?;
@@ -349,6 +355,22 @@ impl Device {
         let name = crate::clients::check_name(name)?;
         self.audit_blocking(AuditEvent::Key(KeyEvent::ClientRevoked { name }))?;
         self.set_clients(list)
+    }
+
+    /// Staff identity (mode, issuer keys, staff sessions).
+    pub fn identity(&self) -> &crate::identity::Identity {
+        &self.identity
+    }
+
+    /// Ends the staff sessions whose time is over, each audited once.
+    fn end_expired_sessions(&self, now: Timestamp) -> Result<(), DeviceError> {
+        for session in self.identity.end_expired(&self.store, now)? {
+            self.audit_or_log(AuditEvent::Session(SessionEvent::Ended {
+                session,
+                reason: SessionEnd::Expired,
+            }));
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -586,6 +608,11 @@ impl Device {
             .and_then(|()| self.tick().map(drop));
         if ok && after.is_ok() {
             self.last_ok.store(now.as_millis(), Ordering::Relaxed);
+            // The identity provider's keys are refreshed while there is signal, so that
+            // tokens signed with a new key verify later offline.
+            if let Err(e) = self.identity.refresh_keys(&self.store) {
+                tracing::warn!(error = %e, "identity provider keys not refreshed");
+            }
             // The round's own entries (and any accesses meanwhile) go up at once.
             if let Err(DeviceError::Revoked) = self.upload_audit() {
                 return Err(DeviceError::Revoked);
@@ -707,6 +734,7 @@ impl Device {
             self.config.audit.upload_chunk,
             compression,
             welcome.audit_durable_through,
+            welcome.version,
             report,
         )
     }
@@ -848,6 +876,7 @@ impl Device {
         let now = self.now();
         let policy = self.policy();
         let mut report = TickReport::default();
+        self.end_expired_sessions(now)?;
         let due = policy.due_for_purge(now);
         if due.is_empty() {
             let mut extras = Extras::default();

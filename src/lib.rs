@@ -32,6 +32,7 @@ pub mod device;
 #[cfg(feature = "demo")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod identity;
 pub mod keysource;
 pub mod metrics;
 pub mod policy;

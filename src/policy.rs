@@ -177,6 +177,16 @@ impl Grant {
     pub fn until(&self) -> Timestamp {
         self.until
     }
+
+    /// The grant with its view narrowed to `cap` (a role that may see no more than
+    /// alerts and contacts never gets the clinical view); never widened.
+    #[must_use]
+    pub fn narrowed(mut self, cap: Option<View>) -> Self {
+        if cap == Some(View::SocialCare) {
+            self.view = View::SocialCare;
+        }
+        self
+    }
 }
 
 /// A lease's standing at a moment.
@@ -299,6 +309,17 @@ impl Policy {
             }
         }
         out
+    }
+
+    /// The latest end (`not_after`) of the leases naming `user` that have not ended, or
+    /// `None` when no such lease is held: a staff session never outlives them.
+    pub fn access_ends(&self, now: Timestamp, user: &StaffId) -> Option<Timestamp> {
+        self.leases
+            .iter()
+            .filter(|l| admits(&l.audience, user))
+            .filter(|l| !matches!(self.standing(l, now), Standing::Ended(_)))
+            .map(|l| l.not_after)
+            .max()
     }
 
     /// Decides whether `user` may see `nhs` now for `purpose`.

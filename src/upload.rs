@@ -58,6 +58,19 @@ pub enum UploadError {
         "audit entry {0} is missing or cannot be opened (altered or damaged on disk); uploads stop before it — run `carecache audit verify`"
     )]
     Damaged(u64),
+    /// The hub negotiated a protocol version that cannot carry this entry (staff-identity
+    /// entries need version 4): uploads stop before it until the hub is upgraded.
+    #[error(
+        "audit entry {seq} needs protocol version {needs} but the hub speaks version {hub}: upgrade the hub; uploads stop before it and nothing is lost"
+    )]
+    HubTooOld {
+        /// The entry.
+        seq: u64,
+        /// The version it needs.
+        needs: u16,
+        /// The version the hub chose.
+        hub: u16,
+    },
     /// The hub answered a push without acknowledging anything new.
     #[error("the hub acknowledged nothing new (durable through {0})")]
     NoProgress(u64),
@@ -72,6 +85,7 @@ pub(crate) fn push_all(
     chunk: usize,
     compression: Compression,
     hub_durable: u64,
+    version: u16,
     report: &mut UploadReport,
 ) -> Result<(), DeviceError> {
     let acked = store.audit_acked()?;
@@ -88,9 +102,24 @@ pub(crate) fn push_all(
         let scanned = store.audit_scan(acked.seq.saturating_add(1), chunk)?;
         let mut entries = Vec::with_capacity(scanned.len());
         let mut damaged = None;
+        let mut too_new = None;
         let mut expect = acked.seq.saturating_add(1);
         for (seq, e) in scanned {
             match e {
+                // An entry this hub's version cannot read stops the run before it.
+                Ok(e) if seq == expect && version < 4 => {
+                    let needs = sync_protocol::audit::AuditRecord::decode(e.record.as_slice())
+                        .map_or(1, |r| r.min_version());
+                    if needs > version {
+                        too_new = Some(UploadError::HubTooOld {
+                            seq,
+                            needs,
+                            hub: version,
+                        });
+                        break;
+                    }
+                    entries.push(e);
+                }
                 // A gap (an entry missing from the store) stops the run like damage.
                 Ok(e) if seq == expect => entries.push(e),
                 Ok(_) => {
@@ -105,9 +134,10 @@ pub(crate) fn push_all(
             expect = expect.saturating_add(1);
         }
         let Some(last) = entries.last().map(|e| e.seq) else {
-            return match damaged {
-                Some(seq) => Err(UploadError::Damaged(seq).into()),
-                None => Ok(()),
+            return match (damaged, too_new) {
+                (Some(seq), _) => Err(UploadError::Damaged(seq).into()),
+                (None, Some(e)) => Err(e.into()),
+                (None, None) => Ok(()),
             };
         };
         let push = Message::PushAudit(
@@ -169,6 +199,9 @@ pub(crate) fn push_all(
         }
         if let Some(seq) = damaged {
             return Err(UploadError::Damaged(seq).into());
+        }
+        if let Some(e) = too_new {
+            return Err(e.into());
         }
     }
 }

@@ -44,6 +44,8 @@ max_clock_skew_secs = 900
 label = "Ambulance 7"
 [api]
 listen = "127.0.0.1:0"
+[identity]
+mode = "asserted"
 "#,
         data = dir.join("data").display(),
         key = dir.join("root.key").display(),

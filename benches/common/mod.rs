@@ -17,7 +17,7 @@ pub(crate) fn device_dir(dir: &Path, hub: &TestHub, extra: &str) -> (RootKey, Pa
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\n[key]\nsource = \"key_file\"\npath = \"{}\"\n[hub]\nurl = \"{}\"\nca_file = \"{}\"\n{extra}",
+            "data_dir = \"{}\"\n[identity]\nmode = \"asserted\"\n[key]\nsource = \"key_file\"\npath = \"{}\"\n[hub]\nurl = \"{}\"\nca_file = \"{}\"\n{extra}",
             dir.join("data").display(),
             dir.join("root.key").display(),
             hub.base_url(),

@@ -14,7 +14,8 @@ use crate::model::{
 };
 use sync_protocol::audit::{
     Access, AuditAction, AuditEvent, AuditOutcome, AuditRecord, DenyReason, KeyEvent, LeaseEnd,
-    Purpose, SectionKind, SectionShown, SyncOutcome,
+    ProvenStaff, Purpose, SectionKind, SectionShown, SessionEnd, SessionEvent, SessionRefusal,
+    SignInRoute, SyncOutcome,
 };
 
 /// One audit entry as these renderings need it: the device that wrote it, its sequence
@@ -43,6 +44,95 @@ pub fn deny_text(r: DenyReason) -> &'static str {
         DenyReason::ClientNotAuthorised => "client not authorised",
         DenyReason::UnknownPatient => "no record held",
         DenyReason::BadRequest => "incomplete or malformed request",
+        DenyReason::StaffNotProven => "no valid staff session (identity not proven)",
+        DenyReason::SessionOfAnotherClient => "staff session belongs to another client",
+    }
+}
+
+/// Why an ID token or session step was refused, in words.
+pub fn refusal_text(r: SessionRefusal) -> &'static str {
+    match r {
+        SessionRefusal::Malformed => "not a well-formed ID token",
+        SessionRefusal::AlgorithmNotAllowed => "signing algorithm not allowed",
+        SessionRefusal::UnknownKey => "signed with a key the issuer does not publish",
+        SessionRefusal::BadSignature => "signature does not verify",
+        SessionRefusal::WrongIssuer => "issued by another issuer",
+        SessionRefusal::WrongAudience => "issued for another audience",
+        SessionRefusal::Expired => "token expired",
+        SessionRefusal::NotYetValid => "token not yet valid",
+        SessionRefusal::TooOld => "token issued too long ago",
+        SessionRefusal::Replayed => "token already used",
+        SessionRefusal::NoStaffClaim => "token names no staff id",
+        SessionRefusal::NoLease => "no lease on this device names this member of staff",
+        SessionRefusal::BadPin => "PIN not acceptable",
+        SessionRefusal::KeysUnavailable => "issuer's keys unavailable",
+        SessionRefusal::NonceMismatch => "sign-in state or nonce mismatch",
+    }
+}
+
+/// How the staff id of an access was vouched for, in words.
+pub fn identity_text(staff: Option<&ProvenStaff>) -> String {
+    match staff {
+        None => "asserted by the client software".to_owned(),
+        Some(p) => format!(
+            "proven by OpenID Connect: issuer {}, subject {}, session {:016x}",
+            p.issuer.as_str(),
+            p.subject.as_str(),
+            p.session
+        ),
+    }
+}
+
+fn session_text(s: &SessionEvent) -> String {
+    match s {
+        SessionEvent::Opened {
+            session,
+            client,
+            user,
+            role,
+            staff,
+            expires,
+            route,
+        } => format!(
+            "staff session {session:016x} opened for {}{} via {} ({}), until {}; {}",
+            user.as_str(),
+            role.as_ref()
+                .map(|r| format!(" ({})", r.as_str()))
+                .unwrap_or_default(),
+            client.as_str(),
+            match route {
+                SignInRoute::Client => "token from the client",
+                SignInRoute::Viewer => "viewer sign-in",
+            },
+            expires.rfc3339(),
+            identity_text(Some(staff))
+        ),
+        SessionEvent::Refused {
+            client,
+            session,
+            reason,
+        } => format!(
+            "staff sign-in REFUSED via {}{}: {}",
+            client.as_str(),
+            session
+                .map(|s| format!(" (session {s:016x})"))
+                .unwrap_or_default(),
+            refusal_text(*reason)
+        ),
+        SessionEvent::WrongPin { session, attempts } => {
+            format!("staff session {session:016x}: WRONG PIN (attempt {attempts})")
+        }
+        SessionEvent::Confirmed { session } => {
+            format!("staff session {session:016x} confirmed with its PIN")
+        }
+        SessionEvent::Ended { session, reason } => format!(
+            "staff session {session:016x} ended ({})",
+            match reason {
+                SessionEnd::Expired => "expired",
+                SessionEnd::SignedOut => "signed out",
+                SessionEnd::LockedOut => "LOCKED OUT after wrong PINs",
+            }
+        ),
     }
 }
 
@@ -99,7 +189,31 @@ pub fn audit_event(e: &Entry<'_>) -> model::Resource {
 fn event(e: &Entry<'_>) -> model::AuditEvent {
     // (type, subtype code and display, outcome, client, description)
     let (kind, subtype, outcome, client, desc) = match &e.record.event {
-        AuditEvent::Access(a) => return access_event(e, a),
+        AuditEvent::Access(a) => return access_event(e, a, None),
+        AuditEvent::ProvenAccess { access, staff } => return access_event(e, access, Some(staff)),
+        AuditEvent::Session(s) => (
+            "110114",
+            match s {
+                SessionEvent::Ended { .. } => ("110123", "Logout"),
+                _ => ("110122", "Login"),
+            },
+            match s {
+                SessionEvent::Refused { .. }
+                | SessionEvent::WrongPin { .. }
+                | SessionEvent::Ended {
+                    reason: SessionEnd::LockedOut,
+                    ..
+                } => "4",
+                _ => "0",
+            },
+            match s {
+                SessionEvent::Opened { client, .. } | SessionEvent::Refused { client, .. } => {
+                    Some(client.as_str())
+                }
+                _ => None,
+            },
+            session_text(s),
+        ),
         AuditEvent::AuthFailure {
             request_id,
             client,
@@ -185,7 +299,7 @@ fn key_text(k: &KeyEvent) -> String {
     }
 }
 
-fn access_event(e: &Entry<'_>, r: &Access) -> model::AuditEvent {
+fn access_event(e: &Entry<'_>, r: &Access, staff: Option<&ProvenStaff>) -> model::AuditEvent {
     let (subtype, subtype_display) = match r.action {
         AuditAction::ListCaseload | AuditAction::SearchPatient => ("search-type", "search"),
         _ => ("read", "read"),
@@ -216,10 +330,16 @@ fn access_event(e: &Entry<'_>, r: &Access) -> model::AuditEvent {
             purpose_code,
         ))],
     };
-    let mut detail = vec![AuditDetail {
-        kind: "chain-sequence".into(),
-        value_string: format!("{}#{}", e.device, e.seq),
-    }];
+    let mut detail = vec![
+        AuditDetail {
+            kind: "chain-sequence".into(),
+            value_string: format!("{}#{}", e.device, e.seq),
+        },
+        AuditDetail {
+            kind: "staff-identity".into(),
+            value_string: identity_text(staff),
+        },
+    ];
     detail.extend(r.shown.iter().map(|s| AuditDetail {
         kind: format!("{:?}", s.section),
         value_string: match s.shown {
@@ -325,7 +445,9 @@ fn section_text(s: SectionKind) -> &'static str {
 /// name; no clinical content exists in a record to show.
 pub fn describe(e: &Entry<'_>) -> String {
     let what = match &e.record.event {
-        AuditEvent::Access(a) => describe_access(a),
+        AuditEvent::Access(a) => describe_access(a, None),
+        AuditEvent::ProvenAccess { access, staff } => describe_access(access, Some(staff)),
+        AuditEvent::Session(s) => session_text(s),
         AuditEvent::AuthFailure {
             request_id,
             client,
@@ -372,7 +494,7 @@ pub fn describe(e: &Entry<'_>) -> String {
     format!("{}  {}#{}  {what}", e.record.at.rfc3339(), e.device, e.seq)
 }
 
-fn describe_access(a: &Access) -> String {
+fn describe_access(a: &Access, staff: Option<&ProvenStaff>) -> String {
     let mut out = action_text(a.action).to_owned();
     if let Some(p) = &a.patient {
         out.push_str(&format!(" {p}"));
@@ -388,6 +510,7 @@ fn describe_access(a: &Access) -> String {
     if let Some(role) = &a.role {
         out.push_str(&format!(" ({})", role.as_str()));
     }
+    out.push_str(&format!(" [{}]", identity_text(staff)));
     out.push_str(&format!(" via {}", a.client.as_str()));
     match &a.purpose {
         Some(Purpose::Treat) => out.push_str(", TREAT"),

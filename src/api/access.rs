@@ -15,6 +15,7 @@ use sync_protocol::types::{BoundedVec, StaffId, Text};
 use super::render::{self, Freshness};
 use super::{Api, headers};
 use crate::audit::AuditError;
+use crate::identity::{Problem, Resolved};
 use crate::policy::{self, Denial, Purpose, Shown};
 use crate::search;
 
@@ -30,6 +31,7 @@ pub(super) enum Format {
 }
 
 /// A refusal: status, stable code, words, and what the audit entry records.
+#[derive(Clone)]
 struct Refusal {
     status: StatusCode,
     code: &'static str,
@@ -169,12 +171,28 @@ fn audit_failed(format: Format, e: &AuditError, rid: u64) -> Response {
     )
 }
 
-/// Who is asking, as far as the headers say.
+/// Who is asking: as the headers assert (asserted mode), or as the staff session the
+/// request names proves (oidc mode).
 struct Caller {
     client: Text<64>,
-    user: Result<StaffId, String>,
+    user: Result<StaffId, Refusal>,
     role: Option<Text<64>>,
     purpose: Result<Purpose, String>,
+    /// The proven staff session, in oidc mode.
+    staff: Option<Resolved>,
+}
+
+/// The refusal for a request whose staff session does not let it in.
+fn session_refusal(p: Problem) -> Refusal {
+    Refusal {
+        status: StatusCode::UNAUTHORIZED,
+        code: p.code(),
+        message: p.message().to_owned(),
+        audit: match p {
+            Problem::OtherClient(_) => DenyReason::SessionOfAnotherClient,
+            _ => DenyReason::StaffNotProven,
+        },
+    }
 }
 
 fn header_text(h: &HeaderMap, name: &str) -> Result<Option<String>, String> {
@@ -197,7 +215,29 @@ fn header_text(h: &HeaderMap, name: &str) -> Result<Option<String>, String> {
 }
 
 impl Caller {
-    fn read(h: &HeaderMap, client: Text<64>) -> Self {
+    fn read(api: &Api, h: &HeaderMap, client: Text<64>) -> Self {
+        let mut caller = Self::asserted(h, client);
+        let identity = api.device.identity();
+        if identity.oidc().is_some() {
+            // The staff id and role come from the session alone; the asserted headers
+            // are ignored.
+            let secret = header_text(h, headers::SESSION).ok().flatten();
+            match identity.resolve(secret.as_deref(), caller.client.as_str(), api.device.now()) {
+                Ok(r) => {
+                    caller.user = Ok(r.staff.clone());
+                    caller.role = r.role.clone();
+                    caller.staff = Some(r);
+                }
+                Err(p) => {
+                    caller.user = Err(session_refusal(p));
+                    caller.role = None;
+                }
+            }
+        }
+        caller
+    }
+
+    fn asserted(h: &HeaderMap, client: Text<64>) -> Self {
         let user = match header_text(h, headers::USER) {
             Ok(Some(u)) => StaffId::new(&u).map_err(|_| {
                 format!(
@@ -210,7 +250,8 @@ impl Caller {
                 headers::USER
             )),
             Err(e) => Err(e),
-        };
+        }
+        .map_err(Refusal::bad_request);
         let role = header_text(h, headers::ROLE)
             .ok()
             .flatten()
@@ -240,7 +281,13 @@ impl Caller {
             user,
             role,
             purpose,
+            staff: None,
         }
+    }
+
+    /// The narrower view the proven role is limited to, if any.
+    fn view_cap(&self) -> Option<sync_protocol::message::View> {
+        self.staff.as_ref().and_then(|s| s.view_cap)
     }
 
     fn access(&self, request_id: u64, action: AuditAction) -> Access {
@@ -336,6 +383,7 @@ async fn finish(
     api: &Api,
     format: Format,
     mut access: Access,
+    staff: Option<&Resolved>,
     outcome: Result<Response, Refusal>,
 ) -> Response {
     let rid = access.request_id;
@@ -348,7 +396,14 @@ async fn finish(
             ("denied", r.code)
         }
     };
-    let record = api.device.audit_record(AuditEvent::Access(access));
+    let event = match staff {
+        Some(s) => AuditEvent::ProvenAccess {
+            access,
+            staff: s.proven.clone(),
+        },
+        None => AuditEvent::Access(access),
+    };
+    let record = api.device.audit_record(event);
     if let Err(e) = api.device.audit().write(record).await {
         api.device.metrics().audit_refusals.inc();
         return audit_failed(format, &e, rid);
@@ -400,10 +455,10 @@ async fn patient_access(
         Ok(c) => c,
         Err(res) => return res,
     };
-    let caller = Caller::read(h, client);
+    let caller = Caller::read(api, h, client);
     let mut access = caller.access(rid, action);
     let outcome = decide_and_render(api, &caller, &mut access, patient, render);
-    finish(api, format, access, outcome).await
+    finish(api, format, access, caller.staff.as_ref(), outcome).await
 }
 
 fn decide_and_render(
@@ -413,10 +468,7 @@ fn decide_and_render(
     patient: Result<NhsNumber, String>,
     render: Renderer<'_>,
 ) -> Result<Response, Refusal> {
-    let user = caller
-        .user
-        .as_ref()
-        .map_err(|e| Refusal::bad_request(e.clone()))?;
+    let user = caller.user.as_ref().map_err(Clone::clone)?;
     let purpose = caller
         .purpose
         .as_ref()
@@ -429,7 +481,9 @@ fn decide_and_render(
         .policy()
         .decide(device.store(), now, user, purpose, &nhs)
         .map_err(|e| internal(&e))?;
-    let grant = decision.map_err(|d| Refusal::from_denial(&d))?;
+    let grant = decision
+        .map_err(|d| Refusal::from_denial(&d))?
+        .narrowed(caller.view_cap());
     access.lease = Some(grant.lease());
     access.view = Some(grant.view());
     let shown = policy::open(device.store(), grant)
@@ -641,7 +695,7 @@ async fn fhir_demographic_search(api: &Api, h: &HeaderMap, pairs: &[(String, Str
         Ok(c) => c,
         Err(res) => return res,
     };
-    let caller = Caller::read(h, client);
+    let caller = Caller::read(api, h, client);
     let mut access = caller.access(rid, AuditAction::SearchPatient);
     let base = base_url(h);
     let outcome = (|| {
@@ -668,7 +722,7 @@ async fn fhir_demographic_search(api: &Api, h: &HeaderMap, pairs: &[(String, Str
             SEARCH_NOTICE,
         )))
     })();
-    finish(api, Format::Fhir, access, outcome).await
+    finish(api, Format::Fhir, access, caller.staff.as_ref(), outcome).await
 }
 
 pub(super) async fn fhir_patient_read(
@@ -830,10 +884,10 @@ pub(super) async fn list(api: &Api, h: &HeaderMap, q: Option<&str>) -> Response 
         Ok(c) => c,
         Err(res) => return res,
     };
-    let caller = Caller::read(h, client);
+    let caller = Caller::read(api, h, client);
     let mut access = caller.access(rid, AuditAction::ListCaseload);
     let outcome = list_page(api, &caller, &mut access, q);
-    finish(api, Format::Json, access, outcome).await
+    finish(api, Format::Json, access, caller.staff.as_ref(), outcome).await
 }
 
 fn list_page(
@@ -842,10 +896,7 @@ fn list_page(
     access: &mut Access,
     q: Option<&str>,
 ) -> Result<Response, Refusal> {
-    let user = caller
-        .user
-        .as_ref()
-        .map_err(|e| Refusal::bad_request(e.clone()))?;
+    let user = caller.user.as_ref().map_err(Clone::clone)?;
     caller
         .purpose
         .as_ref()
@@ -911,6 +962,7 @@ fn list_page(
         else {
             continue; // objected since the lease was granted: not listed
         };
+        let grant = grant.narrowed(caller.view_cap());
         let Some(shown) = policy::open(device.store(), grant).map_err(|e| internal(&e))? else {
             continue; // not held (yet)
         };
@@ -970,10 +1022,7 @@ fn search(
     access: &mut Access,
     query: &search::Query,
 ) -> Result<Vec<(search::Match, Shown)>, Refusal> {
-    let user = caller
-        .user
-        .as_ref()
-        .map_err(|e| Refusal::bad_request(e.clone()))?;
+    let user = caller.user.as_ref().map_err(Clone::clone)?;
     let purpose = caller
         .purpose
         .as_ref()
@@ -995,6 +1044,7 @@ fn search(
         else {
             continue;
         };
+        let grant = grant.narrowed(caller.view_cap());
         let Some(shown) = policy::open(device.store(), grant).map_err(|e| internal(&e))? else {
             continue;
         };

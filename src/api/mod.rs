@@ -15,6 +15,7 @@
 mod access;
 mod head_limit;
 pub mod render;
+mod session;
 pub mod viewer;
 
 use std::future::Future;
@@ -39,8 +40,12 @@ use render::Freshness;
 
 /// Header: the client token (`Authorization: Bearer cct_…`) is standard; these are ours.
 pub mod headers {
-    /// The acting user's staff id (required on patient routes).
+    /// The acting user's staff id (required on patient routes in asserted mode; ignored
+    /// in oidc mode).
     pub const USER: &str = "x-carecache-user";
+    /// The staff session (`ccs_…`, from `POST /v1/session`): required on patient routes
+    /// in oidc mode, where it alone names the member of staff and role.
+    pub const SESSION: &str = "x-carecache-session";
     /// The acting user's role, free text (optional, audited).
     pub const ROLE: &str = "x-carecache-role";
     /// `TREAT` or `ETREAT` (required on patient routes).
@@ -177,6 +182,14 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/fhir/MedicationStatement", get(access::fhir_medications))
         .route("/v1/patients", get(access::json_list))
         .route("/v1/patients/{nhs}", get(access::json_summary))
+        .route(
+            "/v1/session",
+            post(session::open_route)
+                .get(session::show)
+                .delete(session::sign_out),
+        )
+        .route("/v1/session/confirm", post(session::confirm))
+        .route("/v1/session/resume", post(session::resume))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/", get(viewer::home))

@@ -145,6 +145,11 @@ pub enum DenyReason {
     /// The request was incomplete or malformed (missing user or purpose, bad NHS
     /// number, emergency access without a reason).
     BadRequest,
+    /// Version 4: the device proves staff identity (OpenID Connect) and the request
+    /// named no staff session, or one that is unknown, ended or locked.
+    StaffNotProven,
+    /// Version 4: the request named a staff session opened by another client.
+    SessionOfAnotherClient,
 }
 
 /// The outcome of an access.
@@ -332,6 +337,133 @@ pub enum AuditEvent {
     },
     /// A key or registration event.
     Key(KeyEvent),
+    /// Version 4: an access by a member of staff whose identity the device verified (an
+    /// OpenID Connect ID token opened the staff session named). An [`AuditEvent::Access`]
+    /// entry's staff id is the one the client software asserted.
+    ProvenAccess {
+        /// The access, with the staff id and role the verified token gave.
+        access: Access,
+        /// Who vouched for the staff id, and through which session.
+        staff: ProvenStaff,
+    },
+    /// Version 4: a staff session opened, refused, confirmed or ended.
+    Session(SessionEvent),
+}
+
+/// How a staff id was proven: the identity provider's word, carried by a session.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ProvenStaff {
+    /// The ID token's issuer (`iss`).
+    pub issuer: Text<256>,
+    /// The ID token's subject (`sub`).
+    pub subject: Text<256>,
+    /// The staff session the request named (its public id, not its secret).
+    pub session: u64,
+}
+
+/// Where a staff session's ID token came from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SignInRoute {
+    /// The client software signed its user in and handed over the ID token.
+    Client,
+    /// The device's own viewer ran the sign-in (authorization code with PKCE).
+    Viewer,
+}
+
+/// Why an ID token or a staff-session step was refused.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SessionRefusal {
+    /// Not a JWT, or its parts are not what the standard says.
+    Malformed,
+    /// Its algorithm is not one allowed (`none`, HMAC, or not configured).
+    AlgorithmNotAllowed,
+    /// Signed with a key the issuer does not publish (after a refresh, if online).
+    UnknownKey,
+    /// The signature does not verify.
+    BadSignature,
+    /// Issued by another issuer.
+    WrongIssuer,
+    /// Issued for another audience.
+    WrongAudience,
+    /// Expired (in trusted time).
+    Expired,
+    /// Issued in the future, or not valid yet (in trusted time).
+    NotYetValid,
+    /// Issued too long ago to open a session.
+    TooOld,
+    /// Already used to open a session.
+    Replayed,
+    /// The configured staff claim is missing or not a staff id.
+    NoStaffClaim,
+    /// No lease on the device names this member of staff.
+    NoLease,
+    /// The PIN set at sign-in is too short or too long.
+    BadPin,
+    /// The issuer's keys are not held and could not be fetched.
+    KeysUnavailable,
+    /// The sign-in's state or nonce did not match (the viewer's own sign-in).
+    NonceMismatch,
+}
+
+/// Why a staff session ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SessionEnd {
+    /// Its time (the shift, or the lease) ran out.
+    Expired,
+    /// The member of staff signed out.
+    SignedOut,
+    /// Too many wrong PINs.
+    LockedOut,
+}
+
+/// A staff-session event (version 4).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SessionEvent {
+    /// A verified ID token opened a session.
+    Opened {
+        /// The session's public id.
+        session: u64,
+        /// The client registration it is bound to.
+        client: Text<64>,
+        /// The staff id the token proved.
+        user: StaffId,
+        /// The role the token carried, if any.
+        role: Option<Text<64>>,
+        /// Issuer and subject.
+        staff: ProvenStaff,
+        /// When it ends (trusted time).
+        expires: Timestamp,
+        /// Who ran the sign-in.
+        route: SignInRoute,
+    },
+    /// An ID token or a session step was refused.
+    Refused {
+        /// The client registration that asked.
+        client: Text<64>,
+        /// The session concerned, if one was named.
+        session: Option<u64>,
+        /// Why.
+        reason: SessionRefusal,
+    },
+    /// A wrong PIN was given to confirm a locked session.
+    WrongPin {
+        /// The session.
+        session: u64,
+        /// Wrong attempts so far.
+        attempts: u8,
+    },
+    /// The right PIN confirmed a session locked after idle time or a restart.
+    Confirmed {
+        /// The session.
+        session: u64,
+    },
+    /// A session ended.
+    Ended {
+        /// The session.
+        session: u64,
+        /// Why.
+        reason: SessionEnd,
+    },
 }
 
 /// One entry's content, as logged on the device before the access is answered.
@@ -352,11 +484,27 @@ impl AuditRecord {
         decode_canonical(bytes)
     }
 
-    /// The access, if this entry records one.
+    /// The access, if this entry records one (asserted or proven staff).
     pub fn access(&self) -> Option<&Access> {
         match &self.event {
-            AuditEvent::Access(a) => Some(a),
+            AuditEvent::Access(a) | AuditEvent::ProvenAccess { access: a, .. } => Some(a),
             _ => None,
+        }
+    }
+
+    /// The lowest protocol version whose peers can read this record: 4 for the staff
+    /// identity events and reasons, 1 otherwise. A device does not push a record to a
+    /// hub that negotiated a lower version.
+    pub fn min_version(&self) -> u16 {
+        match &self.event {
+            AuditEvent::ProvenAccess { .. } | AuditEvent::Session(_) => 4,
+            AuditEvent::Access(a) => match a.outcome {
+                AuditOutcome::Denied(
+                    DenyReason::StaffNotProven | DenyReason::SessionOfAnotherClient,
+                ) => 4,
+                _ => 1,
+            },
+            _ => 1,
         }
     }
 
