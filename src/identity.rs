@@ -1129,6 +1129,14 @@ impl Identity {
         Ok(Ok((form, staff)))
     }
 
+    /// The member of staff of the sign-in waiting for its PIN under `form`.
+    pub fn awaiting_staff(&self, form: &str) -> Option<StaffId> {
+        lock(&self.awaiting)
+            .get(form)
+            .filter(|a| a.created.elapsed() < PENDING_FOR)
+            .map(|a| a.verified.staff.clone())
+    }
+
     /// Takes the verified sign-in waiting for its PIN under `form`.
     pub fn take_awaiting(&self, form: &str) -> Option<AwaitingPin> {
         let a = lock(&self.awaiting).remove(form)?;

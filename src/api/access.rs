@@ -84,7 +84,12 @@ pub(super) fn json_error(
         "error": { "code": code, "message": message },
         "request_id": request_id.map(|r| r.to_string()),
     });
-    (status, axum::Json(body)).into_response()
+    let mut res = (status, axum::Json(body)).into_response();
+    res.extensions_mut().insert(ErrorInfo {
+        code: code.to_owned(),
+        message: message.to_owned(),
+    });
+    res
 }
 
 fn fhir_json(status: StatusCode, body: &Value) -> Response {

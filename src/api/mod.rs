@@ -198,6 +198,9 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/patient/{nhs}", get(viewer::patient))
         .route("/sign-in", post(viewer::sign_in))
         .route("/sign-out", post(viewer::sign_out))
+        .route("/viewer/oidc/callback", get(viewer::oidc_callback))
+        .route("/viewer/oidc/pin", post(viewer::oidc_pin))
+        .route("/viewer/confirm", post(viewer::confirm))
         .fallback(access::not_found)
         .method_not_allowed_fallback(access::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -364,6 +367,19 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
                 obj.insert(
                     "ready".into(),
                     (s.audit_error.is_none() && !api.device.is_wiped()).into(),
+                );
+                let identity = api.device.identity();
+                obj.insert(
+                    "identity".into(),
+                    match identity.oidc() {
+                        None => serde_json::json!({ "mode": "asserted" }),
+                        Some(c) => serde_json::json!({
+                            "mode": "oidc",
+                            "issuer": c.issuer,
+                            "issuer_keys_held": identity.has_keys(),
+                            "staff_sessions": identity.session_count(),
+                        }),
+                    },
                 );
             }
             axum::Json(v).into_response()

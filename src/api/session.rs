@@ -25,7 +25,7 @@ use zeroize::Zeroizing;
 
 use super::access::{self, Format, json_error};
 use super::{Api, headers};
-use crate::identity::{Issued, PinError};
+use crate::identity::{Issued, PinError, Verified};
 
 /// Largest session request body (an ID token is at most 16 KiB).
 const MAX_BODY: usize = 32 * 1024;
@@ -113,11 +113,19 @@ pub(crate) enum Opened {
     Failed(Response),
 }
 
-/// Verifies `id_token` and opens a session for `client`, auditing either outcome.
+/// What opens a session: an ID token to verify, or one the viewer's sign-in verified.
+pub(crate) enum Source {
+    /// From the client software.
+    Token(Zeroizing<String>),
+    /// Verified by the viewer's own sign-in (with its nonce).
+    Verified(Box<Verified>),
+}
+
+/// Verifies the token and opens a session for `client`, auditing either outcome.
 pub(crate) async fn open(
     api: &Arc<Api>,
     client: Text<64>,
-    id_token: Zeroizing<String>,
+    source: Source,
     pin: Zeroizing<String>,
     route: SignInRoute,
 ) -> Opened {
@@ -126,7 +134,11 @@ pub(crate) async fn open(
     let done = tokio::task::spawn_blocking(move || {
         let now = device.now();
         let identity = device.identity();
-        match identity.verify_online(device.store(), &id_token, now, None) {
+        let verified = match source {
+            Source::Verified(v) => Ok(*v),
+            Source::Token(t) => identity.verify_online(device.store(), &t, now, None),
+        };
+        match verified {
             Err(r) => Ok(Err(r)),
             Ok(v) => identity.open_session(device.store(), &device.policy(), &v, &name, &pin, now),
         }
@@ -224,7 +236,15 @@ pub(super) async fn open_route(State(api): State<Arc<Api>>, req: Request<Body>) 
         Ok(b) => b,
         Err(res) => return res,
     };
-    match open(&api, client, body.id_token, body.pin, SignInRoute::Client).await {
+    match open(
+        &api,
+        client,
+        Source::Token(body.id_token),
+        body.pin,
+        SignInRoute::Client,
+    )
+    .await
+    {
         Opened::Ok(issued) => created(&issued_json(&issued, idle)),
         Opened::Refused(r) => refused(r),
         Opened::Failed(res) => res,
@@ -399,18 +419,29 @@ pub(super) async fn confirm(State(api): State<Arc<Api>>, req: Request<Body>) -> 
         Ok(b) => b,
         Err(res) => return res,
     };
+    confirm_secret(&api, &client, &secret, body.pin).await
+}
+
+/// Confirms the session `secret` of `client` with `pin` (audited either way).
+pub(crate) async fn confirm_secret(
+    api: &Arc<Api>,
+    client: &Text<64>,
+    secret: &str,
+    pin: Zeroizing<String>,
+) -> Response {
     let device = Arc::clone(&api.device);
     let name = client.as_str().to_owned();
+    let secret = Zeroizing::new(secret.to_owned());
     let done = tokio::task::spawn_blocking(move || {
         device
             .identity()
-            .confirm(device.store(), &secret, &name, &body.pin, device.now())
+            .confirm(device.store(), &secret, &name, &pin, device.now())
     })
     .await;
     match done {
         Ok(Ok(Ok(session))) => {
             if let Err(res) = audit(
-                &api,
+                api,
                 AuditEvent::Session(SessionEvent::Confirmed { session }),
             )
             .await
@@ -420,7 +451,7 @@ pub(super) async fn confirm(State(api): State<Arc<Api>>, req: Request<Body>) -> 
             axum::Json(json!({ "session_id": format!("{session:016x}"), "confirmed": true }))
                 .into_response()
         }
-        Ok(Ok(Err(e))) => pin_failed(&api, &client, e).await,
+        Ok(Ok(Err(e))) => pin_failed(api, client, e).await,
         _ => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store-unavailable",

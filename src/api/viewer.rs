@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use sync_protocol::types::StaffId;
+use sync_protocol::types::{StaffId, Text};
 use zeroize::Zeroizing;
 
 use super::access::{self, ErrorInfo, Rendered};
@@ -44,10 +44,18 @@ const COOKIE: &str = "carecache_session";
 
 /// A signed-in browser: what it sends as a client would.
 struct Session {
-    token: Zeroizing<String>,
-    user: StaffId,
+    signed: Signed,
     started: Instant,
     last_used: Instant,
+}
+
+/// What a signed-in browser's requests carry: the client token, the member of staff, and
+/// in oidc mode the staff session's secret (which alone names them to the pipeline).
+#[derive(Clone)]
+pub(super) struct Signed {
+    token: Zeroizing<String>,
+    user: StaffId,
+    staff_session: Option<Zeroizing<String>>,
 }
 
 /// The signed-in browsers, by SHA-256 of their cookie.
@@ -68,7 +76,7 @@ impl Sessions {
     }
 
     /// Starts a session; returns its cookie value.
-    fn start(&self, token: Zeroizing<String>, user: StaffId) -> Option<String> {
+    fn start(&self, signed: Signed) -> Option<String> {
         let mut id = [0u8; 32];
         getrandom::fill(&mut id).ok()?;
         let cookie = hex::encode(id);
@@ -83,8 +91,7 @@ impl Sessions {
         map.insert(
             Sha256::digest(cookie.as_bytes()).into(),
             Session {
-                token,
-                user,
+                signed,
                 started: now,
                 last_used: now,
             },
@@ -93,7 +100,7 @@ impl Sessions {
     }
 
     /// The session of this request's cookie, touched; `None` if absent or expired.
-    fn find(&self, h: &HeaderMap) -> Option<(Zeroizing<String>, StaffId)> {
+    fn find(&self, h: &HeaderMap) -> Option<Signed> {
         let key: [u8; 32] = Sha256::digest(cookie(h)?.as_bytes()).into();
         let now = Instant::now();
         let mut map = self.lock();
@@ -103,7 +110,7 @@ impl Sessions {
             return None;
         }
         s.last_used = now;
-        Some((s.token.clone(), s.user.clone()))
+        Some(s.signed.clone())
     }
 
     fn end(&self, h: &HeaderMap) {
@@ -130,17 +137,23 @@ fn cookie(h: &HeaderMap) -> Option<&str> {
 }
 
 /// The headers a client would send for this session.
-fn client_headers(
-    token: &str,
-    user: &StaffId,
-    emergency_reason: Option<&str>,
-) -> Option<HeaderMap> {
+fn client_headers(signed: &Signed, emergency_reason: Option<&str>) -> Option<HeaderMap> {
     let mut h = HeaderMap::new();
     h.insert(
         header::AUTHORIZATION,
-        HeaderValue::from_str(&format!("Bearer {token}")).ok()?,
+        HeaderValue::from_str(&format!("Bearer {}", signed.token.as_str())).ok()?,
     );
-    h.insert(headers::USER, HeaderValue::from_str(user.as_str()).ok()?);
+    match &signed.staff_session {
+        Some(secret) => {
+            h.insert(headers::SESSION, HeaderValue::from_str(secret).ok()?);
+        }
+        None => {
+            h.insert(
+                headers::USER,
+                HeaderValue::from_str(signed.user.as_str()).ok()?,
+            );
+        }
+    }
     match emergency_reason {
         None => {
             h.insert(headers::PURPOSE, HeaderValue::from_static("TREAT"));
@@ -169,10 +182,11 @@ pub(super) async fn home(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let Some((token, user)) = api.sessions.find(&h) else {
+    let Some(signed) = api.sessions.find(&h) else {
         return sign_in_page(&api, StatusCode::OK, None);
     };
-    let Some(headers) = client_headers(&token, &user, None) else {
+    let user = signed.user.clone();
+    let Some(headers) = client_headers(&signed, None) else {
         return sign_in_page(&api, StatusCode::OK, None);
     };
     let page = serde_urlencoded::from_str::<ListQuery>(q.as_deref().unwrap_or(""))
@@ -223,17 +237,18 @@ pub(super) async fn patient(
     Path(nhs): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let Some((token, user)) = api.sessions.find(&h) else {
+    let Some(signed) = api.sessions.find(&h) else {
         return sign_in_page(
             &api,
             StatusCode::UNAUTHORIZED,
             Some("Please sign in to see patient records."),
         );
     };
+    let user = signed.user.clone();
     let reason = serde_urlencoded::from_str::<PatientQuery>(q.as_deref().unwrap_or(""))
         .ok()
         .and_then(|q| q.reason);
-    let Some(headers) = client_headers(&token, &user, reason.as_deref()) else {
+    let Some(headers) = client_headers(&signed, reason.as_deref()) else {
         return message_page(
             &api,
             Some(&user),
@@ -254,11 +269,65 @@ pub(super) async fn patient(
 #[derive(Deserialize)]
 struct SignIn {
     token: String,
+    #[serde(default)]
     user: String,
+    /// oidc mode: `resume` resumes a session with the PIN; anything else signs in with
+    /// the identity provider.
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    pin: Zeroizing<String>,
 }
 
-/// `POST /sign-in` (form: `token`, `user`). The token is checked like any client's (a
-/// wrong one is audited as an authentication failure).
+/// Starts a browser session for `signed` and sends it to the caseload.
+fn signed_in(api: &Api, signed: Signed) -> Response {
+    match api.sessions.start(signed) {
+        Some(cookie) => see_other(
+            "/",
+            Some(&format!(
+                "{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict"
+            )),
+        ),
+        None => message_page(
+            api,
+            None,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in failed",
+            "No randomness for a session; try again.",
+        ),
+    }
+}
+
+/// The words of a JSON refusal, as a sentence.
+fn why(res: &Response, otherwise: &str) -> String {
+    res.extensions()
+        .get::<ErrorInfo>()
+        .map_or_else(|| otherwise.to_owned(), |e| sentence(&e.message))
+}
+
+/// This request's `Host` if it names this machine's loopback (the only place the viewer's
+/// sign-in may send the identity provider's answer back to).
+fn loopback_host(h: &HeaderMap) -> Option<String> {
+    let host = h.get(header::HOST)?.to_str().ok()?;
+    let name = host
+        .strip_prefix('[')
+        .and_then(|r| r.split_once(']').map(|(n, _)| n))
+        .unwrap_or_else(|| host.split(':').next().unwrap_or(""));
+    let loopback = name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (loopback
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-' | b'[' | b']')))
+    .then(|| host.to_owned())
+}
+
+/// `POST /sign-in` (form: `token`, and `user` in asserted mode; in oidc mode either
+/// nothing more — the identity provider's sign-in follows — or `action=resume` with
+/// `user` and `pin`). The token is checked like any client's (a wrong one is audited as
+/// an authentication failure).
 pub(super) async fn sign_in(State(api): State<Arc<Api>>, req: Request<Body>) -> Response {
     if !same_origin(req.headers()) {
         return message_page(
@@ -269,6 +338,7 @@ pub(super) async fn sign_in(State(api): State<Arc<Api>>, req: Request<Body>) -> 
             "The sign-in form must be sent from this page.",
         );
     }
+    let host = loopback_host(req.headers());
     let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
         return sign_in_page(
             &api,
@@ -280,52 +350,403 @@ pub(super) async fn sign_in(State(api): State<Arc<Api>>, req: Request<Body>) -> 
         return sign_in_page(
             &api,
             StatusCode::BAD_REQUEST,
-            Some("Enter both the client token and your staff id."),
-        );
-    };
-    let Ok(user) = StaffId::new(form.user.trim()) else {
-        return sign_in_page(
-            &api,
-            StatusCode::BAD_REQUEST,
-            Some("The staff id must be 1–32 letters, digits, '-', '.' or '_'."),
+            Some("Enter the client token and the other fields of the form."),
         );
     };
     let token = Zeroizing::new(form.token.trim().to_owned());
-    let Some(h) = client_headers(&token, &user, None) else {
+    let mut h = HeaderMap::new();
+    let Ok(bearer) = HeaderValue::from_str(&format!("Bearer {}", token.as_str())) else {
         return sign_in_page(
             &api,
             StatusCode::UNAUTHORIZED,
             Some("That client token is not recognised."),
         );
     };
+    h.insert(header::AUTHORIZATION, bearer);
     let rid = api.next_request_id();
-    if let Err(res) = access::authenticate(&api, &h, rid, access::Format::Json).await {
-        let why = res
-            .extensions()
-            .get::<ErrorInfo>()
-            .map_or_else(|| "Sign-in failed.".to_owned(), |e| sentence(&e.message));
-        return sign_in_page(&api, res.status(), Some(&why));
+    let client = match access::authenticate(&api, &h, rid, access::Format::Json).await {
+        Ok(c) => c,
+        Err(res) => {
+            let why = why(&res, "Sign-in failed.");
+            return sign_in_page(&api, res.status(), Some(&why));
+        }
+    };
+    let oidc = api.device.identity().oidc().is_some();
+    if !oidc || form.action == "resume" {
+        let Ok(user) = StaffId::new(form.user.trim()) else {
+            return sign_in_page(
+                &api,
+                StatusCode::BAD_REQUEST,
+                Some("The staff id must be 1–32 letters, digits, '-', '.' or '_'."),
+            );
+        };
+        if !oidc {
+            return signed_in(
+                &api,
+                Signed {
+                    token,
+                    user,
+                    staff_session: None,
+                },
+            );
+        }
+        return match super::session::resume_session(&api, &client, &user, form.pin).await {
+            Ok(issued) => signed_in(
+                &api,
+                Signed {
+                    token,
+                    user: issued.staff,
+                    staff_session: Some(issued.secret),
+                },
+            ),
+            Err(res) => {
+                let why = why(&res, "The session could not be resumed.");
+                sign_in_page(&api, res.status(), Some(&why))
+            }
+        };
     }
-    match api.sessions.start(token, user) {
-        Some(cookie) => see_other(
-            "/",
-            Some(&format!(
-                "{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict"
-            )),
+    let Some(host) = host else {
+        return sign_in_page(
+            &api,
+            StatusCode::BAD_REQUEST,
+            Some("Open the viewer at its loopback address (http://127.0.0.1:…) to sign in."),
+        );
+    };
+    let device = Arc::clone(&api.device);
+    let redirect = format!("http://{host}/viewer/oidc/callback");
+    let name = client.as_str().to_owned();
+    let started = tokio::task::spawn_blocking(move || {
+        device
+            .identity()
+            .start_sign_in(device.store(), token, name, redirect)
+    })
+    .await;
+    match started {
+        Ok(Ok(url)) => see_other(&url, None),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "viewer sign-in could not start");
+            sign_in_page(
+                &api,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(
+                    "The identity provider cannot be reached. If you signed in on this device \
+                     earlier in this shift, resume your session below with your staff id and PIN.",
+                ),
+            )
+        }
+        Err(_) => sign_in_page(
+            &api,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some("Sign-in failed."),
         ),
-        None => message_page(
+    }
+}
+
+#[derive(Deserialize)]
+struct Callback {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+}
+
+/// `GET /viewer/oidc/callback?code=&state=`: the identity provider's answer; the code is
+/// exchanged (with the PKCE verifier), the ID token verified (with the nonce), and the
+/// member of staff asked for a PIN for offline use.
+pub(super) async fn oidc_callback(State(api): State<Arc<Api>>, RawQuery(q): RawQuery) -> Response {
+    let cb: Callback = serde_urlencoded::from_str(q.as_deref().unwrap_or("")).unwrap_or(Callback {
+        code: None,
+        state: None,
+        error: None,
+    });
+    if let Some(e) = cb.error {
+        let e: String = e
+            .chars()
+            .take(64)
+            .filter(|c| c.is_ascii_graphic())
+            .collect();
+        return sign_in_page(
+            &api,
+            StatusCode::UNAUTHORIZED,
+            Some(&format!("The identity provider did not sign you in ({e}).")),
+        );
+    }
+    let (Some(code), Some(state)) = (cb.code, cb.state) else {
+        return sign_in_page(
+            &api,
+            StatusCode::BAD_REQUEST,
+            Some("The identity provider's answer was incomplete; sign in again."),
+        );
+    };
+    let device = Arc::clone(&api.device);
+    let done = tokio::task::spawn_blocking(move || {
+        device
+            .identity()
+            .finish_sign_in(device.store(), &state, &code, device.now())
+    })
+    .await;
+    match done {
+        Ok(Ok(Ok((form, staff)))) => pin_page(&api, StatusCode::OK, &form, &staff, None),
+        Ok(Ok(Err((client, reason)))) => {
+            let client = Text::new(client.unwrap_or_else(|| "viewer".into())).unwrap_or_default();
+            let event = sync_protocol::audit::AuditEvent::Session(
+                sync_protocol::audit::SessionEvent::Refused {
+                    client,
+                    session: None,
+                    reason,
+                },
+            );
+            let record = api.device.audit_record(event);
+            if api.device.audit().write(record).await.is_err() {
+                return message_page(
+                    &api,
+                    None,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Sign-in refused",
+                    "The audit log cannot be written; see /status.",
+                );
+            }
+            sign_in_page(
+                &api,
+                StatusCode::UNAUTHORIZED,
+                Some(&format!(
+                    "Sign-in refused: {}.",
+                    carecache_fhir::audit::refusal_text(reason)
+                )),
+            )
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "viewer sign-in could not finish");
+            sign_in_page(
+                &api,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("The identity provider could not complete the sign-in; try again."),
+            )
+        }
+        Err(_) => sign_in_page(
+            &api,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some("Sign-in failed."),
+        ),
+    }
+}
+
+fn pin_page(
+    api: &Api,
+    status: StatusCode,
+    form: &str,
+    staff: &StaffId,
+    problem: Option<&str>,
+) -> Response {
+    let mut body = format!(
+        "<h1>Choose a PIN</h1><p>Signed in as <strong>{}</strong>. Choose a PIN of 4 to 12 \
+         digits: you will need it to carry on after a pause or when the device restarts, \
+         also without signal.</p>",
+        esc(staff.as_str())
+    );
+    if let Some(p) = problem {
+        let _ = write!(body, "<p class=\"refusal\" role=\"alert\">{}</p>", esc(p));
+    }
+    let _ = write!(
+        body,
+        "<form method=\"post\" action=\"/viewer/oidc/pin\">\
+         <input type=\"hidden\" name=\"form\" value=\"{}\">\
+         <label for=\"pin\">PIN</label>\
+         <input id=\"pin\" name=\"pin\" type=\"password\" inputmode=\"numeric\" autocomplete=\"off\" required>\
+         <label for=\"pin2\">PIN again</label>\
+         <input id=\"pin2\" name=\"pin2\" type=\"password\" inputmode=\"numeric\" autocomplete=\"off\" required>\
+         <button class=\"go\" type=\"submit\">Start my session</button></form>",
+        esc(form)
+    );
+    html_response(status, frame(api, "Choose a PIN", None, "", &body))
+}
+
+#[derive(Deserialize)]
+struct PinForm {
+    form: String,
+    pin: Zeroizing<String>,
+    #[serde(default)]
+    pin2: Zeroizing<String>,
+}
+
+/// `POST /viewer/oidc/pin`: opens the staff session of a verified viewer sign-in.
+pub(super) async fn oidc_pin(State(api): State<Arc<Api>>, req: Request<Body>) -> Response {
+    if !same_origin(req.headers()) {
+        return message_page(
             &api,
             None,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Sign-in failed",
-            "No randomness for a session; try again.",
-        ),
+            StatusCode::FORBIDDEN,
+            "Sign-in refused",
+            "The PIN form must be sent from this page.",
+        );
     }
+    let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
+        return sign_in_page(
+            &api,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some("The form was too large."),
+        );
+    };
+    let Ok(f) = serde_urlencoded::from_bytes::<PinForm>(&bytes) else {
+        return sign_in_page(
+            &api,
+            StatusCode::BAD_REQUEST,
+            Some("The PIN form was incomplete."),
+        );
+    };
+    if !crate::identity::pin_ok(&f.pin) || f.pin != f.pin2 {
+        let Some(staff) = api.device.identity().awaiting_staff(&f.form) else {
+            return sign_in_page(
+                &api,
+                StatusCode::UNAUTHORIZED,
+                Some("The sign-in has expired; sign in again."),
+            );
+        };
+        return pin_page(
+            &api,
+            StatusCode::BAD_REQUEST,
+            &f.form,
+            &staff,
+            Some(if f.pin == f.pin2 {
+                "The PIN must be 4 to 12 digits."
+            } else {
+                "The two PINs differ."
+            }),
+        );
+    }
+    let Some(a) = api.device.identity().take_awaiting(&f.form) else {
+        return sign_in_page(
+            &api,
+            StatusCode::UNAUTHORIZED,
+            Some("The sign-in has expired; sign in again."),
+        );
+    };
+    let client = Text::new(a.client.clone()).unwrap_or_default();
+    match super::session::open(
+        &api,
+        client,
+        super::session::Source::Verified(Box::new(a.verified)),
+        f.pin,
+        sync_protocol::audit::SignInRoute::Viewer,
+    )
+    .await
+    {
+        super::session::Opened::Ok(issued) => signed_in(
+            &api,
+            Signed {
+                token: a.client_token,
+                user: issued.staff,
+                staff_session: Some(issued.secret),
+            },
+        ),
+        super::session::Opened::Refused(r) => sign_in_page(
+            &api,
+            StatusCode::UNAUTHORIZED,
+            Some(&format!(
+                "Sign-in refused: {}.",
+                carecache_fhir::audit::refusal_text(r)
+            )),
+        ),
+        super::session::Opened::Failed(res) => {
+            let why = why(&res, "Sign-in failed.");
+            sign_in_page(&api, res.status(), Some(&why))
+        }
+    }
+}
+
+fn confirm_page(api: &Api, status: StatusCode, user: &StaffId, problem: Option<&str>) -> Response {
+    let mut body = format!(
+        "<h1>Confirm it is you</h1><p>Your session as <strong>{}</strong> is locked after a \
+         pause. Enter your PIN to carry on.</p>",
+        esc(user.as_str())
+    );
+    if let Some(p) = problem {
+        let _ = write!(body, "<p class=\"refusal\" role=\"alert\">{}</p>", esc(p));
+    }
+    body.push_str(
+        "<form method=\"post\" action=\"/viewer/confirm\">\
+         <label for=\"pin\">PIN</label>\
+         <input id=\"pin\" name=\"pin\" type=\"password\" inputmode=\"numeric\" autocomplete=\"off\" required>\
+         <button class=\"go\" type=\"submit\">Confirm</button></form>",
+    );
+    html_response(
+        status,
+        frame(api, "Confirm it is you", Some(user), "", &body),
+    )
+}
+
+#[derive(Deserialize)]
+struct ConfirmForm {
+    pin: Zeroizing<String>,
+}
+
+/// `POST /viewer/confirm`: unlocks this browser's staff session with the PIN.
+pub(super) async fn confirm(State(api): State<Arc<Api>>, req: Request<Body>) -> Response {
+    if !same_origin(req.headers()) {
+        return message_page(
+            &api,
+            None,
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "The PIN form must be sent from this page.",
+        );
+    }
+    let Some(signed) = api.sessions.find(req.headers()) else {
+        return sign_in_page(&api, StatusCode::UNAUTHORIZED, Some("Please sign in."));
+    };
+    let Some(secret) = signed.staff_session.clone() else {
+        return see_other("/", None);
+    };
+    let Some(h) = client_headers(&signed, None) else {
+        return sign_in_page(&api, StatusCode::UNAUTHORIZED, Some("Please sign in."));
+    };
+    let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
+        return confirm_page(&api, StatusCode::PAYLOAD_TOO_LARGE, &signed.user, None);
+    };
+    let Ok(f) = serde_urlencoded::from_bytes::<ConfirmForm>(&bytes) else {
+        return confirm_page(
+            &api,
+            StatusCode::BAD_REQUEST,
+            &signed.user,
+            Some("Enter your PIN."),
+        );
+    };
+    let rid = api.next_request_id();
+    let client = match access::authenticate(&api, &h, rid, access::Format::Json).await {
+        Ok(c) => c,
+        Err(res) => {
+            let why = why(&res, "Sign-in failed.");
+            return sign_in_page(&api, res.status(), Some(&why));
+        }
+    };
+    let res = super::session::confirm_secret(&api, &client, &secret, f.pin).await;
+    if res.status().is_success() {
+        return see_other("/", None);
+    }
+    let code = res
+        .extensions()
+        .get::<ErrorInfo>()
+        .map(|e| e.code.clone())
+        .unwrap_or_default();
+    let words = why(&res, "The PIN was not accepted.");
+    if matches!(code.as_str(), "wrong-pin" | "pin-wait") {
+        return confirm_page(&api, res.status(), &signed.user, Some(&words));
+    }
+    sign_in_page(&api, res.status(), Some(&words))
 }
 
 /// `POST /sign-out`.
 pub(super) async fn sign_out(State(api): State<Arc<Api>>, h: HeaderMap) -> Response {
     if same_origin(&h) {
+        // In oidc mode signing out of the viewer ends the staff session too (audited).
+        if let Some(signed) = api.sessions.find(&h)
+            && let Some(secret) = &signed.staff_session
+            && let Some(ch) = client_headers(&signed, None)
+        {
+            let rid = api.next_request_id();
+            if let Ok(client) = access::authenticate(&api, &ch, rid, access::Format::Json).await {
+                let _ = super::session::end_session(&api, &client, secret).await;
+            }
+        }
         api.sessions.end(&h);
     }
     see_other(
@@ -562,6 +983,30 @@ fn sign_in_page(api: &Api, status: StatusCode, problem: Option<&str>) -> Respons
     if let Some(p) = problem {
         let _ = write!(body, "<p class=\"refusal\" role=\"alert\">{}</p>", esc(p));
     }
+    if api.device.identity().oidc().is_some() {
+        body.push_str(
+            "<p>Sign in with your identity provider (your smartcard or authenticator) and \
+             the client token your IT team issued for this device. Every record you open is \
+             audited under the identity the provider proves.</p>\
+             <form method=\"post\" action=\"/sign-in\">\
+             <label for=\"token\">Client token</label>\
+             <input id=\"token\" name=\"token\" type=\"password\" autocomplete=\"off\" required>\
+             <button class=\"go\" type=\"submit\">Sign in with the identity provider</button></form>\
+             <h2>Resume your shift session</h2>\
+             <p>Signed in on this device earlier in your shift? Carry on with your staff id \
+             and the PIN you chose, also without signal.</p>\
+             <form method=\"post\" action=\"/sign-in\">\
+             <input type=\"hidden\" name=\"action\" value=\"resume\">\
+             <label for=\"rtoken\">Client token</label>\
+             <input id=\"rtoken\" name=\"token\" type=\"password\" autocomplete=\"off\" required>\
+             <label for=\"ruser\">Staff id</label>\
+             <input id=\"ruser\" name=\"user\" autocomplete=\"username\" required maxlength=\"32\">\
+             <label for=\"rpin\">PIN</label>\
+             <input id=\"rpin\" name=\"pin\" type=\"password\" inputmode=\"numeric\" autocomplete=\"off\" required>\
+             <button class=\"go\" type=\"submit\">Resume</button></form>",
+        );
+        return html_response(status, frame(api, "Sign in", None, "", &body));
+    }
     body.push_str(
         "<p>Sign in once for this browser session with the client token your IT team \
          issued for this device and your own staff id. Every record you open is audited \
@@ -611,14 +1056,15 @@ pub(super) async fn search(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let Some((token, user)) = api.sessions.find(&h) else {
+    let Some(signed) = api.sessions.find(&h) else {
         return sign_in_page(
             &api,
             StatusCode::UNAUTHORIZED,
             Some("Please sign in to search for patients."),
         );
     };
-    let Some(headers) = client_headers(&token, &user, None) else {
+    let user = signed.user.clone();
+    let Some(headers) = client_headers(&signed, None) else {
         return sign_in_page(&api, StatusCode::OK, None);
     };
     // Only the search terms pass through (empty fields dropped).
@@ -1021,6 +1467,9 @@ fn refusal_page(api: &Api, user: &StaffId, nhs: Option<&str>, res: &Response) ->
             "The page could not be shown.",
         );
     };
+    if info.code == "session-locked" {
+        return confirm_page(api, StatusCode::UNAUTHORIZED, user, None);
+    }
     if res.status() == StatusCode::UNAUTHORIZED {
         return sign_in_page(
             api,
