@@ -343,9 +343,9 @@ pub struct Identity {
     keys: RwLock<Keys>,
     last_fetch: Mutex<Option<Instant>>,
     state: Mutex<Persisted>,
-    /// Last use of each session since this process started; a session absent here is
-    /// locked (the daemon restarted since it was used).
-    used: Mutex<HashMap<u64, Instant>>,
+    /// Last use of each session (trusted time) since this process started; a session
+    /// absent here is locked (the daemon restarted since it was used).
+    used: Mutex<HashMap<u64, Timestamp>>,
     pending: Mutex<HashMap<String, Pending>>,
     awaiting: Mutex<HashMap<String, AwaitingPin>>,
 }
@@ -471,7 +471,6 @@ impl Identity {
         let Some(c) = self.oidc() else {
             return Ok(());
         };
-        *lock(&self.last_fetch) = Some(Instant::now());
         let agent = Self::agent();
         let doc = Self::get_json(
             &agent,
@@ -529,7 +528,16 @@ impl Identity {
     ) -> Result<Verified, SessionRefusal> {
         match self.verify(token, now, nonce) {
             Err(SessionRefusal::UnknownKey | SessionRefusal::KeysUnavailable) => {
-                let recent = lock(&self.last_fetch).is_some_and(|t| t.elapsed() < REFETCH_EVERY);
+                // A token naming an unknown key fetches the keys at most every 30 s, so
+                // forged tokens cannot make the device hammer the provider.
+                let recent = {
+                    let mut last = lock(&self.last_fetch);
+                    let recent = last.is_some_and(|t| t.elapsed() < REFETCH_EVERY);
+                    if !recent {
+                        *last = Some(Instant::now());
+                    }
+                    recent
+                };
                 if !recent && let Err(e) = self.refresh_keys(store) {
                     tracing::warn!(error = %e, "identity provider keys could not be refreshed");
                 }
@@ -794,7 +802,7 @@ impl Identity {
         state.sessions.push(session.clone());
         Self::save(store, &state)?;
         drop(state);
-        lock(&self.used).insert(id, Instant::now());
+        lock(&self.used).insert(id, now);
         Ok(Ok(self.issue(&session, secret)?))
     }
 
@@ -826,11 +834,12 @@ impl Identity {
             return Err(Problem::Expired(s.id));
         }
         let mut used = lock(&self.used);
+        let idle = u64::try_from(c.idle_lock.as_millis()).unwrap_or(u64::MAX);
         match used.get(&s.id) {
-            Some(t) if t.elapsed() < c.idle_lock => {}
+            Some(t) if now.as_millis().saturating_sub(t.as_millis()) < idle => {}
             _ => return Err(Problem::Locked(s.id)),
         }
-        used.insert(s.id, Instant::now());
+        used.insert(s.id, now);
         Ok(Resolved {
             id: s.id,
             staff: StaffId::new(&s.staff).map_err(|_| Problem::Unknown)?,
@@ -910,7 +919,7 @@ impl Identity {
             if s.wrong_pins > 0 {
                 Self::save(store, &state)?;
             }
-            lock(&self.used).insert(s.id, Instant::now());
+            lock(&self.used).insert(s.id, now);
             return Ok(Ok(i));
         }
         let attempts = s.wrong_pins.saturating_add(1);

@@ -21,6 +21,8 @@ pub(crate) struct Served {
     pub(crate) token: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    config_path: std::path::PathBuf,
+    root: carecache::crypto::RootKey,
     _tmp: tempfile::TempDir,
 }
 
@@ -33,9 +35,55 @@ impl Served {
     /// As [`Served::start`], also listening on the given extra listeners' paths.
     pub(crate) fn start_with(dev: Dev, sockets: Vec<std::path::PathBuf>) -> Self {
         let Dev {
-            tmp, clock, device, ..
+            tmp,
+            clock,
+            device,
+            config_path,
+            root,
         } = dev;
         let token = device.add_client("epcr").unwrap().expose().to_owned();
+        Self::serve(device, clock, token, config_path, root, tmp, sockets)
+    }
+
+    /// Stops the server and the device and starts both again from the same data
+    /// directory (a daemon restart), keeping the clock and the client token.
+    pub(crate) fn restart(mut self) -> Self {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let Self {
+            clock,
+            token,
+            config_path,
+            root,
+            ..
+        } = &self;
+        let (clock, token, config_path, root) = (
+            clock.clone(),
+            token.clone(),
+            config_path.clone(),
+            root.clone(),
+        );
+        // Take the directory out of `self`; dropping the rest closes the store.
+        let tmp = std::mem::replace(&mut self._tmp, tempfile::tempdir().unwrap());
+        drop(self);
+        let config = carecache::config::Config::load(&config_path).unwrap();
+        let device = Device::open(config, &root, clock.clone()).unwrap();
+        Self::serve(device, clock, token, config_path, root, tmp, Vec::new())
+    }
+
+    fn serve(
+        device: Device,
+        clock: Arc<carecache::clock::ManualClock>,
+        token: String,
+        config_path: std::path::PathBuf,
+        root: carecache::crypto::RootKey,
+        tmp: tempfile::TempDir,
+        sockets: Vec<std::path::PathBuf>,
+    ) -> Self {
         let device = Arc::new(device);
         let api = Api::new(Arc::clone(&device));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -69,6 +117,8 @@ impl Served {
             token,
             stop: Some(stop_tx),
             thread: Some(thread),
+            config_path,
+            root,
             _tmp: tmp,
         }
     }

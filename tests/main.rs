@@ -25,6 +25,8 @@ mod fixture_content_v2;
 mod fuzz_corpora;
 mod harness;
 mod hostile_hub;
+mod identity;
+mod oidc_harness;
 mod policy;
 mod real_fhir;
 mod search;

@@ -222,9 +222,18 @@ async fn limit(req: Request, next: Next, timeout: Duration) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().parse::<usize>().unwrap_or(usize::MAX));
     let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
-    let form = req.method() == axum::http::Method::POST && req.uri().path() == "/sign-in";
+    let post = req.method() == axum::http::Method::POST;
+    let form = post
+        && matches!(
+            req.uri().path(),
+            "/sign-in" | "/viewer/oidc/pin" | "/viewer/confirm"
+        );
+    // The staff-session routes take a small JSON body (an ID token at most 16 KiB).
+    let session = post && req.uri().path().starts_with("/v1/session");
     let refused = if form {
         chunked || length.is_some_and(|n| n > viewer::MAX_FORM_BYTES)
+    } else if session {
+        chunked || length.is_some_and(|n| n > session::MAX_BODY)
     } else {
         chunked || length.is_some_and(|n| n != 0)
     };

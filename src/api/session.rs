@@ -28,7 +28,7 @@ use super::{Api, headers};
 use crate::identity::{Issued, PinError, Verified};
 
 /// Largest session request body (an ID token is at most 16 KiB).
-const MAX_BODY: usize = 32 * 1024;
+pub(super) const MAX_BODY: usize = 32 * 1024;
 
 /// Writes `event` durably; `Err` is the answer to give when it cannot be.
 async fn audit(api: &Api, event: AuditEvent) -> Result<(), Response> {
