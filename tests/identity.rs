@@ -598,3 +598,45 @@ fn asserted_mode_opens_no_sessions_and_says_who_vouched() {
     });
     assert!(line.contains("[asserted by the client software]"), "{line}");
 }
+
+#[test]
+fn a_hub_too_old_for_staff_identity_entries_gets_those_before_them_and_nothing_is_lost() {
+    let (hub, s, patients) = crate::api_harness::served(4, 9, json!({}));
+    assert_eq!(
+        s.get(&format!("/v1/patients/{}", patients[0].digits()))
+            .status,
+        200
+    );
+    let identity_entry = s
+        .device
+        .audit_blocking(AuditEvent::Session(SessionEvent::Confirmed { session: 7 }))
+        .unwrap();
+    assert_eq!(
+        s.get(&format!("/v1/patients/{}", patients[1].digits()))
+            .status,
+        200
+    );
+    let id = s.device.device_id().unwrap().unwrap();
+
+    crate::sync::hub_speaking_at_most(&hub, 3);
+    let e = s.device.upload_audit().unwrap_err().to_string();
+    assert!(
+        e.contains("needs protocol version 4") && e.contains("upgrade the hub"),
+        "{e}"
+    );
+    assert_eq!(
+        hub.hub.state.audit_head(&id).unwrap().seq,
+        identity_entry - 1,
+        "everything before the version-4 entry went up"
+    );
+    assert_eq!(
+        s.audit().first().unwrap().0.seq,
+        identity_entry,
+        "the rest waits"
+    );
+
+    hub.hub.dangerous_set_response_hook(None);
+    s.device.upload_audit().unwrap();
+    assert!(hub.hub.state.audit_head(&id).unwrap().seq > identity_entry);
+    assert!(s.audit().is_empty());
+}

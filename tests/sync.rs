@@ -407,7 +407,7 @@ fn a_version_2_hub_is_read_whole_but_for_structured_doses() {
 }
 
 /// Makes `hub` answer every hello as a hub of protocol `version` at most would.
-fn hub_speaking_at_most(hub: &TestHub, version: u16) {
+pub(crate) fn hub_speaking_at_most(hub: &TestHub, version: u16) {
     use sync_protocol::{Compression, Message, decode, encode};
     hub.hub
         .dangerous_set_response_hook(Some(Arc::new(move |route, bytes| {

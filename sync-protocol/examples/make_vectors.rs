@@ -14,7 +14,8 @@ use std::path::Path;
 
 use sync_protocol::audit::{
     Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, DenyReason, LeaseEnd,
-    Purpose, SectionKind, SectionShown, Shown,
+    ProvenStaff, Purpose, SectionKind, SectionShown, SessionEnd, SessionEvent, SessionRefusal,
+    Shown, SignInRoute,
 };
 use sync_protocol::message::*;
 use sync_protocol::record::*;
@@ -95,6 +96,81 @@ fn enc2(m: Message) -> Vec<u8> {
 
 fn enc3(m: Message) -> Vec<u8> {
     encode_version(&m, Compression::None, 3).unwrap()
+}
+
+fn enc4(m: Message) -> Vec<u8> {
+    encode_version(&m, Compression::None, 4).unwrap()
+}
+
+/// Version 4: a staff session opened from a verified ID token, a read under it, a refused
+/// forged token, a wrong PIN, a read naming no session, and the session's end.
+fn push_audit_v4() -> PushAudit {
+    let staff = ProvenStaff {
+        issuer: t("https://idp.example.invalid/realms/Healthcare"),
+        subject: t("0f6a3c2e-5d1b-4c8e-9a7f-2b1d3e4f5a6b"),
+        session: 0x1d2c_3b4a_5968_7a8b,
+    };
+    let read = |request_id, user: Option<&str>, outcome| Access {
+        request_id,
+        client: t("epcr"),
+        user: user.map(|u| StaffId::new(u).unwrap()),
+        role: user.map(|_| t("R8000")),
+        purpose: Some(Purpose::Treat),
+        action: AuditAction::ReadSummary,
+        patient: Some(nhs("999 000 0018")),
+        listed: BoundedVec::default(),
+        lease: Some(LeaseId(7)),
+        view: Some(View::Clinical),
+        shown: BoundedVec::default(),
+        withheld: 0,
+        outcome,
+    };
+    let events = [
+        AuditEvent::Session(SessionEvent::Opened {
+            session: staff.session,
+            client: t("epcr"),
+            user: StaffId::new("555000123456").unwrap(),
+            role: Some(t("R8000")),
+            staff: staff.clone(),
+            expires: ts(1_735_743_200_000),
+            route: SignInRoute::Client,
+        }),
+        AuditEvent::ProvenAccess {
+            access: read(11, Some("555000123456"), AuditOutcome::Served),
+            staff: staff.clone(),
+        },
+        AuditEvent::Session(SessionEvent::Refused {
+            client: t("epcr"),
+            session: None,
+            reason: SessionRefusal::BadSignature,
+        }),
+        AuditEvent::Session(SessionEvent::WrongPin {
+            session: staff.session,
+            attempts: 1,
+        }),
+        AuditEvent::Access(read(
+            12,
+            None,
+            AuditOutcome::Denied(DenyReason::StaffNotProven),
+        )),
+        AuditEvent::Session(SessionEvent::Ended {
+            session: staff.session,
+            reason: SessionEnd::SignedOut,
+        }),
+    ];
+    let mut prev = Hash32::default();
+    let mut entries = Vec::new();
+    for (seq, event) in (1..).zip(events) {
+        let r = AuditRecord {
+            at: ts(1_735_700_000_000 + seq * 1000),
+            wall: ts(1_735_700_000_000 + seq * 1000),
+            event,
+        };
+        let e = AuditEntry::seal(&prev, seq, &r).unwrap();
+        prev = e.hash;
+        entries.push(e);
+    }
+    PushAudit::new(Hash32::default(), BoundedVec::try_from(entries).unwrap()).unwrap()
 }
 
 fn nhs(n: &str) -> NhsNumber {
@@ -733,6 +809,11 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "ok-push-audit-zstd",
             "the audit push, zstd-compressed",
             encode_version(&Message::PushAudit(push_audit()), Compression::Zstd, LEGACY).unwrap(),
+        ),
+        (
+            "ok-push-audit-v4-staff-identity",
+            "version 4: staff-session events and a read by a proven member of staff",
+            enc4(Message::PushAudit(push_audit_v4())),
         ),
         (
             "ok-audit-ack",
