@@ -427,6 +427,30 @@ impl Identity {
         lock(&self.state).sessions.len()
     }
 
+    /// The origin (`scheme://host[:port]`) of the provider's authorization endpoint (the
+    /// issuer's until its metadata is held), for the viewer's content security policy.
+    pub fn provider_origin(&self) -> Option<String> {
+        let c = self.oidc()?;
+        let endpoint = self
+            .keys
+            .read()
+            .ok()
+            .and_then(|k| {
+                k.metadata
+                    .as_ref()
+                    .map(|m| m.authorization_endpoint.clone())
+            })
+            .unwrap_or_else(|| c.issuer.clone());
+        let (scheme, rest) = endpoint.split_once("://")?;
+        let host = rest.split(['/', '?', '#']).next()?;
+        let ok = matches!(scheme, "https" | "http")
+            && !host.is_empty()
+            && host.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-' | b'[' | b']')
+            });
+        ok.then(|| format!("{scheme}://{host}"))
+    }
+
     /// Whether the issuer's keys are held.
     pub fn has_keys(&self) -> bool {
         self.keys.read().map(|k| k.jwks.is_some()).unwrap_or(false)

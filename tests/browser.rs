@@ -185,3 +185,112 @@ fn headless_chromium_finds_a_patient_by_misspelt_name_and_date_of_birth() {
             .contains(&target.nhs_number().to_string())
     );
 }
+
+#[test]
+fn the_viewer_signs_in_at_the_identity_provider_and_asks_for_the_pin_after_a_pause() {
+    use crate::identity::{PIN, world};
+    let w = world("idle_lock_secs = 60");
+    let s = &w.served;
+    let base = format!("http://{}", s.addr);
+    let browser = Browser::new(LaunchOptions {
+        headless: true,
+        sandbox: false,
+        path: Some(chromium()),
+        window_size: Some((800, 1280)),
+        ..LaunchOptions::default()
+    })
+    .unwrap();
+    let tab = browser.new_tab().unwrap();
+    let page = |tab: &headless_chrome::Tab| tab.get_content().unwrap_or_default();
+    tab.navigate_to(&format!("{base}/")).unwrap();
+    // oidc mode: the client token, then the identity provider.
+    tab.wait_for_element("#token").unwrap().click().unwrap();
+    tab.type_str(&s.token).unwrap();
+    tab.wait_for_element("button[type=submit].go")
+        .unwrap()
+        .click()
+        .unwrap();
+    // The provider's own sign-in page.
+    tab.wait_for_element("input[name=login]")
+        .unwrap_or_else(|e| panic!("{e}: {}", page(&tab)))
+        .click()
+        .unwrap();
+    tab.type_str("nurse.two").unwrap();
+    tab.wait_for_element("input[name=password]")
+        .unwrap()
+        .click()
+        .unwrap();
+    tab.type_str(crate::oidc_harness::PASSWORD).unwrap();
+    tab.wait_for_element("button[type=submit]")
+        .unwrap()
+        .click()
+        .unwrap();
+    // Back at the device: choose the PIN.
+    tab.wait_for_element("#pin2")
+        .unwrap_or_else(|e| panic!("{e}: {}", page(&tab)))
+        .click()
+        .unwrap();
+    tab.type_str(PIN).unwrap();
+    tab.wait_for_element("#pin").unwrap().click().unwrap();
+    tab.type_str(PIN).unwrap();
+    tab.wait_for_element("button[type=submit].go")
+        .unwrap()
+        .click()
+        .unwrap();
+    let target = w.patients[0];
+    let link = format!("a[href=\"/patient/{}\"]", target.digits());
+    tab.wait_for_element(&link)
+        .unwrap_or_else(|e| panic!("{e}: {}", page(&tab)))
+        .click()
+        .unwrap();
+    tab.wait_for_element("#alerts").unwrap();
+    // The read is audited as the member of staff the provider proved.
+    let proven = s
+        .audit()
+        .into_iter()
+        .rev()
+        .find_map(|(_, r)| match r.event {
+            sync_protocol::audit::AuditEvent::ProvenAccess { access, staff } => {
+                Some((access, staff))
+            }
+            _ => None,
+        })
+        .expect("a proven access");
+    assert_eq!(proven.0.patient, Some(target));
+    assert_eq!(proven.0.user.unwrap().as_str(), "N2002");
+    assert_eq!(proven.1.subject.as_str(), "nurse.two");
+    assert!(matches!(
+        s.audit().into_iter().find_map(|(_, r)| match r.event {
+            sync_protocol::audit::AuditEvent::Session(
+                sync_protocol::audit::SessionEvent::Opened { route, .. },
+            ) => Some(route),
+            _ => None,
+        }),
+        Some(sync_protocol::audit::SignInRoute::Viewer)
+    ));
+
+    // After a pause the viewer asks for the PIN; with it, the caseload again.
+    s.clock.advance(std::time::Duration::from_secs(61));
+    tab.navigate_to(&format!("{base}/")).unwrap();
+    tab.wait_for_element("form[action=\"/viewer/confirm\"] #pin")
+        .unwrap_or_else(|e| panic!("{e}: {}", page(&tab)))
+        .click()
+        .unwrap();
+    tab.type_str(PIN).unwrap();
+    tab.wait_for_element("button[type=submit].go")
+        .unwrap()
+        .click()
+        .unwrap();
+    tab.wait_for_element(&link)
+        .unwrap_or_else(|e| panic!("{e}: {}", page(&tab)));
+    assert!(matches!(
+        s.audit()
+            .into_iter()
+            .rev()
+            .find_map(|(_, r)| match r.event {
+                sync_protocol::audit::AuditEvent::Session(e) => Some(e),
+                _ => None,
+            }),
+        Some(sync_protocol::audit::SessionEvent::Confirmed { .. })
+    ));
+}

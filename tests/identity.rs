@@ -15,13 +15,13 @@ use crate::api_harness::{Resp, Served, raw};
 use crate::device_harness::{Dev, TestHub, at, grant, shareable};
 use crate::oidc_harness::{CREW_APP, Provider, VIEWER, oidc_section};
 
-const PIN: &str = "482916";
+pub(crate) const PIN: &str = "482916";
 
-struct World {
-    provider: Provider,
-    hub: TestHub,
-    served: Served,
-    patients: Vec<NhsNumber>,
+pub(crate) struct World {
+    pub(crate) provider: Provider,
+    pub(crate) hub: TestHub,
+    pub(crate) served: Served,
+    pub(crate) patients: Vec<NhsNumber>,
 }
 
 fn wall_now() -> u64 {
@@ -38,7 +38,7 @@ fn wall_now() -> u64 {
 /// `extra`), enrolled, with a team lease on the hub's shareable patients from an hour ago
 /// for a day, synced (which fetches the provider's keys), serving its API. Clocks read
 /// the real time, as the provider's tokens do.
-fn world(extra: &str) -> World {
+pub(crate) fn world(extra: &str) -> World {
     let provider = Provider::start();
     let hub = TestHub::start(12, 71);
     let section = oidc_section(&provider, extra);

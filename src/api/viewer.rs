@@ -1005,7 +1005,17 @@ fn sign_in_page(api: &Api, status: StatusCode, problem: Option<&str>) -> Respons
              <input id=\"rpin\" name=\"pin\" type=\"password\" inputmode=\"numeric\" autocomplete=\"off\" required>\
              <button class=\"go\" type=\"submit\">Resume</button></form>",
         );
-        return html_response(status, frame(api, "Sign in", None, "", &body));
+        let mut res = html_response(status, frame(api, "Sign in", None, "", &body));
+        // The sign-in form is answered with a redirect to the identity provider, which
+        // the form-action directive must allow (and nothing else).
+        if let Some(origin) = api.device.identity().provider_origin()
+            && let Ok(v) = HeaderValue::from_str(&format!(
+                "default-src 'none'; style-src 'unsafe-inline'; form-action 'self' {origin}; frame-ancestors 'none'; base-uri 'none'"
+            ))
+        {
+            res.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+        }
+        return res;
     }
     body.push_str(
         "<p>Sign in once for this browser session with the client token your IT team \
