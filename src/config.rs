@@ -673,7 +673,7 @@ fn identity(
             if !(3..=10).contains(&r.pin_attempts) {
                 return Err(invalid("identity.pin_attempts", "must be 3..=10"));
             }
-            Ok(Mode::Oidc(OidcConfig {
+            Ok(Mode::Oidc(Box::new(OidcConfig {
                 issuer,
                 client_ids: r.client_ids,
                 viewer_client_id,
@@ -695,7 +695,7 @@ fn identity(
                     86_400,
                 )?,
                 pin_attempts: r.pin_attempts,
-            }))
+            })))
         }
         _ => Err(invalid("identity.mode", "must be \"oidc\" or \"asserted\"")),
     }

@@ -205,6 +205,24 @@ pub struct Status {
     pub audit_head: u64,
     /// Why the audit log cannot be written, while it cannot (reads are refused).
     pub audit_error: Option<String>,
+    /// Who vouches for staff ids.
+    pub identity: IdentityStatus,
+}
+
+/// The identity mode in status.
+#[derive(Clone, Debug, Serialize)]
+pub struct IdentityStatus {
+    /// `asserted` or `oidc`.
+    pub mode: &'static str,
+    /// The issuer (oidc).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Whether the issuer's keys are held (oidc: without them no one can sign in offline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer_keys_held: Option<bool>,
+    /// Live staff sessions (oidc).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staff_sessions: Option<usize>,
 }
 
 /// What a policy tick did.
@@ -719,22 +737,12 @@ impl Device {
         // Hub time moves trusted time; an upload is not a sync, so it does not count as
         // the contact the offline limit measures (no objections or lease changes came).
         self.observe_hub(welcome.hub_time);
-        let compression = if welcome
-            .capabilities
-            .has(sync_protocol::types::Capabilities::ZSTD)
-        {
-            sync_protocol::Compression::Zstd
-        } else {
-            sync_protocol::Compression::None
-        };
         crate::upload::push_all(
             &self.store,
             self.audit.health(),
             &transport,
             self.config.audit.upload_chunk,
-            compression,
-            welcome.audit_durable_through,
-            welcome.version,
+            &welcome,
             report,
         )
     }
@@ -998,6 +1006,20 @@ impl Device {
             audit_upload: self.store.device_state(key::LAST_UPLOAD)?,
             audit_head: self.audit.health().head_seq.load(Ordering::Relaxed),
             audit_error: self.audit.health().failing(),
+            identity: match self.identity.oidc() {
+                None => IdentityStatus {
+                    mode: "asserted",
+                    issuer: None,
+                    issuer_keys_held: None,
+                    staff_sessions: None,
+                },
+                Some(c) => IdentityStatus {
+                    mode: "oidc",
+                    issuer: Some(c.issuer.clone()),
+                    issuer_keys_held: Some(self.identity.has_keys()),
+                    staff_sessions: Some(self.identity.session_count()),
+                },
+            },
         })
     }
 }
@@ -1047,6 +1069,22 @@ pub fn render_status(s: &Status) -> String {
         s.device_id.as_deref().unwrap_or("not enrolled")
     );
     let _ = writeln!(out, "hub         {}", s.hub);
+    let _ = writeln!(
+        out,
+        "identity    {}",
+        match (&s.identity.issuer, s.identity.issuer_keys_held) {
+            (Some(issuer), Some(keys)) => format!(
+                "oidc — staff proven by {issuer}; {} staff sessions; issuer keys {}",
+                s.identity.staff_sessions.unwrap_or(0),
+                if keys {
+                    "held"
+                } else {
+                    "NOT HELD (sign-in needs signal)"
+                }
+            ),
+            _ => "asserted — the client software names the member of staff".to_owned(),
+        }
+    );
     let _ = writeln!(out, "trusted     {}", s.trusted_time);
     if s.wall_clock_behind_secs > 60 {
         let _ = writeln!(

@@ -67,7 +67,7 @@ pub enum Mode {
     /// The client software vouches for the staff id.
     Asserted,
     /// ID tokens from an OpenID Connect provider, verified on the device.
-    Oidc(OidcConfig),
+    Oidc(Box<OidcConfig>),
 }
 
 /// `[identity]` in `oidc` mode.
@@ -316,6 +316,24 @@ impl fmt::Debug for Pending {
             .field("client", &self.client)
             .finish_non_exhaustive()
     }
+}
+
+/// A viewer sign-in verified by the provider: the id of its PIN form, and who it is.
+#[derive(Debug)]
+pub struct SignedIn {
+    /// The PIN form's id.
+    pub form: String,
+    /// The member of staff.
+    pub staff: StaffId,
+}
+
+/// A viewer sign-in refused: the client registration it was for (if known), and why.
+#[derive(Debug)]
+pub struct SignInRefused {
+    /// The client registration's name.
+    pub client: Option<String>,
+    /// Why.
+    pub reason: SessionRefusal,
 }
 
 /// A viewer sign-in whose token is verified, waiting for the PIN.
@@ -1091,15 +1109,21 @@ impl Identity {
         state: &str,
         code: &str,
         now: Timestamp,
-    ) -> Result<Result<(String, StaffId), (Option<String>, SessionRefusal)>, IdentityError> {
+    ) -> Result<Result<SignedIn, SignInRefused>, IdentityError> {
         let Some(c) = self.oidc() else {
             return Err(IdentityError::Asserted);
         };
         let Some(p) = lock(&self.pending).remove(state) else {
-            return Ok(Err((None, SessionRefusal::NonceMismatch)));
+            return Ok(Err(SignInRefused {
+                client: None,
+                reason: SessionRefusal::NonceMismatch,
+            }));
         };
         if p.created.elapsed() >= PENDING_FOR {
-            return Ok(Err((Some(p.client), SessionRefusal::NonceMismatch)));
+            return Ok(Err(SignInRefused {
+                client: Some(p.client),
+                reason: SessionRefusal::NonceMismatch,
+            }));
         }
         let token_endpoint = self
             .keys
@@ -1139,7 +1163,12 @@ impl Identity {
         };
         let verified = match self.verify_online(store, id_token, now, Some(&p.nonce)) {
             Ok(v) => v,
-            Err(r) => return Ok(Err((Some(p.client), r))),
+            Err(reason) => {
+                return Ok(Err(SignInRefused {
+                    client: Some(p.client),
+                    reason,
+                }));
+            }
         };
         let form = b64url(&random_bytes::<24>()?);
         let staff = verified.staff.clone();
@@ -1159,7 +1188,7 @@ impl Identity {
                 created: Instant::now(),
             },
         );
-        Ok(Ok((form, staff)))
+        Ok(Ok(SignedIn { form, staff }))
     }
 
     /// The member of staff of the sign-in waiting for its PIN under `form`.

@@ -7,8 +7,8 @@
 //! once and acknowledges repeats whose hashes match, so the effect is exactly-once.
 
 use serde::{Deserialize, Serialize};
-use sync_protocol::message::{ErrorCode, PushAudit};
-use sync_protocol::types::BoundedVec;
+use sync_protocol::message::{ErrorCode, PushAudit, Welcome};
+use sync_protocol::types::{BoundedVec, Capabilities};
 use sync_protocol::{Compression, Message, MessageKind};
 
 use crate::audit::AuditHealth;
@@ -77,17 +77,23 @@ pub enum UploadError {
 }
 
 /// Pushes every waiting entry, `chunk` at a time, acknowledging each run in the store.
-/// `hub_durable` is what the hub's welcome said it holds.
+/// The hub's `welcome` says what it holds, the version it speaks and whether it takes
+/// compressed pushes.
 pub(crate) fn push_all(
     store: &Store,
     health: &AuditHealth,
     transport: &Transport,
     chunk: usize,
-    compression: Compression,
-    hub_durable: u64,
-    version: u16,
+    welcome: &Welcome,
     report: &mut UploadReport,
 ) -> Result<(), DeviceError> {
+    let hub_durable = welcome.audit_durable_through;
+    let version = welcome.version;
+    let compression = if welcome.capabilities.has(Capabilities::ZSTD) {
+        Compression::Zstd
+    } else {
+        Compression::None
+    };
     let acked = store.audit_acked()?;
     report.acked_through = acked.seq;
     if hub_durable < acked.seq {

@@ -34,14 +34,20 @@ impl Provider {
     }
 
     fn on_port(port: u16) -> Self {
-        let mut child = Command::new("node")
+        let child = Command::new("node")
             .arg(server_js())
             .env("PORT", port.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("node runs tools/oidc-provider (npm ci --prefix tools/oidc-provider)");
-        let stdout = child.stdout.take().unwrap();
+        // Owned at once, so the process is killed and reaped whatever happens next.
+        let mut p = Self {
+            child,
+            issuer: String::new(),
+            port: 0,
+        };
+        let stdout = p.child.stdout.take().unwrap();
         let mut line = String::new();
         let mut reader = BufReader::new(stdout);
         loop {
@@ -49,8 +55,8 @@ impl Provider {
             let n = reader.read_line(&mut line).unwrap();
             assert!(n > 0, "the OIDC provider exited before listening");
             if let Some(url) = line.trim().strip_prefix("listening ") {
-                let issuer = url.to_owned();
-                let port = issuer.rsplit(':').next().unwrap().parse().unwrap();
+                p.issuer = url.to_owned();
+                p.port = p.issuer.rsplit(':').next().unwrap().parse().unwrap();
                 // Keep draining stdout so the provider never blocks on a full pipe.
                 std::thread::spawn(move || {
                     let mut sink = String::new();
@@ -58,11 +64,7 @@ impl Provider {
                         sink.clear();
                     }
                 });
-                return Self {
-                    child,
-                    issuer,
-                    port,
-                };
+                return p;
             }
         }
     }

@@ -359,7 +359,16 @@ fn route_label(path: &str) -> &'static str {
         "/v1/patients/{nhs}" => "v1_patient",
         "/status" => "status",
         "/metrics" => "metrics",
-        "/" | "/find" | "/patient/{nhs}" | "/sign-in" | "/sign-out" => "viewer",
+        "/v1/session" | "/v1/session/confirm" | "/v1/session/resume" => "v1_session",
+        "/"
+        | "/find"
+        | "/patient/{nhs}"
+        | "/sign-in"
+        | "/sign-out"
+        | "/search"
+        | "/viewer/oidc/callback"
+        | "/viewer/oidc/pin"
+        | "/viewer/confirm" => "viewer",
         _ => "other",
     }
 }
@@ -376,19 +385,6 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
                 obj.insert(
                     "ready".into(),
                     (s.audit_error.is_none() && !api.device.is_wiped()).into(),
-                );
-                let identity = api.device.identity();
-                obj.insert(
-                    "identity".into(),
-                    match identity.oidc() {
-                        None => serde_json::json!({ "mode": "asserted" }),
-                        Some(c) => serde_json::json!({
-                            "mode": "oidc",
-                            "issuer": c.issuer,
-                            "issuer_keys_held": identity.has_keys(),
-                            "staff_sessions": identity.session_count(),
-                        }),
-                    },
                 );
             }
             axum::Json(v).into_response()

@@ -485,8 +485,10 @@ pub(super) async fn oidc_callback(State(api): State<Arc<Api>>, RawQuery(q): RawQ
     })
     .await;
     match done {
-        Ok(Ok(Ok((form, staff)))) => pin_page(&api, StatusCode::OK, &form, &staff, None),
-        Ok(Ok(Err((client, reason)))) => {
+        Ok(Ok(Ok(crate::identity::SignedIn { form, staff }))) => {
+            pin_page(&api, StatusCode::OK, &form, &staff, None)
+        }
+        Ok(Ok(Err(crate::identity::SignInRefused { client, reason }))) => {
             let client = Text::new(client.unwrap_or_else(|| "viewer".into())).unwrap_or_default();
             let event = sync_protocol::audit::AuditEvent::Session(
                 sync_protocol::audit::SessionEvent::Refused {
@@ -1618,7 +1620,11 @@ mod tests {
         let sessions = Sessions::default();
         let user = StaffId::new("nurse.1").unwrap_or_else(|_| unreachable!());
         let c = sessions
-            .start(Zeroizing::new("cct_x".into()), user)
+            .start(Signed {
+                token: Zeroizing::new("cct_x".into()),
+                user,
+                staff_session: None,
+            })
             .unwrap_or_else(|| unreachable!());
         let mut h = HeaderMap::new();
         h.insert(
