@@ -390,12 +390,15 @@ fn b64url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Argon2id as OWASP recommends for interactive logins (19 MiB, 2 passes).
+/// Argon2id with the lowest-memory of OWASP's equivalent settings for interactive
+/// logins (7 MiB, 5 passes): a PIN is checked in a daemon that should stay small, and
+/// its strength against guessing is the wait after each wrong PIN and the lock-out, with
+/// the hash itself sealed in the store.
 fn argon() -> argon2::Argon2<'static> {
     argon2::Argon2::new(
         argon2::Algorithm::Argon2id,
         argon2::Version::V0x13,
-        argon2::Params::new(19 * 1024, 2, 1, None).unwrap_or_default(),
+        argon2::Params::new(7 * 1024, 5, 1, None).unwrap_or_default(),
     )
 }
 

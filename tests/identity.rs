@@ -39,6 +39,12 @@ fn wall_now() -> u64 {
 /// for a day, synced (which fetches the provider's keys), serving its API. Clocks read
 /// the real time, as the provider's tokens do.
 pub(crate) fn world(extra: &str) -> World {
+    world_leased(extra, json!({}))
+}
+
+/// [`world`] with the lease's fields overridden by `lease` (times as offsets in ms from
+/// now under `ends_in_ms`).
+fn world_leased(extra: &str, lease: Value) -> World {
     let provider = Provider::start();
     let hub = TestHub::start(12, 71);
     let section = oidc_section(&provider, extra);
@@ -50,12 +56,14 @@ pub(crate) fn world(extra: &str) -> World {
     hub.set_time(now);
     dev.clock.set_wall(now);
     let patients = shareable(&hub, 12);
-    grant(
-        &hub,
-        &dev.id(),
-        &patients,
-        json!({ "not_before": at(now - 3_600_000), "not_after": at(now + 86_400_000) }),
-    );
+    let mut spec = json!({ "not_before": at(now - 3_600_000), "not_after": at(now + 86_400_000) });
+    for (k, v) in lease.as_object().unwrap() {
+        match k.as_str() {
+            "ends_in_ms" => spec["not_after"] = json!(at(now + v.as_u64().unwrap())),
+            _ => spec[k] = v.clone(),
+        }
+    }
+    grant(&hub, &dev.id(), &patients, spec);
     dev.sync().unwrap();
     assert!(
         dev.device.identity().has_keys(),
@@ -639,4 +647,45 @@ fn a_hub_too_old_for_staff_identity_entries_gets_those_before_them_and_nothing_i
     s.device.upload_audit().unwrap();
     assert!(hub.hub.state.audit_head(&id).unwrap().seq > identity_entry);
     assert!(s.audit().is_empty());
+}
+
+#[test]
+fn a_session_never_outlives_the_lease_and_needs_one() {
+    // A lease for the paramedic alone, ending in two hours: well inside a 12 h shift.
+    let w = world_leased("", json!({ "users": ["P1001"], "ends_in_ms": 7_200_000 }));
+    let s = &w.served;
+    let now = wall_now();
+    let r = open_as(
+        s,
+        &s.token,
+        &w.provider.id_token(CREW_APP, "paramedic.one"),
+        PIN,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let expires =
+        sync_protocol::types::Timestamp::from_rfc3339(r.json()["expires"].as_str().unwrap())
+            .unwrap()
+            .as_millis();
+    assert!(
+        expires <= now + 7_200_000 + 1_000 && expires + 60_000 > now + 7_200_000,
+        "the session ends with the lease: {} ms from now",
+        expires.saturating_sub(now)
+    );
+    // A member of staff no lease names opens nothing.
+    let r = open_as(
+        s,
+        &s.token,
+        &w.provider.id_token(CREW_APP, "nurse.two"),
+        PIN,
+    );
+    assert_eq!((r.status, error_code(&r).as_str()), (403, "no-lease"));
+    assert_eq!(refusals(s).last(), Some(&SessionRefusal::NoLease));
+    // A PIN that is not 4–12 digits opens nothing either.
+    let r = open_as(
+        s,
+        &s.token,
+        &w.provider.id_token(CREW_APP, "paramedic.one"),
+        "12",
+    );
+    assert_eq!((r.status, error_code(&r).as_str()), (400, "bad-pin"));
 }

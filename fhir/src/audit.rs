@@ -510,8 +510,11 @@ fn describe_access(a: &Access, staff: Option<&ProvenStaff>) -> String {
     if let Some(role) = &a.role {
         out.push_str(&format!(" ({})", role.as_str()));
     }
-    out.push_str(&format!(" [{}]", identity_text(staff)));
-    out.push_str(&format!(" via {}", a.client.as_str()));
+    out.push_str(&format!(
+        " via {} [{}]",
+        a.client.as_str(),
+        identity_text(staff)
+    ));
     match &a.purpose {
         Some(Purpose::Treat) => out.push_str(", TREAT"),
         Some(Purpose::EmergencyTreat { reason }) => {
