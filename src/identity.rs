@@ -307,7 +307,25 @@ pub struct Pending {
     verifier: Zeroizing<String>,
     nonce: String,
     redirect_uri: String,
+    /// SHA-256 of the secret in the browser's sign-in cookie: the provider's answer is
+    /// taken only from the browser that started the sign-in (no login CSRF).
+    browser: [u8; 32],
     created: Instant,
+}
+
+/// A viewer sign-in started: where to send the browser, and the secret its sign-in
+/// cookie carries.
+pub struct SignInStart {
+    /// The provider's authorization URL.
+    pub url: String,
+    /// The value of the browser's sign-in cookie.
+    pub browser: Zeroizing<String>,
+}
+
+impl fmt::Debug for SignInStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignInStart").finish_non_exhaustive()
+    }
 }
 
 impl fmt::Debug for Pending {
@@ -481,7 +499,7 @@ impl Identity {
 
     fn agent() -> ureq::Agent {
         ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(10)))
+            .timeout_global(Some(Duration::from_secs(5)))
             .http_status_as_error(false)
             .max_redirects(0)
             .build()
@@ -644,6 +662,12 @@ impl Identity {
             .keys
             .iter()
             .filter(|k| kid.is_none() || k.common.key_id.as_deref() == kid)
+            .filter(|k| {
+                !matches!(
+                    k.common.public_key_use,
+                    Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+                )
+            })
             .filter(|k| {
                 k.common
                     .key_algorithm
@@ -1045,7 +1069,7 @@ impl Identity {
         client_token: Zeroizing<String>,
         client: String,
         redirect_uri: String,
-    ) -> Result<String, IdentityError> {
+    ) -> Result<SignInStart, IdentityError> {
         let Some(c) = self.oidc() else {
             return Err(IdentityError::Asserted);
         };
@@ -1065,6 +1089,7 @@ impl Identity {
         let nonce = b64url(&random_bytes::<24>()?);
         let verifier = Zeroizing::new(b64url(&random_bytes::<32>()?));
         let challenge = b64url(&Sha256::digest(verifier.as_bytes()));
+        let browser = Zeroizing::new(b64url(&random_bytes::<32>()?));
         let query = serde_urlencoded::to_string([
             ("response_type", "code"),
             ("client_id", c.viewer_client_id.as_str()),
@@ -1092,6 +1117,7 @@ impl Identity {
                 verifier,
                 nonce,
                 redirect_uri,
+                browser: Sha256::digest(browser.as_bytes()).into(),
                 created: Instant::now(),
             },
         );
@@ -1100,7 +1126,10 @@ impl Identity {
         } else {
             '?'
         };
-        Ok(format!("{}{sep}{query}", metadata.authorization_endpoint))
+        Ok(SignInStart {
+            url: format!("{}{sep}{query}", metadata.authorization_endpoint),
+            browser,
+        })
     }
 
     /// Finishes a viewer sign-in: exchanges `code` at the token endpoint and verifies the
@@ -1111,6 +1140,7 @@ impl Identity {
         store: &Store,
         state: &str,
         code: &str,
+        browser: Option<&str>,
         now: Timestamp,
     ) -> Result<Result<SignedIn, SignInRefused>, IdentityError> {
         let Some(c) = self.oidc() else {
@@ -1122,7 +1152,9 @@ impl Identity {
                 reason: SessionRefusal::NonceMismatch,
             }));
         };
-        if p.created.elapsed() >= PENDING_FOR {
+        let same_browser =
+            browser.is_some_and(|b| <[u8; 32]>::from(Sha256::digest(b.as_bytes())) == p.browser);
+        if p.created.elapsed() >= PENDING_FOR || !same_browser {
             return Ok(Err(SignInRefused {
                 client: Some(p.client),
                 reason: SessionRefusal::NonceMismatch,

@@ -689,3 +689,119 @@ fn a_session_never_outlives_the_lease_and_needs_one() {
     );
     assert_eq!((r.status, error_code(&r).as_str()), (400, "bad-pin"));
 }
+
+/// The viewer's own sign-in over plain HTTP: the provider's answer is taken only from the
+/// browser that started the sign-in (its sign-in cookie), so a victim cannot be signed in
+/// as someone else by following their callback link (login CSRF).
+#[test]
+fn the_viewer_sign_in_is_bound_to_the_browser_that_started_it() {
+    let w = world("");
+    let s = &w.served;
+    let start = |s: &Served| {
+        let body = format!("token={}", s.token);
+        let r = raw(
+            s.addr,
+            format!(
+                "POST /sign-in HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+                s.addr,
+                body.len()
+            )
+            .as_bytes(),
+        );
+        assert_eq!(r.status, 303, "{}", r.text());
+        let url = r.header("location").unwrap().to_owned();
+        assert!(url.starts_with(&w.provider.issuer), "{url}");
+        assert!(
+            url.contains("code_challenge_method=S256") && url.contains("nonce="),
+            "{url}"
+        );
+        let cookie = r
+            .header("set-cookie")
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+        assert!(cookie.starts_with("carecache_signin="));
+        (url, cookie)
+    };
+    let callback = |url: &str| {
+        let back = w.provider.authorize(url, "nurse.two");
+        let prefix = format!("http://{}", s.addr);
+        back.strip_prefix(&prefix)
+            .unwrap_or_else(|| panic!("{back}"))
+            .to_owned()
+    };
+    let get = |path: &str, cookie: Option<&str>| {
+        let cookie = cookie
+            .map(|c| format!("Cookie: {c}\r\n"))
+            .unwrap_or_default();
+        raw(
+            s.addr,
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{cookie}\r\n",
+                s.addr
+            )
+            .as_bytes(),
+        )
+    };
+
+    // Someone else's callback link, followed by a browser that did not start it.
+    let (url, _their_cookie) = start(s);
+    let r = get(&callback(&url), None);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.text().contains("Sign-in refused"), "{}", r.text());
+    assert_eq!(refusals(s).last(), Some(&SessionRefusal::NonceMismatch));
+
+    // The browser that started it: the PIN form, then the session.
+    let (url, cookie) = start(s);
+    let r = get(&callback(&url), Some(&cookie));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let page = r.text();
+    assert!(
+        page.contains("Choose a PIN") && page.contains("N2002"),
+        "{page}"
+    );
+    let form = page
+        .split("name=\"form\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let body = format!("form={form}&pin={PIN}&pin2={PIN}");
+    let r = raw(
+        s.addr,
+        format!(
+            "POST /viewer/oidc/pin HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            s.addr,
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 303, "{}", r.text());
+    let session = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = get("/", Some(&session));
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains(&w.patients[0].to_string()),
+        "the caseload"
+    );
+    assert!(matches!(
+        session_events(s)
+            .into_iter()
+            .rev()
+            .find(|e| matches!(e, SessionEvent::Opened { .. })),
+        Some(SessionEvent::Opened {
+            route: sync_protocol::audit::SignInRoute::Viewer,
+            ..
+        })
+    ));
+}

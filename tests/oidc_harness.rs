@@ -95,20 +95,12 @@ impl Provider {
         std::panic::resume_unwind(last.unwrap());
     }
 
-    /// Signs `login` in as `client_id` and returns the ID token (`nonce` included if
-    /// given).
+    /// Signs `login` in as `client_id` and returns the ID token.
     pub(crate) fn id_token(&self, client_id: &str, login: &str) -> String {
         let redirect = match client_id {
             VIEWER => "http://127.0.0.1:9/viewer/oidc/callback",
             _ => "http://127.0.0.1:9/crew/callback",
         };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(20)))
-            .build()
-            .into();
-        let mut jar: BTreeMap<String, String> = BTreeMap::new();
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
         let verifier = b64(&rand::random::<[u8; 32]>());
         let challenge = b64(&Sha256::digest(verifier.as_bytes()));
@@ -123,6 +115,32 @@ impl Provider {
             ("nonce", "test-nonce"),
         ])
         .unwrap();
+        let back = self.authorize(&format!("{}/auth?{query}", self.issuer), login);
+        let code = url_param(&back, "code").unwrap_or_else(|| panic!("no code in {back}"));
+        let mut res = agent()
+            .post(format!("{}/token", self.issuer))
+            .send_form([
+                ("grant_type", "authorization_code"),
+                ("code", code.as_str()),
+                ("redirect_uri", redirect),
+                ("client_id", client_id),
+                ("code_verifier", verifier.as_str()),
+            ])
+            .unwrap();
+        let body: serde_json::Value =
+            serde_json::from_str(&res.body_mut().read_to_string().unwrap()).unwrap();
+        body["id_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no id_token: {body}"))
+            .to_owned()
+    }
+
+    /// Follows an authorization request `url` through the provider's sign-in page as
+    /// `login`, as a browser would, and returns where the provider sends the browser back
+    /// (the client's redirect URI with the code and state).
+    pub(crate) fn authorize(&self, url: &str, login: &str) -> String {
+        let agent = agent();
+        let mut jar: BTreeMap<String, String> = BTreeMap::new();
         let mut step = |url: &str, form: Option<&[(&str, &str)]>| -> String {
             let cookie = jar
                 .iter()
@@ -156,33 +174,25 @@ impl Provider {
                 location
             }
         };
-        let interaction = step(&format!("{}/auth?{query}", self.issuer), None);
+        let interaction = step(url, None);
         let resume = step(
             &format!("{interaction}/login"),
             Some(&[("login", login), ("password", PASSWORD)]),
         );
-        let back = step(&resume, None);
-        let code = url_param(&back, "code").unwrap_or_else(|| panic!("no code in {back}"));
-        let mut res = agent
-            .post(format!("{}/token", self.issuer))
-            .send_form([
-                ("grant_type", "authorization_code"),
-                ("code", code.as_str()),
-                ("redirect_uri", redirect),
-                ("client_id", client_id),
-                ("code_verifier", verifier.as_str()),
-            ])
-            .unwrap();
-        let body: serde_json::Value =
-            serde_json::from_str(&res.body_mut().read_to_string().unwrap()).unwrap();
-        body["id_token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no id_token: {body}"))
-            .to_owned()
+        step(&resume, None)
     }
 }
 
-fn url_param(url: &str, name: &str) -> Option<String> {
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into()
+}
+
+pub(crate) fn url_param(url: &str, name: &str) -> Option<String> {
     let q = url.split_once('?')?.1;
     serde_urlencoded::from_str::<Vec<(String, String)>>(q)
         .ok()?

@@ -41,6 +41,8 @@ pub const MAX_FORM_BYTES: usize = 4096;
 /// Rows per caseload page.
 const PAGE_ROWS: usize = 50;
 const COOKIE: &str = "carecache_session";
+/// Binds a viewer sign-in at the identity provider to the browser that started it.
+const SIGN_IN_COOKIE: &str = "carecache_signin";
 
 /// A signed-in browser: what it sends as a client would.
 struct Session {
@@ -126,14 +128,17 @@ fn live(s: &Session, now: Instant) -> bool {
 }
 
 fn cookie(h: &HeaderMap) -> Option<&str> {
+    named_cookie(h, COOKIE).filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn named_cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| v.trim())
-        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The headers a client would send for this session.
@@ -422,7 +427,13 @@ pub(super) async fn sign_in(State(api): State<Arc<Api>>, req: Request<Body>) -> 
     })
     .await;
     match started {
-        Ok(Ok(url)) => see_other(&url, None),
+        Ok(Ok(start)) => see_other(
+            &start.url,
+            Some(&format!(
+                "{SIGN_IN_COOKIE}={}; Path=/viewer/oidc/callback; HttpOnly; SameSite=Lax; Max-Age=600",
+                start.browser.as_str()
+            )),
+        ),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "viewer sign-in could not start");
             sign_in_page(
@@ -452,7 +463,12 @@ struct Callback {
 /// `GET /viewer/oidc/callback?code=&state=`: the identity provider's answer; the code is
 /// exchanged (with the PKCE verifier), the ID token verified (with the nonce), and the
 /// member of staff asked for a PIN for offline use.
-pub(super) async fn oidc_callback(State(api): State<Arc<Api>>, RawQuery(q): RawQuery) -> Response {
+pub(super) async fn oidc_callback(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let browser = named_cookie(&h, SIGN_IN_COOKIE).map(str::to_owned);
     let cb: Callback = serde_urlencoded::from_str(q.as_deref().unwrap_or("")).unwrap_or(Callback {
         code: None,
         state: None,
@@ -479,9 +495,13 @@ pub(super) async fn oidc_callback(State(api): State<Arc<Api>>, RawQuery(q): RawQ
     };
     let device = Arc::clone(&api.device);
     let done = tokio::task::spawn_blocking(move || {
-        device
-            .identity()
-            .finish_sign_in(device.store(), &state, &code, device.now())
+        device.identity().finish_sign_in(
+            device.store(),
+            &state,
+            &code,
+            browser.as_deref(),
+            device.now(),
+        )
     })
     .await;
     match done {
