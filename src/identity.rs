@@ -294,6 +294,8 @@ struct Keys {
 
 #[derive(Serialize, Deserialize)]
 struct StoredKeys {
+    /// The issuer they were fetched for: keys of another issuer are never used.
+    issuer: String,
     metadata: Metadata,
     jwks: String,
 }
@@ -430,12 +432,17 @@ impl Identity {
     pub fn open(mode: Mode, store: &Store) -> Result<Self, StoreError> {
         let persisted: Persisted = store.device_state(STATE_KEY)?.unwrap_or_default();
         let stored: Option<StoredKeys> = store.device_state(KEYS_KEY)?;
+        let issuer = match &mode {
+            Mode::Oidc(c) => Some(c.issuer.as_str()),
+            Mode::Asserted => None,
+        };
         let keys = match stored {
-            Some(k) => Keys {
+            // Held for the issuer configured now (a changed issuer starts afresh).
+            Some(k) if Some(k.issuer.as_str()) == issuer => Keys {
                 jwks: serde_json::from_str(&k.jwks).ok(),
                 metadata: Some(k.metadata),
             },
-            None => Keys::default(),
+            _ => Keys::default(),
         };
         Ok(Self {
             mode,
@@ -562,6 +569,7 @@ impl Identity {
         extras.set(
             KEYS_KEY,
             &StoredKeys {
+                issuer: c.issuer.clone(),
                 metadata: metadata.clone(),
                 jwks: jwks_value.to_string(),
             },
@@ -896,6 +904,10 @@ impl Identity {
             .iter()
             .find(|s| s.secret_hash == hash)
             .ok_or(Problem::Unknown)?;
+        // A session proven by an issuer this device no longer trusts is void.
+        if s.issuer != c.issuer {
+            return Err(Problem::Unknown);
+        }
         if s.client != client {
             return Err(Problem::OtherClient(s.id));
         }
@@ -951,20 +963,25 @@ impl Identity {
     }
 
     /// Checks `pin` against the session chosen by `pick` and counts a wrong one (ending
-    /// the session at the limit); on success the session is unlocked. Blocking.
+    /// the session at the limit); on success the session is unlocked. Returns the
+    /// session's id. The PIN is checked without holding the sessions (Argon2id takes tens
+    /// of milliseconds; requests go on meanwhile). Blocking.
     fn check_pin(
         &self,
         store: &Store,
         now: Timestamp,
         pin: &str,
         pick: impl Fn(&StaffSession) -> bool,
-    ) -> Result<Result<usize, PinError>, StoreError> {
-        let limit = self.oidc().map_or(5, |c| c.pin_attempts);
-        let mut state = lock(&self.state);
-        let Some(i) = state.sessions.iter().position(&pick) else {
+    ) -> Result<Result<u64, PinError>, StoreError> {
+        let Some(c) = self.oidc() else {
             return Ok(Err(PinError::Unknown));
         };
-        let Some(s) = state.sessions.get(i).cloned() else {
+        let found = lock(&self.state)
+            .sessions
+            .iter()
+            .find(|s| s.issuer == c.issuer && pick(s))
+            .cloned();
+        let Some(s) = found else {
             return Ok(Err(PinError::Unknown));
         };
         if now >= s.expires {
@@ -980,23 +997,30 @@ impl Identity {
         let right = argon()
             .verify_password(pin.as_bytes(), s.pin_hash.as_str())
             .is_ok();
+        let mut state = lock(&self.state);
+        let Some(i) = state.sessions.iter().position(|x| x.id == s.id) else {
+            // Ended meanwhile.
+            return Ok(Err(PinError::Unknown));
+        };
+        let Some(live) = state.sessions.get_mut(i) else {
+            return Ok(Err(PinError::Unknown));
+        };
         if right {
-            if let Some(live) = state.sessions.get_mut(i) {
-                live.wrong_pins = 0;
-                live.next_pin_at = None;
-            }
-            if s.wrong_pins > 0 {
+            let had_wrong = live.wrong_pins > 0;
+            live.wrong_pins = 0;
+            live.next_pin_at = None;
+            if had_wrong {
                 Self::save(store, &state)?;
             }
             lock(&self.used).insert(s.id, now);
-            return Ok(Ok(i));
+            return Ok(Ok(s.id));
         }
-        let attempts = s.wrong_pins.saturating_add(1);
-        let ended = attempts >= limit;
+        let attempts = live.wrong_pins.saturating_add(1);
+        let ended = attempts >= c.pin_attempts;
         if ended {
             state.sessions.remove(i);
             lock(&self.used).remove(&s.id);
-        } else if let Some(live) = state.sessions.get_mut(i) {
+        } else {
             live.wrong_pins = attempts;
             // 1, 2, 4, 8 … seconds before the next try.
             let wait = 1000u64 << u32::from(attempts.saturating_sub(1)).min(10);
@@ -1020,11 +1044,9 @@ impl Identity {
         now: Timestamp,
     ) -> Result<Result<u64, PinError>, StoreError> {
         let hash: [u8; 32] = Sha256::digest(secret.trim().as_bytes()).into();
-        let found = self.check_pin(store, now, pin, |s| {
+        self.check_pin(store, now, pin, |s| {
             s.secret_hash == hash && s.client == client
-        })?;
-        let state = lock(&self.state);
-        Ok(found.map(|i| state.sessions.get(i).map_or(0, |s| s.id)))
+        })
     }
 
     /// Resumes `staff`'s session of `client` with the PIN when its secret is lost (a
@@ -1038,10 +1060,10 @@ impl Identity {
         pin: &str,
         now: Timestamp,
     ) -> Result<Result<Issued, PinError>, IdentityError> {
-        let i = match self.check_pin(store, now, pin, |s| {
+        let id = match self.check_pin(store, now, pin, |s| {
             s.client == client && s.staff == staff.as_str() && now < s.expires
         })? {
-            Ok(i) => i,
+            Ok(id) => id,
             Err(e) => return Ok(Err(e)),
         };
         let secret = Zeroizing::new(format!(
@@ -1049,7 +1071,7 @@ impl Identity {
             hex::encode(random_bytes::<32>()?)
         ));
         let mut state = lock(&self.state);
-        let Some(s) = state.sessions.get_mut(i) else {
+        let Some(s) = state.sessions.iter_mut().find(|s| s.id == id) else {
             return Ok(Err(PinError::Unknown));
         };
         s.secret_hash = Sha256::digest(secret.as_bytes()).into();

@@ -21,7 +21,7 @@ pub(crate) struct Served {
     pub(crate) token: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    config_path: std::path::PathBuf,
+    pub(crate) config_path: std::path::PathBuf,
     root: carecache::crypto::RootKey,
     _tmp: tempfile::TempDir,
 }

@@ -805,3 +805,35 @@ fn the_viewer_sign_in_is_bound_to_the_browser_that_started_it() {
         })
     ));
 }
+
+#[test]
+fn sessions_and_keys_of_an_issuer_no_longer_configured_are_void() {
+    let w = world("");
+    let session = open(&w.served, &w.provider.id_token(CREW_APP, "paramedic.one"));
+    let nhs = w.patients[0];
+    assert_eq!(read(&w.served, &session, &nhs, &[]).status, 200);
+    // The trust moves the device to another identity provider.
+    let other = Provider::start();
+    let text = std::fs::read_to_string(&w.served.config_path).unwrap();
+    std::fs::write(
+        &w.served.config_path,
+        text.replace(&w.provider.issuer, &other.issuer),
+    )
+    .unwrap();
+    let served = w.served.restart();
+    assert!(
+        !served.device.identity().has_keys(),
+        "the old issuer's keys are not used for the new one"
+    );
+    let r = read(&served, &session, &nhs, &[]);
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (401, "session-unknown")
+    );
+    let r = confirm(&served, &session, PIN);
+    assert_eq!(r.status, 401, "{}", r.text());
+    // The new issuer's tokens work (its keys fetched on first use).
+    let fresh = open(&served, &other.id_token(CREW_APP, "paramedic.one"));
+    assert_eq!(read(&served, &fresh, &nhs, &[]).status, 200);
+    drop(w.hub);
+}
