@@ -45,6 +45,11 @@ pub struct Metrics {
     pub audit_backlog_overdue: Gauge,
     /// Audit uploads by outcome (`ok`, `offline`, `refused`, `failed`).
     pub audit_uploads: Family<Labels, Counter>,
+    /// Live staff sessions (oidc identity mode; set at each scrape).
+    pub staff_sessions: Gauge,
+    /// 1 while the identity provider's keys are held (oidc mode: without them nobody can
+    /// sign in offline; set at each scrape).
+    pub identity_keys_held: Gauge,
     /// Audit entries acknowledged by the hub since start.
     pub audit_uploaded: Counter,
     /// Seconds since the last successful sync (-1 if never).
@@ -77,6 +82,8 @@ impl Metrics {
             audit_backlog_age: Gauge::default(),
             audit_backlog_overdue: Gauge::default(),
             audit_uploads: Family::default(),
+            staff_sessions: Gauge::default(),
+            identity_keys_held: Gauge::default(),
             audit_uploaded: Counter::default(),
             data_age: Gauge::default(),
             latency: Family::new_with_constructor(latency),
@@ -136,6 +143,16 @@ impl Metrics {
             "audit_uploads",
             "Audit uploads by outcome",
             m.audit_uploads.clone(),
+        );
+        registry.register(
+            "staff_sessions",
+            "Live staff sessions (oidc identity mode)",
+            m.staff_sessions.clone(),
+        );
+        registry.register(
+            "identity_keys_held",
+            "1 while the identity provider's signing keys are held (oidc identity mode)",
+            m.identity_keys_held.clone(),
         );
         registry.register(
             "audit_uploaded_entries",

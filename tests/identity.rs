@@ -291,6 +291,13 @@ fn a_verified_id_token_opens_a_session_that_alone_names_the_member_of_staff() {
     let st = request(s, "GET", "/status", &[], "").json();
     assert_eq!(st["identity"]["mode"], "oidc");
     assert_eq!(st["identity"]["staff_sessions"], 1);
+    assert_eq!(st["identity"]["issuer_keys_held"], true);
+    let metrics = request(s, "GET", "/metrics", &[], "").text();
+    assert!(metrics.contains("carecache_staff_sessions 1"), "{metrics}");
+    assert!(
+        metrics.contains("carecache_identity_keys_held 1"),
+        "{metrics}"
+    );
 
     // Signing out ends the session (audited); its secret is then worthless.
     let r = request(

@@ -414,6 +414,10 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
     m.audit_commits
         .set(i64::try_from(health.commits.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     m.audit_failing.set(i64::from(health.failing().is_some()));
+    let identity = d.identity();
+    m.staff_sessions
+        .set(i64::try_from(identity.session_count()).unwrap_or(i64::MAX));
+    m.identity_keys_held.set(i64::from(identity.has_keys()));
     let age = d.last_success().map_or(-1, |t| {
         i64::try_from(d.now().as_millis().saturating_sub(t.as_millis()) / 1000).unwrap_or(i64::MAX)
     });
