@@ -135,6 +135,8 @@ struct RawApi {
     request_timeout_secs: u64,
     #[serde(default = "defaults::max_header_bytes")]
     max_header_bytes: usize,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
 }
 
 impl Default for RawApi {
@@ -147,6 +149,7 @@ impl Default for RawApi {
             max_connections: defaults::max_connections(),
             request_timeout_secs: defaults::request_timeout(),
             max_header_bytes: defaults::max_header_bytes(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -351,6 +354,10 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Largest request head (request line and headers).
     pub max_header_bytes: usize,
+    /// Host names besides the loopback ones (`localhost`, 127.0.0.0/8, `[::1]`) that
+    /// requests may be addressed to (`Host`), e.g. the name a non-loopback listener is
+    /// reached by. Anything else is refused (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Audit upload and the backlog guard.
@@ -501,7 +508,24 @@ impl Config {
         if !(8 * 1024..=1024 * 1024).contains(&a.max_header_bytes) {
             return Err(invalid("api.max_header_bytes", "must be 8192..=1048576"));
         }
+        for h in &a.allowed_hosts {
+            let ok = !h.is_empty()
+                && h.len() <= 253
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+            if !ok {
+                return Err(invalid(
+                    "api.allowed_hosts",
+                    "host names only (letters, digits, '.', '-'), without port or scheme",
+                ));
+            }
+        }
         let api = ApiConfig {
+            allowed_hosts: a
+                .allowed_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             listen,
             socket: a.socket.map(anchor),
             stale_after: secs("api.stale_after_secs", a.stale_after_secs, 60, 30 * 86_400)?,
@@ -786,6 +810,34 @@ mode = "asserted"
             (
                 format!("{GOOD}[api]\nmax_header_bytes = 100\n"),
                 "api.max_header_bytes",
+            ),
+            (
+                format!("{GOOD}[api]\nallowed_hosts = [\"tablet 7:80\"]\n"),
+                "api.allowed_hosts",
+            ),
+            (GOOD.replace("[identity]\nmode = \"asserted\"\n", ""), "identity"),
+            (GOOD.replace("\"asserted\"", "\"trust-me\""), "identity.mode"),
+            (GOOD.replace("\"asserted\"", "\"oidc\""), "identity.issuer"),
+            (
+                GOOD.replace(
+                    "\"asserted\"",
+                    "\"oidc\"\nissuer = \"http://idp.example\"\nclient_ids = [\"a\"]",
+                ),
+                "identity.issuer",
+            ),
+            (
+                GOOD.replace(
+                    "\"asserted\"",
+                    "\"oidc\"\nissuer = \"https://idp.example\"\nclient_ids = [\"a\"]\nalgorithms = [\"HS256\"]",
+                ),
+                "identity.algorithms",
+            ),
+            (
+                GOOD.replace(
+                    "\"asserted\"",
+                    "\"oidc\"\nissuer = \"https://idp.example\"\nclient_ids = []",
+                ),
+                "identity.client_ids",
             ),
         ] {
             let err = Config::parse(&text, p).unwrap_err().to_string();

@@ -395,11 +395,11 @@ fn bad_requests_are_refused_clearly_and_every_one_is_audited() {
             r.text()
         );
     }
-    let r = raw(s.addr, b"POST /v1/patients HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc");
+    let r = raw(s.addr, b"POST /v1/patients HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc");
     assert!([405, 413].contains(&r.status), "{}", r.status);
     let r = raw(
         s.addr,
-        b"DELETE /fhir/Patient/9434765919 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"DELETE /fhir/Patient/9434765919 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(r.status, 405);
     // Every answered patient request left an entry; no patient data in any of them.
@@ -413,13 +413,13 @@ fn bad_requests_are_refused_clearly_and_every_one_is_audited() {
 fn oversized_heads_and_a_thousand_connections_leave_the_server_up() {
     let (_hub, s, patients) = served(30, 64, json!({}));
     let big = format!(
-        "GET /status HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         "a".repeat(64 * 1024)
     );
     let r = raw(s.addr, big.as_bytes());
     assert_eq!(r.status, 431, "request head too large");
     let many = format!(
-        "GET /status HTTP/1.1\r\nHost: x\r\n{}Connection: close\r\n\r\n",
+        "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n{}Connection: close\r\n\r\n",
         "X-A: 1\r\n".repeat(200)
     );
     let r = raw(s.addr, many.as_bytes());
@@ -432,7 +432,7 @@ fn oversized_heads_and_a_thousand_connections_leave_the_server_up() {
         "X-A: 1\r\n".repeat(200),
     ] {
         let req = format!(
-            "GET /fhir/Flag?patient={} HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n",
+            "GET /fhir/Flag?patient={} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}Connection: close\r\n\r\n",
             patients[0].digits()
         );
         let r = raw(s.addr, req.as_bytes());
@@ -449,7 +449,7 @@ fn oversized_heads_and_a_thousand_connections_leave_the_server_up() {
     let rss_before = rss_kib();
     let path = format!("/v1/patients/{}", patients[0].digits());
     let req = {
-        let mut q = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        let mut q = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
         for (k, v) in s.treat() {
             q.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -597,7 +597,7 @@ fn status_metrics_and_the_unix_socket() {
     let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     use std::io::{Read, Write};
     let mut req = format!(
-        "GET /v1/patients/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
+        "GET /v1/patients/{} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n",
         p[0].digits()
     );
     for (k, v) in s.treat() {
@@ -1160,4 +1160,44 @@ fn source_fhir_and_device_fhir_agree_on_every_clinical_element() {
         compared.iter().all(|n| *n > 20),
         "compared {compared:?} alerts, allergies, medications"
     );
+}
+
+/// DNS rebinding: a web page whose name was rebound to 127.0.0.1 sends its own name as
+/// `Host`; the API answers only requests addressed to this device.
+#[test]
+fn requests_addressed_to_another_host_are_refused() {
+    let (_hub, s, patients) = served(4, 12, serde_json::json!({}));
+    let ask = |host: &str, path: &str| {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+        for (k, v) in s.treat() {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        raw(s.addr, req.as_bytes())
+    };
+    let read = format!("/v1/patients/{}", patients[0].digits());
+    for host in [
+        "attacker.example",
+        "attacker.example:7380",
+        "127.0.0.1.nip.io",
+        "localhost.attacker.example",
+        "[::2]",
+    ] {
+        for path in ["/status", "/metrics", "/fhir/metadata", read.as_str(), "/"] {
+            let r = ask(host, path);
+            assert_eq!(r.status, 421, "{host} {path}: {}", r.text());
+            assert!(!r.text().contains(&patients[0].digits()));
+        }
+        let r = ask(host, "/fhir/metadata");
+        assert_eq!(r.json()["resourceType"], "OperationOutcome", "{host}");
+    }
+    for host in [
+        "127.0.0.1",
+        "localhost:7380",
+        "127.0.0.2",
+        "[::1]:7380",
+        "LOCALHOST",
+    ] {
+        assert_eq!(ask(host, &read).status, 200, "{host}");
+    }
 }

@@ -173,6 +173,14 @@ fn a_crew_member_signs_in_sees_alerts_first_and_every_refusal_is_explained() {
         "Sec-Fetch-Site: cross-site\r\nOrigin: null\r\n",
     );
     assert_eq!(cross_site.status, 403);
+    // Another web application on this machine (another loopback port) is another origin.
+    let other_local = post(
+        a,
+        "/sign-in",
+        &format!("token={}&user=n1", s.token),
+        "Origin: http://127.0.0.1:1\r\n",
+    );
+    assert_eq!(other_local.status, 403);
     let bad_user = post(a, "/sign-in", &format!("token={}&user=a+b", s.token), "");
     assert_eq!(bad_user.status, 400);
     assert!(bad_user.text().contains("staff id"));
@@ -284,23 +292,44 @@ fn a_crew_member_signs_in_sees_alerts_first_and_every_refusal_is_explained() {
     assert_eq!(found.status, 303);
     assert_eq!(found.header("location"), Some("/patient/9990000000"));
 
-    // Emergency access with a reason: shown, flagged on the page and in the audit.
-    let em = get(
+    // Emergency access with a reason: a form post from this page (never a link: the
+    // reason stays out of URLs and history), shown, flagged on the page and in the audit.
+    assert!(
+        t.text()
+            .contains("<form method=\"post\" action=\"/patient/")
+    );
+    let before = s.audit().len();
+    let link = get(
         a,
         &format!("/patient/{}?reason=Collapsed+in+street", theirs.digits()),
         Some(&cookie),
     );
+    assert_eq!(link.status, 400, "{}", link.text());
+    assert!(link.text().contains("emergency-access form"));
+    assert_eq!(
+        s.audit().len(),
+        before,
+        "a link with a reason reads nothing"
+    );
+    let emergency = |body: &str, origin: &str| {
+        post(
+            a,
+            &format!("/patient/{}", theirs.digits()),
+            body,
+            &format!("Cookie: {cookie}\r\nOrigin: {origin}\r\n"),
+        )
+    };
+    let forged = emergency("reason=Collapsed+in+street", "http://evil.example");
+    assert_eq!(forged.status, 403, "a cross-site form is refused");
+    assert_eq!(s.audit().len(), before);
+    let em = emergency("reason=Collapsed+in+street", &format!("http://{a}"));
     assert_eq!(em.status, 200, "{}", em.text());
     assert!(em.text().contains("class=\"emergency\""));
     let e = last_access(&s);
     assert!(
         matches!(&e.purpose, Some(Purpose::EmergencyTreat { reason }) if reason.as_str() == "Collapsed in street")
     );
-    let empty = get(
-        a,
-        &format!("/patient/{}?reason=", theirs.digits()),
-        Some(&cookie),
-    );
+    let empty = emergency("reason=", &format!("http://{a}"));
     assert_eq!(empty.status, 400);
     assert!(empty.text().contains("data-code=\"reason-required\""));
 

@@ -172,6 +172,7 @@ impl Api {
 /// The router, without limits (see [`serve`]).
 pub fn router(api: Arc<Api>) -> Router {
     let timeout = api.device.config().api.request_timeout;
+    let hosts = Arc::new(api.device.config().api.allowed_hosts.clone());
     Router::new()
         .route("/fhir/metadata", get(access::metadata))
         .route("/fhir/Patient", get(access::fhir_patient_search))
@@ -195,7 +196,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/", get(viewer::home))
         .route("/find", get(viewer::find))
         .route("/search", get(viewer::search))
-        .route("/patient/{nhs}", get(viewer::patient))
+        .route(
+            "/patient/{nhs}",
+            get(viewer::patient).post(viewer::patient_emergency),
+        )
         .route("/sign-in", post(viewer::sign_in))
         .route("/sign-out", post(viewer::sign_out))
         .route("/viewer/oidc/callback", get(viewer::oidc_callback))
@@ -208,14 +212,75 @@ pub fn router(api: Arc<Api>) -> Router {
             common_headers,
         ))
         .layer(axum::middleware::from_fn(
-            move |req: Request, next: Next| limit(req, next, timeout),
+            move |req: Request, next: Next| limit(req, next, timeout, Arc::clone(&hosts)),
         ))
         .with_state(api)
 }
 
-/// Refuses bodies (every route but the viewer's sign-in form is a GET) and times
-/// requests out.
-async fn limit(req: Request, next: Next, timeout: Duration) -> Response {
+/// The name a `Host` header (or an `Origin`'s authority) gives, without its port,
+/// lower-cased; `None` if it is not a well-formed host.
+pub(crate) fn host_name(host: &str) -> Option<String> {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => {
+            let (name, after) = rest.split_once(']')?;
+            if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+                return None;
+            }
+            name
+        }
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return None,
+            None => host,
+        },
+    };
+    let name = name.trim_end_matches('.');
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    ok.then(|| name.to_ascii_lowercase())
+}
+
+fn is_port(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether `host` names this device: `localhost`, a loopback address, or one of
+/// `api.allowed_hosts`. A web page whose own name was rebound to 127.0.0.1 still sends
+/// that name, and is refused.
+pub(crate) fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    host_name(host).is_some_and(|n| {
+        n == "localhost"
+            || n.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+            || allowed.contains(&n)
+    })
+}
+
+/// Refuses requests addressed to another host (DNS rebinding) and bodies (every route
+/// but the viewer's forms and the staff-session routes is a GET), and times requests
+/// out.
+async fn limit(req: Request, next: Next, timeout: Duration, hosts: Arc<Vec<String>>) -> Response {
+    // A request without `Host` is not from a browser (HTTP/1.0 tools); one with a name
+    // that is not this device's is a page that rebound its name to the loopback address.
+    if let Some(host) = req.headers().get(header::HOST) {
+        let ok = host.to_str().is_ok_and(|h| host_allowed(h, &hosts));
+        if !ok {
+            let text = "this API answers only requests addressed to this device (Host: localhost, a loopback address, or a name in api.allowed_hosts)";
+            return if req.uri().path().starts_with("/fhir") {
+                (
+                    StatusCode::MISDIRECTED_REQUEST,
+                    [(header::CONTENT_TYPE, access::FHIR_JSON)],
+                    serde_json::to_vec(&render::operation_outcome("error", "forbidden", text))
+                        .unwrap_or_default(),
+                )
+                    .into_response()
+            } else {
+                (StatusCode::MISDIRECTED_REQUEST, format!("{text}\n")).into_response()
+            };
+        }
+    }
     let length = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -224,10 +289,10 @@ async fn limit(req: Request, next: Next, timeout: Duration) -> Response {
     let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
     let post = req.method() == axum::http::Method::POST;
     let form = post
-        && matches!(
+        && (matches!(
             req.uri().path(),
             "/sign-in" | "/viewer/oidc/pin" | "/viewer/confirm"
-        );
+        ) || req.uri().path().starts_with("/patient/"));
     // The staff-session routes take a small JSON body (an ID token at most 16 KiB).
     let session = post && req.uri().path().starts_with("/v1/session");
     let refused = if form {
@@ -658,5 +723,45 @@ impl hyper::rt::Write for Io {
             Self::Tcp(t) => std::pin::Pin::new(t).poll_shutdown(cx),
             Self::Unix(u) => std::pin::Pin::new(u).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{host_allowed, host_name};
+
+    #[test]
+    fn only_this_devices_names_are_hosts_it_answers() {
+        let allowed = vec!["tablet-7.trust.example".to_owned()];
+        for ok in [
+            "localhost",
+            "localhost:7380",
+            "LocalHost.",
+            "127.0.0.1",
+            "127.8.9.10:80",
+            "[::1]",
+            "[::1]:7380",
+            "tablet-7.trust.example:443",
+        ] {
+            assert!(host_allowed(ok, &allowed), "{ok}");
+        }
+        for bad in [
+            "attacker.example",
+            "127.0.0.1.nip.io",
+            "localhost.attacker.example",
+            "tablet-7.trust.example.attacker.example",
+            "[::2]:80",
+            "10.0.0.1",
+            "127.0.0.1:port",
+            "[::1]x",
+            "",
+            "::1",
+        ] {
+            assert!(!host_allowed(bad, &allowed), "{bad}");
+        }
+        assert_eq!(
+            host_name("Example.ORG:8443").as_deref(),
+            Some("example.org")
+        );
     }
 }

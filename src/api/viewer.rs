@@ -250,25 +250,84 @@ pub(super) async fn patient(
         );
     };
     let user = signed.user.clone();
-    let reason = serde_urlencoded::from_str::<PatientQuery>(q.as_deref().unwrap_or(""))
-        .ok()
-        .and_then(|q| q.reason);
-    let Some(headers) = client_headers(&signed, reason.as_deref()) else {
+    // The emergency-access reason never travels in a URL (history, logs, referrers): a
+    // link carrying one is refused, the reason unread.
+    if serde_urlencoded::from_str::<PatientQuery>(q.as_deref().unwrap_or(""))
+        .is_ok_and(|q| q.reason.is_some())
+    {
         return message_page(
             &api,
+            Some(&user),
+            StatusCode::BAD_REQUEST,
+            "Use the emergency-access form",
+            "Emergency access is asked for with the form on the patient's page, not with a link.",
+        );
+    }
+    show_patient(&api, &signed, &nhs, None).await
+}
+
+#[derive(Deserialize)]
+struct EmergencyForm {
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /patient/{nhs}` (form: `reason`): emergency access, from this page only.
+pub(super) async fn patient_emergency(
+    State(api): State<Arc<Api>>,
+    Path(nhs): Path<String>,
+    req: Request<Body>,
+) -> Response {
+    let Some(signed) = api.sessions.find(req.headers()) else {
+        return sign_in_page(
+            &api,
+            StatusCode::UNAUTHORIZED,
+            Some("Please sign in to see patient records."),
+        );
+    };
+    if !same_origin(req.headers()) {
+        return message_page(
+            &api,
+            Some(&signed.user),
+            StatusCode::FORBIDDEN,
+            "Emergency access refused",
+            "The emergency-access form must be sent from this page.",
+        );
+    }
+    let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
+        return message_page(
+            &api,
+            Some(&signed.user),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Reason not accepted",
+            "The form was too large.",
+        );
+    };
+    let reason = serde_urlencoded::from_bytes::<EmergencyForm>(&bytes)
+        .map(|f| f.reason)
+        .unwrap_or_default();
+    show_patient(&api, &signed, &nhs, Some(&reason)).await
+}
+
+/// A patient's page through the audited pipeline, with emergency access if `reason`.
+async fn show_patient(api: &Api, signed: &Signed, nhs: &str, reason: Option<&str>) -> Response {
+    let user = signed.user.clone();
+    let Some(headers) = client_headers(signed, reason) else {
+        return message_page(
+            api,
             Some(&user),
             StatusCode::BAD_REQUEST,
             "Reason not accepted",
             "The emergency access reason could not be used; please type it again.",
         );
     };
-    let res = access::summary(&api, &headers, &nhs).await;
+    let res = access::summary(api, &headers, nhs).await;
     let status = res.status();
     if let Some(Rendered(body)) = res.extensions().get::<Rendered>() {
-        let html = patient_page(&api, &user, body);
+        let html = patient_page(api, &user, body);
         return page_response(status, html, &res);
     }
-    refusal_page(&api, &user, Some(&nhs), &res)
+    refusal_page(api, &user, Some(nhs), &res)
 }
 
 #[derive(Deserialize)]
@@ -793,10 +852,14 @@ fn same_origin(h: &HeaderMap) -> bool {
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"))
-        .is_some_and(|o| o == host)
+    // The origin must be this very address; the middleware has already refused any
+    // `Host` that is not a name of this device (DNS rebinding), so an origin naming
+    // another site, another local port, or `null` is refused here.
+    !host.is_empty()
+        && origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .is_some_and(|o| o == host)
 }
 
 fn see_other(to: &str, cookie: Option<&str>) -> Response {
@@ -1582,7 +1645,7 @@ fn refusal_page(api: &Api, user: &StaffId, nhs: Option<&str>, res: &Response) ->
         let digits: String = n.chars().filter(char::is_ascii_digit).collect();
         let _ = write!(
             body,
-            "<form method=\"get\" action=\"/patient/{digits}\">\
+            "<form method=\"post\" action=\"/patient/{digits}\">\
              <label for=\"reason\">Reason for emergency access</label>\
              <input id=\"reason\" name=\"reason\" required maxlength=\"500\" autocomplete=\"off\">\
              <button class=\"go danger\" type=\"submit\">Open with emergency access</button></form>"
