@@ -105,7 +105,7 @@ fn load(addr: SocketAddr, headers: &str, paths: &[String], c: usize, secs: f64) 
                     i += 1;
                     let t0 = Instant::now();
                     // One write per request, as any buffered HTTP client does.
-                    let req = format!("GET {p} HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+                    let req = format!("GET {p} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n");
                     w.write_all(req.as_bytes()).unwrap();
                     let mut len = 0usize;
                     let mut status = 0u16;
@@ -296,7 +296,7 @@ fn main() {
     // Server-side time per request (from the API's own latency histogram).
     let metrics = {
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();

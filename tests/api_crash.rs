@@ -74,7 +74,7 @@ fn every_read_answered_before_a_kill_9_is_in_the_audit_chain() {
                         format!("/fhir/Patient/{nhs}/$summary")
                     };
                     let req = format!(
-                        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nX-Carecache-User: n1\r\nX-Carecache-Purpose: TREAT\r\n\r\n"
+                        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nX-Carecache-User: n1\r\nX-Carecache-Purpose: TREAT\r\n\r\n"
                     );
                     let Some(r) = try_raw(addr, req.as_bytes()) else {
                         break; // the daemon died mid-answer

@@ -490,7 +490,7 @@ fn the_daemon_uploads_on_its_own_schedule_and_the_audit_commands_read_the_rest()
     let addr = daemon.addr();
     let get = |path: &str| {
         let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nX-Carecache-User: n1\r\nX-Carecache-Purpose: TREAT\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nX-Carecache-User: n1\r\nX-Carecache-Purpose: TREAT\r\n\r\n"
         );
         try_raw(addr, req.as_bytes()).unwrap()
     };
