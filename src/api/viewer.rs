@@ -373,19 +373,8 @@ fn why(res: &Response, otherwise: &str) -> String {
 /// sign-in may send the identity provider's answer back to).
 fn loopback_host(h: &HeaderMap) -> Option<String> {
     let host = h.get(header::HOST)?.to_str().ok()?;
-    let name = host
-        .strip_prefix('[')
-        .and_then(|r| r.split_once(']').map(|(n, _)| n))
-        .unwrap_or_else(|| host.split(':').next().unwrap_or(""));
-    let loopback = name == "localhost"
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    (loopback
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-' | b'[' | b']')))
-    .then(|| host.to_owned())
+    // With no names allowed beyond the loopback ones.
+    super::host_allowed(host, &[]).then(|| host.to_owned())
 }
 
 /// `POST /sign-in` (form: `token`, and `user` in asserted mode; in oidc mode either
