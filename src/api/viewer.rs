@@ -1,6 +1,8 @@
 //! The viewer page (`GET /`): server-rendered HTML for a crew member at a tablet or a
 //! nurse at a laptop — no script, no external asset, works with no network. Sign in once
-//! per browser session with a client token and a staff id; pick a patient from the
+//! per browser session with a client token and a staff id (asserted identity mode) or,
+//! in oidc mode, at the identity provider (authorization code with PKCE) with a PIN for
+//! the staff session that follows (see [`crate::identity`]); pick a patient from the
 //! caseload (or type an NHS number); see the banner, **alerts first**, then allergies,
 //! medications and key contacts; freshness and access expiry always on screen; every
 //! refusal explained in words.
