@@ -32,7 +32,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use sync_protocol::audit::{ProvenStaff, SessionEnd, SessionRefusal};
+use sync_protocol::audit::{ProvenStaff, SessionRefusal};
 use sync_protocol::message::View;
 use sync_protocol::types::{StaffId, Text, Timestamp};
 use zeroize::Zeroizing;
@@ -279,7 +279,7 @@ pub enum IdentityError {
     NoRandomness,
 }
 
-#[derive(Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Metadata {
     authorization_endpoint: String,
     token_endpoint: String,
@@ -290,6 +290,8 @@ struct Metadata {
 struct Keys {
     metadata: Option<Metadata>,
     jwks: Option<JwkSet>,
+    /// The JWKS as held in the store, to skip rewriting it when a fetch finds no change.
+    jwks_text: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -441,6 +443,7 @@ impl Identity {
             Some(k) if Some(k.issuer.as_str()) == issuer => Keys {
                 jwks: serde_json::from_str(&k.jwks).ok(),
                 metadata: Some(k.metadata),
+                jwks_text: k.jwks,
             },
             _ => Keys::default(),
         };
@@ -453,11 +456,6 @@ impl Identity {
             pending: Mutex::new(HashMap::new()),
             awaiting: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// The mode.
-    pub fn mode(&self) -> &Mode {
-        &self.mode
     }
 
     /// The OpenID Connect settings, in `oidc` mode.
@@ -514,14 +512,22 @@ impl Identity {
     }
 
     fn get_json(agent: &ureq::Agent, url: &str) -> Result<Value, IdentityError> {
-        let mut res = agent
+        let res = agent
             .get(url)
             .header("accept", "application/json")
             .call()
             .map_err(|e| IdentityError::Provider(format!("GET {url}: {e}")))?;
+        Self::read_json(res, &format!("GET {url}"))
+    }
+
+    /// A provider's answer as JSON: HTTP 200, at most [`MAX_DOCUMENT`] bytes.
+    fn read_json(
+        mut res: ureq::http::Response<ureq::Body>,
+        what: &str,
+    ) -> Result<Value, IdentityError> {
         if res.status() != 200 {
             return Err(IdentityError::Provider(format!(
-                "GET {url}: HTTP {}",
+                "{what}: HTTP {}",
                 res.status().as_u16()
             )));
         }
@@ -530,9 +536,9 @@ impl Identity {
             .with_config()
             .limit(MAX_DOCUMENT)
             .read_to_vec()
-            .map_err(|e| IdentityError::Provider(format!("GET {url}: {e}")))?;
+            .map_err(|e| IdentityError::Provider(format!("{what}: {e}")))?;
         serde_json::from_slice(&bytes)
-            .map_err(|e| IdentityError::Provider(format!("GET {url}: not JSON ({e})")))
+            .map_err(|e| IdentityError::Provider(format!("{what}: not JSON ({e})")))
     }
 
     /// Fetches the issuer's metadata and keys and seals them in the store (at every sync,
@@ -565,13 +571,22 @@ impl Identity {
         let jwks_value = Self::get_json(&agent, &metadata.jwks_uri)?;
         let jwks: JwkSet = serde_json::from_value(jwks_value.clone())
             .map_err(|e| IdentityError::Provider(format!("the issuer's JWKS: {e}")))?;
+        let jwks_text = jwks_value.to_string();
+        if self
+            .keys
+            .read()
+            .is_ok_and(|k| k.metadata.as_ref() == Some(&metadata) && k.jwks_text == jwks_text)
+        {
+            // Unchanged (the usual case at a sync): nothing to write.
+            return Ok(());
+        }
         let mut extras = Extras::default();
         extras.set(
             KEYS_KEY,
             &StoredKeys {
                 issuer: c.issuer.clone(),
                 metadata: metadata.clone(),
-                jwks: jwks_value.to_string(),
+                jwks: jwks_text.clone(),
             },
         )?;
         store.put_device_state(&extras)?;
@@ -581,6 +596,7 @@ impl Identity {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         k.metadata = Some(metadata);
         k.jwks = Some(jwks);
+        k.jwks_text = jwks_text;
         tracing::info!(
             keys = k.jwks.as_ref().map_or(0, |j| j.keys.len()),
             "identity provider keys refreshed"
@@ -1188,7 +1204,7 @@ impl Identity {
             .ok()
             .and_then(|k| k.metadata.as_ref().map(|m| m.token_endpoint.clone()))
             .ok_or_else(|| IdentityError::Provider("no issuer metadata".into()))?;
-        let mut res = Self::agent()
+        let res = Self::agent()
             .post(&token_endpoint)
             .header("accept", "application/json")
             .send_form([
@@ -1199,20 +1215,7 @@ impl Identity {
                 ("code_verifier", p.verifier.as_str()),
             ])
             .map_err(|e| IdentityError::Provider(format!("token endpoint: {e}")))?;
-        if res.status() != 200 {
-            return Err(IdentityError::Provider(format!(
-                "token endpoint: HTTP {}",
-                res.status().as_u16()
-            )));
-        }
-        let bytes = res
-            .body_mut()
-            .with_config()
-            .limit(MAX_DOCUMENT)
-            .read_to_vec()
-            .map_err(|e| IdentityError::Provider(format!("token endpoint: {e}")))?;
-        let body: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| IdentityError::Provider(format!("token endpoint: not JSON ({e})")))?;
+        let body = Self::read_json(res, "token endpoint")?;
         let Some(id_token) = body.get("id_token").and_then(Value::as_str) else {
             return Err(IdentityError::Provider(
                 "the token endpoint gave no ID token".into(),
@@ -1273,15 +1276,6 @@ fn proven(s: &StaffSession) -> ProvenStaff {
 
 fn prune(state: &mut Persisted, now: Timestamp) {
     state.used.retain(|(_, until)| now < *until);
-}
-
-/// The words for why a session ended.
-pub fn end_text(r: SessionEnd) -> &'static str {
-    match r {
-        SessionEnd::Expired => "expired",
-        SessionEnd::SignedOut => "signed out",
-        SessionEnd::LockedOut => "locked out",
-    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,18 @@ fn chromium() -> std::path::PathBuf {
     })
 }
 
+/// A headless Chromium the size of a tablet.
+fn headless() -> Browser {
+    Browser::new(LaunchOptions {
+        headless: true,
+        sandbox: false,
+        path: Some(chromium()),
+        window_size: Some((800, 1280)),
+        ..LaunchOptions::default()
+    })
+    .unwrap()
+}
+
 /// A headless Chromium signed in to the viewer at `base` (the browser must outlive the
 /// tab).
 fn signed_in(
@@ -34,14 +46,7 @@ fn signed_in(
     token: &str,
     user: &str,
 ) -> (Browser, std::sync::Arc<headless_chrome::Tab>) {
-    let browser = Browser::new(LaunchOptions {
-        headless: true,
-        sandbox: false,
-        path: Some(chromium()),
-        window_size: Some((800, 1280)),
-        ..LaunchOptions::default()
-    })
-    .unwrap();
+    let browser = headless();
     let tab = browser.new_tab().unwrap();
     tab.navigate_to(&format!("{base}/")).unwrap();
     tab.wait_for_element("#token").unwrap().click().unwrap();
@@ -192,14 +197,7 @@ fn the_viewer_signs_in_at_the_identity_provider_and_asks_for_the_pin_after_a_pau
     let w = world("idle_lock_secs = 60");
     let s = &w.served;
     let base = format!("http://{}", s.addr);
-    let browser = Browser::new(LaunchOptions {
-        headless: true,
-        sandbox: false,
-        path: Some(chromium()),
-        window_size: Some((800, 1280)),
-        ..LaunchOptions::default()
-    })
-    .unwrap();
+    let browser = headless();
     let tab = browser.new_tab().unwrap();
     let page = |tab: &headless_chrome::Tab| tab.get_content().unwrap_or_default();
     tab.navigate_to(&format!("{base}/")).unwrap();

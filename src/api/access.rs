@@ -290,9 +290,21 @@ impl Caller {
         }
     }
 
-    /// The narrower view the proven role is limited to, if any.
-    fn view_cap(&self) -> Option<sync_protocol::message::View> {
-        self.staff.as_ref().and_then(|s| s.view_cap)
+    /// The policy's decision for this caller, with the grant narrowed to the view the
+    /// proven role is limited to (if any).
+    fn decide(
+        &self,
+        policy: &policy::Policy,
+        store: &crate::store::Store,
+        now: sync_protocol::types::Timestamp,
+        user: &StaffId,
+        purpose: &Purpose,
+        nhs: &NhsNumber,
+    ) -> Result<Result<policy::Grant, Denial>, crate::store::StoreError> {
+        let cap = self.staff.as_ref().and_then(|s| s.view_cap);
+        Ok(policy
+            .decide(store, now, user, purpose, nhs)?
+            .map(|g| g.narrowed(cap)))
     }
 
     fn access(&self, request_id: u64, action: AuditAction) -> Access {
@@ -482,13 +494,10 @@ fn decide_and_render(
     access.patient = Some(nhs);
     let device = &api.device;
     let now = device.now();
-    let decision = device
-        .policy()
-        .decide(device.store(), now, user, purpose, &nhs)
-        .map_err(|e| internal(&e))?;
-    let grant = decision
-        .map_err(|d| Refusal::from_denial(&d))?
-        .narrowed(caller.view_cap());
+    let grant = caller
+        .decide(&device.policy(), device.store(), now, user, purpose, &nhs)
+        .map_err(|e| internal(&e))?
+        .map_err(|d| Refusal::from_denial(&d))?;
     access.lease = Some(grant.lease());
     access.view = Some(grant.view());
     let shown = policy::open(device.store(), grant)
@@ -961,13 +970,12 @@ fn list_page(
     // empty page past the last patient).
     let mut next = None;
     for (i, (nhs, _)) in caseload.iter().enumerate().skip(offset) {
-        let Ok(grant) = policy
-            .decide(device.store(), now, user, &Purpose::Treat, nhs)
+        let Ok(grant) = caller
+            .decide(&policy, device.store(), now, user, &Purpose::Treat, nhs)
             .map_err(|e| internal(&e))?
         else {
             continue; // objected since the lease was granted: not listed
         };
-        let grant = grant.narrowed(caller.view_cap());
         let Some(shown) = policy::open(device.store(), grant).map_err(|e| internal(&e))? else {
             continue; // not held (yet)
         };
@@ -1043,13 +1051,12 @@ fn search(
         if out.len() == search::MAX_RESULTS {
             break;
         }
-        let Ok(grant) = policy
-            .decide(device.store(), now, user, purpose, &m.nhs)
+        let Ok(grant) = caller
+            .decide(&policy, device.store(), now, user, purpose, &m.nhs)
             .map_err(|e| internal(&e))?
         else {
             continue;
         };
-        let grant = grant.narrowed(caller.view_cap());
         let Some(shown) = policy::open(device.store(), grant).map_err(|e| internal(&e))? else {
             continue;
         };

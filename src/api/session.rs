@@ -222,18 +222,24 @@ pub(crate) fn refused(reason: SessionRefusal) -> Response {
     json_error(status, code, &words, None)
 }
 
-/// `POST /v1/session`.
-pub(super) async fn open_route(State(api): State<Arc<Api>>, req: Request<Body>) -> Response {
+/// A session route's idle-lock seconds (oidc mode only), authenticated client and JSON
+/// body, or the answer refusing it.
+async fn client_and_body<T: serde::de::DeserializeOwned>(
+    api: &Api,
+    req: Request<Body>,
+) -> Result<(u64, Text<64>, T), Response> {
     let Some(idle) = api.device.identity().oidc().map(|c| c.idle_lock.as_secs()) else {
-        return not_oidc();
+        return Err(not_oidc());
     };
     let rid = api.next_request_id();
-    let client = match access::authenticate(&api, req.headers(), rid, Format::Json).await {
-        Ok(c) => c,
-        Err(res) => return res,
-    };
-    let body: OpenBody = match body_json(req).await {
-        Ok(b) => b,
+    let client = access::authenticate(api, req.headers(), rid, Format::Json).await?;
+    Ok((idle, client, body_json(req).await?))
+}
+
+/// `POST /v1/session`.
+pub(super) async fn open_route(State(api): State<Arc<Api>>, req: Request<Body>) -> Response {
+    let (idle, client, body): (_, _, OpenBody) = match client_and_body(&api, req).await {
+        Ok(x) => x,
         Err(res) => return res,
     };
     match open(
@@ -463,16 +469,8 @@ pub(crate) async fn confirm_secret(
 
 /// `POST /v1/session/resume` `{"staff", "pin"}`.
 pub(super) async fn resume(State(api): State<Arc<Api>>, req: Request<Body>) -> Response {
-    let Some(idle) = api.device.identity().oidc().map(|c| c.idle_lock.as_secs()) else {
-        return not_oidc();
-    };
-    let rid = api.next_request_id();
-    let client = match access::authenticate(&api, req.headers(), rid, Format::Json).await {
-        Ok(c) => c,
-        Err(res) => return res,
-    };
-    let body: PinBody = match body_json(req).await {
-        Ok(b) => b,
+    let (idle, client, body): (_, _, PinBody) = match client_and_body(&api, req).await {
+        Ok(x) => x,
         Err(res) => return res,
     };
     let Some(staff) = body

@@ -296,18 +296,20 @@ pub(super) async fn patient_emergency(
             "The emergency-access form must be sent from this page.",
         );
     }
-    let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
-        return message_page(
-            &api,
-            Some(&signed.user),
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Reason not accepted",
-            "The form was too large.",
-        );
+    let reason = match form::<EmergencyForm>(req.into_body()).await {
+        Ok(f) => f.reason,
+        Err(StatusCode::PAYLOAD_TOO_LARGE) => {
+            return message_page(
+                &api,
+                Some(&signed.user),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Reason not accepted",
+                TOO_LARGE,
+            );
+        }
+        // No reason: the pipeline refuses and explains.
+        Err(_) => String::new(),
     };
-    let reason = serde_urlencoded::from_bytes::<EmergencyForm>(&bytes)
-        .map(|f| f.reason)
-        .unwrap_or_default();
     show_patient(&api, &signed, &nhs, Some(&reason)).await
 }
 
@@ -364,6 +366,25 @@ fn signed_in(api: &Api, signed: Signed) -> Response {
     }
 }
 
+const TOO_LARGE: &str = "The form was too large.";
+
+/// A viewer form's fields; `Err` is 413 past [`MAX_FORM_BYTES`], 400 when malformed.
+async fn form<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, StatusCode> {
+    let bytes = axum::body::to_bytes(body, MAX_FORM_BYTES)
+        .await
+        .map_err(|_| StatusCode::PAYLOAD_TOO_LARGE)?;
+    serde_urlencoded::from_bytes(&bytes).map_err(|_| StatusCode::BAD_REQUEST)
+}
+
+/// What to say about a form [`form`] refused with `status`.
+fn form_problem(status: StatusCode, malformed: &'static str) -> &'static str {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        TOO_LARGE
+    } else {
+        malformed
+    }
+}
+
 /// The words of a JSON refusal, as a sentence.
 fn why(res: &Response, otherwise: &str) -> String {
     res.extensions()
@@ -394,19 +415,12 @@ pub(super) async fn sign_in(State(api): State<Arc<Api>>, req: Request<Body>) -> 
         );
     }
     let host = loopback_host(req.headers());
-    let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
-        return sign_in_page(
-            &api,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Some("The form was too large."),
-        );
-    };
-    let Ok(form) = serde_urlencoded::from_bytes::<SignIn>(&bytes) else {
-        return sign_in_page(
-            &api,
-            StatusCode::BAD_REQUEST,
-            Some("Enter the client token and the other fields of the form."),
-        );
+    let form = match form::<SignIn>(req.into_body()).await {
+        Ok(f) => f,
+        Err(status) => {
+            let words = "Enter the client token and the other fields of the form.";
+            return sign_in_page(&api, status, Some(form_problem(status, words)));
+        }
     };
     let token = Zeroizing::new(form.token.trim().to_owned());
     let mut h = HeaderMap::new();
@@ -651,19 +665,12 @@ pub(super) async fn oidc_pin(State(api): State<Arc<Api>>, req: Request<Body>) ->
             "The PIN form must be sent from this page.",
         );
     }
-    let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
-        return sign_in_page(
-            &api,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Some("The form was too large."),
-        );
-    };
-    let Ok(f) = serde_urlencoded::from_bytes::<PinForm>(&bytes) else {
-        return sign_in_page(
-            &api,
-            StatusCode::BAD_REQUEST,
-            Some("The PIN form was incomplete."),
-        );
+    let f = match form::<PinForm>(req.into_body()).await {
+        Ok(f) => f,
+        Err(status) => {
+            let words = form_problem(status, "The PIN form was incomplete.");
+            return sign_in_page(&api, status, Some(words));
+        }
     };
     if !crate::identity::pin_ok(&f.pin) || f.pin != f.pin2 {
         let Some(staff) = api.device.identity().awaiting_staff(&f.form) else {
@@ -771,16 +778,14 @@ pub(super) async fn confirm(State(api): State<Arc<Api>>, req: Request<Body>) -> 
     let Some(h) = client_headers(&signed, None) else {
         return sign_in_page(&api, StatusCode::UNAUTHORIZED, Some("Please sign in."));
     };
-    let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
-        return confirm_page(&api, StatusCode::PAYLOAD_TOO_LARGE, &signed.user, None);
-    };
-    let Ok(f) = serde_urlencoded::from_bytes::<ConfirmForm>(&bytes) else {
-        return confirm_page(
-            &api,
-            StatusCode::BAD_REQUEST,
-            &signed.user,
-            Some("Enter your PIN."),
-        );
+    let f = match form::<ConfirmForm>(req.into_body()).await {
+        Ok(f) => f,
+        Err(StatusCode::PAYLOAD_TOO_LARGE) => {
+            return confirm_page(&api, StatusCode::PAYLOAD_TOO_LARGE, &signed.user, None);
+        }
+        Err(status) => {
+            return confirm_page(&api, status, &signed.user, Some("Enter your PIN."));
+        }
     };
     let rid = api.next_request_id();
     let client = match access::authenticate(&api, &h, rid, access::Format::Json).await {
