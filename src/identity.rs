@@ -799,9 +799,16 @@ impl Identity {
         store.put_device_state(&extras)
     }
 
+    /// The view a role is limited to. Where roles narrow views, a token that names no
+    /// readable role fails closed: the narrowest view (it may be a social-care role).
     fn view_cap(&self, role: Option<&str>) -> Option<View> {
         let c = self.oidc()?;
-        let role = role?;
+        if c.role_views.is_empty() {
+            return None;
+        }
+        let Some(role) = role else {
+            return Some(View::SocialCare);
+        };
         c.role_views
             .iter()
             .find(|(r, _)| r == role)

@@ -533,6 +533,11 @@ fn a_social_care_role_never_gets_the_clinical_view() {
     let r = read(s, &paramedic, &nhs, &[]);
     assert_eq!(r.status, 200);
     assert!(!r.text().contains("not_in_view"));
+    // Where roles narrow views, a token naming no role fails closed to the narrowest.
+    let unknown = open(s, &w.provider.id_token(CREW_APP, "agency.four"));
+    let r = read(s, &unknown, &nhs, &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("not_in_view"), "{}", r.text());
     // The FHIR allergy search is refused outright under the social-care view.
     let r = request(
         s,

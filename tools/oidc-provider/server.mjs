@@ -23,6 +23,8 @@ const STAFF = {
   'paramedic.one': { uid: 'P1001', selected_roleid: 'R-PARAMEDIC', name: 'Test Paramedic One' },
   'nurse.two': { uid: 'N2002', selected_roleid: 'R-NURSE', name: 'Test Nurse Two' },
   'carer.three': { uid: 'S3003', selected_roleid: 'R-SOCIAL-CARE', name: 'Test Social Carer Three' },
+  // Signed in without choosing a role (a token with no role claim).
+  'agency.four': { uid: 'A4004', name: 'Test Agency Worker Four' },
 };
 const PASSWORD = 'test-password';
 
