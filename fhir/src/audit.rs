@@ -14,8 +14,8 @@ use crate::model::{
 };
 use sync_protocol::audit::{
     Access, AuditAction, AuditEvent, AuditOutcome, AuditRecord, DenyReason, KeyEvent, LeaseEnd,
-    ProvenStaff, Purpose, SectionKind, SectionShown, SessionEnd, SessionEvent, SessionRefusal,
-    SignInRoute, SyncOutcome,
+    LookupEvent, LookupOutcome, ProvenStaff, Purpose, SectionKind, SectionShown, SessionEnd,
+    SessionEvent, SessionRefusal, SignInRoute, SyncOutcome,
 };
 
 /// One audit entry as these renderings need it: the device that wrote it, its sequence
@@ -267,12 +267,40 @@ fn event(e: &Entry<'_>) -> model::AuditEvent {
             None,
             key_text(k),
         ),
+        AuditEvent::Lookup(l) => (
+            "110112",
+            ("110112", "Query"),
+            match l.outcome {
+                LookupOutcome::Granted { .. } => "0",
+                _ => "4",
+            },
+            Some(l.client.as_str()),
+            lookup_text(l),
+        ),
     };
-    let mut entity = system_object(format!("{}#{}", e.device, e.seq));
-    entity.detail = vec![AuditDetail {
+    let mut object = system_object(format!("{}#{}", e.device, e.seq));
+    object.detail = vec![AuditDetail {
         kind: "device-wall-clock".into(),
         value_string: e.record.wall.rfc3339(),
     }];
+    if let AuditEvent::Lookup(l) = &e.record.event {
+        object.detail.push(AuditDetail {
+            kind: "staff-identity".into(),
+            value_string: identity_text(l.proven.as_ref()),
+        });
+    }
+    let mut entity = vec![object];
+    if let AuditEvent::Lookup(l) = &e.record.event {
+        entity.push(AuditEntity {
+            what: Reference::identified(Identifier::new(
+                codes::NHS_NUMBER_SYSTEM,
+                &l.patient.digits(),
+            )),
+            kind: Coding::new(ENTITY_TYPE, "1").display("Person"),
+            role: Some(Coding::new(OBJECT_ROLE, "1").display("Patient")),
+            ..AuditEntity::default()
+        });
+    }
     model::AuditEvent {
         id: format!("{}-{}", e.device, e.seq),
         meta: None,
@@ -285,8 +313,35 @@ fn event(e: &Entry<'_>) -> model::AuditEvent {
         purpose_of_event: Vec::new(),
         agent: vec![device_agent(e, client)],
         source: source(e),
-        entity: vec![entity],
+        entity,
     }
+}
+
+/// A lookup, in words: who, which patient, under which lease, why, and what came of it
+/// (flagged for review: a lookup is emergency access).
+fn lookup_text(l: &LookupEvent) -> String {
+    format!(
+        "EMERGENCY LOOKUP of {} by {} via {} [{}]{}, reason: {}; {}",
+        l.patient,
+        l.user.as_str(),
+        l.client.as_str(),
+        identity_text(l.proven.as_ref()),
+        l.under
+            .map(|id| format!(" under lease {}", id.0))
+            .unwrap_or_default(),
+        l.reason.as_str(),
+        match l.outcome {
+            LookupOutcome::Granted { lease, not_after } =>
+                format!("granted lease {} until {}", lease.0, not_after.rfc3339()),
+            LookupOutcome::Offline => "refused: the device was offline".to_owned(),
+            LookupOutcome::NotPermitted => {
+                "refused: no lease of the caller allows emergency access".to_owned()
+            }
+            LookupOutcome::NotAvailable => "refused by the hub: not available".to_owned(),
+            LookupOutcome::HubTooOld => "refused: the hub does not offer lookups".to_owned(),
+            LookupOutcome::Failed => "failed".to_owned(),
+        }
+    )
 }
 
 fn key_text(k: &KeyEvent) -> String {
@@ -490,6 +545,7 @@ pub fn describe(e: &Entry<'_>) -> String {
             if *resync { ", full resync" } else { "" }
         ),
         AuditEvent::Key(k) => key_text(k),
+        AuditEvent::Lookup(l) => lookup_text(l),
     };
     format!("{}  {}#{}  {what}", e.record.at.rfc3339(), e.device, e.seq)
 }

@@ -14,8 +14,8 @@ use std::path::Path;
 
 use sync_protocol::audit::{
     Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, DenyReason, LeaseEnd,
-    ProvenStaff, Purpose, SectionKind, SectionShown, SessionEnd, SessionEvent, SessionRefusal,
-    Shown, SignInRoute,
+    LookupEvent, LookupOutcome, ProvenStaff, Purpose, SectionKind, SectionShown, SessionEnd,
+    SessionEvent, SessionRefusal, Shown, SignInRoute,
 };
 use sync_protocol::message::*;
 use sync_protocol::record::*;
@@ -100,6 +100,126 @@ fn enc3(m: Message) -> Vec<u8> {
 
 fn enc4(m: Message) -> Vec<u8> {
     encode_version(&m, Compression::None, 4).unwrap()
+}
+
+fn enc5(m: Message) -> Vec<u8> {
+    encode_version(&m, Compression::None, 5).unwrap()
+}
+
+/// Version 5: a pull from a device holding 2,000 patients that lacks two it was offered.
+fn pull_v5() -> Pull {
+    let mut p = Pull::new(Some(cursor()), 4 << 20);
+    p.holding = 2_000;
+    p.want = BoundedVec::try_from(vec![nhs("999 000 0018"), nhs("999 000 0026")]).unwrap();
+    p
+}
+
+/// Version 5: the answer to [`pull_v5`] — the first wanted record (the second did not
+/// fit), an objection, two patients offered by version, and the round's expected count.
+fn batch_v5() -> Batch {
+    Batch::new(
+        BoundedVec::try_from(vec![ObjectionChange {
+            nhs_number: nhs("999 000 0034"),
+            status: ObjectionStatus::Objected,
+            recorded_at: ts(1_735_689_000_000),
+        }])
+        .unwrap(),
+        BoundedVec::new(),
+        BoundedVec::try_from(vec![record()]).unwrap(),
+        BoundedVec::new(),
+        cursor(),
+        true,
+        ts(1_735_690_000_000),
+        AllowedSetDigest {
+            patients: 0,
+            sha256: Hash32([0; 32]),
+        },
+    )
+    .unwrap()
+    .with_progress(
+        BoundedVec::try_from(vec![
+            Offer {
+                nhs_number: nhs("999 000 0042"),
+                version: RecordVersion(41),
+            },
+            Offer {
+                nhs_number: nhs("999 000 0050"),
+                version: RecordVersion(42),
+            },
+        ])
+        .unwrap(),
+        1,
+        2_000,
+    )
+    .unwrap()
+}
+
+fn lookup() -> Lookup {
+    Lookup {
+        nhs_number: nhs("999 000 0026"),
+        lease: LeaseId(7),
+        staff: StaffId::new("N1234").unwrap(),
+        reason: t("Found collapsed at a bus stop; not on today's caseload"),
+    }
+}
+
+fn lookup_granted() -> LookupGranted {
+    let lease = Lease::new(
+        LeaseId(99),
+        t("Emergency lookup"),
+        Audience::Users(BoundedVec::try_from(vec![StaffId::new("N1234").unwrap()]).unwrap()),
+        View::Clinical,
+        ts(1_735_690_000_000),
+        ts(1_735_733_200_000),
+        86_400,
+        false,
+        BoundedVec::try_from(vec![nhs("999 000 0026")]).unwrap(),
+    )
+    .unwrap();
+    LookupGranted::try_from_parts(lease, allergy_record()).unwrap()
+}
+
+/// Version 5: a lookup granted and one refused offline, in the audit.
+fn push_audit_v5() -> PushAudit {
+    let event = |request_id, outcome| {
+        AuditEvent::Lookup(LookupEvent {
+            request_id,
+            client: t("epcr"),
+            user: StaffId::new("N1234").unwrap(),
+            proven: None,
+            patient: nhs("999 000 0026"),
+            under: Some(LeaseId(7)),
+            reason: t("Found collapsed at a bus stop; not on today's caseload"),
+            outcome,
+        })
+    };
+    let events = [
+        event(21, LookupOutcome::Offline),
+        event(
+            22,
+            LookupOutcome::Granted {
+                lease: LeaseId(99),
+                not_after: ts(1_735_733_200_000),
+            },
+        ),
+    ];
+    let mut prev = Hash32::default();
+    let start = prev;
+    let entries: Vec<AuditEntry> = events
+        .into_iter()
+        .zip(1u64..)
+        .map(|(event, seq)| {
+            let record = AuditRecord {
+                at: ts(1_735_690_000_000 + seq * 1000),
+                wall: ts(1_735_690_000_000 + seq * 1000),
+                event,
+            };
+            let e = AuditEntry::seal(&prev, seq, &record).unwrap();
+            prev = e.hash;
+            e
+        })
+        .collect();
+    PushAudit::new(start, BoundedVec::try_from(entries).unwrap()).unwrap()
 }
 
 /// Version 4: a staff session opened from a verified ID token, a read under it, a refused
@@ -704,7 +824,51 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     );
     let v3_batch = enc3(Message::Batch(batch_v3()));
     let v3_bad_decimal = patch(v3_batch.clone(), &[2, b'1', b'0', 1], &[2, b'1', b'.', 1]);
+    let v5_batch = enc5(Message::Batch(batch_v5()));
+    // The second offer names the patient the batch objects to.
+    let v5_offer_objected = patch(
+        v5_batch.clone(),
+        &[varint(9_990_000_050), varint(42)].concat(),
+        &[varint(9_990_000_034), varint(42)].concat(),
+    );
+    let mut v4_lookup = enc5(Message::Lookup(lookup()));
+    v4_lookup[5] = 4;
     vec![
+        (
+            "ok-pull-v5-holding-want",
+            "version 5: a pull from a device holding 2,000 patients that lacks two it was offered",
+            enc5(Message::Pull(pull_v5())),
+        ),
+        (
+            "ok-batch-v5-offers",
+            "version 5: a wanted record, an objection, two patients offered by version, one want answered, 2,000 expected",
+            v5_batch,
+        ),
+        (
+            "err-v5-offer-objected",
+            "version 5: a patient offered in the batch that objects to them",
+            v5_offer_objected,
+        ),
+        (
+            "ok-lookup",
+            "version 5: a one-off lookup under lease 7 with the member of staff's reason",
+            enc5(Message::Lookup(lookup())),
+        ),
+        (
+            "ok-lookup-granted",
+            "version 5: a 12-hour lease for the looked-up patient alone, with the record",
+            enc5(Message::LookupGranted(Box::new(lookup_granted()))),
+        ),
+        (
+            "err-v4-lookup-kind",
+            "a lookup in a version-4 frame (lookups exist from version 5)",
+            v4_lookup,
+        ),
+        (
+            "ok-push-audit-v5-lookup",
+            "version 5: lookups in the audit, one refused offline and one granted",
+            enc5(Message::PushAudit(push_audit_v5())),
+        ),
         (
             "ok-batch-v3-structured-dosage",
             "version 3: a medication with a structured dose (10 mL, 3 times a day, oral) beside its words",
@@ -767,18 +931,12 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (
             "ok-pull-initial",
             "pull with no cursor, 1 MiB budget",
-            enc(Message::Pull(Pull {
-                cursor: None,
-                max_bytes: 1 << 20,
-            })),
+            enc(Message::Pull(Pull::new(None, 1 << 20))),
         ),
         (
             "ok-pull-cursor",
             "pull after a cursor",
-            enc(Message::Pull(Pull {
-                cursor: Some(cursor()),
-                max_bytes: 4 << 20,
-            })),
+            enc(Message::Pull(Pull::new(Some(cursor()), 4 << 20))),
         ),
         (
             "ok-batch-empty",

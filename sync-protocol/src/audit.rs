@@ -348,6 +348,63 @@ pub enum AuditEvent {
     },
     /// Version 4: a staff session opened, refused, confirmed or ended.
     Session(SessionEvent),
+    /// Version 5: a one-off lookup of a patient on no caseload of this device, asked of
+    /// the hub for emergency access.
+    Lookup(LookupEvent),
+}
+
+/// Version 5: a lookup asked of the hub.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LookupEvent {
+    /// The local request id.
+    pub request_id: u64,
+    /// The client registration that asked.
+    pub client: Text<64>,
+    /// The member of staff, as the request named them.
+    pub user: StaffId,
+    /// How the staff id was proven, when a staff session carried it.
+    pub proven: Option<ProvenStaff>,
+    /// The patient.
+    pub patient: NhsNumber,
+    /// The caller's lease the lookup was asked under (the one allowing emergency
+    /// access), if any.
+    pub under: Option<LeaseId>,
+    /// Why, as the member of staff gave it.
+    pub reason: Text<1024>,
+    /// What came of it.
+    pub outcome: LookupOutcome,
+}
+
+impl fmt::Debug for LookupEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LookupEvent")
+            .field("request_id", &self.request_id)
+            .field("under", &self.under)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What came of a lookup.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum LookupOutcome {
+    /// The hub granted a lease for the patient alone, held on the device until it ends.
+    Granted {
+        /// The new lease.
+        lease: LeaseId,
+        /// When it ends.
+        not_after: Timestamp,
+    },
+    /// The device could not reach the hub.
+    Offline,
+    /// No lease of the caller on this device allows emergency access.
+    NotPermitted,
+    /// The hub cannot give the patient (unknown, objected or not shareable: one answer).
+    NotAvailable,
+    /// The hub does not speak version 5.
+    HubTooOld,
+    /// Anything else (the hub's answer was refused, or it failed).
+    Failed,
 }
 
 /// How a staff id was proven: the identity provider's word, carried by a session.
@@ -497,6 +554,7 @@ impl AuditRecord {
     /// hub that negotiated a lower version.
     pub fn min_version(&self) -> u16 {
         match &self.event {
+            AuditEvent::Lookup(_) => 5,
             AuditEvent::ProvenAccess { .. } | AuditEvent::Session(_) => 4,
             AuditEvent::Access(a) => match a.outcome {
                 AuditOutcome::Denied(
@@ -510,6 +568,9 @@ impl AuditRecord {
 
     /// Whether this entry concerns `nhs` (a read, search or caseload list naming them).
     pub fn concerns(&self, nhs: &NhsNumber) -> bool {
+        if let AuditEvent::Lookup(l) = &self.event {
+            return l.patient == *nhs;
+        }
         self.access()
             .is_some_and(|a| a.patient.as_ref() == Some(nhs) || a.listed.contains(nhs))
     }

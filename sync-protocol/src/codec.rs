@@ -20,7 +20,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{DecodeError, EncodeError, clear_field_error, from_postcard};
-use crate::message::{Message, MessageKind, WireBatch};
+use crate::message::{Message, MessageKind, PullV1, WireBatch};
+use crate::record::PatientRecord;
 use crate::record::{v1, v2};
 
 /// The four magic bytes.
@@ -28,9 +29,9 @@ pub const MAGIC: [u8; 4] = *b"CCSP";
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this crate encodes by default.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// The versions this crate decodes (and encodes, with [`encode_version`]).
-pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=4;
+pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=5;
 /// zstd level used when compressing: fast to encode, and decoding speed does not
 /// depend on it.
 const ZSTD_LEVEL: i32 = 3;
@@ -207,10 +208,24 @@ fn inflate(payload: &[u8], declared: u32) -> Result<Vec<u8>, DecodeError> {
     Ok(content)
 }
 
-/// Only a batch differs between versions (its records); every other kind is the same
-/// in all.
+/// A batch differs between versions (its records; version 5's offers and progress), and
+/// a pull in version 5 (holding and wants); every other kind is the same in all, and the
+/// lookup kinds exist from version 5.
 fn decode_payload(version: u16, kind: MessageKind, payload: &[u8]) -> Result<Message, DecodeError> {
+    if version < kind.since_version() {
+        return Err(DecodeError::UnknownKind(kind as u8));
+    }
     Ok(match kind {
+        MessageKind::Batch if (3..5).contains(&version) => Message::Batch(
+            decode_canonical::<WireBatch<PatientRecord>>(payload)?
+                .upgrade()
+                .map_err(DecodeError::from)?,
+        ),
+        MessageKind::Pull if version < 5 => Message::Pull(
+            decode_canonical::<PullV1>(payload)?
+                .upgrade()
+                .map_err(DecodeError::from)?,
+        ),
         MessageKind::Batch if version == 1 => Message::Batch(
             decode_canonical::<WireBatch<v1::PatientRecord>>(payload)?
                 .upgrade()
@@ -230,6 +245,8 @@ fn decode_payload(version: u16, kind: MessageKind, payload: &[u8]) -> Result<Mes
         MessageKind::PushAudit => Message::PushAudit(decode_canonical(payload)?),
         MessageKind::AuditAck => Message::AuditAck(decode_canonical(payload)?),
         MessageKind::Error => Message::Error(decode_canonical(payload)?),
+        MessageKind::Lookup => Message::Lookup(decode_canonical(payload)?),
+        MessageKind::LookupGranted => Message::LookupGranted(Box::new(decode_canonical(payload)?)),
     })
 }
 
@@ -308,7 +325,17 @@ pub fn encode_version(
         return Err(EncodeError::NotRepresentable(version));
     }
     let kind = message.kind();
+    if version < kind.since_version() {
+        return Err(EncodeError::NotRepresentable(version));
+    }
     let payload = match message {
+        Message::Batch(m) if (3..5).contains(&version) => to_vec(
+            &WireBatch::<PatientRecord>::downgrade(m)
+                .map_err(|_| EncodeError::NotRepresentable(version))?,
+        ),
+        Message::Pull(m) if version < 5 => {
+            to_vec(&PullV1::downgrade(m).map_err(|_| EncodeError::NotRepresentable(version))?)
+        }
         Message::Batch(m) if version == 1 => to_vec(
             &WireBatch::<v1::PatientRecord>::downgrade(m)
                 .map_err(|_| EncodeError::NotRepresentable(version))?,
@@ -326,6 +353,8 @@ pub fn encode_version(
         Message::PushAudit(m) => to_vec(m),
         Message::AuditAck(m) => to_vec(m),
         Message::Error(m) => to_vec(m),
+        Message::Lookup(m) => to_vec(m),
+        Message::LookupGranted(m) => to_vec(m.as_ref()),
     }?;
     let limit = kind.max_payload();
     let content_len = u32::try_from(payload.len())

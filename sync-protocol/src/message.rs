@@ -11,8 +11,8 @@ use crate::error::FieldError;
 use crate::nhs::NhsNumber;
 use crate::record::{PatientRecord, v1, v2};
 use crate::types::{
-    BoundedVec, Bytes, Capabilities, Cursor, DeviceId, EnrolmentToken, Hash32, LeaseId, StaffId,
-    Text, Timestamp, deserialize_via,
+    BoundedVec, Bytes, Capabilities, Cursor, DeviceId, EnrolmentToken, Hash32, LeaseId,
+    RecordVersion, StaffId, Text, Timestamp, deserialize_via,
 };
 
 /// Most objection changes in one batch.
@@ -31,6 +31,10 @@ pub const MAX_LEASE_USERS: usize = 1_024;
 pub const MAX_AUDIT_ENTRIES: usize = 4_096;
 /// Most bytes of one DER certificate or CSR.
 pub const MAX_DER: usize = 16_384;
+/// Most patients one pull may ask for by name (version 5).
+pub const MAX_PULL_WANT: usize = 8_192;
+/// Most offers in one batch (version 5).
+pub const MAX_BATCH_OFFERS: usize = 200_000;
 
 /// The message kinds, as numbered in the frame header.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -54,11 +58,15 @@ pub enum MessageKind {
     AuditAck = 8,
     /// Either way: a request failed.
     Error = 9,
+    /// Device → hub (version 5): one patient not on any caseload, for emergency access.
+    Lookup = 10,
+    /// Hub → device (version 5): a short lease granted for the looked-up patient.
+    LookupGranted = 11,
 }
 
 impl MessageKind {
     /// Every kind, in numbering order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 11] = [
         Self::EnrolRequest,
         Self::EnrolResponse,
         Self::Hello,
@@ -68,6 +76,8 @@ impl MessageKind {
         Self::PushAudit,
         Self::AuditAck,
         Self::Error,
+        Self::Lookup,
+        Self::LookupGranted,
     ];
 
     /// The kind for a header byte.
@@ -80,7 +90,11 @@ impl MessageKind {
         match self {
             Self::EnrolRequest => 32 * 1024,
             Self::EnrolResponse => 96 * 1024,
-            Self::Hello | Self::Welcome | Self::Pull | Self::AuditAck => 1024,
+            Self::Hello | Self::Welcome | Self::AuditAck => 1024,
+            Self::Lookup => 2048,
+            Self::LookupGranted => 1024 * 1024,
+            // Version 5: a pull may name up to `MAX_PULL_WANT` patients.
+            Self::Pull => 64 * 1024,
             Self::Batch => 16 * 1024 * 1024,
             Self::PushAudit => 20 * 1024 * 1024,
             Self::Error => 4 * 1024,
@@ -89,7 +103,7 @@ impl MessageKind {
 
     /// Whether this kind may be sent compressed. Only the bulky ones may.
     pub fn compressible(self) -> bool {
-        matches!(self, Self::Batch | Self::PushAudit)
+        matches!(self, Self::Batch | Self::PushAudit | Self::LookupGranted)
     }
 
     /// The lower-case name used in SPEC.md and vector files.
@@ -104,6 +118,16 @@ impl MessageKind {
             Self::PushAudit => "push-audit",
             Self::AuditAck => "audit-ack",
             Self::Error => "error",
+            Self::Lookup => "lookup",
+            Self::LookupGranted => "lookup-granted",
+        }
+    }
+
+    /// The first protocol version that has this kind.
+    pub fn since_version(self) -> u16 {
+        match self {
+            Self::Lookup | Self::LookupGranted => 5,
+            _ => 1,
         }
     }
 }
@@ -135,6 +159,10 @@ pub enum Message {
     AuditAck(AuditAck),
     /// See [`ErrorMessage`].
     Error(ErrorMessage),
+    /// See [`Lookup`].
+    Lookup(Lookup),
+    /// See [`LookupGranted`] (boxed: it carries a whole record).
+    LookupGranted(Box<LookupGranted>),
 }
 
 impl Message {
@@ -150,6 +178,8 @@ impl Message {
             Self::PushAudit(_) => MessageKind::PushAudit,
             Self::AuditAck(_) => MessageKind::AuditAck,
             Self::Error(_) => MessageKind::Error,
+            Self::Lookup(_) => MessageKind::Lookup,
+            Self::LookupGranted(_) => MessageKind::LookupGranted,
         }
     }
 }
@@ -247,17 +277,66 @@ pub struct Pull {
     /// Most payload bytes (uncompressed) the device accepts in the batch; at least
     /// [`Pull::MIN_BUDGET`], at most the batch limit.
     pub max_bytes: u32,
+    /// Version 5: how many patients the device holds now. With none, the hub sends
+    /// records outright; otherwise it offers the patients new to the device's view by
+    /// version, so that a device keeps what it already holds (SPEC.md §3.4).
+    pub holding: u32,
+    /// Version 5: patients offered earlier in this round whose record the device lacks
+    /// or holds in another version, oldest offer first.
+    pub want: BoundedVec<NhsNumber, MAX_PULL_WANT>,
 }
 
 impl Pull {
     /// Smallest byte budget: one maximal record must always fit.
     pub const MIN_BUDGET: u32 = 256 * 1024;
+
+    /// A pull that holds nothing and wants nothing (what every version before 5 sends).
+    pub fn new(cursor: Option<Cursor>, max_bytes: u32) -> Self {
+        Self {
+            cursor,
+            max_bytes,
+            holding: 0,
+            want: BoundedVec::new(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct RawPull {
     cursor: Option<Cursor>,
     max_bytes: u32,
+    holding: u32,
+    want: BoundedVec<NhsNumber, MAX_PULL_WANT>,
+}
+
+/// A pull as versions 1 to 4 carry it.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct PullV1 {
+    cursor: Option<Cursor>,
+    max_bytes: u32,
+}
+
+impl PullV1 {
+    pub(crate) fn upgrade(self) -> Result<Pull, FieldError> {
+        Pull::try_from(RawPull {
+            cursor: self.cursor,
+            max_bytes: self.max_bytes,
+            holding: 0,
+            want: BoundedVec::new(),
+        })
+    }
+
+    /// The pull as an earlier version carries it: `holding` is a hint and is dropped;
+    /// a pull naming wanted patients cannot be said.
+    pub(crate) fn downgrade(p: &Pull) -> Result<Self, FieldError> {
+        if !p.want.is_empty() {
+            return Err(FieldError::Invalid("wanted patients need version 5"));
+        }
+        Ok(Self {
+            cursor: p.cursor.clone(),
+            max_bytes: p.max_bytes,
+        })
+    }
 }
 
 impl TryFrom<RawPull> for Pull {
@@ -266,13 +345,105 @@ impl TryFrom<RawPull> for Pull {
         if r.max_bytes < Self::MIN_BUDGET || r.max_bytes > MessageKind::Batch.max_payload() {
             return Err(FieldError::Invalid("pull byte budget out of range"));
         }
+        let mut seen = HashSet::new();
+        if !r.want.iter().all(|n| seen.insert(*n)) {
+            return Err(FieldError::Inconsistent("patient wanted twice"));
+        }
         Ok(Self {
             cursor: r.cursor,
             max_bytes: r.max_bytes,
+            holding: r.holding,
+            want: r.want,
         })
     }
 }
 deserialize_via!(Pull, RawPull);
+
+/// Version 5: a patient new to the device's view, by record version. The device keeps
+/// the record it holds if it has this version, and names the patient in its next pull's
+/// `want` otherwise.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Offer {
+    /// The patient.
+    pub nhs_number: NhsNumber,
+    /// The version the hub holds now.
+    pub version: RecordVersion,
+}
+
+/// Device → hub (version 5): emergency access to one patient on no caseload of this
+/// device. The hub checks that `lease` is one of this device's, allows emergency access
+/// and names `staff` (or the whole team), checks the patient's objections and sharing,
+/// and grants a short lease for the patient alone to this device and that member of
+/// staff, flagged for review.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lookup {
+    /// The patient.
+    pub nhs_number: NhsNumber,
+    /// The device's lease under which the caller asks.
+    pub lease: LeaseId,
+    /// Who asks.
+    pub staff: StaffId,
+    /// Why, as the member of staff gave it.
+    pub reason: Text<1024>,
+}
+
+impl fmt::Debug for Lookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The patient and the reason stay out of logs.
+        f.debug_struct("Lookup")
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hub → device (version 5): the lease granted for a lookup — for the one patient, to
+/// this device and the member of staff who asked — with the patient's record as it is
+/// now. The device checks and applies both as it would a batch; its next pull names
+/// the lease again (granted) and offers the record, which it already holds.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct LookupGranted {
+    /// The new lease.
+    pub lease: Lease,
+    /// The patient's record.
+    pub record: PatientRecord,
+}
+
+impl fmt::Debug for LookupGranted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LookupGranted")
+            .field("lease", &self.lease.id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawLookupGranted {
+    lease: Lease,
+    record: PatientRecord,
+}
+
+impl TryFrom<RawLookupGranted> for LookupGranted {
+    type Error = FieldError;
+    fn try_from(r: RawLookupGranted) -> Result<Self, FieldError> {
+        if r.lease.patients.len() != 1 || r.lease.patients.first() != Some(&r.record.nhs_number) {
+            return Err(FieldError::Inconsistent(
+                "a lookup lease names exactly the patient looked up",
+            ));
+        }
+        Ok(Self {
+            lease: r.lease,
+            record: r.record,
+        })
+    }
+}
+deserialize_via!(LookupGranted, RawLookupGranted);
+
+impl LookupGranted {
+    /// A grant, checked as on receipt: the lease names exactly the record's patient.
+    pub fn try_from_parts(lease: Lease, record: PatientRecord) -> Result<Self, FieldError> {
+        Self::try_from(RawLookupGranted { lease, record })
+    }
+}
 
 /// A change to a patient's objection to sharing.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -506,10 +677,20 @@ pub struct Batch {
     pub hub_time: Timestamp,
     /// What the device should hold after applying this batch.
     pub allowed: AllowedSetDigest,
+    /// Version 5: patients new to the device's view, by version (sent only to a device
+    /// that said it holds patients).
+    pub offers: BoundedVec<Offer, MAX_BATCH_OFFERS>,
+    /// Version 5: how many of the pull's `want`, from the first, this batch answers
+    /// (each with its record, a removal, or nothing when the patient is no longer the
+    /// device's to hold).
+    pub wants_done: u32,
+    /// Version 5: how many patients the device will hold when this round is complete,
+    /// as the hub counted at the round's start (for progress; the digest decides).
+    pub expected: u32,
 }
 
-/// A batch as it is on the wire, with records of one protocol version: `R` is
-/// [`PatientRecord`] for the current version, [`v2::PatientRecord`] for version 2 and
+/// A batch as versions 1 to 4 carry it, with records of one protocol version: `R` is
+/// [`PatientRecord`] for versions 3 and 4, [`v2::PatientRecord`] for version 2 and
 /// [`v1::PatientRecord`] for version 1.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct WireBatch<R> {
@@ -523,7 +704,20 @@ pub(crate) struct WireBatch<R> {
     allowed: AllowedSetDigest,
 }
 
-type RawBatch = WireBatch<PatientRecord>;
+#[derive(Deserialize)]
+struct RawBatch {
+    objections: BoundedVec<ObjectionChange, MAX_BATCH_OBJECTIONS>,
+    leases: BoundedVec<LeaseChange, MAX_BATCH_LEASES>,
+    upserts: BoundedVec<PatientRecord, MAX_BATCH_UPSERTS>,
+    removals: BoundedVec<Removal, MAX_BATCH_REMOVALS>,
+    next_cursor: Cursor,
+    more: bool,
+    hub_time: Timestamp,
+    allowed: AllowedSetDigest,
+    offers: BoundedVec<Offer, MAX_BATCH_OFFERS>,
+    wants_done: u32,
+    expected: u32,
+}
 
 /// A record as one protocol version carries it.
 pub(crate) trait WireRecord: Sized {
@@ -562,7 +756,8 @@ impl WireRecord for v2::PatientRecord {
 
 impl<R: WireRecord> WireBatch<R> {
     /// A batch of an earlier version read as the current one: every record converts
-    /// without loss, and the batch is then checked as any other.
+    /// without loss, and the batch is then checked as any other. It offers nothing, and
+    /// its `expected` is unknown (0).
     pub(crate) fn upgrade(self) -> Result<Batch, FieldError> {
         let upserts: Vec<PatientRecord> = self
             .upserts
@@ -579,11 +774,19 @@ impl<R: WireRecord> WireBatch<R> {
             more: self.more,
             hub_time: self.hub_time,
             allowed: self.allowed,
+            offers: BoundedVec::new(),
+            wants_done: 0,
+            expected: 0,
         })
     }
 
     /// The batch as this version writes it: each record as the version can carry it.
+    /// Offers and answered wants cannot be said before version 5 (a hub makes neither
+    /// for such a device); `expected` is dropped.
     pub(crate) fn downgrade(b: &Batch) -> Result<Self, FieldError> {
+        if !b.offers.is_empty() || b.wants_done != 0 {
+            return Err(FieldError::Invalid("offers need version 5"));
+        }
         let upserts: Vec<R> = b.upserts.iter().map(R::down).collect();
         Ok(Self {
             objections: b.objections.clone(),
@@ -635,6 +838,16 @@ impl TryFrom<RawBatch> for Batch {
                 ));
             }
         }
+        for nhs in r.offers.iter().map(|o| o.nhs_number) {
+            if objected.contains(&nhs) {
+                return Err(FieldError::Inconsistent("objected patient offered"));
+            }
+            if !touched.insert(nhs) {
+                return Err(FieldError::Inconsistent(
+                    "patient twice in upserts/removals/offers",
+                ));
+            }
+        }
         Ok(Self {
             objections: r.objections,
             leases: r.leases,
@@ -644,14 +857,17 @@ impl TryFrom<RawBatch> for Batch {
             more: r.more,
             hub_time: r.hub_time,
             allowed: r.allowed,
+            offers: r.offers,
+            wants_done: r.wants_done,
+            expected: r.expected,
         })
     }
 }
 deserialize_via!(Batch, RawBatch);
 
 impl Batch {
-    /// Build a batch, checking that no patient appears twice and that no objected
-    /// patient is upserted.
+    /// Build a batch that offers nothing, checking that no patient appears twice and
+    /// that no objected patient is upserted.
     #[allow(clippy::too_many_arguments)] // Mirrors the wire struct one field per argument.
     pub fn new(
         objections: BoundedVec<ObjectionChange, MAX_BATCH_OBJECTIONS>,
@@ -672,6 +888,32 @@ impl Batch {
             more,
             hub_time,
             allowed,
+            offers: BoundedVec::new(),
+            wants_done: 0,
+            expected: 0,
+        })
+    }
+
+    /// This batch with version 5's offers, answered wants and expected count, checked
+    /// again as a whole.
+    pub fn with_progress(
+        self,
+        offers: BoundedVec<Offer, MAX_BATCH_OFFERS>,
+        wants_done: u32,
+        expected: u32,
+    ) -> Result<Self, FieldError> {
+        Self::try_from(RawBatch {
+            objections: self.objections,
+            leases: self.leases,
+            upserts: self.upserts,
+            removals: self.removals,
+            next_cursor: self.next_cursor,
+            more: self.more,
+            hub_time: self.hub_time,
+            allowed: self.allowed,
+            offers,
+            wants_done,
+            expected,
         })
     }
 }
@@ -757,6 +999,13 @@ pub enum ErrorCode {
     AuditGap,
     /// The hub is in maintenance; retry later.
     Unavailable,
+    /// Version 5, in answer to a `lookup` only: the patient cannot be looked up — one
+    /// answer whether unknown, objected or not shareable, so that a refusal reveals
+    /// nothing about the patient.
+    NotAvailable,
+    /// Version 5, in answer to a `lookup` only: no lease of this device allows the
+    /// caller emergency access.
+    NotPermitted,
 }
 
 /// A failed request: a code the program acts on and a message for people. The message

@@ -48,7 +48,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
-    fn a_version_1_peer_gets_the_same_or_not_available(batch in common::batch()) {
+    fn a_version_1_peer_gets_the_same_or_not_available(batch in common::legacy_batch()) {
         let frame = encode_version(&Message::Batch(batch.clone()), Compression::None, 1).unwrap();
         prop_assert_eq!(&frame[4..6], &[0, 1]);
         prop_assert!(check_roundtrip(&frame));
@@ -83,7 +83,7 @@ proptest! {
     /// A version-2 peer gets every record whole but for the structured dosage (whose
     /// words are in the dose text).
     #[test]
-    fn a_version_2_peer_gets_everything_but_the_structured_dosage(batch in common::batch()) {
+    fn a_version_2_peer_gets_everything_but_the_structured_dosage(batch in common::legacy_batch()) {
         let frame = encode_version(&Message::Batch(batch.clone()), Compression::None, 2).unwrap();
         prop_assert_eq!(&frame[4..6], &[0, 2]);
         prop_assert!(check_roundtrip(&frame));
@@ -98,6 +98,24 @@ proptest! {
         }
         prop_assert_eq!(back.objections, batch.objections);
         prop_assert_eq!(back.removals, batch.removals);
+    }
+
+    /// Offers and answered wants exist from version 5 only: a batch carrying them cannot
+    /// be framed for an earlier peer, and one without them reaches a version-4 peer
+    /// whole but for the expected count (progress only).
+    #[test]
+    fn offers_are_version_5_only(batch in common::batch()) {
+        let v4 = encode_version(&Message::Batch(batch.clone()), Compression::None, 4);
+        if batch.offers.is_empty() && batch.wants_done == 0 {
+            let Ok(Message::Batch(back)) = decode(&v4.unwrap()) else {
+                panic!("a version-4 batch decodes");
+            };
+            prop_assert_eq!(back.expected, 0);
+            prop_assert_eq!(&back.upserts, &batch.upserts);
+            prop_assert_eq!(back.allowed, batch.allowed);
+        } else {
+            prop_assert!(v4.is_err());
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@ use proptest::option;
 use proptest::prelude::*;
 use sync_protocol::audit::{
     Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, AuthFailure,
-    DenyReason, KeyEvent, LeaseEnd, Purpose, SectionKind, SectionShown, Shown, SyncOutcome,
+    DenyReason, KeyEvent, LeaseEnd, LookupEvent, LookupOutcome, Purpose, SectionKind, SectionShown,
+    Shown, SyncOutcome,
 };
 use sync_protocol::message::*;
 use sync_protocol::record::*;
@@ -501,10 +502,25 @@ pub fn batch() -> impl Strategy<Value = Batch> {
         cursor(),
         any::<bool>(),
         timestamp(),
-        (any::<u32>(), any::<[u8; 32]>()),
+        (
+            any::<u32>(),
+            any::<[u8; 32]>(),
+            vec((nhs(), any::<u64>()), 0..4),
+            any::<u32>(),
+            any::<u32>(),
+        ),
     )
         .prop_map(
-            |(objections, leases, upserts, removals, next_cursor, more, hub_time, (n, h))| {
+            |(
+                objections,
+                leases,
+                upserts,
+                removals,
+                next_cursor,
+                more,
+                hub_time,
+                (n, h, offers, wants_done, expected),
+            )| {
                 // Make the parts consistent: no patient twice, no objected patient upserted,
                 // no lease twice.
                 let mut seen = std::collections::HashSet::new();
@@ -532,6 +548,19 @@ pub fn batch() -> impl Strategy<Value = Batch> {
                     .filter(|(n, _)| touched.insert(*n))
                     .map(|(nhs_number, reason)| Removal { nhs_number, reason })
                     .collect();
+                let objected: std::collections::HashSet<_> = objections
+                    .iter()
+                    .filter(|o| o.status == ObjectionStatus::Objected)
+                    .map(|o| o.nhs_number)
+                    .collect();
+                let offers: Vec<_> = offers
+                    .into_iter()
+                    .filter(|(n, _)| !objected.contains(n) && touched.insert(*n))
+                    .map(|(nhs_number, v)| Offer {
+                        nhs_number,
+                        version: RecordVersion(v),
+                    })
+                    .collect();
                 let mut ids = std::collections::HashSet::new();
                 let leases: Vec<_> = leases
                     .into_iter()
@@ -550,9 +579,19 @@ pub fn batch() -> impl Strategy<Value = Batch> {
                         sha256: Hash32(h),
                     },
                 )
+                .and_then(|b| b.with_progress(BoundedVec::try_from(offers)?, wants_done, expected))
                 .expect("consistent batch")
             },
         )
+}
+
+/// A batch an earlier version can carry: no offers, no answered wants.
+pub fn legacy_batch() -> impl Strategy<Value = Batch> {
+    batch().prop_map(|b| {
+        let expected = b.expected;
+        b.with_progress(BoundedVec::new(), 0, expected)
+            .expect("still consistent")
+    })
 }
 
 fn access() -> impl Strategy<Value = Access> {
@@ -651,6 +690,22 @@ pub fn audit_record() -> impl Strategy<Value = AuditRecord> {
             resync: false,
         }),
         1 => text().prop_map(|name| AuditEvent::Key(KeyEvent::ClientAdded { name })),
+        1 => (any::<u64>(), text(), staff(), nhs(), option::of(any::<u64>()), text(), timestamp())
+            .prop_map(|(request_id, client, user, patient, under, reason, not_after)| {
+                AuditEvent::Lookup(LookupEvent {
+                    request_id,
+                    client,
+                    user,
+                    proven: None,
+                    patient,
+                    under: under.map(LeaseId),
+                    reason,
+                    outcome: LookupOutcome::Granted {
+                        lease: LeaseId(7),
+                        not_after,
+                    },
+                })
+            }),
     ];
     (timestamp(), timestamp(), event).prop_map(|(at, wall, event)| AuditRecord { at, wall, event })
 }
@@ -690,6 +745,8 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::AuditChainBroken),
         Just(ErrorCode::AuditGap),
         Just(ErrorCode::Unavailable),
+        Just(ErrorCode::NotAvailable),
+        Just(ErrorCode::NotPermitted),
     ]
 }
 
@@ -745,9 +802,34 @@ pub fn message() -> impl Strategy<Value = Message> {
             ),
         (
             option::of(cursor()),
-            Pull::MIN_BUDGET..=MessageKind::Batch.max_payload()
+            Pull::MIN_BUDGET..=MessageKind::Batch.max_payload(),
+            any::<u32>(),
+            vec(nhs(), 0..6),
         )
-            .prop_map(|(cursor, max_bytes)| Message::Pull(Pull { cursor, max_bytes })),
+            .prop_map(|(cursor, max_bytes, holding, want)| {
+                let mut seen = std::collections::HashSet::new();
+                let want: Vec<_> = want.into_iter().filter(|n| seen.insert(*n)).collect();
+                Message::Pull(Pull {
+                    cursor,
+                    max_bytes,
+                    holding,
+                    want: BoundedVec::try_from(want).expect("few"),
+                })
+            }),
+        (nhs(), any::<u64>(), staff(), text()).prop_map(|(nhs_number, lease, staff, reason)| {
+            Message::Lookup(Lookup {
+                nhs_number,
+                lease: LeaseId(lease),
+                staff,
+                reason,
+            })
+        }),
+        (lease(), record()).prop_map(|(mut lease, record)| {
+            lease.patients = BoundedVec::try_from(vec![record.nhs_number]).expect("one");
+            Message::LookupGranted(Box::new(
+                LookupGranted::try_from_parts(lease, record).expect("one patient"),
+            ))
+        }),
         batch().prop_map(Message::Batch),
         push_audit().prop_map(Message::PushAudit),
         any::<u64>().prop_map(|d| Message::AuditAck(AuditAck { durable_through: d })),
