@@ -194,10 +194,7 @@ fn run(n: usize) {
         let (msg, len) = post(
             &device,
             &format!("{base}/ccsp/v1/pull"),
-            &Message::Pull(Pull {
-                cursor: cursor.clone(),
-                max_bytes: 16 * 1024 * 1024,
-            }),
+            &Message::Pull(Pull::new(cursor.clone(), 16 * 1024 * 1024)),
         );
         let Message::Batch(b) = msg else {
             panic!("{msg:?}")

@@ -121,6 +121,17 @@ pub struct Limits {
     /// Seconds to finish reading request headers (slow clients are cut).
     #[serde(default = "default_header_timeout")]
     pub header_timeout_secs: u64,
+    /// Memory for shared snapshots: batches built once and sent to every device of a
+    /// team that asks for the same thing at the same log head (MiB; 0 turns them off).
+    #[serde(default = "default_shared_mib")]
+    pub shared_snapshot_mib: u64,
+    /// How long a shared batch is served (seconds, 1–50: its hub time must stay within
+    /// a device's replay tolerance of 60 s).
+    #[serde(default = "default_shared_secs")]
+    pub shared_snapshot_secs: u64,
+    /// Length of the lease a one-off lookup grants (hours, 1–72).
+    #[serde(default = "default_lookup_hours")]
+    pub lookup_lease_hours: u32,
 }
 
 impl Default for Limits {
@@ -130,10 +141,22 @@ impl Default for Limits {
             burst: default_burst(),
             max_batch_bytes: default_batch(),
             header_timeout_secs: default_header_timeout(),
+            shared_snapshot_mib: default_shared_mib(),
+            shared_snapshot_secs: default_shared_secs(),
+            lookup_lease_hours: default_lookup_hours(),
         }
     }
 }
 
+fn default_lookup_hours() -> u32 {
+    12
+}
+fn default_shared_mib() -> u64 {
+    256
+}
+fn default_shared_secs() -> u64 {
+    30
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8443))
 }
@@ -213,6 +236,16 @@ impl Config {
         if self.limits.max_batch_bytes < sync_protocol::message::Pull::MIN_BUDGET {
             return Err(ConfigError::Invalid(
                 "limits.max_batch_bytes must be at least 262144".into(),
+            ));
+        }
+        if !(1..=50).contains(&self.limits.shared_snapshot_secs) {
+            return Err(ConfigError::Invalid(
+                "limits.shared_snapshot_secs must be 1 to 50 (a shared batch's hub time must stay within a device's 60 s replay tolerance)".into(),
+            ));
+        }
+        if !(1..=72).contains(&self.limits.lookup_lease_hours) {
+            return Err(ConfigError::Invalid(
+                "limits.lookup_lease_hours must be 1 to 72".into(),
             ));
         }
         if !(1..=3650).contains(&self.tls.device_cert_days) {

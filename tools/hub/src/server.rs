@@ -40,8 +40,8 @@ use tower::ServiceExt;
 
 use crate::audit::AuditError;
 use crate::pki::DeviceCa;
-use crate::pull::{PullError, Puller, pull};
-use crate::state::{HubState, LeaseSpec, StateError};
+use crate::pull::{PullError, Puller, Request as PullRequest, pull, shared_key};
+use crate::state::{HubState, LeaseSpec, LookupRefusal, StateError};
 
 /// Content type of sync-protocol frames.
 pub const FRAME_CONTENT_TYPE: &str = "application/vnd.carecache.sync";
@@ -88,6 +88,16 @@ pub struct Hub {
     /// Audit entries received again with equal hashes (resends after a lost ack) and
     /// acknowledged without storing.
     pub audit_repeated: std::sync::atomic::AtomicU64,
+    /// Shared snapshots: encoded batches by [`crate::pull::shared_key`].
+    shared: Option<moka::sync::Cache<[u8; 32], Arc<Vec<u8>>>>,
+    /// Pulls answered from a shared snapshot, and pulls that built one.
+    pub shared_hits: std::sync::atomic::AtomicU64,
+    /// Pulls that built a batch.
+    pub batches_built: std::sync::atomic::AtomicU64,
+    /// Length of a lease granted by a lookup, in hours.
+    pub lookup_hours: u32,
+    /// How long a shared batch is served, in seconds of hub time and of real time.
+    shared_secs: u64,
 }
 
 impl std::fmt::Debug for Hub {
@@ -129,6 +139,19 @@ impl Hub {
             tamper: Mutex::new(None),
             audit_stored: std::sync::atomic::AtomicU64::new(0),
             audit_repeated: std::sync::atomic::AtomicU64::new(0),
+            shared: (limits.shared_snapshot_mib > 0).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(limits.shared_snapshot_mib.saturating_mul(1024 * 1024))
+                    .weigher(|_, v: &Arc<Vec<u8>>| u32::try_from(v.len()).unwrap_or(u32::MAX))
+                    .time_to_live(Duration::from_secs(
+                        limits.shared_snapshot_secs.clamp(1, 50),
+                    ))
+                    .build()
+            }),
+            shared_hits: std::sync::atomic::AtomicU64::new(0),
+            batches_built: std::sync::atomic::AtomicU64::new(0),
+            lookup_hours: limits.lookup_lease_hours,
+            shared_secs: limits.shared_snapshot_secs.clamp(1, 50),
         }
     }
 
@@ -397,6 +420,8 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/ccsp/v1/hello", post(hello))
         .route("/ccsp/v1/pull", post(pull_route))
         .route("/ccsp/v1/audit", post(audit_route))
+        .route("/ccsp/v1/lookup", post(lookup_route))
+        .route("/admin/v1/lookups", get(admin_lookups))
         .route("/admin/v1/status", get(admin_status))
         .route("/admin/v1/leases", get(admin_leases).post(admin_grant))
         .route(
@@ -429,6 +454,8 @@ fn error_frame(code: ErrorCode, message: &str, retry_after: Option<u32>) -> Resp
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::NotAvailable => StatusCode::NOT_FOUND,
+        ErrorCode::NotPermitted => StatusCode::FORBIDDEN,
     };
     let text: String = message.chars().take(1000).collect();
     let msg = Message::Error(ErrorMessage {
@@ -692,35 +719,31 @@ async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response
             id: &id,
             team: team.as_deref(),
         };
-        let batch = pull(&hub2.state, &who, p.cursor.as_ref(), budget, now);
-        (id, batch)
+        let req = PullRequest {
+            cursor: p.cursor.as_ref(),
+            max_bytes: budget,
+            holding: p.holding,
+            want: &p.want,
+        };
+        let frame = hub2.pull_frame(&who, &req, version, now);
+        (id, frame)
     })
     .await;
     match result {
-        Ok((id, Ok(batch))) => {
-            tracing::info!(
-                device = %id,
-                objections = batch.objections.len(),
-                leases = batch.leases.len(),
-                upserts = batch.upserts.len(),
-                removals = batch.removals.len(),
-                more = batch.more,
-                "batch served"
-            );
-            if version != sync_protocol::codec::VERSION {
-                // A device of an earlier version: each record as that version can carry
-                // it (SPEC.md §5).
-                return match encode_version(&Message::Batch(batch), Compression::Zstd, version) {
-                    Ok(bytes) => (
-                        StatusCode::OK,
-                        [(header::CONTENT_TYPE, FRAME_CONTENT_TYPE)],
-                        bytes,
-                    )
-                        .into_response(),
+        Ok((_, Ok(bytes))) => {
+            if hub.tamper.lock().ok().is_some_and(|h| h.is_some()) {
+                // A test hook sees the answer as a message.
+                return match sync_protocol::codec::decode(&bytes) {
+                    Ok(msg) => hub.answer("pull", StatusCode::OK, &msg),
                     Err(e) => internal(&e),
                 };
             }
-            hub.answer("pull", StatusCode::OK, &Message::Batch(batch))
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, FRAME_CONTENT_TYPE)],
+                bytes.as_ref().clone(),
+            )
+                .into_response()
         }
         Ok((_, Err(PullError::CursorInvalid(why)))) => error_frame(
             ErrorCode::CursorInvalid,
@@ -732,6 +755,152 @@ async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response
         }
         Ok((_, Err(PullError::State(e)))) => internal(&e),
         Err(e) => internal(&e),
+    }
+}
+
+impl Hub {
+    /// The encoded batch for a pull, in the version the pull was framed in (SPEC.md
+    /// §5): from a shared snapshot when a device with the same leases asked the same at
+    /// the same log head within `shared_snapshot_secs`, else built (once, however many
+    /// ask at the same moment).
+    fn pull_frame(
+        &self,
+        who: &Puller<'_>,
+        req: &PullRequest<'_>,
+        version: u16,
+        now: Timestamp,
+    ) -> Result<Arc<Vec<u8>>, PullError> {
+        let build = || -> Result<Arc<Vec<u8>>, PullError> {
+            let batch = pull(&self.state, who, req, now)?;
+            self.batches_built
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                device = %who.id,
+                objections = batch.objections.len(),
+                leases = batch.leases.len(),
+                upserts = batch.upserts.len(),
+                removals = batch.removals.len(),
+                offers = batch.offers.len(),
+                wants_done = batch.wants_done,
+                more = batch.more,
+                "batch built"
+            );
+            encode_version(&Message::Batch(batch), Compression::Zstd, version)
+                .map(Arc::new)
+                .map_err(|e| PullError::State(StateError::Invalid(format!("encoding: {e}"))))
+        };
+        let Some(cache) = &self.shared else {
+            return build();
+        };
+        let Some(key) = shared_key(&self.state, who, req, version, now, self.shared_secs)? else {
+            return build();
+        };
+        let mut built = false;
+        let frame = cache
+            .try_get_with(key.0, || {
+                built = true;
+                build()
+            })
+            .map_err(|e| match &*e {
+                PullError::CursorInvalid(why) => PullError::CursorInvalid(why),
+                PullError::LeaseTooLarge { patients, needed } => PullError::LeaseTooLarge {
+                    patients: *patients,
+                    needed: *needed,
+                },
+                PullError::State(s) => PullError::State(StateError::Invalid(s.to_string())),
+            })?;
+        if !built {
+            self.shared_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(device = %who.id, "batch served from a shared snapshot");
+        }
+        Ok(frame)
+    }
+}
+
+async fn lookup_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
+    let peer = peer_of(&req);
+    let (parts, body) = req.into_parts();
+    let (id, team) = match device(&hub, &peer) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let (msg, version) = match read_frame_versioned(&parts.headers, body, MessageKind::Lookup).await
+    {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    };
+    let Message::Lookup(l) = msg else {
+        return error_frame(ErrorCode::Malformed, "expected lookup", None);
+    };
+    let now = hub.now();
+    let hours = hub.lookup_hours;
+    let hub2 = hub.clone();
+    let device_id = id.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        hub2.state.lookup(
+            &device_id,
+            team.as_deref(),
+            l.nhs_number,
+            l.lease.0,
+            l.staff.as_str(),
+            l.reason.as_str(),
+            now,
+            hours,
+        )
+    })
+    .await;
+    match result {
+        Ok(Ok(Ok((lease, record)))) => {
+            tracing::warn!(device = %id, lease = lease.id.0, "emergency lookup granted (flagged for review)");
+            let granted = match sync_protocol::message::LookupGranted::try_from_parts(lease, record)
+            {
+                Ok(g) => g,
+                Err(e) => return internal(&e),
+            };
+            match encode_version(
+                &Message::LookupGranted(Box::new(granted)),
+                Compression::Zstd,
+                version,
+            ) {
+                Ok(bytes) => (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, FRAME_CONTENT_TYPE)],
+                    bytes,
+                )
+                    .into_response(),
+                Err(e) => internal(&e),
+            }
+        }
+        Ok(Ok(Err(LookupRefusal::NotPermitted))) => {
+            tracing::info!(device = %id, "lookup refused: not permitted");
+            error_frame(
+                ErrorCode::NotPermitted,
+                "no active lease of this device allows this member of staff emergency access",
+                None,
+            )
+        }
+        Ok(Ok(Err(LookupRefusal::NotAvailable))) => {
+            tracing::info!(device = %id, "lookup refused: not available");
+            error_frame(
+                ErrorCode::NotAvailable,
+                "the shared care record cannot give this patient",
+                None,
+            )
+        }
+        Ok(Err(e)) => internal(&e),
+        Err(e) => internal(&e),
+    }
+}
+
+async fn admin_lookups(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    match hub.state.lookups() {
+        Ok(rows) => axum::Json(serde_json::json!({ "lookups": rows, "flagged": rows.len() }))
+            .into_response(),
+        Err(e) => state_error(&e),
     }
 }
 

@@ -12,7 +12,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sync_protocol::NhsNumber;
-use sync_protocol::message::{Lease, LeaseEndReason, ObjectionStatus};
+use sync_protocol::message::{Audience, Lease, LeaseEndReason, ObjectionStatus, View};
 use sync_protocol::record::PatientRecord;
 use sync_protocol::types::{RecordVersion, Timestamp};
 
@@ -27,6 +27,44 @@ pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("d
 pub(crate) const CERTS: TableDefinition<&[u8], &str> = TableDefinition::new("certificates");
 pub(crate) const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrolment_tokens");
 pub(crate) const SOURCE: TableDefinition<&str, &[u8]> = TableDefinition::new("source");
+/// Per patient, what a pull needs without reading the record: its version (0 once
+/// deleted upstream) and whether it carries alerts (sent first). Kept with `patients`
+/// in every transaction that writes it; built from `patients` at open when missing.
+/// Lookups granted (SPEC §3.8), by number: JSON [`LookupRow`]s for review.
+pub(crate) const LOOKUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("lookups");
+/// Leases granted by lookups: their device received the record with the grant, so a
+/// pull offers it rather than sending it again.
+pub(crate) const LOOKUP_LEASES: TableDefinition<u64, ()> = TableDefinition::new("lookup_leases");
+pub(crate) const SUMMARY: TableDefinition<u64, (u64, bool)> = TableDefinition::new("summary");
+
+/// A patient's [`SUMMARY`] row: (version, has alerts).
+pub(crate) fn summary_of(row: &PatientRow) -> (u64, bool) {
+    row.record.as_ref().map_or((0, false), |r| {
+        (
+            r.version.0,
+            matches!(r.alerts, sync_protocol::record::Section::Entries(_)),
+        )
+    })
+}
+
+/// Build [`SUMMARY`] from `patients` once (a database from before it existed).
+fn build_summary(
+    tx: &redb::WriteTransaction,
+    meta: &mut redb::Table<&str, &[u8]>,
+) -> Result<(), StateError> {
+    if meta.get("summary")?.is_some() {
+        return Ok(());
+    }
+    let patients = tx.open_table(PATIENTS)?;
+    let mut summary = tx.open_table(SUMMARY)?;
+    for item in patients.iter()? {
+        let (k, v) = item?;
+        let row: PatientRow = dec(v.value(), "patients")?;
+        summary.insert(k.value(), summary_of(&row))?;
+    }
+    meta.insert("summary", [1u8].as_slice())?;
+    Ok(())
+}
 
 /// Errors of the hub's state. Messages carry ids and counts, never patient data.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +216,36 @@ pub struct LeaseSpec {
     pub patients: Vec<String>,
 }
 
+/// Why a lookup was refused.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LookupRefusal {
+    /// No active lease of the device allowing emergency access names the caller.
+    NotPermitted,
+    /// Unknown, deleted or objected (one answer).
+    NotAvailable,
+}
+
+/// A lookup as the hub records it for review.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct LookupRow {
+    /// Hub time (RFC 3339).
+    pub at: String,
+    /// The device.
+    pub device: String,
+    /// Who asked.
+    pub staff: String,
+    /// The lease asked under.
+    pub under: u64,
+    /// The lease granted.
+    pub lease: u64,
+    /// The patient.
+    pub nhs_number: String,
+    /// Why, as the member of staff gave it.
+    pub reason: String,
+    /// When the granted lease ends (RFC 3339).
+    pub until: String,
+}
+
 /// A lease view, as JSON and TOML spell it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -275,9 +343,12 @@ impl HubState {
             tx.open_table(CERTS)?;
             tx.open_table(TOKENS)?;
             tx.open_table(SOURCE)?;
+            tx.open_table(LOOKUPS)?;
+            tx.open_table(LOOKUP_LEASES)?;
             crate::audit::create_tables(&tx)?;
             let mut meta = tx.open_table(META)?;
             migrate_records(&tx, &mut meta)?;
+            build_summary(&tx, &mut meta)?;
             let existing = meta
                 .get("hub_id")?
                 .and_then(|v| <[u8; 8]>::try_from(v.value()).ok());
@@ -316,6 +387,7 @@ impl HubState {
             let mut patients = tx.open_table(PATIENTS)?;
             let mut objections = tx.open_table(OBJECTIONS)?;
             let mut log = tx.open_table(LOG)?;
+            let mut summary = tx.open_table(SUMMARY)?;
             let mut seq = read_seq(&meta)?;
             let mut seen = std::collections::HashSet::new();
             for (fhir_id, m) in mapped {
@@ -348,6 +420,7 @@ impl HubState {
                     };
                     relog(&mut log, old.map(|o| o.seq), seq, LogKey::Patient(nhs))?;
                     patients.insert(nhs, enc(&row).as_slice())?;
+                    summary.insert(nhs, summary_of(&row))?;
                 }
                 if let Some(o) = m.objection
                     && set_objection(&mut objections, &mut log, &mut seq, nhs, o)?
@@ -356,9 +429,10 @@ impl HubState {
                 }
             }
             if full_snapshot {
-                report.deleted += delete_rows(&mut patients, &mut log, &mut seq, |nhs, _| {
-                    !seen.contains(&nhs)
-                })?;
+                report.deleted +=
+                    delete_rows(&mut patients, &mut summary, &mut log, &mut seq, |nhs, _| {
+                        !seen.contains(&nhs)
+                    })?;
             }
             meta.insert("seq", seq.to_be_bytes().as_slice())?;
         }
@@ -369,71 +443,123 @@ impl HubState {
     /// Create or update a lease. A spec with a `name` that already exists updates that
     /// lease (Changed); otherwise a new lease is granted.
     pub fn put_lease(&self, spec: &LeaseSpec, id: Option<u64>) -> Result<u64, StateError> {
-        let lease_target = spec.target.clone();
         let tx = self.db.begin_write()?;
-        let id = {
-            let mut meta = tx.open_table(META)?;
-            let mut leases = tx.open_table(LEASES)?;
-            let mut log = tx.open_table(LOG)?;
-            let mut seq = read_seq(&meta)?;
-            let existing = match (id, &spec.name) {
-                (Some(id), _) => Some(
-                    leases
-                        .get(id)?
-                        .map(|v| dec::<LeaseRow>(v.value(), "leases"))
-                        .transpose()?
-                        .ok_or_else(|| StateError::NotFound(format!("lease {id}")))?,
-                ),
-                (None, Some(name)) => find_named(&leases, name)?,
-                (None, None) => None,
-            };
-            let id = match &existing {
-                Some(row) => row.lease.id.0,
-                None => {
-                    let next = meta
-                        .get("next_lease")?
-                        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-                        .map_or(1, u64::from_be_bytes);
-                    meta.insert("next_lease", (next + 1).to_be_bytes().as_slice())?;
-                    next
-                }
-            };
-            let lease = crate::leases::to_wire(id, spec)?;
-            if let Some(row) = &existing {
-                if row.ended.is_some() {
-                    return Err(StateError::Invalid(format!("lease {id} has ended")));
-                }
-                if row.target != lease_target {
-                    return Err(StateError::Invalid(
-                        "a lease's device or team cannot change: revoke it and grant a new one"
-                            .into(),
-                    ));
-                }
-                if row.lease == lease && row.name == spec.name {
-                    return Ok(id);
-                }
-            }
-            seq += 1;
-            let patients_seq = match &existing {
-                Some(row) if row.lease.patients == lease.patients => row.patients_seq,
-                _ => seq,
-            };
-            let row = LeaseRow {
-                lease,
-                target: lease_target,
-                name: spec.name.clone(),
-                created_seq: existing.as_ref().map_or(seq, |r| r.created_seq),
-                patients_seq,
-                seq,
-                ended: None,
-            };
-            relog(&mut log, existing.map(|r| r.seq), seq, LogKey::Lease(id))?;
-            leases.insert(id, enc(&row).as_slice())?;
-            meta.insert("seq", seq.to_be_bytes().as_slice())?;
-            id
-        };
+        let id = put_lease_in(&tx, spec, id)?;
         tx.commit()?;
         Ok(id)
+    }
+
+    /// A one-off lookup (SPEC §3.8): checks that `under` is an active lease of the
+    /// device `device` (of `team`) allowing emergency access to `staff`, that the
+    /// patient is known and not objected, then grants a lease of `hours` for the patient
+    /// alone to that device and member of staff, and records the lookup for review —
+    /// all in one transaction.
+    #[allow(clippy::too_many_arguments)] // The lookup's parts, each checked here.
+    pub fn lookup(
+        &self,
+        device: &str,
+        team: Option<&str>,
+        nhs: NhsNumber,
+        under: u64,
+        staff: &str,
+        reason: &str,
+        now: Timestamp,
+        hours: u32,
+    ) -> Result<Result<(Lease, PatientRecord), LookupRefusal>, StateError> {
+        let tx = self.db.begin_write()?;
+        let asking: Option<LeaseRow> = tx
+            .open_table(LEASES)?
+            .get(under)?
+            .map(|v| dec(v.value(), "leases"))
+            .transpose()?;
+        let holds = |t: &Target| match t {
+            Target::Device(d) => d == device,
+            Target::Team(t) => team == Some(t.as_str()),
+        };
+        let Some(asking) = asking.filter(|r| {
+            holds(&r.target)
+                && r.ended.is_none()
+                && r.lease.emergency_access
+                && r.lease.not_before <= now
+                && now < r.lease.not_after
+                && match &r.lease.audience {
+                    Audience::Team => true,
+                    Audience::Users(u) => u.iter().any(|s| s.as_str() == staff),
+                }
+        }) else {
+            return Ok(Err(LookupRefusal::NotPermitted));
+        };
+        let objected: Option<ObjectionRow> = tx
+            .open_table(OBJECTIONS)?
+            .get(nhs.as_u64())?
+            .map(|v| dec(v.value(), "objections"))
+            .transpose()?;
+        if objected.is_some_and(|o| o.status == ObjectionStatus::Objected) {
+            return Ok(Err(LookupRefusal::NotAvailable));
+        }
+        let row: Option<PatientRow> = tx
+            .open_table(PATIENTS)?
+            .get(nhs.as_u64())?
+            .map(|v| dec(v.value(), "patients"))
+            .transpose()?;
+        let Some(record) = row.and_then(|r| r.record) else {
+            return Ok(Err(LookupRefusal::NotAvailable));
+        };
+        let until = now
+            .as_millis()
+            .saturating_add(u64::from(hours.max(1)) * 3_600_000);
+        let until = Timestamp::from_millis(until)
+            .map_err(|_| StateError::Invalid("lookup lease end out of range".into()))?;
+        let spec = LeaseSpec {
+            name: None,
+            label: "Emergency lookup".into(),
+            target: Target::Device(device.to_owned()),
+            users: vec![staff.to_owned()],
+            view: match asking.lease.view {
+                View::Clinical => ViewSpec::Clinical,
+                View::SocialCare => ViewSpec::SocialCare,
+            },
+            not_before: now.rfc3339(),
+            not_after: until.rfc3339(),
+            max_offline_secs: asking.lease.max_offline_secs,
+            emergency_access: false,
+            patients: vec![nhs.digits()],
+        };
+        let id = put_lease_in(&tx, &spec, None)?;
+        let lease = crate::leases::to_wire(id, &spec)?;
+        {
+            let mut lookups = tx.open_table(LOOKUPS)?;
+            let next = lookups.last()?.map_or(1, |(k, _)| k.value() + 1);
+            let entry = LookupRow {
+                at: now.rfc3339(),
+                device: device.to_owned(),
+                staff: staff.to_owned(),
+                under,
+                lease: id,
+                nhs_number: nhs.digits(),
+                reason: reason.to_owned(),
+                until: until.rfc3339(),
+            };
+            let json = serde_json::to_vec(&entry)
+                .map_err(|e| StateError::Invalid(format!("lookup row: {e}")))?;
+            lookups.insert(next, json.as_slice())?;
+            tx.open_table(LOOKUP_LEASES)?.insert(id, ())?;
+        }
+        tx.commit()?;
+        Ok(Ok((lease, record)))
+    }
+
+    /// Every lookup granted, oldest first, for the privacy officer's review.
+    pub fn lookups(&self) -> Result<Vec<LookupRow>, StateError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for item in tx.open_table(LOOKUPS)?.iter()? {
+            let (_, v) = item?;
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|_| StateError::Corrupt("lookups"))?,
+            );
+        }
+        Ok(out)
     }
 
     /// End a lease; devices holding it are told on their next pull.
@@ -704,10 +830,12 @@ impl HubState {
             let mut meta = tx.open_table(META)?;
             let mut patients = tx.open_table(PATIENTS)?;
             let mut log = tx.open_table(LOG)?;
+            let mut summary = tx.open_table(SUMMARY)?;
             let mut seq = read_seq(&meta)?;
-            let deleted = delete_rows(&mut patients, &mut log, &mut seq, |_, row| {
-                wanted.contains(row.fhir_id.as_str())
-            })?;
+            let deleted =
+                delete_rows(&mut patients, &mut summary, &mut log, &mut seq, |_, row| {
+                    wanted.contains(row.fhir_id.as_str())
+                })?;
             meta.insert("seq", seq.to_be_bytes().as_slice())?;
             deleted
         };
@@ -723,6 +851,73 @@ impl HubState {
         let l = tx.open_table(LEASES)?.len()?;
         Ok((p, o, l))
     }
+}
+
+/// Create or update a lease in `tx` (see [`HubState::put_lease`]).
+fn put_lease_in(
+    tx: &redb::WriteTransaction,
+    spec: &LeaseSpec,
+    id: Option<u64>,
+) -> Result<u64, StateError> {
+    let lease_target = spec.target.clone();
+    let mut meta = tx.open_table(META)?;
+    let mut leases = tx.open_table(LEASES)?;
+    let mut log = tx.open_table(LOG)?;
+    let mut seq = read_seq(&meta)?;
+    let existing = match (id, &spec.name) {
+        (Some(id), _) => Some(
+            leases
+                .get(id)?
+                .map(|v| dec::<LeaseRow>(v.value(), "leases"))
+                .transpose()?
+                .ok_or_else(|| StateError::NotFound(format!("lease {id}")))?,
+        ),
+        (None, Some(name)) => find_named(&leases, name)?,
+        (None, None) => None,
+    };
+    let id = match &existing {
+        Some(row) => row.lease.id.0,
+        None => {
+            let next = meta
+                .get("next_lease")?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map_or(1, u64::from_be_bytes);
+            meta.insert("next_lease", (next + 1).to_be_bytes().as_slice())?;
+            next
+        }
+    };
+    let lease = crate::leases::to_wire(id, spec)?;
+    if let Some(row) = &existing {
+        if row.ended.is_some() {
+            return Err(StateError::Invalid(format!("lease {id} has ended")));
+        }
+        if row.target != lease_target {
+            return Err(StateError::Invalid(
+                "a lease's device or team cannot change: revoke it and grant a new one".into(),
+            ));
+        }
+        if row.lease == lease && row.name == spec.name {
+            return Ok(id);
+        }
+    }
+    seq += 1;
+    let patients_seq = match &existing {
+        Some(row) if row.lease.patients == lease.patients => row.patients_seq,
+        _ => seq,
+    };
+    let row = LeaseRow {
+        lease,
+        target: lease_target,
+        name: spec.name.clone(),
+        created_seq: existing.as_ref().map_or(seq, |r| r.created_seq),
+        patients_seq,
+        seq,
+        ended: None,
+    };
+    relog(&mut log, existing.map(|r| r.seq), seq, LogKey::Lease(id))?;
+    leases.insert(id, enc(&row).as_slice())?;
+    meta.insert("seq", seq.to_be_bytes().as_slice())?;
+    Ok(id)
 }
 
 /// True if two records hold the same content (versions aside).
@@ -766,6 +961,7 @@ fn set_objection(
 /// moves to a new log position with no record, so devices remove it. Returns how many.
 fn delete_rows(
     patients: &mut redb::Table<u64, &[u8]>,
+    summary: &mut redb::Table<u64, (u64, bool)>,
     log: &mut redb::Table<u64, &[u8]>,
     seq: &mut u64,
     gone: impl Fn(u64, &PatientRow) -> bool,
@@ -787,6 +983,7 @@ fn delete_rows(
         row.seq = *seq;
         row.record = None;
         patients.insert(nhs, enc(&row).as_slice())?;
+        summary.insert(nhs, summary_of(&row))?;
         deleted += 1;
     }
     Ok(deleted)

@@ -174,10 +174,7 @@ impl TestDevice {
     pub fn pull(&self, cursor: Option<&Cursor>, max_bytes: u32) -> Answer {
         self.send(
             "/ccsp/v1/pull",
-            &Message::Pull(Pull {
-                cursor: cursor.cloned(),
-                max_bytes,
-            }),
+            &Message::Pull(Pull::new(cursor.cloned(), max_bytes)),
         )
     }
 

@@ -81,8 +81,8 @@ fn malformed_frames_are_refused_and_nothing_applied() {
         limit,
     );
     assert_eq!(code(&a), Some(ErrorCode::UnsupportedVersion));
-    // Oversize: a pull body far over 1 KiB is refused before decoding.
-    let big = vec![0u8; 2048];
+    // Oversize: a pull body over its 64 KiB limit is refused before decoding.
+    let big = vec![0u8; 70 * 1024];
     let a = post_raw(
         &device.agent,
         &url,
@@ -101,10 +101,7 @@ fn device_routes_need_an_enrolled_certificate() {
     let hub = TestHub::start(10);
     let anon = hub.agent(None);
     let pull = sync_protocol::encode(
-        &Message::Pull(sync_protocol::message::Pull {
-            cursor: None,
-            max_bytes: 262_144,
-        }),
+        &Message::Pull(sync_protocol::message::Pull::new(None, 262_144)),
         sync_protocol::Compression::None,
     )
     .unwrap();

@@ -288,10 +288,12 @@ fn cursors_from_elsewhere_or_the_future_are_refused() {
     let batches = device.pull_all(None, MIN_BUDGET);
     let bytes = batches[0].next_cursor.as_bytes().to_vec();
     let future = {
-        // Layout: hub id (8 bytes), then varints base, target, then phase and after.
+        // Layout: the ordered-cursor mark, hub id (8 bytes), then varints base (0 in a
+        // first round: one byte), target, then phase, place and expected count.
         // Replace the target with 2^40.
-        let end = 9 + bytes[9..].iter().position(|b| b & 0x80 == 0).unwrap() + 1;
-        let mut v = bytes[..9].to_vec();
+        assert_eq!(bytes[0], 0xC5, "an ordered cursor");
+        let end = 10 + bytes[10..].iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+        let mut v = bytes[..10].to_vec();
         let mut t: u64 = 1 << 40;
         while t >= 0x80 {
             v.push((t as u8) | 0x80);
