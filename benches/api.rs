@@ -184,7 +184,7 @@ fn main() {
         "max_offline_secs": 86_400,
         "patients": patients.iter().map(|p| p.digits()).collect::<Vec<_>>(),
     }));
-    device.sync_once(&mut |_| {}).unwrap();
+    device.sync_once(&mut |_, _| {}).unwrap();
     let token = device.add_client("bench").unwrap().expose().to_owned();
     // Where a read's time goes: the audit commit alone, and the policy + read alone.
     let audit_only = {

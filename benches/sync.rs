@@ -119,10 +119,7 @@ fn hub_only(hub: &TestHub, budget: u32) -> (f64, u64, u64) {
         let a = t
             .exchange(
                 "/ccsp/v1/pull",
-                &Message::Pull(Pull {
-                    cursor: cursor.clone(),
-                    max_bytes: budget,
-                }),
+                &Message::Pull(Pull::new(cursor.clone(), budget)),
                 MessageKind::Batch,
             )
             .unwrap();

@@ -75,28 +75,32 @@ pub fn sync(config_path: &Path, stats: bool) -> anyhow::Result<()> {
     }
 }
 
-/// One sync round with a progress line (patients received of those leased, megabytes,
-/// batches); the line is drawn only on a terminal.
+/// One sync round with a progress bar: patients held of those the hub expects, bytes
+/// received, batches, and the time left at the rate so far (drawn only on a terminal).
 pub fn sync_with_progress(device: &Device) -> Result<crate::sync::Summary, DeviceError> {
-    let bar = indicatif::ProgressBar::new_spinner();
+    let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {wide_msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] {pos}/{len} patients, {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let result = device.sync_once(&mut |s| {
-        let expected: usize = device
-            .policy()
-            .leases()
-            .iter()
-            .map(|l| l.patients.len())
-            .sum();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let result = device.sync_once(&mut |s, c| {
+        if let Some(e) = c.expected {
+            bar.set_length(u64::from(e).max(c.held));
+        } else {
+            bar.set_length(c.held);
+        }
+        bar.set_position(c.held);
         bar.set_message(format!(
-            "{} / {} patients, {:.1} MB, {} batches",
-            s.upserts,
-            expected,
+            "{:.1} MB, {} batches{}",
             s.bytes as f64 / 1e6,
-            s.batches
+            s.batches,
+            c.eta_secs
+                .map(|t| format!(", about {} left", crate::clock::human(t)))
+                .unwrap_or_default()
         ));
     });
     bar.finish_and_clear();
@@ -319,7 +323,7 @@ pub fn run_loop(device: &Device, clock: &dyn Clock, stop: &AtomicBool) -> anyhow
                 let up = device.probe();
                 schedule.probed(now, up);
             }
-            Action::Sync => match device.sync_once(&mut |_| {}) {
+            Action::Sync => match device.sync_once(&mut |_, _| {}) {
                 Ok(s) => {
                     tracing::info!(
                         batches = s.batches,

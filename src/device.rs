@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
-use sync_protocol::Message;
 use sync_protocol::digest::allowed_set_digest;
 use sync_protocol::message::{Audience, EnrolRequest, Lease, LeaseChange, MessageKind, View};
-use sync_protocol::types::{Bytes, DeviceId, EnrolmentToken, Text, Timestamp};
+use sync_protocol::types::{
+    BoundedVec, Bytes, DeviceId, EnrolmentToken, Hash32, LeaseId, StaffId, Text, Timestamp,
+};
+use sync_protocol::{Message, NhsNumber};
 use zeroize::{Zeroize, Zeroizing};
 
 use sync_protocol::audit::{
@@ -37,6 +39,120 @@ mod key {
     pub(super) const RESYNC: &str = "resync";
     pub(super) const CLIENTS: &str = "clients";
     pub(super) const LAST_UPLOAD: &str = "last_audit_upload";
+    /// Patients offered in the round under way that the device lacks (`Vec<NhsNumber>`).
+    pub(super) const SYNC_WANT: &str = "sync_want";
+    /// How much of the caseload has arrived ([`super::Arrival`]).
+    pub(super) const ARRIVAL: &str = "caseload_arrival";
+    /// Leases granted for one-off lookups (`Vec<LeaseId>`).
+    pub(super) const LOOKUPS: &str = "lookup_leases";
+    /// Patients held when the round under way began (`u32`): a first sync cut short
+    /// resumes as one from nothing.
+    pub(super) const ROUND_HOLDING: &str = "round_holding";
+}
+
+/// How much of its caseload the device holds, kept with every batch: a first sync, a
+/// new lease or a round cut short leaves it incomplete until a round completes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arrival {
+    /// Patients the hub said the device will hold when the round completes (0: the hub
+    /// did not say).
+    pub expected: u32,
+    /// Whether the last round completed.
+    pub complete: bool,
+}
+
+/// The caseload's arrival as status, metrics, the viewer and every API answer show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseloadProgress {
+    /// Patients held now.
+    pub held: u64,
+    /// Patients expected when the round completes (absent: the hub did not say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<u32>,
+    /// Whether the caseload is complete (the last round completed).
+    pub complete: bool,
+    /// Whether a sync round is running now.
+    pub syncing: bool,
+    /// Bytes received in the round running now.
+    pub round_bytes: u64,
+    /// Seconds until the round is expected to finish, at its rate so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<u64>,
+}
+
+impl CaseloadProgress {
+    /// "412 of 2,000 patients synced" (or "412 patients synced, more arriving").
+    pub fn words(&self) -> String {
+        match self.expected {
+            Some(e) => format!(
+                "{} of {} patients synced",
+                thousands(self.held),
+                thousands(u64::from(e))
+            ),
+            None => format!("{} patients synced, more arriving", thousands(self.held)),
+        }
+    }
+}
+
+/// `12345` as `12,345`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A round under way, for progress.
+#[derive(Clone, Copy, Debug)]
+struct LiveRound {
+    started: std::time::Instant,
+    held_at_start: u64,
+    bytes: u64,
+}
+
+/// What came of a one-off lookup ([`Device::lookup`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LookupResult {
+    /// Granted: the patient is held under this lease until it ends.
+    Granted {
+        /// The lease.
+        lease: LeaseId,
+        /// When it ends.
+        not_after: Timestamp,
+    },
+    /// The hub could not be reached.
+    Offline(String),
+    /// The hub says no lease of this device allows the caller emergency access.
+    NotPermitted,
+    /// The hub cannot give the patient (unknown, objected or not shareable).
+    NotAvailable,
+    /// The hub does not speak protocol version 5.
+    HubTooOld,
+    /// Anything else (no sync yet, the hub's answer refused, the store).
+    Failed(String),
+}
+
+impl LookupResult {
+    /// As the audit records it.
+    pub fn audit(&self) -> sync_protocol::audit::LookupOutcome {
+        use sync_protocol::audit::LookupOutcome as O;
+        match self {
+            Self::Granted { lease, not_after } => O::Granted {
+                lease: *lease,
+                not_after: *not_after,
+            },
+            Self::Offline(_) => O::Offline,
+            Self::NotPermitted => O::NotPermitted,
+            Self::NotAvailable => O::NotAvailable,
+            Self::HubTooOld => O::HubTooOld,
+            Self::Failed(_) => O::Failed,
+        }
+    }
 }
 
 /// A device operation that failed. None of these carry patient data.
@@ -207,6 +323,8 @@ pub struct Status {
     pub audit_error: Option<String>,
     /// Who vouches for staff ids.
     pub identity: IdentityStatus,
+    /// How much of the caseload has arrived.
+    pub caseload: CaseloadProgress,
 }
 
 /// The identity mode in status.
@@ -251,6 +369,12 @@ pub struct Device {
     identity: crate::identity::Identity,
     /// One audit upload at a time (the daemon's schedule and sync rounds both upload).
     upload_lock: Mutex<()>,
+    /// One sync round or lookup at a time: both commit the cursor's neighbourhood.
+    sync_lock: Mutex<()>,
+    /// The caseload's arrival, as last committed.
+    arrival: Mutex<Arrival>,
+    /// The round under way, if any.
+    live: Mutex<Option<LiveRound>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -275,6 +399,11 @@ impl Device {
         let audit = AuditLog::start(Arc::clone(&store))?;
         let last_ok: Option<Timestamp> = store.device_state(key::LAST_OK)?;
         let identity = crate::identity::Identity::open(config.identity.clone(), &store)?;
+        let arrival: Arrival = store.device_state(key::ARRIVAL)?.unwrap_or(Arrival {
+            expected: 0,
+            // A store from before arrival was kept: complete if it ever synced.
+            complete: last_ok.is_some(),
+        });
         let device = Self {
             config,
             store,
@@ -288,6 +417,9 @@ impl Device {
             wiped: AtomicBool::new(false),
             identity,
             upload_lock: Mutex::new(()),
+            sync_lock: Mutex::new(()),
+            arrival: Mutex::new(arrival),
+            live: Mutex::new(None),
         };
         device.refresh_policy()?;
         Ok(device)
@@ -430,7 +562,8 @@ impl Device {
         let leases = self.store.leases()?;
         let ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
         let contact: Option<Timestamp> = self.store.device_state(key::CONTACT)?;
-        let p = Arc::new(Policy::new(leases, ended, contact));
+        let lookups: Vec<LeaseId> = self.store.device_state(key::LOOKUPS)?.unwrap_or_default();
+        let p = Arc::new(Policy::new(leases, ended, contact).with_lookups(lookups));
         match self.policy.write() {
             Ok(mut slot) => *slot = Arc::clone(&p),
             Err(poisoned) => *poisoned.into_inner() = Arc::clone(&p),
@@ -558,8 +691,12 @@ impl Device {
     /// One sync round: hello, then pull until the hub has nothing more. Each batch is
     /// checked whole and committed with its cursor; `progress` sees the counts after each.
     /// The outcome is recorded for status whatever happens.
-    pub fn sync_once(&self, progress: &mut dyn FnMut(&Summary)) -> Result<Summary, DeviceError> {
+    pub fn sync_once(
+        &self,
+        progress: &mut dyn FnMut(&Summary, &CaseloadProgress),
+    ) -> Result<Summary, DeviceError> {
         self.live()?;
+        let _one = self.sync_lock.lock().map_err(|_| StoreError::Poisoned)?;
         let mut summary = Summary::default();
         // Audit first: a device back from being offline uploads what it wrote before it
         // starts what may be a long data download. Only a network failure or revocation
@@ -760,13 +897,46 @@ impl Device {
     fn round(
         &self,
         summary: &mut Summary,
-        progress: &mut dyn FnMut(&Summary),
+        progress: &mut dyn FnMut(&Summary, &CaseloadProgress),
     ) -> Result<Summary, DeviceError> {
         let (transport, device_id) = self.connect()?;
+        let held = self.store.stats()?.patients;
+        let live = LiveRound {
+            started: std::time::Instant::now(),
+            held_at_start: held,
+            bytes: 0,
+        };
+        *self.live.lock().map_err(|_| StoreError::Poisoned)? = Some(live);
+        let result = self.round_inner(transport, device_id, held, summary, progress);
+        *self.live.lock().map_err(|_| StoreError::Poisoned)? = None;
+        result
+    }
+
+    fn round_inner(
+        &self,
+        transport: Transport,
+        device_id: DeviceId,
+        held: u64,
+        summary: &mut Summary,
+        progress: &mut dyn FnMut(&Summary, &CaseloadProgress),
+    ) -> Result<Summary, DeviceError> {
         let resync: bool = self.store.device_state(key::RESYNC)?.unwrap_or(false);
+        let want: Vec<NhsNumber> = if resync {
+            Vec::new()
+        } else {
+            self.store.device_state(key::SYNC_WANT)?.unwrap_or_default()
+        };
+        let cursor = if resync { None } else { self.store.cursor()? };
+        // What the device held when this round began: now, for a new round; as recorded,
+        // for a round cut short.
+        let fresh_round = cursor.is_none() || !self.arriving();
+        let holding: u32 = match self.store.device_state::<u32>(key::ROUND_HOLDING)? {
+            Some(h) if !fresh_round => h,
+            _ => u32::try_from(held).unwrap_or(u32::MAX),
+        };
         let start = Start {
             device_id,
-            cursor: if resync { None } else { self.store.cursor()? },
+            cursor,
             last_batch_time: self.store.hub_time()?,
             resync,
             // The cached policy is refreshed whenever the leases change.
@@ -775,7 +945,12 @@ impl Device {
             max_skew: self.config.sync.max_clock_skew,
             sensitive: self.config.sensitive.clone(),
             software: software()?,
+            holding,
+            want,
         };
+        let mut extras = Extras::default();
+        extras.set(key::ROUND_HOLDING, &holding)?;
+        self.store.put_device_state(&extras)?;
         let (mut round, mut step) = Round::begin(start, self.now());
         let mut contact_saved = false;
         loop {
@@ -788,6 +963,11 @@ impl Device {
                     let answer = transport.exchange(path, &msg, expect)?;
                     let next = round.on_answer(answer.message, answer.wire_bytes, self.now());
                     *summary = round.summary().clone();
+                    if let Ok(mut live) = self.live.lock()
+                        && let Some(l) = live.as_mut()
+                    {
+                        l.bytes = summary.bytes;
+                    }
                     let next = next?;
                     if let Some(h) = round.hub_time() {
                         let now = self.observe_hub(h);
@@ -805,10 +985,10 @@ impl Device {
                     next
                 }
                 Step::Apply(plan) => {
-                    let held = self.apply(&plan, round.resyncing())?;
-                    let next = round.applied(&plan, held)?;
+                    let (held, want) = self.apply(&plan, round.resyncing(), round.expected())?;
+                    let next = round.applied(&plan, held, want)?;
                     *summary = round.summary().clone();
-                    progress(summary);
+                    progress(summary, &self.caseload()?);
                     next
                 }
                 Step::Finished(s) => return Ok(s),
@@ -822,12 +1002,42 @@ impl Device {
 
     /// Applies a checked batch with its cursor, ended-lease records and clock state in one
     /// transaction; returns the held digest if the plan asks for it.
+    /// Also returns the patients still wanted: the plan's, and those offered in the
+    /// batch whose record the store lacks or holds in another version — stored with the
+    /// cursor so that a round cut short resumes asking for them.
     fn apply(
         &self,
         plan: &Plan,
         resyncing: bool,
-    ) -> Result<Option<sync_protocol::message::AllowedSetDigest>, DeviceError> {
+        expected: u32,
+    ) -> Result<
+        (
+            Option<sync_protocol::message::AllowedSetDigest>,
+            Vec<NhsNumber>,
+        ),
+        DeviceError,
+    > {
         let mut extras = Extras::default();
+        let mut want = plan.want.clone();
+        if !plan.batch.offers.is_empty() {
+            let held = self
+                .store
+                .held_versions_of(plan.batch.offers.iter().map(|o| o.nhs_number))?;
+            want.extend(
+                plan.batch
+                    .offers
+                    .iter()
+                    .zip(held)
+                    .filter(|(o, (_, v))| *v != Some(o.version))
+                    .map(|(o, _)| o.nhs_number),
+            );
+        }
+        extras.set(key::SYNC_WANT, &want)?;
+        let arrival = Arrival {
+            expected,
+            complete: plan.digest,
+        };
+        extras.set(key::ARRIVAL, &arrival)?;
         extras.keep_only.clone_from(&plan.keep_only);
         let finishing_resync = plan.keep_only.is_some();
         if resyncing {
@@ -870,10 +1080,194 @@ impl Device {
         if !plan.batch.leases.is_empty() {
             self.refresh_policy()?;
         }
-        if !plan.digest {
-            return Ok(None);
+        if let Ok(mut a) = self.arrival.lock() {
+            *a = arrival;
         }
-        Ok(Some(allowed_set_digest(self.store.held_versions()?)))
+        if !plan.digest {
+            return Ok((None, want));
+        }
+        Ok((Some(allowed_set_digest(self.store.held_versions()?)), want))
+    }
+
+    /// How much of the caseload has arrived (cheap: one count when incomplete).
+    pub fn caseload(&self) -> Result<CaseloadProgress, DeviceError> {
+        let arrival = *self.arrival.lock().map_err(|_| StoreError::Poisoned)?;
+        let live = *self.live.lock().map_err(|_| StoreError::Poisoned)?;
+        let held = self.store.stats()?.patients;
+        let expected = (arrival.expected > 0).then_some(arrival.expected);
+        let eta_secs = match (live, expected) {
+            (Some(l), Some(e)) if held > l.held_at_start && u64::from(e) > held => {
+                // The time so far, scaled by what is left over what has come.
+                let elapsed_ms = l.started.elapsed().as_millis();
+                let left = u128::from(u64::from(e) - held);
+                let done = u128::from(held - l.held_at_start);
+                u64::try_from((elapsed_ms * left).div_ceil(done * 1000)).ok()
+            }
+            _ => None,
+        };
+        Ok(CaseloadProgress {
+            held,
+            expected,
+            complete: arrival.complete,
+            syncing: live.is_some(),
+            round_bytes: live.map_or(0, |l| l.bytes),
+            eta_secs,
+        })
+    }
+
+    /// A one-off lookup (SPEC.md §3.8): asks the hub, online, for one patient on no
+    /// caseload of this device, under `under` (a lease of the caller allowing emergency
+    /// access). The hub checks objections and sharing and grants a short lease for the
+    /// patient alone to this device and `staff`; the grant and the record are checked as
+    /// a batch would be and applied in one transaction. Offline it fails at once. The
+    /// caller audits the outcome.
+    pub fn lookup(
+        &self,
+        nhs: NhsNumber,
+        under: LeaseId,
+        staff: &StaffId,
+        reason: &str,
+    ) -> Result<LookupResult, DeviceError> {
+        use sync_protocol::message::{Lookup, LookupGranted};
+        self.live()?;
+        let _one = self.sync_lock.lock().map_err(|_| StoreError::Poisoned)?;
+        if self.store.objected(&nhs)? {
+            return Ok(LookupResult::NotAvailable);
+        }
+        let Some(cursor) = self.store.cursor()? else {
+            return Ok(LookupResult::Failed(
+                "this device has not synced yet".into(),
+            ));
+        };
+        let reason = Text::<1024>::new(reason.chars().take(1024).collect::<String>())
+            .map_err(|_| DeviceError::Enrol("lookup reason".into()))?;
+        let offline = |e: &TransportError| LookupResult::Offline(e.to_string());
+        let (transport, device_id) = self.connect()?;
+        let welcome = match transport.exchange(
+            sync::path::HELLO,
+            &sync::hello(self.now(), &software()?),
+            MessageKind::Welcome,
+        ) {
+            Ok(a) => a.message,
+            Err(e) if e.is_offline() => return Ok(offline(&e)),
+            Err(e) => return Ok(LookupResult::Failed(e.to_string())),
+        };
+        let welcome = match welcome {
+            Message::Welcome(w) => w,
+            other => {
+                return Ok(LookupResult::Failed(format!(
+                    "hub answered {} to hello",
+                    other.kind()
+                )));
+            }
+        };
+        if let Err(e) = sync::check_welcome(
+            &welcome,
+            &device_id,
+            self.now(),
+            self.config.sync.max_clock_skew,
+        ) {
+            return Ok(LookupResult::Failed(e.to_string()));
+        }
+        if welcome.version < 5 {
+            return Ok(LookupResult::HubTooOld);
+        }
+        self.observe_hub(welcome.hub_time);
+        let ask = Message::Lookup(Lookup {
+            nhs_number: nhs,
+            lease: under,
+            staff: staff.clone(),
+            reason,
+        });
+        let granted: LookupGranted =
+            match transport.exchange("/ccsp/v1/lookup", &ask, MessageKind::LookupGranted) {
+                Ok(a) => match a.message {
+                    Message::LookupGranted(g) => *g,
+                    Message::Error(e) => {
+                        return Ok(match e.code {
+                            sync_protocol::message::ErrorCode::NotAvailable => {
+                                LookupResult::NotAvailable
+                            }
+                            sync_protocol::message::ErrorCode::NotPermitted => {
+                                LookupResult::NotPermitted
+                            }
+                            sync_protocol::message::ErrorCode::DeviceRevoked => {
+                                drop(_one);
+                                self.wipe_now();
+                                return Err(DeviceError::Revoked);
+                            }
+                            _ => LookupResult::Failed(SyncError::refused(&e).to_string()),
+                        });
+                    }
+                    other => {
+                        return Ok(LookupResult::Failed(format!(
+                            "hub answered {} to a lookup",
+                            other.kind()
+                        )));
+                    }
+                },
+                Err(e) if e.is_offline() => return Ok(offline(&e)),
+                Err(e) => return Ok(LookupResult::Failed(e.to_string())),
+            };
+        // Checked as a batch would be: the patient asked for, for this member of staff,
+        // nothing on the sensitive list, nothing already held under that lease id.
+        let lease = granted.lease;
+        let for_staff = match &lease.audience {
+            Audience::Users(u) => u.iter().any(|s| s == staff),
+            Audience::Team => false,
+        };
+        if granted.record.nhs_number != nhs
+            || !for_staff
+            || self.policy().leases().iter().any(|l| l.id == lease.id)
+        {
+            return Ok(LookupResult::Failed(
+                "the hub's grant does not match the lookup; refused".into(),
+            ));
+        }
+        if self.config.sensitive.listed_items(&granted.record) > 0 {
+            return Ok(LookupResult::Failed(SyncError::Sensitive(1).to_string()));
+        }
+        let not_after = lease.not_after;
+        let id = lease.id;
+        let batch = sync_protocol::message::Batch::new(
+            BoundedVec::new(),
+            BoundedVec::try_from(vec![LeaseChange::Granted(lease)])
+                .map_err(|_| DeviceError::Enrol("lookup lease".into()))?,
+            BoundedVec::try_from(vec![granted.record])
+                .map_err(|_| DeviceError::Enrol("lookup record".into()))?,
+            BoundedVec::new(),
+            cursor,
+            true,
+            welcome.hub_time,
+            sync_protocol::message::AllowedSetDigest {
+                patients: 0,
+                sha256: Hash32([0; 32]),
+            },
+        )
+        .map_err(|_| DeviceError::Enrol("lookup batch".into()))?;
+        let held = self.policy();
+        let mut lookups: Vec<LeaseId> = self.store.device_state(key::LOOKUPS)?.unwrap_or_default();
+        lookups.retain(|l| held.leases().iter().any(|h| h.id == *l));
+        lookups.push(id);
+        let mut extras = Extras::default();
+        extras.set(key::LOOKUPS, &lookups)?;
+        extras.set(key::TRUSTED, &self.high_water())?;
+        self.store.apply_batch_with(&batch, &extras)?;
+        self.refresh_policy()?;
+        tracing::warn!(
+            lease = id.0,
+            "one-off lookup granted by the hub (emergency access)"
+        );
+        Ok(LookupResult::Granted {
+            lease: id,
+            not_after,
+        })
+    }
+
+    /// Whether the caseload is incomplete (a first sync or a new lease still arriving,
+    /// or a round cut short): every API answer says so.
+    pub fn arriving(&self) -> bool {
+        self.arrival.lock().map(|a| !a.complete).unwrap_or(true)
     }
 
     /// The policy tick: ends leases that are over in trusted time (expired, or out of
@@ -1006,6 +1400,7 @@ impl Device {
             audit_upload: self.store.device_state(key::LAST_UPLOAD)?,
             audit_head: self.audit.health().head_seq.load(Ordering::Relaxed),
             audit_error: self.audit.health().failing(),
+            caseload: self.caseload()?,
             identity: match self.identity.oidc() {
                 None => IdentityStatus {
                     mode: "asserted",
@@ -1124,6 +1519,18 @@ pub fn render_status(s: &Status) -> String {
         "holding     {} patients, {} objections",
         s.patients_held, s.objections
     );
+    if !s.caseload.complete {
+        let _ = writeln!(
+            out,
+            "caseload    STILL ARRIVING: {}{}",
+            s.caseload.words(),
+            match (s.caseload.syncing, s.caseload.eta_secs) {
+                (true, Some(t)) => format!(" (syncing, about {} left)", human(t)),
+                (true, None) => " (syncing)".to_owned(),
+                (false, _) => " (resumes at the next sync)".to_owned(),
+            }
+        );
+    }
     let _ = writeln!(
         out,
         "audit       {} entries written, {} acknowledged by the hub, {} waiting{}{}",

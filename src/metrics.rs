@@ -56,6 +56,19 @@ pub struct Metrics {
     pub data_age: Gauge,
     /// Request latency by route.
     pub latency: Family<Labels, Histogram, fn() -> Histogram>,
+    /// One-off lookups by outcome.
+    pub lookups: Family<Labels, Counter>,
+    /// Patients held (set at each scrape).
+    pub patients_held: Gauge,
+    /// Patients the hub said the device will hold when the round completes (set at each
+    /// scrape; 0 when the hub did not say).
+    pub patients_expected: Gauge,
+    /// 1 while the caseload is still arriving (set at each scrape).
+    pub caseload_arriving: Gauge,
+    /// Bytes received in the round under way (set at each scrape).
+    pub sync_round_bytes: Gauge,
+    /// Seconds until the round under way completes at its rate so far (-1 unknown).
+    pub sync_eta: Gauge,
 }
 
 impl Default for Metrics {
@@ -87,6 +100,12 @@ impl Metrics {
             audit_uploaded: Counter::default(),
             data_age: Gauge::default(),
             latency: Family::new_with_constructor(latency),
+            lookups: Family::default(),
+            patients_held: Gauge::default(),
+            patients_expected: Gauge::default(),
+            caseload_arriving: Gauge::default(),
+            sync_round_bytes: Gauge::default(),
+            sync_eta: Gauge::default(),
         };
         registry.register("syncs", "Sync rounds by outcome", m.syncs.clone());
         registry.register(
@@ -168,6 +187,32 @@ impl Metrics {
             "request_duration_seconds",
             "Local API request latency by route",
             m.latency.clone(),
+        );
+        registry.register(
+            "lookups",
+            "One-off lookups (emergency access to a patient on no caseload) by outcome",
+            m.lookups.clone(),
+        );
+        registry.register("patients_held", "Patients held", m.patients_held.clone());
+        registry.register(
+            "patients_expected",
+            "Patients the hub said this device will hold when the round completes",
+            m.patients_expected.clone(),
+        );
+        registry.register(
+            "caseload_arriving",
+            "1 while the caseload is still arriving",
+            m.caseload_arriving.clone(),
+        );
+        registry.register(
+            "sync_round_bytes",
+            "Bytes received in the sync round under way",
+            m.sync_round_bytes.clone(),
+        );
+        registry.register(
+            "sync_eta_seconds",
+            "Seconds until the round under way completes at its rate so far (-1 unknown)",
+            m.sync_eta.clone(),
         );
         Self { registry, ..m }
     }

@@ -209,6 +209,9 @@ pub struct Policy {
     by_patient: Vec<(NhsNumber, u32)>,
     ended: Vec<EndedLease>,
     last_contact: Option<Timestamp>,
+    /// Leases the hub granted for a one-off lookup: every access under one is emergency
+    /// access (flagged in audit).
+    lookups: Vec<LeaseId>,
 }
 
 impl fmt::Debug for Policy {
@@ -245,7 +248,29 @@ impl Policy {
             by_patient,
             ended,
             last_contact,
+            lookups: Vec::new(),
         }
+    }
+
+    /// This policy, with `lookups` the leases granted for one-off lookups.
+    pub fn with_lookups(mut self, lookups: Vec<LeaseId>) -> Self {
+        self.lookups = lookups;
+        self
+    }
+
+    /// The caller's active lease allowing emergency access, under which a one-off
+    /// lookup may be asked (SPEC.md §3.8), if any.
+    pub fn lookup_lease(&self, user: &StaffId, now: Timestamp) -> Option<LeaseId> {
+        self.leases
+            .iter()
+            .filter(|l| l.emergency_access && admits(&l.audience, user))
+            .find(|l| matches!(self.standing(l, now), Standing::Active(_)))
+            .map(|l| l.id)
+    }
+
+    /// Whether `id` was granted for a one-off lookup.
+    pub fn is_lookup(&self, id: LeaseId) -> bool {
+        self.lookups.contains(&id)
     }
 
     /// The leases.
@@ -360,11 +385,11 @@ impl Policy {
             .take_while(|(p, _)| p == nhs)
             .filter_map(|(_, i)| self.leases.get(usize::try_from(*i).ok()?))
             .collect();
-        let grant = |l: &Lease, until, emergency| Grant {
+        let grant = |l: &Lease, until, emergency: bool| Grant {
             nhs: *nhs,
             lease: l.id,
             view: l.view,
-            emergency,
+            emergency: emergency || self.lookups.contains(&l.id),
             until,
         };
         // The caller's own leases naming the patient, best first.

@@ -16,11 +16,11 @@ use std::time::Duration;
 use sync_protocol::NhsNumber;
 use sync_protocol::codec::SUPPORTED_VERSIONS;
 use sync_protocol::message::{
-    AllowedSetDigest, Batch, ErrorCode, ErrorMessage, Hello, Lease, LeaseChange, Message,
-    MessageKind, Pull, Welcome,
+    AllowedSetDigest, Batch, ErrorCode, ErrorMessage, Hello, Lease, LeaseChange, MAX_PULL_WANT,
+    Message, MessageKind, Pull, Welcome,
 };
 use sync_protocol::sensitive::CodeList;
-use sync_protocol::types::{Capabilities, Cursor, DeviceId, LeaseId, Text, Timestamp};
+use sync_protocol::types::{BoundedVec, Capabilities, Cursor, DeviceId, LeaseId, Text, Timestamp};
 
 use crate::clock::{HubTimeError, check_hub_time};
 
@@ -85,6 +85,10 @@ pub enum SyncError {
         /// Patients the hub allows.
         allowed: u32,
     },
+    /// Hub: offered patients no lease on this device covers, or answered more wanted
+    /// patients than were asked for, or ended the round with wanted records unsent.
+    #[error("batch rejected: {0}")]
+    Offers(&'static str),
     /// Hub: refused the request with a protocol error.
     #[error("hub refused: {code:?}: {message}")]
     Refused {
@@ -175,6 +179,10 @@ pub struct Plan {
     pub keep_only: Option<HashSet<NhsNumber>>,
     /// Whether the caller must compute the held digest after applying.
     pub digest: bool,
+    /// Patients still wanted from earlier offers once this batch is applied, oldest
+    /// first; the caller adds the batch's offers it lacks, stores the whole with the
+    /// cursor, and hands it back to [`Round::applied`].
+    pub want: Vec<NhsNumber>,
     /// Bytes of the batch frame on the wire.
     pub wire_bytes: usize,
 }
@@ -218,6 +226,11 @@ pub struct Start {
     pub sensitive: CodeList,
     /// Software name and version for the hello.
     pub software: Text<64>,
+    /// Patients the store holds as the round starts (a device holding none is sent
+    /// records rather than offers).
+    pub holding: u32,
+    /// Offered patients still wanted from an earlier, unfinished round.
+    pub want: Vec<NhsNumber>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -244,6 +257,10 @@ pub struct Round {
     summary: Summary,
     hub_time: Option<Timestamp>,
     raised_budget: bool,
+    /// How many wanted patients the last pull named.
+    asked: usize,
+    /// Patients the hub expects this device to hold when the round completes.
+    expected: u32,
 }
 
 impl Round {
@@ -267,6 +284,8 @@ impl Round {
             summary,
             hub_time: None,
             raised_budget: false,
+            asked: 0,
+            expected: 0,
         };
         (round, Step::Send(path::HELLO, hello))
     }
@@ -284,6 +303,12 @@ impl Round {
     /// Whether this round is a full resync.
     pub fn resyncing(&self) -> bool {
         self.start.resync
+    }
+
+    /// Patients the hub said this device will hold when the round completes (0 until
+    /// a version-5 hub has said).
+    pub fn expected(&self) -> u32 {
+        self.expected
     }
 
     /// Takes the hub's answer to the last `Send`. `now` is trusted time.
@@ -332,6 +357,7 @@ impl Round {
                 self.start.resync = true;
                 self.summary.resynced = true;
                 self.start.cursor = None;
+                self.start.want.clear();
                 self.seen.clear();
                 Ok(self.pull())
             }
@@ -345,14 +371,19 @@ impl Round {
         }
     }
 
-    fn pull(&self) -> Step {
-        Step::Send(
-            path::PULL,
-            Message::Pull(Pull {
-                cursor: self.start.cursor.clone(),
-                max_bytes: self.start.max_bytes,
-            }),
-        )
+    fn pull(&mut self) -> Step {
+        let asked: Vec<NhsNumber> = self
+            .start
+            .want
+            .iter()
+            .take(MAX_PULL_WANT)
+            .copied()
+            .collect();
+        self.asked = asked.len();
+        let mut pull = Pull::new(self.start.cursor.clone(), self.start.max_bytes);
+        pull.holding = self.start.holding;
+        pull.want = BoundedVec::try_from(asked).unwrap_or_default();
+        Step::Send(path::PULL, Message::Pull(pull))
     }
 
     fn on_batch(
@@ -397,6 +428,30 @@ impl Round {
         if outside > 0 {
             return Err(SyncError::OutsideLeases(outside));
         }
+        let offered_outside = batch
+            .offers
+            .iter()
+            .filter(|o| !cover.contains(&o.nhs_number))
+            .count();
+        if offered_outside > 0 {
+            return Err(SyncError::OutsideLeases(offered_outside));
+        }
+        let done = usize::try_from(batch.wants_done).unwrap_or(usize::MAX);
+        if done > self.asked {
+            return Err(SyncError::Offers(
+                "it answered more wanted patients than were asked for",
+            ));
+        }
+        if !batch.offers.is_empty() && self.start.holding == 0 {
+            return Err(SyncError::Offers(
+                "it offered records to a device that holds none",
+            ));
+        }
+        if !batch.more && done < self.asked {
+            return Err(SyncError::Offers(
+                "it ended the round with wanted records unsent",
+            ));
+        }
         let sensitive: usize = batch
             .upserts
             .iter()
@@ -409,6 +464,7 @@ impl Round {
         self.start.last_batch_time = self.start.last_batch_time.max(Some(batch.hub_time));
         if self.start.resync {
             self.seen.extend(batch.upserts.iter().map(|r| r.nhs_number));
+            self.seen.extend(batch.offers.iter().map(|o| o.nhs_number));
             for r in batch.removals.iter() {
                 self.seen.remove(&r.nhs_number);
             }
@@ -416,7 +472,13 @@ impl Round {
         if let (Some(l), Some(c)) = (leases, covered) {
             self.pending = Some((l, c));
         }
-        let more = batch.more;
+        if batch.expected > 0 {
+            self.expected = batch.expected;
+        }
+        let want: Vec<NhsNumber> = self.start.want.get(done..).unwrap_or_default().to_vec();
+        // The round is complete with this batch when the hub has nothing more and every
+        // wanted record has come (more than one pull's worth may have been wanted).
+        let more = batch.more || !want.is_empty();
         let keep_only = (!more && self.start.resync).then(|| std::mem::take(&mut self.seen));
         self.state = State::Applying {
             more,
@@ -427,15 +489,18 @@ impl Round {
             keep_only,
             digest: !more,
             wire_bytes,
+            want,
         })))
     }
 
-    /// The caller applied the plan's batch (committed with its cursor). `held` is the
-    /// digest of what the store holds now, required when the plan asked for it.
+    /// The caller applied the plan's batch (committed with its cursor and `want`, the
+    /// patients still wanted). `held` is the digest of what the store holds now,
+    /// required when the plan asked for it.
     pub fn applied(
         &mut self,
         plan: &Plan,
         held: Option<AllowedSetDigest>,
+        want: Vec<NhsNumber>,
     ) -> Result<Step, SyncError> {
         let State::Applying { more, allowed } = self.state else {
             return Err(SyncError::OutOfOrder);
@@ -450,6 +515,7 @@ impl Round {
         self.summary.removals += (b.removals.len() + b.objections.len()) as u64;
         self.summary.lease_changes += b.leases.len() as u64;
         self.start.cursor = Some(b.next_cursor.clone());
+        self.start.want = want;
         if more {
             self.state = State::Batch;
             return Ok(self.pull());
@@ -474,6 +540,7 @@ impl Round {
         self.start.resync = true;
         self.summary.resynced = true;
         self.start.cursor = None;
+        self.start.want.clear();
         self.seen.clear();
         self.state = State::Batch;
         Ok(self.pull())

@@ -91,7 +91,7 @@ impl Dev {
     }
 
     pub(crate) fn sync(&self) -> Result<Summary, DeviceError> {
-        self.device.sync_once(&mut |_| {})
+        self.device.sync_once(&mut |_, _| {})
     }
 
     /// Closes and reopens the device (a restart), keeping its clock.

@@ -10,6 +10,7 @@
 mod api;
 mod api_crash;
 mod api_harness;
+mod arrival;
 mod browser;
 mod cli;
 mod clock;

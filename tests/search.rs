@@ -199,7 +199,7 @@ fn a_crew_finds_the_patient_in_front_of_them_and_no_one_they_may_not_see() {
 
     // 7. The patient objects: gone from the very next search.
     hub.consent(&shareable[target].fhir_id, "active", "2026-11-24T08:30:00Z");
-    s.device.sync_once(&mut |_| {}).unwrap();
+    s.device.sync_once(&mut |_, _| {}).unwrap();
     let r = s.get(&format!(
         "/v1/patients?family={}&birthdate={b}",
         enc(t.name.family.as_str())

@@ -44,7 +44,10 @@ fn initial_sync_holds_exactly_the_caseload_and_a_second_sync_is_empty() {
     let lease = first_n(&hub, 1000);
     grant(&hub, &dev.id(), &lease, json!({}));
     let mut seen = Vec::new();
-    let s = dev.device.sync_once(&mut |s| seen.push(s.upserts)).unwrap();
+    let s = dev
+        .device
+        .sync_once(&mut |s, _| seen.push(s.upserts))
+        .unwrap();
     assert!(s.batches >= 3, "small budget → several batches: {s:?}");
     assert!(seen.windows(2).all(|w| w[0] <= w[1]) && seen.len() == s.batches as usize);
     assert_eq!(dev.held(), sorted(shareable(&hub, 1000)));

@@ -125,7 +125,7 @@ fn reads_while_the_hub_is_down_reach_it_exactly_once_and_before_the_data() {
     assert_eq!(r.status, 403);
     answered.push(r.request_id());
     let d = &served.device;
-    let err = d.sync_once(&mut |_| {}).unwrap_err();
+    let err = d.sync_once(&mut |_, _| {}).unwrap_err();
     assert!(
         matches!(&err, DeviceError::Transport(t) if t.is_offline()),
         "{err}"
@@ -144,7 +144,7 @@ fn reads_while_the_hub_is_down_reach_it_exactly_once_and_before_the_data() {
     // The hub is back: the next round uploads the audit first, then pulls.
     let hub = closed.reopen();
     let log = route_log(&hub);
-    d.sync_once(&mut |_| {}).unwrap();
+    d.sync_once(&mut |_, _| {}).unwrap();
     let log = log.lock().unwrap().clone();
     let first_audit = log.iter().position(|r| r == "audit").unwrap();
     let first_pull = log.iter().position(|r| r == "pull").unwrap();
@@ -613,10 +613,10 @@ fn hostile_hub_answers_to_an_upload_drop_nothing_unacknowledged() {
     answer(
         "audit",
         Arc::new(move |_| {
-            frame(&Message::Pull(sync_protocol::message::Pull {
-                cursor: None,
-                max_bytes: 1 << 20,
-            }))
+            frame(&Message::Pull(sync_protocol::message::Pull::new(
+                None,
+                1 << 20,
+            )))
         }),
     );
     let err = dev.device.upload_audit().unwrap_err();

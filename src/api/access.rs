@@ -502,11 +502,31 @@ fn decide_and_render(
     access.view = Some(grant.view());
     let shown = policy::open(device.store(), grant)
         .map_err(|e| internal(&e))?
-        .ok_or_else(|| Refusal::from_denial(&Denial::NotHeld))?;
+        .ok_or_else(|| not_held(device))?;
     let (res, sections) = render(&shown, &api.freshness(), access.request_id)?;
     access.withheld = shown.withheld;
     access.shown = BoundedVec::try_from(sections).unwrap_or_default();
     Ok(res)
+}
+
+/// On the caseload but no record held: while the caseload is still arriving, the record
+/// may simply not be here yet (a transient answer, with how much has arrived).
+fn not_held(device: &crate::device::Device) -> Refusal {
+    if device.arriving() {
+        let words = device
+            .caseload()
+            .map(|c| c.words())
+            .unwrap_or_else(|_| "some patients synced".to_owned());
+        return Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "not-yet-arrived",
+            message: format!(
+                "this patient's record has not reached this device yet: the caseload is still arriving ({words}); try again shortly"
+            ),
+            audit: DenyReason::UnknownPatient,
+        };
+    }
+    Refusal::from_denial(&Denial::NotHeld)
 }
 
 fn internal(e: &dyn std::fmt::Display) -> Refusal {
@@ -1098,4 +1118,200 @@ pub(super) async fn method_not_allowed(uri: axum::http::Uri) -> Response {
         "this API is read-only: GET only",
         None,
     )
+}
+
+/// `POST /v1/lookup` `{"nhs_number": "…"}`, with `X-Carecache-Purpose: ETREAT` and a
+/// reason: a one-off lookup of a patient on no caseload of this device (SPEC.md §3.8).
+/// Online, the hub grants a short lease for the patient alone to this device and the
+/// caller (`201`, then read the patient as any other, emergency access flagged); offline
+/// it is refused at once (`503`, `offline`). Every lookup, granted or not, is audited
+/// on the device before the answer leaves, and at the hub when granted.
+pub(super) async fn lookup(
+    State(api): State<Arc<Api>>,
+    h: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        nhs_number: String,
+    }
+    let nhs = serde_json::from_slice::<Ask>(&body)
+        .map_err(|_| "the body must be {\"nhs_number\": \"…\"}".to_owned())
+        .and_then(|a| parse_nhs(&a.nhs_number));
+    lookup_patient(&api, &h, nhs).await
+}
+
+/// A one-off lookup for `nhs` (the API route and the viewer's emergency form).
+pub(super) async fn lookup_patient(
+    api: &Api,
+    h: &HeaderMap,
+    nhs: Result<NhsNumber, String>,
+) -> Response {
+    let format = Format::Json;
+    let rid = api.next_request_id();
+    if api.device.is_wiped() {
+        return error(
+            format,
+            StatusCode::GONE,
+            "device-revoked",
+            "this device was revoked by the hub; its data has been destroyed",
+            Some(rid),
+        );
+    }
+    let client = match authenticate(api, h, rid, format).await {
+        Ok(c) => c,
+        Err(res) => return res,
+    };
+    let caller = Caller::read(api, h, client);
+    let refuse = |r: Refusal| error(format, r.status, r.code, &r.message, Some(rid));
+    let user = match &caller.user {
+        Ok(u) => u.clone(),
+        Err(r) => return refuse(r.clone()),
+    };
+    let reason = match &caller.purpose {
+        Ok(Purpose::Emergency(r))
+            if !r.trim().is_empty() && r.trim().chars().count() <= policy::MAX_REASON_CHARS =>
+        {
+            r.trim().to_owned()
+        }
+        Ok(_) | Err(_) => {
+            return refuse(Refusal {
+                status: StatusCode::BAD_REQUEST,
+                code: "reason-required",
+                message: format!(
+                    "a lookup is emergency access: send {}: ETREAT and {} (1–{} characters)",
+                    headers::PURPOSE,
+                    headers::REASON,
+                    policy::MAX_REASON_CHARS
+                ),
+                audit: DenyReason::BadRequest,
+            });
+        }
+    };
+    let nhs = match nhs {
+        Ok(n) => n,
+        Err(m) => return refuse(Refusal::bad_request(m)),
+    };
+    let device = Arc::clone(&api.device);
+    let now = device.now();
+    let policy = device.policy();
+    // Already held and visible to this caller: nothing to ask.
+    if let Ok(Ok(_)) = caller.decide(
+        &policy,
+        device.store(),
+        now,
+        &user,
+        &Purpose::Emergency(reason.clone()),
+        &nhs,
+    ) {
+        return (
+            StatusCode::OK,
+            axum::Json(json!({ "outcome": "held", "request_id": rid.to_string() })),
+        )
+            .into_response();
+    }
+    let under = policy.lookup_lease(&user, now);
+    let result = match under {
+        None => crate::device::LookupResult::NotPermitted,
+        Some(lease) => {
+            let (u, r) = (user.clone(), reason.clone());
+            match tokio::task::spawn_blocking(move || device.lookup(nhs, lease, &u, &r)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(crate::device::DeviceError::Revoked)) => {
+                    return error(
+                        format,
+                        StatusCode::GONE,
+                        "device-revoked",
+                        "this device was revoked by the hub; its data has been destroyed",
+                        Some(rid),
+                    );
+                }
+                Ok(Err(e)) => crate::device::LookupResult::Failed(e.to_string()),
+                Err(e) => crate::device::LookupResult::Failed(e.to_string()),
+            }
+        }
+    };
+    let event = sync_protocol::audit::LookupEvent {
+        request_id: rid,
+        client: caller.client.clone(),
+        user: user.clone(),
+        proven: caller.staff.as_ref().map(|s| s.proven.clone()),
+        patient: nhs,
+        under,
+        reason: Text::new(truncate(&reason, 1024)).unwrap_or_default(),
+        outcome: result.audit(),
+    };
+    let record = api.device.audit_record(AuditEvent::Lookup(event));
+    if let Err(e) = api.device.audit().write(record).await {
+        return audit_failed(format, &e, rid);
+    }
+    api.device
+        .metrics()
+        .lookups
+        .get_or_create(&vec![("outcome", lookup_label(&result))])
+        .inc();
+    use crate::device::LookupResult as L;
+    match result {
+        L::Granted { lease, not_after } => (
+            StatusCode::CREATED,
+            axum::Json(json!({
+                "outcome": "granted",
+                "lease": lease.0,
+                "until": not_after.rfc3339(),
+                "request_id": rid.to_string(),
+            })),
+        )
+            .into_response(),
+        L::Offline(_) => error(
+            format,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "offline",
+            "the hub cannot be reached: a lookup needs signal (patients on the caseload are still available offline)",
+            Some(rid),
+        ),
+        L::NotPermitted => error(
+            format,
+            StatusCode::FORBIDDEN,
+            "emergency-not-permitted",
+            "no lease of yours on this device allows emergency access",
+            Some(rid),
+        ),
+        L::NotAvailable => error(
+            format,
+            StatusCode::NOT_FOUND,
+            "not-available",
+            "the shared care record cannot give this patient",
+            Some(rid),
+        ),
+        L::HubTooOld => error(
+            format,
+            StatusCode::NOT_IMPLEMENTED,
+            "lookup-unsupported",
+            "the hub does not offer one-off lookups (protocol version 5)",
+            Some(rid),
+        ),
+        L::Failed(why) => {
+            tracing::warn!(error = %why, "lookup failed");
+            error(
+                format,
+                StatusCode::BAD_GATEWAY,
+                "lookup-failed",
+                "the lookup failed; see /status and the daemon's log",
+                Some(rid),
+            )
+        }
+    }
+}
+
+fn lookup_label(r: &crate::device::LookupResult) -> &'static str {
+    use crate::device::LookupResult as L;
+    match r {
+        L::Granted { .. } => "granted",
+        L::Offline(_) => "offline",
+        L::NotPermitted => "not-permitted",
+        L::NotAvailable => "not-available",
+        L::HubTooOld => "hub-too-old",
+        L::Failed(_) => "failed",
+    }
 }

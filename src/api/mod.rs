@@ -59,6 +59,9 @@ pub mod headers {
     /// Answer, only while the audit backlog is older than `audit.warn_backlog_age_secs`:
     /// how many entries wait for upload and since when.
     pub const AUDIT_BACKLOG: &str = "x-carecache-audit-backlog";
+    /// Answer, only while the caseload is still arriving (a first sync, a new lease, or a
+    /// round cut short): `arriving; held=412; expected=2000`.
+    pub const CASELOAD: &str = "x-carecache-caseload";
     /// Answer: the request id, also in the audit entry.
     pub const REQUEST_ID: &str = "x-request-id";
 }
@@ -183,6 +186,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/fhir/MedicationStatement", get(access::fhir_medications))
         .route("/v1/patients", get(access::json_list))
         .route("/v1/patients/{nhs}", get(access::json_summary))
+        .route("/v1/lookup", post(access::lookup))
         .route(
             "/v1/session",
             post(session::open_route)
@@ -293,8 +297,10 @@ async fn limit(req: Request, next: Next, timeout: Duration, hosts: Arc<Vec<Strin
             req.uri().path(),
             "/sign-in" | "/viewer/oidc/pin" | "/viewer/confirm"
         ) || req.uri().path().starts_with("/patient/"));
-    // The staff-session routes take a small JSON body (an ID token at most 16 KiB).
-    let session = post && req.uri().path().starts_with("/v1/session");
+    // The staff-session routes take a small JSON body (an ID token at most 16 KiB), and
+    // a lookup a smaller one.
+    let session =
+        post && (req.uri().path().starts_with("/v1/session") || req.uri().path() == "/v1/lookup");
     let refused = if form {
         chunked || length.is_some_and(|n| n > viewer::MAX_FORM_BYTES)
     } else if session {
@@ -398,6 +404,16 @@ async fn common_headers(State(api): State<Arc<Api>>, req: Request, next: Next) -
     {
         h.insert(headers::AUDIT_BACKLOG, v);
     }
+    // While the caseload is still arriving, every answer says how much of it is here.
+    if api.device.arriving()
+        && let Ok(c) = api.device.caseload()
+        && let Ok(v) = HeaderValue::from_str(&match c.expected {
+            Some(e) => format!("arriving; held={}; expected={e}", c.held),
+            None => format!("arriving; held={}", c.held),
+        })
+    {
+        h.insert(headers::CASELOAD, v);
+    }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -487,6 +503,18 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
         i64::try_from(d.now().as_millis().saturating_sub(t.as_millis()) / 1000).unwrap_or(i64::MAX)
     });
     m.data_age.set(age);
+    if let Ok(c) = d.caseload() {
+        m.patients_held
+            .set(i64::try_from(c.held).unwrap_or(i64::MAX));
+        m.patients_expected.set(c.expected.map_or(0, i64::from));
+        m.caseload_arriving.set(i64::from(!c.complete));
+        m.sync_round_bytes
+            .set(i64::try_from(c.round_bytes).unwrap_or(i64::MAX));
+        m.sync_eta.set(
+            c.eta_secs
+                .map_or(-1, |t| i64::try_from(t).unwrap_or(i64::MAX)),
+        );
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -310,7 +310,43 @@ pub(super) async fn patient_emergency(
         // No reason: the pipeline refuses and explains.
         Err(_) => String::new(),
     };
-    show_patient(&api, &signed, &nhs, Some(&reason)).await
+    let res = show_patient(&api, &signed, &nhs, Some(&reason)).await;
+    // Not on any caseload of this device: with signal, ask the hub for a one-off lookup
+    // (SPEC.md §3.8), then show the patient; offline the page says why not.
+    let not_here = res
+        .extensions()
+        .get::<ErrorInfo>()
+        .is_some_and(|e| e.code == "not-on-caseload");
+    if !not_here {
+        return res;
+    }
+    let Some(headers) = client_headers(&signed, Some(&reason)) else {
+        return res;
+    };
+    let digits: String = nhs.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
+    let looked = access::lookup_patient(
+        &api,
+        &headers,
+        sync_protocol::NhsNumber::parse(&digits).map_err(|_| "malformed NHS number".to_owned()),
+    )
+    .await;
+    if looked.status().is_success() {
+        return show_patient(&api, &signed, &nhs, Some(&reason)).await;
+    }
+    let why = looked
+        .extensions()
+        .get::<ErrorInfo>()
+        .map(|e| e.message.clone())
+        .unwrap_or_else(|| "the lookup failed".to_owned());
+    message_page(
+        &api,
+        Some(&signed.user),
+        looked.status(),
+        "Patient not on this device",
+        &format!(
+            "This patient is not on any caseload held here, and a one-off lookup was not possible: {why}."
+        ),
+    )
 }
 
 /// A patient's page through the audited pipeline, with emergency access if `reason`.
@@ -1255,6 +1291,20 @@ fn caseload_page(api: &Api, user: &StaffId, body: &Value, page: usize) -> String
         out,
         "<h1>Your caseload <span class=\"meta\">({total} patients)</span></h1>"
     );
+    if let Ok(c) = api.device().caseload()
+        && !c.complete
+    {
+        let _ = write!(
+            out,
+            "<p class=\"state arriving\" role=\"status\">Still arriving: {}.{} Patients not yet here cannot be shown.</p>",
+            esc(&c.words()),
+            if c.syncing {
+                ""
+            } else {
+                " (sync paused: it resumes with signal)"
+            }
+        );
+    }
     if rows.is_empty() {
         out.push_str(
             "<p class=\"state\">No patients on your caseload on this device now. A lease \

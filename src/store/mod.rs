@@ -488,6 +488,36 @@ impl Store {
         Ok(out)
     }
 
+    /// The version of the record held for each of `patients` (`None` where none is
+    /// held): what a sync round compares offers with. Decrypts each record but decodes
+    /// only its first two fields.
+    pub fn held_versions_of(
+        &self,
+        patients: impl IntoIterator<Item = NhsNumber>,
+    ) -> Result<Vec<(NhsNumber, Option<RecordVersion>)>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            nhs_number: NhsNumber,
+            version: RecordVersion,
+        }
+        let mut out = Vec::new();
+        for nhs in patients {
+            let version = match self.record_unsealed(&nhs)? {
+                None => None,
+                Some((_, plain)) => {
+                    let (head, _) = postcard::take_from_bytes::<Head>(&plain)
+                        .map_err(|_| StoreError::Damaged(Table::Patients.name()))?;
+                    if head.nhs_number != nhs {
+                        return Err(StoreError::Damaged(Table::Patients.name()));
+                    }
+                    Some(head.version)
+                }
+            };
+            out.push((nhs, version));
+        }
+        Ok(out)
+    }
+
     /// One patient's record, if held.
     pub fn record(&self, nhs: &NhsNumber) -> Result<Option<PatientRecord>, StoreError> {
         let Some((version, plain)) = self.record_unsealed(nhs)? else {
