@@ -200,8 +200,8 @@ fn a_read_mid_sync_is_answered_and_says_the_caseload_is_still_arriving() {
     assert!(metrics.contains("carecache_caseload_arriving 0"));
 }
 
-/// The viewer's caseload page for user n1.
-fn caseload_page(served: &Served) -> String {
+/// Signs user n1 in to the viewer: the cookie.
+fn viewer_cookie(served: &Served) -> String {
     let addr = served.addr;
     let body = format!("token={}&user=n1", served.token);
     let r = raw(
@@ -213,13 +213,18 @@ fn caseload_page(served: &Served) -> String {
         .as_bytes(),
     );
     assert_eq!(r.status, 303, "{}", r.text());
-    let cookie = r
-        .header("set-cookie")
+    r.header("set-cookie")
         .unwrap()
         .split(';')
         .next()
         .unwrap()
-        .to_owned();
+        .to_owned()
+}
+
+/// The viewer's caseload page for user n1.
+fn caseload_page(served: &Served) -> String {
+    let addr = served.addr;
+    let cookie = viewer_cookie(served);
     raw(
         addr,
         format!("GET / HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n")
@@ -528,4 +533,172 @@ fn a_lookup_online_is_granted_audited_flagged_and_purged_at_expiry_and_refused_o
     served.device.tick().unwrap();
     assert!(served.device.store().record(&stranger).unwrap().is_none());
     assert_ne!(served.get_as(&path, &etreat(&served, "n1")).status, 200);
+}
+
+/// A hub that lies about offers and wants is refused whole, and a round cut short by a
+/// refusal resumes asking for what it still wants.
+#[test]
+fn hostile_offers_and_wants_are_refused_and_wants_survive_a_refused_round() {
+    use carecache::device::Outcome;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use sync_protocol::message::Offer;
+    use sync_protocol::types::{BoundedVec, RecordVersion};
+
+    use crate::device_harness::tamper_batches;
+
+    let hub = TestHub::start(300, 31);
+    let patients: Vec<NhsNumber> = hub
+        .patients
+        .iter()
+        .filter(|p| p.shareable())
+        .map(|p| p.nhs_number())
+        .collect();
+    let (first, rest) = patients.split_at(100);
+    let stranger = rest[150];
+    let rejected = |dev: &Dev, expect: &str| {
+        let err = dev.sync().expect_err("the hostile answer was accepted");
+        let last = dev.device.status().unwrap().last_sync.unwrap();
+        match last.outcome {
+            Outcome::Rejected(w) => assert!(w.contains(expect), "{w} / {err}"),
+            other => panic!("{other:?} ({err})"),
+        }
+    };
+    let add_offer = |b: sync_protocol::message::Batch, n: NhsNumber| {
+        let mut offers = b.offers.clone().into_inner();
+        offers.push(Offer {
+            nhs_number: n,
+            version: RecordVersion(1),
+        });
+        let (done, expected) = (b.wants_done, b.expected);
+        b.with_progress(BoundedVec::try_from(offers).unwrap(), done, expected)
+            .unwrap()
+    };
+
+    // A device holding nothing is offered a record.
+    let fresh = Dev::enrolled(&hub);
+    grant(&hub, &fresh.id(), first, json!({}));
+    let target = first[99];
+    tamper_batches(&hub, move |mut b| {
+        let kept: Vec<_> = b
+            .upserts
+            .iter()
+            .filter(|r| r.nhs_number != target)
+            .cloned()
+            .collect();
+        b.upserts = BoundedVec::try_from(kept).unwrap();
+        add_offer(b, target)
+    });
+    rejected(&fresh, "holds none");
+    assert!(fresh.held().is_empty(), "nothing applied");
+
+    // A patient outside the leases offered; more wants answered than asked.
+    hub.hub.dangerous_set_response_hook(None);
+    fresh.sync().unwrap();
+    grant(&hub, &fresh.id(), &rest[..10], json!({ "label": "More" }));
+    tamper_batches(&hub, move |b| add_offer(b, stranger));
+    rejected(&fresh, "outside this device's leases");
+    tamper_batches(&hub, |b| {
+        let (offers, expected) = (b.offers.clone(), b.expected);
+        b.with_progress(offers, 5, expected).unwrap()
+    });
+    rejected(&fresh, "more wanted patients than were asked");
+    hub.hub.dangerous_set_response_hook(None);
+    fresh.sync().unwrap();
+
+    // A round ended with a wanted record unsent: B holds a round that moves to it, the
+    // hub offers it one record in a version B lacks, then ends the round without it.
+    let b_dev = team_device(&hub, "east");
+    let a_dev = team_device(&hub, "east");
+    grant(&hub, &b_dev.id(), first, json!({ "label": "B" }));
+    let moving = grant(&hub, &a_dev.id(), first, json!({ "label": "A" }));
+    b_dev.sync().unwrap();
+    hub.admin("DELETE", &format!("/admin/v1/leases/{moving}"), None);
+    grant(&hub, &b_dev.id(), first, json!({ "label": "Moved to B" }));
+    let pulls = Arc::new(AtomicUsize::new(0));
+    let p2 = pulls.clone();
+    tamper_batches(&hub, move |b| match p2.fetch_add(1, Ordering::SeqCst) {
+        0 => {
+            let mut offers = b.offers.clone().into_inner();
+            offers[0].version = RecordVersion(offers[0].version.0 + 1);
+            let (done, expected) = (b.wants_done, b.expected);
+            b.with_progress(BoundedVec::try_from(offers).unwrap(), done, expected)
+                .unwrap()
+        }
+        _ => {
+            let mut lie = sync_protocol::message::Batch::new(
+                BoundedVec::new(),
+                BoundedVec::new(),
+                BoundedVec::new(),
+                BoundedVec::new(),
+                b.next_cursor.clone(),
+                false,
+                b.hub_time,
+                b.allowed,
+            )
+            .unwrap();
+            lie = lie.with_progress(BoundedVec::new(), 0, b.expected).unwrap();
+            lie
+        }
+    });
+    rejected(&b_dev, "wanted records unsent");
+    // Honest again: the next round asks for the wanted record first and completes.
+    hub.hub.dangerous_set_response_hook(None);
+    let s = b_dev.sync().unwrap();
+    assert_eq!(s.upserts, 1, "only the wanted record: {s:?}");
+    assert!(b_dev.device.status().unwrap().caseload.complete);
+}
+
+/// The viewer's emergency-access form for a patient on no caseload of the tablet asks the
+/// hub, online, and shows the record; offline it says why not.
+#[test]
+fn the_viewer_emergency_form_looks_up_a_patient_on_no_caseload() {
+    let mut hub = TestHub::start(200, 33);
+    let dev = Dev::enrolled(&hub);
+    let shareable: Vec<NhsNumber> = hub
+        .patients
+        .iter()
+        .filter(|p| p.shareable())
+        .map(|p| p.nhs_number())
+        .collect();
+    grant(
+        &hub,
+        &dev.id(),
+        &shareable[..50],
+        json!({ "emergency_access": true }),
+    );
+    dev.sync().unwrap();
+    let served = Served::start(dev);
+    let cookie = viewer_cookie(&served);
+    let addr = served.addr;
+    let emergency = |nhs: NhsNumber| {
+        let body = "reason=Collapsed+in+the+street";
+        raw(
+            addr,
+            format!(
+                "POST /patient/{} HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://{addr}\r\nCookie: {cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                nhs.digits(),
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    let stranger = shareable[100];
+    let page = emergency(stranger);
+    assert_eq!(page.status, 200, "{}", page.text());
+    let d = stranger.digits();
+    let spaced = format!("{} {} {}", &d[..3], &d[3..6], &d[6..]);
+    assert!(
+        page.text().contains(&spaced) && page.text().contains("Alerts"),
+        "the record is shown: {}",
+        page.text()
+    );
+    assert!(matches!(
+        lookups_audited(&served).as_slice(),
+        [LookupOutcome::Granted { .. }]
+    ));
+    hub.stop();
+    let page = emergency(shareable[101]);
+    assert_eq!(page.status, 503, "{}", page.text());
+    assert!(page.text().contains("a one-off lookup was not possible"));
 }

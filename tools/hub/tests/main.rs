@@ -18,4 +18,5 @@ mod harness;
 mod hostile;
 mod ingest;
 mod rest;
+mod shift;
 mod sync;
