@@ -310,7 +310,10 @@ pub(super) async fn patient_emergency(
         // No reason: the pipeline refuses and explains.
         Err(_) => String::new(),
     };
-    let res = show_patient(&api, &signed, &nhs, Some(&reason)).await;
+    let Some(headers) = client_headers(&signed, Some(&reason)) else {
+        return show_patient(&api, &signed, &nhs, Some(&reason)).await;
+    };
+    let res = access::summary(&api, &headers, &nhs).await;
     // Not on any caseload of this device: with signal, ask the hub for a one-off lookup
     // (SPEC.md §3.8), then show the patient; offline the page says why not.
     let not_here = res
@@ -318,11 +321,8 @@ pub(super) async fn patient_emergency(
         .get::<ErrorInfo>()
         .is_some_and(|e| e.code == "not-on-caseload");
     if !not_here {
-        return res;
+        return render_patient(&api, &signed.user, &nhs, &res);
     }
-    let Some(headers) = client_headers(&signed, Some(&reason)) else {
-        return res;
-    };
     let digits: String = nhs.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
     let looked = access::lookup_patient(
         &api,
@@ -362,12 +362,17 @@ async fn show_patient(api: &Api, signed: &Signed, nhs: &str, reason: Option<&str
         );
     };
     let res = access::summary(api, &headers, nhs).await;
+    render_patient(api, &user, nhs, &res)
+}
+
+/// The patient page, or the refusal page explaining why not, for an API answer.
+fn render_patient(api: &Api, user: &StaffId, nhs: &str, res: &Response) -> Response {
     let status = res.status();
     if let Some(Rendered(body)) = res.extensions().get::<Rendered>() {
-        let html = patient_page(api, &user, body);
-        return page_response(status, html, &res);
+        let html = patient_page(api, user, body);
+        return page_response(status, html, res);
     }
-    refusal_page(api, &user, Some(nhs), &res)
+    refusal_page(api, user, Some(nhs), res)
 }
 
 #[derive(Deserialize)]
@@ -1626,7 +1631,8 @@ fn refusal_page(api: &Api, user: &StaffId, nhs: Option<&str>, res: &Response) ->
             "Not on your caseload",
             "This patient is not on a caseload leased to you on this device. If you are \
              treating them now and need their record, you can use emergency access: give \
-             your reason; it is recorded with your staff id and reviewed.",
+             your reason; it is recorded with your staff id and reviewed. A patient on no \
+             caseload here is asked of the shared care record (this needs signal).",
             true,
         ),
         "objected" => (
@@ -1661,6 +1667,13 @@ fn refusal_page(api: &Api, user: &StaffId, nhs: Option<&str>, res: &Response) ->
             "No record on this device",
             "This patient is on your caseload but their record has not reached this \
              device yet. Connect the device so it can sync.",
+            false,
+        ),
+        "not-yet-arrived" => (
+            "Record still arriving",
+            "This patient is on your caseload and the caseload is still arriving on this \
+             device (patients with alerts come first). Try again in a moment; keep the \
+             device connected.",
             false,
         ),
         "audit-unavailable" => (
