@@ -93,6 +93,27 @@ fn patients_with_alerts_arrive_first_then_by_lease_start_and_progress_counts_up(
             "a patient with alerts arrived after patients without"
         );
     }
+    // A DNACPR decision in particular: every patient with one arrives before the first
+    // batch with a patient without alerts.
+    let dnacpr: Vec<NhsNumber> = hub
+        .patients
+        .iter()
+        .filter(|p| p.shareable())
+        .filter(|p| {
+            p.expected.alerts.entries().iter().any(|a| {
+                matches!(&a.code.code, Some(sync_protocol::types::Code::Snomed(c)) if c.as_u64() == 450_476_008)
+            })
+        })
+        .map(|p| p.nhs_number())
+        .collect();
+    assert!(!dnacpr.is_empty(), "the caseload has DNACPR decisions");
+    for n in &dnacpr {
+        let at = arrivals.iter().position(|b| b.contains(n)).unwrap();
+        assert!(
+            at <= first_plain,
+            "a DNACPR patient arrived after patients without alerts"
+        );
+    }
     // Among patients without alerts, today's lease comes before tomorrow's.
     let early: HashSet<NhsNumber> = early.iter().copied().collect();
     let plain: Vec<bool> = order
@@ -500,9 +521,28 @@ fn a_lookup_online_is_granted_audited_flagged_and_purged_at_expiry_and_refused_o
     assert_eq!(body["lookups"][0]["nhs_number"], stranger.digits());
     assert_eq!(body["lookups"][0]["staff"], "n1");
     assert_eq!(body["lookups"][0]["reason"], "Collapsed in the street");
-    // The next sync keeps it and sends no record again.
+    // The next sync keeps it and sends no record again; the device's lookup entry goes
+    // up with it and is among the hub's emergency accesses for review.
     let again = served.device.sync_once(&mut |_, _| {}).unwrap();
     assert_eq!(again.upserts, 0, "{again:?}");
+    let mut reviewed = Vec::new();
+    hub.hub
+        .state
+        .for_each_emergency(|e| {
+            if let AuditEvent::Lookup(l) = e.record.event {
+                reviewed.push((l.patient, l.outcome));
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(
+        matches!(
+            reviewed.as_slice(),
+            [(a, LookupOutcome::NotPermitted), (b, LookupOutcome::Granted { .. })]
+                if *a == stranger && *b == stranger
+        ),
+        "the refused attempt and the grant, both for review: {reviewed:?}"
+    );
     assert!(served.device.store().record(&stranger).unwrap().is_some());
     // An objector cannot be looked up; the answer does not say why.
     let objector = hub

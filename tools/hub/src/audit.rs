@@ -19,7 +19,7 @@ const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_heads");
 /// Index for complaints: (NHS number, device, seq) of every access naming the patient
 /// (read, or listed in a caseload).
 const BY_PATIENT: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("audit_by_patient");
-/// Index for review: (device, seq) of every emergency (ETREAT) access.
+/// Index for review: (device, seq) of every emergency (ETREAT) access and lookup.
 const EMERGENCY: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_emergency");
 
 pub(crate) fn create_tables(tx: &WriteTransaction) -> Result<(), StateError> {
@@ -201,7 +201,7 @@ impl HubState {
         stored_entry(device, seq, v.value()).map(Some)
     }
 
-    /// Every emergency (ETREAT) access, by device then sequence, to `f`.
+    /// Every emergency (ETREAT) access and lookup, by device then sequence, to `f`.
     pub fn for_each_emergency(
         &self,
         mut f: impl FnMut(StoredEntry) -> std::io::Result<()>,
@@ -337,6 +337,17 @@ fn check_and_store(
         } else {
             let record = AuditRecord::decode(e.record.as_slice())
                 .map_err(|_| AuditError::Malformed { at: e.seq })?;
+            // A lookup is emergency access to the patient looked up.
+            if let sync_protocol::audit::AuditEvent::Lookup(l) = &record.event {
+                tables
+                    .by_patient
+                    .insert((l.patient.as_u64(), device, e.seq), ())
+                    .map_err(StateError::from)?;
+                tables
+                    .emergency
+                    .insert((device, e.seq), ())
+                    .map_err(StateError::from)?;
+            }
             if let Some(a) = record.access() {
                 for nhs in a.patient.iter().chain(a.listed.iter()) {
                     tables
