@@ -66,8 +66,9 @@ fn lease(hub: &TestHub, target: serde_json::Value) {
     }));
 }
 
-/// Part 1: (ms to 10 %, ms to every patient with alerts, ms to all).
-fn first_minutes() -> (f64, f64, f64) {
+/// Part 1: (ms to 10 %, ms to every patient with alerts, ms to all, share of patients
+/// with alerts).
+fn first_minutes() -> (f64, f64, f64, f64) {
     let hub = TestHub::start(CASELOAD, 7);
     hub.set_time(now_ms());
     let tmp = tempfile::tempdir().unwrap();
@@ -120,7 +121,13 @@ fn first_minutes() -> (f64, f64, f64) {
         tenth.unwrap(),
         alerts.unwrap()
     );
-    (tenth.unwrap(), alerts.unwrap(), all)
+    let shareable = hub.patients.iter().filter(|p| p.shareable()).count();
+    (
+        tenth.unwrap(),
+        alerts.unwrap(),
+        all,
+        alerted.len() as f64 / shareable as f64,
+    )
 }
 
 /// CPU milliseconds of this process's threads named `hub` (the hub's runtime).
@@ -264,7 +271,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    let (tenth, alerts, all) = first_minutes();
+    let (tenth, alerts, all, share) = first_minutes();
     table::row(
         &format!("shift start: first 10 % of a {CASELOAD}-patient caseload"),
         &format!("{tenth:.0} ms"),
@@ -273,13 +280,18 @@ fn main() {
         "—",
         None,
     );
+    // In NHS-number order the last patient with alerts comes near the end; sent first,
+    // they are all held once about their share of the caseload has arrived.
     table::row(
-        &format!("shift start: every patient with alerts, {CASELOAD} patients"),
+        &format!(
+            "shift start: every patient with alerts ({:.0} % of {CASELOAD})",
+            share * 100.0
+        ),
         &format!("{alerts:.0} ms"),
         &format!("whole caseload {all:.0} ms"),
         &format!("{:.2}×", alerts / all),
-        "< 0.5× (alerts first)",
-        Some(alerts / all < 0.5),
+        &format!("≤ {:.2}× (their share + 0.1)", share + 0.1),
+        Some(alerts / all <= share + 0.1),
     );
     let (one, _) = team_start(1, true);
     let (off, off_wall) = team_start(devices, false);
