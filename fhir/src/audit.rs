@@ -267,6 +267,21 @@ fn event(e: &Entry<'_>) -> model::AuditEvent {
             None,
             key_text(k),
         ),
+        AuditEvent::AuthFailures {
+            client,
+            reason,
+            minute,
+            count,
+        } => (
+            "110114",
+            ("110122", "Login"),
+            "4",
+            client.as_ref().map(|c| c.as_str()),
+            format!(
+                "{count} more requests not authenticated ({reason:?}) in the minute from {}",
+                minute.rfc3339()
+            ),
+        ),
         AuditEvent::Lookup(l) => (
             "110112",
             ("110112", "Query"),
@@ -546,6 +561,19 @@ pub fn describe(e: &Entry<'_>) -> String {
         ),
         AuditEvent::Key(k) => key_text(k),
         AuditEvent::Lookup(l) => lookup_text(l),
+        AuditEvent::AuthFailures {
+            client,
+            reason,
+            minute,
+            count,
+        } => format!(
+            "{count} more requests refused authentication ({reason:?}){} in the minute from {}",
+            client
+                .as_ref()
+                .map(|c| format!(" for client {}", c.as_str()))
+                .unwrap_or_default(),
+            minute.rfc3339()
+        ),
     };
     format!("{}  {}#{}  {what}", e.record.at.rfc3339(), e.device, e.seq)
 }

@@ -179,6 +179,41 @@ fn lookup_granted() -> LookupGranted {
     LookupGranted::try_from_parts(lease, allergy_record()).unwrap()
 }
 
+/// Version 5: a flood of requests without a token, the first audited as it came and
+/// the rest of its minute as one count.
+fn push_audit_v5_auth() -> PushAudit {
+    let events = [
+        AuditEvent::AuthFailure {
+            request_id: 31,
+            client: None,
+            reason: sync_protocol::audit::AuthFailure::NoToken,
+        },
+        AuditEvent::AuthFailures {
+            client: None,
+            reason: sync_protocol::audit::AuthFailure::NoToken,
+            minute: ts(1_735_689_600_000),
+            count: 3_999,
+        },
+    ];
+    let mut prev = Hash32::default();
+    let start = prev;
+    let entries: Vec<AuditEntry> = events
+        .into_iter()
+        .zip(1u64..)
+        .map(|(event, seq)| {
+            let record = AuditRecord {
+                at: ts(1_735_689_600_000 + seq * 30_000),
+                wall: ts(1_735_689_600_000 + seq * 30_000),
+                event,
+            };
+            let e = AuditEntry::seal(&prev, seq, &record).unwrap();
+            prev = e.hash;
+            e
+        })
+        .collect();
+    PushAudit::new(start, BoundedVec::try_from(entries).unwrap()).unwrap()
+}
+
 /// Version 5: a lookup granted and one refused offline, in the audit.
 fn push_audit_v5() -> PushAudit {
     let event = |request_id, outcome| {
@@ -863,6 +898,11 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "err-v4-lookup-kind",
             "a lookup in a version-4 frame (lookups exist from version 5)",
             v4_lookup,
+        ),
+        (
+            "ok-push-audit-v5-auth-failures",
+            "version 5: the first request of a minute without a token, then the other 3,999 of that minute counted",
+            enc5(Message::PushAudit(push_audit_v5_auth())),
         ),
         (
             "ok-push-audit-v5-lookup",

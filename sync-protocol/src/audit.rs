@@ -351,6 +351,21 @@ pub enum AuditEvent {
     /// Version 5: a one-off lookup of a patient on no caseload of this device, asked of
     /// the hub for emergency access.
     Lookup(LookupEvent),
+    /// Version 5: requests that failed authentication after the first of their minute,
+    /// for one client (as a revoked token named it, or none) and reason, counted rather
+    /// than written one by one (the first of the minute is an `AuthFailure` entry of its
+    /// own), so that nobody can flood the audit log.
+    AuthFailures {
+        /// The registration a revoked token named, if any.
+        client: Option<Text<64>>,
+        /// Why.
+        reason: AuthFailure,
+        /// The start of the minute (trusted time).
+        minute: Timestamp,
+        /// How many more failed in that minute (refused with 429 past the limit
+        /// included).
+        count: u32,
+    },
 }
 
 /// Version 5: a lookup asked of the hub.
@@ -554,7 +569,7 @@ impl AuditRecord {
     /// hub that negotiated a lower version.
     pub fn min_version(&self) -> u16 {
         match &self.event {
-            AuditEvent::Lookup(_) => 5,
+            AuditEvent::Lookup(_) | AuditEvent::AuthFailures { .. } => 5,
             AuditEvent::ProvenAccess { .. } | AuditEvent::Session(_) => 4,
             AuditEvent::Access(a) => match a.outcome {
                 AuditOutcome::Denied(

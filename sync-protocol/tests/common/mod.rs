@@ -690,6 +690,14 @@ pub fn audit_record() -> impl Strategy<Value = AuditRecord> {
             resync: false,
         }),
         1 => text().prop_map(|name| AuditEvent::Key(KeyEvent::ClientAdded { name })),
+        1 => (option::of(text()), timestamp(), any::<u32>()).prop_map(|(client, minute, count)| {
+            AuditEvent::AuthFailures {
+                client,
+                reason: AuthFailure::UnknownToken,
+                minute,
+                count,
+            }
+        }),
         1 => (any::<u64>(), text(), staff(), nhs(), option::of(any::<u64>()), text(), timestamp())
             .prop_map(|(request_id, client, user, patient, under, reason, not_after)| {
                 AuditEvent::Lookup(LookupEvent {
