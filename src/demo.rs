@@ -356,7 +356,7 @@ fn print_ready(addr: SocketAddr, token: &str, ex: &Examples) {
     println!("  JSON summary:");
     println!("    curl -s {auth} '{base}/v1/patients/{nhs}'");
     println!("  Device status:");
-    println!("    curl -s '{base}/status'");
+    println!("    curl -s {auth} '{base}/status'     # without the token: readiness only");
     println!();
     println!("Press Ctrl-C to stop; the hub, the daemon and all demo data go with it.");
 }

@@ -362,11 +362,29 @@ impl Policy {
                 return Ok(Err(Denial::ReasonRequired));
             }
         }
-        // Objections win over every lease.
+        // Objections win over every lease. Only a caller with a lease of theirs naming
+        // the patient learns of it; to anyone else an objector is answered as any
+        // patient not on their caseload, so that a refusal reveals nothing.
         if store.objected(nhs)? {
-            return Ok(Err(Denial::Objected));
+            let theirs = self.naming(nhs).any(|l| admits(&l.audience, user));
+            return Ok(Err(if theirs {
+                Denial::Objected
+            } else {
+                Denial::NotOnCaseload
+            }));
         }
         Ok(self.decide_leases(now, user, purpose, nhs))
+    }
+
+    /// The leases naming `nhs`.
+    fn naming<'a>(&'a self, nhs: &'a NhsNumber) -> impl Iterator<Item = &'a Lease> + 'a {
+        let from = self.by_patient.partition_point(|(p, _)| p < nhs);
+        self.by_patient
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(move |(p, _)| p == nhs)
+            .filter_map(|(_, i)| self.leases.get(usize::try_from(*i).ok()?))
     }
 
     fn decide_leases(
@@ -376,15 +394,7 @@ impl Policy {
         purpose: &Purpose,
         nhs: &NhsNumber,
     ) -> Result<Grant, Denial> {
-        let from = self.by_patient.partition_point(|(p, _)| p < nhs);
-        let naming: Vec<&Lease> = self
-            .by_patient
-            .get(from..)
-            .unwrap_or_default()
-            .iter()
-            .take_while(|(p, _)| p == nhs)
-            .filter_map(|(_, i)| self.leases.get(usize::try_from(*i).ok()?))
-            .collect();
+        let naming: Vec<&Lease> = self.naming(nhs).collect();
         let grant = |l: &Lease, until, emergency: bool| Grant {
             nhs: *nhs,
             lease: l.id,

@@ -1201,3 +1201,143 @@ fn requests_addressed_to_another_host_are_refused() {
         assert_eq!(ask(host, &read).status, 200, "{host}");
     }
 }
+
+/// Without a client token `/status` says only whether the device is ready, and `/metrics`
+/// is refused; with one, both answer whole.
+#[test]
+fn status_and_metrics_reveal_nothing_but_readiness_without_a_token() {
+    let (_hub, s, _) = served(4, 13, json!({}));
+    let anon = |path: &str| {
+        raw(
+            s.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+    let r = anon("/status");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({ "ready": true }), "readiness alone");
+    let r = anon("/metrics");
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(!r.text().contains("carecache_"));
+    let full = s.get("/status").json();
+    assert!(full["device_id"].is_string() && full["leases"].is_array());
+    assert!(s.get("/metrics").text().contains("carecache_patients_held"));
+    // A wrong token is not a monitor: refused and audited.
+    let wrong = raw(
+        s.addr,
+        b"GET /status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer cct_nonsense\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(wrong.status, 401);
+}
+
+/// A caller with a token but no lease naming a patient gets the same answer whether the
+/// patient objected, is unknown, or is on a caseload that is not theirs; a member of
+/// staff the lease names is told of the objection.
+#[test]
+fn a_caller_without_a_lease_cannot_tell_an_objector_from_any_other_patient() {
+    let hub = TestHub::start(120, 14);
+    let dev = Dev::enrolled(&hub);
+    let all: Vec<NhsNumber> = hub.patients.iter().map(|p| p.nhs_number()).collect();
+    let objector = hub
+        .patients
+        .iter()
+        .find(|p| !p.shareable())
+        .map(|p| p.nhs_number())
+        .expect("the synthetic caseload has an objector");
+    grant(&hub, &dev.id(), &all, json!({ "users": ["n1"] }));
+    dev.sync().unwrap();
+    let s = Served::start(dev);
+    let on_caseload = *all.iter().find(|n| **n != objector).unwrap();
+    let unknown = (0..1000)
+        .filter_map(|k| NhsNumber::from_stem(999_999_000 + k))
+        .find(|n| !all.contains(n))
+        .unwrap();
+    let as_user = |user: &str, nhs: NhsNumber| {
+        let mut h = s.treat();
+        h[1].1 = user.to_owned();
+        let r = s.get_as(&format!("/v1/patients/{}", nhs.digits()), &h);
+        let e = r.json()["error"].clone();
+        (r.status, e["code"].clone(), e["message"].clone())
+    };
+    let answers: Vec<_> = [objector, on_caseload, unknown]
+        .into_iter()
+        .map(|n| as_user("n9", n))
+        .collect();
+    assert_eq!(answers[0].0, 403, "{answers:?}");
+    assert!(
+        answers.windows(2).all(|w| w[0] == w[1]),
+        "one answer for all three: {answers:?}"
+    );
+    // The FHIR read too.
+    let fhir: Vec<u16> = [objector, on_caseload, unknown]
+        .into_iter()
+        .map(|n| {
+            let mut h = s.treat();
+            h[1].1 = "n9".to_owned();
+            s.get_as(&format!("/fhir/Patient/{}", n.digits()), &h)
+                .status
+        })
+        .collect();
+    assert!(fhir.iter().all(|c| *c == fhir[0]), "{fhir:?}");
+    // The member of staff whose caseload it is learns why the record is not there.
+    let (status, code, _) = as_user("n1", objector);
+    assert_eq!((status, code), (404, json!("objected")));
+}
+
+/// Failed authentication is counted per client and minute: the first of a minute is
+/// audited as it comes, the rest of the minute as one count when it is over, and past
+/// the limit the answer is 429 before anything else — a flood writes two entries a
+/// minute, not thousands. Callers with a valid token are not slowed.
+#[test]
+fn failed_authentication_is_rate_limited_and_its_audit_coalesced() {
+    let (_hub, s, patients) = served(4, 15, json!({}));
+    let path = format!("/v1/patients/{}", patients[0].digits());
+    let no_token = || {
+        raw(
+            s.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+    let before = s.audit().len();
+    let mut statuses = Vec::new();
+    for _ in 0..150 {
+        statuses.push(no_token().status);
+    }
+    assert!(statuses[..60].iter().all(|c| *c == 401), "{statuses:?}");
+    assert!(statuses[60..].iter().all(|c| *c == 429), "{statuses:?}");
+    let limited = no_token();
+    assert!(limited.header("retry-after").is_some());
+    assert_eq!(
+        limited.json()["error"]["code"],
+        "too-many-failed-authentications"
+    );
+    assert_eq!(s.get(&path).status, 200, "a valid client is not slowed");
+    let failures = |s: &Served| -> Vec<AuditEvent> {
+        s.audit()
+            .into_iter()
+            .skip(before)
+            .filter_map(|(_, r)| match r.event {
+                e @ (AuditEvent::AuthFailure { .. } | AuditEvent::AuthFailures { .. }) => Some(e),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(failures(&s).len(), 1, "the first of the minute, at once");
+    // The next minute: the count of the last one is audited, once.
+    s.clock.advance(Duration::from_secs(61));
+    assert_eq!(no_token().status, 401);
+    let f = failures(&s);
+    assert_eq!(f.len(), 3, "{f:?}");
+    assert!(matches!(
+        &f[1],
+        AuditEvent::AuthFailures {
+            reason: AuthFailure::NoToken,
+            count: 150,
+            client: None,
+            ..
+        }
+    ));
+    assert!(matches!(&f[2], AuditEvent::AuthFailure { .. }));
+}

@@ -292,11 +292,11 @@ fn a_verified_id_token_opens_a_session_that_alone_names_the_member_of_staff() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
 
-    let st = request(s, "GET", "/status", &[], "").json();
+    let st = request(s, "GET", "/status", &[("Authorization", &auth)], "").json();
     assert_eq!(st["identity"]["mode"], "oidc");
     assert_eq!(st["identity"]["staff_sessions"], 1);
     assert_eq!(st["identity"]["issuer_keys_held"], true);
-    let metrics = request(s, "GET", "/metrics", &[], "").text();
+    let metrics = request(s, "GET", "/metrics", &[("Authorization", &auth)], "").text();
     assert!(metrics.contains("carecache_staff_sessions 1"), "{metrics}");
     assert!(
         metrics.contains("carecache_identity_keys_held 1"),

@@ -356,6 +356,15 @@ pub(super) async fn authenticate(
         Ok(c) => Ok(Text::new(c.name.clone()).unwrap_or_default()),
         Err((why, who)) => {
             let client = who.and_then(|c| Text::new(c.name.clone()).ok());
+            let (seen, ended) = api
+                .auth_failures
+                .note(client.as_ref(), why, api.device.now());
+            for event in ended {
+                let record = api.device.audit_record(event);
+                if let Err(e) = api.device.audit().write(record).await {
+                    return Err(audit_failed(format, &e, rid));
+                }
+            }
             api.device
                 .metrics()
                 .auth_failures
@@ -368,13 +377,33 @@ pub(super) async fn authenticate(
                     },
                 )])
                 .inc();
-            let record = api.device.audit_record(AuditEvent::AuthFailure {
-                request_id: rid,
-                client,
-                reason: why,
-            });
-            if let Err(e) = api.device.audit().write(record).await {
-                return Err(audit_failed(format, &e, rid));
+            match seen {
+                // The first of its minute for this client and reason: audited now.
+                super::auth_limit::Seen::First => {
+                    let record = api.device.audit_record(AuditEvent::AuthFailure {
+                        request_id: rid,
+                        client,
+                        reason: why,
+                    });
+                    if let Err(e) = api.device.audit().write(record).await {
+                        return Err(audit_failed(format, &e, rid));
+                    }
+                }
+                // Counted, and audited with the rest of the minute.
+                super::auth_limit::Seen::Counted => {}
+                super::auth_limit::Seen::Limited { retry_after_secs } => {
+                    let mut res = error(
+                        format,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too-many-failed-authentications",
+                        "too many requests without a valid client token this minute; they are counted in the audit log",
+                        Some(rid),
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+                        res.headers_mut().insert(header::RETRY_AFTER, v);
+                    }
+                    return Err(res);
+                }
             }
             let message = match why {
                 sync_protocol::audit::AuthFailure::NoToken => {

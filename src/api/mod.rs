@@ -13,6 +13,7 @@
 //! times requests out.
 
 mod access;
+mod auth_limit;
 mod head_limit;
 pub mod render;
 mod session;
@@ -75,6 +76,8 @@ pub struct Api {
     sessions: viewer::Sessions,
     /// The demographic search index, rebuilt after any store commit (`search_index`).
     search: std::sync::Mutex<crate::search::Index>,
+    /// Failed authentications of the minute under way, counted (see [`auth_limit`]).
+    auth_failures: auth_limit::AuthFailures,
     /// A search has been made: from then on the index is kept fresh in the background
     /// after each sync, so the first search after one does not wait for the rebuild.
     search_used: std::sync::atomic::AtomicBool,
@@ -144,7 +147,19 @@ impl Api {
             search: std::sync::Mutex::new(crate::search::Index::default()),
             search_used: std::sync::atomic::AtomicBool::new(false),
             sessions: viewer::Sessions::default(),
+            auth_failures: auth_limit::AuthFailures::default(),
         })
+    }
+
+    /// Audits the counts of failed authentications whose minute is over (every one with
+    /// `everything`).
+    async fn audit_auth_failures(&self, everything: bool) {
+        for event in self.auth_failures.ended(self.device.now(), everything) {
+            let record = self.device.audit_record(event);
+            if let Err(e) = self.device.audit().write(record).await {
+                tracing::error!(error = %e, "a count of failed authentications was not audited");
+            }
+        }
     }
 
     /// The device served.
@@ -454,9 +469,19 @@ fn route_label(path: &str) -> &'static str {
     }
 }
 
-/// `GET /status`: the device status plus freshness, the audit log's health and the
-/// endpoint's uptime. No patient data; no token needed (for monitoring).
-async fn status(State(api): State<Arc<Api>>) -> Response {
+/// `GET /status`: without a client token, readiness alone (`{"ready": …}`, for a
+/// monitor or load balancer: nothing about the device's leases, patients or hub); with
+/// one, the device status plus freshness, the audit log's health and the endpoint's
+/// uptime. No patient data either way.
+async fn status(State(api): State<Arc<Api>>, h: axum::http::HeaderMap) -> Response {
+    let ready = api.device.audit().health().failing().is_none() && !api.device.is_wiped();
+    if !h.contains_key(header::AUTHORIZATION) {
+        return axum::Json(serde_json::json!({ "ready": ready })).into_response();
+    }
+    let rid = api.next_request_id();
+    if let Err(refused) = access::authenticate(&api, &h, rid, access::Format::Json).await {
+        return refused;
+    }
     match api.device.status() {
         Ok(s) => {
             let mut v = serde_json::to_value(&s).unwrap_or_default();
@@ -479,8 +504,12 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
     }
 }
 
-/// `GET /metrics`.
-async fn metrics(State(api): State<Arc<Api>>) -> Response {
+/// `GET /metrics`, for a client token (a Prometheus scrape sends it as a bearer token).
+async fn metrics(State(api): State<Arc<Api>>, h: axum::http::HeaderMap) -> Response {
+    let rid = api.next_request_id();
+    if let Err(refused) = access::authenticate(&api, &h, rid, access::Format::Json).await {
+        return refused;
+    }
     let d = &api.device;
     let m = d.metrics();
     let health = d.audit().health();
@@ -594,6 +623,17 @@ pub async fn serve(
             }
         })
     };
+    // Counts of failed authentications go to the audit log when their minute is over.
+    let counts = {
+        let api = Arc::clone(&api);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                api.audit_auth_failures(false).await;
+            }
+        })
+    };
+    let flush = Arc::clone(&api);
     let app = router(api);
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -652,8 +692,11 @@ pub async fn serve(
     }
     shutdown.await;
     warm.abort();
+    counts.abort();
     let _ = stop_tx.send(true);
     while loops.join_next().await.is_some() {}
+    // The minute under way too: a count is never lost at shutdown.
+    flush.audit_auth_failures(true).await;
     for p in sockets {
         let _ = std::fs::remove_file(p);
     }
