@@ -963,6 +963,20 @@ impl Device {
                     let answer = transport.exchange(path, &msg, expect)?;
                     let next = round.on_answer(answer.message, answer.wire_bytes, self.now());
                     *summary = round.summary().clone();
+                    if next.is_err() {
+                        // A batch refused for its contents: its objections apply anyway.
+                        let objections = round.take_objections();
+                        if objections
+                            .iter()
+                            .any(|o| o.status == sync_protocol::message::ObjectionStatus::Objected)
+                        {
+                            let purged = self.store.apply_objections(&objections)?;
+                            tracing::warn!(
+                                purged,
+                                "batch refused; the objections it carried were applied"
+                            );
+                        }
+                    }
                     if let Ok(mut live) = self.live.lock()
                         && let Some(l) = live.as_mut()
                     {

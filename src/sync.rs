@@ -257,6 +257,9 @@ pub struct Round {
     summary: Summary,
     hub_time: Option<Timestamp>,
     raised_budget: bool,
+    /// The objections of a batch refused for its other contents (see
+    /// [`Round::take_objections`]).
+    salvaged: Vec<sync_protocol::message::ObjectionChange>,
     /// How many wanted patients the last pull named.
     asked: usize,
     /// Patients the hub expects this device to hold when the round completes.
@@ -284,6 +287,7 @@ impl Round {
             summary,
             hub_time: None,
             raised_budget: false,
+            salvaged: Vec::new(),
             asked: 0,
             expected: 0,
         };
@@ -303,6 +307,14 @@ impl Round {
     /// Whether this round is a full resync.
     pub fn resyncing(&self) -> bool {
         self.start.resync
+    }
+
+    /// The objections (status `Objected`) of the last batch, if it was refused for its
+    /// other contents: the caller records them and purges their patients all the same,
+    /// for an objection must never wait on a neighbour item. A batch refused as a replay
+    /// or for its hub time gives none (it is not the hub's word now).
+    pub fn take_objections(&mut self) -> Vec<sync_protocol::message::ObjectionChange> {
+        std::mem::take(&mut self.salvaged)
     }
 
     /// Patients the hub said this device will hold when the round completes (0 until
@@ -401,6 +413,16 @@ impl Round {
                 });
             }
         }
+        // From here a refusal is for the batch's contents: its objections still count.
+        let objections: Vec<_> = batch.objections.iter().cloned().collect();
+        let checked = self.check_contents(batch, wire_bytes);
+        if checked.is_err() {
+            self.salvaged = objections;
+        }
+        checked
+    }
+
+    fn check_contents(&mut self, batch: Batch, wire_bytes: usize) -> Result<Step, SyncError> {
         // Leases as they will be after this batch.
         let (leases, covered) = if batch.leases.is_empty() {
             (None, None)

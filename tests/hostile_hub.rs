@@ -263,3 +263,51 @@ fn every_hostile_answer_is_rejected_with_nothing_applied_and_reported() {
         Outcome::Ok
     ));
 }
+
+/// An objection is never held back by a neighbour: a batch refused for another item
+/// (here a patient outside the leases) still records the objection it carried and purges
+/// that patient, though nothing else of it is applied and the refusal is reported.
+#[test]
+fn a_refused_batch_still_applies_the_objections_it_carried() {
+    let hub = TestHub::start(40, 34);
+    let dev = Dev::enrolled(&hub);
+    grant(&hub, &dev.id(), &first_n(&hub, 30), json!({}));
+    dev.sync().unwrap();
+    let objector = hub
+        .patients
+        .iter()
+        .take(30)
+        .find(|p| p.shareable())
+        .unwrap();
+    let nhs = objector.nhs_number();
+    assert!(dev.device.store().record(&nhs).unwrap().is_some());
+    let cursor = dev.device.store().cursor().unwrap();
+    hub.consent(&objector.fhir_id, "active", "2026-11-24T08:30:00Z");
+    // Every answer from now on also names a patient outside the leases.
+    let stranger = hub.patients[35].expected.clone();
+    tamper_batches(&hub, move |mut b| {
+        let mut v = b.upserts.into_inner();
+        v.push(stranger.clone());
+        b.upserts = BoundedVec::try_from(v).unwrap();
+        b
+    });
+    let err = dev.sync().unwrap_err();
+    assert!(
+        err.to_string().contains("outside this device's leases"),
+        "{err}"
+    );
+    assert!(matches!(last_outcome_of(&dev), Outcome::Rejected(_)));
+    // The objection applied on its own: the patient is gone and refused.
+    assert!(dev.device.store().record(&nhs).unwrap().is_none());
+    assert!(dev.device.store().objected(&nhs).unwrap());
+    // Nothing else of the batch: the cursor is where it was.
+    assert_eq!(dev.device.store().cursor().unwrap(), cursor);
+    // The hub honest again: the round completes without the patient.
+    hub.hub.dangerous_set_response_hook(None);
+    dev.sync().unwrap();
+    assert!(dev.device.store().record(&nhs).unwrap().is_none());
+}
+
+fn last_outcome_of(dev: &Dev) -> Outcome {
+    dev.device.status().unwrap().last_sync.unwrap().outcome
+}

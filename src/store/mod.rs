@@ -422,6 +422,25 @@ impl Store {
         })
     }
 
+    /// Records the objections among `changes` (status `Objected`) and purges those
+    /// patients, in one transaction, without touching the cursor: what a batch refused
+    /// for its other contents still carries (an objection is never held back by a
+    /// neighbour). Withdrawals are left for a batch the device accepts. Returns how many
+    /// patients were purged.
+    pub fn apply_objections(&self, changes: &[ObjectionChange]) -> Result<usize, StoreError> {
+        self.write(|w| {
+            let mut purged = 0;
+            for o in changes
+                .iter()
+                .filter(|o| o.status == ObjectionStatus::Objected)
+            {
+                w.objection(o)?;
+                purged += usize::from(w.purge_patient(&o.nhs_number)?);
+            }
+            Ok(purged)
+        })
+    }
+
     /// Writes or replaces records (a test and benchmark convenience; sync uses batches).
     pub fn put_records(&self, records: &[PatientRecord]) -> Result<(), StoreError> {
         self.write(|w| records.iter().try_for_each(|r| w.put_record(r)))
