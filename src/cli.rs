@@ -159,6 +159,13 @@ pub fn rekey(
         println!("root key rotated to the new passphrase");
     }
     println!("the old key no longer opens {}", data_dir.display());
+    // The rotation is a key event: audited like any other, uploaded with the rest.
+    let store = std::sync::Arc::new(store);
+    crate::device::audit_offline(
+        &store,
+        sync_protocol::audit::AuditEvent::Key(sync_protocol::audit::KeyEvent::Rekeyed),
+    )
+    .context("the key was rotated, but its audit entry could not be written")?;
     Ok(())
 }
 

@@ -1433,6 +1433,24 @@ impl Device {
     }
 }
 
+/// Writes `event` durably to the audit log of a store a command opened itself (the
+/// daemon stopped), stamped with trusted time resumed from the store, and keeps the
+/// trusted-time high-water mark: key rotation and the like are audited as reads are.
+pub fn audit_offline(store: &Arc<Store>, event: AuditEvent) -> Result<u64, DeviceError> {
+    let clock = crate::clock::SystemClock::new();
+    let high: Option<Timestamp> = store.device_state(key::TRUSTED)?;
+    let mut trusted = TrustedTime::resume(high, &clock);
+    let at = trusted.now(&clock);
+    let wall = Timestamp::from_millis(clock.wall_ms()).unwrap_or(at);
+    let log = AuditLog::start(Arc::clone(store))?;
+    let seq = log.write_blocking(AuditRecord { at, wall, event });
+    log.close();
+    let mut extras = Extras::default();
+    extras.set(key::TRUSTED, &trusted.high_water())?;
+    store.put_device_state(&extras)?;
+    Ok(seq?)
+}
+
 /// This software's name and version, as hellos carry it.
 fn software() -> Result<Text<64>, DeviceError> {
     Text::new(concat!("carecache/", env!("CARGO_PKG_VERSION")))

@@ -107,7 +107,20 @@ fn init_rekey_wipe_with_a_key_file() {
         0o600
     );
     let new_root = carecache::keysource::read_key_file(&key).unwrap();
-    carecache::store::Store::open(&data, &new_root).unwrap();
+    let store = carecache::store::Store::open(&data, &new_root).unwrap();
+    // The rotation is in the audit log, as the last entry.
+    let audit = crate::api_harness::audit_of(&store);
+    assert!(
+        matches!(
+            audit.last().map(|(_, r)| &r.event),
+            Some(sync_protocol::audit::AuditEvent::Key(
+                sync_protocol::audit::KeyEvent::Rekeyed
+            ))
+        ),
+        "{:?}",
+        audit.last()
+    );
+    drop(store);
     assert!(carecache::store::Store::open(&data, &root).is_err());
 
     // A key file others can read is refused, with the fix.
