@@ -316,6 +316,37 @@ fn a_lease_moved_split_or_merged_within_the_team_resends_no_record_a_device_hold
     let mut expected: Vec<NhsNumber> = shared.iter().chain(extra).copied().collect();
     expected.sort();
     assert_eq!(b.held(), expected);
+    // Five patients added to a lease B holds: their five records, and no other.
+    let split1 = b
+        .device
+        .status()
+        .unwrap()
+        .leases
+        .iter()
+        .find(|l| l.label == "Split 1")
+        .unwrap()
+        .id;
+    let more: Vec<NhsNumber> = first.iter().chain(&mine[10..15]).copied().collect();
+    let (status, body) = hub.admin(
+        "PUT",
+        &format!("/admin/v1/leases/{split1}"),
+        Some(json!({
+            "label": "Split 1",
+            "target": { "device": b.id() },
+            "view": "clinical",
+            "not_before": "2026-11-24T00:00:00Z",
+            "not_after": "2026-11-25T00:00:00Z",
+            "max_offline_secs": 43200,
+            "patients": more.iter().map(|n| n.digits()).collect::<Vec<_>>(),
+        })),
+    );
+    assert!(status == 200 || status == 204, "{status} {body}");
+    let grown = b.sync().unwrap();
+    assert_eq!(
+        grown.upserts, 5,
+        "only the added patients' records: {grown:?}"
+    );
+    assert!(grown.bytes * 10 < first_b.bytes, "{grown:?}");
     // A device that holds nothing of a round gets the records themselves.
     let c = team_device(&hub, "north");
     grant(&hub, &c.id(), first, json!({ "label": "C's round" }));

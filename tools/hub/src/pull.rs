@@ -360,19 +360,20 @@ pub fn pull(
         .collect();
     // Fresh patients the device may hold already, and so is offered rather than sent:
     // in a round from nothing, any (a device that holds patients is resynchronising);
-    // otherwise those another lease of this device named, unchanged, when the round
-    // began (a lease moved, split or merged).
+    // otherwise those named by a lease the device held when the round began (a lease
+    // moved from another tablet onto patients it covers, split, merged, or given more
+    // patients).
     let offering = req.holding > 0;
     // A lease granted by a lookup came with its record.
     let lookup_leases = tx.open_table(LOOKUP_LEASES)?;
     let mut held_before: HashSet<u64> = HashSet::new();
     if offering && c.base > 0 {
         for r in &mine {
-            let unchanged = r.created_seq <= c.base
-                && r.patients_seq <= c.base
-                && r.ended.is_none_or(|_| r.seq > c.base);
+            // A lease the device held when the round began (its patients may have changed
+            // since: the ones it named then are held, the added ones are wanted).
+            let held_then = r.created_seq <= c.base && r.ended.is_none_or(|_| r.seq > c.base);
             let looked_up = r.ended.is_none() && lookup_leases.get(r.lease.id.0)?.is_some();
-            if unchanged || looked_up {
+            if held_then || looked_up {
                 held_before.extend(r.lease.patients.iter().map(|n| n.as_u64()));
             }
         }
