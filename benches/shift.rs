@@ -25,19 +25,17 @@ mod common;
 mod table;
 
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use carecache::clock::SystemClock;
 use carecache::config::Config;
 use carecache::device::Device;
-use carecache::transport::{Identity, Transport};
+use carecache::transport::Transport;
 use carecache_hub::config::Limits;
-use carecache_hub::pki::make_csr;
 use carecache_hub::testing::TestHub;
-use sync_protocol::message::{EnrolRequest, Hello, Message, MessageKind, Pull};
+use sync_protocol::message::{Hello, Message, MessageKind, Pull};
 use sync_protocol::record::Section;
-use sync_protocol::types::{Bytes, Capabilities, EnrolmentToken, Text, Timestamp};
-use zeroize::Zeroizing;
+use sync_protocol::types::{Capabilities, Text, Timestamp};
 
 const CASELOAD: usize = 2_000;
 const BUDGET: u32 = 256 * 1024;
@@ -152,47 +150,13 @@ fn hub_cpu_ms() -> f64 {
 
 /// An enrolled protocol client of `team`.
 fn client(hub: &TestHub, team: &str) -> Transport {
-    let (key_pem, csr) = make_csr("bench tablet").unwrap();
-    let anon = Transport::new(
-        &hub.base_url(),
-        &hub.ca_pem,
-        None,
-        Duration::from_secs(5),
-        Duration::from_secs(600),
-    )
-    .unwrap();
     let (status, body) = hub.admin(
         "POST",
         "/admin/v1/enrolment-tokens",
         Some(serde_json::json!({ "team": team })),
     );
     assert_eq!(status, 201, "{body}");
-    let answer = anon
-        .exchange(
-            "/ccsp/v1/enrol",
-            &Message::EnrolRequest(EnrolRequest {
-                token: EnrolmentToken::new(body["token"].as_str().unwrap()).unwrap(),
-                csr_der: Bytes::try_from(csr).unwrap(),
-                device_label: Text::new("tablet").unwrap(),
-            }),
-            MessageKind::EnrolResponse,
-        )
-        .unwrap();
-    let Message::EnrolResponse(r) = answer.message else {
-        panic!("enrol")
-    };
-    let id = Identity {
-        cert_der: r.certificate_der.as_slice().to_vec(),
-        key_pem: Zeroizing::new(key_pem),
-    };
-    Transport::new(
-        &hub.base_url(),
-        &hub.ca_pem,
-        Some(&id),
-        Duration::from_secs(5),
-        Duration::from_secs(600),
-    )
-    .unwrap()
+    common::enrolled_client(hub, body["token"].as_str().unwrap()).0
 }
 
 /// A device's first sync as the wire sees it: hello, then pulls to the end. Records.

@@ -22,12 +22,9 @@ mod table;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use carecache::transport::{Identity, Transport};
-use carecache_hub::pki::make_csr;
 use carecache_hub::testing::TestHub;
-use sync_protocol::message::{EnrolRequest, Hello, Message, MessageKind, Pull};
-use sync_protocol::types::{Bytes, Capabilities, EnrolmentToken, Text, Timestamp};
-use zeroize::Zeroizing;
+use sync_protocol::message::{Hello, Message, MessageKind, Pull};
+use sync_protocol::types::{Capabilities, Text, Timestamp};
 
 struct Figures {
     secs: f64,
@@ -65,42 +62,8 @@ fn device_sync(config: &std::path::Path) -> Figures {
 
 /// Pulls everything the hub has for a device, decoding but storing nothing.
 fn hub_only(hub: &TestHub, budget: u32) -> (f64, u64, u64) {
-    let (key_pem, csr) = make_csr("bench null device").unwrap();
-    let anon = Transport::new(
-        &hub.base_url(),
-        &hub.ca_pem,
-        None,
-        Duration::from_secs(5),
-        Duration::from_secs(600),
-    )
-    .unwrap();
-    let answer = anon
-        .exchange(
-            "/ccsp/v1/enrol",
-            &Message::EnrolRequest(EnrolRequest {
-                token: EnrolmentToken::new(hub.token()).unwrap(),
-                csr_der: Bytes::try_from(csr).unwrap(),
-                device_label: Text::new("null device").unwrap(),
-            }),
-            MessageKind::EnrolResponse,
-        )
-        .unwrap();
-    let Message::EnrolResponse(r) = answer.message else {
-        panic!("enrol")
-    };
-    let id = Identity {
-        cert_der: r.certificate_der.as_slice().to_vec(),
-        key_pem: Zeroizing::new(key_pem),
-    };
-    grant_all(hub, r.device_id.as_str());
-    let t = Transport::new(
-        &hub.base_url(),
-        &hub.ca_pem,
-        Some(&id),
-        Duration::from_secs(5),
-        Duration::from_secs(600),
-    )
-    .unwrap();
+    let (t, device) = common::enrolled_client(hub, &hub.token());
+    grant_all(hub, &device);
     let started = Instant::now();
     let hello = Message::Hello(Hello {
         min_version: 1,

@@ -948,9 +948,6 @@ impl Device {
             holding,
             want,
         };
-        let mut extras = Extras::default();
-        extras.set(key::ROUND_HOLDING, &holding)?;
-        self.store.put_device_state(&extras)?;
         let (mut round, mut step) = Round::begin(start, self.now());
         let mut contact_saved = false;
         loop {
@@ -999,7 +996,8 @@ impl Device {
                     next
                 }
                 Step::Apply(plan) => {
-                    let (held, want) = self.apply(&plan, round.resyncing(), round.expected())?;
+                    let (held, want) =
+                        self.apply(&plan, round.resyncing(), round.expected(), holding)?;
                     let next = round.applied(&plan, held, want)?;
                     *summary = round.summary().clone();
                     progress(summary, &self.caseload()?);
@@ -1024,6 +1022,7 @@ impl Device {
         plan: &Plan,
         resyncing: bool,
         expected: u32,
+        holding: u32,
     ) -> Result<
         (
             Option<sync_protocol::message::AllowedSetDigest>,
@@ -1032,6 +1031,8 @@ impl Device {
         DeviceError,
     > {
         let mut extras = Extras::default();
+        // Kept with the cursor: a round cut short resumes as the round it was.
+        extras.set(key::ROUND_HOLDING, &holding)?;
         let mut want = plan.want.clone();
         if !plan.batch.offers.is_empty() {
             let held = self
@@ -1105,9 +1106,13 @@ impl Device {
 
     /// How much of the caseload has arrived (cheap: one count when incomplete).
     pub fn caseload(&self) -> Result<CaseloadProgress, DeviceError> {
+        self.caseload_holding(self.store.stats()?.patients)
+    }
+
+    /// [`Self::caseload`] with the patients held already counted.
+    fn caseload_holding(&self, held: u64) -> Result<CaseloadProgress, DeviceError> {
         let arrival = *self.arrival.lock().map_err(|_| StoreError::Poisoned)?;
         let live = *self.live.lock().map_err(|_| StoreError::Poisoned)?;
-        let held = self.store.stats()?.patients;
         let expected = (arrival.expected > 0).then_some(arrival.expected);
         let eta_secs = match (live, expected) {
             (Some(l), Some(e)) if held > l.held_at_start && u64::from(e) > held => {
@@ -1414,7 +1419,7 @@ impl Device {
             audit_upload: self.store.device_state(key::LAST_UPLOAD)?,
             audit_head: self.audit.health().head_seq.load(Ordering::Relaxed),
             audit_error: self.audit.health().failing(),
-            caseload: self.caseload()?,
+            caseload: self.caseload_holding(stats.patients)?,
             identity: match self.identity.oidc() {
                 None => IdentityStatus {
                     mode: "asserted",

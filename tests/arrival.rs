@@ -12,7 +12,7 @@ use sync_protocol::audit::{AuditEvent, LookupOutcome};
 use sync_protocol::record::Section;
 
 use crate::api_harness::{Resp, Served, raw};
-use crate::device_harness::{Dev, HOUR, TestHub, grant};
+use crate::device_harness::{Dev, HOUR, TestHub, grant, shareable};
 
 fn has_alerts(hub: &TestHub, n: NhsNumber) -> bool {
     hub.patients
@@ -61,12 +61,7 @@ fn sync_recording(dev: &Dev) -> (Vec<Vec<NhsNumber>>, Vec<Progress>) {
 fn patients_with_alerts_arrive_first_then_by_lease_start_and_progress_counts_up() {
     let hub = TestHub::start(700, 26);
     let dev = Dev::enrolled(&hub);
-    let shareable: Vec<NhsNumber> = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .map(|p| p.nhs_number())
-        .collect();
+    let shareable: Vec<NhsNumber> = shareable(&hub, hub.patients.len());
     let (early, late) = shareable.split_at(shareable.len() / 2);
     // The later half starts tomorrow; the earlier half today.
     grant(
@@ -142,12 +137,7 @@ fn patients_with_alerts_arrive_first_then_by_lease_start_and_progress_counts_up(
 fn a_read_mid_sync_is_answered_and_says_the_caseload_is_still_arriving() {
     let hub = TestHub::start(400, 27);
     let dev = Dev::enrolled(&hub);
-    let patients: Vec<NhsNumber> = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .map(|p| p.nhs_number())
-        .collect();
+    let patients: Vec<NhsNumber> = shareable(&hub, hub.patients.len());
     grant(&hub, &dev.id(), &patients, json!({}));
     let served = Served::start(dev);
     let mut mid: Vec<(u16, Option<String>, Option<String>)> = Vec::new();
@@ -259,12 +249,7 @@ fn a_lease_moved_split_or_merged_within_the_team_resends_no_record_a_device_hold
     let hub = TestHub::start(500, 28);
     let a = team_device(&hub, "north");
     let b = team_device(&hub, "north");
-    let patients: Vec<NhsNumber> = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .map(|p| p.nhs_number())
-        .collect();
+    let patients: Vec<NhsNumber> = shareable(&hub, hub.patients.len());
     let (mine, shared) = patients.split_at(patients.len() / 2);
     // B covers the second half under its own lease; A holds the same patients.
     grant(&hub, &b.id(), shared, json!({ "label": "B's round" }));
@@ -358,12 +343,7 @@ fn a_sensitive_code_list_change_resends_only_the_patients_it_affects() {
     use carecache_hub::sharing::{DEFAULT_CODE_LIST, DEFAULT_DENY_LABELS, SharingRules};
     let hub = TestHub::start(400, 29);
     let dev = Dev::enrolled(&hub);
-    let patients: Vec<NhsNumber> = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .map(|p| p.nhs_number())
-        .collect();
+    let patients: Vec<NhsNumber> = shareable(&hub, hub.patients.len());
     grant(&hub, &dev.id(), &patients, json!({}));
     dev.sync().unwrap();
     // A SNOMED CT code a few patients' records carry joins the list.
@@ -486,12 +466,7 @@ fn lookups_audited(served: &Served) -> Vec<LookupOutcome> {
 fn a_lookup_online_is_granted_audited_flagged_and_purged_at_expiry_and_refused_offline() {
     let mut hub = TestHub::start(300, 30);
     let dev = Dev::enrolled(&hub);
-    let shareable: Vec<NhsNumber> = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .map(|p| p.nhs_number())
-        .collect();
+    let shareable: Vec<NhsNumber> = shareable(&hub, hub.patients.len());
     let (caseload, others) = shareable.split_at(100);
     grant(
         &hub,
@@ -619,12 +594,7 @@ fn hostile_offers_and_wants_are_refused_and_wants_survive_a_refused_round() {
     use crate::device_harness::tamper_batches;
 
     let hub = TestHub::start(300, 31);
-    let patients: Vec<NhsNumber> = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .map(|p| p.nhs_number())
-        .collect();
+    let patients: Vec<NhsNumber> = shareable(&hub, hub.patients.len());
     let (first, rest) = patients.split_at(100);
     let stranger = rest[150];
     let rejected = |dev: &Dev, expect: &str| {
@@ -726,12 +696,7 @@ fn hostile_offers_and_wants_are_refused_and_wants_survive_a_refused_round() {
 fn the_viewer_emergency_form_looks_up_a_patient_on_no_caseload() {
     let mut hub = TestHub::start(200, 33);
     let dev = Dev::enrolled(&hub);
-    let shareable: Vec<NhsNumber> = hub
-        .patients
-        .iter()
-        .filter(|p| p.shareable())
-        .map(|p| p.nhs_number())
-        .collect();
+    let shareable: Vec<NhsNumber> = shareable(&hub, hub.patients.len());
     grant(
         &hub,
         &dev.id(),

@@ -5,7 +5,12 @@ use std::path::{Path, PathBuf};
 use carecache::crypto::RootKey;
 use carecache::keysource::{SourceKind, create_key_file};
 use carecache::store::Store;
+use carecache::transport::{Identity, Transport};
+use carecache_hub::pki::make_csr;
 use carecache_hub::testing::TestHub;
+use sync_protocol::message::{EnrolRequest, Message, MessageKind};
+use sync_protocol::types::{Bytes, EnrolmentToken, Text};
+use zeroize::Zeroizing;
 
 /// An initialised data directory with a key file in `dir`, and a `carecache.toml` for
 /// `hub` there whose `[hub]` section ends with `extra` (which may open more sections).
@@ -26,4 +31,43 @@ pub(crate) fn device_dir(dir: &Path, hub: &TestHub, extra: &str) -> (RootKey, Pa
     )
     .unwrap();
     (root, config)
+}
+
+/// A protocol client enrolled with `hub` by one-time `token`: its transport (mutual TLS,
+/// the hub's CA pinned) and its device id.
+#[allow(dead_code, reason = "not every benchmark speaks the protocol by hand")]
+pub(crate) fn enrolled_client(hub: &TestHub, token: &str) -> (Transport, String) {
+    let timeouts = (
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_secs(600),
+    );
+    let (key_pem, csr) = make_csr("bench client").unwrap();
+    let anon = Transport::new(&hub.base_url(), &hub.ca_pem, None, timeouts.0, timeouts.1).unwrap();
+    let answer = anon
+        .exchange(
+            "/ccsp/v1/enrol",
+            &Message::EnrolRequest(EnrolRequest {
+                token: EnrolmentToken::new(token).unwrap(),
+                csr_der: Bytes::try_from(csr).unwrap(),
+                device_label: Text::new("bench client").unwrap(),
+            }),
+            MessageKind::EnrolResponse,
+        )
+        .unwrap();
+    let Message::EnrolResponse(r) = answer.message else {
+        panic!("enrol")
+    };
+    let id = Identity {
+        cert_der: r.certificate_der.as_slice().to_vec(),
+        key_pem: Zeroizing::new(key_pem),
+    };
+    let t = Transport::new(
+        &hub.base_url(),
+        &hub.ca_pem,
+        Some(&id),
+        timeouts.0,
+        timeouts.1,
+    )
+    .unwrap();
+    (t, r.device_id.as_str().to_owned())
 }

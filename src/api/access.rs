@@ -423,6 +423,27 @@ pub(super) async fn authenticate(
     }
 }
 
+/// The caller of a patient route: the device not wiped, the client authenticated (a
+/// failure audited), the staff id, role and purpose read.
+async fn caller(api: &Api, h: &HeaderMap, rid: u64, format: Format) -> Result<Caller, Response> {
+    if api.device.is_wiped() {
+        return Err(revoked(format, rid));
+    }
+    let client = authenticate(api, h, rid, format).await?;
+    Ok(Caller::read(api, h, client))
+}
+
+/// The answer of a device the hub revoked (its data destroyed).
+fn revoked(format: Format, rid: u64) -> Response {
+    error(
+        format,
+        StatusCode::GONE,
+        "device-revoked",
+        "this device was revoked by the hub; its data has been destroyed",
+        Some(rid),
+    )
+}
+
 /// Commits `access` and answers with `ok` once it is durable; a refusal's entry is
 /// committed the same way before its error leaves.
 async fn finish(
@@ -488,20 +509,10 @@ async fn patient_access(
     render: Renderer<'_>,
 ) -> Response {
     let rid = api.next_request_id();
-    if api.device.is_wiped() {
-        return error(
-            format,
-            StatusCode::GONE,
-            "device-revoked",
-            "this device was revoked by the hub; its data has been destroyed",
-            Some(rid),
-        );
-    }
-    let client = match authenticate(api, h, rid, format).await {
+    let caller = match caller(api, h, rid, format).await {
         Ok(c) => c,
         Err(res) => return res,
     };
-    let caller = Caller::read(api, h, client);
     let mut access = caller.access(rid, action);
     let outcome = decide_and_render(api, &caller, &mut access, patient, render);
     finish(api, format, access, caller.staff.as_ref(), outcome).await
@@ -745,20 +756,10 @@ pub(super) async fn fhir_patient_search(
 /// searchset of the matches the caller may see, each with `search.score`.
 async fn fhir_demographic_search(api: &Api, h: &HeaderMap, pairs: &[(String, String)]) -> Response {
     let rid = api.next_request_id();
-    if api.device.is_wiped() {
-        return error(
-            Format::Fhir,
-            StatusCode::GONE,
-            "device-revoked",
-            "this device was revoked by the hub; its data has been destroyed",
-            Some(rid),
-        );
-    }
-    let client = match authenticate(api, h, rid, Format::Fhir).await {
+    let caller = match caller(api, h, rid, Format::Fhir).await {
         Ok(c) => c,
         Err(res) => return res,
     };
-    let caller = Caller::read(api, h, client);
     let mut access = caller.access(rid, AuditAction::SearchPatient);
     let base = base_url(h);
     let outcome = (|| {
@@ -1179,20 +1180,10 @@ pub(super) async fn lookup_patient(
 ) -> Response {
     let format = Format::Json;
     let rid = api.next_request_id();
-    if api.device.is_wiped() {
-        return error(
-            format,
-            StatusCode::GONE,
-            "device-revoked",
-            "this device was revoked by the hub; its data has been destroyed",
-            Some(rid),
-        );
-    }
-    let client = match authenticate(api, h, rid, format).await {
+    let caller = match caller(api, h, rid, format).await {
         Ok(c) => c,
         Err(res) => return res,
     };
-    let caller = Caller::read(api, h, client);
     let refuse = |r: Refusal| error(format, r.status, r.code, &r.message, Some(rid));
     let user = match &caller.user {
         Ok(u) => u.clone(),
@@ -1247,15 +1238,7 @@ pub(super) async fn lookup_patient(
             let (u, r) = (user.clone(), reason.clone());
             match tokio::task::spawn_blocking(move || device.lookup(nhs, lease, &u, &r)).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(crate::device::DeviceError::Revoked)) => {
-                    return error(
-                        format,
-                        StatusCode::GONE,
-                        "device-revoked",
-                        "this device was revoked by the hub; its data has been destroyed",
-                        Some(rid),
-                    );
-                }
+                Ok(Err(crate::device::DeviceError::Revoked)) => return revoked(format, rid),
                 Ok(Err(e)) => crate::device::LookupResult::Failed(e.to_string()),
                 Err(e) => crate::device::LookupResult::Failed(e.to_string()),
             }

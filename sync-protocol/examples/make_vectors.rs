@@ -195,23 +195,7 @@ fn push_audit_v5_auth() -> PushAudit {
             count: 3_999,
         },
     ];
-    let mut prev = Hash32::default();
-    let start = prev;
-    let entries: Vec<AuditEntry> = events
-        .into_iter()
-        .zip(1u64..)
-        .map(|(event, seq)| {
-            let record = AuditRecord {
-                at: ts(1_735_689_600_000 + seq * 30_000),
-                wall: ts(1_735_689_600_000 + seq * 30_000),
-                event,
-            };
-            let e = AuditEntry::seal(&prev, seq, &record).unwrap();
-            prev = e.hash;
-            e
-        })
-        .collect();
-    PushAudit::new(start, BoundedVec::try_from(entries).unwrap()).unwrap()
+    chained(events, 1_735_689_600_000, 30_000)
 }
 
 /// Version 5: a lookup granted and one refused offline, in the audit.
@@ -238,15 +222,20 @@ fn push_audit_v5() -> PushAudit {
             },
         ),
     ];
+    chained(events, 1_735_690_000_000, 1000)
+}
+
+/// `events` as a push of entries 1, 2, … chained from zero, the n-th at `start` +
+/// n × `step` milliseconds.
+fn chained<const N: usize>(events: [AuditEvent; N], start: u64, step: u64) -> PushAudit {
     let mut prev = Hash32::default();
-    let start = prev;
     let entries: Vec<AuditEntry> = events
         .into_iter()
         .zip(1u64..)
         .map(|(event, seq)| {
             let record = AuditRecord {
-                at: ts(1_735_690_000_000 + seq * 1000),
-                wall: ts(1_735_690_000_000 + seq * 1000),
+                at: ts(start + seq * step),
+                wall: ts(start + seq * step),
                 event,
             };
             let e = AuditEntry::seal(&prev, seq, &record).unwrap();
@@ -254,7 +243,7 @@ fn push_audit_v5() -> PushAudit {
             e
         })
         .collect();
-    PushAudit::new(start, BoundedVec::try_from(entries).unwrap()).unwrap()
+    PushAudit::new(Hash32::default(), BoundedVec::try_from(entries).unwrap()).unwrap()
 }
 
 /// Version 4: a staff session opened from a verified ID token, a read under it, a refused
