@@ -123,6 +123,18 @@ pub fn rekey(
     let source = key_source(key, PASSPHRASE_ENV)?;
     let root = store::unlock(data_dir, &source)?;
     let store = Store::open(data_dir, &root)?;
+    let old_kind = match &source {
+        KeySource::KeyFile(_) => SourceKind::KeyFile,
+        KeySource::Credential(_) => SourceKind::Credential,
+        KeySource::Passphrase(_) => SourceKind::Passphrase,
+    };
+    let new_kind = if new.new_key_file.is_some() {
+        SourceKind::KeyFile
+    } else if new.new_credential.is_some() {
+        SourceKind::Credential
+    } else {
+        SourceKind::Passphrase
+    };
     if let Some(path) = &new.new_key_file {
         store::refuse_inside(data_dir, path)?;
         let same = matches!(&source, KeySource::KeyFile(old) if same_file(old, path));
@@ -159,13 +171,26 @@ pub fn rekey(
         println!("root key rotated to the new passphrase");
     }
     println!("the old key no longer opens {}", data_dir.display());
-    // The rotation is a key event: audited like any other, uploaded with the rest.
+    // The rotation is a key event: audited like any other, uploaded with the rest; a
+    // change of the kind of source is an event of its own.
+    use sync_protocol::audit::{AuditEvent, KeyEvent};
     let store = std::sync::Arc::new(store);
-    crate::device::audit_offline(
-        &store,
-        sync_protocol::audit::AuditEvent::Key(sync_protocol::audit::KeyEvent::Rekeyed),
-    )
-    .context("the key was rotated, but its audit entry could not be written")?;
+    crate::device::audit_offline(&store, AuditEvent::Key(KeyEvent::Rekeyed))
+        .context("the key was rotated, but its audit entry could not be written")?;
+    if old_kind != new_kind {
+        let code = |k: SourceKind| {
+            sync_protocol::types::Text::new(k.code())
+                .unwrap_or_else(|_| unreachable!("a short ASCII name"))
+        };
+        crate::device::audit_offline(
+            &store,
+            AuditEvent::Key(KeyEvent::KeySourceChanged {
+                from: code(old_kind),
+                to: code(new_kind),
+            }),
+        )
+        .context("the key source was changed, but its audit entry could not be written")?;
+    }
     Ok(())
 }
 

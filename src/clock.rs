@@ -100,34 +100,57 @@ impl Clock for ManualClock {
     }
 }
 
-/// Trusted time: never earlier than any time observed before.
+/// Trusted time: never earlier than any time observed before — except when the hub, in
+/// a mutually authenticated exchange bound to a fresh nonce, says the device's clock ran
+/// ahead ([`TrustedTime::correct_to`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrustedTime {
     /// The highest trusted time reached, in ms.
     base_ms: u64,
     /// The monotonic reading when `base_ms` was reached.
     base_mono: Duration,
+    /// Added to the wall clock (never positive): how far the hub found the wall clock
+    /// ahead at the last correction, so a clock that is still wrong does not carry
+    /// trusted time forward again. Each later hub time brings it back towards 0.
+    wall_offset_ms: i64,
 }
 
 impl TrustedTime {
     /// Starts from the persisted high-water mark, if any.
     pub fn resume(high_water: Option<Timestamp>, clock: &dyn Clock) -> Self {
+        Self::resume_with(high_water, 0, clock)
+    }
+
+    /// Starts from the persisted high-water mark and wall-clock offset.
+    pub fn resume_with(
+        high_water: Option<Timestamp>,
+        wall_offset_ms: i64,
+        clock: &dyn Clock,
+    ) -> Self {
         let mut t = Self {
             base_ms: high_water.map_or(0, Timestamp::as_millis),
             base_mono: clock.monotonic(),
+            wall_offset_ms: wall_offset_ms.min(0),
         };
         t.now(clock);
         t
     }
 
-    /// Trusted time now: the wall clock, or the last high point advanced by monotonic
-    /// time, whichever is later.
+    /// The wall clock as trusted time counts it (the correction applied).
+    fn wall(&self, clock: &dyn Clock) -> u64 {
+        clock
+            .wall_ms()
+            .saturating_sub(self.wall_offset_ms.unsigned_abs())
+    }
+
+    /// Trusted time now: the wall clock (corrected), or the last high point advanced by
+    /// monotonic time, whichever is later.
     pub fn now(&mut self, clock: &dyn Clock) -> Timestamp {
         let mono = clock.monotonic();
         let elapsed =
             u64::try_from(mono.saturating_sub(self.base_mono).as_millis()).unwrap_or(u64::MAX);
         let carried = self.base_ms.saturating_add(elapsed);
-        let now = clock.wall_ms().max(carried).min(MAX_MS);
+        let now = self.wall(clock).max(carried).min(MAX_MS);
         self.base_ms = now;
         self.base_mono = mono;
         clamp(now)
@@ -136,6 +159,7 @@ impl TrustedTime {
     /// Takes the hub's time into account (after it passed [`check_hub_time`]): trusted time
     /// moves forward to it, never back.
     pub fn observe(&mut self, hub: Timestamp, clock: &dyn Clock) -> Timestamp {
+        self.relax_offset(hub, clock);
         let now = self.now(clock);
         if hub > now {
             self.base_ms = hub.as_millis();
@@ -143,6 +167,35 @@ impl TrustedTime {
             return hub;
         }
         now
+    }
+
+    /// Sets trusted time to the hub's, back or forward, and discounts the wall clock by
+    /// how far it is ahead of the hub. Only for hub time bound to a fresh nonce in a
+    /// mutually authenticated exchange (SPEC.md §3.9); returns trusted time before.
+    pub fn correct_to(&mut self, hub: Timestamp, clock: &dyn Clock) -> Timestamp {
+        let before = self.now(clock);
+        let wall = i128::from(clock.wall_ms());
+        let ahead = wall - i128::from(hub.as_millis());
+        self.wall_offset_ms = i64::try_from(-ahead.max(0)).unwrap_or(i64::MIN);
+        self.base_ms = hub.as_millis();
+        self.base_mono = clock.monotonic();
+        before
+    }
+
+    /// A hub time accepted normally: a wall clock found ahead at a correction is
+    /// trusted again as far as it now agrees with the hub (a repaired clock stops being
+    /// discounted).
+    fn relax_offset(&mut self, hub: Timestamp, clock: &dyn Clock) {
+        if self.wall_offset_ms < 0 {
+            let gap = i128::from(hub.as_millis()) - i128::from(clock.wall_ms());
+            let gap = i64::try_from(gap.min(0)).unwrap_or(i64::MIN);
+            self.wall_offset_ms = self.wall_offset_ms.max(gap);
+        }
+    }
+
+    /// The wall-clock offset to persist with the high-water mark (ms, never positive).
+    pub fn wall_offset_ms(&self) -> i64 {
+        self.wall_offset_ms
     }
 
     /// The value to persist so a restart cannot go back past it.
@@ -250,6 +303,36 @@ mod tests {
         assert_eq!(t.observe(ahead, &clock), ahead);
         let behind = Timestamp::from_millis(T0 - 5_000).unwrap();
         assert_eq!(t.observe(behind, &clock), ahead);
+    }
+
+    #[test]
+    fn a_correction_sets_time_back_and_a_wall_clock_still_ahead_does_not_undo_it() {
+        let clock = ManualClock::new(T0 + 3650 * 86_400_000);
+        let mut t = TrustedTime::resume(None, &clock);
+        let hub = Timestamp::from_millis(T0).unwrap();
+        let before = t.correct_to(hub, &clock);
+        assert_eq!(before.as_millis(), T0 + 3650 * 86_400_000);
+        assert_eq!(
+            t.now(&clock),
+            hub,
+            "the wall clock, still ten years ahead, is discounted"
+        );
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(t.now(&clock).as_millis(), T0 + 60_000, "and time goes on");
+        // A restart keeps the correction.
+        let mut t2 = TrustedTime::resume_with(Some(t.high_water()), t.wall_offset_ms(), &clock);
+        assert_eq!(t2.now(&clock).as_millis(), T0 + 60_000);
+        // The clock is repaired; the next hub time stops discounting it.
+        let repaired = ManualClock::new(T0 + 120_000);
+        let mut t3 = TrustedTime::resume_with(Some(t.high_water()), t.wall_offset_ms(), &repaired);
+        t3.observe(Timestamp::from_millis(T0 + 120_000).unwrap(), &repaired);
+        assert_eq!(t3.wall_offset_ms(), 0);
+        repaired.set_wall(T0 + 86_400_000);
+        assert_eq!(
+            t3.now(&repaired).as_millis(),
+            T0 + 86_400_000,
+            "the wall clock counts again"
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use sync_protocol::digest::allowed_set_digest;
-use sync_protocol::message::{Audience, EnrolRequest, Lease, LeaseChange, MessageKind, View};
+use sync_protocol::message::{
+    Audience, EnrolRequest, Lease, LeaseChange, MessageKind, View, Welcome,
+};
 use sync_protocol::types::{
     BoundedVec, Bytes, DeviceId, EnrolmentToken, Hash32, LeaseId, StaffId, Text, Timestamp,
 };
@@ -48,7 +50,14 @@ mod key {
     /// Patients held when the round under way began (`u32`): a first sync cut short
     /// resumes as one from nothing.
     pub(super) const ROUND_HOLDING: &str = "round_holding";
+    /// Added to the wall clock by trusted time after a correction (`i64` ms, never
+    /// positive; absent: 0).
+    pub(super) const WALL_OFFSET: &str = "wall_offset";
 }
+
+/// How long a device the hub revoked spends uploading its audit backlog before it
+/// destroys its keys and data.
+pub const WIPE_UPLOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How much of its caseload the device holds, kept with every batch: a first sync, a
 /// new lease or a round cut short leaves it incomplete until a round completes.
@@ -394,7 +403,8 @@ impl Device {
     ) -> Result<Self, DeviceError> {
         let store = Arc::new(Store::open(&config.data_dir, root)?);
         let high: Option<Timestamp> = store.device_state(key::TRUSTED)?;
-        let trusted = TrustedTime::resume(high, clock.as_ref());
+        let offset: i64 = store.device_state(key::WALL_OFFSET)?.unwrap_or(0);
+        let trusted = TrustedTime::resume_with(high, offset, clock.as_ref());
         let clients: Vec<Client> = store.device_state(key::CLIENTS)?.unwrap_or_default();
         let audit = AuditLog::start(Arc::clone(&store))?;
         let last_ok: Option<Timestamp> = store.device_state(key::LAST_OK)?;
@@ -578,11 +588,160 @@ impl Device {
         }
     }
 
-    fn high_water(&self) -> Timestamp {
+    fn trusted_state(&self) -> TrustedTime {
         match self.trusted.lock() {
-            Ok(t) => t.high_water(),
-            Err(p) => p.into_inner().high_water(),
+            Ok(t) => *t,
+            Err(p) => *p.into_inner(),
         }
+    }
+
+    /// Adds trusted time's high-water mark and wall-clock offset to `extras`, so the
+    /// commit that carries them keeps the clock across a restart.
+    fn keep_clock(&self, extras: &mut Extras) -> Result<(), DeviceError> {
+        let t = self.trusted_state();
+        extras.set(key::TRUSTED, &t.high_water())?;
+        extras.set(key::WALL_OFFSET, &t.wall_offset_ms())?;
+        Ok(())
+    }
+
+    /// Sets trusted time to `hub` — hub time bound to this round's nonce, far from
+    /// trusted time (SPEC.md §3.9) — and makes good what the wrong time did: leases that
+    /// ended on the device in time that never passed are asked of the hub again (a
+    /// resync that keeps what the device holds), the last contact and staff sessions
+    /// are moved back with the clock. Audited.
+    fn correct_clock(&self, hub: Timestamp) -> Result<(), DeviceError> {
+        let from = match self.trusted.lock() {
+            Ok(mut t) => t.correct_to(hub, self.clock.as_ref()),
+            Err(p) => p.into_inner().correct_to(hub, self.clock.as_ref()),
+        };
+        let back_ms = from.as_millis().saturating_sub(hub.as_millis());
+        let ended: Vec<EndedLease> = self.store.device_state(key::ENDED)?.unwrap_or_default();
+        let reopened = ended
+            .iter()
+            .filter(|e| {
+                e.ended_at > hub
+                    && matches!(e.reason, EndReason::Expired | EndReason::OfflineTooLong)
+            })
+            .count();
+        let mut extras = Extras::default();
+        self.keep_clock(&mut extras)?;
+        let contact: Option<Timestamp> = self.store.device_state(key::CONTACT)?;
+        if let Some(c) = contact
+            && c > hub
+        {
+            extras.set(key::CONTACT, &hub)?;
+        }
+        if reopened > 0 {
+            // Ask for everything again; what the device still holds is offered, not sent.
+            extras.set(key::RESYNC, &true)?;
+        }
+        self.store.put_device_state(&extras)?;
+        if back_ms > 0 {
+            self.identity.move_back(&self.store, back_ms)?;
+        }
+        self.refresh_policy()?;
+        tracing::warn!(
+            from = %from.utc_seconds(),
+            to = %hub.utc_seconds(),
+            reopened,
+            "trusted time corrected from the hub's nonce-bound time"
+        );
+        self.metrics.clock_corrections.inc();
+        self.audit_or_log(AuditEvent::ClockCorrected {
+            from,
+            to: hub,
+            leases_reopened: u32::try_from(reopened).unwrap_or(u32::MAX),
+        });
+        Ok(())
+    }
+
+    /// The health report a checkin carries (counts and times; never patient data).
+    pub fn health(&self, wiping: bool) -> Result<sync_protocol::message::Health, DeviceError> {
+        use sync_protocol::message::HealthError;
+        let now = self.now();
+        let backlog = self.audit.health().backlog();
+        let last_sync: Option<SyncRecord> = self.store.device_state(key::LAST_SYNC)?;
+        let last_upload: Option<UploadRecord> = self.store.device_state(key::LAST_UPLOAD)?;
+        let last_error = match last_sync.map(|r| r.outcome) {
+            Some(Outcome::Ok) | None => match last_upload.map(|u| u.outcome) {
+                Some(Outcome::Rejected(_) | Outcome::Failed(_)) => Some(HealthError::Audit),
+                _ => None,
+            },
+            Some(Outcome::Offline(_)) => Some(HealthError::Offline),
+            Some(Outcome::Rejected(why)) if why.contains("hub time") => Some(HealthError::Clock),
+            Some(Outcome::Rejected(_)) => Some(HealthError::Rejected),
+            Some(Outcome::Failed(why)) if why.contains("certificate") => {
+                Some(HealthError::Certificate)
+            }
+            Some(Outcome::Failed(why)) if why.contains("store") || why.contains("disk") => {
+                Some(HealthError::Storage)
+            }
+            Some(Outcome::Failed(_)) => Some(HealthError::Other),
+        };
+        let id: Option<StoredIdentity> = self.store.device_state(key::IDENTITY)?;
+        let wall = i128::from(self.clock.wall_ms());
+        Ok(sync_protocol::message::Health {
+            store_bytes: store::disk_bytes(&self.config.data_dir),
+            patients_held: u32::try_from(self.store.stats()?.patients).unwrap_or(u32::MAX),
+            audit_backlog: u32::try_from(backlog.entries).unwrap_or(u32::MAX),
+            audit_oldest: backlog.oldest,
+            audit_last_seq: backlog.acked.saturating_add(backlog.entries),
+            certificate_not_after: id.and_then(|i| certificate_not_after(&i.cert_der)),
+            clock_offset_secs: i64::try_from((i128::from(now.as_millis()) - wall) / 1000)
+                .unwrap_or(0),
+            last_error,
+            wiping,
+        })
+    }
+
+    /// The hub revoked this device: its audit backlog is uploaded first (within
+    /// [`WIPE_UPLOAD_LIMIT`]; the order itself is audited and uploaded last), a last
+    /// checkin tells the hub how many entries could not be, then keys and data are
+    /// destroyed.
+    fn revoked(&self, transport: &Transport) -> DeviceError {
+        let backlog = self.audit.health().backlog().entries;
+        self.audit_or_log(AuditEvent::Key(KeyEvent::WipeOrdered {
+            backlog: u32::try_from(backlog).unwrap_or(u32::MAX),
+        }));
+        let acked = self.store.audit_acked().map(|a| a.seq).unwrap_or(0);
+        let welcome = Welcome {
+            version: sync_protocol::codec::VERSION,
+            capabilities: sync_protocol::types::Capabilities(0),
+            hub_time: self.now(),
+            device_id: DeviceId::new("revoked").unwrap_or_else(|_| unreachable!("a valid id")),
+            max_batch_bytes: 0,
+            audit_durable_through: acked,
+        };
+        let mut report = UploadReport::default();
+        let deadline = std::time::Instant::now() + WIPE_UPLOAD_LIMIT;
+        let upload = crate::upload::push_until(
+            &self.store,
+            self.audit.health(),
+            transport,
+            self.config.audit.upload_chunk,
+            &welcome,
+            &mut report,
+            Some(deadline),
+        );
+        if let Err(e) = &upload {
+            tracing::warn!(error = %e, "revoked: the audit backlog could not all be uploaded");
+        }
+        match nonce().and_then(|nonce| Ok((nonce, self.health(true)?))) {
+            Ok((nonce, health)) => {
+                let unsent = health.audit_backlog;
+                let checkin = Message::Checkin(sync_protocol::message::Checkin { nonce, health });
+                match transport.exchange(sync::path::CHECKIN, &checkin, MessageKind::CheckinAnswer)
+                {
+                    Ok(_) => tracing::warn!(unsent, "revoked: the hub was told of the wipe"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, unsent, "revoked: the last checkin failed")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "revoked: no health report"),
+        }
+        self.wipe_now();
+        DeviceError::Revoked
     }
 
     fn ca_pem(&self) -> Result<String, DeviceError> {
@@ -754,7 +913,7 @@ impl Device {
             extras.set(key::LAST_OK, &now)?;
         }
         let ok = result.is_ok();
-        extras.set(key::TRUSTED, &self.high_water())?;
+        self.keep_clock(&mut extras)?;
         // Recording the outcome and ticking must not hide why the round failed.
         let after = self
             .store
@@ -853,8 +1012,7 @@ impl Device {
         let welcome = match answer.message {
             Message::Welcome(w) => w,
             Message::Error(e) if e.code == sync_protocol::message::ErrorCode::DeviceRevoked => {
-                self.wipe_now();
-                return Err(DeviceError::Revoked);
+                return Err(self.revoked(&transport));
             }
             Message::Error(e) => return Err(SyncError::refused(&e).into()),
             other => {
@@ -907,7 +1065,7 @@ impl Device {
             bytes: 0,
         };
         *self.live.lock().map_err(|_| StoreError::Poisoned)? = Some(live);
-        let result = self.round_inner(transport, device_id, held, summary, progress);
+        let result = self.round_inner(transport, device_id, held, true, summary, progress);
         *self.live.lock().map_err(|_| StoreError::Poisoned)? = None;
         result
     }
@@ -917,6 +1075,7 @@ impl Device {
         transport: Transport,
         device_id: DeviceId,
         held: u64,
+        may_correct_clock: bool,
         summary: &mut Summary,
         progress: &mut dyn FnMut(&Summary, &CaseloadProgress),
     ) -> Result<Summary, DeviceError> {
@@ -934,6 +1093,7 @@ impl Device {
             Some(h) if !fresh_round => h,
             _ => u32::try_from(held).unwrap_or(u32::MAX),
         };
+        let round_device = device_id.clone();
         let start = Start {
             device_id,
             cursor,
@@ -947,6 +1107,12 @@ impl Device {
             software: software()?,
             holding,
             want,
+            nonce: nonce()?,
+            health: self.health(false)?,
+            may_correct_clock,
+            discounted_wall: (self.trusted_state().wall_offset_ms() < 0)
+                .then(|| Timestamp::from_millis(self.clock.wall_ms()).ok())
+                .flatten(),
         };
         let (mut round, mut step) = Round::begin(start, self.now());
         let mut contact_saved = false;
@@ -955,6 +1121,7 @@ impl Device {
                 Step::Send(path, msg) => {
                     let expect = match &msg {
                         Message::Hello(_) => MessageKind::Welcome,
+                        Message::Checkin(_) => MessageKind::CheckinAnswer,
                         _ => MessageKind::Batch,
                     };
                     let answer = transport.exchange(path, &msg, expect)?;
@@ -986,7 +1153,7 @@ impl Device {
                             // An authenticated answer with a sane time: the hub was reached.
                             let mut extras = Extras::default();
                             extras.set(key::CONTACT, &now)?;
-                            extras.set(key::TRUSTED, &self.high_water())?;
+                            self.keep_clock(&mut extras)?;
                             self.store.put_device_state(&extras)?;
                             // The offline limit now counts from this contact.
                             self.refresh_policy()?;
@@ -1004,9 +1171,19 @@ impl Device {
                     next
                 }
                 Step::Finished(s) => return Ok(s),
-                Step::Wipe => {
-                    self.wipe_now();
-                    return Err(DeviceError::Revoked);
+                Step::Wipe => return Err(self.revoked(&transport)),
+                Step::CorrectClock(hub) => {
+                    self.correct_clock(hub)?;
+                    // Begin again with the corrected clock (and a resync, if leases
+                    // ended in the skipped time).
+                    return self.round_inner(
+                        transport,
+                        round_device,
+                        held,
+                        false,
+                        summary,
+                        progress,
+                    );
                 }
             }
         }
@@ -1081,7 +1258,7 @@ impl Device {
         if !revoked.is_empty() {
             extras.set(key::ENDED, &self.ended_with(revoked)?)?;
         }
-        extras.set(key::TRUSTED, &self.high_water())?;
+        self.keep_clock(&mut extras)?;
         let report = self.store.apply_batch_with(&plan.batch, &extras)?;
         tracing::info!(
             upserted = report.upserted,
@@ -1212,8 +1389,7 @@ impl Device {
                             }
                             sync_protocol::message::ErrorCode::DeviceRevoked => {
                                 drop(_one);
-                                self.wipe_now();
-                                return Err(DeviceError::Revoked);
+                                return Err(self.revoked(&transport));
                             }
                             _ => LookupResult::Failed(SyncError::refused(&e).to_string()),
                         });
@@ -1270,7 +1446,7 @@ impl Device {
         lookups.push(id);
         let mut extras = Extras::default();
         extras.set(key::LOOKUPS, &lookups)?;
-        extras.set(key::TRUSTED, &self.high_water())?;
+        self.keep_clock(&mut extras)?;
         self.store.apply_batch_with(&batch, &extras)?;
         self.refresh_policy()?;
         tracing::warn!(
@@ -1301,7 +1477,7 @@ impl Device {
         let due = policy.due_for_purge(now);
         if due.is_empty() {
             let mut extras = Extras::default();
-            extras.set(key::TRUSTED, &self.high_water())?;
+            self.keep_clock(&mut extras)?;
             self.store.put_device_state(&extras)?;
             return Ok(report);
         }
@@ -1317,7 +1493,7 @@ impl Device {
             }])?;
             let mut extras = Extras::default();
             extras.set(key::ENDED, &ended)?;
-            extras.set(key::TRUSTED, &self.high_water())?;
+            self.keep_clock(&mut extras)?;
             let purged = self.store.purge_lease_with(id, &extras)?;
             tracing::info!(
                 lease = id.0,
@@ -1444,7 +1620,8 @@ impl Device {
 pub fn audit_offline(store: &Arc<Store>, event: AuditEvent) -> Result<u64, DeviceError> {
     let clock = crate::clock::SystemClock::new();
     let high: Option<Timestamp> = store.device_state(key::TRUSTED)?;
-    let mut trusted = TrustedTime::resume(high, &clock);
+    let offset: i64 = store.device_state(key::WALL_OFFSET)?.unwrap_or(0);
+    let mut trusted = TrustedTime::resume_with(high, offset, &clock);
     let at = trusted.now(&clock);
     let wall = Timestamp::from_millis(clock.wall_ms()).unwrap_or(at);
     let log = AuditLog::start(Arc::clone(store))?;
@@ -1452,8 +1629,23 @@ pub fn audit_offline(store: &Arc<Store>, event: AuditEvent) -> Result<u64, Devic
     log.close();
     let mut extras = Extras::default();
     extras.set(key::TRUSTED, &trusted.high_water())?;
+    extras.set(key::WALL_OFFSET, &trusted.wall_offset_ms())?;
     store.put_device_state(&extras)?;
     Ok(seq?)
+}
+
+/// 32 fresh random bytes for a checkin, from the operating system's generator.
+fn nonce() -> Result<Hash32, DeviceError> {
+    let mut b = [0u8; 32];
+    crate::crypto::fill_random(&mut b).map_err(|e| DeviceError::Store(StoreError::Crypto(e)))?;
+    Ok(Hash32(b))
+}
+
+/// When a DER certificate expires.
+fn certificate_not_after(der: &[u8]) -> Option<Timestamp> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let secs = cert.validity().not_after.timestamp();
+    Timestamp::from_millis(u64::try_from(secs).ok()?.checked_mul(1000)?).ok()
 }
 
 /// This software's name and version, as hellos carry it.

@@ -967,6 +967,32 @@ impl Identity {
         Ok(true)
     }
 
+    /// Trusted time was corrected back by `back_ms` (SPEC.md §3.9): every time a session
+    /// holds moves back with it, so a session opened on the wrong clock keeps the time it
+    /// had left, no more. Blocking.
+    pub fn move_back(&self, store: &Store, back_ms: u64) -> Result<(), StoreError> {
+        let back = |t: Timestamp| {
+            Timestamp::from_millis(t.as_millis().saturating_sub(back_ms)).unwrap_or(t)
+        };
+        let mut state = lock(&self.state);
+        if state.sessions.is_empty() && state.used.is_empty() {
+            return Ok(());
+        }
+        for s in &mut state.sessions {
+            s.opened = back(s.opened);
+            s.expires = back(s.expires);
+            s.next_pin_at = s.next_pin_at.map(back);
+        }
+        for (_, until) in &mut state.used {
+            *until = back(*until);
+        }
+        Self::save(store, &state)?;
+        for t in lock(&self.used).values_mut() {
+            *t = back(*t);
+        }
+        Ok(())
+    }
+
     /// Ends every session past its time; returns their ids. Blocking.
     pub fn end_expired(&self, store: &Store, now: Timestamp) -> Result<Vec<u64>, StoreError> {
         let mut state = lock(&self.state);

@@ -48,6 +48,16 @@ impl SourceKind {
     }
 
     /// How to name this source to an operator.
+    /// A short stable name, as audit entries carry it.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::KeyFile => "key-file",
+            Self::Credential => "credential",
+            Self::Passphrase => "passphrase",
+        }
+    }
+
+    /// In words.
     pub fn describe(self) -> &'static str {
         match self {
             Self::KeyFile => "a key file",

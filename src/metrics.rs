@@ -69,6 +69,8 @@ pub struct Metrics {
     pub sync_round_bytes: Gauge,
     /// Seconds until the round under way completes at its rate so far (-1 unknown).
     pub sync_eta: Gauge,
+    /// Corrections of trusted time from the hub's nonce-bound time since start.
+    pub clock_corrections: Counter,
 }
 
 impl Default for Metrics {
@@ -106,8 +108,14 @@ impl Metrics {
             caseload_arriving: Gauge::default(),
             sync_round_bytes: Gauge::default(),
             sync_eta: Gauge::default(),
+            clock_corrections: Counter::default(),
         };
         registry.register("syncs", "Sync rounds by outcome", m.syncs.clone());
+        registry.register(
+            "clock_corrections",
+            "Corrections of trusted time from the hub's nonce-bound time",
+            m.clock_corrections.clone(),
+        );
         registry.register(
             "reads",
             "Patient reads by outcome and reason",

@@ -16,11 +16,13 @@ use std::time::Duration;
 use sync_protocol::NhsNumber;
 use sync_protocol::codec::SUPPORTED_VERSIONS;
 use sync_protocol::message::{
-    AllowedSetDigest, Batch, ErrorCode, ErrorMessage, Hello, Lease, LeaseChange, MAX_PULL_WANT,
-    Message, MessageKind, Pull, Welcome,
+    AllowedSetDigest, Batch, Checkin, ErrorCode, ErrorMessage, Health, Hello, Lease, LeaseChange,
+    MAX_PULL_WANT, Message, MessageKind, Pull, Welcome,
 };
 use sync_protocol::sensitive::CodeList;
-use sync_protocol::types::{BoundedVec, Capabilities, Cursor, DeviceId, LeaseId, Text, Timestamp};
+use sync_protocol::types::{
+    BoundedVec, Capabilities, Cursor, DeviceId, Hash32, LeaseId, Text, Timestamp,
+};
 
 use crate::clock::{HubTimeError, check_hub_time};
 
@@ -34,6 +36,8 @@ pub mod path {
     pub const PULL: &str = "/ccsp/v1/pull";
     /// Audit push.
     pub const AUDIT: &str = "/ccsp/v1/audit";
+    /// Checkin (version 6).
+    pub const CHECKIN: &str = "/ccsp/v1/checkin";
 }
 
 /// How far a batch's hub time may fall behind the last applied batch's before it is
@@ -85,6 +89,11 @@ pub enum SyncError {
         /// Patients the hub allows.
         allowed: u32,
     },
+    /// Hub: a checkin answer that does not carry the nonce sent, or a time correction
+    /// the device will not take (the hub's time went back past its own earlier answers,
+    /// or the hub's two times in the exchange disagree).
+    #[error("answer rejected: {0}")]
+    Checkin(&'static str),
     /// Hub: offered patients no lease on this device covers, or answered more wanted
     /// patients than were asked for, or ended the round with wanted records unsent.
     #[error("batch rejected: {0}")]
@@ -168,6 +177,9 @@ pub enum Step {
     Finished(Summary),
     /// The hub says this device is revoked: destroy its keys and data.
     Wipe,
+    /// The hub's time, bound to this round's nonce, is far from trusted time: set
+    /// trusted time to it (audited), then begin the round again.
+    CorrectClock(Timestamp),
 }
 
 /// A checked batch ready to apply.
@@ -231,11 +243,29 @@ pub struct Start {
     pub holding: u32,
     /// Offered patients still wanted from an earlier, unfinished round.
     pub want: Vec<NhsNumber>,
+    /// Fresh random bytes for this round's checkin (version 6).
+    pub nonce: Hash32,
+    /// The health report the checkin carries.
+    pub health: Health,
+    /// Whether this round may correct trusted time from the hub's (not in a round begun
+    /// again after a correction).
+    pub may_correct_clock: bool,
+    /// The device's wall clock, when trusted time discounts it after an earlier
+    /// correction: a hub far ahead of trusted time that agrees with this clock corrects
+    /// trusted time forward (the clock was repaired). A hub far ahead is otherwise
+    /// refused, so a hub whose own clock is wrong cannot end every lease.
+    pub discounted_wall: Option<Timestamp>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
     Welcome,
+    /// Waiting for the checkin answer; `correct` when the welcome's hub time was too far
+    /// from trusted time to accept without it.
+    Checkin {
+        correct: bool,
+        welcome_time: Timestamp,
+    },
     Batch,
     Applying {
         more: bool,
@@ -336,16 +366,87 @@ impl Round {
         }
         match (&self.state, msg) {
             (State::Welcome, Message::Welcome(w)) => {
-                check_welcome(&w, &self.start.device_id, now, self.start.max_skew)?;
-                self.hub_time = Some(w.hub_time);
+                let checked = check_welcome(&w, &self.start.device_id, now, self.start.max_skew);
+                // From version 6 a hub time far from trusted time is asked again, bound
+                // to a nonce, and corrects trusted time (SPEC.md §3.9).
+                let correct = match checked {
+                    Ok(()) => false,
+                    Err(SyncError::HubTime(e))
+                        if w.version >= 6
+                            && self.start.may_correct_clock
+                            && (!e.ahead
+                                || self.start.discounted_wall.is_some_and(|wall| {
+                                    check_hub_time(w.hub_time, wall, self.start.max_skew).is_ok()
+                                })) =>
+                    {
+                        true
+                    }
+                    Err(e) => return Err(e),
+                };
                 self.start.max_bytes = self
                     .start
                     .max_bytes
                     .min(w.max_batch_bytes.max(Pull::MIN_BUDGET));
+                if w.version < 6 {
+                    self.hub_time = Some(w.hub_time);
+                    self.state = State::Batch;
+                    return Ok(self.pull());
+                }
+                if !correct {
+                    self.hub_time = Some(w.hub_time);
+                }
+                self.state = State::Checkin {
+                    correct,
+                    welcome_time: w.hub_time,
+                };
+                Ok(Step::Send(
+                    path::CHECKIN,
+                    Message::Checkin(Checkin {
+                        nonce: self.start.nonce,
+                        health: self.start.health.clone(),
+                    }),
+                ))
+            }
+            (
+                State::Checkin {
+                    correct,
+                    welcome_time,
+                },
+                Message::CheckinAnswer(a),
+            ) => {
+                let (correct, welcome_time) = (*correct, *welcome_time);
+                if a.nonce != self.start.nonce {
+                    return Err(SyncError::Checkin(
+                        "the checkin answer carries another nonce",
+                    ));
+                }
+                if correct {
+                    // The two hub times of this exchange agree with each other …
+                    check_hub_time(a.hub_time, welcome_time, self.start.max_skew).map_err(
+                        |_| SyncError::Checkin("the hub's times in one exchange disagree"),
+                    )?;
+                    // … and the hub's clock has not gone back past its own earlier answers.
+                    if let Some(last) = self.start.last_batch_time
+                        && u128::from(last.as_millis().saturating_sub(a.hub_time.as_millis()))
+                            > REPLAY_TOLERANCE.as_millis()
+                    {
+                        return Err(SyncError::Checkin(
+                            "the hub's time is behind a batch it sent before",
+                        ));
+                    }
+                    self.state = State::Done;
+                    return Ok(Step::CorrectClock(a.hub_time));
+                }
+                check_hub_time(a.hub_time, now, self.start.max_skew)?;
+                self.hub_time = Some(a.hub_time);
                 self.state = State::Batch;
                 Ok(self.pull())
             }
             (State::Batch, Message::Batch(b)) => self.on_batch(b, wire_bytes, now),
+            (State::Checkin { .. }, other) => Err(SyncError::Unexpected {
+                expected: MessageKind::CheckinAnswer,
+                got: other.kind(),
+            }),
             (State::Welcome, other) => Err(SyncError::Unexpected {
                 expected: MessageKind::Welcome,
                 got: other.kind(),

@@ -71,6 +71,9 @@ pub enum UploadError {
         /// The version the hub chose.
         hub: u16,
     },
+    /// The time allowed ran out (a revoked device's last upload) with entries unsent.
+    #[error("the time allowed for the upload ran out with entries unsent")]
+    OutOfTime,
     /// The hub answered a push without acknowledging anything new.
     #[error("the hub acknowledged nothing new (durable through {0})")]
     NoProgress(u64),
@@ -86,6 +89,19 @@ pub(crate) fn push_all(
     chunk: usize,
     welcome: &Welcome,
     report: &mut UploadReport,
+) -> Result<(), DeviceError> {
+    push_until(store, health, transport, chunk, welcome, report, None)
+}
+
+/// [`push_all`], stopping before a push that would start after `deadline`.
+pub(crate) fn push_until(
+    store: &Store,
+    health: &AuditHealth,
+    transport: &Transport,
+    chunk: usize,
+    welcome: &Welcome,
+    report: &mut UploadReport,
+    deadline: Option<std::time::Instant>,
 ) -> Result<(), DeviceError> {
     let hub_durable = welcome.audit_durable_through;
     let version = welcome.version;
@@ -105,6 +121,9 @@ pub(crate) fn push_all(
     }
     let mut acked = acked;
     loop {
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err(UploadError::OutOfTime.into());
+        }
         let scanned = store.audit_scan(acked.seq.saturating_add(1), chunk)?;
         let mut entries = Vec::with_capacity(scanned.len());
         let mut damaged = None;
@@ -113,7 +132,7 @@ pub(crate) fn push_all(
         for (seq, e) in scanned {
             match e {
                 // An entry this hub's version cannot read stops the run before it.
-                Ok(e) if seq == expect && version < 4 => {
+                Ok(e) if seq == expect && version < sync_protocol::codec::VERSION => {
                     let needs = sync_protocol::audit::AuditRecord::decode(e.record.as_slice())
                         .map_or(1, |r| r.min_version());
                     if needs > version {

@@ -201,6 +201,51 @@ fn init_and_rekey_with_passphrases_from_the_environment() {
     };
     assert!(unlock("second passphrase here"));
     assert!(!unlock("first passphrase here"));
+    use sync_protocol::audit::{AuditEvent, KeyEvent};
+    let key_events = |root: &carecache::crypto::RootKey| {
+        let store = carecache::store::Store::open(&data, root).unwrap();
+        crate::api_harness::audit_of(&store)
+            .into_iter()
+            .filter_map(|(_, r)| match r.event {
+                AuditEvent::Key(k) => Some(k),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let second = carecache::store::unlock(
+        &data,
+        &KeySource::Passphrase(Passphrase::new("second passphrase here".into())),
+    )
+    .unwrap();
+    // A passphrase for a passphrase: a rotation, the source's kind unchanged.
+    assert_eq!(key_events(&second), vec![KeyEvent::Rekeyed]);
+    // A passphrase for a key file: the change of source is audited as well.
+    let key = tmp.path().join("root.key");
+    let out = carecache_env(
+        &[
+            "rekey",
+            "--data-dir",
+            d,
+            "--passphrase",
+            "--new-key-file",
+            key.to_str().unwrap(),
+        ],
+        &[("CARECACHE_PASSPHRASE", "second passphrase here")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let root = carecache::keysource::read_key_file(&key).unwrap();
+    let text = |s: &str| sync_protocol::types::Text::new(s).unwrap();
+    assert_eq!(
+        key_events(&root),
+        vec![
+            KeyEvent::Rekeyed,
+            KeyEvent::Rekeyed,
+            KeyEvent::KeySourceChanged {
+                from: text("passphrase"),
+                to: text("key-file"),
+            }
+        ]
+    );
     // No passphrase and no terminal: a clear error rather than a hang.
     let out = carecache_env(
         &["rekey", "--data-dir", d, "--passphrase", "--new-passphrase"],

@@ -153,3 +153,126 @@ fn jittered_clock_never_gives_access_past_the_granted_end() {
     );
     assert!(dev.held().is_empty(), "purged once ended");
 }
+
+/// The clock corrections in the device's audit, as the hub holds it (uploaded at the end
+/// of each sync) and as still waits on the device.
+fn corrections(hub: &TestHub, dev: &Dev) -> Vec<(u64, u64, u32)> {
+    let id = dev.id();
+    let head = hub.hub.state.audit_head(&id).unwrap().seq;
+    let uploaded =
+        (1..=head).map(|seq| hub.hub.state.audit_entry(&id, seq).unwrap().unwrap().record);
+    let waiting = audit_of(dev.device.store()).into_iter().map(|(_, r)| r);
+    uploaded
+        .chain(waiting)
+        .filter_map(|r| match r.event {
+            AuditEvent::ClockCorrected {
+                from,
+                to,
+                leases_reopened,
+            } => Some((from.as_millis(), to.as_millis(), leases_reopened)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// HAZ-10: a forward jump ends every lease (fail-safe), and the next contact with the
+/// hub puts trusted time right from the hub's nonce-bound time — though the tablet's
+/// clock is still a year ahead — asks for the ended leases again and gets the caseload
+/// back, without re-enrolment; the correction is audited and survives a restart.
+#[test]
+fn a_forward_jump_is_corrected_at_the_next_sync_without_re_enrolment() {
+    let hub = TestHub::start(30, 53);
+    let dev = Dev::enrolled(&hub);
+    let patients = shareable(&hub, 30);
+    grant(&hub, &dev.id(), &patients, json!({}));
+    dev.sync().unwrap();
+    dev.clock.set_wall(T0 + YEAR);
+    dev.device.tick().unwrap();
+    assert!(dev.held().is_empty(), "the jump ended the lease");
+
+    // The clock stays wrong (a bad RTC); the hub is reached.
+    dev.sync().unwrap();
+    let now = dev.device.now().as_millis();
+    assert!(
+        (T0..T0 + 120_000).contains(&now),
+        "trusted time is the hub's again: {} s after T0",
+        (now - T0) / 1000
+    );
+    let c = corrections(&hub, &dev);
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert!(
+        c[0].0 >= T0 + YEAR && c[0].1 < T0 + 120_000 && c[0].2 == 1,
+        "{c:?}"
+    );
+    assert_eq!(dev.held().len(), patients.len(), "the caseload is back");
+    assert_eq!(decide(&dev, &patients[0]), Ok(()));
+
+    // A restart with the wall clock still a year ahead keeps the correction.
+    let dev = dev.restart();
+    assert!(dev.device.now().as_millis() < T0 + 180_000);
+    dev.device.tick().unwrap();
+    assert_eq!(decide(&dev, &patients[0]), Ok(()), "no lease ended again");
+    // And a later sync with the hub at the same time changes nothing more.
+    dev.sync().unwrap();
+    assert_eq!(corrections(&hub, &dev).len(), 1);
+    assert_eq!(dev.held().len(), patients.len());
+
+    // Someone repairs the clock while the tablet is off for a day: trusted time, still
+    // discounting the old error, lags the hub by a day — a hub that far ahead agrees
+    // with the repaired clock, so it corrects trusted time forward rather than leave the
+    // device refusing it for ever.
+    const DAY_MS: u64 = 86_400_000;
+    dev.clock.set_wall(T0 + DAY_MS);
+    hub.set_time(T0 + DAY_MS);
+    let dev = dev.restart();
+    assert!(dev.device.now().as_millis() < T0 + 180_000, "lagging");
+    dev.sync().unwrap();
+    assert!(dev.device.now().as_millis() >= T0 + DAY_MS);
+    assert_eq!(corrections(&hub, &dev).len(), 2);
+    dev.clock.advance(Duration::from_secs(3600));
+    assert!(
+        dev.device.now().as_millis() >= T0 + DAY_MS + 3_600_000,
+        "the repaired wall clock counts again"
+    );
+}
+
+/// The correction takes only the hub's time bound to this round's nonce: a checkin
+/// answer recorded earlier and replayed (or any other nonce) is refused, trusted time
+/// stays ahead and access stays ended; offline, nothing changes either.
+#[test]
+fn a_replayed_checkin_answer_does_not_move_the_clock() {
+    use carecache_hub::server::Tamper;
+    use std::sync::{Arc, Mutex};
+    let hub = TestHub::start(10, 54);
+    let dev = Dev::enrolled(&hub);
+    let patients = shareable(&hub, 10);
+    grant(&hub, &dev.id(), &patients, json!({}));
+    let recorded: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+    let keep = Arc::clone(&recorded);
+    hub.hub
+        .dangerous_set_response_hook(Some(Arc::new(move |route, bytes| {
+            if route == "checkin" {
+                let mut slot = keep.lock().unwrap();
+                match slot.as_ref() {
+                    None => *slot = Some(bytes.to_vec()),
+                    Some(old) => return Tamper::Replace(old.clone()),
+                }
+            }
+            Tamper::Pass
+        })));
+    dev.sync().unwrap();
+    assert!(recorded.lock().unwrap().is_some(), "a checkin was answered");
+    dev.clock.set_wall(T0 + YEAR);
+    dev.device.tick().unwrap();
+    let err = dev.sync().unwrap_err();
+    assert!(err.to_string().contains("nonce"), "{err}");
+    assert!(dev.device.now().as_millis() >= T0 + YEAR, "not moved back");
+    assert!(corrections(&hub, &dev).is_empty());
+    assert!(dev.held().is_empty());
+
+    // The hub answers for itself again: corrected.
+    hub.hub.dangerous_set_response_hook(None);
+    dev.sync().unwrap();
+    assert_eq!(corrections(&hub, &dev).len(), 1);
+    assert_eq!(dev.held().len(), patients.len());
+}

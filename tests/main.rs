@@ -23,6 +23,7 @@ mod fault_proxy;
 mod faults;
 mod fixture_content;
 mod fixture_content_v2;
+mod fleet;
 mod fuzz_corpora;
 mod harness;
 mod hostile_hub;

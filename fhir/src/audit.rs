@@ -282,6 +282,17 @@ fn event(e: &Entry<'_>) -> model::AuditEvent {
                 minute.rfc3339()
             ),
         ),
+        AuditEvent::ClockCorrected {
+            from,
+            to,
+            leases_reopened,
+        } => (
+            "110100",
+            ("110120", "Application Start"),
+            "0",
+            None,
+            clock_text(*from, *to, *leases_reopened),
+        ),
         AuditEvent::Lookup(l) => (
             "110112",
             ("110112", "Query"),
@@ -366,7 +377,29 @@ fn key_text(k: &KeyEvent) -> String {
         KeyEvent::Enrolled => "device enrolled".to_owned(),
         KeyEvent::ClientAdded { name } => format!("client {} registered", name.as_str()),
         KeyEvent::ClientRevoked { name } => format!("client {} revoked", name.as_str()),
+        KeyEvent::KeySourceChanged { from, to } => {
+            format!(
+                "root key source changed from {} to {}",
+                from.as_str(),
+                to.as_str()
+            )
+        }
+        KeyEvent::WipeOrdered { backlog } => format!(
+            "device revoked by the hub: wipe ordered, {backlog} audit entries waiting for upload"
+        ),
     }
+}
+
+fn clock_text(
+    from: sync_protocol::types::Timestamp,
+    to: sync_protocol::types::Timestamp,
+    leases_reopened: u32,
+) -> String {
+    format!(
+        "trusted time corrected from {} to the hub's {} (nonce-bound); {leases_reopened} leases ended in the skipped time asked of the hub again",
+        from.rfc3339(),
+        to.rfc3339()
+    )
 }
 
 fn access_event(e: &Entry<'_>, r: &Access, staff: Option<&ProvenStaff>) -> model::AuditEvent {
@@ -574,6 +607,11 @@ pub fn describe(e: &Entry<'_>) -> String {
                 .unwrap_or_default(),
             minute.rfc3339()
         ),
+        AuditEvent::ClockCorrected {
+            from,
+            to,
+            leases_reopened,
+        } => clock_text(*from, *to, *leases_reopened),
     };
     format!("{}  {}#{}  {what}", e.record.at.rfc3339(), e.device, e.seq)
 }

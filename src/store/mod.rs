@@ -1571,6 +1571,19 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io("sync data directory", dir, e))
 }
 
+/// Bytes the files of a data directory take (its top level: the database, the keyring
+/// and their companions); 0 where it cannot be read.
+pub fn disk_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .filter(fs::Metadata::is_file)
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
 /// Destroys a data directory: the keyring is overwritten and removed first (after which
 /// nothing in the directory opens), then the database and the directory itself.
 pub fn wipe(dir: &Path) -> Result<(), StoreError> {

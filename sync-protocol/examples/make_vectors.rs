@@ -13,9 +13,9 @@
 use std::path::Path;
 
 use sync_protocol::audit::{
-    Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, DenyReason, LeaseEnd,
-    LookupEvent, LookupOutcome, ProvenStaff, Purpose, SectionKind, SectionShown, SessionEnd,
-    SessionEvent, SessionRefusal, Shown, SignInRoute,
+    Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, DenyReason, KeyEvent,
+    LeaseEnd, LookupEvent, LookupOutcome, ProvenStaff, Purpose, SectionKind, SectionShown,
+    SessionEnd, SessionEvent, SessionRefusal, Shown, SignInRoute,
 };
 use sync_protocol::message::*;
 use sync_protocol::record::*;
@@ -104,6 +104,46 @@ fn enc4(m: Message) -> Vec<u8> {
 
 fn enc5(m: Message) -> Vec<u8> {
     encode_version(&m, Compression::None, 5).unwrap()
+}
+
+fn enc6(m: Message) -> Vec<u8> {
+    encode_version(&m, Compression::None, 6).unwrap()
+}
+
+/// Version 6: a checkin from a device with twelve entries waiting, the oldest from two
+/// days before, its certificate ending in 40 days, and its last sync offline.
+fn checkin() -> Checkin {
+    Checkin {
+        nonce: Hash32([0x5a; 32]),
+        health: Health {
+            store_bytes: 6_291_456,
+            patients_held: 2_000,
+            audit_backlog: 12,
+            audit_oldest: Some(ts(1_735_516_800_000)),
+            audit_last_seq: 4_812,
+            certificate_not_after: Some(ts(1_739_145_600_000)),
+            clock_offset_secs: -3,
+            last_error: Some(HealthError::Offline),
+            wiping: false,
+        },
+    }
+}
+
+/// Version 6: a clock correction, a key-source change and a wipe order in the audit.
+fn push_audit_v6() -> PushAudit {
+    let events = [
+        AuditEvent::ClockCorrected {
+            from: ts(2_051_222_400_000),
+            to: ts(1_735_689_600_000),
+            leases_reopened: 2,
+        },
+        AuditEvent::Key(KeyEvent::KeySourceChanged {
+            from: Text::new("passphrase").unwrap(),
+            to: Text::new("key-file").unwrap(),
+        }),
+        AuditEvent::Key(KeyEvent::WipeOrdered { backlog: 41 }),
+    ];
+    chained(events, 1_735_689_600_000, 1000)
 }
 
 /// Version 5: a pull from a device holding 2,000 patients that lacks two it was offered.
@@ -857,7 +897,32 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     );
     let mut v4_lookup = enc5(Message::Lookup(lookup()));
     v4_lookup[5] = 4;
+    let mut v5_checkin = enc6(Message::Checkin(checkin()));
+    v5_checkin[5] = 5;
     vec![
+        (
+            "ok-checkin",
+            "version 6: a checkin with its nonce and the device's health (12 audit entries waiting, last sync offline)",
+            enc6(Message::Checkin(checkin())),
+        ),
+        (
+            "ok-checkin-answer",
+            "version 6: the hub's time, bound to the checkin's nonce",
+            enc6(Message::CheckinAnswer(CheckinAnswer {
+                nonce: Hash32([0x5a; 32]),
+                hub_time: ts(1_735_689_600_000),
+            })),
+        ),
+        (
+            "err-v5-checkin-kind",
+            "a checkin in a version-5 frame (checkins exist from version 6)",
+            v5_checkin,
+        ),
+        (
+            "ok-push-audit-v6-clock-key-wipe",
+            "version 6: trusted time corrected back from 2035 to the hub's, a key-source change and a wipe order in the audit",
+            enc6(Message::PushAudit(push_audit_v6())),
+        ),
         (
             "ok-pull-v5-holding-want",
             "version 5: a pull from a device holding 2,000 patients that lacks two it was offered",

@@ -295,6 +295,30 @@ pub enum KeyEvent {
         /// Its name.
         name: Text<64>,
     },
+    /// Version 6: the root key now comes from another kind of source (written with
+    /// [`KeyEvent::Rekeyed`] when a rotation changed the kind).
+    KeySourceChanged {
+        /// The kind before: `passphrase`, `key-file` or `credential`.
+        from: Text<32>,
+        /// The kind now.
+        to: Text<32>,
+    },
+    /// Version 6: the hub revoked this device; its audit backlog is uploaded (this entry
+    /// last), then its keys and data are destroyed.
+    WipeOrdered {
+        /// Entries waiting for upload when the order came (this one not counted).
+        backlog: u32,
+    },
+}
+
+impl KeyEvent {
+    /// The lowest protocol version that can carry this event.
+    pub fn min_version(&self) -> u16 {
+        match self {
+            Self::KeySourceChanged { .. } | Self::WipeOrdered { .. } => 6,
+            _ => 1,
+        }
+    }
 }
 
 /// What an audit entry records.
@@ -365,6 +389,17 @@ pub enum AuditEvent {
         /// How many more failed in that minute (refused with 429 past the limit
         /// included).
         count: u32,
+    },
+    /// Version 6: trusted time was set from the hub's time bound to a fresh nonce
+    /// (SPEC.md §3.9), after the device's clock had run ahead of it.
+    ClockCorrected {
+        /// Trusted time before.
+        from: Timestamp,
+        /// Trusted time after (the hub's).
+        to: Timestamp,
+        /// Leases that had ended on the device in the time skipped, now asked of the
+        /// hub again.
+        leases_reopened: u32,
     },
 }
 
@@ -569,6 +604,8 @@ impl AuditRecord {
     /// hub that negotiated a lower version.
     pub fn min_version(&self) -> u16 {
         match &self.event {
+            AuditEvent::ClockCorrected { .. } => 6,
+            AuditEvent::Key(k) => k.min_version(),
             AuditEvent::Lookup(_) | AuditEvent::AuthFailures { .. } => 5,
             AuditEvent::ProvenAccess { .. } | AuditEvent::Session(_) => 4,
             AuditEvent::Access(a) => match a.outcome {

@@ -29,9 +29,9 @@ pub const MAGIC: [u8; 4] = *b"CCSP";
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this crate encodes by default.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// The versions this crate decodes (and encodes, with [`encode_version`]).
-pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=5;
+pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=6;
 /// zstd level used when compressing: fast to encode, and decoding speed does not
 /// depend on it.
 const ZSTD_LEVEL: i32 = 3;
@@ -247,6 +247,8 @@ fn decode_payload(version: u16, kind: MessageKind, payload: &[u8]) -> Result<Mes
         MessageKind::Error => Message::Error(decode_canonical(payload)?),
         MessageKind::Lookup => Message::Lookup(decode_canonical(payload)?),
         MessageKind::LookupGranted => Message::LookupGranted(Box::new(decode_canonical(payload)?)),
+        MessageKind::Checkin => Message::Checkin(decode_canonical(payload)?),
+        MessageKind::CheckinAnswer => Message::CheckinAnswer(decode_canonical(payload)?),
     })
 }
 
@@ -355,6 +357,8 @@ pub fn encode_version(
         Message::Error(m) => to_vec(m),
         Message::Lookup(m) => to_vec(m),
         Message::LookupGranted(m) => to_vec(m.as_ref()),
+        Message::Checkin(m) => to_vec(m),
+        Message::CheckinAnswer(m) => to_vec(m),
     }?;
     let limit = kind.max_payload();
     let content_len = u32::try_from(payload.len())

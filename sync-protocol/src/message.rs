@@ -62,11 +62,15 @@ pub enum MessageKind {
     Lookup = 10,
     /// Hub → device (version 5): a short lease granted for the looked-up patient.
     LookupGranted = 11,
+    /// Device → hub (version 6): a fresh nonce and the device's health report.
+    Checkin = 12,
+    /// Hub → device (version 6): the nonce back, with hub time bound to it.
+    CheckinAnswer = 13,
 }
 
 impl MessageKind {
     /// Every kind, in numbering order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::EnrolRequest,
         Self::EnrolResponse,
         Self::Hello,
@@ -78,6 +82,8 @@ impl MessageKind {
         Self::Error,
         Self::Lookup,
         Self::LookupGranted,
+        Self::Checkin,
+        Self::CheckinAnswer,
     ];
 
     /// The kind for a header byte.
@@ -91,7 +97,8 @@ impl MessageKind {
             Self::EnrolRequest => 32 * 1024,
             Self::EnrolResponse => 96 * 1024,
             Self::Hello | Self::Welcome | Self::AuditAck => 1024,
-            Self::Lookup => 2048,
+            Self::Lookup | Self::Checkin => 2048,
+            Self::CheckinAnswer => 1024,
             Self::LookupGranted => 1024 * 1024,
             // Version 5: a pull may name up to `MAX_PULL_WANT` patients.
             Self::Pull => 64 * 1024,
@@ -120,6 +127,8 @@ impl MessageKind {
             Self::Error => "error",
             Self::Lookup => "lookup",
             Self::LookupGranted => "lookup-granted",
+            Self::Checkin => "checkin",
+            Self::CheckinAnswer => "checkin-answer",
         }
     }
 
@@ -127,6 +136,7 @@ impl MessageKind {
     pub fn since_version(self) -> u16 {
         match self {
             Self::Lookup | Self::LookupGranted => 5,
+            Self::Checkin | Self::CheckinAnswer => 6,
             _ => 1,
         }
     }
@@ -163,6 +173,10 @@ pub enum Message {
     Lookup(Lookup),
     /// See [`LookupGranted`] (boxed: it carries a whole record).
     LookupGranted(Box<LookupGranted>),
+    /// See [`Checkin`].
+    Checkin(Checkin),
+    /// See [`CheckinAnswer`].
+    CheckinAnswer(CheckinAnswer),
 }
 
 impl Message {
@@ -180,6 +194,8 @@ impl Message {
             Self::Error(_) => MessageKind::Error,
             Self::Lookup(_) => MessageKind::Lookup,
             Self::LookupGranted(_) => MessageKind::LookupGranted,
+            Self::Checkin(_) => MessageKind::Checkin,
+            Self::CheckinAnswer(_) => MessageKind::CheckinAnswer,
         }
     }
 }
@@ -442,6 +458,86 @@ impl LookupGranted {
     /// A grant, checked as on receipt: the lease names exactly the record's patient.
     pub fn try_from_parts(lease: Lease, record: PatientRecord) -> Result<Self, FieldError> {
         Self::try_from(RawLookupGranted { lease, record })
+    }
+}
+
+/// Device → hub (version 6), after `welcome` in every sync, and alone from a device
+/// being wiped: 32 fresh random bytes, and how the device is (never patient data). The
+/// hub records the report for its fleet view and answers with its time bound to the
+/// nonce, which is what lets a device whose clock ran ahead correct it (SPEC.md §3.9).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Checkin {
+    /// Fresh random bytes, never sent twice.
+    pub nonce: Hash32,
+    /// The device's health.
+    pub health: Health,
+}
+
+/// Hub → device (version 6): the checkin's nonce and the hub's time when it answered.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct CheckinAnswer {
+    /// The nonce the checkin carried.
+    pub nonce: Hash32,
+    /// Hub time.
+    pub hub_time: Timestamp,
+}
+
+/// A device's health, as its checkin reports it (version 6). Counts and times only.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Health {
+    /// Bytes the device's store takes on disk.
+    pub store_bytes: u64,
+    /// Patients whose records the device holds.
+    pub patients_held: u32,
+    /// Audit entries written but not yet acknowledged by the hub.
+    pub audit_backlog: u32,
+    /// When the oldest of those was written (device trusted time).
+    pub audit_oldest: Option<Timestamp>,
+    /// The last audit sequence the device has written (0: none).
+    pub audit_last_seq: u64,
+    /// When the device's certificate expires.
+    pub certificate_not_after: Option<Timestamp>,
+    /// Trusted time minus the device's wall clock, in seconds (positive: the wall clock
+    /// is behind).
+    pub clock_offset_secs: i64,
+    /// What went wrong in the device's last sync, if it failed.
+    pub last_error: Option<HealthError>,
+    /// The device was revoked and is destroying its data: this is its last report, sent
+    /// after its audit upload (`audit_backlog` is what it could not upload).
+    pub wiping: bool,
+}
+
+/// The class of a device's last sync failure, for the fleet view.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum HealthError {
+    /// The hub could not be reached.
+    Offline,
+    /// An answer failed the device's checks.
+    Rejected,
+    /// The hub's time was too far from the device's.
+    Clock,
+    /// The device's store failed (disk full, damaged).
+    Storage,
+    /// The audit upload failed.
+    Audit,
+    /// The device's certificate is expired or refused.
+    Certificate,
+    /// Anything else.
+    Other,
+}
+
+impl HealthError {
+    /// A short stable name, for the hub's JSON and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Offline => "offline",
+            Self::Rejected => "rejected",
+            Self::Clock => "clock",
+            Self::Storage => "storage",
+            Self::Audit => "audit",
+            Self::Certificate => "certificate",
+            Self::Other => "other",
+        }
     }
 }
 

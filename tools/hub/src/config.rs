@@ -30,6 +30,9 @@ pub struct Config {
     /// Request limits.
     #[serde(default)]
     pub limits: Limits,
+    /// When a device needs attention in the fleet view.
+    #[serde(default)]
+    pub fleet: crate::fleet::FleetLimits,
     /// Leases granted from the config file (updated by name on each start).
     #[serde(default, rename = "lease")]
     pub leases: Vec<LeaseSpec>,

@@ -20,6 +20,7 @@ pub mod audit;
 pub mod config;
 pub mod export;
 pub mod fhir_in;
+pub mod fleet;
 mod leases;
 pub mod pki;
 pub mod pull;

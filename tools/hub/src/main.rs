@@ -279,7 +279,8 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
     )?;
     let tls = tls_from_files(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
         .map_err(anyhow::Error::msg)?;
-    let hub = Arc::new(Hub::new(state, ca, &token, &config.limits));
+    let hub =
+        Arc::new(Hub::new(state, ca, &token, &config.limits).with_fleet(config.fleet.clone()));
 
     let source = config.source.clone();
     let ingest_hub = hub.clone();

@@ -98,6 +98,8 @@ pub struct Hub {
     pub lookup_hours: u32,
     /// How long a shared batch is served, in seconds of hub time and of real time.
     shared_secs: u64,
+    /// When a device needs attention in the fleet view.
+    pub fleet: crate::fleet::FleetLimits,
 }
 
 impl std::fmt::Debug for Hub {
@@ -152,7 +154,14 @@ impl Hub {
             batches_built: std::sync::atomic::AtomicU64::new(0),
             lookup_hours: limits.lookup_lease_hours,
             shared_secs: limits.shared_snapshot_secs.clamp(1, 50),
+            fleet: crate::fleet::FleetLimits::default(),
         }
+    }
+
+    /// Sets when a device needs attention in the fleet view.
+    pub fn with_fleet(mut self, fleet: crate::fleet::FleetLimits) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// Replace the clock (tests move hub time).
@@ -421,6 +430,8 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/ccsp/v1/pull", post(pull_route))
         .route("/ccsp/v1/audit", post(audit_route))
         .route("/ccsp/v1/lookup", post(lookup_route))
+        .route("/ccsp/v1/checkin", post(checkin_route))
+        .route("/admin/v1/fleet", get(admin_fleet))
         .route("/admin/v1/lookups", get(admin_lookups))
         .route("/admin/v1/status", get(admin_status))
         .route("/admin/v1/leases", get(admin_leases).post(admin_grant))
@@ -558,6 +569,22 @@ async fn read_frame_versioned(
 
 /// The enrolled, unrevoked device behind a request, within its rate limit.
 fn device(hub: &Hub, peer: &Peer) -> Result<(String, Option<String>), Response> {
+    match enrolled_device(hub, peer)? {
+        (id, _, true) => {
+            tracing::info!(device = %id, "revoked device refused");
+            Err(error_frame(
+                ErrorCode::DeviceRevoked,
+                "this device has been revoked: wipe local data",
+                None,
+            ))
+        }
+        (id, team, false) => Ok((id, team)),
+    }
+}
+
+/// The enrolled device behind a request, revoked or not (`true`), within its rate
+/// limit: a revoked device may still upload its audit and report its wipe.
+fn enrolled_device(hub: &Hub, peer: &Peer) -> Result<(String, Option<String>, bool), Response> {
     let Some(cert) = &peer.cert else {
         return Err(error_frame(
             ErrorCode::Unauthorized,
@@ -576,18 +603,10 @@ fn device(hub: &Hub, peer: &Peer) -> Result<(String, Option<String>), Response> 
         }
         Err(e) => return Err(internal(&e)),
     };
-    if row.revoked {
-        tracing::info!(device = %id, "revoked device refused");
-        return Err(error_frame(
-            ErrorCode::DeviceRevoked,
-            "this device has been revoked: wipe local data",
-            None,
-        ));
-    }
     if hub.limiter.check_key(&id).is_err() {
         return Err(error_frame(ErrorCode::RateLimited, "slow down", Some(1)));
     }
-    Ok((id, row.team))
+    Ok((id, row.team, row.revoked))
 }
 
 fn internal(e: &dyn std::fmt::Display) -> Response {
@@ -904,10 +923,70 @@ async fn admin_lookups(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respo
     }
 }
 
+async fn checkin_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
+    let peer = peer_of(&req);
+    let (parts, body) = req.into_parts();
+    // A revoked device's last checkin confirms its wipe.
+    let (id, _, revoked) = match enrolled_device(&hub, &peer) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let msg = match read_frame(&parts.headers, body, MessageKind::Checkin).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    };
+    let Message::Checkin(c) = msg else {
+        return error_frame(ErrorCode::Malformed, "expected checkin", None);
+    };
+    let now = hub.now();
+    let hub2 = hub.clone();
+    let device_id = id.clone();
+    let health = c.health.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        hub2.state.record_checkin(&device_id, revoked, &health, now)
+    })
+    .await;
+    match stored {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return internal(&e),
+        Err(e) => return internal(&e),
+    }
+    if revoked && c.health.wiping {
+        tracing::warn!(device = %id, audit_unsent = c.health.audit_backlog, "revoked device confirmed its wipe");
+    } else if revoked {
+        return error_frame(
+            ErrorCode::DeviceRevoked,
+            "this device has been revoked: wipe local data",
+            None,
+        );
+    }
+    let answer = Message::CheckinAnswer(sync_protocol::message::CheckinAnswer {
+        nonce: c.nonce,
+        hub_time: now,
+    });
+    hub.answer("checkin", StatusCode::OK, &answer)
+}
+
+async fn admin_fleet(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    let now = hub.now();
+    match hub.state.fleet(now, &hub.fleet) {
+        Ok(devices) => {
+            let attention = devices.iter().filter(|d| !d.attention.is_empty()).count();
+            axum::Json(serde_json::json!({ "devices": devices, "attention": attention }))
+                .into_response()
+        }
+        Err(e) => state_error(&e),
+    }
+}
+
 async fn audit_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
     let peer = peer_of(&req);
     let (parts, body) = req.into_parts();
-    let (id, _) = match device(&hub, &peer) {
+    // A revoked device uploads what it holds before it wipes.
+    let (id, _, _) = match enrolled_device(&hub, &peer) {
         Ok(d) => d,
         Err(r) => return r,
     };

@@ -345,6 +345,7 @@ impl HubState {
             tx.open_table(SOURCE)?;
             tx.open_table(LOOKUPS)?;
             tx.open_table(LOOKUP_LEASES)?;
+            tx.open_table(crate::fleet::HEALTH)?;
             crate::audit::create_tables(&tx)?;
             let mut meta = tx.open_table(META)?;
             migrate_records(&tx, &mut meta)?;

@@ -1,0 +1,256 @@
+//! The fleet view: each device's last checkin (SPEC.md §3.9) — software, store size,
+//! patients held, audit backlog and age, certificate expiry, clock offset, last error
+//! class — kept per device, and read back with the reasons a device needs attention,
+//! so an IT team sees the tablet that has not uploaded audit for two days before the
+//! privacy officer does. A revoked device's last checkin confirms its wipe and counts
+//! the audit entries it could not upload.
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sync_protocol::message::Health;
+use sync_protocol::types::Timestamp;
+
+use crate::state::{HubState, StateError, dec, enc};
+
+/// Device id → its last checkin ([`HealthRow`]).
+pub(crate) const HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("device_health");
+
+/// When a device needs attention. `[fleet]` in `hub.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetLimits {
+    /// No checkin for this long (hours).
+    #[serde(default = "default_48")]
+    pub silent_hours: u64,
+    /// The oldest audit entry waiting on the device is this old (hours).
+    #[serde(default = "default_48")]
+    pub audit_stale_hours: u64,
+    /// The device's certificate expires within this many days.
+    #[serde(default = "default_cert_days")]
+    pub certificate_warn_days: u64,
+    /// The device's trusted time and wall clock differ by more than this (seconds).
+    #[serde(default = "default_clock_secs")]
+    pub clock_warn_secs: u64,
+}
+
+impl Default for FleetLimits {
+    fn default() -> Self {
+        Self {
+            silent_hours: default_48(),
+            audit_stale_hours: default_48(),
+            certificate_warn_days: default_cert_days(),
+            clock_warn_secs: default_clock_secs(),
+        }
+    }
+}
+
+fn default_48() -> u64 {
+    48
+}
+fn default_cert_days() -> u64 {
+    30
+}
+fn default_clock_secs() -> u64 {
+    900
+}
+
+/// A device's last checkin as the hub keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HealthRow {
+    /// Hub time of the checkin (ms).
+    pub at: u64,
+    /// What the device reported.
+    pub health: Health,
+    /// Set by the checkin of a revoked device that is destroying its data: hub time
+    /// (ms) and the audit entries it could not upload.
+    pub wipe: Option<(u64, u32)>,
+}
+
+impl HubState {
+    /// Records a checkin. A revoked device's report marked `wiping` confirms its wipe.
+    pub fn record_checkin(
+        &self,
+        device: &str,
+        revoked: bool,
+        health: &Health,
+        now: Timestamp,
+    ) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(HEALTH)?;
+            let before: Option<HealthRow> = t
+                .get(device)?
+                .map(|v| dec(v.value(), "device_health"))
+                .transpose()?;
+            let wipe = if revoked && health.wiping {
+                Some((now.as_millis(), health.audit_backlog))
+            } else {
+                before.and_then(|b| b.wipe)
+            };
+            let row = HealthRow {
+                at: now.as_millis(),
+                health: health.clone(),
+                wipe,
+            };
+            t.insert(device, enc(&row).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every device's last checkin.
+    pub fn health_rows(&self) -> Result<Vec<(String, HealthRow)>, StateError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HEALTH)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.push((k.value().to_owned(), dec(v.value(), "device_health")?));
+        }
+        Ok(out)
+    }
+
+    /// The fleet: every enrolled device with its last checkin and what needs attention,
+    /// those needing it first (most reasons first), then by id.
+    pub fn fleet(
+        &self,
+        now: Timestamp,
+        limits: &FleetLimits,
+    ) -> Result<Vec<FleetDevice>, StateError> {
+        let health: std::collections::HashMap<String, HealthRow> =
+            self.health_rows()?.into_iter().collect();
+        let mut out: Vec<FleetDevice> = self
+            .devices()?
+            .into_iter()
+            .map(|(id, d)| {
+                let h = health.get(&id);
+                let attention = attention(now, limits, d.revoked, h);
+                FleetDevice {
+                    label: d.label,
+                    team: d.team,
+                    revoked: d.revoked,
+                    last_checkin: h.and_then(|h| ts(h.at)),
+                    health: h.map(|h| h.health.clone()),
+                    wipe: h.and_then(|h| h.wipe).map(|(at, unsent)| WipeConfirmed {
+                        at: ts(at).unwrap_or_default(),
+                        audit_unsent: unsent,
+                    }),
+                    attention,
+                    id,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.attention
+                .len()
+                .cmp(&a.attention.len())
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(out)
+    }
+}
+
+/// One device in the fleet view.
+#[derive(Clone, Debug, Serialize)]
+pub struct FleetDevice {
+    /// Device id.
+    pub id: String,
+    /// Label given at enrolment.
+    pub label: String,
+    /// Team.
+    pub team: Option<String>,
+    /// Whether the hub revoked it.
+    pub revoked: bool,
+    /// Hub time of its last checkin (RFC 3339), if any.
+    pub last_checkin: Option<String>,
+    /// What it reported then.
+    pub health: Option<Health>,
+    /// The wipe its last checkin confirmed, if revoked.
+    pub wipe: Option<WipeConfirmed>,
+    /// Why it needs attention (empty: it does not).
+    pub attention: Vec<String>,
+}
+
+/// A revoked device's confirmation that it destroyed its data.
+#[derive(Clone, Debug, Serialize)]
+pub struct WipeConfirmed {
+    /// When (hub time, RFC 3339).
+    pub at: String,
+    /// Audit entries it could not upload first (lost with the wipe).
+    pub audit_unsent: u32,
+}
+
+fn ts(ms: u64) -> Option<String> {
+    Timestamp::from_millis(ms).ok().map(|t| t.utc_seconds())
+}
+
+/// Why a device needs attention, as short stable codes with the figure that tripped
+/// them.
+fn attention(
+    now: Timestamp,
+    limits: &FleetLimits,
+    revoked: bool,
+    row: Option<&HealthRow>,
+) -> Vec<String> {
+    let mut why = Vec::new();
+    let now_ms = now.as_millis();
+    let hours = |ms: u64| ms / 3_600_000;
+    let Some(row) = row else {
+        if !revoked {
+            why.push(
+                "no-checkin: the device has not reported (older software, or never synced)"
+                    .to_owned(),
+            );
+        }
+        return why;
+    };
+    if revoked {
+        match row.wipe {
+            None => why.push("revoked-not-wiped: no wipe confirmation yet".to_owned()),
+            Some((_, unsent)) if unsent > 0 => {
+                why.push(format!(
+                    "wipe-lost-audit: {unsent} audit entries were not uploaded"
+                ));
+            }
+            Some(_) => {}
+        }
+        return why;
+    }
+    let h = &row.health;
+    let silent = now_ms.saturating_sub(row.at);
+    if silent >= limits.silent_hours.saturating_mul(3_600_000) {
+        why.push(format!("silent: no checkin for {} h", hours(silent)));
+    }
+    if let Some(oldest) = h.audit_oldest {
+        // The device's trusted time, checked by the hub at every checkin.
+        let age = now_ms.saturating_sub(oldest.as_millis());
+        if age >= limits.audit_stale_hours.saturating_mul(3_600_000) {
+            why.push(format!(
+                "audit-stale: {} entries waiting, the oldest {} h old",
+                h.audit_backlog,
+                hours(age)
+            ));
+        }
+    }
+    if let Some(until) = h.certificate_not_after {
+        let left = until.as_millis().saturating_sub(now_ms);
+        if left == 0 {
+            why.push("certificate-expired".to_owned());
+        } else if left < limits.certificate_warn_days.saturating_mul(86_400_000) {
+            why.push(format!(
+                "certificate-expiring: {} days left",
+                left / 86_400_000
+            ));
+        }
+    }
+    if h.clock_offset_secs.unsigned_abs() > limits.clock_warn_secs {
+        why.push(format!(
+            "clock: trusted time and the wall clock differ by {} s",
+            h.clock_offset_secs
+        ));
+    }
+    if let Some(e) = h.last_error {
+        why.push(format!("last-error: {}", e.name()));
+    }
+    why
+}
