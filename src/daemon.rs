@@ -32,8 +32,13 @@ pub fn open(config_path: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Device>
 }
 
 /// `carecache enrol`.
-pub fn enrol(config_path: &Path, token: &str) -> anyhow::Result<()> {
+pub fn enrol(config_path: &Path, token: &str, renew: bool) -> anyhow::Result<()> {
     let device = open(config_path, Arc::new(SystemClock::new()))?;
+    if renew {
+        let id = device.re_enrol(token)?;
+        println!("re-certified {id}; audit waiting on the device goes up at the next sync");
+        return Ok(());
+    }
     let id = device.enrol(token)?;
     println!(
         "enrolled as {id}; the hub CA in {} is pinned from now on",

@@ -55,6 +55,13 @@ mod key {
     pub(super) const WALL_OFFSET: &str = "wall_offset";
 }
 
+/// A device renews its certificate once this share of its life has passed (two
+/// thirds: a year's certificate at eight months, leaving four to succeed).
+const RENEW_AT: (u64, u64) = (2, 3);
+
+/// Status, metrics and every API answer warn this long before the certificate ends.
+pub const CERTIFICATE_WARN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
 /// How long a device the hub revoked spends uploading its audit backlog before it
 /// destroys its keys and data.
 pub const WIPE_UPLOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -173,8 +180,15 @@ pub enum DeviceError {
     )]
     NotEnrolled,
     /// Operator: enrolment was already done.
-    #[error("this device is already enrolled as {0}")]
+    #[error(
+        "this device is already enrolled as {0} (if its certificate ended, ask the hub's administrator for a renewal token and run `carecache enrol --renew`)"
+    )]
     AlreadyEnrolled(String),
+    /// Operator: the device certificate ended before it could be renewed.
+    #[error(
+        "this device's certificate ended {0}: it can no longer reach the hub. Ask the hub's administrator for a renewal token (`POST /admin/v1/devices/<id>/renewal-token`) and run `carecache enrol --renew --token …`; nothing is lost meanwhile (audit waits on the device)"
+    )]
+    CertificateEnded(String),
     /// Network or hub TLS.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -334,6 +348,22 @@ pub struct Status {
     pub identity: IdentityStatus,
     /// How much of the caseload has arrived.
     pub caseload: CaseloadProgress,
+    /// When the device certificate ends (RFC 3339), once enrolled.
+    pub certificate_not_after: Option<String>,
+    /// Within 30 days of that end (or past it): what to do, in words.
+    pub certificate_warning: Option<String>,
+}
+
+/// The certificate warning in words, from the seconds left (negative: ended).
+pub fn certificate_words(left_secs: i64) -> String {
+    if left_secs <= 0 {
+        "the device certificate has ENDED: the device cannot reach the hub; ask the hub's administrator to re-enrol it (nothing is lost: audit waits on the device)".to_owned()
+    } else {
+        format!(
+            "the device certificate ends in {}; it renews itself at the next sync with the hub — if this persists, check the device's contact with the hub",
+            human(left_secs.unsigned_abs())
+        )
+    }
 }
 
 /// The identity mode in status.
@@ -655,6 +685,175 @@ impl Device {
         Ok(())
     }
 
+    /// A link failure while the certificate has ended (by trusted time) is the ended
+    /// certificate, named with its fix. Only a failure: the hub's TLS, not the device's
+    /// clock, decides (a clock run ahead must not lock the device out of the correction).
+    fn explain_certificate(&self, e: DeviceError) -> DeviceError {
+        match (&e, self.certificate_validity()) {
+            (DeviceError::Transport(_), Ok(Some((_, until)))) if self.now() >= until => {
+                DeviceError::CertificateEnded(until.utc_seconds())
+            }
+            _ => e,
+        }
+    }
+
+    /// The device certificate's validity (not before, not after), once enrolled.
+    pub fn certificate_validity(&self) -> Result<Option<(Timestamp, Timestamp)>, DeviceError> {
+        let id: Option<StoredIdentity> = self.store.device_state(key::IDENTITY)?;
+        Ok(id.and_then(|i| certificate_validity(&i.cert_der)))
+    }
+
+    /// Seconds until the certificate ends (negative: ended), when it ends within
+    /// [`CERTIFICATE_WARN`].
+    pub fn certificate_warning(&self) -> Option<i64> {
+        let (_, until) = self.certificate_validity().ok().flatten()?;
+        let left = (i128::from(until.as_millis()) - i128::from(self.now().as_millis())) / 1000;
+        (left < i128::from(CERTIFICATE_WARN.as_secs())).then(|| i64::try_from(left).unwrap_or(0))
+    }
+
+    /// Renews the device certificate when [`RENEW_AT`] of its life has passed: a new key
+    /// pair, certified by the hub over mutual TLS with the current certificate; the new
+    /// one replaces the old only once a hello with it succeeds (until then, and if
+    /// anything fails, the old one stays). Audited. Returns the new end, if renewed.
+    pub fn renew_certificate_if_due(&self) -> Result<Option<Timestamp>, DeviceError> {
+        self.live()?;
+        let Some(id): Option<StoredIdentity> = self.store.device_state(key::IDENTITY)? else {
+            return Err(DeviceError::NotEnrolled);
+        };
+        let Some((from, until)) = certificate_validity(&id.cert_der) else {
+            return Err(DeviceError::Enrol(
+                "the stored certificate does not parse".into(),
+            ));
+        };
+        let life = until.as_millis().saturating_sub(from.as_millis());
+        let due = from.as_millis() + life / RENEW_AT.1 * RENEW_AT.0;
+        if self.now().as_millis() < due {
+            return Ok(None);
+        }
+        let (transport, device_id) = self.connect()?;
+        let key = rcgen::KeyPair::generate()
+            .map_err(|e| DeviceError::Enrol(format!("making a key pair: {e}")))?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .map_err(|e| DeviceError::Enrol(format!("making the certificate request: {e}")))?;
+        let ask = Message::Renew(sync_protocol::message::Renew {
+            csr_der: Bytes::try_from(csr.der().to_vec())
+                .map_err(|_| DeviceError::Enrol("certificate request too large".into()))?,
+        });
+        let answer = transport.exchange(sync::path::RENEW, &ask, MessageKind::Renewed)?;
+        let renewed = match answer.message {
+            Message::Renewed(r) => r,
+            Message::Error(e) if e.code == sync_protocol::message::ErrorCode::DeviceRevoked => {
+                return Err(self.revoked(&transport));
+            }
+            Message::Error(e) => return Err(SyncError::refused(&e).into()),
+            other => {
+                return Err(SyncError::Unexpected {
+                    expected: MessageKind::Renewed,
+                    got: other.kind(),
+                }
+                .into());
+            }
+        };
+        if renewed.device_id != device_id {
+            return Err(SyncError::WrongDevice.into());
+        }
+        let cert_der = renewed.certificate_der.as_slice().to_vec();
+        let public = key.public_key_raw();
+        if !cert_der.windows(public.len()).any(|w| w == public) {
+            return Err(DeviceError::Enrol(
+                "the renewed certificate is not for this device's new key".into(),
+            ));
+        }
+        let Some((_, new_until)) = certificate_validity(&cert_der) else {
+            return Err(DeviceError::Enrol(
+                "the renewed certificate does not parse".into(),
+            ));
+        };
+        let next = StoredIdentity {
+            device_id: id.device_id.clone(),
+            cert_der,
+            key_pem: key.serialize_pem(),
+            ca_pem: id.ca_pem.clone(),
+        };
+        // Confirmed by a hello with the new certificate before the old is let go.
+        let probe = self.transport(
+            &next.ca_pem,
+            Some(&Identity {
+                cert_der: next.cert_der.clone(),
+                key_pem: Zeroizing::new(next.key_pem.clone()),
+            }),
+        )?;
+        let hello = probe.exchange(
+            sync::path::HELLO,
+            &sync::hello(self.now(), &software()?),
+            MessageKind::Welcome,
+        )?;
+        match hello.message {
+            Message::Welcome(w) if w.device_id == device_id => {}
+            Message::Welcome(_) => return Err(SyncError::WrongDevice.into()),
+            Message::Error(e) => return Err(SyncError::refused(&e).into()),
+            other => {
+                return Err(SyncError::Unexpected {
+                    expected: MessageKind::Welcome,
+                    got: other.kind(),
+                }
+                .into());
+            }
+        }
+        let mut extras = Extras::default();
+        extras.set(key::IDENTITY, &next)?;
+        self.store.put_device_state(&extras)?;
+        tracing::info!(until = %new_until.utc_seconds(), "device certificate renewed");
+        self.audit_or_log(AuditEvent::Key(KeyEvent::CertificateRenewed {
+            not_after: new_until,
+        }));
+        Ok(Some(new_until))
+    }
+
+    /// Pins the CA certificates the hub's checkin named, if they differ from the pins —
+    /// during a CA rollover, old and new, then the new alone. Each must be a CA
+    /// certificate, and the new set must keep one of the CAs pinned now (an overlap):
+    /// a hub cannot swap every pin at once. Audited.
+    fn update_pins(&self, trust: &[Vec<u8>]) -> Result<(), DeviceError> {
+        let Some(mut id): Option<StoredIdentity> = self.store.device_state(key::IDENTITY)? else {
+            return Ok(());
+        };
+        let pinned: Vec<Vec<u8>> = pem::parse_many(id.ca_pem.as_bytes())
+            .map(|v| v.into_iter().map(|p| p.contents().to_vec()).collect())
+            .unwrap_or_default();
+        let same = trust.len() == pinned.len() && trust.iter().all(|t| pinned.contains(t));
+        if same || trust.is_empty() {
+            return Ok(());
+        }
+        if !trust.iter().any(|t| pinned.contains(t)) {
+            tracing::warn!(
+                "the hub named CAs to pin that share none with the pinned ones; kept the pins"
+            );
+            return Ok(());
+        }
+        let all_ca = trust
+            .iter()
+            .all(|der| x509_parser::parse_x509_certificate(der).is_ok_and(|(_, c)| c.is_ca()));
+        if !all_ca {
+            tracing::warn!("the hub named a CA to pin that is not a CA certificate; kept the pins");
+            return Ok(());
+        }
+        let pems: Vec<pem::Pem> = trust
+            .iter()
+            .map(|der| pem::Pem::new("CERTIFICATE", der.clone()))
+            .collect();
+        id.ca_pem = pem::encode_many(&pems);
+        let mut extras = Extras::default();
+        extras.set(key::IDENTITY, &id)?;
+        self.store.put_device_state(&extras)?;
+        tracing::warn!(pinned = trust.len(), "hub CA pins changed");
+        self.audit_or_log(AuditEvent::Key(KeyEvent::PinnedCasChanged {
+            pinned: u8::try_from(trust.len()).unwrap_or(u8::MAX),
+        }));
+        Ok(())
+    }
+
     /// The health report a checkin carries (counts and times; never patient data).
     pub fn health(&self, wiping: bool) -> Result<sync_protocol::message::Health, DeviceError> {
         use sync_protocol::message::HealthError;
@@ -759,7 +958,32 @@ impl Device {
         if let Some(id) = self.device_id()? {
             return Err(DeviceError::AlreadyEnrolled(id));
         }
-        let ca_pem = self.ca_pem()?;
+        self.certify(token, None)
+    }
+
+    /// Re-certifies this enrolled device with a one-time renewal token from the hub's
+    /// administrator (`POST /admin/v1/devices/{id}/renewal-token`): for a device whose
+    /// certificate ended before it could renew. The device keeps its id, data, pins
+    /// and audit chain (what waits is uploaded at the next sync). Audited.
+    pub fn re_enrol(&self, token: &str) -> Result<String, DeviceError> {
+        self.live()?;
+        let Some(id): Option<StoredIdentity> = self.store.device_state(key::IDENTITY)? else {
+            return Err(DeviceError::NotEnrolled);
+        };
+        self.certify(token, Some(&id))
+    }
+
+    /// The enrolment exchange: a new key pair certified with `token`; for `renewing`,
+    /// the hub must name the same device.
+    fn certify(
+        &self,
+        token: &str,
+        renewing: Option<&StoredIdentity>,
+    ) -> Result<String, DeviceError> {
+        let ca_pem = match renewing {
+            Some(id) => id.ca_pem.clone(),
+            None => self.ca_pem()?,
+        };
         let token = EnrolmentToken::new(token)
             .map_err(|_| DeviceError::Enrol("the token is malformed".into()))?;
         let key = rcgen::KeyPair::generate()
@@ -802,19 +1026,35 @@ impl Device {
             ));
         }
         let device_id = response.device_id.as_str().to_owned();
+        if let Some(old) = renewing
+            && old.device_id != device_id
+        {
+            return Err(DeviceError::Enrol(format!(
+                "the hub certified another device ({device_id}): the token was an enrolment token, not a renewal token for {}",
+                old.device_id
+            )));
+        }
+        let not_after = certificate_not_after(&cert_der);
         let identity = StoredIdentity {
             device_id: device_id.clone(),
             cert_der,
             key_pem: key_pem.to_string(),
             ca_pem,
         };
-        let trusted = self.observe_hub(response.hub_time);
+        self.observe_hub(response.hub_time);
         let mut extras = Extras::default();
         extras.set(key::IDENTITY, &identity)?;
-        extras.set(key::TRUSTED, &trusted)?;
+        self.keep_clock(&mut extras)?;
         self.store.put_device_state(&extras)?;
-        tracing::info!(device = %device_id, "enrolled");
-        self.audit_or_log(AuditEvent::Key(KeyEvent::Enrolled));
+        if renewing.is_some() {
+            tracing::info!(device = %device_id, "re-certified with a renewal token");
+            self.audit_or_log(AuditEvent::Key(KeyEvent::CertificateRenewed {
+                not_after: not_after.unwrap_or_else(|| self.now()),
+            }));
+        } else {
+            tracing::info!(device = %device_id, "enrolled");
+            self.audit_or_log(AuditEvent::Key(KeyEvent::Enrolled));
+        }
         Ok(device_id)
     }
 
@@ -864,7 +1104,8 @@ impl Device {
             Err(DeviceError::Transport(e)) if e.is_offline() => Err(DeviceError::Transport(e)),
             Err(DeviceError::Revoked) => return Err(DeviceError::Revoked),
             _ => self.round(&mut summary, progress),
-        };
+        }
+        .map_err(|e| self.explain_certificate(e));
         let outcome = match &result {
             Ok(_) => Outcome::Ok,
             Err(DeviceError::Transport(e)) if e.is_offline() => Outcome::Offline(e.to_string()),
@@ -930,6 +1171,15 @@ impl Device {
             // The round's own entries (and any accesses meanwhile) go up at once.
             if let Err(DeviceError::Revoked) = self.upload_audit() {
                 return Err(DeviceError::Revoked);
+            }
+            // Well before the certificate ends, a new one over the old (retried at every
+            // sync until it succeeds).
+            match self.renew_certificate_if_due() {
+                Ok(_) => {}
+                Err(DeviceError::Revoked) => return Err(DeviceError::Revoked),
+                Err(e) => {
+                    tracing::warn!(error = %e, "certificate renewal failed; retried at the next sync")
+                }
             }
         }
         match (result, after) {
@@ -1147,6 +1397,9 @@ impl Device {
                         l.bytes = summary.bytes;
                     }
                     let next = next?;
+                    if let Some(trust) = round.take_trust() {
+                        self.update_pins(&trust)?;
+                    }
                     if let Some(h) = round.hub_time() {
                         let now = self.observe_hub(h);
                         if !contact_saved {
@@ -1596,6 +1849,10 @@ impl Device {
             audit_head: self.audit.health().head_seq.load(Ordering::Relaxed),
             audit_error: self.audit.health().failing(),
             caseload: self.caseload_holding(stats.patients)?,
+            certificate_not_after: self
+                .certificate_validity()?
+                .map(|(_, until)| until.utc_seconds()),
+            certificate_warning: self.certificate_warning().map(certificate_words),
             identity: match self.identity.oidc() {
                 None => IdentityStatus {
                     mode: "asserted",
@@ -1643,9 +1900,19 @@ fn nonce() -> Result<Hash32, DeviceError> {
 
 /// When a DER certificate expires.
 fn certificate_not_after(der: &[u8]) -> Option<Timestamp> {
+    certificate_validity(der).map(|(_, until)| until)
+}
+
+/// A DER certificate's validity: not before, not after.
+fn certificate_validity(der: &[u8]) -> Option<(Timestamp, Timestamp)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let secs = cert.validity().not_after.timestamp();
-    Timestamp::from_millis(u64::try_from(secs).ok()?.checked_mul(1000)?).ok()
+    let ts = |t: x509_parser::time::ASN1Time| {
+        Timestamp::from_millis(u64::try_from(t.timestamp()).ok()?.checked_mul(1000)?).ok()
+    };
+    Some((
+        ts(cert.validity().not_before)?,
+        ts(cert.validity().not_after)?,
+    ))
 }
 
 /// This software's name and version, as hellos carry it.
@@ -1693,6 +1960,16 @@ pub fn render_status(s: &Status) -> String {
         s.device_id.as_deref().unwrap_or("not enrolled")
     );
     let _ = writeln!(out, "hub         {}", s.hub);
+    if let Some(until) = &s.certificate_not_after {
+        let _ = writeln!(
+            out,
+            "certificate ends {until}{}",
+            s.certificate_warning
+                .as_ref()
+                .map(|w| format!(" — WARNING: {w}"))
+                .unwrap_or_default()
+        );
+    }
     let _ = writeln!(
         out,
         "identity    {}",

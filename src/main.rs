@@ -69,6 +69,10 @@ enum Command {
         /// The enrolment token (or $CARECACHE_ENROL_TOKEN).
         #[arg(long, env = "CARECACHE_ENROL_TOKEN", hide_env_values = true)]
         token: String,
+        /// Re-certify this enrolled device with a renewal token (its certificate ended
+        /// before it could renew); it keeps its id, data and audit.
+        #[arg(long)]
+        renew: bool,
     },
     /// Run one sync round now (progress on a terminal).
     Sync {
@@ -204,7 +208,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init { dir, key, kdf } => cli::init(&dir, &key, &kdf),
         Command::Rekey { dir, key, new, kdf } => cli::rekey(&dir, &key, &new, &kdf),
         Command::Wipe { dir, yes } => cli::wipe(&dir, yes),
-        Command::Enrol { config, token } => daemon::enrol(&config.config, &token),
+        Command::Enrol {
+            config,
+            token,
+            renew,
+        } => daemon::enrol(&config.config, &token, renew),
         Command::Sync { config, stats } => daemon::sync(&config.config, stats),
         Command::Status { config, json } => daemon::status(&config.config, json),
         Command::Serve { config } => daemon::serve(&config.config),

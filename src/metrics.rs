@@ -71,6 +71,8 @@ pub struct Metrics {
     pub sync_eta: Gauge,
     /// Corrections of trusted time from the hub's nonce-bound time since start.
     pub clock_corrections: Counter,
+    /// Seconds until the device certificate ends (negative: ended; set at each scrape).
+    pub certificate_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -109,8 +111,14 @@ impl Metrics {
             sync_round_bytes: Gauge::default(),
             sync_eta: Gauge::default(),
             clock_corrections: Counter::default(),
+            certificate_expiry: Gauge::default(),
         };
         registry.register("syncs", "Sync rounds by outcome", m.syncs.clone());
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the device certificate ends (negative: ended)",
+            m.certificate_expiry.clone(),
+        );
         registry.register(
             "clock_corrections",
             "Corrections of trusted time from the hub's nonce-bound time",

@@ -38,6 +38,8 @@ pub mod path {
     pub const AUDIT: &str = "/ccsp/v1/audit";
     /// Checkin (version 6).
     pub const CHECKIN: &str = "/ccsp/v1/checkin";
+    /// Certificate renewal (version 6).
+    pub const RENEW: &str = "/ccsp/v1/renew";
 }
 
 /// How far a batch's hub time may fall behind the last applied batch's before it is
@@ -292,6 +294,8 @@ pub struct Round {
     salvaged: Vec<sync_protocol::message::ObjectionChange>,
     /// How many wanted patients the last pull named.
     asked: usize,
+    /// The CAs the hub's checkin answer said to pin, until the caller takes them.
+    trust: Option<Vec<Vec<u8>>>,
     /// Patients the hub expects this device to hold when the round completes.
     expected: u32,
 }
@@ -320,6 +324,7 @@ impl Round {
             salvaged: Vec::new(),
             asked: 0,
             expected: 0,
+            trust: None,
         };
         (round, Step::Send(path::HELLO, hello))
     }
@@ -345,6 +350,12 @@ impl Round {
     /// or for its hub time gives none (it is not the hub's word now).
     pub fn take_objections(&mut self) -> Vec<sync_protocol::message::ObjectionChange> {
         std::mem::take(&mut self.salvaged)
+    }
+
+    /// The CA certificates (DER) the hub's checkin answer said to pin, once: the caller
+    /// compares them with its pins (a CA rollover).
+    pub fn take_trust(&mut self) -> Option<Vec<Vec<u8>>> {
+        self.trust.take()
     }
 
     /// Patients the hub said this device will hold when the round completes (0 until
@@ -439,6 +450,7 @@ impl Round {
                 }
                 check_hub_time(a.hub_time, now, self.start.max_skew)?;
                 self.hub_time = Some(a.hub_time);
+                self.trust = Some(a.trust.iter().map(|c| c.as_slice().to_vec()).collect());
                 self.state = State::Batch;
                 Ok(self.pull())
             }

@@ -12,6 +12,7 @@ mod api_crash;
 mod api_harness;
 mod arrival;
 mod browser;
+mod certs;
 mod cli;
 mod clock;
 mod crash;

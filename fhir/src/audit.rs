@@ -387,6 +387,13 @@ fn key_text(k: &KeyEvent) -> String {
         KeyEvent::WipeOrdered { backlog } => format!(
             "device revoked by the hub: wipe ordered, {backlog} audit entries waiting for upload"
         ),
+        KeyEvent::CertificateRenewed { not_after } => format!(
+            "device certificate renewed; the new one ends {}",
+            not_after.rfc3339()
+        ),
+        KeyEvent::PinnedCasChanged { pinned } => {
+            format!("hub CA pins changed: {pinned} CA certificates pinned")
+        }
     }
 }
 

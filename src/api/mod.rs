@@ -63,6 +63,9 @@ pub mod headers {
     /// Answer, only while the caseload is still arriving (a first sync, a new lease, or a
     /// round cut short): `arriving; held=412; expected=2000`.
     pub const CASELOAD: &str = "x-carecache-caseload";
+    /// Answer, only within 30 days of the device certificate's end (or past it): what
+    /// to do, in words.
+    pub const CERTIFICATE: &str = "x-carecache-certificate";
     /// Answer: the request id, also in the audit entry.
     pub const REQUEST_ID: &str = "x-request-id";
 }
@@ -419,6 +422,12 @@ async fn common_headers(State(api): State<Arc<Api>>, req: Request, next: Next) -
     {
         h.insert(headers::AUDIT_BACKLOG, v);
     }
+    // Near its end, every answer says the device certificate needs renewing.
+    if let Some(left) = api.device.certificate_warning()
+        && let Ok(v) = HeaderValue::from_str(&crate::device::certificate_words(left))
+    {
+        h.insert(headers::CERTIFICATE, v);
+    }
     // While the caseload is still arriving, every answer says how much of it is here.
     if api.device.arriving()
         && let Ok(c) = api.device.caseload()
@@ -528,6 +537,11 @@ async fn metrics(State(api): State<Arc<Api>>, h: axum::http::HeaderMap) -> Respo
     m.staff_sessions
         .set(i64::try_from(identity.session_count()).unwrap_or(i64::MAX));
     m.identity_keys_held.set(i64::from(identity.has_keys()));
+    if let Ok(Some((_, until))) = d.certificate_validity() {
+        let left = (i128::from(until.as_millis()) - i128::from(d.now().as_millis())) / 1000;
+        m.certificate_expiry
+            .set(i64::try_from(left).unwrap_or(i64::MAX));
+    }
     let age = d.last_success().map_or(-1, |t| {
         i64::try_from(d.now().as_millis().saturating_sub(t.as_millis()) / 1000).unwrap_or(i64::MAX)
     });

@@ -129,6 +129,19 @@ fn checkin() -> Checkin {
     }
 }
 
+/// Version 6: the hub's time for nonce 0x5a…, and two CAs to pin (a rollover's overlap).
+fn checkin_answer() -> CheckinAnswer {
+    CheckinAnswer {
+        nonce: Hash32([0x5a; 32]),
+        hub_time: ts(1_735_689_600_000),
+        trust: BoundedVec::try_from(vec![
+            Bytes::try_from(vec![0x30, 0x82, 0x01, 0x8f, 0x30, 0x82, 0x01, 0x35]).unwrap(),
+            Bytes::try_from(vec![0x30, 0x82, 0x01, 0x90, 0x30, 0x82, 0x01, 0x36]).unwrap(),
+        ])
+        .unwrap(),
+    }
+}
+
 /// Version 6: a clock correction, a key-source change and a wipe order in the audit.
 fn push_audit_v6() -> PushAudit {
     let events = [
@@ -142,6 +155,10 @@ fn push_audit_v6() -> PushAudit {
             to: Text::new("key-file").unwrap(),
         }),
         AuditEvent::Key(KeyEvent::WipeOrdered { backlog: 41 }),
+        AuditEvent::Key(KeyEvent::CertificateRenewed {
+            not_after: ts(1_767_225_600_000),
+        }),
+        AuditEvent::Key(KeyEvent::PinnedCasChanged { pinned: 2 }),
     ];
     chained(events, 1_735_689_600_000, 1000)
 }
@@ -897,6 +914,19 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     );
     let mut v4_lookup = enc5(Message::Lookup(lookup()));
     v4_lookup[5] = 4;
+    let mut answer_no_ca = checkin_answer();
+    answer_no_ca.trust = BoundedVec::new();
+    let v6_no_ca = {
+        // Encoded by hand: the encoder's type allows the empty list the decoder refuses.
+        let mut payload = postcard::to_allocvec(&answer_no_ca).unwrap();
+        let mut frame = enc6(Message::CheckinAnswer(checkin_answer()));
+        frame.truncate(16);
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        frame[8..12].copy_from_slice(&len);
+        frame[12..16].copy_from_slice(&len);
+        frame.append(&mut payload);
+        frame
+    };
     let mut v5_checkin = enc6(Message::Checkin(checkin()));
     v5_checkin[5] = 5;
     vec![
@@ -908,9 +938,29 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (
             "ok-checkin-answer",
             "version 6: the hub's time, bound to the checkin's nonce",
-            enc6(Message::CheckinAnswer(CheckinAnswer {
-                nonce: Hash32([0x5a; 32]),
-                hub_time: ts(1_735_689_600_000),
+            enc6(Message::CheckinAnswer(checkin_answer())),
+        ),
+        (
+            "err-v6-checkin-answer-no-ca",
+            "version 6: a checkin answer naming no CA to pin",
+            v6_no_ca,
+        ),
+        (
+            "ok-renew",
+            "version 6: a certificate request for a new key, over mutual TLS with the current certificate",
+            enc6(Message::Renew(Renew {
+                csr_der: Bytes::try_from(vec![0x30, 0x82, 0x01, 0x0a, 0x02, 0x01, 0x00]).unwrap(),
+            })),
+        ),
+        (
+            "ok-renewed",
+            "version 6: the renewed certificate for the same device",
+            enc6(Message::Renewed(Renewed {
+                device_id: DeviceId::new("dev-0123456789abcdef").unwrap(),
+                certificate_der: Bytes::try_from(vec![
+                    0x30, 0x82, 0x02, 0x10, 0x30, 0x82, 0x01, 0xb6,
+                ])
+                .unwrap(),
             })),
         ),
         (
@@ -920,7 +970,7 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ),
         (
             "ok-push-audit-v6-clock-key-wipe",
-            "version 6: trusted time corrected back from 2035 to the hub's, a key-source change and a wipe order in the audit",
+            "version 6: trusted time corrected back from 2035 to the hub's, a key-source change, a wipe order, a certificate renewal and a CA rollover's pins in the audit",
             enc6(Message::PushAudit(push_audit_v6())),
         ),
         (

@@ -309,13 +309,27 @@ pub enum KeyEvent {
         /// Entries waiting for upload when the order came (this one not counted).
         backlog: u32,
     },
+    /// Version 6: the device's certificate was renewed (a new key, certified by the
+    /// hub over mutual TLS with the old one, confirmed by a hello with the new one).
+    CertificateRenewed {
+        /// When the new certificate ends.
+        not_after: Timestamp,
+    },
+    /// Version 6: the hub CAs the device pins changed (a CA rollover, at a checkin).
+    PinnedCasChanged {
+        /// How many CAs are pinned now.
+        pinned: u8,
+    },
 }
 
 impl KeyEvent {
     /// The lowest protocol version that can carry this event.
     pub fn min_version(&self) -> u16 {
         match self {
-            Self::KeySourceChanged { .. } | Self::WipeOrdered { .. } => 6,
+            Self::KeySourceChanged { .. }
+            | Self::WipeOrdered { .. }
+            | Self::CertificateRenewed { .. }
+            | Self::PinnedCasChanged { .. } => 6,
             _ => 1,
         }
     }

@@ -249,6 +249,8 @@ fn decode_payload(version: u16, kind: MessageKind, payload: &[u8]) -> Result<Mes
         MessageKind::LookupGranted => Message::LookupGranted(Box::new(decode_canonical(payload)?)),
         MessageKind::Checkin => Message::Checkin(decode_canonical(payload)?),
         MessageKind::CheckinAnswer => Message::CheckinAnswer(decode_canonical(payload)?),
+        MessageKind::Renew => Message::Renew(decode_canonical(payload)?),
+        MessageKind::Renewed => Message::Renewed(decode_canonical(payload)?),
     })
 }
 
@@ -359,6 +361,8 @@ pub fn encode_version(
         Message::LookupGranted(m) => to_vec(m.as_ref()),
         Message::Checkin(m) => to_vec(m),
         Message::CheckinAnswer(m) => to_vec(m),
+        Message::Renew(m) => to_vec(m),
+        Message::Renewed(m) => to_vec(m),
     }?;
     let limit = kind.max_payload();
     let content_len = u32::try_from(payload.len())

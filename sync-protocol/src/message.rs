@@ -66,11 +66,16 @@ pub enum MessageKind {
     Checkin = 12,
     /// Hub → device (version 6): the nonce back, with hub time bound to it.
     CheckinAnswer = 13,
+    /// Device → hub (version 6): a certificate request for a new key, over mutual TLS
+    /// with the current certificate.
+    Renew = 14,
+    /// Hub → device (version 6): the renewed certificate.
+    Renewed = 15,
 }
 
 impl MessageKind {
     /// Every kind, in numbering order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 15] = [
         Self::EnrolRequest,
         Self::EnrolResponse,
         Self::Hello,
@@ -84,6 +89,8 @@ impl MessageKind {
         Self::LookupGranted,
         Self::Checkin,
         Self::CheckinAnswer,
+        Self::Renew,
+        Self::Renewed,
     ];
 
     /// The kind for a header byte.
@@ -97,8 +104,12 @@ impl MessageKind {
             Self::EnrolRequest => 32 * 1024,
             Self::EnrolResponse => 96 * 1024,
             Self::Hello | Self::Welcome | Self::AuditAck => 1024,
-            Self::Lookup | Self::Checkin => 2048,
-            Self::CheckinAnswer => 1024,
+            Self::Lookup => 2048,
+            // Version 6: the CAs to pin, up to four DER certificates.
+            Self::CheckinAnswer => 4 * 16_384 + 1024,
+            Self::Checkin => 2048,
+            Self::Renew => 32 * 1024,
+            Self::Renewed => 96 * 1024,
             Self::LookupGranted => 1024 * 1024,
             // Version 5: a pull may name up to `MAX_PULL_WANT` patients.
             Self::Pull => 64 * 1024,
@@ -129,6 +140,8 @@ impl MessageKind {
             Self::LookupGranted => "lookup-granted",
             Self::Checkin => "checkin",
             Self::CheckinAnswer => "checkin-answer",
+            Self::Renew => "renew",
+            Self::Renewed => "renewed",
         }
     }
 
@@ -136,7 +149,7 @@ impl MessageKind {
     pub fn since_version(self) -> u16 {
         match self {
             Self::Lookup | Self::LookupGranted => 5,
-            Self::Checkin | Self::CheckinAnswer => 6,
+            Self::Checkin | Self::CheckinAnswer | Self::Renew | Self::Renewed => 6,
             _ => 1,
         }
     }
@@ -177,6 +190,10 @@ pub enum Message {
     Checkin(Checkin),
     /// See [`CheckinAnswer`].
     CheckinAnswer(CheckinAnswer),
+    /// See [`Renew`].
+    Renew(Renew),
+    /// See [`Renewed`].
+    Renewed(Renewed),
 }
 
 impl Message {
@@ -196,6 +213,8 @@ impl Message {
             Self::LookupGranted(_) => MessageKind::LookupGranted,
             Self::Checkin(_) => MessageKind::Checkin,
             Self::CheckinAnswer(_) => MessageKind::CheckinAnswer,
+            Self::Renew(_) => MessageKind::Renew,
+            Self::Renewed(_) => MessageKind::Renewed,
         }
     }
 }
@@ -473,13 +492,59 @@ pub struct Checkin {
     pub health: Health,
 }
 
-/// Hub → device (version 6): the checkin's nonce and the hub's time when it answered.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+/// Hub → device (version 6): the checkin's nonce and the hub's time when it answered,
+/// and the CA certificates the device is to pin from now on (a CA rollover: old and new
+/// during the overlap, then the new alone).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
 pub struct CheckinAnswer {
     /// The nonce the checkin carried.
     pub nonce: Hash32,
     /// Hub time.
     pub hub_time: Timestamp,
+    /// DER CA certificates to pin (at least one).
+    pub trust: BoundedVec<Bytes<MAX_DER>, 4>,
+}
+
+#[derive(Deserialize)]
+struct RawCheckinAnswer {
+    nonce: Hash32,
+    hub_time: Timestamp,
+    trust: BoundedVec<Bytes<MAX_DER>, 4>,
+}
+
+impl TryFrom<RawCheckinAnswer> for CheckinAnswer {
+    type Error = FieldError;
+    fn try_from(r: RawCheckinAnswer) -> Result<Self, FieldError> {
+        if r.trust.is_empty() {
+            return Err(FieldError::Inconsistent(
+                "a checkin answer names a CA to pin",
+            ));
+        }
+        Ok(Self {
+            nonce: r.nonce,
+            hub_time: r.hub_time,
+            trust: r.trust,
+        })
+    }
+}
+deserialize_via!(CheckinAnswer, RawCheckinAnswer);
+
+/// Device → hub (version 6): a PKCS#10 request for a new key pair, sent over mutual TLS
+/// with the device's current certificate, well before that one ends. The hub certifies
+/// the new key for the same device; the old certificate keeps working until it expires.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Renew {
+    /// DER-encoded PKCS#10 CSR for the new key.
+    pub csr_der: Bytes<MAX_DER>,
+}
+
+/// Hub → device (version 6): the renewed certificate.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Renewed {
+    /// The device (as before).
+    pub device_id: DeviceId,
+    /// DER-encoded client certificate for the new key.
+    pub certificate_der: Bytes<MAX_DER>,
 }
 
 /// A device's health, as its checkin reports it (version 6). Counts and times only.

@@ -35,7 +35,11 @@ pub enum PkiError {
 pub struct DeviceCa {
     issuer: Issuer<'static, KeyPair>,
     cert_der: CertificateDer<'static>,
-    validity_days: i64,
+    /// Every CA certificate in the file: the issuing one first, then any others the hub
+    /// also trusts (a CA rollover's overlap). Devices pin these.
+    trust_der: Vec<CertificateDer<'static>>,
+    /// Life of the certificates issued from now on, in seconds.
+    validity_secs: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for DeviceCa {
@@ -138,19 +142,32 @@ impl DeviceCa {
             path: key.to_owned(),
             reason: format!("not a PEM private key: {e}"),
         })?;
-        let cert_der = pem_certs(&cert_pem)
-            .into_iter()
-            .next()
-            .ok_or_else(|| PkiError::File {
-                path: cert.to_owned(),
-                reason: "no certificate in the file".into(),
-            })?;
+        let trust_der = pem_certs(&cert_pem);
+        let cert_der = trust_der.first().cloned().ok_or_else(|| PkiError::File {
+            path: cert.to_owned(),
+            reason: "no certificate in the file".into(),
+        })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
         Ok(Self {
             issuer,
             cert_der,
-            validity_days,
+            trust_der,
+            validity_secs: std::sync::atomic::AtomicI64::new(validity_days.saturating_mul(86_400)),
         })
+    }
+
+    /// Certificates issued from now on last `validity` (tests make them short-lived).
+    pub fn set_validity(&self, validity: std::time::Duration) {
+        self.validity_secs.store(
+            i64::try_from(validity.as_secs()).unwrap_or(i64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The CA certificates devices are to pin: the issuing CA, then any other in the CA
+    /// file (during a CA rollover, the one being replaced, or the one replacing it).
+    pub fn trust_der(&self) -> &[CertificateDer<'static>] {
+        &self.trust_der
     }
 
     /// The CA certificate (DER), sent as the chain at enrolment.
@@ -171,8 +188,11 @@ impl DeviceCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
-        params.not_after =
-            time::OffsetDateTime::now_utc() + time::Duration::days(self.validity_days);
+        params.not_after = time::OffsetDateTime::now_utc()
+            + time::Duration::seconds(
+                self.validity_secs
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;

@@ -431,6 +431,7 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/ccsp/v1/audit", post(audit_route))
         .route("/ccsp/v1/lookup", post(lookup_route))
         .route("/ccsp/v1/checkin", post(checkin_route))
+        .route("/ccsp/v1/renew", post(renew_route))
         .route("/admin/v1/fleet", get(admin_fleet))
         .route("/admin/v1/lookups", get(admin_lookups))
         .route("/admin/v1/status", get(admin_status))
@@ -442,6 +443,10 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/admin/v1/enrolment-tokens", post(admin_token))
         .route("/admin/v1/devices", get(admin_devices))
         .route("/admin/v1/devices/{id}/revoke", post(admin_revoke_device))
+        .route(
+            "/admin/v1/devices/{id}/renewal-token",
+            post(admin_renewal_token),
+        )
         .route("/admin/v1/ingest", post(admin_ingest))
         .layer(axum::extract::DefaultBodyLimit::max(
             usize::try_from(MessageKind::PushAudit.max_payload()).unwrap_or(usize::MAX) + 16,
@@ -960,11 +965,69 @@ async fn checkin_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respo
             None,
         );
     }
+    let trust: Vec<WireBytes<{ sync_protocol::message::MAX_DER }>> = hub
+        .ca
+        .trust_der()
+        .iter()
+        .take(4)
+        .filter_map(|c| WireBytes::try_from(c.to_vec()).ok())
+        .collect();
+    let Ok(trust) = BoundedVec::try_from(trust) else {
+        return internal(&"the CA certificates do not fit a checkin answer");
+    };
     let answer = Message::CheckinAnswer(sync_protocol::message::CheckinAnswer {
         nonce: c.nonce,
         hub_time: now,
+        trust,
     });
     hub.answer("checkin", StatusCode::OK, &answer)
+}
+
+async fn renew_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
+    let peer = peer_of(&req);
+    let (parts, body) = req.into_parts();
+    let (id, _) = match device(&hub, &peer) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let Message::Renew(r) = (match read_frame(&parts.headers, body, MessageKind::Renew).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    }) else {
+        return error_frame(ErrorCode::Malformed, "expected renew", None);
+    };
+    let der = match hub.ca.issue(r.csr_der.as_slice(), &id) {
+        Ok(der) => der,
+        Err(e) => {
+            return error_frame(
+                ErrorCode::Malformed,
+                &format!("certificate request refused: {e}"),
+                None,
+            );
+        }
+    };
+    let hub2 = hub.clone();
+    let (device_id, cert) = (id.clone(), der.clone());
+    match tokio::task::spawn_blocking(move || hub2.state.renew_certificate(&device_id, &cert)).await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return internal(&e),
+        Err(e) => return internal(&e),
+    }
+    let (Ok(device_id), Ok(certificate_der)) =
+        (DeviceId::new(id.clone()), WireBytes::try_from(der))
+    else {
+        return internal(&"the renewed certificate does not fit the answer");
+    };
+    tracing::info!(device = %id, "device certificate renewed");
+    hub.answer(
+        "renew",
+        StatusCode::OK,
+        &Message::Renewed(sync_protocol::message::Renewed {
+            device_id,
+            certificate_der,
+        }),
+    )
 }
 
 async fn admin_fleet(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
@@ -1226,6 +1289,28 @@ async fn admin_devices(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respo
                 .collect::<Vec<_>>(),
         )
         .into_response(),
+        Err(e) => state_error(&e),
+    }
+}
+
+async fn admin_renewal_token(
+    State(hub): State<Arc<Hub>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    let ttl = 86_400;
+    match hub.state.issue_renewal_token(&id, hub.now(), ttl) {
+        Ok(token) => {
+            tracing::info!(device = %id, "renewal token issued");
+            (
+                StatusCode::CREATED,
+                axum::Json(serde_json::json!({ "token": token, "ttl_secs": ttl })),
+            )
+                .into_response()
+        }
         Err(e) => state_error(&e),
     }
 }

@@ -26,6 +26,9 @@ pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 pub(crate) const CERTS: TableDefinition<&[u8], &str> = TableDefinition::new("certificates");
 pub(crate) const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrolment_tokens");
+/// One-time tokens that re-certify an enrolled device whose certificate ended (SHA-256
+/// of the token → [`RenewalRow`]).
+pub(crate) const RENEWALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("renewal_tokens");
 pub(crate) const SOURCE: TableDefinition<&str, &[u8]> = TableDefinition::new("source");
 /// Per patient, what a pull needs without reading the record: its version (0 once
 /// deleted upstream) and whether it carries alerts (sent first). Kept with `patients`
@@ -163,6 +166,13 @@ pub struct DeviceRow {
     pub certificate_sha256: [u8; 32],
     /// Revoked devices are refused and told to wipe.
     pub revoked: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct RenewalRow {
+    pub device: String,
+    pub expires_at: u64,
+    pub used: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -342,6 +352,7 @@ impl HubState {
             tx.open_table(DEVICES)?;
             tx.open_table(CERTS)?;
             tx.open_table(TOKENS)?;
+            tx.open_table(RENEWALS)?;
             tx.open_table(SOURCE)?;
             tx.open_table(LOOKUPS)?;
             tx.open_table(LOOKUP_LEASES)?;
@@ -660,6 +671,41 @@ impl HubState {
         Ok(token)
     }
 
+    /// A one-time token that re-certifies enrolled, unrevoked `device` through the
+    /// enrolment exchange (a device whose certificate ended keeps its id, its data and
+    /// its audit chain).
+    pub fn issue_renewal_token(
+        &self,
+        device: &str,
+        now: Timestamp,
+        ttl_secs: u64,
+    ) -> Result<String, StateError> {
+        let tx = self.db.begin_write()?;
+        let row: DeviceRow = tx
+            .open_table(DEVICES)?
+            .get(device)?
+            .map(|v| dec(v.value(), "devices"))
+            .transpose()?
+            .ok_or_else(|| StateError::NotFound(format!("device {device}")))?;
+        if row.revoked {
+            return Err(StateError::Invalid(format!("device {device} is revoked")));
+        }
+        let mut raw = [0u8; 24];
+        getrandom::fill(&mut raw).map_err(|e| StateError::Database(format!("random: {e}")))?;
+        let token = hex::encode(raw);
+        let renewal = RenewalRow {
+            device: device.to_owned(),
+            expires_at: now
+                .as_millis()
+                .saturating_add(ttl_secs.saturating_mul(1000)),
+            used: false,
+        };
+        tx.open_table(RENEWALS)?
+            .insert(token_hash(&token).as_slice(), enc(&renewal).as_slice())?;
+        tx.commit()?;
+        Ok(token)
+    }
+
     /// Consume a token and record the device in one transaction (SPEC §3.2): a second
     /// use of the token is refused. `issue` builds the certificate once the token is
     /// known good, given the new device id; its DER is fingerprinted and stored.
@@ -676,11 +722,43 @@ impl HubState {
             let mut devices = tx.open_table(DEVICES)?;
             let mut certs = tx.open_table(CERTS)?;
             let key = token_hash(token);
-            let mut row: TokenRow = tokens
+            let found: Option<TokenRow> = tokens
                 .get(key.as_slice())?
                 .map(|v| dec(v.value(), "tokens"))
-                .transpose()?
-                .ok_or(StateError::TokenRejected)?;
+                .transpose()?;
+            let Some(mut row) = found else {
+                // A renewal token: a new certificate for the device it names.
+                let mut renewals = tx.open_table(RENEWALS)?;
+                let mut renewal: RenewalRow = renewals
+                    .get(key.as_slice())?
+                    .map(|v| dec(v.value(), "renewal_tokens"))
+                    .transpose()?
+                    .ok_or(StateError::TokenRejected)?;
+                if renewal.used || renewal.expires_at <= now.as_millis() {
+                    return Err(StateError::TokenRejected);
+                }
+                let mut device: DeviceRow = devices
+                    .get(renewal.device.as_str())?
+                    .map(|v| dec(v.value(), "devices"))
+                    .transpose()?
+                    .ok_or(StateError::TokenRejected)?;
+                if device.revoked {
+                    return Err(StateError::TokenRejected);
+                }
+                let der = match issue(&renewal.device) {
+                    Ok(der) => der,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let fingerprint: [u8; 32] = Sha256::digest(&der).into();
+                device.certificate_sha256 = fingerprint;
+                renewal.used = true;
+                renewals.insert(key.as_slice(), enc(&renewal).as_slice())?;
+                devices.insert(renewal.device.as_str(), enc(&device).as_slice())?;
+                certs.insert(fingerprint.as_slice(), renewal.device.as_str())?;
+                drop((tokens, devices, certs, renewals));
+                tx.commit()?;
+                return Ok(Ok((renewal.device, der)));
+            };
             if row.used_by.is_some() || row.expires_at <= now.as_millis() {
                 return Err(StateError::TokenRejected);
             }
@@ -707,6 +785,27 @@ impl HubState {
         };
         tx.commit()?;
         Ok(Ok(out))
+    }
+
+    /// Records a renewed certificate for `device` (the old one keeps working until it
+    /// expires: a device that never saw the answer goes on with it).
+    pub fn renew_certificate(&self, device: &str, der: &[u8]) -> Result<(), StateError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut devices = tx.open_table(DEVICES)?;
+            let mut row: DeviceRow = devices
+                .get(device)?
+                .map(|v| dec(v.value(), "devices"))
+                .transpose()?
+                .ok_or_else(|| StateError::NotFound(format!("device {device}")))?;
+            let fingerprint: [u8; 32] = Sha256::digest(der).into();
+            row.certificate_sha256 = fingerprint;
+            devices.insert(device, enc(&row).as_slice())?;
+            tx.open_table(CERTS)?
+                .insert(fingerprint.as_slice(), device)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// The device a client certificate was issued to.
