@@ -17,6 +17,20 @@ fn fleet(hub: &TestHub) -> Vec<Value> {
     body["devices"].as_array().unwrap().clone()
 }
 
+fn fleet_metrics(hub: &TestHub) -> String {
+    let agent = carecache_hub::pki::agent_trusting(hub.ca_pem.as_bytes()).unwrap();
+    let mut resp = agent
+        .get(format!("{}/admin/v1/fleet/metrics", hub.base_url()))
+        .header(
+            "Authorization",
+            format!("Bearer {}", carecache_hub::testing::ADMIN_TOKEN),
+        )
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.body_mut().read_to_string().unwrap()
+}
+
 fn row<'a>(fleet: &'a [Value], id: &str) -> &'a Value {
     fleet.iter().find(|d| d["id"] == id).unwrap()
 }
@@ -119,6 +133,21 @@ fn each_sync_reports_health_and_the_hub_lists_who_needs_attention() {
     let mut why = attention(row(&f, &quiet.id()));
     why.sort();
     assert_eq!(why, vec!["audit-stale", "last-error", "silent"]);
+    // The same for Prometheus (device ids and counts only).
+    let metrics = fleet_metrics(&hub);
+    let q = quiet.id();
+    for line in [
+        "carecache_hub_devices{state=\"attention\"} 1".to_owned(),
+        "carecache_hub_devices{state=\"ok\"} 1".to_owned(),
+        format!("carecache_hub_device_attention{{device=\"{q}\",reason=\"silent\"}} 1"),
+        format!("carecache_hub_device_audit_backlog{{device=\"{q}\"}} 1"),
+        format!("carecache_hub_device_last_checkin_age_seconds{{device=\"{q}\"}} 259200"),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
 
     // Ten days before the certificate's end (fleet `certificate_warn_days` = 30) the
     // device that still syncs is flagged too.

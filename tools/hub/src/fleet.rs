@@ -130,6 +130,7 @@ impl HubState {
                     team: d.team,
                     revoked: d.revoked,
                     last_checkin: h.and_then(|h| ts(h.at)),
+                    last_checkin_ms: h.map(|h| h.at),
                     health: h.map(|h| h.health.clone()),
                     wipe: h.and_then(|h| h.wipe).map(|(at, unsent)| WipeConfirmed {
                         at: ts(at).unwrap_or_default(),
@@ -163,6 +164,9 @@ pub struct FleetDevice {
     pub revoked: bool,
     /// Hub time of its last checkin (RFC 3339), if any.
     pub last_checkin: Option<String>,
+    /// The same, in ms.
+    #[serde(skip)]
+    pub last_checkin_ms: Option<u64>,
     /// What it reported then.
     pub health: Option<Health>,
     /// The wipe its last checkin confirmed, if revoked.
@@ -253,4 +257,89 @@ fn attention(
         why.push(format!("last-error: {}", e.name()));
     }
     why
+}
+
+/// The fleet as Prometheus text: devices by state, and per device its attention
+/// reasons, audit backlog, certificate end and time since its last checkin (device ids
+/// and counts only).
+pub fn metrics_text(fleet: &[FleetDevice], now: Timestamp) -> String {
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+    type Labels = Vec<(String, String)>;
+    let mut registry = Registry::with_prefix("carecache_hub");
+    let devices = Family::<Labels, Gauge>::default();
+    let attention = Family::<Labels, Gauge>::default();
+    let backlog = Family::<Labels, Gauge>::default();
+    let certificate = Family::<Labels, Gauge>::default();
+    let silent = Family::<Labels, Gauge>::default();
+    for state in ["ok", "attention", "revoked"] {
+        // Every state present, at 0 when no device is in it.
+        devices
+            .get_or_create(&vec![("state".into(), state.into())])
+            .set(0);
+    }
+    let now_ms = i128::from(now.as_millis());
+    for d in fleet {
+        let state = match (d.revoked, d.attention.is_empty()) {
+            (true, _) => "revoked",
+            (false, true) => "ok",
+            (false, false) => "attention",
+        };
+        devices
+            .get_or_create(&vec![("state".into(), state.into())])
+            .inc();
+        let id = || vec![("device".to_owned(), d.id.clone())];
+        for why in &d.attention {
+            let reason = why.split(':').next().unwrap_or(why).to_owned();
+            attention
+                .get_or_create(&vec![
+                    ("device".into(), d.id.clone()),
+                    ("reason".into(), reason),
+                ])
+                .set(1);
+        }
+        if let Some(h) = &d.health {
+            backlog.get_or_create(&id()).set(i64::from(h.audit_backlog));
+            if let Some(until) = h.certificate_not_after {
+                let left = (i128::from(until.as_millis()) - now_ms) / 1000;
+                certificate
+                    .get_or_create(&id())
+                    .set(i64::try_from(left).unwrap_or(i64::MAX));
+            }
+        }
+        if let Some(at) = d.last_checkin_ms {
+            let age = (now_ms - i128::from(at)) / 1000;
+            silent
+                .get_or_create(&id())
+                .set(i64::try_from(age).unwrap_or(i64::MAX));
+        }
+    }
+    registry.register("devices", "Enrolled devices by state", devices);
+    registry.register(
+        "device_attention",
+        "Why a device needs attention (1 per reason)",
+        attention,
+    );
+    registry.register(
+        "device_audit_backlog",
+        "Audit entries waiting on the device at its last checkin",
+        backlog,
+    );
+    registry.register(
+        "device_certificate_expiry_seconds",
+        "Seconds until the device's certificate ends",
+        certificate,
+    );
+    registry.register(
+        "device_last_checkin_age_seconds",
+        "Seconds since the device's last checkin",
+        silent,
+    );
+    let mut out = String::new();
+    if encode(&mut out, &registry).is_err() {
+        out.clear();
+    }
+    out
 }

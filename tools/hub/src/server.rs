@@ -433,6 +433,7 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/ccsp/v1/checkin", post(checkin_route))
         .route("/ccsp/v1/renew", post(renew_route))
         .route("/admin/v1/fleet", get(admin_fleet))
+        .route("/admin/v1/fleet/metrics", get(admin_fleet_metrics))
         .route("/admin/v1/lookups", get(admin_lookups))
         .route("/admin/v1/status", get(admin_status))
         .route("/admin/v1/leases", get(admin_leases).post(admin_grant))
@@ -1041,6 +1042,25 @@ async fn admin_fleet(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respons
             axum::Json(serde_json::json!({ "devices": devices, "attention": attention }))
                 .into_response()
         }
+        Err(e) => state_error(&e),
+    }
+}
+
+async fn admin_fleet_metrics(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    let now = hub.now();
+    match hub.state.fleet(now, &hub.fleet) {
+        Ok(devices) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            crate::fleet::metrics_text(&devices, now),
+        )
+            .into_response(),
         Err(e) => state_error(&e),
     }
 }
