@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use sync_protocol::digest::allowed_set_digest;
-use sync_protocol::message::{
-    Audience, EnrolRequest, Lease, LeaseChange, MessageKind, View, Welcome,
-};
+use sync_protocol::message::{Audience, EnrolRequest, Lease, LeaseChange, MessageKind, View};
 use sync_protocol::types::{
     BoundedVec, Bytes, DeviceId, EnrolmentToken, Hash32, LeaseId, StaffId, Text, Timestamp,
 };
@@ -414,6 +412,9 @@ pub struct Device {
     arrival: Mutex<Arrival>,
     /// The round under way, if any.
     live: Mutex<Option<LiveRound>>,
+    /// The device certificate's validity, read at open and kept with every change of
+    /// certificate: every API answer checks it, so it is never read from the store there.
+    certificate: Mutex<Option<(Timestamp, Timestamp)>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -444,6 +445,9 @@ impl Device {
             // A store from before arrival was kept: complete if it ever synced.
             complete: last_ok.is_some(),
         });
+        let certificate = store
+            .device_state::<StoredIdentity>(key::IDENTITY)?
+            .and_then(|i| certificate_validity(&i.cert_der));
         let device = Self {
             config,
             store,
@@ -460,6 +464,7 @@ impl Device {
             sync_lock: Mutex::new(()),
             arrival: Mutex::new(arrival),
             live: Mutex::new(None),
+            certificate: Mutex::new(certificate),
         };
         device.refresh_policy()?;
         Ok(device)
@@ -699,8 +704,46 @@ impl Device {
 
     /// The device certificate's validity (not before, not after), once enrolled.
     pub fn certificate_validity(&self) -> Result<Option<(Timestamp, Timestamp)>, DeviceError> {
-        let id: Option<StoredIdentity> = self.store.device_state(key::IDENTITY)?;
-        Ok(id.and_then(|i| certificate_validity(&i.cert_der)))
+        Ok(*self.certificate.lock().map_err(|_| StoreError::Poisoned)?)
+    }
+
+    /// Stores `identity` and keeps its certificate's validity for the API's checks.
+    fn keep_identity(
+        &self,
+        identity: &StoredIdentity,
+        extras: &mut Extras,
+    ) -> Result<(), DeviceError> {
+        extras.set(key::IDENTITY, identity)?;
+        self.store.put_device_state(extras)?;
+        *self.certificate.lock().map_err(|_| StoreError::Poisoned)? =
+            certificate_validity(&identity.cert_der);
+        Ok(())
+    }
+
+    /// The hub's answer as the kind expected (`pick` takes it, handing back anything
+    /// else): a revocation wipes, a protocol error is a refusal, another kind unexpected.
+    fn expect_answer<T>(
+        &self,
+        transport: &Transport,
+        answer: Message,
+        expected: MessageKind,
+        pick: impl FnOnce(Message) -> Result<T, Box<Message>>,
+    ) -> Result<T, DeviceError> {
+        let other = match pick(answer) {
+            Ok(t) => return Ok(t),
+            Err(other) => *other,
+        };
+        Err(match other {
+            Message::Error(e) if e.code == sync_protocol::message::ErrorCode::DeviceRevoked => {
+                self.revoked(transport)
+            }
+            Message::Error(e) => SyncError::refused(&e).into(),
+            other => SyncError::Unexpected {
+                expected,
+                got: other.kind(),
+            }
+            .into(),
+        })
     }
 
     /// Seconds until the certificate ends (negative: ended), when it ends within
@@ -741,20 +784,15 @@ impl Device {
                 .map_err(|_| DeviceError::Enrol("certificate request too large".into()))?,
         });
         let answer = transport.exchange(sync::path::RENEW, &ask, MessageKind::Renewed)?;
-        let renewed = match answer.message {
-            Message::Renewed(r) => r,
-            Message::Error(e) if e.code == sync_protocol::message::ErrorCode::DeviceRevoked => {
-                return Err(self.revoked(&transport));
-            }
-            Message::Error(e) => return Err(SyncError::refused(&e).into()),
-            other => {
-                return Err(SyncError::Unexpected {
-                    expected: MessageKind::Renewed,
-                    got: other.kind(),
-                }
-                .into());
-            }
-        };
+        let renewed = self.expect_answer(
+            &transport,
+            answer.message,
+            MessageKind::Renewed,
+            |m| match m {
+                Message::Renewed(r) => Ok(r),
+                m => Err(Box::new(m)),
+            },
+        )?;
         if renewed.device_id != device_id {
             return Err(SyncError::WrongDevice.into());
         }
@@ -789,21 +827,15 @@ impl Device {
             &sync::hello(self.now(), &software()?),
             MessageKind::Welcome,
         )?;
-        match hello.message {
-            Message::Welcome(w) if w.device_id == device_id => {}
-            Message::Welcome(_) => return Err(SyncError::WrongDevice.into()),
-            Message::Error(e) => return Err(SyncError::refused(&e).into()),
-            other => {
-                return Err(SyncError::Unexpected {
-                    expected: MessageKind::Welcome,
-                    got: other.kind(),
-                }
-                .into());
-            }
+        let welcome =
+            self.expect_answer(&probe, hello.message, MessageKind::Welcome, |m| match m {
+                Message::Welcome(w) => Ok(w),
+                m => Err(Box::new(m)),
+            })?;
+        if welcome.device_id != device_id {
+            return Err(SyncError::WrongDevice.into());
         }
-        let mut extras = Extras::default();
-        extras.set(key::IDENTITY, &next)?;
-        self.store.put_device_state(&extras)?;
+        self.keep_identity(&next, &mut Extras::default())?;
         tracing::info!(until = %new_until.utc_seconds(), "device certificate renewed");
         self.audit_or_log(AuditEvent::Key(KeyEvent::CertificateRenewed {
             not_after: new_until,
@@ -844,9 +876,7 @@ impl Device {
             .map(|der| pem::Pem::new("CERTIFICATE", der.clone()))
             .collect();
         id.ca_pem = pem::encode_many(&pems);
-        let mut extras = Extras::default();
-        extras.set(key::IDENTITY, &id)?;
-        self.store.put_device_state(&extras)?;
+        self.keep_identity(&id, &mut Extras::default())?;
         tracing::warn!(pinned = trust.len(), "hub CA pins changed");
         self.audit_or_log(AuditEvent::Key(KeyEvent::PinnedCasChanged {
             pinned: u8::try_from(trust.len()).unwrap_or(u8::MAX),
@@ -902,14 +932,12 @@ impl Device {
         self.audit_or_log(AuditEvent::Key(KeyEvent::WipeOrdered {
             backlog: u32::try_from(backlog).unwrap_or(u32::MAX),
         }));
-        let acked = self.store.audit_acked().map(|a| a.seq).unwrap_or(0);
-        let welcome = Welcome {
+        // No welcome comes to a revoked device: resume after what it last had
+        // acknowledged, uncompressed, in this version (the hub acknowledges repeats).
+        let from = crate::upload::PushFrom {
+            durable_through: self.store.audit_acked().map(|a| a.seq).unwrap_or(0),
             version: sync_protocol::codec::VERSION,
-            capabilities: sync_protocol::types::Capabilities(0),
-            hub_time: self.now(),
-            device_id: DeviceId::new("revoked").unwrap_or_else(|_| unreachable!("a valid id")),
-            max_batch_bytes: 0,
-            audit_durable_through: acked,
+            compression: sync_protocol::Compression::None,
         };
         let mut report = UploadReport::default();
         let deadline = std::time::Instant::now() + WIPE_UPLOAD_LIMIT;
@@ -918,7 +946,7 @@ impl Device {
             self.audit.health(),
             transport,
             self.config.audit.upload_chunk,
-            &welcome,
+            &from,
             &mut report,
             Some(deadline),
         );
@@ -1043,9 +1071,8 @@ impl Device {
         };
         self.observe_hub(response.hub_time);
         let mut extras = Extras::default();
-        extras.set(key::IDENTITY, &identity)?;
         self.keep_clock(&mut extras)?;
-        self.store.put_device_state(&extras)?;
+        self.keep_identity(&identity, &mut extras)?;
         if renewing.is_some() {
             tracing::info!(device = %device_id, "re-certified with a renewal token");
             self.audit_or_log(AuditEvent::Key(KeyEvent::CertificateRenewed {
@@ -1259,20 +1286,15 @@ impl Device {
         )?;
         report.bytes_sent += answer.sent_bytes as u64;
         report.bytes_received += answer.wire_bytes as u64;
-        let welcome = match answer.message {
-            Message::Welcome(w) => w,
-            Message::Error(e) if e.code == sync_protocol::message::ErrorCode::DeviceRevoked => {
-                return Err(self.revoked(&transport));
-            }
-            Message::Error(e) => return Err(SyncError::refused(&e).into()),
-            other => {
-                return Err(SyncError::Unexpected {
-                    expected: MessageKind::Welcome,
-                    got: other.kind(),
-                }
-                .into());
-            }
-        };
+        let welcome = self.expect_answer(
+            &transport,
+            answer.message,
+            MessageKind::Welcome,
+            |m| match m {
+                Message::Welcome(w) => Ok(w),
+                m => Err(Box::new(m)),
+            },
+        )?;
         sync::check_welcome(
             &welcome,
             &device_id,

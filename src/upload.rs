@@ -79,9 +79,33 @@ pub enum UploadError {
     NoProgress(u64),
 }
 
+/// Where an upload resumes and how it is framed.
+pub(crate) struct PushFrom {
+    /// What the hub holds durably for this device.
+    pub durable_through: u64,
+    /// The protocol version the hub speaks.
+    pub version: u16,
+    /// Whether pushes may be compressed.
+    pub compression: Compression,
+}
+
+impl From<&Welcome> for PushFrom {
+    /// The hub's `welcome` says what it holds, the version it speaks and whether it takes
+    /// compressed pushes.
+    fn from(welcome: &Welcome) -> Self {
+        Self {
+            durable_through: welcome.audit_durable_through,
+            version: welcome.version,
+            compression: if welcome.capabilities.has(Capabilities::ZSTD) {
+                Compression::Zstd
+            } else {
+                Compression::None
+            },
+        }
+    }
+}
+
 /// Pushes every waiting entry, `chunk` at a time, acknowledging each run in the store.
-/// The hub's `welcome` says what it holds, the version it speaks and whether it takes
-/// compressed pushes.
 pub(crate) fn push_all(
     store: &Store,
     health: &AuditHealth,
@@ -90,26 +114,30 @@ pub(crate) fn push_all(
     welcome: &Welcome,
     report: &mut UploadReport,
 ) -> Result<(), DeviceError> {
-    push_until(store, health, transport, chunk, welcome, report, None)
+    push_until(
+        store,
+        health,
+        transport,
+        chunk,
+        &welcome.into(),
+        report,
+        None,
+    )
 }
 
-/// [`push_all`], stopping before a push that would start after `deadline`.
+/// [`push_all`] from `from`, stopping before a push that would start after `deadline`.
 pub(crate) fn push_until(
     store: &Store,
     health: &AuditHealth,
     transport: &Transport,
     chunk: usize,
-    welcome: &Welcome,
+    from: &PushFrom,
     report: &mut UploadReport,
     deadline: Option<std::time::Instant>,
 ) -> Result<(), DeviceError> {
-    let hub_durable = welcome.audit_durable_through;
-    let version = welcome.version;
-    let compression = if welcome.capabilities.has(Capabilities::ZSTD) {
-        Compression::Zstd
-    } else {
-        Compression::None
-    };
+    let hub_durable = from.durable_through;
+    let version = from.version;
+    let compression = from.compression;
     let acked = store.audit_acked()?;
     report.acked_through = acked.seq;
     if hub_durable < acked.seq {

@@ -10,8 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use sync_protocol::audit::{AuditEvent, KeyEvent};
 
-use crate::api_harness::audit_of;
-use crate::device_harness::{Dev, TestHub, at, grant, shareable};
+use crate::device_harness::{Dev, TestHub, at, audit_everywhere, grant, shareable};
 
 const DAY: u64 = 86_400_000;
 
@@ -48,13 +47,8 @@ fn move_both(hub: &TestHub, dev: &Dev, to: u64) {
 
 /// The device's key events: those uploaded to the hub, then those still waiting.
 fn key_events(hub: &TestHub, dev: &Dev) -> Vec<KeyEvent> {
-    let id = dev.id();
-    let head = hub.hub.state.audit_head(&id).unwrap().seq;
-    let uploaded =
-        (1..=head).map(|seq| hub.hub.state.audit_entry(&id, seq).unwrap().unwrap().record);
-    let waiting = audit_of(dev.device.store()).into_iter().map(|(_, r)| r);
-    uploaded
-        .chain(waiting)
+    audit_everywhere(hub, dev)
+        .into_iter()
         .filter_map(|r| match r.event {
             AuditEvent::Key(k) => Some(k),
             _ => None,

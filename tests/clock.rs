@@ -15,7 +15,7 @@ use sync_protocol::audit::{AuditEvent, LeaseEnd};
 use sync_protocol::types::StaffId;
 
 use crate::api_harness::audit_of;
-use crate::device_harness::{Dev, T0, TestHub, grant, shareable};
+use crate::device_harness::{Dev, T0, TestHub, audit_everywhere, grant, shareable};
 
 fn decide(dev: &Dev, nhs: &NhsNumber) -> Result<(), Denial> {
     dev.device
@@ -157,13 +157,8 @@ fn jittered_clock_never_gives_access_past_the_granted_end() {
 /// The clock corrections in the device's audit, as the hub holds it (uploaded at the end
 /// of each sync) and as still waits on the device.
 fn corrections(hub: &TestHub, dev: &Dev) -> Vec<(u64, u64, u32)> {
-    let id = dev.id();
-    let head = hub.hub.state.audit_head(&id).unwrap().seq;
-    let uploaded =
-        (1..=head).map(|seq| hub.hub.state.audit_entry(&id, seq).unwrap().unwrap().record);
-    let waiting = audit_of(dev.device.store()).into_iter().map(|(_, r)| r);
-    uploaded
-        .chain(waiting)
+    audit_everywhere(hub, dev)
+        .into_iter()
         .filter_map(|r| match r.event {
             AuditEvent::ClockCorrected {
                 from,

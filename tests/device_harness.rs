@@ -385,3 +385,18 @@ pub(crate) fn with_sensitive_alert(
     b.upserts = BoundedVec::try_from(v).unwrap();
     b
 }
+
+/// Every audit record `dev` wrote that the hub holds, then those still waiting on the
+/// device (the uploaded ones are gone from it).
+pub(crate) fn audit_everywhere(hub: &TestHub, dev: &Dev) -> Vec<sync_protocol::audit::AuditRecord> {
+    let id = dev.id();
+    let head = hub.hub.state.audit_head(&id).unwrap().seq;
+    (1..=head)
+        .map(|seq| hub.hub.state.audit_entry(&id, seq).unwrap().unwrap().record)
+        .chain(
+            crate::api_harness::audit_of(dev.device.store())
+                .into_iter()
+                .map(|(_, r)| r),
+        )
+        .collect()
+}
