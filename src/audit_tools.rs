@@ -4,15 +4,8 @@
 //! patients by NHS number only). Entries the hub has acknowledged have left the device;
 //! these tools cover what it still holds, linked to the last acknowledged hash.
 
-#![allow(
-    clippy::print_stdout,
-    reason = "these functions are the commands' output"
-)]
-
 use std::io::Write;
-use std::path::Path;
 
-use anyhow::Context;
 use carecache_fhir::audit::{self as audit_fhir, Entry};
 use sync_protocol::audit::{AuditEntry, AuditRecord};
 
@@ -45,17 +38,37 @@ pub enum Verification {
 /// Checks the chain the device holds: from the acknowledged head's hash, each entry in
 /// sequence with no gap, each opening (AEAD) and decoding, each hash recomputed from its
 /// content and the one before, the last equal to the stored head.
+///
+/// The daemon may be writing and uploading meanwhile (the admin channel): entries written
+/// after the head was read are left for the next check, and a check that an upload
+/// overtook (the hub acknowledged, and the device let go of, entries it was reading) is
+/// begun again from the new acknowledged head.
 pub fn verify(store: &Store) -> Result<Verification, StoreError> {
-    let acked = store.audit_acked()?;
+    let mut tries = 0;
+    loop {
+        let acked = store.audit_acked()?;
+        let found = verify_from(store, acked)?;
+        tries += 1;
+        let overtaken = store.audit_acked()?.seq != acked.seq;
+        if matches!(found, Verification::Intact { .. }) || !overtaken || tries >= 5 {
+            return Ok(found);
+        }
+    }
+}
+
+fn verify_from(store: &Store, acked: AuditHead) -> Result<Verification, StoreError> {
     let head = store.audit_head()?;
     let mut prev = acked.hash;
     let mut expect = acked.seq.saturating_add(1);
-    loop {
+    'scan: loop {
         let scanned = store.audit_scan(expect, SCAN)?;
         if scanned.is_empty() {
             break;
         }
         for (seq, entry) in scanned {
+            if seq > head.seq {
+                break 'scan;
+            }
             if seq != expect {
                 return Ok(Verification::Broken {
                     seq: expect,
@@ -105,17 +118,18 @@ pub fn verify(store: &Store) -> Result<Verification, StoreError> {
 }
 
 /// `carecache audit verify`: exit status 0 only when the chain is intact.
-pub fn verify_command(store: &Store) -> anyhow::Result<()> {
+pub fn verify_command(store: &Store, out: &mut dyn Write) -> anyhow::Result<()> {
     match verify(store)? {
         Verification::Intact { acked, head, held } => {
-            println!(
+            writeln!(
+                out,
                 "audit chain intact: {held} entries held ({}), linked to entry {acked} acknowledged by the hub; head {head}",
                 if held == 0 {
                     "none waiting".to_owned()
                 } else {
                     format!("{}–{head}", acked + 1)
                 }
-            );
+            )?;
             Ok(())
         }
         Verification::Broken { seq, why } => {
@@ -124,17 +138,16 @@ pub fn verify_command(store: &Store) -> anyhow::Result<()> {
     }
 }
 
-/// `carecache audit export`: the held entries as FHIR AuditEvent NDJSON to `out` (or
-/// standard output). Entries that do not open are reported and make the command fail
-/// after the rest are written.
-pub fn export_command(store: &Store, device: &str, out: Option<&Path>) -> anyhow::Result<()> {
-    let sink: Box<dyn Write> = match out {
-        Some(p) => {
-            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
-        }
-        None => Box::new(std::io::stdout().lock()),
-    };
-    let mut w = std::io::BufWriter::new(sink);
+/// `carecache audit export`: the held entries as FHIR AuditEvent NDJSON to `out`; the
+/// count to `err`. Entries that do not open are reported and make the command fail after
+/// the rest are written.
+pub fn export_command(
+    store: &Store,
+    device: &str,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let mut w = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut written = 0u64;
     let mut bad = Vec::new();
     for_each_held(
@@ -158,11 +171,8 @@ pub fn export_command(store: &Store, device: &str, out: Option<&Path>) -> anyhow
         },
     )?;
     w.flush()?;
-    eprintln!(
-        "exported {written} audit events{}",
-        out.map(|p| format!(" to {}", p.display()))
-            .unwrap_or_default()
-    );
+    drop(w);
+    writeln!(err, "exported {written} audit events")?;
     if let Some(first) = bad.first() {
         anyhow::bail!(
             "{} entries could not be opened (first: sequence {first}); run `carecache audit verify`",
@@ -173,7 +183,12 @@ pub fn export_command(store: &Store, device: &str, out: Option<&Path>) -> anyhow
 }
 
 /// `carecache audit tail`: the last `n` held entries, one line each.
-pub fn tail_command(store: &Store, device: &str, n: u64) -> anyhow::Result<()> {
+pub fn tail_command(
+    store: &Store,
+    device: &str,
+    n: u64,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     let acked: AuditHead = store.audit_acked()?;
     let head = store.audit_head()?;
     let from = head
@@ -181,12 +196,12 @@ pub fn tail_command(store: &Store, device: &str, n: u64) -> anyhow::Result<()> {
         .saturating_sub(n.saturating_sub(1))
         .max(acked.seq.saturating_add(1));
     if acked.seq > 0 && from == acked.seq.saturating_add(1) {
-        println!(
+        writeln!(
+            out,
             "(entries 1–{} were acknowledged by the hub and are no longer on this device)",
             acked.seq
-        );
+        )?;
     }
-    let mut out = std::io::stdout().lock();
     for_each_held(store, from, |seq, e| {
         let line = match e.and_then(|e| decoded(&e)) {
             Ok(record) => audit_fhir::describe(&Entry {
@@ -199,7 +214,7 @@ pub fn tail_command(store: &Store, device: &str, n: u64) -> anyhow::Result<()> {
         writeln!(out, "{line}")
     })?;
     if head.seq == acked.seq {
-        println!("no audit entries waiting for upload (head {})", head.seq);
+        writeln!(out, "no audit entries waiting for upload (head {})", head.seq)?;
     }
     Ok(())
 }

@@ -71,7 +71,15 @@ struct Raw {
     api: RawApi,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    admin: RawAdmin,
     identity: Option<RawIdentity>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -393,6 +401,10 @@ pub struct Config {
     pub api: ApiConfig,
     /// Staff identity: asserted by the client software, or proven by OpenID Connect.
     pub identity: crate::identity::Mode,
+    /// The admin channel: the running daemon's unix socket (mode 0600, peer credentials
+    /// checked) that the CLI's commands talk to. Default: `admin.sock` in the data
+    /// directory.
+    pub admin_socket: PathBuf,
 }
 
 impl Config {
@@ -560,11 +572,24 @@ impl Config {
         if label.is_empty() || label.len() > 64 || label.chars().any(char::is_control) {
             return Err(invalid("device.label", "1–64 printable characters"));
         }
+        let data_dir = anchor(
+            raw.data_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/carecache")),
+        );
+        let admin_socket = raw
+            .admin
+            .socket
+            .map_or_else(|| data_dir.join("admin.sock"), anchor);
+        // A unix socket's path is at most 107 bytes (sun_path).
+        if admin_socket.as_os_str().len() > 107 {
+            return Err(invalid(
+                "admin.socket",
+                "the admin socket's path is longer than a unix socket allows (107 bytes): set admin.socket to a shorter path",
+            ));
+        }
         Ok(Self {
-            data_dir: anchor(
-                raw.data_dir
-                    .unwrap_or_else(|| PathBuf::from("/var/lib/carecache")),
-            ),
+            data_dir,
+            admin_socket,
             key,
             hub: HubConfig {
                 url,

@@ -18,7 +18,7 @@ use sync_protocol::audit::{AuditEvent, KeyEvent};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::device::{Device, DeviceError, render_status};
+use crate::device::{Device, DeviceError};
 use crate::store;
 use crate::transport::backoff;
 
@@ -50,9 +50,25 @@ pub fn enrol(config_path: &Path, token: &str, renew: bool) -> anyhow::Result<()>
 /// `carecache sync`: one round, with a progress bar on a terminal; `stats` adds a line of
 /// figures (time, bytes, peak memory) for benchmarks and capacity checks.
 pub fn sync(config_path: &Path, stats: bool) -> anyhow::Result<()> {
-    let device = open(config_path, Arc::new(SystemClock::new()))?;
+    if !stats {
+        return command(
+            config_path,
+            &crate::admin::Request::Sync,
+            &mut std::io::stdout().lock(),
+        );
+    }
+    // Figures of this process's own sync (benchmarks): never through the daemon.
+    let device = open(config_path, Arc::new(SystemClock::new()))
+        .context("opening the device (`sync --stats` measures this process: stop the daemon first)")?;
     let started = std::time::Instant::now();
     let result = sync_with_progress(&device);
+    device
+        .audit_blocking(AuditEvent::Admin {
+            command: sync_protocol::audit::AdminCommand::SyncNow,
+            uid: None,
+            ok: result.is_ok(),
+        })
+        .context("the sync ran, but its audit entry could not be written")?;
     match result {
         Ok(s) => {
             println!(
@@ -112,16 +128,35 @@ pub fn sync_with_progress(device: &Device) -> Result<crate::sync::Summary, Devic
     result
 }
 
-/// `carecache status`.
-pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
-    let device = open(config_path, Arc::new(SystemClock::new()))?;
-    let status = device.status()?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print!("{}", render_status(&status));
+/// An operator command: over the admin channel when the daemon runs, else on the data
+/// directory (unlocking it). `out` is where the command's output goes (standard output,
+/// or the export file).
+pub fn command(
+    config_path: &Path,
+    request: &crate::admin::Request,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let mut err = std::io::stderr().lock();
+    match crate::admin::call(&config.admin_socket, request, out, &mut err) {
+        Ok(()) => return Ok(()),
+        Err(crate::admin::ChannelError::NotRunning) => {}
+        Err(e) => return Err(e.into()),
     }
-    Ok(())
+    drop(err);
+    let source = config.key.source()?;
+    let root = store::unlock(&config.data_dir, &source)
+        .with_context(|| format!("unlocking {}", config.data_dir.display()))?;
+    let device = Device::open(config, &root, Arc::new(SystemClock::new()))?;
+    let result = crate::admin::execute(
+        &device,
+        request,
+        crate::admin::Via::Direct,
+        out,
+        &mut std::io::stderr().lock(),
+    );
+    device.audit().close();
+    result
 }
 
 /// `carecache serve`: the local API, the policy tick and the sync loop, until SIGINT or
@@ -188,6 +223,19 @@ pub fn run(
         }
     }));
     tracing::info!(hub = %device.config().hub.url, "serving");
+    let admin = crate::admin::Server::start(
+        Arc::clone(&device),
+        &device.config().admin_socket,
+        Arc::clone(stop),
+    );
+    let admin = match admin {
+        Ok(a) => a,
+        Err(e) => {
+            stop.store(true, Ordering::SeqCst);
+            let _ = rt.block_on(server);
+            return Err(e);
+        }
+    };
     let uploader = {
         let (device, clock, stop) = (Arc::clone(&device), Arc::clone(&clock), Arc::clone(stop));
         std::thread::Builder::new()
@@ -198,6 +246,7 @@ pub fn run(
     ready(tcp);
     let result = run_loop(&device, clock.as_ref(), stop);
     stop.store(true, Ordering::SeqCst);
+    admin.finish();
     if uploader.join().is_err() {
         tracing::error!("the audit uploader panicked");
     }
@@ -227,84 +276,6 @@ async fn bind(cfg: &crate::config::ApiConfig) -> anyhow::Result<Vec<crate::api::
         out.push(l);
     }
     Ok(out)
-}
-
-/// `carecache clients add|list|revoke`.
-pub fn clients(config_path: &Path, action: ClientsAction) -> anyhow::Result<()> {
-    let device = open(config_path, Arc::new(SystemClock::new()))
-        .context("opening the device (stop the daemon first: it holds the database)")?;
-    match action {
-        ClientsAction::Add(name) => {
-            let token = device.add_client(&name)?;
-            println!("client {name} registered. Its token, shown only this once:");
-            println!();
-            println!("  {}", token.expose());
-            println!();
-            println!("Send it as `Authorization: Bearer <token>` with every request.");
-        }
-        ClientsAction::List => {
-            let clients = device.clients();
-            if clients.list().is_empty() {
-                println!("no clients registered; add one with `carecache clients add NAME`");
-            }
-            for c in clients.list() {
-                println!(
-                    "{:<24} issued {}{}",
-                    c.name,
-                    c.created.utc_seconds(),
-                    c.revoked
-                        .map(|t| format!(", revoked {}", t.utc_seconds()))
-                        .unwrap_or_default()
-                );
-            }
-        }
-        ClientsAction::Revoke(name) => {
-            device.revoke_client(&name)?;
-            println!("client {name} revoked; its token is refused from now on");
-        }
-    }
-    device.audit().close();
-    Ok(())
-}
-
-/// `carecache audit verify|export|tail`.
-pub fn audit(config_path: &Path, action: AuditAction) -> anyhow::Result<()> {
-    let device = open(config_path, Arc::new(SystemClock::new()))
-        .context("opening the device (stop the daemon first: it holds the database)")?;
-    let id = device
-        .device_id()?
-        .unwrap_or_else(|| "unenrolled".to_owned());
-    let result = match action {
-        AuditAction::Verify => crate::audit_tools::verify_command(device.store()),
-        AuditAction::Export(out) => {
-            crate::audit_tools::export_command(device.store(), &id, out.as_deref())
-        }
-        AuditAction::Tail(n) => crate::audit_tools::tail_command(device.store(), &id, n),
-    };
-    device.audit().close();
-    result
-}
-
-/// What `carecache audit` does.
-#[derive(Debug)]
-pub enum AuditAction {
-    /// Check the chain.
-    Verify,
-    /// FHIR AuditEvent NDJSON, to a file or standard output.
-    Export(Option<std::path::PathBuf>),
-    /// The last N entries as text.
-    Tail(u64),
-}
-
-/// What `carecache clients` does.
-#[derive(Debug)]
-pub enum ClientsAction {
-    /// Register a client and print its token.
-    Add(String),
-    /// List registrations.
-    List,
-    /// Revoke a registration.
-    Revoke(String),
 }
 
 /// The loop `serve` runs; returns when `stop` is set or the device is revoked.

@@ -5,6 +5,7 @@
 //!
 //! Architecture (DESIGN.md; parts land issue by issue):
 //! - `sync-protocol` (crate): the wire format between device and hub.
+//! - [`admin`]: the operator's commands against the running daemon (owner-only socket).
 //! - [`cli`]: data-directory commands (`init`, `rekey`, `wipe`).
 //! - [`crypto`]: the key hierarchy and sealing (XChaCha20-Poly1305, HMAC-SHA256 row keys).
 //! - [`keysource`]: where the root key comes from (key file, systemd credential, passphrase).
@@ -17,6 +18,7 @@
 //! - `demo` (feature `demo`, default): hub, synthetic data and daemon in one command.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod audit_tools;

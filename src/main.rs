@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use carecache::admin::Request;
 use carecache::cli::{self, DataDirArgs, KdfArgs, KeyArgs, NewKeyArgs};
 use carecache::daemon;
 use clap::Parser;
@@ -82,6 +83,14 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// List the leases held: label, view, patients, standing and time left.
+    Leases {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show leases and time left, last sync and its error, trusted time, audit backlog.
     Status {
         #[command(flatten)]
@@ -102,7 +111,7 @@ enum Command {
         #[command(subcommand)]
         action: ClientsCommand,
     },
-    /// Check, export or read the audit trail this device holds (stop the daemon first).
+    /// Check, export or read the audit trail this device holds.
     Audit {
         #[command(flatten)]
         config: ConfigArg,
@@ -193,6 +202,10 @@ fn main() -> ExitCode {
     }
 }
 
+fn stdout() -> std::io::StdoutLock<'static> {
+    std::io::stdout().lock()
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckNhsNumber { number } => {
@@ -214,7 +227,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             renew,
         } => daemon::enrol(&config.config, &token, renew),
         Command::Sync { config, stats } => daemon::sync(&config.config, stats),
-        Command::Status { config, json } => daemon::status(&config.config, json),
+        Command::Status { config, json } => {
+            daemon::command(&config.config, &Request::Status { json }, &mut stdout())
+        }
+        Command::Leases { config, json } => {
+            daemon::command(&config.config, &Request::Leases { json }, &mut stdout())
+        }
         Command::Serve { config } => daemon::serve(&config.config),
         #[cfg(feature = "demo")]
         Command::Demo {
@@ -228,21 +246,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             port,
             exit_after_ready,
         }),
-        Command::Audit { config, action } => daemon::audit(
+        Command::Audit { config, action } => match action {
+            AuditCommand::Verify => {
+                daemon::command(&config.config, &Request::AuditVerify, &mut stdout())
+            }
+            AuditCommand::Tail { lines } => {
+                daemon::command(&config.config, &Request::AuditTail { lines }, &mut stdout())
+            }
+            AuditCommand::Export { out: None } => {
+                daemon::command(&config.config, &Request::AuditExport, &mut stdout())
+            }
+            AuditCommand::Export { out: Some(path) } => {
+                let file = std::fs::File::create(&path)
+                    .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+                let mut file = std::io::BufWriter::new(file);
+                daemon::command(&config.config, &Request::AuditExport, &mut file)?;
+                std::io::Write::flush(&mut file)
+                    .and_then(|()| file.get_ref().sync_all())
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+                eprintln!("written to {}", path.display());
+                Ok(())
+            }
+        },
+        Command::Clients { config, action } => daemon::command(
             &config.config,
-            match action {
-                AuditCommand::Verify => daemon::AuditAction::Verify,
-                AuditCommand::Export { out } => daemon::AuditAction::Export(out),
-                AuditCommand::Tail { lines } => daemon::AuditAction::Tail(lines),
+            &match action {
+                ClientsCommand::Add { name } => Request::ClientsAdd { name },
+                ClientsCommand::List => Request::ClientsList,
+                ClientsCommand::Revoke { name } => Request::ClientsRevoke { name },
             },
-        ),
-        Command::Clients { config, action } => daemon::clients(
-            &config.config,
-            match action {
-                ClientsCommand::Add { name } => daemon::ClientsAction::Add(name),
-                ClientsCommand::List => daemon::ClientsAction::List,
-                ClientsCommand::Revoke { name } => daemon::ClientsAction::Revoke(name),
-            },
+            &mut stdout(),
         ),
     }
 }

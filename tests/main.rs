@@ -7,6 +7,7 @@
     reason = "test code: a panic is a failed test"
 )]
 
+mod admin;
 mod api;
 mod api_crash;
 mod api_harness;

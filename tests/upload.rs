@@ -331,7 +331,13 @@ fn an_entry_altered_on_disk_is_reported_and_refused_by_the_hub() {
         status.audit_acked < k,
         "nothing from the altered entry on left the device"
     );
-    assert_eq!(status.audit_backlog, head - status.audit_acked);
+    // The failed `audit verify` is itself in the audit, after the altered entry.
+    assert_eq!(status.audit_backlog, head + 1 - status.audit_acked);
+    let last = dev.device.store().audit_entries(head + 1, 1).unwrap().remove(0);
+    assert!(matches!(
+        AuditRecord::decode(last.record.as_slice()).unwrap().event,
+        AuditEvent::Admin { command: sync_protocol::audit::AdminCommand::AuditVerify, uid: None, ok: false }
+    ));
     assert!(matches!(
         status.audit_upload.as_ref().map(|u| &u.outcome),
         Some(Outcome::Rejected(m)) if m.contains("flagged")
@@ -540,9 +546,14 @@ fn the_daemon_uploads_on_its_own_schedule_and_the_audit_commands_read_the_rest()
     assert!(ok, "{err}");
     let lines: Vec<&str> = out.lines().filter(|l| l.contains(&id)).collect();
     assert_eq!(lines.len(), 2, "{out}");
-    assert!(lines[1].contains(&patients[2].to_string()), "3-3-4: {out}");
+    // The last read, then the operator's `audit verify` (every command is audited).
+    assert!(lines[0].contains(&patients[2].to_string()), "3-3-4: {out}");
     assert!(
-        lines[1].contains("read summary") && lines[1].contains("by n1 via epcr"),
+        lines[0].contains("read summary") && lines[0].contains("by n1 via epcr"),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains("operator command `audit verify` carried out, on the data directory"),
         "{out}"
     );
     assert!(!out.contains(&family), "no names: {out}");
@@ -556,13 +567,13 @@ fn the_daemon_uploads_on_its_own_schedule_and_the_audit_commands_read_the_rest()
         cfg,
     ]);
     assert!(ok, "{err}");
-    assert!(err.contains("exported 3 audit events"), "{err}");
+    assert!(err.contains("exported 5 audit events"), "{err}");
     let events: Vec<serde_json::Value> = std::fs::read_to_string(&file)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(events.len(), 3);
+    assert_eq!(events.len(), 5, "three reads, `audit verify`, `audit tail`");
     crate::api_harness::validate_fhir(tmp.path(), &events);
     drop(closed);
 }

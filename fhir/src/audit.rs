@@ -13,9 +13,9 @@ use crate::model::{
     Meta, Reference,
 };
 use sync_protocol::audit::{
-    Access, AuditAction, AuditEvent, AuditOutcome, AuditRecord, DenyReason, KeyEvent, LeaseEnd,
-    LookupEvent, LookupOutcome, ProvenStaff, Purpose, SectionKind, SectionShown, SessionEnd,
-    SessionEvent, SessionRefusal, SignInRoute, SyncOutcome,
+    Access, AdminCommand, AuditAction, AuditEvent, AuditOutcome, AuditRecord, DenyReason, KeyEvent,
+    LeaseEnd, LookupEvent, LookupOutcome, ProvenStaff, Purpose, SectionKind, SectionShown,
+    SessionEnd, SessionEvent, SessionRefusal, SignInRoute, SyncOutcome,
 };
 
 /// One audit entry as these renderings need it: the device that wrote it, its sequence
@@ -247,8 +247,8 @@ fn event(e: &Entry<'_>) -> model::AuditEvent {
             lease_changes,
             resync,
         } => (
-            "110106",
-            ("110106", "Import"),
+            "110107",
+            ("110107", "Import"),
             if *outcome == SyncOutcome::Ok {
                 "0"
             } else {
@@ -293,6 +293,20 @@ fn event(e: &Entry<'_>) -> model::AuditEvent {
             None,
             clock_text(*from, *to, *leases_reopened),
         ),
+        AuditEvent::Admin { command, uid, ok } => {
+            let (kind, subtype) = match command {
+                AdminCommand::AuditExport => ("110106", ("110106", "Export")),
+                AdminCommand::SyncNow => ("110100", ("110100", "Application Activity")),
+                _ => ("110112", ("110112", "Query")),
+            };
+            (
+                kind,
+                subtype,
+                if *ok { "0" } else { "4" },
+                None,
+                admin_text(*command, *uid, *ok),
+            )
+        }
         AuditEvent::Lookup(l) => (
             "110112",
             ("110112", "Query"),
@@ -395,6 +409,22 @@ fn key_text(k: &KeyEvent) -> String {
             format!("hub CA pins changed: {pinned} CA certificates pinned")
         }
     }
+}
+
+fn admin_text(command: AdminCommand, uid: Option<u32>, ok: bool) -> String {
+    let detail = match command {
+        AdminCommand::AuditTail { lines } => format!(" (last {lines})"),
+        _ => String::new(),
+    };
+    format!(
+        "operator command `{}`{detail} {}, {}",
+        command.words(),
+        if ok { "carried out" } else { "failed" },
+        uid.map_or_else(
+            || "on the data directory (daemon stopped)".to_owned(),
+            |u| format!("over the admin channel by user id {u}")
+        )
+    )
 }
 
 fn clock_text(
@@ -619,6 +649,7 @@ pub fn describe(e: &Entry<'_>) -> String {
             to,
             leases_reopened,
         } => clock_text(*from, *to, *leases_reopened),
+        AuditEvent::Admin { command, uid, ok } => admin_text(*command, *uid, *ok),
     };
     format!("{}  {}#{}  {what}", e.record.at.rfc3339(), e.device, e.seq)
 }

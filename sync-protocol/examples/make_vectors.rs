@@ -13,9 +13,9 @@
 use std::path::Path;
 
 use sync_protocol::audit::{
-    Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, DenyReason, KeyEvent,
-    LeaseEnd, LookupEvent, LookupOutcome, ProvenStaff, Purpose, SectionKind, SectionShown,
-    SessionEnd, SessionEvent, SessionRefusal, Shown, SignInRoute,
+    Access, AdminCommand, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord,
+    DenyReason, KeyEvent, LeaseEnd, LookupEvent, LookupOutcome, ProvenStaff, Purpose, SectionKind,
+    SectionShown, SessionEnd, SessionEvent, SessionRefusal, Shown, SignInRoute,
 };
 use sync_protocol::message::*;
 use sync_protocol::record::*;
@@ -161,6 +161,38 @@ fn push_audit_v6() -> PushAudit {
         AuditEvent::Key(KeyEvent::PinnedCasChanged { pinned: 2 }),
     ];
     chained(events, 1_735_689_600_000, 1000)
+}
+
+fn enc7(m: Message) -> Vec<u8> {
+    encode_version(&m, Compression::None, 7).unwrap()
+}
+
+/// Version 7: operators' commands in the audit: a status read over the admin channel by
+/// user 1000, an audit export with the daemon stopped, and a failed sync started by hand.
+fn push_audit_v7() -> PushAudit {
+    let events = [
+        AuditEvent::Admin {
+            command: AdminCommand::Status,
+            uid: Some(1000),
+            ok: true,
+        },
+        AuditEvent::Admin {
+            command: AdminCommand::AuditTail { lines: 20 },
+            uid: Some(0),
+            ok: true,
+        },
+        AuditEvent::Admin {
+            command: AdminCommand::AuditExport,
+            uid: None,
+            ok: true,
+        },
+        AuditEvent::Admin {
+            command: AdminCommand::SyncNow,
+            uid: Some(1000),
+            ok: false,
+        },
+    ];
+    chained(events, 1_735_776_000_000, 1000)
 }
 
 /// Version 5: a pull from a device holding 2,000 patients that lacks two it was offered.
@@ -930,6 +962,11 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut v5_checkin = enc6(Message::Checkin(checkin()));
     v5_checkin[5] = 5;
     vec![
+        (
+            "ok-push-audit-v7-admin",
+            "version 7: operators' commands in the audit (status and audit tail over the admin channel, an export with the daemon stopped, a failed sync by hand)",
+            enc7(Message::PushAudit(push_audit_v7())),
+        ),
         (
             "ok-checkin",
             "version 6: a checkin with its nonce and the device's health (12 audit entries waiting, last sync offline)",

@@ -415,6 +415,55 @@ pub enum AuditEvent {
         /// hub again.
         leases_reopened: u32,
     },
+    /// Version 7: an operator's command on the device, over the admin channel to the
+    /// running daemon or on the data directory with the daemon stopped. Client token
+    /// changes are [`KeyEvent`]s of their own.
+    Admin {
+        /// What was asked.
+        command: AdminCommand,
+        /// The operator's user id, as the admin channel's peer credentials gave it;
+        /// `None` when the command opened the data directory itself.
+        uid: Option<u32>,
+        /// Whether it was carried out.
+        ok: bool,
+    },
+}
+
+/// Version 7: an operator's command (see [`AuditEvent::Admin`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum AdminCommand {
+    /// The device's status was read.
+    Status,
+    /// A sync round was started by hand.
+    SyncNow,
+    /// The client registrations were listed.
+    ClientsList,
+    /// The leases were listed.
+    Leases,
+    /// The last entries of the audit trail were shown.
+    AuditTail {
+        /// How many were asked for.
+        lines: u32,
+    },
+    /// The audit chain was checked.
+    AuditVerify,
+    /// The audit entries held were exported.
+    AuditExport,
+}
+
+impl AdminCommand {
+    /// The command as the CLI spells it.
+    pub fn words(self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::SyncNow => "sync",
+            Self::ClientsList => "clients list",
+            Self::Leases => "leases",
+            Self::AuditTail { .. } => "audit tail",
+            Self::AuditVerify => "audit verify",
+            Self::AuditExport => "audit export",
+        }
+    }
 }
 
 /// Version 5: a lookup asked of the hub.
@@ -618,6 +667,7 @@ impl AuditRecord {
     /// hub that negotiated a lower version.
     pub fn min_version(&self) -> u16 {
         match &self.event {
+            AuditEvent::Admin { .. } => 7,
             AuditEvent::ClockCorrected { .. } => 6,
             AuditEvent::Key(k) => k.min_version(),
             AuditEvent::Lookup(_) | AuditEvent::AuthFailures { .. } => 5,

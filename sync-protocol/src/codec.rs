@@ -29,9 +29,9 @@ pub const MAGIC: [u8; 4] = *b"CCSP";
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this crate encodes by default.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 /// The versions this crate decodes (and encodes, with [`encode_version`]).
-pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=6;
+pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=7;
 /// zstd level used when compressing: fast to encode, and decoding speed does not
 /// depend on it.
 const ZSTD_LEVEL: i32 = 3;
