@@ -224,7 +224,7 @@ fn main() {
         summarise(ms, t0.elapsed().as_secs_f64())
     };
     let device = Arc::new(device);
-    let api = Api::new(Arc::clone(&device));
+    let api = Api::new(&device);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -32,7 +32,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sync_protocol::audit::{AdminCommand, AuditEvent};
 
-use crate::device::{Device, DeviceError, render_status};
+use crate::device::views::AdminView;
+use crate::device::{DeviceError, render_status};
 
 /// Largest request line.
 pub const MAX_REQUEST: usize = 4096;
@@ -125,7 +126,7 @@ pub enum Via {
 /// Carries out `request` on `device`, writing what the command prints to `out` and
 /// `err`, and audits it (a command whose audit entry cannot be written fails).
 pub fn execute(
-    device: &Device,
+    device: &AdminView,
     request: &Request,
     via: Via,
     out: &mut dyn Write,
@@ -151,7 +152,7 @@ pub fn execute(
 }
 
 fn run(
-    device: &Device,
+    device: &AdminView,
     request: &Request,
     via: Via,
     out: &mut dyn Write,
@@ -191,7 +192,10 @@ fn run(
         }
         Request::ClientsAdd { name } => {
             let token = device.add_client(name)?;
-            writeln!(out, "client {name} registered. Its token, shown only this once:")?;
+            writeln!(
+                out,
+                "client {name} registered. Its token, shown only this once:"
+            )?;
             writeln!(out)?;
             writeln!(out, "  {}", token.expose())?;
             writeln!(out)?;
@@ -243,7 +247,7 @@ fn run(
 /// A round now. A hub that asks for a moment (its rate limit: the daemon's own round
 /// or upload may just have run) is given it, a few times, rather than failing the
 /// operator's command.
-fn sync_now(device: &Device, via: Via) -> Result<crate::sync::Summary, DeviceError> {
+fn sync_now(device: &AdminView, via: Via) -> Result<crate::sync::Summary, DeviceError> {
     let mut tries = 0;
     loop {
         let result = match via {
@@ -263,7 +267,7 @@ fn sync_now(device: &Device, via: Via) -> Result<crate::sync::Summary, DeviceErr
     }
 }
 
-fn device_name(device: &Device) -> Result<String, DeviceError> {
+fn device_name(device: &AdminView) -> Result<String, DeviceError> {
     Ok(device
         .device_id()?
         .unwrap_or_else(|| "unenrolled".to_owned()))
@@ -357,9 +361,7 @@ pub fn call(
     };
     let mut line = serde_json::to_vec(request).map_err(|e| broken(e.to_string()))?;
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| broken(e.to_string()))?;
+    stream.write_all(&line).map_err(|e| broken(e.to_string()))?;
     let mut reader = BufReader::new(stream);
     loop {
         let mut head = [0u8; 5];
@@ -427,11 +429,7 @@ pub struct Server {
 impl Server {
     /// Binds `path` (mode 0600; a stale socket left by a daemon that died is replaced,
     /// anything else there is refused) and serves `device` until `stop` is set.
-    pub fn start(
-        device: Arc<Device>,
-        path: &Path,
-        stop: Arc<AtomicBool>,
-    ) -> anyhow::Result<Self> {
+    pub fn start(device: AdminView, path: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<Self> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 anyhow::bail!(
@@ -492,7 +490,7 @@ impl Server {
 
 fn accept_loop(
     listener: &UnixListener,
-    device: &Arc<Device>,
+    device: &AdminView,
     stop: &AtomicBool,
     active: &Arc<AtomicUsize>,
 ) {
@@ -537,7 +535,7 @@ fn accept_loop(
             );
             continue;
         }
-        let (device, active) = (Arc::clone(device), Arc::clone(active));
+        let (device, active) = (device.clone(), Arc::clone(active));
         let spawned = std::thread::Builder::new()
             .name("admin-command".into())
             .spawn(move || {
@@ -550,7 +548,7 @@ fn accept_loop(
     }
 }
 
-fn serve_one(stream: &UnixStream, device: &Device, uid: u32) {
+fn serve_one(stream: &UnixStream, device: &AdminView, uid: u32) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let request = match read_request(stream) {
@@ -564,9 +562,7 @@ fn serve_one(stream: &UnixStream, device: &Device, uid: u32) {
     let mut out = Framed { stream, tag: OUT };
     let mut err = Framed { stream, tag: ERR };
     let result = execute(device, &request, Via::Channel { uid }, &mut out, &mut err);
-    let audited = request
-        .audited_as()
-        .map_or("clients", AdminCommand::words);
+    let audited = request.audited_as().map_or("clients", AdminCommand::words);
     match result {
         Ok(()) => {
             tracing::info!(uid, command = audited, "admin command carried out");

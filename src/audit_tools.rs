@@ -150,9 +150,11 @@ pub fn export_command(
     let mut w = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut written = 0u64;
     let mut bad = Vec::new();
+    let head = store.audit_head()?.seq;
     for_each_held(
         store,
         store.audit_acked()?.seq.saturating_add(1),
+        head,
         |seq, e| {
             match e.and_then(|e| decoded(&e)) {
                 Ok(record) => {
@@ -202,7 +204,7 @@ pub fn tail_command(
             acked.seq
         )?;
     }
-    for_each_held(store, from, |seq, e| {
+    for_each_held(store, from, head.seq, |seq, e| {
         let line = match e.and_then(|e| decoded(&e)) {
             Ok(record) => audit_fhir::describe(&Entry {
                 device,
@@ -214,7 +216,11 @@ pub fn tail_command(
         writeln!(out, "{line}")
     })?;
     if head.seq == acked.seq {
-        writeln!(out, "no audit entries waiting for upload (head {})", head.seq)?;
+        writeln!(
+            out,
+            "no audit entries waiting for upload (head {})",
+            head.seq
+        )?;
     }
     Ok(())
 }
@@ -223,9 +229,12 @@ fn decoded(e: &AuditEntry) -> Result<AuditRecord, StoreError> {
     AuditRecord::decode(e.record.as_slice()).map_err(|_| StoreError::Damaged("audit"))
 }
 
+/// Calls `f` on each held entry from `from` through `until` (the head when the command
+/// began: entries the running daemon writes meanwhile are not the command's).
 fn for_each_held(
     store: &Store,
     from: u64,
+    until: u64,
     mut f: impl FnMut(u64, Result<AuditEntry, StoreError>) -> std::io::Result<()>,
 ) -> anyhow::Result<()> {
     let mut next = from;
@@ -235,6 +244,9 @@ fn for_each_held(
             return Ok(());
         };
         for (seq, e) in scanned {
+            if seq > until {
+                return Ok(());
+            }
             f(seq, e)?;
         }
         next = last.saturating_add(1);

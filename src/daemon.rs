@@ -18,6 +18,7 @@ use sync_protocol::audit::{AuditEvent, KeyEvent};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::device::views::{AdminView, SyncDriver};
 use crate::device::{Device, DeviceError};
 use crate::store;
 use crate::transport::backoff;
@@ -58,10 +59,12 @@ pub fn sync(config_path: &Path, stats: bool) -> anyhow::Result<()> {
         );
     }
     // Figures of this process's own sync (benchmarks): never through the daemon.
-    let device = open(config_path, Arc::new(SystemClock::new()))
-        .context("opening the device (`sync --stats` measures this process: stop the daemon first)")?;
+    let device = open(config_path, Arc::new(SystemClock::new())).context(
+        "opening the device (`sync --stats` measures this process: stop the daemon first)",
+    )?;
     let started = std::time::Instant::now();
-    let result = sync_with_progress(&device);
+    let device = Arc::new(device);
+    let result = sync_with_progress(&AdminView::of(&device));
     device
         .audit_blocking(AuditEvent::Admin {
             command: sync_protocol::audit::AdminCommand::SyncNow,
@@ -98,7 +101,7 @@ pub fn sync(config_path: &Path, stats: bool) -> anyhow::Result<()> {
 
 /// One sync round with a progress bar: patients held of those the hub expects, bytes
 /// received, batches, and the time left at the rate so far (drawn only on a terminal).
-pub fn sync_with_progress(device: &Device) -> Result<crate::sync::Summary, DeviceError> {
+pub fn sync_with_progress(device: &AdminView) -> Result<crate::sync::Summary, DeviceError> {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -147,9 +150,9 @@ pub fn command(
     let source = config.key.source()?;
     let root = store::unlock(&config.data_dir, &source)
         .with_context(|| format!("unlocking {}", config.data_dir.display()))?;
-    let device = Device::open(config, &root, Arc::new(SystemClock::new()))?;
+    let device = Arc::new(Device::open(config, &root, Arc::new(SystemClock::new()))?);
     let result = crate::admin::execute(
-        &device,
+        &AdminView::of(&device),
         request,
         crate::admin::Via::Direct,
         out,
@@ -215,7 +218,7 @@ pub fn run(
         crate::api::Listener::Tcp(t) => t.local_addr().ok(),
         crate::api::Listener::Unix(..) => None,
     });
-    let api = crate::api::Api::new(Arc::clone(&device));
+    let api = crate::api::Api::new(&device);
     let stopping = Arc::clone(stop);
     let server = rt.spawn(crate::api::serve(api, listeners, async move {
         while !stopping.load(Ordering::SeqCst) {
@@ -224,7 +227,7 @@ pub fn run(
     }));
     tracing::info!(hub = %device.config().hub.url, "serving");
     let admin = crate::admin::Server::start(
-        Arc::clone(&device),
+        AdminView::of(&device),
         &device.config().admin_socket,
         Arc::clone(stop),
     );
@@ -237,14 +240,18 @@ pub fn run(
         }
     };
     let uploader = {
-        let (device, clock, stop) = (Arc::clone(&device), Arc::clone(&clock), Arc::clone(stop));
+        let (device, clock, stop) = (
+            SyncDriver::of(&device),
+            Arc::clone(&clock),
+            Arc::clone(stop),
+        );
         std::thread::Builder::new()
             .name("audit-upload".into())
             .spawn(move || upload_loop(&device, clock.as_ref(), &stop))
             .context("starting the audit uploader")?
     };
     ready(tcp);
-    let result = run_loop(&device, clock.as_ref(), stop);
+    let result = run_loop(&SyncDriver::of(&device), clock.as_ref(), stop);
     stop.store(true, Ordering::SeqCst);
     admin.finish();
     if uploader.join().is_err() {
@@ -279,7 +286,7 @@ async fn bind(cfg: &crate::config::ApiConfig) -> anyhow::Result<Vec<crate::api::
 }
 
 /// The loop `serve` runs; returns when `stop` is set or the device is revoked.
-pub fn run_loop(device: &Device, clock: &dyn Clock, stop: &AtomicBool) -> anyhow::Result<()> {
+pub fn run_loop(device: &SyncDriver, clock: &dyn Clock, stop: &AtomicBool) -> anyhow::Result<()> {
     let cfg = device.config().sync.clone();
     let mut schedule = Schedule::new(&cfg, clock.monotonic());
     while !stop.load(Ordering::SeqCst) {
@@ -342,7 +349,7 @@ pub fn run_loop(device: &Device, clock: &dyn Clock, stop: &AtomicBool) -> anyhow
 /// `audit.upload_interval` while entries wait (an upload with none waiting does nothing);
 /// after a failure, backoff with jitter from that interval up to `sync.retry_max`.
 /// Returns when `stop` is set or the device is revoked.
-pub fn upload_loop(device: &Device, clock: &dyn Clock, stop: &AtomicBool) {
+pub fn upload_loop(device: &SyncDriver, clock: &dyn Clock, stop: &AtomicBool) {
     let interval = device.config().audit.upload_interval;
     let cap = device.config().sync.retry_max.max(interval);
     // The first sync round uploads at once; this schedule starts one interval later.

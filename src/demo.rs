@@ -65,7 +65,7 @@ pub struct Prepared {
     /// The hub.
     pub hub: Arc<Hub>,
     /// The device, enrolled, leased and synced.
-    pub device: Device,
+    pub device: Arc<Device>,
     /// A registered client's token (name `demo-viewer`).
     pub token: String,
     /// The source patients on the demo user's caseload, then the other crew's.
@@ -98,7 +98,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let stopping = Arc::clone(&stop);
     let exit_after_ready = opts.exit_after_ready;
-    let result = crate::daemon::run(Arc::new(device), clock, &stop, move |addr| {
+    let result = crate::daemon::run(device, clock, &stop, move |addr| {
         match addr {
             Some(addr) => print_ready(addr, &token, &examples),
             None => println!("the local API has no TCP listener"),
@@ -189,7 +189,7 @@ pub fn prepare(opts: &Options, say: &mut dyn FnMut(String)) -> anyhow::Result<Pr
     let admin = Admin::new(&hub_url, &pki.ca_cert, &admin_token)?;
 
     // The device: key file, encrypted store, enrolment, leases, first sync.
-    let device = open_device(dir, &hub_url, &pki.ca_cert, opts.port)?;
+    let device = Arc::new(open_device(dir, &hub_url, &pki.ca_cert, opts.port)?);
     let enrol_token = admin.post("/admin/v1/enrolment-tokens", &serde_json::json!({}))?;
     let id = device
         .enrol(
@@ -229,7 +229,8 @@ pub fn prepare(opts: &Options, say: &mut dyn FnMut(String)) -> anyhow::Result<Pr
         "  device {id} enrolled; leases: {} patients to {DEMO_USER}, {OTHER_PATIENTS} to {OTHER_USER} (12 h)",
         mine.len()
     ));
-    let synced = crate::daemon::sync_with_progress(&device).context("the first sync")?;
+    let synced = crate::daemon::sync_with_progress(&crate::device::views::AdminView::of(&device))
+        .context("the first sync")?;
     say(format!(
         "  synced {} records in {} batches, {:.1} MB [{:.1} s]",
         synced.upserts,

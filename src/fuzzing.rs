@@ -77,9 +77,8 @@ impl HttpFixture {
             .map(|p| p.expected.demographics.name.family.as_str().to_owned())
             .filter(|n| n.len() >= 6)
             .collect();
-        let device = Arc::new(device);
         let cfg = device.config().api.clone();
-        let app = crate::api::router(Api::new(device));
+        let app = crate::api::router(Api::new(&device));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

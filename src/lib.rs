@@ -31,7 +31,8 @@ pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod device;
-#[cfg(feature = "demo")]
+/// Test support (feature `testing`): the fuzz targets' harnesses.
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
@@ -42,4 +43,5 @@ pub mod search;
 pub mod store;
 pub mod sync;
 pub mod transport;
-pub mod upload;
+/// Audit upload lives with the device ([`device::upload`]); this is its old path.
+pub use device::upload;

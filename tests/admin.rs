@@ -145,14 +145,20 @@ fn every_operator_command_runs_against_the_live_daemon_under_read_load() {
     let cookie = crate::viewer::sign_in(addr, &second, "n2");
     assert_eq!(crate::viewer::get(addr, "/", Some(&cookie)).status, 200);
     let (out, _) = cli(&["clients", "list"]);
-    assert!(out.contains("epcr") && out.contains("nurse-laptop"), "{out}");
+    assert!(
+        out.contains("epcr") && out.contains("nurse-laptop"),
+        "{out}"
+    );
     cli(&["clients", "revoke", "nurse-laptop"]);
     assert_eq!(get(addr, &second, &path).unwrap().status, 401);
     let page = crate::viewer::get(addr, "/", Some(&cookie));
     assert_eq!(page.status, 401);
     assert!(page.text().contains("revoked"), "{}", page.text());
     let (out, _) = cli(&["clients", "list"]);
-    assert!(out.contains("nurse-laptop") && out.contains("revoked"), "{out}");
+    assert!(
+        out.contains("nurse-laptop") && out.contains("revoked"),
+        "{out}"
+    );
 
     let (out, _) = cli(&["audit", "verify"]);
     assert!(out.contains("audit chain intact"), "{out}");
@@ -167,11 +173,7 @@ fn every_operator_command_runs_against_the_live_daemon_under_read_load() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(!exported.is_empty());
-    assert!(
-        exported
-            .iter()
-            .all(|e| e["resourceType"] == "AuditEvent")
-    );
+    assert!(exported.iter().all(|e| e["resourceType"] == "AuditEvent"));
 
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
@@ -240,7 +242,9 @@ fn every_operator_command_runs_against_the_live_daemon_under_read_load() {
 #[test]
 fn malformed_requests_are_refused_and_a_stale_socket_is_seen_through() {
     let hub = TestHub::start(10, 241);
-    hub.set_time(carecache::clock::Clock::wall_ms(&carecache::clock::SystemClock::new()));
+    hub.set_time(carecache::clock::Clock::wall_ms(
+        &carecache::clock::SystemClock::new(),
+    ));
     let tmp = tempfile::tempdir().unwrap();
     let (config, _id) = cli_device(&hub, tmp.path(), |t| t);
     let cfg = config.to_str().unwrap();
@@ -266,8 +270,15 @@ fn malformed_requests_are_refused_and_a_stale_socket_is_seen_through() {
     assert!(why.contains("not a command this daemon knows"), "{why}");
     let (tag, why) = ask(b"not json at all\n", false);
     assert_eq!(tag, carecache::admin::FAILED, "{why}");
-    let (tag, why) = ask(b"{\"command\":\"status\",\"json\":true,\"extra\":1}\n", false);
-    assert_eq!(tag, carecache::admin::FAILED, "unknown fields refused: {why}");
+    let (tag, why) = ask(
+        b"{\"command\":\"status\",\"json\":true,\"extra\":1}\n",
+        false,
+    );
+    assert_eq!(
+        tag,
+        carecache::admin::FAILED,
+        "unknown fields refused: {why}"
+    );
     let (tag, why) = ask(&vec![b' '; 10_000], false);
     assert_eq!(tag, carecache::admin::FAILED);
     assert!(why.contains("longer than"), "{why}");
@@ -305,7 +316,9 @@ fn another_user_is_refused_by_mode_and_by_peer_credentials() {
         "this test acts as another user, so it runs as root (as CI does)"
     );
     let hub = TestHub::start(10, 242);
-    hub.set_time(carecache::clock::Clock::wall_ms(&carecache::clock::SystemClock::new()));
+    hub.set_time(carecache::clock::Clock::wall_ms(
+        &carecache::clock::SystemClock::new(),
+    ));
     let tmp = tempfile::tempdir().unwrap();
     // The socket in a directory others may enter, and a configuration they may read.
     let open = tmp.path().join("open");

@@ -85,7 +85,7 @@ impl Served {
         sockets: Vec<std::path::PathBuf>,
     ) -> Self {
         let device = Arc::new(device);
-        let api = Api::new(Arc::clone(&device));
+        let api = Api::new(&device);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

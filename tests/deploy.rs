@@ -160,3 +160,67 @@ fn reliability_table_and_hazard_log_name_only_tests_that_exist() {
     }
     assert!(named >= 40, "only {named} tests named");
 }
+
+fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Test-only hooks stay out of a product build: every `dangerous_*` function of the
+/// device and the hub, and the fuzz harnesses, exist only with the `testing` feature
+/// (which the tests and tools/fuzz turn on). And the local API holds only its views of
+/// the device — no `Device`, no transport, no sync round — so the compiler keeps a read
+/// from ever waiting on the hub.
+#[test]
+fn test_hooks_are_feature_gated_and_the_api_reaches_no_network() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("tools/hub/src"), &mut files);
+    let mut hooks = 0;
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let hook = line.contains("fn dangerous_")
+                || (line.contains("pub mod fuzzing") && f.ends_with("src/lib.rs"));
+            if !hook {
+                continue;
+            }
+            hooks += 1;
+            let before = &lines[i.saturating_sub(8)..i];
+            assert!(
+                before
+                    .iter()
+                    .any(|l| l.trim() == "#[cfg(feature = \"testing\")]"),
+                "{}:{}: a test hook outside the `testing` feature",
+                f.display(),
+                i + 1
+            );
+        }
+    }
+    assert!(hooks >= 6, "the hooks were found ({hooks})");
+    let mut api = Vec::new();
+    rust_files(&root.join("src/api"), &mut api);
+    for f in &api {
+        let text = std::fs::read_to_string(f).unwrap();
+        for banned in [
+            ": Arc<Device>,",
+            "crate::transport",
+            "sync_once",
+            "crate::sync::",
+        ] {
+            assert!(
+                !text.contains(banned),
+                "{} names `{banned}`: the API sees the device through its views only",
+                f.display()
+            );
+        }
+    }
+}

@@ -333,10 +333,19 @@ fn an_entry_altered_on_disk_is_reported_and_refused_by_the_hub() {
     );
     // The failed `audit verify` is itself in the audit, after the altered entry.
     assert_eq!(status.audit_backlog, head + 1 - status.audit_acked);
-    let last = dev.device.store().audit_entries(head + 1, 1).unwrap().remove(0);
+    let last = dev
+        .device
+        .store()
+        .audit_entries(head + 1, 1)
+        .unwrap()
+        .remove(0);
     assert!(matches!(
         AuditRecord::decode(last.record.as_slice()).unwrap().event,
-        AuditEvent::Admin { command: sync_protocol::audit::AdminCommand::AuditVerify, uid: None, ok: false }
+        AuditEvent::Admin {
+            command: sync_protocol::audit::AdminCommand::AuditVerify,
+            uid: None,
+            ok: false
+        }
     ));
     assert!(matches!(
         status.audit_upload.as_ref().map(|u| &u.outcome),

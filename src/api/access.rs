@@ -551,7 +551,7 @@ fn decide_and_render(
 
 /// On the caseload but no record held: while the caseload is still arriving, the record
 /// may simply not be here yet (a transient answer, with how much has arrived).
-fn not_held(device: &crate::device::Device) -> Refusal {
+fn not_held(device: &crate::device::views::ReadView) -> Refusal {
     if device.arriving() {
         let words = device
             .caseload()
@@ -1213,7 +1213,7 @@ pub(super) async fn lookup_patient(
         Ok(n) => n,
         Err(m) => return refuse(Refusal::bad_request(m)),
     };
-    let device = Arc::clone(&api.device);
+    let device = api.device.clone();
     let now = device.now();
     let policy = device.policy();
     // Already held and visible to this caller: nothing to ask.
@@ -1236,7 +1236,8 @@ pub(super) async fn lookup_patient(
         None => crate::device::LookupResult::NotPermitted,
         Some(lease) => {
             let (u, r) = (user.clone(), reason.clone());
-            match tokio::task::spawn_blocking(move || device.lookup(nhs, lease, &u, &r)).await {
+            let door = api.lookup.clone();
+            match tokio::task::spawn_blocking(move || door.lookup(nhs, lease, &u, &r)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(crate::device::DeviceError::Revoked)) => return revoked(format, rid),
                 Ok(Err(e)) => crate::device::LookupResult::Failed(e.to_string()),

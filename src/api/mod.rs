@@ -37,6 +37,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::device::Device;
+use crate::device::views::{LookupDoor, ReadView};
 use render::Freshness;
 
 /// Header: the client token (`Authorization: Bearer cct_…`) is standard; these are ours.
@@ -72,7 +73,11 @@ pub mod headers {
 
 /// Shared state of the endpoint.
 pub struct Api {
-    device: Arc<Device>,
+    /// Reads, decisions and audit: the API has no other way to the device, so serving a
+    /// read never waits on the hub.
+    device: ReadView,
+    /// The emergency lookup route's one way to the hub.
+    lookup: LookupDoor,
     request_base: u64,
     request_seq: AtomicU64,
     started: Instant,
@@ -137,11 +142,12 @@ impl Api {
     }
 
     /// The endpoint over `device`.
-    pub fn new(device: Arc<Device>) -> Arc<Self> {
+    pub fn new(device: &Arc<Device>) -> Arc<Self> {
         let mut b = [0u8; 4];
         let _ = getrandom::fill(&mut b);
         Arc::new(Self {
-            device,
+            device: ReadView::of(device),
+            lookup: LookupDoor::of(device),
             // Unique across restarts with high probability: a random high half per
             // process, a counter below it.
             request_base: u64::from(u32::from_le_bytes(b)) << 32,
@@ -165,8 +171,8 @@ impl Api {
         }
     }
 
-    /// The device served.
-    pub fn device(&self) -> &Arc<Device> {
+    /// The device served, as the API sees it.
+    pub fn device(&self) -> &ReadView {
         &self.device
     }
 

@@ -129,7 +129,7 @@ pub(crate) async fn open(
     pin: Zeroizing<String>,
     route: SignInRoute,
 ) -> Opened {
-    let device = Arc::clone(&api.device);
+    let device = api.device.clone();
     let name = client.as_str().to_owned();
     let done = tokio::task::spawn_blocking(move || {
         let now = device.now();
@@ -435,7 +435,7 @@ pub(crate) async fn confirm_secret(
     secret: &str,
     pin: Zeroizing<String>,
 ) -> Response {
-    let device = Arc::clone(&api.device);
+    let device = api.device.clone();
     let name = client.as_str().to_owned();
     let secret = Zeroizing::new(secret.to_owned());
     let done = tokio::task::spawn_blocking(move || {
@@ -498,7 +498,7 @@ pub(crate) async fn resume_session(
     staff: &StaffId,
     pin: Zeroizing<String>,
 ) -> Result<Issued, Response> {
-    let device = Arc::clone(&api.device);
+    let device = api.device.clone();
     let name = client.as_str().to_owned();
     let who = staff.clone();
     let done = tokio::task::spawn_blocking(move || {

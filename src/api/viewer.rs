@@ -522,7 +522,7 @@ pub(super) async fn sign_in(State(api): State<Arc<Api>>, req: Request<Body>) -> 
             Some("Open the viewer at its loopback address (http://127.0.0.1:…) to sign in."),
         );
     };
-    let device = Arc::clone(&api.device);
+    let device = api.device.clone();
     let redirect = format!("http://{host}/viewer/oidc/callback");
     let name = client.as_str().to_owned();
     let started = tokio::task::spawn_blocking(move || {
@@ -598,7 +598,7 @@ pub(super) async fn oidc_callback(
             Some("The identity provider's answer was incomplete; sign in again."),
         );
     };
-    let device = Arc::clone(&api.device);
+    let device = api.device.clone();
     let done = tokio::task::spawn_blocking(move || {
         device.identity().finish_sign_in(
             device.store(),

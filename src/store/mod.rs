@@ -34,7 +34,9 @@ use crate::keysource::{KdfParams, KeySource, SourceKind, read_credential, read_k
 pub use error::StoreError;
 pub use keyring::{KEYRING_FILE, LockInfo, SLOT_LEN, Scope};
 pub use migrate::{SCHEMA_VERSION, force_schema_version};
-use tables::{Table, sealed_ad};
+use tables::Table;
+#[cfg(feature = "testing")]
+use tables::sealed_ad;
 
 /// redb's page cache. redb's default (1 GiB) would let the cache grow with the data: a
 /// device holding 100,000 patients would keep most of them in memory. Reads past the cache
@@ -130,6 +132,7 @@ pub struct Store {
     keys: Subkeys,
     data_keys: RwLock<HashMap<u32, Secret32>>,
     /// Test support: audit commits fail as a full disk would.
+    #[cfg(feature = "testing")]
     fail_audit: std::sync::atomic::AtomicBool,
 }
 
@@ -348,6 +351,7 @@ impl Store {
             master,
             keys,
             data_keys: RwLock::new(HashMap::new()),
+            #[cfg(feature = "testing")]
             fail_audit: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -674,6 +678,7 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
+        #[cfg(feature = "testing")]
         if self.fail_audit.load(Ordering::Relaxed) {
             return Err(StoreError::Injected);
         }
@@ -865,6 +870,7 @@ impl Store {
         Ok((count, Some(record.at)))
     }
 
+    #[cfg(feature = "testing")]
     /// Test support: replace the record of stored entry `seq` with `record`, sealed as the
     /// device would seal it but keeping the old hash — an entry altered by someone holding
     /// the device's keys.
@@ -884,6 +890,7 @@ impl Store {
         })
     }
 
+    #[cfg(feature = "testing")]
     /// Test support: flip one byte of stored entry `seq` as sealed on disk.
     #[doc(hidden)]
     pub fn dangerous_damage_audit(&self, seq: u64) -> Result<(), StoreError> {
@@ -896,6 +903,7 @@ impl Store {
         })
     }
 
+    #[cfg(feature = "testing")]
     /// Replaces the sealed bytes of stored audit entry `seq` with `edit` of them.
     fn dangerous_edit_audit(
         &self,
@@ -931,18 +939,21 @@ impl Store {
         })
     }
 
+    #[cfg(feature = "testing")]
     /// Test support: make audit commits fail (as on a full disk) until called with `false`.
     #[doc(hidden)]
     pub fn dangerous_fail_audit_commits(&self, fail: bool) {
         self.fail_audit.store(fail, Ordering::Relaxed);
     }
 
+    #[cfg(feature = "testing")]
     /// Test support: the raw keyring slot holding a patient's data key, if held.
     #[doc(hidden)]
     pub fn raw_key_slot(&self, nhs: &NhsNumber) -> Result<Option<[u8; SLOT_LEN]>, StoreError> {
         self.with_patient_row(nhs, |_, slot, _| self.ring()?.raw_slot(slot))
     }
 
+    #[cfg(feature = "testing")]
     /// Test support: the sealed record value as stored, and the associated data that opens it.
     #[doc(hidden)]
     pub fn raw_record(&self, nhs: &NhsNumber) -> Result<Option<RawSealed>, StoreError> {
@@ -957,6 +968,7 @@ impl Store {
         })
     }
 
+    #[cfg(feature = "testing")]
     /// Test support: every key reachable from the root key right now — the master key's
     /// derived keys and every data key in a used slot. Tests try them on purged data.
     #[doc(hidden)]

@@ -82,6 +82,7 @@ pub struct Hub {
     limiter: DefaultKeyedRateLimiter<String>,
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     ingest: Mutex<Option<IngestHook>>,
+    #[cfg(feature = "testing")]
     tamper: Mutex<Option<ResponseHook>>,
     /// Audit entries stored since start.
     pub audit_stored: std::sync::atomic::AtomicU64,
@@ -138,6 +139,7 @@ impl Hub {
             limiter: RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst)),
             clock: Arc::new(system_clock),
             ingest: Mutex::new(None),
+            #[cfg(feature = "testing")]
             tamper: Mutex::new(None),
             audit_stored: std::sync::atomic::AtomicU64::new(0),
             audit_repeated: std::sync::atomic::AtomicU64::new(0),
@@ -177,15 +179,31 @@ impl Hub {
         }
     }
 
-    /// Test support: pass every protocol answer through `hook` (or stop, with `None`).
-    /// A hub that lies is how devices are tested against a hostile hub.
+    /// Test support (feature `testing`): pass every protocol answer through `hook` (or
+    /// stop, with `None`). A hub that lies is how devices are tested against a hostile hub.
+    #[cfg(feature = "testing")]
     pub fn dangerous_set_response_hook(&self, hook: Option<ResponseHook>) {
         if let Ok(mut slot) = self.tamper.lock() {
             *slot = hook;
         }
     }
 
+    /// Whether a test hook is set (never, outside the `testing` feature).
+    fn tampering(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return self.tamper.lock().ok().is_some_and(|h| h.is_some());
+        #[cfg(not(feature = "testing"))]
+        false
+    }
+
+    /// Encodes an answer.
+    #[cfg(not(feature = "testing"))]
+    fn answer(&self, _route: &str, status: StatusCode, msg: &Message) -> Response {
+        frame_response(status, msg)
+    }
+
     /// Encodes an answer and lets the test hook, if any, tamper with it.
+    #[cfg(feature = "testing")]
     fn answer(&self, route: &str, status: StatusCode, msg: &Message) -> Response {
         let resp = frame_response(status, msg);
         let hook = self.tamper.lock().ok().and_then(|h| h.clone());
@@ -756,7 +774,7 @@ async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response
     .await;
     match result {
         Ok((_, Ok(bytes))) => {
-            if hub.tamper.lock().ok().is_some_and(|h| h.is_some()) {
+            if hub.tampering() {
                 // A test hook sees the answer as a message.
                 return match sync_protocol::codec::decode(&bytes) {
                     Ok(msg) => hub.answer("pull", StatusCode::OK, &msg),

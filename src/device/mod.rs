@@ -27,7 +27,10 @@ use crate::policy::{ENDED_KEPT, EndReason, EndedLease, Policy, Standing};
 use crate::store::{self, Extras, Store, StoreError};
 use crate::sync::{self, Plan, Round, Start, Step, Summary, SyncError};
 use crate::transport::{Identity, Transport, TransportError};
-use crate::upload::{UploadError, UploadReport};
+pub mod upload;
+pub mod views;
+
+use upload::{UploadError, UploadReport};
 
 mod key {
     pub(super) const IDENTITY: &str = "identity";
@@ -934,14 +937,14 @@ impl Device {
         }));
         // No welcome comes to a revoked device: resume after what it last had
         // acknowledged, uncompressed, in this version (the hub acknowledges repeats).
-        let from = crate::upload::PushFrom {
+        let from = upload::PushFrom {
             durable_through: self.store.audit_acked().map(|a| a.seq).unwrap_or(0),
             version: sync_protocol::codec::VERSION,
             compression: sync_protocol::Compression::None,
         };
         let mut report = UploadReport::default();
         let deadline = std::time::Instant::now() + WIPE_UPLOAD_LIMIT;
-        let upload = crate::upload::push_until(
+        let upload = upload::push_until(
             &self.store,
             self.audit.health(),
             transport,
@@ -1218,100 +1221,6 @@ impl Device {
                 Err(e)
             }
         }
-    }
-
-    /// Uploads the audit entries the hub has not acknowledged: hello, then pushes of up
-    /// to `audit.upload_chunk` entries until none wait (see [`crate::upload`]). Does
-    /// nothing, without connecting, when none wait. The outcome is kept for status.
-    pub fn upload_audit(&self) -> Result<UploadReport, DeviceError> {
-        self.live()?;
-        let _one = self.upload_lock.lock().map_err(|_| StoreError::Poisoned)?;
-        if self.audit.health().backlog().entries == 0 {
-            return Ok(UploadReport::default());
-        }
-        let mut report = UploadReport::default();
-        let result = self.upload_inner(&mut report);
-        let outcome = match &result {
-            Ok(()) => Outcome::Ok,
-            Err(DeviceError::Transport(e)) if e.is_offline() => Outcome::Offline(e.to_string()),
-            Err(e @ DeviceError::Upload(_)) => Outcome::Rejected(e.to_string()),
-            Err(DeviceError::Revoked) => return Err(DeviceError::Revoked),
-            Err(e) => Outcome::Failed(e.to_string()),
-        };
-        let label = match &outcome {
-            Outcome::Ok => "ok",
-            Outcome::Offline(_) => "offline",
-            Outcome::Rejected(_) => "refused",
-            Outcome::Failed(_) => "failed",
-        };
-        self.metrics
-            .audit_uploads
-            .get_or_create(&vec![("outcome", label)])
-            .inc();
-        self.metrics.audit_uploaded.inc_by(report.entries);
-        match &result {
-            Ok(()) => tracing::info!(
-                entries = report.entries,
-                pushes = report.pushes,
-                bytes = report.bytes_sent,
-                through = report.acked_through,
-                "audit uploaded"
-            ),
-            Err(e) => tracing::warn!(
-                error = %e,
-                entries = report.entries,
-                through = report.acked_through,
-                "audit upload stopped"
-            ),
-        }
-        let mut extras = Extras::default();
-        extras.set(
-            key::LAST_UPLOAD,
-            &UploadRecord {
-                at: self.now(),
-                outcome,
-                report: report.clone(),
-            },
-        )?;
-        self.store.put_device_state(&extras)?;
-        result.map(|()| report)
-    }
-
-    fn upload_inner(&self, report: &mut UploadReport) -> Result<(), DeviceError> {
-        let (transport, device_id) = self.connect()?;
-        let answer = transport.exchange(
-            sync::path::HELLO,
-            &sync::hello(self.now(), &software()?),
-            MessageKind::Welcome,
-        )?;
-        report.bytes_sent += answer.sent_bytes as u64;
-        report.bytes_received += answer.wire_bytes as u64;
-        let welcome = self.expect_answer(
-            &transport,
-            answer.message,
-            MessageKind::Welcome,
-            |m| match m {
-                Message::Welcome(w) => Ok(w),
-                m => Err(Box::new(m)),
-            },
-        )?;
-        sync::check_welcome(
-            &welcome,
-            &device_id,
-            self.now(),
-            self.config.sync.max_clock_skew,
-        )?;
-        // Hub time moves trusted time; an upload is not a sync, so it does not count as
-        // the contact the offline limit measures (no objections or lease changes came).
-        self.observe_hub(welcome.hub_time);
-        crate::upload::push_all(
-            &self.store,
-            self.audit.health(),
-            &transport,
-            self.config.audit.upload_chunk,
-            &welcome,
-            report,
-        )
     }
 
     /// The audit backlog, and whether it is past `audit.warn_backlog_age_secs`.

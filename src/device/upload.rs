@@ -11,10 +11,10 @@ use sync_protocol::message::{ErrorCode, PushAudit, Welcome};
 use sync_protocol::types::{BoundedVec, Capabilities};
 use sync_protocol::{Compression, Message, MessageKind};
 
+use super::{Device, DeviceError, Outcome, UploadRecord, key, software};
 use crate::audit::AuditHealth;
-use crate::device::DeviceError;
-use crate::store::Store;
-use crate::sync::{SyncError, path};
+use crate::store::{Extras, Store, StoreError};
+use crate::sync::{self, SyncError, path};
 use crate::transport::Transport;
 
 /// What one upload did.
@@ -147,12 +147,19 @@ pub(crate) fn push_until(
         }
         .into());
     }
+    // What waits now is this upload's; entries written meanwhile (a crew reading on) wait
+    // for the next one, so an upload ends rather than chasing the head push by push.
+    let target = store.audit_head()?.seq;
     let mut acked = acked;
     loop {
+        if acked.seq >= target {
+            return Ok(());
+        }
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             return Err(UploadError::OutOfTime.into());
         }
-        let scanned = store.audit_scan(acked.seq.saturating_add(1), chunk)?;
+        let left = usize::try_from(target - acked.seq).unwrap_or(usize::MAX);
+        let scanned = store.audit_scan(acked.seq.saturating_add(1), chunk.min(left))?;
         let mut entries = Vec::with_capacity(scanned.len());
         let mut damaged = None;
         let mut too_new = None;
@@ -256,5 +263,104 @@ pub(crate) fn push_until(
         if let Some(e) = too_new {
             return Err(e.into());
         }
+    }
+}
+
+/// The device's audit upload: the one place entries leave the device (the daemon's
+/// schedule, every sync round's start and end, and a revoked device's last push all come
+/// here or to [`push_until`]).
+impl Device {
+    /// Uploads the audit entries the hub has not acknowledged: hello, then pushes of up
+    /// to `audit.upload_chunk` entries until none wait (see [`crate::upload`]). Does
+    /// nothing, without connecting, when none wait. The outcome is kept for status.
+    pub fn upload_audit(&self) -> Result<UploadReport, DeviceError> {
+        self.live()?;
+        let _one = self.upload_lock.lock().map_err(|_| StoreError::Poisoned)?;
+        if self.audit.health().backlog().entries == 0 {
+            return Ok(UploadReport::default());
+        }
+        let mut report = UploadReport::default();
+        let result = self.upload_inner(&mut report);
+        let outcome = match &result {
+            Ok(()) => Outcome::Ok,
+            Err(DeviceError::Transport(e)) if e.is_offline() => Outcome::Offline(e.to_string()),
+            Err(e @ DeviceError::Upload(_)) => Outcome::Rejected(e.to_string()),
+            Err(DeviceError::Revoked) => return Err(DeviceError::Revoked),
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
+        let label = match &outcome {
+            Outcome::Ok => "ok",
+            Outcome::Offline(_) => "offline",
+            Outcome::Rejected(_) => "refused",
+            Outcome::Failed(_) => "failed",
+        };
+        self.metrics
+            .audit_uploads
+            .get_or_create(&vec![("outcome", label)])
+            .inc();
+        self.metrics.audit_uploaded.inc_by(report.entries);
+        match &result {
+            Ok(()) => tracing::info!(
+                entries = report.entries,
+                pushes = report.pushes,
+                bytes = report.bytes_sent,
+                through = report.acked_through,
+                "audit uploaded"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                entries = report.entries,
+                through = report.acked_through,
+                "audit upload stopped"
+            ),
+        }
+        let mut extras = Extras::default();
+        extras.set(
+            key::LAST_UPLOAD,
+            &UploadRecord {
+                at: self.now(),
+                outcome,
+                report: report.clone(),
+            },
+        )?;
+        self.store.put_device_state(&extras)?;
+        result.map(|()| report)
+    }
+
+    fn upload_inner(&self, report: &mut UploadReport) -> Result<(), DeviceError> {
+        let (transport, device_id) = self.connect()?;
+        let answer = transport.exchange(
+            path::HELLO,
+            &sync::hello(self.now(), &software()?),
+            MessageKind::Welcome,
+        )?;
+        report.bytes_sent += answer.sent_bytes as u64;
+        report.bytes_received += answer.wire_bytes as u64;
+        let welcome = self.expect_answer(
+            &transport,
+            answer.message,
+            MessageKind::Welcome,
+            |m| match m {
+                Message::Welcome(w) => Ok(w),
+                m => Err(Box::new(m)),
+            },
+        )?;
+        sync::check_welcome(
+            &welcome,
+            &device_id,
+            self.now(),
+            self.config.sync.max_clock_skew,
+        )?;
+        // Hub time moves trusted time; an upload is not a sync, so it does not count as
+        // the contact the offline limit measures (no objections or lease changes came).
+        self.observe_hub(welcome.hub_time);
+        push_all(
+            &self.store,
+            self.audit.health(),
+            &transport,
+            self.config.audit.upload_chunk,
+            &welcome,
+            report,
+        )
     }
 }
