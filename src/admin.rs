@@ -21,7 +21,6 @@
 )]
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -178,6 +177,7 @@ fn run(
         Request::Sync => {
             let started = std::time::Instant::now();
             let s = sync_now(device, via)?;
+            writeln!(out, "{}", synced_line(&s, started.elapsed()))?;
             writeln!(
                 out,
                 "synced: {} batches, {} records written, {} removals, {} lease changes, {:.2} MB{} in {} ms",
@@ -242,6 +242,20 @@ fn run(
         }
     }
     Ok(())
+}
+
+/// What a sync round did, in one line.
+pub(crate) fn synced_line(s: &crate::sync::Summary, took: Duration) -> String {
+    format!(
+        "synced: {} batches, {} records written, {} removals, {} lease changes, {:.2} MB{} in {} ms",
+        s.batches,
+        s.upserts,
+        s.removals,
+        s.lease_changes,
+        s.bytes as f64 / 1e6,
+        if s.resynced { " (full resync)" } else { "" },
+        took.as_millis()
+    )
 }
 
 /// A round now. A hub that asks for a moment (its rate limit: the daemon's own round
@@ -430,28 +444,22 @@ impl Server {
     /// Binds `path` (mode 0600; a stale socket left by a daemon that died is replaced,
     /// anything else there is refused) and serves `device` until `stop` is set.
     pub fn start(device: AdminView, path: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<Self> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                anyhow::bail!(
-                    "{} exists and is not a socket; remove it or set admin.socket",
-                    path.display()
-                );
-            }
-            if UnixStream::connect(path).is_ok() {
-                anyhow::bail!(
-                    "another daemon answers on the admin socket {}",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        // A socket some daemon still answers on is not stale (the store's lock keeps a
+        // second daemon out; this names the cause).
+        if UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another daemon answers on the admin socket {}",
+                path.display()
+            );
         }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("binding the admin socket {}", path.display()))?;
         // Peer credentials are checked on every connection as well: the mode is the
         // first fence, not the only one.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("making {} owner-only", path.display()))?;
+        let listener = crate::api::bind_socket_file(path, 0o600).with_context(|| {
+            format!(
+                "binding the admin socket {} (or set admin.socket)",
+                path.display()
+            )
+        })?;
         listener
             .set_nonblocking(true)
             .context("configuring the admin socket")?;
@@ -517,7 +525,6 @@ fn accept_loop(
         };
         if uid != me && uid != 0 {
             tracing::warn!(uid, "admin channel: a connection from another user refused");
-            let _ = stream.set_nonblocking(false);
             let _ = frame(
                 &stream,
                 FAILED,
@@ -527,7 +534,6 @@ fn accept_loop(
         }
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
-            let _ = stream.set_nonblocking(false);
             let _ = frame(
                 &stream,
                 FAILED,
@@ -535,21 +541,21 @@ fn accept_loop(
             );
             continue;
         }
-        let (device, active) = (device.clone(), Arc::clone(active));
+        let (device, running) = (device.clone(), Arc::clone(active));
         let spawned = std::thread::Builder::new()
             .name("admin-command".into())
             .spawn(move || {
                 serve_one(&stream, &device, uid);
-                active.fetch_sub(1, Ordering::SeqCst);
+                running.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            active.fetch_sub(1, Ordering::SeqCst);
             tracing::error!(error = %e, "admin channel: no thread for a command");
         }
     }
 }
 
 fn serve_one(stream: &UnixStream, device: &AdminView, uid: u32) {
-    let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let request = match read_request(stream) {
         Ok(r) => r,

@@ -25,7 +25,11 @@ use crate::transport::backoff;
 
 /// Opens the configured device (asking for the passphrase if that is the key source).
 pub fn open(config_path: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Device> {
-    let config = Config::load(config_path)?;
+    open_config(Config::load(config_path)?, clock)
+}
+
+/// [`open`] with the configuration already read.
+fn open_config(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Device> {
     let source = config.key.source()?;
     let root = store::unlock(&config.data_dir, &source)
         .with_context(|| format!("unlocking {}", config.data_dir.display()))?;
@@ -72,31 +76,17 @@ pub fn sync(config_path: &Path, stats: bool) -> anyhow::Result<()> {
             ok: result.is_ok(),
         })
         .context("the sync ran, but its audit entry could not be written")?;
-    match result {
-        Ok(s) => {
-            println!(
-                "synced: {} batches, {} records written, {} removals, {} lease changes, {:.2} MB{}",
-                s.batches,
-                s.upserts,
-                s.removals,
-                s.lease_changes,
-                s.bytes as f64 / 1e6,
-                if s.resynced { " (full resync)" } else { "" }
-            );
-            if stats {
-                println!(
-                    "stats: elapsed_ms={} bytes={} batches={} upserts={} peak_rss_kib={}",
-                    started.elapsed().as_millis(),
-                    s.bytes,
-                    s.batches,
-                    s.upserts,
-                    peak_rss_kib().unwrap_or(0)
-                );
-            }
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
+    let s = result?;
+    println!("{}", crate::admin::synced_line(&s, started.elapsed()));
+    println!(
+        "stats: elapsed_ms={} bytes={} batches={} upserts={} peak_rss_kib={}",
+        started.elapsed().as_millis(),
+        s.bytes,
+        s.batches,
+        s.upserts,
+        peak_rss_kib().unwrap_or(0)
+    );
+    Ok(())
 }
 
 /// One sync round with a progress bar: patients held of those the hub expects, bytes
@@ -147,10 +137,7 @@ pub fn command(
         Err(e) => return Err(e.into()),
     }
     drop(err);
-    let source = config.key.source()?;
-    let root = store::unlock(&config.data_dir, &source)
-        .with_context(|| format!("unlocking {}", config.data_dir.display()))?;
-    let device = Arc::new(Device::open(config, &root, Arc::new(SystemClock::new()))?);
+    let device = Arc::new(open_config(config, Arc::new(SystemClock::new()))?);
     let result = crate::admin::execute(
         &AdminView::of(&device),
         request,

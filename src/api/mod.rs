@@ -600,20 +600,31 @@ impl Listener {
     /// Binds a unix socket at `path` with mode 0660, replacing a stale socket file (and
     /// refusing to replace anything else).
     pub fn bind_unix(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        let l = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-        Ok(Self::Unix(l, path.to_owned()))
+        let l = bind_socket_file(path, 0o660)?;
+        l.set_nonblocking(true)?;
+        Ok(Self::Unix(UnixListener::from_std(l)?, path.to_owned()))
     }
+}
+
+/// Binds a unix socket at `path` with `mode`, replacing a stale socket file and refusing
+/// to replace anything else (the local API's socket and the admin channel's).
+pub(crate) fn bind_socket_file(
+    path: &Path,
+    mode: u32,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
 }
 
 /// Serves `listeners` until `shutdown` resolves; connections in flight get a few
