@@ -73,7 +73,18 @@ struct Raw {
     audit: RawAudit,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    anchor: RawAnchor,
     identity: Option<RawIdentity>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnchor {
+    kind: Option<String>,
+    path: Option<PathBuf>,
+    tcti: Option<String>,
+    nv_index: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -405,6 +416,42 @@ pub struct Config {
     /// checked) that the CLI's commands talk to. Default: `admin.sock` in the data
     /// directory.
     pub admin_socket: PathBuf,
+    /// The anti-rollback anchor (`[anchor]`).
+    pub anchor: AnchorConfig,
+}
+
+/// `[anchor]`: what binds the store to a count outside the data directory (see
+/// [`crate::anchor`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnchorConfig {
+    /// None (the default): a restored copy of the data directory is not detected.
+    None,
+    /// A counter file outside the data directory (`kind = "file"`, `path`).
+    File(PathBuf),
+    /// A TPM 2.0 NV counter (`kind = "tpm"`, `tcti`, `nv_index`; feature `tpm`).
+    Tpm {
+        /// How the TPM is reached (default `device:/dev/tpmrm0`).
+        tcti: String,
+        /// The NV index (default 0x0100CACE).
+        nv_index: u32,
+    },
+}
+
+impl AnchorConfig {
+    /// The counter this configuration names, if any.
+    pub fn counter(&self) -> Option<std::sync::Arc<dyn crate::anchor::Counter>> {
+        match self {
+            Self::None => None,
+            Self::File(path) => Some(std::sync::Arc::new(crate::anchor::FileCounter::new(path))),
+            #[cfg(feature = "tpm")]
+            Self::Tpm { tcti, nv_index } => Some(std::sync::Arc::new(
+                crate::anchor::TpmCounter::new(tcti, *nv_index),
+            )),
+            // Refused when the configuration is read.
+            #[cfg(not(feature = "tpm"))]
+            Self::Tpm { .. } => None,
+        }
+    }
 }
 
 impl Config {
@@ -587,9 +634,11 @@ impl Config {
                 "the admin socket's path is longer than a unix socket allows (107 bytes): set admin.socket to a shorter path",
             ));
         }
+        let anchor_config = anchor_config(raw.anchor, &data_dir, &anchor, &invalid)?;
         Ok(Self {
             data_dir,
             admin_socket,
+            anchor: anchor_config,
             key,
             hub: HubConfig {
                 url,
@@ -610,6 +659,76 @@ impl Config {
             audit,
             identity,
         })
+    }
+}
+
+/// `[anchor]`: none by default; a counter file outside the data directory; or a TPM NV
+/// counter (only in a build with feature `tpm`).
+fn anchor_config(
+    raw: RawAnchor,
+    data_dir: &Path,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    invalid: &dyn Fn(&'static str, &str) -> ConfigError,
+) -> Result<AnchorConfig, ConfigError> {
+    let kind = raw.kind.as_deref().unwrap_or("none");
+    let unused = |key: &'static str, set: bool| {
+        if set {
+            Err(invalid(key, "not used by this anchor kind"))
+        } else {
+            Ok(())
+        }
+    };
+    match kind {
+        "none" => {
+            unused("anchor.path", raw.path.is_some())?;
+            unused("anchor.tcti", raw.tcti.is_some())?;
+            unused("anchor.nv_index", raw.nv_index.is_some())?;
+            Ok(AnchorConfig::None)
+        }
+        "file" => {
+            unused("anchor.tcti", raw.tcti.is_some())?;
+            unused("anchor.nv_index", raw.nv_index.is_some())?;
+            let path = resolve(
+                raw.path
+                    .ok_or_else(|| invalid("anchor.path", "a file anchor needs a path"))?,
+            );
+            if crate::store::refuse_inside(data_dir, &path).is_err() {
+                return Err(invalid(
+                    "anchor.path",
+                    "the counter file must lie outside the data directory (a copy of the directory must not carry it)",
+                ));
+            }
+            Ok(AnchorConfig::File(path))
+        }
+        "tpm" => {
+            unused("anchor.path", raw.path.is_some())?;
+            if !cfg!(feature = "tpm") {
+                return Err(invalid(
+                    "anchor.kind",
+                    "this build has no TPM support: build carecache with `--features tpm` (needs libtss2-dev)",
+                ));
+            }
+            let tcti = raw
+                .tcti
+                .unwrap_or_else(|| crate::anchor::DEFAULT_TCTI.to_owned());
+            let nv_index = match raw.nv_index {
+                None => crate::anchor::DEFAULT_NV_INDEX,
+                Some(text) => text
+                    .strip_prefix("0x")
+                    .or_else(|| text.strip_prefix("0X"))
+                    .and_then(|h| u32::from_str_radix(&h.replace('_', ""), 16).ok())
+                    // The owner's range of NV indices.
+                    .filter(|i| (0x0100_0000..=0x013F_FFFF).contains(i))
+                    .ok_or_else(|| {
+                        invalid(
+                            "anchor.nv_index",
+                            "a hexadecimal NV index in the owner's range, 0x01000000 to 0x013FFFFF",
+                        )
+                    })?,
+            };
+            Ok(AnchorConfig::Tpm { tcti, nv_index })
+        }
+        _ => Err(invalid("anchor.kind", "one of \"none\", \"file\", \"tpm\"")),
     }
 }
 

@@ -249,6 +249,8 @@ pub struct Start {
     pub nonce: Hash32,
     /// The health report the checkin carries.
     pub health: Health,
+    /// The anti-rollback report the checkin carries (version 8).
+    pub anchor: Option<sync_protocol::message::AnchorReport>,
     /// Whether this round may correct trusted time from the hub's (not in a round begun
     /// again after a correction).
     pub may_correct_clock: bool,
@@ -298,6 +300,10 @@ pub struct Round {
     trust: Option<Vec<Vec<u8>>>,
     /// Patients the hub expects this device to hold when the round completes.
     expected: u32,
+    /// The hub answered a checkin that carried the anti-rollback report (version 8).
+    anchor_reported: bool,
+    /// The version the welcome chose.
+    version: u16,
 }
 
 impl Round {
@@ -325,6 +331,8 @@ impl Round {
             asked: 0,
             expected: 0,
             trust: None,
+            anchor_reported: false,
+            version: 1,
         };
         (round, Step::Send(path::HELLO, hello))
     }
@@ -337,6 +345,12 @@ impl Round {
     /// The counts so far.
     pub fn summary(&self) -> &Summary {
         &self.summary
+    }
+
+    /// Whether the hub answered a checkin that carried the anti-rollback report (a
+    /// restored copy reported is then the hub's to keep).
+    pub fn anchor_reported(&self) -> bool {
+        self.anchor_reported
     }
 
     /// Whether this round is a full resync.
@@ -398,6 +412,7 @@ impl Round {
                     .start
                     .max_bytes
                     .min(w.max_batch_bytes.max(Pull::MIN_BUDGET));
+                self.version = w.version;
                 if w.version < 6 {
                     self.hub_time = Some(w.hub_time);
                     self.state = State::Batch;
@@ -415,6 +430,7 @@ impl Round {
                     Message::Checkin(Checkin {
                         nonce: self.start.nonce,
                         health: self.start.health.clone(),
+                        anchor: self.start.anchor.clone(),
                     }),
                 ))
             }
@@ -431,6 +447,7 @@ impl Round {
                         "the checkin answer carries another nonce",
                     ));
                 }
+                self.anchor_reported = self.version >= 8 && self.start.anchor.is_some();
                 if correct {
                     // The two hub times of this exchange agree with each other …
                     check_hub_time(a.hub_time, welcome_time, self.start.max_skew).map_err(

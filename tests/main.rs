@@ -8,6 +8,7 @@
 )]
 
 mod admin;
+mod anchor;
 mod api;
 mod api_crash;
 mod api_harness;

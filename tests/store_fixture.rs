@@ -83,3 +83,67 @@ fn v2_fixture_opens_with_current_code() {
         Some(&content_v2::patients()[0])
     );
 }
+
+/// Schema 3, the last without an anti-rollback binding: the same content as the v2
+/// fixture opens whole under schema 4; its first open with an anchor binds it and keeps
+/// its data (an upgrade); another copy of it opened later against the same anchor is a
+/// copy from before the binding — its patients and lease are destroyed.
+#[test]
+fn v3_fixture_opens_and_is_bound_on_first_open() {
+    use carecache::store::{AnchorCheck, Extras};
+    use std::sync::Arc;
+    use sync_protocol::message::{AnchorKind, RestoreReason};
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v3");
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    copy_tree(&fixture, &first);
+    copy_tree(&fixture, &second);
+    let root = RootKey::from_bytes(content_v2::ROOT_KEY);
+    let counter = Arc::new(carecache::anchor::FileCounter::new(
+        &tmp.path().join("anchor/counter"),
+    ));
+
+    let store = Store::open(&first, &root).unwrap();
+    for r in &content_v2::patients() {
+        assert_eq!(store.record(&r.nhs_number).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(store.leases().unwrap(), vec![content_v2::lease()]);
+    assert_eq!(store.anchor_binding().unwrap(), None);
+    let check = store
+        .bind_anchor(counter.clone(), |_| Ok(Extras::default()))
+        .unwrap();
+    assert_eq!(check, AnchorCheck::Bound);
+    assert_eq!(store.anchor_binding().unwrap().unwrap().0, AnchorKind::File);
+    for r in &content_v2::patients() {
+        assert_eq!(store.record(&r.nhs_number).unwrap().as_ref(), Some(r));
+    }
+    drop(store);
+    // Bound: reopened, it is the live store.
+    let store = Store::open(&first, &root).unwrap();
+    let check = store
+        .bind_anchor(counter.clone(), |_| Ok(Extras::default()))
+        .unwrap();
+    assert_eq!(check, AnchorCheck::Verified);
+    assert_eq!(store.leases().unwrap().len(), 1);
+    drop(store);
+
+    let copy = Store::open(&second, &root).unwrap();
+    let check = copy
+        .bind_anchor(counter, |_| Ok(Extras::default()))
+        .unwrap();
+    assert_eq!(
+        check,
+        AnchorCheck::Restored {
+            reason: RestoreReason::Unbound,
+            patients: content_v2::patients().len() as u64,
+            leases: 1,
+        }
+    );
+    assert!(copy.leases().unwrap().is_empty());
+    assert_eq!(copy.stats().unwrap().patients, 0);
+    assert_eq!(
+        copy.cursor().unwrap(),
+        None,
+        "the next sync starts from nothing"
+    );
+}

@@ -408,6 +408,17 @@ fn key_text(k: &KeyEvent) -> String {
         KeyEvent::PinnedCasChanged { pinned } => {
             format!("hub CA pins changed: {pinned} CA certificates pinned")
         }
+        KeyEvent::AnchorBound { kind } => {
+            format!("store bound to the anti-rollback anchor ({})", kind.name())
+        }
+        KeyEvent::Restored {
+            reason,
+            patients,
+            leases,
+        } => format!(
+            "restored or foreign copy of the data directory found ({}): {patients} patients and {leases} leases destroyed before anything was served; syncing from nothing",
+            reason.name()
+        ),
     }
 }
 

@@ -429,6 +429,17 @@ async fn caller(api: &Api, h: &HeaderMap, rid: u64, format: Format) -> Result<Ca
     if api.device.is_wiped() {
         return Err(revoked(format, rid));
     }
+    if api.device.anchor_held().is_some() {
+        // Not a refusal of the caller: the device cannot vouch that this copy of the
+        // data is the live one (SPEC: anti-rollback), so it serves no patient data.
+        return Err(error(
+            format,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rollback-check-failed",
+            "the device cannot check that its data is current (its anti-rollback anchor could not be read), so it shows no patient data; the check is retried every minute — tell the IT team",
+            Some(rid),
+        ));
+    }
     let client = authenticate(api, h, rid, format).await?;
     Ok(Caller::read(api, h, client))
 }

@@ -489,7 +489,9 @@ fn route_label(path: &str) -> &'static str {
 /// one, the device status plus freshness, the audit log's health and the endpoint's
 /// uptime. No patient data either way.
 async fn status(State(api): State<Arc<Api>>, h: axum::http::HeaderMap) -> Response {
-    let ready = api.device.audit().health().failing().is_none() && !api.device.is_wiped();
+    let ready = api.device.audit().health().failing().is_none()
+        && !api.device.is_wiped()
+        && api.device.anchor_held().is_none();
     if !h.contains_key(header::AUTHORIZATION) {
         return axum::Json(serde_json::json!({ "ready": ready })).into_response();
     }
@@ -505,7 +507,7 @@ async fn status(State(api): State<Arc<Api>>, h: axum::http::HeaderMap) -> Respon
                 obj.insert("uptime_secs".into(), api.started.elapsed().as_secs().into());
                 obj.insert(
                     "ready".into(),
-                    (s.audit_error.is_none() && !api.device.is_wiped()).into(),
+                    (s.audit_error.is_none() && !api.device.is_wiped() && !s.anchor.holding).into(),
                 );
             }
             axum::Json(v).into_response()

@@ -32,7 +32,9 @@ pub mod upload;
 pub mod views;
 
 use status::lease_status;
-pub use status::{IdentityStatus, LeaseStatus, Status, certificate_words, render_status};
+pub use status::{
+    AnchorStatus, IdentityStatus, LeaseStatus, Status, certificate_words, render_status,
+};
 
 use upload::{UploadError, UploadReport};
 
@@ -58,6 +60,9 @@ mod key {
     /// Added to the wall clock by trusted time after a correction (`i64` ms, never
     /// positive; absent: 0).
     pub(super) const WALL_OFFSET: &str = "wall_offset";
+    /// A restored copy found at open, until the hub has answered a checkin carrying it
+    /// ([`sync_protocol::message::RestoreReport`]).
+    pub(super) const RESTORED: &str = "restored";
 }
 
 /// A device renews its certificate once this share of its life has passed (two
@@ -226,6 +231,18 @@ pub enum DeviceError {
     /// Audit upload stopped although the hub was reached.
     #[error(transparent)]
     Upload(#[from] UploadError),
+    /// Operator: the store is bound to an anti-rollback anchor the configuration no
+    /// longer names.
+    #[error(
+        "this data directory is bound to an anti-rollback anchor ({0}) but the configuration names none: restore the [anchor] section (a store bound once is not served without its anchor)"
+    )]
+    AnchorRequired(String),
+    /// The anti-rollback anchor could not be read: no patient data is served until it
+    /// can be (retried at every tick).
+    #[error(
+        "no patient data is served: the anti-rollback check could not be made ({0}); it is retried every minute"
+    )]
+    AnchorHeld(String),
 }
 
 /// The device's enrolled identity, sealed in the store.
@@ -313,6 +330,8 @@ pub struct Device {
     /// The device certificate's validity, read at open and kept with every change of
     /// certificate: every API answer checks it, so it is never read from the store there.
     certificate: Mutex<Option<(Timestamp, Timestamp)>>,
+    /// Why the anti-rollback check could not be made: nothing is served meanwhile.
+    anchor_hold: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -363,9 +382,140 @@ impl Device {
             arrival: Mutex::new(arrival),
             live: Mutex::new(None),
             certificate: Mutex::new(certificate),
+            anchor_hold: Mutex::new(None),
         };
         device.refresh_policy()?;
+        device.check_anchor()?;
         Ok(device)
+    }
+
+    /// Binds the store to the configured anti-rollback anchor and checks it is the live
+    /// copy. A restored or foreign copy loses its patient data and leases here, before
+    /// anything is served, and is reported to the hub; an anchor that cannot be read
+    /// holds every patient route until it can (retried by [`Self::tick`]).
+    fn check_anchor(&self) -> Result<(), DeviceError> {
+        use crate::store::AnchorCheck;
+        use sync_protocol::message::RestoreReport;
+        let Some(counter) = self.config.anchor.counter() else {
+            if let Some((_, what)) = self.store.anchor_binding()? {
+                return Err(DeviceError::AnchorRequired(what));
+            }
+            return Ok(());
+        };
+        let kind = counter.kind();
+        let now = self.now();
+        let result = self.store.bind_anchor(counter, |reason| {
+            let mut extras = Extras::default();
+            extras.set(
+                key::RESTORED,
+                &Some(RestoreReport {
+                    detected_at: now,
+                    reason,
+                }),
+            )?;
+            extras.set(
+                key::ARRIVAL,
+                &Arrival {
+                    expected: 0,
+                    complete: false,
+                },
+            )?;
+            extras.set(key::RESYNC, &false)?;
+            extras.set(key::SYNC_WANT, &Vec::<NhsNumber>::new())?;
+            extras.set(key::LOOKUPS, &Vec::<LeaseId>::new())?;
+            Ok(extras)
+        });
+        let check = match result {
+            Ok(check) => check,
+            Err(StoreError::Anchor(e)) => {
+                tracing::error!(error = %e, "the anti-rollback check could not be made: no patient data is served until it can");
+                *self.anchor_hold.lock().map_err(|_| StoreError::Poisoned)? = Some(e.to_string());
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match check {
+            AnchorCheck::Verified => {}
+            AnchorCheck::Bound => {
+                tracing::info!(
+                    anchor = kind.name(),
+                    "store bound to its anti-rollback anchor"
+                );
+                self.audit_or_log(AuditEvent::Key(KeyEvent::AnchorBound { kind }));
+            }
+            AnchorCheck::Restored {
+                reason,
+                patients,
+                leases,
+            } => {
+                tracing::error!(
+                    reason = reason.name(),
+                    patients,
+                    leases,
+                    "this data directory is a restored or foreign copy: its patient data and leases were destroyed before anything was served; the device syncs from nothing"
+                );
+                self.audit_or_log(AuditEvent::Key(KeyEvent::Restored {
+                    reason,
+                    patients: u32::try_from(patients).unwrap_or(u32::MAX),
+                    leases: u32::try_from(leases).unwrap_or(u32::MAX),
+                }));
+                *self.arrival.lock().map_err(|_| StoreError::Poisoned)? = Arrival {
+                    expected: 0,
+                    complete: false,
+                };
+                self.refresh_policy()?;
+            }
+        }
+        *self.anchor_hold.lock().map_err(|_| StoreError::Poisoned)? = None;
+        Ok(())
+    }
+
+    fn anchor_status(&self) -> Result<AnchorStatus, DeviceError> {
+        let info = self.store.anchor_info()?;
+        let held = self.anchor_held();
+        let report = self.anchor_report()?;
+        Ok(AnchorStatus {
+            kind: report.kind.name(),
+            counter: info
+                .as_ref()
+                .map(|i| i.what.clone())
+                .or_else(|| self.config.anchor.counter().map(|c| c.describe())),
+            count: info.as_ref().map(|i| i.count),
+            holding: held.is_some(),
+            problem: held.or_else(|| info.and_then(|i| i.unavailable)),
+            restored: report
+                .restored
+                .map(|r| format!("{} ({})", r.detected_at.utc_seconds(), r.reason.name())),
+        })
+    }
+
+    /// Why no patient data is served (the anti-rollback check could not be made), if so.
+    pub fn anchor_held(&self) -> Option<String> {
+        self.anchor_hold.lock().map_or_else(
+            |_| Some("the anti-rollback state is unknown".to_owned()),
+            |h| h.clone(),
+        )
+    }
+
+    /// The anti-rollback report a checkin carries: the anchor's kind, whether it could
+    /// not be read or advanced, and a restored copy not yet reported.
+    pub fn anchor_report(&self) -> Result<sync_protocol::message::AnchorReport, DeviceError> {
+        use sync_protocol::message::{AnchorKind, AnchorReport};
+        let info = self.store.anchor_info()?;
+        let kind = info
+            .as_ref()
+            .map(|i| i.kind)
+            .or_else(|| self.config.anchor.counter().map(|c| c.kind()))
+            .unwrap_or(AnchorKind::None);
+        Ok(AnchorReport {
+            kind,
+            unavailable: self.anchor_held().is_some()
+                || info.is_some_and(|i| i.unavailable.is_some()),
+            restored: self
+                .store
+                .device_state::<Option<sync_protocol::message::RestoreReport>>(key::RESTORED)?
+                .flatten(),
+        })
     }
 
     /// The store (for the API layer and tests).
@@ -854,7 +1004,11 @@ impl Device {
         match nonce().and_then(|nonce| Ok((nonce, self.health(true)?))) {
             Ok((nonce, health)) => {
                 let unsent = health.audit_backlog;
-                let checkin = Message::Checkin(sync_protocol::message::Checkin { nonce, health });
+                let checkin = Message::Checkin(sync_protocol::message::Checkin {
+                    nonce,
+                    health,
+                    anchor: self.anchor_report().ok(),
+                });
                 match transport.exchange(sync::path::CHECKIN, &checkin, MessageKind::CheckinAnswer)
                 {
                     Ok(_) => tracing::warn!(unsent, "revoked: the hub was told of the wipe"),
@@ -1185,11 +1339,13 @@ impl Device {
             want,
             nonce: nonce()?,
             health: self.health(false)?,
+            anchor: Some(self.anchor_report()?),
             may_correct_clock,
             discounted_wall: (self.trusted_state().wall_offset_ms() < 0)
                 .then(|| Timestamp::from_millis(self.clock.wall_ms()).ok())
                 .flatten(),
         };
+        let mut reported_restore = start.anchor.as_ref().and_then(|a| a.restored.clone());
         let (mut round, mut step) = Round::begin(start, self.now());
         let mut contact_saved = false;
         loop {
@@ -1238,6 +1394,16 @@ impl Device {
                             self.refresh_policy()?;
                             contact_saved = true;
                         }
+                    }
+                    if round.anchor_reported() && reported_restore.is_some() {
+                        // The hub has the report of the restored copy: it is the hub's now.
+                        let mut extras = Extras::default();
+                        extras.set(
+                            key::RESTORED,
+                            &None::<sync_protocol::message::RestoreReport>,
+                        )?;
+                        self.store.put_device_state(&extras)?;
+                        reported_restore = None;
                     }
                     next
                 }
@@ -1549,6 +1715,13 @@ impl Device {
     /// trusted-time high-water mark. Needs no network.
     pub fn tick(&self) -> Result<TickReport, DeviceError> {
         self.live()?;
+        // An anchor that could not be read is tried again, between rounds (a restored
+        // copy found now is reset under the round lock).
+        if self.anchor_held().is_some()
+            && let Ok(_round) = self.sync_lock.try_lock()
+        {
+            self.check_anchor()?;
+        }
         let now = self.now();
         let policy = self.policy();
         let mut report = TickReport::default();
@@ -1616,6 +1789,10 @@ impl Device {
     /// opens), then the files; this process forgets its keys and refuses all further work.
     fn wipe_now(&self) {
         self.wiped.store(true, Ordering::SeqCst);
+        // One count on first: a copy taken before the wipe no longer matches the anchor.
+        if let Err(e) = self.store.count_anchor() {
+            tracing::warn!(error = %e, "the anti-rollback anchor was not advanced before the wipe");
+        }
         self.store.forget_keys_all();
         match store::wipe(&self.config.data_dir) {
             Ok(()) => tracing::warn!("device revoked by the hub: keys and data destroyed"),
@@ -1679,6 +1856,7 @@ impl Device {
                 .certificate_validity()?
                 .map(|(_, until)| until.utc_seconds()),
             certificate_warning: self.certificate_warning().map(certificate_words),
+            anchor: self.anchor_status()?,
             identity: match self.identity.oidc() {
                 None => IdentityStatus {
                     mode: "asserted",

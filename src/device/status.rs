@@ -88,6 +88,30 @@ pub struct Status {
     pub certificate_not_after: Option<String>,
     /// Within 30 days of that end (or past it): what to do, in words.
     pub certificate_warning: Option<String>,
+    /// The anti-rollback anchor.
+    pub anchor: AnchorStatus,
+}
+
+/// The anti-rollback anchor in status.
+#[derive(Clone, Debug, Serialize)]
+pub struct AnchorStatus {
+    /// `none`, `file` or `tpm`.
+    pub kind: &'static str,
+    /// Which counter (an NV index and TPM, or a file path).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counter: Option<String>,
+    /// The count the store expects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// Why the anchor could not be read (nothing is served) or advanced (purges since
+    /// are not counted yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// No patient data is served: the anti-rollback check could not be made.
+    pub holding: bool,
+    /// A restored copy found and reset, not yet reported to the hub.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored: Option<String>,
 }
 
 /// The certificate warning in words, from the seconds left (negative: ended).
@@ -182,6 +206,25 @@ pub fn render_status(s: &Status) -> String {
             ),
             _ => "asserted — the client software names the member of staff".to_owned(),
         }
+    );
+    let a = &s.anchor;
+    let _ = writeln!(
+        out,
+        "rollback    {}{}{}",
+        match (&a.counter, a.count) {
+            (Some(c), Some(n)) => format!("{c}, count {n}"),
+            (Some(c), None) => c.clone(),
+            _ => "no anchor: a restored copy of the data directory would not be detected ([anchor] in the configuration)".to_owned(),
+        },
+        match (&a.problem, a.holding) {
+            (Some(p), true) => format!(" — NOTHING IS SERVED: the check could not be made ({p})"),
+            (Some(p), false) => format!(" — WARNING: not advanced ({p}); retried at the next purge"),
+            _ => String::new(),
+        },
+        a.restored
+            .as_ref()
+            .map(|r| format!(" — a restored copy was found {r}, its data destroyed (not yet reported to the hub)"))
+            .unwrap_or_default()
     );
     let _ = writeln!(out, "trusted     {}", s.trusted_time);
     if s.wall_clock_behind_secs > 60 {

@@ -81,6 +81,11 @@ impl ReadView {
         self.0.is_wiped()
     }
 
+    /// Why no patient data is served (the anti-rollback check could not be made).
+    pub fn anchor_held(&self) -> Option<String> {
+        self.0.anchor_held()
+    }
+
     /// Everything `status` shows.
     pub fn status(&self) -> Result<Status, DeviceError> {
         self.0.status()

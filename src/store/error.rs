@@ -51,6 +51,9 @@ pub enum StoreError {
         "a value in table `{0}` is damaged, was moved from another row, or was sealed under another key"
     )]
     Damaged(&'static str),
+    /// The anti-rollback anchor could not be read or used.
+    #[error(transparent)]
+    Anchor(#[from] crate::anchor::AnchorError),
     /// Disk damage, a full disk, or another process: redb refused.
     #[error("database ({context}): {message}")]
     Database {

@@ -18,8 +18,12 @@
 //!   dosage). As for 2: a record sealed under schema 2 is read as a version-2 record by
 //!   its version byte, nothing is rewritten.
 //!
-//! Fixtures written by versions 1 and 2 live in `tests/fixtures/store-v1/` and
-//! `tests/fixtures/store-v2/` and are opened by every test run, forever.
+//! - 4 — the anti-rollback binding (`meta.anchor`, sealed). Nothing is rewritten; the
+//!   step exists so that a build that does not check the binding refuses a store that
+//!   has one rather than serve a copy it cannot vouch for.
+//!
+//! Fixtures written by versions 1, 2 and 3 live in `tests/fixtures/store-v1/`,
+//! `store-v2/` and `store-v3/` and are opened by every test run, forever.
 
 use redb::{Database, ReadableDatabase, WriteTransaction};
 
@@ -27,7 +31,7 @@ use super::StoreError;
 use super::tables::{self, META, SCHEMA, STORE_ID};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// One migration: from `from` to `from + 1`.
 pub(crate) struct Step {
@@ -45,6 +49,11 @@ const STEPS: &[Step] = &[
     Step {
         from: 2,
         // Likewise for schema 2.
+        run: |_| Ok(()),
+    },
+    Step {
+        from: 3,
+        // The binding is written at the first open with an anchor configured.
         run: |_| Ok(()),
     },
 ];

@@ -23,11 +23,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sync_protocol::NhsNumber;
 use sync_protocol::audit::AuditEntry;
-use sync_protocol::message::{Batch, Lease, LeaseChange, ObjectionChange, ObjectionStatus};
+use sync_protocol::message::{
+    AnchorKind, Batch, Lease, LeaseChange, ObjectionChange, ObjectionStatus, RestoreReason,
+};
 use sync_protocol::record::PatientRecord;
 use sync_protocol::types::{Cursor, LeaseId, RecordVersion, Timestamp};
 use zeroize::Zeroizing;
 
+use crate::anchor::Counter;
 use crate::crypto::{self, MasterKey, RootKey, RowKey, Secret32, Subkeys};
 use crate::keysource::{KdfParams, KeySource, SourceKind, read_credential, read_key_file};
 
@@ -131,9 +134,65 @@ pub struct Store {
     master: MasterKey,
     keys: Subkeys,
     data_keys: RwLock<HashMap<u32, Secret32>>,
+    /// The anti-rollback anchor, once bound: every commit that destroys a key counts.
+    anchor: Mutex<Option<AnchorGuard>>,
     /// Test support: audit commits fail as a full disk would.
     #[cfg(feature = "testing")]
     fail_audit: std::sync::atomic::AtomicBool,
+}
+
+/// The bound anchor as the store keeps it in memory.
+#[derive(Debug)]
+struct AnchorGuard {
+    counter: Arc<dyn Counter>,
+    binding: AnchorBinding,
+    /// The counter's value as last read or advanced.
+    known: u64,
+    /// Why the last advance failed (purges since are not yet counted by the anchor).
+    unavailable: Option<String>,
+}
+
+/// The binding as sealed in the store's state: which anchor, and the count this store
+/// expects it to show.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct AnchorBinding {
+    kind: AnchorKind,
+    what: String,
+    count: u64,
+}
+
+/// What binding a store to its anchor at open found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnchorCheck {
+    /// The store is the live one (its count is the anchor's).
+    Verified,
+    /// The store was bound to the anchor now (its first count).
+    Bound,
+    /// The store was a restored or foreign copy: its patients and leases were destroyed
+    /// (the counts), the cursor dropped (the next sync starts from nothing), and it is
+    /// bound to the anchor again.
+    Restored {
+        /// What gave it away.
+        reason: RestoreReason,
+        /// Patients destroyed.
+        patients: u64,
+        /// Leases destroyed.
+        leases: u64,
+    },
+}
+
+/// The anchor as `status` and the checkin report it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnchorInfo {
+    /// The kind.
+    pub kind: AnchorKind,
+    /// Which counter.
+    pub what: String,
+    /// The count the store expects.
+    pub count: u64,
+    /// Why the last advance failed: purges since are not counted yet (retried at the
+    /// next).
+    pub unavailable: Option<String>,
 }
 
 impl Drop for Store {
@@ -351,6 +410,7 @@ impl Store {
             master,
             keys,
             data_keys: RwLock::new(HashMap::new()),
+            anchor: Mutex::new(None),
             #[cfg(feature = "testing")]
             fail_audit: std::sync::atomic::AtomicBool::new(false),
         }
@@ -1169,7 +1229,212 @@ impl Store {
     /// Runs `f` in one write transaction. New data keys are made durable in the keyring before
     /// the commit; keys of purged rows are destroyed after it. On error nothing is applied and
     /// the keys written for it are destroyed again.
+    /// One durable write transaction. A commit that destroys a key (or asks to count)
+    /// writes the anchor's next count in the same transaction and advances the anchor
+    /// after it: a copy taken before it then shows a count behind the anchor's.
     fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut anchor = self.anchor.lock().map_err(|_| StoreError::Poisoned)?;
+        let next = anchor.as_ref().map(|a| AnchorBinding {
+            count: a.known.saturating_add(1),
+            ..a.binding.clone()
+        });
+        let mut counted = false;
+        let out = self.write_inner(|w| {
+            let v = f(w)?;
+            if let Some(next) = &next
+                && (w.count_anchor || !w.destroyed.is_empty())
+            {
+                w.put_state(tables::ANCHOR, next)?;
+                counted = true;
+            }
+            Ok(v)
+        })?;
+        if counted && let (Some(guard), Some(next)) = (anchor.as_mut(), next) {
+            self.advance_anchor(guard, next.count);
+        }
+        Ok(out)
+    }
+
+    /// Advances the anchor to the count a commit just wrote. A failure leaves the store
+    /// one ahead (completed at the next purge or open) and is reported, never fatal: a
+    /// purge is never held back by its anchor.
+    fn advance_anchor(&self, guard: &mut AnchorGuard, expected: u64) {
+        match guard.counter.advance() {
+            Ok(v) => {
+                guard.unavailable = None;
+                if v < expected {
+                    // The counter went back: the anchor was reset under the live store.
+                    // The count stays ahead, and the next open finds the anchor lost.
+                    guard.unavailable = Some("the counter went backwards".to_owned());
+                    tracing::error!(
+                        anchor = %guard.binding.what,
+                        "the anti-rollback counter went backwards; the store is reset at its next open"
+                    );
+                    return;
+                }
+                guard.known = v;
+                if v > expected {
+                    // Something else advanced it too: this live store follows.
+                    let binding = AnchorBinding {
+                        count: v,
+                        ..guard.binding.clone()
+                    };
+                    if let Err(e) = self.write_inner(|w| w.put_state(tables::ANCHOR, &binding)) {
+                        tracing::warn!(error = %e, "the anti-rollback count could not be written");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the anti-rollback anchor was not advanced; retried at the next purge");
+                guard.unavailable = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Binds the store to `counter` and checks it is the live copy (see
+    /// [`crate::anchor`]). A restored or foreign copy has its patients and leases
+    /// destroyed and its cursor dropped here, before anything can be served, with
+    /// `on_reset` (the device's state for it) written in the same commit. Fails only when
+    /// the counter cannot be read or made (the store is then not to be served) or the
+    /// store cannot be written; an advance that fails after a commit is reported by
+    /// [`Self::anchor_info`] and retried at the next purge.
+    pub fn bind_anchor(
+        &self,
+        counter: Arc<dyn Counter>,
+        on_reset: impl FnOnce(RestoreReason) -> Result<Extras, StoreError>,
+    ) -> Result<AnchorCheck, StoreError> {
+        enum Plan {
+            Verified(u64),
+            Complete(u64),
+            Fresh,
+            Next(u64),
+            Reset(RestoreReason),
+        }
+        let stored: Option<AnchorBinding> = self.get_state(tables::ANCHOR)?;
+        let kind = counter.kind();
+        let what = counter.describe();
+        let same = stored
+            .as_ref()
+            .is_none_or(|b| b.kind == kind && b.what == what);
+        let current = counter.read()?;
+        let plan = match (&stored, current) {
+            (Some(_), _) if !same => Plan::Reset(RestoreReason::AnchorLost),
+            (Some(_), None) => Plan::Reset(RestoreReason::AnchorLost),
+            (Some(b), Some(n)) if b.count == n => Plan::Verified(n),
+            // A commit counted, then the process stopped before its advance.
+            (Some(b), Some(n)) if Some(b.count) == n.checked_add(1) => Plan::Complete(n),
+            (Some(b), Some(n)) if b.count < n => Plan::Reset(RestoreReason::Behind),
+            (Some(_), Some(_)) => Plan::Reset(RestoreReason::AnchorLost),
+            (None, None) => Plan::Fresh,
+            (None, Some(n)) => {
+                let stats = self.stats()?;
+                if stats.patients == 0 && stats.leases == 0 {
+                    // A new store on a machine whose anchor served an earlier one.
+                    Plan::Next(n)
+                } else {
+                    Plan::Reset(RestoreReason::Unbound)
+                }
+            }
+        };
+        let binding = |count| AnchorBinding {
+            kind,
+            what: what.clone(),
+            count,
+        };
+        let set = |known: u64| -> Result<(), StoreError> {
+            *self.anchor.lock().map_err(|_| StoreError::Poisoned)? = Some(AnchorGuard {
+                counter: Arc::clone(&counter),
+                binding: binding(known),
+                known,
+                unavailable: None,
+            });
+            Ok(())
+        };
+        // One count on, in its own commit (and the advance after it).
+        let count_once = || {
+            self.write(|w| {
+                w.count_anchor = true;
+                Ok(())
+            })
+        };
+        match plan {
+            Plan::Verified(n) => {
+                set(n)?;
+                Ok(AnchorCheck::Verified)
+            }
+            Plan::Complete(n) => {
+                set(n)?;
+                count_once()?;
+                Ok(AnchorCheck::Verified)
+            }
+            Plan::Fresh => {
+                let n = counter.create()?;
+                self.write_inner(|w| w.put_state(tables::ANCHOR, &binding(n)))?;
+                set(n)?;
+                Ok(AnchorCheck::Bound)
+            }
+            Plan::Next(n) => {
+                // One count on, so that no copy of the earlier store matches this one.
+                set(n)?;
+                count_once()?;
+                Ok(AnchorCheck::Bound)
+            }
+            Plan::Reset(reason) => {
+                let n = match current {
+                    Some(n) if same => n,
+                    _ => counter.create()?,
+                };
+                let extras = on_reset(reason)?;
+                set(n)?;
+                let (patients, leases) = self.write(|w| {
+                    w.count_anchor = true;
+                    let patients = w.purge_all_but(&HashSet::new())?;
+                    let leases = w.remove_all_leases()?;
+                    w.delete_state(tables::CURSOR)?;
+                    w.put_extras(&extras)?;
+                    Ok((patients, leases))
+                })?;
+                Ok(AnchorCheck::Restored {
+                    reason,
+                    patients: u64::try_from(patients).unwrap_or(u64::MAX),
+                    leases,
+                })
+            }
+        }
+    }
+
+    /// One count on the anti-rollback anchor in a commit of its own (before a wipe), if
+    /// the store is bound to one.
+    pub fn count_anchor(&self) -> Result<(), StoreError> {
+        self.write(|w| {
+            w.count_anchor = true;
+            Ok(())
+        })
+    }
+
+    /// The anchor this store is bound to, as last seen: `None` if it is not bound in
+    /// this process; `Some` with `unavailable` if its last advance failed.
+    pub fn anchor_info(&self) -> Result<Option<AnchorInfo>, StoreError> {
+        let anchor = self.anchor.lock().map_err(|_| StoreError::Poisoned)?;
+        Ok(anchor.as_ref().map(|g| AnchorInfo {
+            kind: g.binding.kind,
+            what: g.binding.what.clone(),
+            count: g.known,
+            unavailable: g.unavailable.clone(),
+        }))
+    }
+
+    /// The anchor a store was bound to, read from its sealed state (kind and which
+    /// counter): a store bound once is never opened for service without it.
+    pub fn anchor_binding(&self) -> Result<Option<(AnchorKind, String)>, StoreError> {
+        let stored: Option<AnchorBinding> = self.get_state(tables::ANCHOR)?;
+        Ok(stored.map(|b| (b.kind, b.what)))
+    }
+
+    fn write_inner<T>(
         &self,
         f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -1271,6 +1536,8 @@ struct Writer<'a> {
     store: &'a Store,
     allocated: Vec<u32>,
     destroyed: Vec<u32>,
+    /// Count this commit on the anti-rollback anchor even if it destroys no key.
+    count_anchor: bool,
 }
 
 impl<'a> Writer<'a> {
@@ -1288,6 +1555,7 @@ impl<'a> Writer<'a> {
             store,
             allocated: Vec::new(),
             destroyed: Vec::new(),
+            count_anchor: false,
         })
     }
 
@@ -1450,6 +1718,26 @@ impl<'a> Writer<'a> {
         let slot = tables::split_slot(&value)?.0;
         self.destroyed.push(slot);
         Ok(lease.patients.iter().copied().collect())
+    }
+
+    /// Ends every lease (rows deleted, keys destroyed); returns how many.
+    fn remove_all_leases(&mut self) -> Result<u64, StoreError> {
+        let mut ids = Vec::new();
+        for item in self.leases.iter().map_err(|e| StoreError::db("read", e))? {
+            let (k, _) = item.map_err(|e| StoreError::db("read", e))?;
+            ids.push(k.value());
+        }
+        for id in &ids {
+            self.remove_lease(LeaseId(*id))?;
+        }
+        Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
+    }
+
+    fn delete_state(&mut self, name: &str) -> Result<(), StoreError> {
+        self.meta
+            .remove(name)
+            .map_err(|e| StoreError::db("write", e))?;
+        Ok(())
     }
 
     /// Every patient some remaining lease names.

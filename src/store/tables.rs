@@ -29,6 +29,8 @@ pub(crate) const SCHEMA: &str = "schema_version";
 pub(crate) const STORE_ID: &str = "store_id";
 pub(crate) const CURSOR: &str = "sync_cursor";
 pub(crate) const HUB_TIME: &str = "hub_time";
+/// Meta key of the anti-rollback binding (sealed): which anchor, and its expected count.
+pub(crate) const ANCHOR: &str = "anchor";
 /// Meta key of the audit chain's head (sealed).
 pub(crate) const AUDIT_HEAD: &str = "audit_head";
 /// Meta key of the last audit entry the hub acknowledged (sealed): sequence and hash, the

@@ -114,6 +114,7 @@ fn enc6(m: Message) -> Vec<u8> {
 /// days before, its certificate ending in 40 days, and its last sync offline.
 fn checkin() -> Checkin {
     Checkin {
+        anchor: None,
         nonce: Hash32([0x5a; 32]),
         health: Health {
             store_bytes: 6_291_456,
@@ -161,6 +162,42 @@ fn push_audit_v6() -> PushAudit {
         AuditEvent::Key(KeyEvent::PinnedCasChanged { pinned: 2 }),
     ];
     chained(events, 1_735_689_600_000, 1000)
+}
+
+fn enc8(m: Message) -> Vec<u8> {
+    encode_version(&m, Compression::None, 8).unwrap()
+}
+
+/// Version 8: the version-6 checkin with the device's anchor report: a TPM counter, and
+/// a restored copy found (behind the counter) that the hub has not yet acknowledged.
+fn checkin_v8(kind: AnchorKind) -> Checkin {
+    Checkin {
+        anchor: Some(AnchorReport {
+            kind,
+            unavailable: false,
+            restored: Some(RestoreReport {
+                detected_at: ts(1_735_603_200_000),
+                reason: RestoreReason::Behind,
+            }),
+        }),
+        ..checkin()
+    }
+}
+
+/// Version 8: the anti-rollback key events: a store bound to its TPM counter, and a
+/// restored copy destroyed at open (1,840 patients, 3 leases).
+fn push_audit_v8() -> PushAudit {
+    let events = [
+        AuditEvent::Key(KeyEvent::AnchorBound {
+            kind: AnchorKind::Tpm,
+        }),
+        AuditEvent::Key(KeyEvent::Restored {
+            reason: RestoreReason::Behind,
+            patients: 1_840,
+            leases: 3,
+        }),
+    ];
+    chained(events, 1_735_603_200_000, 2000)
 }
 
 fn enc7(m: Message) -> Vec<u8> {
@@ -961,7 +998,30 @@ fn vectors() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     };
     let mut v5_checkin = enc6(Message::Checkin(checkin()));
     v5_checkin[5] = 5;
+    // The anchor kind's byte: where the TPM and file encodings differ; 3 names no kind.
+    let v8_tpm = enc8(Message::Checkin(checkin_v8(AnchorKind::Tpm)));
+    let v8_file = enc8(Message::Checkin(checkin_v8(AnchorKind::File)));
+    let at = (16..v8_tpm.len())
+        .find(|&i| v8_tpm[i] != v8_file[i])
+        .unwrap();
+    let mut v8_bad_kind = v8_tpm.clone();
+    v8_bad_kind[at] = 3;
     vec![
+        (
+            "ok-checkin-v8-restored",
+            "version 8: a checkin with the anchor report: a TPM counter, and a restored copy found behind it, destroyed and not yet acknowledged",
+            v8_tpm,
+        ),
+        (
+            "err-v8-checkin-unknown-anchor-kind",
+            "version 8: a checkin whose anchor kind is 3 (none, file and TPM are 0 to 2)",
+            v8_bad_kind,
+        ),
+        (
+            "ok-push-audit-v8-anchor",
+            "version 8: a store bound to its TPM counter, then a restored copy destroyed at open",
+            enc8(Message::PushAudit(push_audit_v8())),
+        ),
         (
             "ok-push-audit-v7-admin",
             "version 7: operators' commands in the audit (status and audit tail over the admin channel, an export with the daemon stopped, a failed sync by hand)",

@@ -320,6 +320,22 @@ pub enum KeyEvent {
         /// How many CAs are pinned now.
         pinned: u8,
     },
+    /// Version 8: the store was bound to an anti-rollback anchor (its first count).
+    AnchorBound {
+        /// The anchor.
+        kind: crate::message::AnchorKind,
+    },
+    /// Version 8: the store opened was a restored or foreign copy of the data directory;
+    /// its patient data and leases were destroyed before anything was served, and the
+    /// device syncs from nothing.
+    Restored {
+        /// What gave it away.
+        reason: crate::message::RestoreReason,
+        /// Patients destroyed.
+        patients: u32,
+        /// Leases destroyed.
+        leases: u32,
+    },
 }
 
 impl KeyEvent {
@@ -330,6 +346,7 @@ impl KeyEvent {
             | Self::WipeOrdered { .. }
             | Self::CertificateRenewed { .. }
             | Self::PinnedCasChanged { .. } => 6,
+            Self::AnchorBound { .. } | Self::Restored { .. } => 8,
             _ => 1,
         }
     }

@@ -29,9 +29,9 @@ pub const MAGIC: [u8; 4] = *b"CCSP";
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this crate encodes by default.
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 /// The versions this crate decodes (and encodes, with [`encode_version`]).
-pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=7;
+pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=8;
 /// zstd level used when compressing: fast to encode, and decoding speed does not
 /// depend on it.
 const ZSTD_LEVEL: i32 = 3;
@@ -247,6 +247,9 @@ fn decode_payload(version: u16, kind: MessageKind, payload: &[u8]) -> Result<Mes
         MessageKind::Error => Message::Error(decode_canonical(payload)?),
         MessageKind::Lookup => Message::Lookup(decode_canonical(payload)?),
         MessageKind::LookupGranted => Message::LookupGranted(Box::new(decode_canonical(payload)?)),
+        MessageKind::Checkin if version < 8 => {
+            Message::Checkin(decode_canonical::<crate::message::CheckinV6>(payload)?.upgrade())
+        }
         MessageKind::Checkin => Message::Checkin(decode_canonical(payload)?),
         MessageKind::CheckinAnswer => Message::CheckinAnswer(decode_canonical(payload)?),
         MessageKind::Renew => Message::Renew(decode_canonical(payload)?),
@@ -359,6 +362,7 @@ pub fn encode_version(
         Message::Error(m) => to_vec(m),
         Message::Lookup(m) => to_vec(m),
         Message::LookupGranted(m) => to_vec(m.as_ref()),
+        Message::Checkin(m) if version < 8 => to_vec(&crate::message::CheckinV6::downgrade(m)),
         Message::Checkin(m) => to_vec(m),
         Message::CheckinAnswer(m) => to_vec(m),
         Message::Renew(m) => to_vec(m),

@@ -490,6 +490,106 @@ pub struct Checkin {
     pub nonce: Hash32,
     /// The device's health.
     pub health: Health,
+    /// Version 8: the device's anti-rollback anchor and any restored copy it found
+    /// (`None` in a version-6 or 7 checkin).
+    pub anchor: Option<AnchorReport>,
+}
+
+/// The checkin of versions 6 and 7 (no anchor report).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct CheckinV6 {
+    pub(crate) nonce: Hash32,
+    pub(crate) health: Health,
+}
+
+impl CheckinV6 {
+    pub(crate) fn upgrade(self) -> Checkin {
+        Checkin {
+            nonce: self.nonce,
+            health: self.health,
+            anchor: None,
+        }
+    }
+
+    pub(crate) fn downgrade(c: &Checkin) -> Self {
+        Self {
+            nonce: c.nonce,
+            health: c.health.clone(),
+        }
+    }
+}
+
+/// What binds a device's store to time outside the copy (version 8, SPEC.md §3.9): a
+/// monotonic counter that a copy of the data directory cannot take back with it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct AnchorReport {
+    /// The kind of anchor.
+    pub kind: AnchorKind,
+    /// The anchor could not be read or advanced at the device's last try: the device
+    /// serves no patient data while it cannot check (a read), or purges go unprotected
+    /// until it can advance (an advance).
+    pub unavailable: bool,
+    /// A restored or foreign copy of the data directory the device found and destroyed,
+    /// reported until the hub has answered a checkin that carried it.
+    pub restored: Option<RestoreReport>,
+}
+
+/// The kind of anti-rollback anchor a device has.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum AnchorKind {
+    /// None: a restored copy of the data directory is not detected.
+    None,
+    /// A counter file outside the data directory: detects a restored copy of the data
+    /// directory alone, not of the whole disk.
+    File,
+    /// A TPM 2.0 NV counter: detects a restored copy of the data directory or the disk.
+    Tpm,
+}
+
+impl AnchorKind {
+    /// A short stable name, for JSON and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::File => "file",
+            Self::Tpm => "tpm",
+        }
+    }
+}
+
+/// A restored copy the device found at open: its patient data and leases destroyed
+/// before anything was served, then a sync from nothing.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// When (device trusted time).
+    pub detected_at: Timestamp,
+    /// What gave it away.
+    pub reason: RestoreReason,
+}
+
+/// Why a device judged its store to be a restored or foreign copy.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum RestoreReason {
+    /// The store's count is behind the anchor's: purges happened after this copy was
+    /// taken.
+    Behind,
+    /// The anchor is behind the store or gone (a TPM cleared, a counter file replaced,
+    /// the directory moved to another machine).
+    AnchorLost,
+    /// The store was never bound, but this machine's anchor already counts for a store
+    /// (a copy from before the binding).
+    Unbound,
+}
+
+impl RestoreReason {
+    /// A short stable name, for JSON and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Behind => "behind",
+            Self::AnchorLost => "anchor-lost",
+            Self::Unbound => "unbound",
+        }
+    }
 }
 
 /// Hub → device (version 6): the checkin's nonce and the hub's time when it answered,

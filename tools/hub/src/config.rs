@@ -20,6 +20,11 @@ pub struct Config {
     /// `CARECACHE_HUB_ADMIN_TOKEN` overrides it.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    /// File holding the privacy officer's token (first line), the one credential that
+    /// clears a device's restored copy. The environment variable
+    /// `CARECACHE_HUB_PRIVACY_TOKEN` overrides it. Unset: no one can clear one.
+    #[serde(default)]
+    pub privacy_officer_token_file: Option<PathBuf>,
     /// TLS files.
     pub tls: TlsConfig,
     /// Where the shared care record comes from.

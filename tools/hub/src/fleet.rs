@@ -7,13 +7,59 @@
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use sync_protocol::message::Health;
+use sync_protocol::message::{AnchorKind, AnchorReport, Health, RestoreReason};
 use sync_protocol::types::Timestamp;
 
 use crate::state::{HubState, StateError, dec, enc};
 
 /// Device id → its last checkin ([`HealthRow`]).
 pub(crate) const HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("device_health");
+
+/// Device id → its anti-rollback anchor and the restored copies it found
+/// ([`AnchorRow`]), each kept until the privacy officer clears it with a reason.
+pub(crate) const ANCHORS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_anchor");
+
+/// Restored copies kept per device (the oldest cleared ones give way first).
+const RESTORES_KEPT: usize = 32;
+
+/// A device's anti-rollback anchor as its last version-8 checkin reported it, and every
+/// restored copy it has reported.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnchorRow {
+    /// Hub time of the report (ms).
+    pub at: u64,
+    /// The anchor's kind.
+    pub kind: AnchorKind,
+    /// The device could not read or advance its anchor.
+    pub unavailable: bool,
+    /// Restored copies found, oldest first.
+    pub restores: Vec<RestoreRow>,
+}
+
+/// One restored copy a device found, destroyed and reported.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreRow {
+    /// When the device found it (device trusted time).
+    pub detected_at: Timestamp,
+    /// What gave it away.
+    pub reason: RestoreReason,
+    /// Hub time of the report (ms).
+    pub reported_at: u64,
+    /// The privacy officer's clearance, once given.
+    pub cleared: Option<Clearance>,
+}
+
+/// A privacy officer's clearance of a restored copy: a genuine restore from backup,
+/// looked into.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Clearance {
+    /// Hub time (ms).
+    pub at: u64,
+    /// Who cleared it (as they named themselves, with the privacy officer's token).
+    pub officer: String,
+    /// Why.
+    pub reason: String,
+}
 
 /// When a device needs attention. `[fleet]` in `hub.toml`.
 #[derive(Clone, Debug, Deserialize)]
@@ -73,9 +119,48 @@ impl HubState {
         device: &str,
         revoked: bool,
         health: &Health,
+        anchor: Option<&AnchorReport>,
         now: Timestamp,
     ) -> Result<(), StateError> {
         let tx = self.db.begin_write()?;
+        if let Some(report) = anchor {
+            let mut t = tx.open_table(ANCHORS)?;
+            let mut row: AnchorRow = match t.get(device)? {
+                Some(v) => dec(v.value(), "device_anchor")?,
+                None => AnchorRow {
+                    at: 0,
+                    kind: report.kind,
+                    unavailable: false,
+                    restores: Vec::new(),
+                },
+            };
+            row.at = now.as_millis();
+            row.kind = report.kind;
+            row.unavailable = report.unavailable;
+            if let Some(r) = &report.restored {
+                // Reported again until the device saw the answer: kept once.
+                if !row.restores.iter().any(|k| k.detected_at == r.detected_at) {
+                    row.restores.push(RestoreRow {
+                        detected_at: r.detected_at,
+                        reason: r.reason,
+                        reported_at: now.as_millis(),
+                        cleared: None,
+                    });
+                    tracing::warn!(
+                        device,
+                        reason = r.reason.name(),
+                        "device reported a restored copy of its data directory"
+                    );
+                }
+                while row.restores.len() > RESTORES_KEPT {
+                    match row.restores.iter().position(|k| k.cleared.is_some()) {
+                        Some(i) => drop(row.restores.remove(i)),
+                        None => break,
+                    }
+                }
+            }
+            t.insert(device, enc(&row).as_slice())?;
+        }
         {
             let mut t = tx.open_table(HEALTH)?;
             let before: Option<HealthRow> = t
@@ -96,6 +181,64 @@ impl HubState {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Clears every restored copy a device reported and no one has cleared yet: the
+    /// privacy officer looked into it (a genuine restore from backup, say) and says why.
+    /// Returns how many were cleared; `NotFound` if none waited.
+    pub fn clear_restored(
+        &self,
+        device: &str,
+        officer: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<usize, StateError> {
+        let tx = self.db.begin_write()?;
+        let cleared = {
+            let mut t = tx.open_table(ANCHORS)?;
+            let mut row: AnchorRow = match t.get(device)? {
+                Some(v) => dec(v.value(), "device_anchor")?,
+                None => {
+                    return Err(StateError::NotFound(
+                        "an uncleared restored copy of this device".to_owned(),
+                    ));
+                }
+            };
+            let mut n = 0;
+            for r in row.restores.iter_mut().filter(|r| r.cleared.is_none()) {
+                r.cleared = Some(Clearance {
+                    at: now.as_millis(),
+                    officer: officer.to_owned(),
+                    reason: reason.to_owned(),
+                });
+                n += 1;
+            }
+            if n == 0 {
+                return Err(StateError::NotFound(
+                    "an uncleared restored copy of this device".to_owned(),
+                ));
+            }
+            t.insert(device, enc(&row).as_slice())?;
+            n
+        };
+        tx.commit()?;
+        Ok(cleared)
+    }
+
+    /// Every device's anchor report.
+    pub fn anchor_rows(&self) -> Result<Vec<(String, AnchorRow)>, StateError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(ANCHORS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.push((k.value().to_owned(), dec(v.value(), "device_anchor")?));
+        }
+        Ok(out)
     }
 
     /// Every device's last checkin.
@@ -119,12 +262,16 @@ impl HubState {
     ) -> Result<Vec<FleetDevice>, StateError> {
         let health: std::collections::HashMap<String, HealthRow> =
             self.health_rows()?.into_iter().collect();
+        let anchors: std::collections::HashMap<String, AnchorRow> =
+            self.anchor_rows()?.into_iter().collect();
         let mut out: Vec<FleetDevice> = self
             .devices()?
             .into_iter()
             .map(|(id, d)| {
                 let h = health.get(&id);
-                let attention = attention(now, limits, d.revoked, h);
+                let a = anchors.get(&id);
+                let mut attention = attention(now, limits, d.revoked, h);
+                attention.extend(anchor_attention(a));
                 FleetDevice {
                     label: d.label,
                     team: d.team,
@@ -136,6 +283,7 @@ impl HubState {
                         at: ts(at).unwrap_or_default(),
                         audit_unsent: unsent,
                     }),
+                    anchor: a.cloned(),
                     attention,
                     id,
                 }
@@ -171,6 +319,8 @@ pub struct FleetDevice {
     pub health: Option<Health>,
     /// The wipe its last checkin confirmed, if revoked.
     pub wipe: Option<WipeConfirmed>,
+    /// Its anti-rollback anchor and the restored copies it found (version-8 devices).
+    pub anchor: Option<AnchorRow>,
     /// Why it needs attention (empty: it does not).
     pub attention: Vec<String>,
 }
@@ -186,6 +336,30 @@ pub struct WipeConfirmed {
 
 fn ts(ms: u64) -> Option<String> {
     Timestamp::from_millis(ms).ok().map(|t| t.utc_seconds())
+}
+
+/// What a device's anchor report asks of people: a restored copy until the privacy
+/// officer clears it, an anchor the device cannot use. A device without an anchor is
+/// shown as such in the fleet view, not flagged.
+fn anchor_attention(row: Option<&AnchorRow>) -> Vec<String> {
+    let Some(row) = row else {
+        return Vec::new();
+    };
+    let mut why = Vec::new();
+    for r in row.restores.iter().filter(|r| r.cleared.is_none()) {
+        why.push(format!(
+            "restored: a restored or foreign copy of the data directory was found {} ({}) and destroyed; the privacy officer clears this with a reason",
+            r.detected_at.utc_seconds(),
+            r.reason.name()
+        ));
+    }
+    if row.unavailable {
+        why.push(format!(
+            "anchor-unavailable: the device's {} anchor cannot be read or advanced",
+            row.kind.name()
+        ));
+    }
+    why
 }
 
 /// Why a device needs attention, as short stable codes with the figure that tripped
@@ -274,6 +448,12 @@ pub fn metrics_text(fleet: &[FleetDevice], now: Timestamp) -> String {
     let backlog = Family::<Labels, Gauge>::default();
     let certificate = Family::<Labels, Gauge>::default();
     let silent = Family::<Labels, Gauge>::default();
+    let anchors = Family::<Labels, Gauge>::default();
+    for kind in ["none", "file", "tpm", "unknown"] {
+        anchors
+            .get_or_create(&vec![("anchor".into(), kind.into())])
+            .set(0);
+    }
     for state in ["ok", "attention", "revoked"] {
         // Every state present, at 0 when no device is in it.
         devices
@@ -290,6 +470,12 @@ pub fn metrics_text(fleet: &[FleetDevice], now: Timestamp) -> String {
         devices
             .get_or_create(&vec![("state".into(), state.into())])
             .inc();
+        if !d.revoked {
+            let kind = d.anchor.as_ref().map_or("unknown", |a| a.kind.name());
+            anchors
+                .get_or_create(&vec![("anchor".into(), kind.into())])
+                .inc();
+        }
         let id = || vec![("device".to_owned(), d.id.clone())];
         for why in &d.attention {
             let reason = why.split(':').next().unwrap_or(why).to_owned();
@@ -317,6 +503,11 @@ pub fn metrics_text(fleet: &[FleetDevice], now: Timestamp) -> String {
         }
     }
     registry.register("devices", "Enrolled devices by state", devices);
+    registry.register(
+        "devices_by_anchor",
+        "Devices in service by anti-rollback anchor (unknown: no version-8 checkin yet)",
+        anchors,
+    );
     registry.register(
         "device_attention",
         "Why a device needs attention (1 per reason)",

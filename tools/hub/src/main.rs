@@ -225,24 +225,42 @@ fn open_state(config: &Config) -> anyhow::Result<HubState> {
 }
 
 fn admin_token(config: &Config) -> anyhow::Result<String> {
-    if let Ok(t) = std::env::var("CARECACHE_HUB_ADMIN_TOKEN")
+    token_from(
+        "CARECACHE_HUB_ADMIN_TOKEN",
+        config.admin_token_file.as_deref(),
+        "admin",
+    )?
+    .ok_or_else(|| {
+        anyhow::anyhow!(
+            "no admin token: set admin_token_file in the config or CARECACHE_HUB_ADMIN_TOKEN"
+        )
+    })
+}
+
+/// A token from the environment variable `env`, else the first line of `file`.
+fn token_from(
+    env: &str,
+    file: Option<&std::path::Path>,
+    what: &str,
+) -> anyhow::Result<Option<String>> {
+    if let Ok(t) = std::env::var(env)
         && !t.is_empty()
     {
-        return Ok(t);
+        return Ok(Some(t));
     }
-    let Some(path) = &config.admin_token_file else {
-        bail!("no admin token: set admin_token_file in the config or CARECACHE_HUB_ADMIN_TOKEN");
+    let Some(path) = file else {
+        return Ok(None);
     };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let token = text.lines().next().unwrap_or("").trim().to_owned();
     if token.len() < 16 {
         bail!(
-            "admin token in {} is shorter than 16 characters",
+            "{what} token in {} is shorter than 16 characters",
             path.display()
         );
     }
-    Ok(token)
+    Ok(Some(token))
 }
 
 fn serve_main(config: &Config) -> anyhow::Result<()> {
@@ -279,8 +297,19 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
     )?;
     let tls = tls_from_files(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)
         .map_err(anyhow::Error::msg)?;
-    let hub =
-        Arc::new(Hub::new(state, ca, &token, &config.limits).with_fleet(config.fleet.clone()));
+    let hub = Hub::new(state, ca, &token, &config.limits).with_fleet(config.fleet.clone());
+    let hub = match token_from(
+        "CARECACHE_HUB_PRIVACY_TOKEN",
+        config.privacy_officer_token_file.as_deref(),
+        "privacy officer",
+    )? {
+        Some(t) if t == token => {
+            bail!("the privacy officer's token must differ from the admin token")
+        }
+        Some(t) => hub.with_privacy_officer_token(&t),
+        None => hub,
+    };
+    let hub = Arc::new(hub);
 
     let source = config.source.clone();
     let ingest_hub = hub.clone();

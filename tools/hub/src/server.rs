@@ -77,6 +77,8 @@ pub struct Hub {
     pub ca: DeviceCa,
     /// SHA-256 of the admin token.
     admin_token_sha256: [u8; 32],
+    /// The privacy officer's token (digest): only it clears a restored copy.
+    privacy_token_sha256: Option<[u8; 32]>,
     /// Largest batch sent.
     pub max_batch_bytes: u32,
     limiter: DefaultKeyedRateLimiter<String>,
@@ -135,6 +137,7 @@ impl Hub {
             state,
             ca,
             admin_token_sha256: Sha256::digest(admin_token.as_bytes()).into(),
+            privacy_token_sha256: None,
             max_batch_bytes: limits.max_batch_bytes,
             limiter: RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst)),
             clock: Arc::new(system_clock),
@@ -158,6 +161,14 @@ impl Hub {
             shared_secs: limits.shared_snapshot_secs.clamp(1, 50),
             fleet: crate::fleet::FleetLimits::default(),
         }
+    }
+
+    /// The privacy officer's token: the one credential that clears a device's restored
+    /// copy (`POST /admin/v1/devices/{id}/clear-restored`). The admin token does not: the
+    /// IT team that restores a device does not also close the question.
+    pub fn with_privacy_officer_token(mut self, token: &str) -> Self {
+        self.privacy_token_sha256 = Some(Sha256::digest(token.as_bytes()).into());
+        self
     }
 
     /// Sets when a device needs attention in the fleet view.
@@ -462,6 +473,10 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/admin/v1/enrolment-tokens", post(admin_token))
         .route("/admin/v1/devices", get(admin_devices))
         .route("/admin/v1/devices/{id}/revoke", post(admin_revoke_device))
+        .route(
+            "/admin/v1/devices/{id}/clear-restored",
+            post(admin_clear_restored),
+        )
         .route(
             "/admin/v1/devices/{id}/renewal-token",
             post(admin_renewal_token),
@@ -966,8 +981,10 @@ async fn checkin_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respo
     let hub2 = hub.clone();
     let device_id = id.clone();
     let health = c.health.clone();
+    let anchor = c.anchor.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        hub2.state.record_checkin(&device_id, revoked, &health, now)
+        hub2.state
+            .record_checkin(&device_id, revoked, &health, anchor.as_ref(), now)
     })
     .await;
     match stored {
@@ -1365,6 +1382,80 @@ async fn admin_revoke_device(
         Ok(()) => {
             tracing::info!(device = %id, "device revoked");
             StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => state_error(&e),
+    }
+}
+
+/// `POST /admin/v1/devices/{id}/clear-restored` with the privacy officer's token and
+/// `{"officer": "…", "reason": "…"}`: the restored copies the device reported were looked
+/// into (a genuine restore from backup, say); the device leaves the attention list. Kept
+/// with the device in the fleet view, with who and why.
+async fn admin_clear_restored(
+    State(hub): State<Arc<Hub>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Clear {
+        officer: String,
+        reason: String,
+    }
+    let Some(expected) = hub.privacy_token_sha256 else {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "no privacy officer token is configured (privacy_officer_token_file or CARECACHE_HUB_PRIVACY_TOKEN); the admin token does not clear a restored copy",
+        );
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    if presented.is_empty() || hash != expected {
+        return json_error(
+            StatusCode::UNAUTHORIZED,
+            "the privacy officer's token is required to clear a restored copy",
+        );
+    }
+    let Ok(clear) = serde_json::from_slice::<Clear>(&body) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "expected {\"officer\": \"…\", \"reason\": \"…\"}",
+        );
+    };
+    let printable = |t: &str, min: usize, max: usize| {
+        let n = t.trim().chars().count();
+        (min..=max).contains(&n) && !t.chars().any(char::is_control)
+    };
+    if !printable(&clear.officer, 1, 128) {
+        return json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "officer: 1–128 printable characters",
+        );
+    }
+    if !printable(&clear.reason, 10, 1000) {
+        return json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason: 10–1000 printable characters saying what was looked into",
+        );
+    }
+    match hub.state.devices() {
+        Ok(all) if all.contains_key(&id) => {}
+        Ok(_) => return json_error(StatusCode::NOT_FOUND, "no such device"),
+        Err(e) => return state_error(&e),
+    }
+    let now = hub.now();
+    match hub
+        .state
+        .clear_restored(&id, clear.officer.trim(), clear.reason.trim(), now)
+    {
+        Ok(n) => {
+            tracing::warn!(device = %id, cleared = n, "restored copy cleared by the privacy officer");
+            axum::Json(serde_json::json!({ "cleared": n })).into_response()
         }
         Err(e) => state_error(&e),
     }

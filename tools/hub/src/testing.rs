@@ -37,6 +37,8 @@ pub fn synthetic_rules() -> SharingRules {
 
 /// The admin token of test hubs.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// The privacy officer's token of every test hub.
+pub const PRIVACY_TOKEN: &str = "test-privacy-officer-token-0123456789";
 /// Hub time at start: 2026-11-24T08:00:00Z.
 pub const T0: u64 = 1_795_507_200_000;
 
@@ -142,9 +144,11 @@ impl TestHub {
         let ca_pem = std::fs::read_to_string(&ca_file).unwrap();
         let c2 = clock.clone();
         let hub = Arc::new(
-            Hub::new(state, ca, ADMIN_TOKEN, limits).with_clock(Arc::new(move || {
-                Timestamp::from_millis(c2.load(Ordering::SeqCst)).unwrap()
-            })),
+            Hub::new(state, ca, ADMIN_TOKEN, limits)
+                .with_privacy_officer_token(PRIVACY_TOKEN)
+                .with_clock(Arc::new(move || {
+                    Timestamp::from_millis(c2.load(Ordering::SeqCst)).unwrap()
+                })),
         );
         let tls = tls_from_files(&ca_file, &pki.join("hub.pem"), &pki.join("hub.key")).unwrap();
         let server = Background::start(
