@@ -15,25 +15,12 @@ use sync_protocol::NhsNumber;
 use sync_protocol::audit::{AuditEvent, AuditRecord, KeyEvent};
 use sync_protocol::message::{AnchorKind, RestoreReason};
 
+use crate::device_harness::audit_everywhere as audit;
 use crate::device_harness::{
     Daemon, Dev, TestHub, at, cli_client_token, cli_device, grant, shareable,
 };
 
 const FILE_ANCHOR: &str = "[anchor]\nkind = \"file\"\npath = \"anchor/counter\"\n";
-
-/// Every record the device wrote: those the hub holds, then those still on the device.
-fn audit(hub: &TestHub, dev: &Dev) -> Vec<AuditRecord> {
-    let id = dev.id();
-    let head = hub.hub.state.audit_head(&id).map_or(0, |h| h.seq);
-    (1..=head)
-        .map(|seq| hub.hub.state.audit_entry(&id, seq).unwrap().unwrap().record)
-        .chain(
-            crate::api_harness::audit_of(dev.device.store())
-                .into_iter()
-                .map(|(_, r)| r),
-        )
-        .collect()
-}
 
 fn key_events(records: &[AuditRecord]) -> Vec<KeyEvent> {
     records

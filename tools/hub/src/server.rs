@@ -1162,18 +1162,22 @@ async fn audit_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respons
 // ---- admin API -----------------------------------------------------------------------
 
 fn admin(hub: &Hub, headers: &HeaderMap) -> Result<(), Response> {
+    if !bearer_is(headers, &hub.admin_token_sha256) {
+        return Err(json_error(StatusCode::UNAUTHORIZED, "admin token required"));
+    }
+    Ok(())
+}
+
+/// Whether the request's bearer token is the one whose SHA-256 is `digest`. Comparing
+/// digests: equal-length, and a timing difference reveals nothing about the token itself.
+fn bearer_is(headers: &HeaderMap, digest: &[u8; 32]) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-    // Comparing digests: equal-length, and a timing difference reveals nothing about
-    // the token itself.
-    if presented.is_empty() || hash != hub.admin_token_sha256 {
-        return Err(json_error(StatusCode::UNAUTHORIZED, "admin token required"));
-    }
-    Ok(())
+    !presented.is_empty() && hash == *digest
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -1409,13 +1413,7 @@ async fn admin_clear_restored(
             "no privacy officer token is configured (privacy_officer_token_file or CARECACHE_HUB_PRIVACY_TOKEN); the admin token does not clear a restored copy",
         );
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-    if presented.is_empty() || hash != expected {
+    if !bearer_is(&headers, &expected) {
         return json_error(
             StatusCode::UNAUTHORIZED,
             "the privacy officer's token is required to clear a restored copy",
