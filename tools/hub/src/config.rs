@@ -27,6 +27,9 @@ pub struct Config {
     pub privacy_officer_token_file: Option<PathBuf>,
     /// TLS files.
     pub tls: TlsConfig,
+    /// The hub's database.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Where the shared care record comes from.
     pub source: SourceConfig,
     /// Sensitive-data exclusions.
@@ -41,6 +44,28 @@ pub struct Config {
     /// Leases granted from the config file (updated by name on each start).
     #[serde(default, rename = "lease")]
     pub leases: Vec<LeaseSpec>,
+}
+
+/// The hub's database (`[store]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Page cache of the database, in MiB: the hub's memory beyond it stays flat whatever
+    /// the region's size.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_mib: default_cache_mib(),
+        }
+    }
+}
+
+fn default_cache_mib() -> u32 {
+    u32::try_from(crate::state::DEFAULT_CACHE_BYTES / (1024 * 1024)).unwrap_or(64)
 }
 
 /// TLS files (PEM).
@@ -254,6 +279,11 @@ impl Config {
         if !(1..=72).contains(&self.limits.lookup_lease_hours) {
             return Err(ConfigError::Invalid(
                 "limits.lookup_lease_hours must be 1 to 72".into(),
+            ));
+        }
+        if !(8..=65536).contains(&self.store.cache_mib) {
+            return Err(ConfigError::Invalid(
+                "store.cache_mib must be 8 to 65536".into(),
             ));
         }
         if !(1..=3650).contains(&self.tls.device_cert_days) {

@@ -144,17 +144,21 @@ impl<'a> Collector<'a> {
             }
         }
         for (kind, id, _) in self.by_nhs.into_values().flatten() {
-            self.issues.push(MappingIssue {
-                reason: if kind == "Consent" {
-                    "Consent names a Patient the source did not send: objection cannot be placed"
-                } else {
-                    "names a Patient the source did not send"
-                },
-                resource_type: kind,
-                id,
-            });
+            self.issues.push(unsent_patient(kind, id));
         }
         (self.patients, self.issues)
+    }
+
+    /// The NHS number of the Patient `pid`, once its Patient resource has been added.
+    pub fn nhs_of(&self, pid: &str) -> Option<u64> {
+        self.patients
+            .get(pid)?
+            .patient
+            .as_ref()?
+            .as_ref()
+            .ok()
+            .and_then(read::patient_nhs)
+            .map(|n| n.as_u64())
     }
 
     /// Add one resource.
@@ -162,48 +166,80 @@ impl<'a> Collector<'a> {
         let env = Envelope::deserialize(&resource).unwrap_or_default();
         let kind = env.kind().to_owned();
         let id = env.id().to_owned();
-        let issue = |reason| MappingIssue {
-            resource_type: kind.clone(),
-            id: id.clone(),
-            reason,
-        };
-        match kind.as_str() {
-            "Patient" if !id.is_empty() => {
-                self.patients.entry(id.clone()).or_default().patient = Some(typed(&resource));
+        match route(&env) {
+            Route::Patient(pid) => {
+                self.patients.entry(pid).or_default().patient = Some(typed(&resource));
             }
-            "Patient" => self.issues.push(issue("Patient without an id")),
-            "Flag"
-            | "AllergyIntolerance"
-            | "MedicationStatement"
-            | "RelatedPerson"
-            | "List"
-            | "Consent" => match (
-                patient_in(&env),
-                env.patient_ref().and_then(read::nhs_reference),
-            ) {
-                (Some(pid), _) => {
-                    let pid = pid.to_owned();
-                    let item = classify(&resource, &id, self.rules);
-                    self.patients.entry(pid).or_default().items.push(item);
-                }
-                (None, Some(nhs)) => {
-                    let item = classify(&resource, &id, self.rules);
-                    self.by_nhs
-                        .entry(nhs.as_u64())
-                        .or_default()
-                        .push((kind, id, item));
-                }
-                (None, None) if kind == "Consent" => {
-                    // A Consent that names no patient we can find cannot be honoured and
-                    // cannot be placed: reported loudly, and the ingest summary counts it.
-                    self.issues.push(issue(
-                        "Consent names no Patient: objection cannot be placed",
-                    ));
-                }
-                (None, None) => self.issues.push(issue("no Patient reference")),
-            },
-            _ => self.issues.push(issue("resource type not used")),
+            Route::Item(pid) => {
+                let item = classify(&resource, &id, self.rules);
+                self.patients.entry(pid).or_default().items.push(item);
+            }
+            Route::ByNhs(nhs) => {
+                let item = classify(&resource, &id, self.rules);
+                self.by_nhs.entry(nhs).or_default().push((kind, id, item));
+            }
+            Route::Unplaced(reason) => self.issues.push(MappingIssue {
+                resource_type: kind,
+                id,
+                reason,
+            }),
         }
+    }
+}
+
+/// The issue for a resource naming, by NHS number, a Patient the source did not send.
+pub fn unsent_patient(resource_type: String, id: String) -> MappingIssue {
+    MappingIssue {
+        reason: if resource_type == "Consent" {
+            "Consent names a Patient the source did not send: objection cannot be placed"
+        } else {
+            "names a Patient the source did not send"
+        },
+        resource_type,
+        id,
+    }
+}
+
+/// Where a resource belongs, read from its [`Envelope`] alone (so that a source can be
+/// grouped by patient before any resource is read whole).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Route {
+    /// A Patient, by its id.
+    Patient(String),
+    /// A resource of a used type naming its Patient by reference (FHIR id).
+    Item(String),
+    /// A resource of a used type naming its Patient by NHS number only: placed once
+    /// every Patient has been read.
+    ByNhs(u64),
+    /// Cannot be placed: the rule it breaks (reported).
+    Unplaced(&'static str),
+}
+
+/// Where the resource `env` describes belongs.
+pub fn route(env: &Envelope) -> Route {
+    let kind = env.kind();
+    match kind {
+        "Patient" if !env.id().is_empty() => Route::Patient(env.id().to_owned()),
+        "Patient" => Route::Unplaced("Patient without an id"),
+        "Flag"
+        | "AllergyIntolerance"
+        | "MedicationStatement"
+        | "RelatedPerson"
+        | "List"
+        | "Consent" => match (
+            patient_in(env),
+            env.patient_ref().and_then(read::nhs_reference),
+        ) {
+            (Some(pid), _) => Route::Item(pid.to_owned()),
+            (None, Some(nhs)) => Route::ByNhs(nhs.as_u64()),
+            // A Consent that names no patient we can find cannot be honoured and cannot
+            // be placed: reported loudly, and the ingest summary counts it.
+            (None, None) if kind == "Consent" => {
+                Route::Unplaced("Consent names no Patient: objection cannot be placed")
+            }
+            (None, None) => Route::Unplaced("no Patient reference"),
+        },
+        _ => Route::Unplaced("resource type not used"),
     }
 }
 

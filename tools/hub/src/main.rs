@@ -31,6 +31,14 @@ enum Command {
         #[arg(long, default_value = "hub.toml")]
         config: PathBuf,
     },
+    /// Read the configured source once into the database and exit (a scheduled import,
+    /// or a first load before `serve`); prints the ingest summary as JSON. The hub must
+    /// not be running.
+    Ingest {
+        /// Configuration file.
+        #[arg(long, default_value = "hub.toml")]
+        config: PathBuf,
+    },
     /// Make a development CA and a hub certificate for loopback.
     DevCa {
         /// Directory to write ca.pem, ca.key, hub.pem, hub.key into.
@@ -113,6 +121,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => serve_main(&Config::load(&config)?),
+        Command::Ingest { config } => {
+            let config = Config::load(&config)?;
+            let state = open_state(&config)?;
+            let summary = ingest_once(&config.source, &state, &sharing_rules(&config)?)
+                .map_err(anyhow::Error::msg)?;
+            std::io::Write::write_all(
+                &mut std::io::stdout().lock(),
+                format!("{summary}\n").as_bytes(),
+            )?;
+            Ok(())
+        }
         Command::Audit {
             command: AuditCommand::Review { config, ndjson },
         } => review(&open_state(&Config::load(&config)?)?, ndjson),
@@ -216,7 +235,8 @@ fn patient(state: &HubState, nhs: sync_protocol::NhsNumber, ndjson: bool) -> any
 fn open_state(config: &Config) -> anyhow::Result<HubState> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    HubState::open(&config.data_dir.join("hub.redb")).with_context(|| {
+    let cache = usize::try_from(config.store.cache_mib).unwrap_or(64) * 1024 * 1024;
+    HubState::open_with_cache(&config.data_dir.join("hub.redb"), cache).with_context(|| {
         format!(
             "opening the hub database in {} (is another hub running?)",
             config.data_dir.display()
@@ -263,8 +283,8 @@ fn token_from(
     Ok(Some(token))
 }
 
-fn serve_main(config: &Config) -> anyhow::Result<()> {
-    let token = admin_token(config)?;
+/// The sharing rules the config names (code list, denied labels, local code map).
+fn sharing_rules(config: &Config) -> anyhow::Result<SharingRules> {
     let labels: Vec<String> = config.sharing.deny_labels.clone().unwrap_or_else(|| {
         DEFAULT_DENY_LABELS
             .iter()
@@ -281,6 +301,35 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
             .with_context(|| format!("reading the local code map {}", path.display()))?;
         rules = rules.with_local_map(carecache_hub::sharing::LocalCodeMap::parse(&text)?);
     }
+    Ok(rules)
+}
+
+/// One read of `source` into `state`: its summary as JSON.
+fn ingest_once(
+    source: &SourceConfig,
+    state: &HubState,
+    rules: &SharingRules,
+) -> Result<serde_json::Value, String> {
+    let summary = match source {
+        SourceConfig::Ndjson { path, .. } => ingest_ndjson(state, rules, path),
+        SourceConfig::Fhir {
+            base_url,
+            overlap_secs,
+            page_size,
+            reconcile_secs,
+            ..
+        } => FhirRest::new(base_url, *overlap_secs, *page_size)
+            .with_reconcile(*reconcile_secs)
+            .poll(state, rules),
+    };
+    summary
+        .map(|s| serde_json::to_value(s).unwrap_or_default())
+        .map_err(|e| e.to_string())
+}
+
+fn serve_main(config: &Config) -> anyhow::Result<()> {
+    let token = admin_token(config)?;
+    let rules = sharing_rules(config)?;
     let state = open_state(config)?;
     for spec in &config.leases {
         state.put_lease(spec, None).with_context(|| {
@@ -314,25 +363,7 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
     let source = config.source.clone();
     let ingest_hub = hub.clone();
     let ingest_rules = rules.clone();
-    let ingest = Arc::new(move || -> Result<serde_json::Value, String> {
-        let summary = match &source {
-            SourceConfig::Ndjson { path, .. } => {
-                ingest_ndjson(&ingest_hub.state, &ingest_rules, path)
-            }
-            SourceConfig::Fhir {
-                base_url,
-                overlap_secs,
-                page_size,
-                reconcile_secs,
-                ..
-            } => FhirRest::new(base_url, *overlap_secs, *page_size)
-                .with_reconcile(*reconcile_secs)
-                .poll(&ingest_hub.state, &ingest_rules),
-        };
-        summary
-            .map(|s| serde_json::to_value(s).unwrap_or_default())
-            .map_err(|e| e.to_string())
-    });
+    let ingest = Arc::new(move || ingest_once(&source, &ingest_hub.state, &ingest_rules));
     hub.set_ingest_hook(ingest.clone());
     if let Err(e) = ingest() {
         tracing::error!(error = %e, "initial ingest failed; serving what the database holds");

@@ -2,6 +2,8 @@
 //! or a FHIR R4 server's REST API polled incrementally.
 
 use std::collections::BTreeSet;
+
+use redb::{ReadableDatabase, ReadableTable};
 use std::io::BufRead;
 use std::path::Path;
 use std::time::Duration;
@@ -13,9 +15,11 @@ use carecache_fhir::dates::instant;
 use carecache_fhir::model::{Bundle, BundleEntry, Envelope};
 use serde::Deserialize;
 
-use crate::fhir_in::{Collector, MappingIssue, map_patient, patient_of};
+use crate::fhir_in::{
+    Collector, Mapped, MappingIssue, Route, map_patient, patient_of, route, unsent_patient,
+};
 use crate::sharing::SharingRules;
-use crate::state::{HubState, IngestReport, StateError};
+use crate::state::{HubState, INGEST_BATCH, IngestReport, StateError};
 
 /// Longest NDJSON line or REST response accepted (a hostile or broken source cannot make
 /// the hub allocate without bound).
@@ -45,8 +49,11 @@ pub struct IngestSummary {
     pub patients: u64,
     /// Changes stored.
     pub stored: IngestReport,
-    /// Resources that could not be read or mapped (type, id, rule; no patient data).
+    /// Resources that could not be read or mapped (type, id, rule; no patient data): the
+    /// first [`ISSUES_KEPT`].
     pub issues: Vec<String>,
+    /// How many resources could not be read or mapped in all.
+    pub issues_total: u64,
     /// Version of the sensitive code list applied.
     pub code_list_version: String,
     /// Version of the local-code map applied, if any.
@@ -57,7 +64,11 @@ pub struct IngestSummary {
     pub reconciled: Option<bool>,
 }
 
-/// A source failed as a whole (nothing was stored).
+/// Issues kept (listed and logged one by one) per ingest; the rest are counted.
+pub const ISSUES_KEPT: usize = 1000;
+
+/// A source failed as a whole. Batches stored before the failure stay stored (each is
+/// whole patients); the next ingest completes the rest.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// Files could not be read.
@@ -71,62 +82,213 @@ pub enum SourceError {
     /// The FHIR server failed or answered something unusable.
     #[error("FHIR server: {0}")]
     Fhir(String),
+    /// The ingest's staging file failed (disk full, say).
+    #[error("ingest staging file: {0}")]
+    Staging(String),
     /// Storing failed.
     #[error(transparent)]
     State(#[from] StateError),
 }
 
-fn map_and_store(
-    state: &HubState,
-    rules: &SharingRules,
-    collector: Collector,
-    full_snapshot: bool,
-    resources: u64,
-) -> Result<IngestSummary, SourceError> {
-    let (patients, mut issues) = collector.finish();
-    let mut mapped = Vec::with_capacity(patients.len());
-    for (fhir_id, res) in patients {
-        match map_patient(&fhir_id, res, &mut issues) {
-            Ok(m) => mapped.push((fhir_id, m)),
-            Err(issue) => issues.push(issue),
+/// Patients mapped and stored in batches of [`INGEST_BATCH`]: what an ingest holds in
+/// memory is one batch, whatever the size of the source.
+struct Sink<'a> {
+    state: &'a HubState,
+    rules: &'a SharingRules,
+    batch: Vec<(String, Mapped)>,
+    summary: IngestSummary,
+}
+
+impl<'a> Sink<'a> {
+    fn new(state: &'a HubState, rules: &'a SharingRules) -> Self {
+        Self {
+            state,
+            rules,
+            batch: Vec::with_capacity(INGEST_BATCH),
+            summary: IngestSummary::default(),
         }
     }
-    let patients = mapped.len() as u64;
-    let stored = state.ingest(mapped, full_snapshot)?;
-    let summary = IngestSummary {
-        resources,
-        patients,
-        stored,
-        issues: issues.iter().map(MappingIssue::to_string).collect(),
-        code_list_version: rules.version().to_owned(),
-        local_code_map_version: rules.local_map_version().map(str::to_owned),
-        history: None,
-        reconciled: None,
-    };
-    for issue in &issues {
-        tracing::warn!(%issue, "resource skipped");
+
+    fn issue(&mut self, issue: &MappingIssue) {
+        if self.summary.issues.len() < ISSUES_KEPT {
+            tracing::warn!(%issue, "resource skipped");
+            self.summary.issues.push(issue.to_string());
+        }
+        self.summary.issues_total += 1;
     }
+
+    /// Map the patients `collector` holds; full batches are stored. Returns the NHS
+    /// numbers of the patients mapped.
+    fn add(&mut self, collector: Collector) -> Result<Vec<u64>, SourceError> {
+        let (patients, issues) = collector.finish();
+        let mut issues_now = issues;
+        let mut mapped_nhs = Vec::with_capacity(patients.len());
+        for (fhir_id, res) in patients {
+            match map_patient(&fhir_id, res, &mut issues_now) {
+                Ok(m) => {
+                    mapped_nhs.push(m.record.nhs_number.as_u64());
+                    self.batch.push((fhir_id, m));
+                }
+                Err(issue) => issues_now.push(issue),
+            }
+        }
+        for issue in &issues_now {
+            self.issue(issue);
+        }
+        self.summary.patients += mapped_nhs.len() as u64;
+        if self.batch.len() >= INGEST_BATCH {
+            self.flush()?;
+        }
+        Ok(mapped_nhs)
+    }
+
+    fn flush(&mut self) -> Result<(), SourceError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(INGEST_BATCH));
+        let n = batch.len();
+        self.summary.stored += self.state.ingest_batch(batch)?;
+        tracing::debug!(
+            patients = n,
+            head = self.state.head()?,
+            "ingest batch stored"
+        );
+        Ok(())
+    }
+
+    /// Store what is left; record and log the summary.
+    fn finish(mut self, resources: u64) -> Result<IngestSummary, SourceError> {
+        self.flush()?;
+        let mut summary = self.summary;
+        summary.resources = resources;
+        summary.code_list_version = self.rules.version().to_owned();
+        summary.local_code_map_version = self.rules.local_map_version().map(str::to_owned);
+        Ok(summary)
+    }
+}
+
+/// Log an ingest's summary and keep it (with its first 100 issues) for the admin API.
+fn record_summary(state: &HubState, summary: &IngestSummary) -> Result<(), SourceError> {
+    let stored = &summary.stored;
     tracing::info!(
-        resources,
-        patients,
+        resources = summary.resources,
+        patients = summary.patients,
         added = stored.added,
         changed = stored.changed,
+        unchanged = stored.unchanged,
         deleted = stored.deleted,
         objections = stored.objections,
-        skipped = issues.len(),
-        code_list = rules.version(),
+        skipped = summary.issues_total,
+        code_list = summary.code_list_version,
         "ingest done"
     );
-    let mut record = serde_json::to_value(&summary).unwrap_or(Value::Null);
+    let mut record = serde_json::to_value(summary).unwrap_or(Value::Null);
     if let Some(list) = record.get_mut("issues").and_then(Value::as_array_mut) {
         list.truncate(100);
     }
     state.set_source_value("last_ingest", record.to_string().as_bytes())?;
-    Ok(summary)
+    Ok(())
+}
+
+/// The staging file of an NDJSON ingest: every resource line, keyed by the patient it
+/// belongs to, so that the export (one file per resource type, any order) can be read
+/// back one patient at a time. A redb file beside the hub's database (the same
+/// protection), with a small cache and no fsync, removed when the ingest ends.
+struct Staging {
+    db: redb::Database,
+    _file: tempfile::NamedTempFile,
+}
+
+/// (patient FHIR id, line number) → the resource's JSON.
+const BY_PATIENT: redb::TableDefinition<(&str, u64), &[u8]> =
+    redb::TableDefinition::new("by_patient");
+/// (NHS number, line number) → JSON of a resource naming its patient by NHS number.
+const BY_NHS: redb::TableDefinition<(u64, u64), &[u8]> = redb::TableDefinition::new("by_nhs");
+/// NHS numbers mapped by this ingest (a full snapshot deletes the others).
+const SEEN: redb::TableDefinition<u64, ()> = redb::TableDefinition::new("seen");
+/// Staged bytes per staging transaction.
+const STAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Name prefix of staging files.
+const STAGING_PREFIX: &str = ".ingest-";
+
+impl Staging {
+    /// A new staging file in `dir`, after removing any an interrupted ingest left there
+    /// (one ingest runs at a time: the caller holds the state's ingest lock).
+    fn create(dir: &Path) -> Result<Self, SourceError> {
+        let err = |e: &dyn std::fmt::Display| SourceError::Staging(e.to_string());
+        for entry in std::fs::read_dir(dir).map_err(|e| err(&e))?.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(STAGING_PREFIX) && n.ends_with(".redb"))
+            {
+                std::fs::remove_file(entry.path()).map_err(|e| err(&e))?;
+            }
+        }
+        let file = tempfile::Builder::new()
+            .prefix(STAGING_PREFIX)
+            .suffix(".redb")
+            .tempfile_in(dir)
+            .map_err(|e| err(&e))?;
+        let db = redb::Database::builder()
+            .set_cache_size(16 * 1024 * 1024)
+            .create(file.path())
+            .map_err(|e| err(&e))?;
+        Ok(Self { db, _file: file })
+    }
+
+    fn write(&self) -> Result<redb::WriteTransaction, SourceError> {
+        let mut tx = self.db.begin_write().map_err(staging)?;
+        tx.set_durability(redb::Durability::None).map_err(staging)?;
+        Ok(tx)
+    }
+}
+
+/// Where a staged line goes.
+enum Stage {
+    Patient(String),
+    Nhs(u64),
+}
+
+impl Staging {
+    /// Stage `buffer` (emptied) in one transaction, numbering lines from `line_no`.
+    fn put(
+        &self,
+        buffer: &mut Vec<(Stage, Vec<u8>)>,
+        line_no: &mut u64,
+    ) -> Result<(), SourceError> {
+        let tx = self.write()?;
+        {
+            let mut by_patient = tx.open_table(BY_PATIENT).map_err(staging)?;
+            let mut by_nhs = tx.open_table(BY_NHS).map_err(staging)?;
+            for (stage, line) in buffer.drain(..) {
+                *line_no += 1;
+                match stage {
+                    Stage::Patient(pid) => {
+                        by_patient.insert((pid.as_str(), *line_no), line.as_slice())
+                    }
+                    Stage::Nhs(nhs) => by_nhs.insert((nhs, *line_no), line.as_slice()),
+                }
+                .map_err(staging)?;
+            }
+        }
+        tx.commit().map_err(staging)
+    }
+}
+
+fn staging(e: impl std::fmt::Display) -> SourceError {
+    SourceError::Staging(e.to_string())
 }
 
 /// Read every `*.ndjson` file in `dir` as a full snapshot of the source: patients no
 /// longer present are deleted upstream. A line that is not JSON is reported and skipped.
+///
+/// Streaming, in three passes with memory bounded by one batch: the lines are staged by
+/// patient (only each resource's envelope is read); then each patient's resources are
+/// read back, mapped and stored in batches of [`INGEST_BATCH`]; then, the snapshot being
+/// whole, held patients it lacks are deleted.
 pub fn ingest_ndjson(
     state: &HubState,
     rules: &SharingRules,
@@ -143,8 +305,15 @@ pub fn ingest_ndjson(
         .filter(|p| p.extension().is_some_and(|e| e == "ndjson"))
         .collect();
     files.sort();
-    let mut collector = Collector::new(rules);
+    let _one = state.ingest_lock();
+    let started = std::time::Instant::now();
+    let staged = Staging::create(&state.dir)?;
+    let mut sink = Sink::new(state, rules);
     let mut resources = 0u64;
+    let mut line_no = 0u64;
+    // Pass 1: stage every line under its patient, 16 MiB at a time.
+    let mut buffer: Vec<(Stage, Vec<u8>)> = Vec::new();
+    let mut pending = 0usize;
     for path in files {
         let kind = path
             .file_stem()
@@ -163,19 +332,136 @@ pub fn ingest_ndjson(
                 reason,
             };
             if line.len() > MAX_LINE {
-                collector.issues.push(issue("line over 1 MiB"));
+                sink.issue(&issue("line over 1 MiB"));
                 continue;
             }
-            match serde_json::from_slice::<Value>(&line) {
-                Ok(v) if v.is_object() => {
-                    resources += 1;
-                    collector.add(v);
+            // Only the envelope is read now (the whole line is checked to be JSON).
+            let env = match serde_json::from_slice::<Envelope>(&line) {
+                Ok(env) if line.trim_ascii_start().first() == Some(&b'{') => env,
+                _ => {
+                    sink.issue(&issue("not a JSON object"));
+                    continue;
                 }
-                _ => collector.issues.push(issue("not a JSON object")),
+            };
+            resources += 1;
+            match route(&env) {
+                Route::Patient(pid) | Route::Item(pid) => {
+                    pending += line.len();
+                    buffer.push((Stage::Patient(pid), line));
+                }
+                Route::ByNhs(nhs) => {
+                    pending += line.len();
+                    buffer.push((Stage::Nhs(nhs), line));
+                }
+                Route::Unplaced(reason) => sink.issue(&MappingIssue {
+                    resource_type: env.kind().to_owned(),
+                    id: env.id().to_owned(),
+                    reason,
+                }),
+            }
+            if pending >= STAGE_BYTES {
+                staged.put(&mut buffer, &mut line_no)?;
+                pending = 0;
             }
         }
     }
-    map_and_store(state, rules, collector, true, resources)
+    staged.put(&mut buffer, &mut line_no)?;
+    let staged_at = std::time::Instant::now();
+    tracing::debug!(
+        ms = staged_at.duration_since(started).as_millis(),
+        resources,
+        "source staged"
+    );
+    // Pass 2: one patient at a time, in batches.
+    let mut placed = std::collections::HashSet::new();
+    {
+        let read = staged.db.begin_read().map_err(staging)?;
+        let by_patient = match read.open_table(BY_PATIENT) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(staging(e)),
+        };
+        let by_nhs = match read.open_table(BY_NHS) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(staging(e)),
+        };
+        let mut current: Option<(String, Collector)> = None;
+        let mut seen_tx = staged.write()?;
+        let mut finish_patient = |pid: String,
+                                  mut collector: Collector,
+                                  seen_tx: &mut redb::WriteTransaction|
+         -> Result<(), SourceError> {
+            if let (Some(nhs), Some(by_nhs)) = (collector.nhs_of(&pid), by_nhs.as_ref())
+                && placed.insert(nhs)
+            {
+                for item in by_nhs.range((nhs, 0)..=(nhs, u64::MAX)).map_err(staging)? {
+                    let (_, v) = item.map_err(staging)?;
+                    if let Ok(v) = serde_json::from_slice::<Value>(v.value()) {
+                        collector.add(v);
+                    }
+                }
+            }
+            let mut seen = seen_tx.open_table(SEEN).map_err(staging)?;
+            for nhs in sink.add(collector)? {
+                seen.insert(nhs, ()).map_err(staging)?;
+            }
+            Ok(())
+        };
+        if let Some(by_patient) = &by_patient {
+            for item in by_patient.iter().map_err(staging)? {
+                let (k, v) = item.map_err(staging)?;
+                let pid = k.value().0;
+                if current.as_ref().is_none_or(|(p, _)| p != pid) {
+                    if let Some((p, c)) = current.take() {
+                        finish_patient(p, c, &mut seen_tx)?;
+                    }
+                    current = Some((pid.to_owned(), Collector::new(rules)));
+                }
+                if let (Some((_, c)), Ok(v)) =
+                    (current.as_mut(), serde_json::from_slice::<Value>(v.value()))
+                {
+                    c.add(v);
+                }
+            }
+        }
+        if let Some((p, c)) = current.take() {
+            finish_patient(p, c, &mut seen_tx)?;
+        }
+        seen_tx.commit().map_err(staging)?;
+        // Pass 3: items naming, by NHS number, a Patient the source did not send.
+        if let Some(by_nhs) = &by_nhs {
+            for item in by_nhs.iter().map_err(staging)? {
+                let (k, v) = item.map_err(staging)?;
+                if placed.contains(&k.value().0) {
+                    continue;
+                }
+                let env = serde_json::from_slice::<Envelope>(v.value()).unwrap_or_default();
+                sink.issue(&unsent_patient(env.kind().to_owned(), env.id().to_owned()));
+            }
+        }
+    }
+    let mut summary = sink.finish(resources)?;
+    tracing::debug!(
+        ms = staged_at.elapsed().as_millis(),
+        "patients mapped and stored"
+    );
+    // The snapshot is whole: held patients it did not map are deleted upstream.
+    let read = staged.db.begin_read().map_err(staging)?;
+    let seen = match read.open_table(SEEN) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(staging(e)),
+    };
+    summary.stored.deleted += state.delete_absent(|nhs| match &seen {
+        Some(t) => t
+            .get(nhs)
+            .map(|v| v.is_some())
+            .map_err(|e| StateError::Database(format!("ingest staging file: {e}"))),
+        None => Ok(false),
+    })?;
+    record_summary(state, &summary)?;
+    Ok(summary)
 }
 
 /// A FHIR R4 server polled by `_lastUpdated`, with deletions found through `_history`
@@ -319,6 +605,7 @@ impl FhirRest {
         state: &HubState,
         rules: &SharingRules,
     ) -> Result<IngestSummary, SourceError> {
+        let _one = state.ingest_lock();
         let watermark = state
             .source_value("fhir.watermark")?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
@@ -410,12 +697,15 @@ impl FhirRest {
         }
         // Affected patients are read whole, in groups (one search per resource type for a
         // group: `patient=Patient/a,Patient/b,…`), which costs a server one pass per type
-        // and group rather than per patient.
-        let mut collector = Collector::new(rules);
+        // and group rather than per patient; each group is mapped as soon as it is read,
+        // and stored in batches.
+        let mut sink = Sink::new(state, rules);
         let mut resources = 0u64;
         let mut gone = Vec::new();
         let affected: Vec<String> = affected.into_iter().collect();
         for group in affected.chunks(PATIENTS_PER_SEARCH) {
+            let mut collector = Collector::new(rules);
+            let mut links: Vec<(String, Vec<u8>)> = Vec::new();
             let ids = group.join(",");
             let found = self.search(&format!(
                 "Patient?_id={ids}&_count={}",
@@ -434,7 +724,8 @@ impl FhirRest {
                 }
             }
             // A Patient the server no longer returns is deleted (404/410 confirms it; any
-            // other answer fails the poll and nothing is stored).
+            // other answer fails the poll: groups stored so far stay, the watermark does
+            // not move, and the next poll reads them again).
             for pid in group.iter().filter(|p| !present.contains(*p)) {
                 match self.fetch(&format!("{}/Patient/{pid}", self.base))? {
                     Got::Gone => gone.push(pid.clone()),
@@ -461,18 +752,22 @@ impl FhirRest {
                     };
                     let env = Envelope::deserialize(&r).unwrap_or_default();
                     if !env.id().is_empty() {
-                        values.push((format!("p:{kind}/{}", env.id()), pid.as_bytes().to_vec()));
+                        links.push((format!("p:{kind}/{}", env.id()), pid.as_bytes().to_vec()));
                     }
                     collector.add(r);
                     resources += 1;
                 }
             }
+            sink.add(collector)?;
+            state.set_source_values(&links)?;
         }
-        let mut summary = map_and_store(state, rules, collector, false, resources)?;
+        let mut summary = sink.finish(resources)?;
         summary.stored.deleted += state.delete_patients(&gone)?;
         summary.history = Some(history);
         summary.reconciled = Some(reconcile);
-        // One transaction for every seen version, patient link and the new watermark.
+        record_summary(state, &summary)?;
+        // One transaction for every seen version and the new watermark, after every
+        // affected patient is stored.
         values.push(("fhir.watermark".to_owned(), newest.to_be_bytes().to_vec()));
         state.set_source_values(&values)?;
         Ok(summary)

@@ -39,6 +39,26 @@ pub(crate) const LOOKUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("lo
 /// pull offers it rather than sending it again.
 pub(crate) const LOOKUP_LEASES: TableDefinition<u64, ()> = TableDefinition::new("lookup_leases");
 pub(crate) const SUMMARY: TableDefinition<u64, (u64, bool)> = TableDefinition::new("summary");
+/// Per patient, the SHA-256 of the record as last mapped (version aside): an ingest that
+/// maps the same content again compares 32 bytes instead of decoding the stored record,
+/// and writes nothing. Kept with `patients`; a patient without a row (a database from
+/// before it) is compared whole once and gets one.
+pub(crate) const CONTENT: TableDefinition<u64, [u8; 32]> = TableDefinition::new("content");
+
+/// Default size of the hub database's page cache: the hub's memory stays flat whatever
+/// the region's size (redb's own default is 1 GiB).
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Patients written by one ingest transaction: ingest memory is bounded by this, not by
+/// the size of the source.
+pub const INGEST_BATCH: usize = 1000;
+
+/// The content hash of a mapped record (its version aside).
+pub(crate) fn content_hash(record: &PatientRecord) -> [u8; 32] {
+    let mut r = record.clone();
+    r.version = RecordVersion(0);
+    Sha256::digest(enc(&r)).into()
+}
 
 /// A patient's [`SUMMARY`] row: (version, has alerts).
 pub(crate) fn summary_of(row: &PatientRow) -> (u64, bool) {
@@ -197,6 +217,16 @@ pub struct IngestReport {
     pub objections: u64,
 }
 
+impl std::ops::AddAssign for IngestReport {
+    fn add_assign(&mut self, o: Self) {
+        self.added += o.added;
+        self.changed += o.changed;
+        self.unchanged += o.unchanged;
+        self.deleted += o.deleted;
+        self.objections += o.objections;
+    }
+}
+
 /// A lease as the admin API and the config file state it.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -338,17 +368,30 @@ fn migrate_records(
 pub struct HubState {
     pub(crate) db: Database,
     pub(crate) hub_id: [u8; 8],
+    /// The database's directory: an ingest stages its source here (see `source`).
+    pub(crate) dir: std::path::PathBuf,
+    /// Held by the one ingest running (a poll and an admin's re-read never interleave
+    /// their batches).
+    ingesting: std::sync::Mutex<()>,
 }
 
 impl HubState {
     /// Open (creating if needed) the hub database at `path`.
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        let db = Database::create(path)?;
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open with a page cache of `cache_bytes` (`[store] cache_mib` in `hub.toml`).
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StateError> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)?;
         let tx = db.begin_write()?;
         let hub_id = {
             for t in [PATIENTS, OBJECTIONS, LEASES, LOG] {
                 tx.open_table(t)?;
             }
+            let mut content = tx.open_table(CONTENT)?;
             tx.open_table(DEVICES)?;
             tx.open_table(CERTS)?;
             tx.open_table(TOKENS)?;
@@ -361,6 +404,13 @@ impl HubState {
             let mut meta = tx.open_table(META)?;
             migrate_records(&tx, &mut meta)?;
             build_summary(&tx, &mut meta)?;
+            // Content hashes are of the record format they were made in: after a format
+            // change they are dropped, and each patient is compared whole once.
+            let format = RECORDS_FORMAT.to_le_bytes();
+            if meta.get("content_format")?.map(|v| v.value().to_vec()) != Some(format.to_vec()) {
+                content.retain(|_, _| false)?;
+                meta.insert("content_format", format.as_slice())?;
+            }
             let existing = meta
                 .get("hub_id")?
                 .and_then(|v| <[u8; 8]>::try_from(v.value()).ok());
@@ -376,7 +426,24 @@ impl HubState {
             }
         };
         tx.commit()?;
-        Ok(Self { db, hub_id })
+        let dir = path
+            .parent()
+            .map_or_else(|| std::path::PathBuf::from("."), Path::to_path_buf);
+        Ok(Self {
+            db,
+            hub_id,
+            dir,
+            ingesting: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// Wait for any other ingest to finish; held until the guard drops.
+    pub(crate) fn ingest_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // An ingest that panicked left nothing half-written (each batch is one
+        // transaction): the lock is still good.
+        self.ingesting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The head of the change log.
@@ -385,14 +452,16 @@ impl HubState {
         read_seq(&tx.open_table(META)?)
     }
 
-    /// Store mapped patients. With `full_snapshot`, any stored patient missing from
-    /// `mapped` is deleted upstream. One transaction: a device never sees half an ingest.
-    pub fn ingest(
-        &self,
-        mapped: Vec<(String, Mapped)>,
-        full_snapshot: bool,
-    ) -> Result<IngestReport, StateError> {
+    /// Store one batch of mapped patients in one transaction (each patient's record and
+    /// objection together). A patient whose mapped content is unchanged writes nothing
+    /// (its content hash matches). An ingest of a whole source calls this once per
+    /// [`INGEST_BATCH`] patients, so memory does not grow with the source; a device may
+    /// pull between batches and sees whole patients only.
+    pub fn ingest_batch(&self, mapped: Vec<(String, Mapped)>) -> Result<IngestReport, StateError> {
         let mut report = IngestReport::default();
+        if mapped.is_empty() {
+            return Ok(report);
+        }
         let tx = self.db.begin_write()?;
         {
             let mut meta = tx.open_table(META)?;
@@ -400,24 +469,39 @@ impl HubState {
             let mut objections = tx.open_table(OBJECTIONS)?;
             let mut log = tx.open_table(LOG)?;
             let mut summary = tx.open_table(SUMMARY)?;
+            let mut content = tx.open_table(CONTENT)?;
             let mut seq = read_seq(&meta)?;
-            let mut seen = std::collections::HashSet::new();
             for (fhir_id, m) in mapped {
                 let nhs = m.record.nhs_number.as_u64();
-                seen.insert(nhs);
-                let old: Option<PatientRow> = match patients.get(nhs)? {
-                    Some(v) => Some(dec(v.value(), "patients")?),
-                    None => None,
-                };
-                let same = old.as_ref().is_some_and(|o| {
-                    o.record
-                        .as_ref()
-                        .is_some_and(|r| same_content(r, &m.record))
-                });
+                let hash = content_hash(&m.record);
+                let held = summary.get(nhs)?.is_some_and(|v| v.value().0 != 0);
+                let stored = content.get(nhs)?.map(|v| v.value());
+                let same = held
+                    && match stored {
+                        Some(stored) => stored == hash,
+                        // No hash yet (an older database): compare whole, once.
+                        None => {
+                            let old: Option<PatientRow> = match patients.get(nhs)? {
+                                Some(v) => Some(dec(v.value(), "patients")?),
+                                None => None,
+                            };
+                            let same = old
+                                .and_then(|o| o.record)
+                                .is_some_and(|r| same_content(&r, &m.record));
+                            if same {
+                                content.insert(nhs, hash)?;
+                            }
+                            same
+                        }
+                    };
                 if same {
                     report.unchanged += 1;
                 } else {
-                    if old.as_ref().is_some_and(|o| o.record.is_some()) {
+                    let old_seq = match patients.get(nhs)? {
+                        Some(v) => Some(dec::<PatientRow>(v.value(), "patients")?.seq),
+                        None => None,
+                    };
+                    if held {
                         report.changed += 1;
                     } else {
                         report.added += 1;
@@ -430,9 +514,10 @@ impl HubState {
                         fhir_id,
                         record: Some(record),
                     };
-                    relog(&mut log, old.map(|o| o.seq), seq, LogKey::Patient(nhs))?;
+                    relog(&mut log, old_seq, seq, LogKey::Patient(nhs))?;
                     patients.insert(nhs, enc(&row).as_slice())?;
                     summary.insert(nhs, summary_of(&row))?;
+                    content.insert(nhs, hash)?;
                 }
                 if let Some(o) = m.objection
                     && set_objection(&mut objections, &mut log, &mut seq, nhs, o)?
@@ -440,16 +525,59 @@ impl HubState {
                     report.objections += 1;
                 }
             }
-            if full_snapshot {
-                report.deleted +=
-                    delete_rows(&mut patients, &mut summary, &mut log, &mut seq, |nhs, _| {
-                        !seen.contains(&nhs)
-                    })?;
-            }
             meta.insert("seq", seq.to_be_bytes().as_slice())?;
         }
         tx.commit()?;
         Ok(report)
+    }
+
+    /// The end of a full snapshot: every held patient `present` says the source no longer
+    /// has is deleted upstream (devices remove it at their next pull), in transactions of
+    /// [`INGEST_BATCH`]. Returns how many.
+    pub fn delete_absent(
+        &self,
+        mut present: impl FnMut(u64) -> Result<bool, StateError>,
+    ) -> Result<u64, StateError> {
+        let mut gone = Vec::new();
+        {
+            let tx = self.db.begin_read()?;
+            for item in tx.open_table(SUMMARY)?.iter()? {
+                let (k, v) = item?;
+                if v.value().0 != 0 && !present(k.value())? {
+                    gone.push(k.value());
+                }
+            }
+        }
+        let mut deleted = 0;
+        for chunk in gone.chunks(INGEST_BATCH) {
+            deleted += self.delete_held(chunk)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Delete the records of the held patients `nhs` names, in one transaction.
+    fn delete_held(&self, nhs: &[u64]) -> Result<u64, StateError> {
+        let tx = self.db.begin_write()?;
+        let deleted = {
+            let mut meta = tx.open_table(META)?;
+            let mut patients = tx.open_table(PATIENTS)?;
+            let mut log = tx.open_table(LOG)?;
+            let mut summary = tx.open_table(SUMMARY)?;
+            let mut content = tx.open_table(CONTENT)?;
+            let mut seq = read_seq(&meta)?;
+            let deleted = delete_rows(
+                &mut patients,
+                &mut summary,
+                &mut content,
+                &mut log,
+                &mut seq,
+                nhs,
+            )?;
+            meta.insert("seq", seq.to_be_bytes().as_slice())?;
+            deleted
+        };
+        tx.commit()?;
+        Ok(deleted)
     }
 
     /// Create or update a lease. A spec with a `name` that already exists updates that
@@ -918,28 +1046,28 @@ impl HubState {
         Ok(out)
     }
 
-    /// Delete the records of patients the source no longer has (by FHIR id), in one
-    /// transaction; devices remove them at their next pull. Returns how many were held.
+    /// Delete the records of patients the source no longer has (by FHIR id); devices
+    /// remove them at their next pull. Returns how many were held.
     pub fn delete_patients(&self, fhir_ids: &[String]) -> Result<u64, StateError> {
         if fhir_ids.is_empty() {
             return Ok(0);
         }
         let wanted: std::collections::HashSet<&str> = fhir_ids.iter().map(String::as_str).collect();
-        let tx = self.db.begin_write()?;
-        let deleted = {
-            let mut meta = tx.open_table(META)?;
-            let mut patients = tx.open_table(PATIENTS)?;
-            let mut log = tx.open_table(LOG)?;
-            let mut summary = tx.open_table(SUMMARY)?;
-            let mut seq = read_seq(&meta)?;
-            let deleted =
-                delete_rows(&mut patients, &mut summary, &mut log, &mut seq, |_, row| {
-                    wanted.contains(row.fhir_id.as_str())
-                })?;
-            meta.insert("seq", seq.to_be_bytes().as_slice())?;
-            deleted
-        };
-        tx.commit()?;
+        let mut gone = Vec::new();
+        {
+            let tx = self.db.begin_read()?;
+            for item in tx.open_table(PATIENTS)?.iter()? {
+                let (k, v) = item?;
+                let row: PatientRow = dec(v.value(), "patients")?;
+                if row.record.is_some() && wanted.contains(row.fhir_id.as_str()) {
+                    gone.push(k.value());
+                }
+            }
+        }
+        let mut deleted = 0;
+        for chunk in gone.chunks(INGEST_BATCH) {
+            deleted += self.delete_held(chunk)?;
+        }
         Ok(deleted)
     }
 
@@ -1057,33 +1185,33 @@ fn set_objection(
     Ok(true)
 }
 
-/// Delete the records of the held patients `gone` picks (upstream deleted them): each
+/// Delete the records of the held patients `nhs` names (upstream deleted them): each
 /// moves to a new log position with no record, so devices remove it. Returns how many.
 fn delete_rows(
     patients: &mut redb::Table<u64, &[u8]>,
     summary: &mut redb::Table<u64, (u64, bool)>,
+    content: &mut redb::Table<u64, [u8; 32]>,
     log: &mut redb::Table<u64, &[u8]>,
     seq: &mut u64,
-    gone: impl Fn(u64, &PatientRow) -> bool,
+    nhs: &[u64],
 ) -> Result<u64, StateError> {
-    let rows: Vec<(u64, PatientRow)> = patients
-        .iter()?
-        .filter_map(Result::ok)
-        .filter_map(|(k, v)| {
-            dec::<PatientRow>(v.value(), "patients")
-                .ok()
-                .filter(|r| r.record.is_some() && gone(k.value(), r))
-                .map(|r| (k.value(), r))
-        })
-        .collect();
     let mut deleted = 0;
-    for (nhs, mut row) in rows {
+    for &nhs in nhs {
+        let Some(mut row) = patients
+            .get(nhs)?
+            .map(|v| dec::<PatientRow>(v.value(), "patients"))
+            .transpose()?
+            .filter(|r| r.record.is_some())
+        else {
+            continue;
+        };
         *seq += 1;
         relog(log, Some(row.seq), *seq, LogKey::Patient(nhs))?;
         row.seq = *seq;
         row.record = None;
         patients.insert(nhs, enc(&row).as_slice())?;
         summary.insert(nhs, summary_of(&row))?;
+        content.remove(nhs)?;
         deleted += 1;
     }
     Ok(deleted)

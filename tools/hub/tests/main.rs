@@ -19,4 +19,5 @@ mod hostile;
 mod ingest;
 mod rest;
 mod shift;
+mod streaming;
 mod sync;

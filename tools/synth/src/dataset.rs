@@ -304,7 +304,9 @@ impl Generator {
         (0..n).map(|i| self.source_patient(i)).collect()
     }
 
-    fn source_patient(&mut self, index: usize) -> SourcePatient {
+    /// The `index`-th patient of a source: called with 0, 1, 2, … on a new generator,
+    /// the same patients as [`Self::source_patients`], one at a time.
+    pub fn source_patient(&mut self, index: usize) -> SourcePatient {
         let mut expected = self.patient();
         renumber(&mut expected, index);
         self.fieldify(&mut expected);

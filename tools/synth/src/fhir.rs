@@ -94,14 +94,38 @@ pub fn write_ndjson(
     patients: &[SourcePatient],
     dir: &Path,
 ) -> std::io::Result<BTreeMap<String, usize>> {
-    std::fs::create_dir_all(dir)?;
-    let mut files: BTreeMap<String, (BufWriter<File>, usize)> = BTreeMap::new();
+    let mut w = NdjsonWriter::create(dir)?;
     for p in patients {
+        w.add(p)?;
+    }
+    w.finish()
+}
+
+/// Bulk Data NDJSON written one patient at a time (an export of any size from a
+/// generator, without holding it): `Patient.ndjson`, `Flag.ndjson`, … in a directory.
+#[derive(Debug)]
+pub struct NdjsonWriter {
+    dir: std::path::PathBuf,
+    files: BTreeMap<String, (BufWriter<File>, usize)>,
+}
+
+impl NdjsonWriter {
+    /// Write into `dir` (created if needed).
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+        })
+    }
+
+    /// Append one patient's resources.
+    pub fn add(&mut self, p: &SourcePatient) -> std::io::Result<()> {
         for r in typed_resources(p) {
-            let entry = match files.entry(r.kind().to_owned()) {
+            let entry = match self.files.entry(r.kind().to_owned()) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::btree_map::Entry::Vacant(e) => {
-                    let f = File::create(dir.join(format!("{}.ndjson", e.key())))?;
+                    let f = File::create(self.dir.join(format!("{}.ndjson", e.key())))?;
                     e.insert((BufWriter::new(f), 0))
                 }
             };
@@ -109,14 +133,19 @@ pub fn write_ndjson(
             entry.0.write_all(b"\n")?;
             entry.1 += 1;
         }
+        Ok(())
     }
-    let mut counts = BTreeMap::new();
-    for (kind, (mut w, n)) in files {
-        w.flush()?;
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        counts.insert(kind, n);
+
+    /// Flush and sync every file; the number of resources written per type.
+    pub fn finish(self) -> std::io::Result<BTreeMap<String, usize>> {
+        let mut counts = BTreeMap::new();
+        for (kind, (mut w, n)) in self.files {
+            w.flush()?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            counts.insert(kind, n);
+        }
+        Ok(counts)
     }
-    Ok(counts)
 }
 
 /// What a source system adds to an item's `meta`: its version, the `HTEST` label, and any

@@ -34,9 +34,15 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let patients = carecache_synth::Generator::new(args.seed).source_patients(args.patients);
-    let counts = carecache_synth::fhir::write_ndjson(&patients, &args.out)
-        .with_context(|| format!("writing NDJSON into {}", args.out.display()))?;
+    // One patient at a time: an export of a region's size is never held in memory.
+    let mut generator = carecache_synth::Generator::new(args.seed);
+    let context = || format!("writing NDJSON into {}", args.out.display());
+    let mut out = carecache_synth::fhir::NdjsonWriter::create(&args.out).with_context(context)?;
+    for i in 0..args.patients {
+        out.add(&generator.source_patient(i))
+            .with_context(context)?;
+    }
+    let counts = out.finish().with_context(context)?;
     for (kind, n) in counts {
         eprintln!("{kind}.ndjson: {n} resources");
     }

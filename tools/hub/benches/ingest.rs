@@ -1,0 +1,199 @@
+//! The hub ingesting a region's FHIR Bulk Data NDJSON export: patients/s, peak RSS, and
+//! the cost of reading the same export again (every record unchanged). The hub runs as its
+//! own process (`carecache-hub ingest`, the release binary), so its RSS is its own.
+//!
+//! Baseline from the same run: parsing the same NDJSON with serde_json, line by line
+//! (what any reader of the export spends before doing anything with it).
+//!
+//! `cargo bench -p carecache-hub --bench ingest`; sizes with `HUB_INGEST_SIZES`
+//! (default 100000; `HUB_INGEST_SIZES=100000,1000000` for the region-scale run, about
+//! 13 GB of NDJSON written to the temporary directory).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    clippy::indexing_slicing,
+    reason = "benchmark driver"
+)]
+
+#[path = "../../../benches/table/mod.rs"]
+mod table;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Peak RSS goal for an ingest of any size (issue: flat memory).
+const RSS_GOAL_MIB: f64 = 256.0;
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Run `carecache-hub ingest` to the end: (seconds, peak RSS in KiB, summary).
+fn ingest(config: &std::path::Path) -> (f64, u64, serde_json::Value) {
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_carecache-hub"))
+        .args(["ingest", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut out).unwrap();
+        out
+    });
+    let mut peak = 0;
+    loop {
+        // VmHWM is the process's own high-water mark: sampling misses only a peak in
+        // its last few milliseconds.
+        if let Some(k) = vm_hwm_kib(pid) {
+            peak = peak.max(k);
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert!(child.wait().unwrap().success(), "ingest failed");
+    let summary: serde_json::Value = serde_json::from_slice(&reader.join().unwrap()).unwrap();
+    (secs, peak, summary)
+}
+
+fn run(n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let nd = dir.path().join("ndjson");
+    let t = Instant::now();
+    let mut generator = carecache_synth::Generator::new(42);
+    let mut writer = carecache_synth::fhir::NdjsonWriter::create(&nd).unwrap();
+    for i in 0..n {
+        writer.add(&generator.source_patient(i)).unwrap();
+    }
+    let counts = writer.finish().unwrap();
+    let resources: usize = counts.values().sum();
+    let gen_secs = t.elapsed().as_secs_f64();
+    let mut ndjson_bytes = 0u64;
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(&nd).unwrap() {
+        let p = e.unwrap().path();
+        ndjson_bytes += std::fs::metadata(&p).unwrap().len();
+        files.push(p);
+    }
+
+    // Baseline: read and parse every line with serde_json.
+    let t = Instant::now();
+    let mut parsed = 0usize;
+    for p in &files {
+        let reader = std::io::BufReader::new(std::fs::File::open(p).unwrap());
+        for line in reader.split(b'\n') {
+            let line = line.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            parsed += usize::from(v.is_object());
+        }
+    }
+    let parse_secs = t.elapsed().as_secs_f64();
+    assert_eq!(parsed, resources);
+
+    let pki = carecache_hub::pki::dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    // The synthetic record's local-code map, as a region running on it configures.
+    let local_map = dir.path().join("local-codes.csv");
+    std::fs::write(&local_map, carecache_synth::local_code_map()).unwrap();
+    let config = dir.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[tls]\nca_cert = \"{}\"\nca_key = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[source]\nkind = \"ndjson\"\npath = \"{}\"\n[sharing]\nlocal_code_map = \"{}\"\n",
+            dir.path().join("data").display(),
+            pki.ca_cert.display(),
+            pki.ca_key.display(),
+            pki.hub_cert.display(),
+            pki.hub_key.display(),
+            nd.display(),
+            local_map.display()
+        ),
+    )
+    .unwrap();
+
+    let (secs, rss, summary) = ingest(&config);
+    assert_eq!(summary["patients"].as_u64(), Some(n as u64));
+    assert_eq!(summary["stored"]["added"].as_u64(), Some(n as u64));
+    let (again_secs, again_rss, again) = ingest(&config);
+    assert_eq!(again["stored"]["unchanged"].as_u64(), Some(n as u64));
+    assert_eq!(again["stored"]["added"].as_u64(), Some(0));
+    let db_bytes = std::fs::metadata(dir.path().join("data/hub.redb"))
+        .unwrap()
+        .len();
+
+    let rate = n as f64 / secs;
+    let parse_rate = n as f64 / parse_secs;
+    let mib = rss as f64 / 1024.0;
+    let again_mib = again_rss as f64 / 1024.0;
+    println!(
+        "\n== hub ingest, {n} patients ({resources} resources, {:.2} GB NDJSON, generated in {gen_secs:.0} s)",
+        ndjson_bytes as f64 / 1e9
+    );
+    println!(
+        "first ingest: {secs:.1} s = {rate:.0} patients/s, peak RSS {mib:.1} MiB ({:.0} B/patient of NDJSON {:.0} B/patient)",
+        rss as f64 * 1024.0 / n as f64,
+        ndjson_bytes as f64 / n as f64
+    );
+    println!(
+        "same export again (all unchanged): {again_secs:.1} s = {:.0} patients/s, peak RSS {again_mib:.1} MiB",
+        n as f64 / again_secs
+    );
+    println!(
+        "baseline serde_json parse of the NDJSON: {parse_secs:.1} s = {parse_rate:.0} patients/s; ingest / parse {:.2}",
+        rate / parse_rate
+    );
+    println!(
+        "hub database: {:.1} MB ({:.0} B/patient)",
+        db_bytes as f64 / 1e6,
+        db_bytes as f64 / n as f64
+    );
+    table::row(
+        &format!("hub ingest, {n} patients"),
+        &format!("{rate:.0} patients/s"),
+        &format!("serde_json parse {parse_rate:.0} patients/s"),
+        &format!("{:.2}×", rate / parse_rate),
+        "—",
+        None,
+    );
+    table::row(
+        &format!("hub peak RSS during ingest, {n} patients"),
+        &format!("{mib:.1} MiB"),
+        &format!("NDJSON {:.0} MiB", ndjson_bytes as f64 / 1_048_576.0),
+        &format!("{:.3}×", rss as f64 * 1024.0 / ndjson_bytes as f64),
+        &format!("≤ {RSS_GOAL_MIB:.0} MiB"),
+        Some(mib.max(again_mib) <= RSS_GOAL_MIB),
+    );
+    table::row(
+        &format!("hub re-ingest of an unchanged export, {n} patients"),
+        &format!("{again_secs:.1} s"),
+        &format!("first ingest {secs:.1} s"),
+        &format!("{:.2}×", again_secs / secs),
+        "< 1×",
+        Some(again_secs < secs),
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --benches` runs benches with --test: nothing to check quickly
+    }
+    let sizes = std::env::var("HUB_INGEST_SIZES").unwrap_or_else(|_| "100000".into());
+    for n in sizes.split(',').filter_map(|s| s.trim().parse().ok()) {
+        run(n);
+    }
+}
