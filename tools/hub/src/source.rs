@@ -253,6 +253,18 @@ enum Stage {
 }
 
 impl Staging {
+    /// Record the NHS numbers in `seen` (emptied) as mapped by this ingest.
+    fn mark_seen(&self, seen: &mut Vec<u64>) -> Result<(), SourceError> {
+        let tx = self.write()?;
+        {
+            let mut table = tx.open_table(SEEN).map_err(staging)?;
+            for nhs in seen.drain(..) {
+                table.insert(nhs, ()).map_err(staging)?;
+            }
+        }
+        tx.commit().map_err(staging)
+    }
+
     /// Stage `buffer` (emptied) in one transaction, numbering lines from `line_no`.
     fn put(
         &self,
@@ -387,10 +399,11 @@ pub fn ingest_ndjson(
             Err(e) => return Err(staging(e)),
         };
         let mut current: Option<(String, Collector)> = None;
-        let mut seen_tx = staged.write()?;
+        // NHS numbers mapped, written to the staging file a batch at a time.
+        let mut seen: Vec<u64> = Vec::with_capacity(INGEST_BATCH);
         let mut finish_patient = |pid: String,
                                   mut collector: Collector,
-                                  seen_tx: &mut redb::WriteTransaction|
+                                  seen: &mut Vec<u64>|
          -> Result<(), SourceError> {
             if let (Some(nhs), Some(by_nhs)) = (collector.nhs_of(&pid), by_nhs.as_ref())
                 && placed.insert(nhs)
@@ -402,9 +415,9 @@ pub fn ingest_ndjson(
                     }
                 }
             }
-            let mut seen = seen_tx.open_table(SEEN).map_err(staging)?;
-            for nhs in sink.add(collector)? {
-                seen.insert(nhs, ()).map_err(staging)?;
+            seen.extend(sink.add(collector)?);
+            if seen.len() >= INGEST_BATCH {
+                staged.mark_seen(seen)?;
             }
             Ok(())
         };
@@ -414,7 +427,7 @@ pub fn ingest_ndjson(
                 let pid = k.value().0;
                 if current.as_ref().is_none_or(|(p, _)| p != pid) {
                     if let Some((p, c)) = current.take() {
-                        finish_patient(p, c, &mut seen_tx)?;
+                        finish_patient(p, c, &mut seen)?;
                     }
                     current = Some((pid.to_owned(), Collector::new(rules)));
                 }
@@ -426,9 +439,9 @@ pub fn ingest_ndjson(
             }
         }
         if let Some((p, c)) = current.take() {
-            finish_patient(p, c, &mut seen_tx)?;
+            finish_patient(p, c, &mut seen)?;
         }
-        seen_tx.commit().map_err(staging)?;
+        staged.mark_seen(&mut seen)?;
         // Pass 3: items naming, by NHS number, a Patient the source did not send.
         if let Some(by_nhs) = &by_nhs {
             for item in by_nhs.iter().map_err(staging)? {
