@@ -3,32 +3,14 @@
 //! the highest durable sequence. A broken chain flags the device and nothing after the
 //! break is accepted.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use sync_protocol::NhsNumber;
 use sync_protocol::audit::{AuditRecord, chain_hash};
 use sync_protocol::message::PushAudit;
 use sync_protocol::types::Hash32;
 
-use crate::state::{HubState, StateError, dec, enc};
-
-/// (device, seq) → hash ‖ record bytes as received.
-const AUDIT: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("audit");
-/// device → chain head.
-const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_heads");
-/// Index for complaints: (NHS number, device, seq) of every access naming the patient
-/// (read, or listed in a caseload).
-const BY_PATIENT: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("audit_by_patient");
-/// Index for review: (device, seq) of every emergency (ETREAT) access and lookup.
-const EMERGENCY: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_emergency");
-
-pub(crate) fn create_tables(tx: &WriteTransaction) -> Result<(), StateError> {
-    tx.open_table(AUDIT)?;
-    tx.open_table(HEADS)?;
-    tx.open_table(BY_PATIENT)?;
-    tx.open_table(EMERGENCY)?;
-    Ok(())
-}
+use crate::state::{HubState, StateError};
+use crate::store::Write;
 
 /// What one accepted push did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,97 +75,77 @@ pub struct StoredEntry {
 
 impl HubState {
     /// Accept a push from `device`: entries checked against the chain, new ones stored
-    /// (with their index rows) and the head moved in one durable commit.
+    /// (with their index rows) and the head moved in one durable commit. The device's
+    /// head is held until then, so pushes of one device received by two hub instances
+    /// at once are checked one after the other.
     pub fn push_audit(&self, device: &str, push: &PushAudit) -> Result<Pushed, AuditError> {
-        let tx = self.db.begin_write().map_err(StateError::from)?;
-        let result = {
-            let mut tables = Tables {
-                audit: tx.open_table(AUDIT).map_err(StateError::from)?,
-                by_patient: tx.open_table(BY_PATIENT).map_err(StateError::from)?,
-                emergency: tx.open_table(EMERGENCY).map_err(StateError::from)?,
-            };
-            let mut heads = tx.open_table(HEADS).map_err(StateError::from)?;
-            let mut head: ChainHead = match heads.get(device).map_err(StateError::from)? {
-                Some(v) => dec(v.value(), "audit_heads")?,
-                None => ChainHead::default(),
-            };
-            let mut pushed = Pushed::default();
-            let outcome = check_and_store(&mut tables, device, &mut head, push, &mut pushed);
-            if let Err(AuditError::ChainBroken { at }) = &outcome
-                && head.broken_at.is_none()
-            {
-                head.broken_at = Some(*at);
-                tracing::warn!(device, seq = at, "audit chain broken; device flagged");
-            }
-            heads
-                .insert(device, enc(&head).as_slice())
-                .map_err(StateError::from)?;
-            pushed.durable = head.seq;
-            outcome.map(|()| pushed)
-        };
-        match &result {
-            // Nothing new was stored: do not commit a half-checked push.
-            Err(AuditError::Gap { .. } | AuditError::Malformed { .. } | AuditError::State(_)) => {
-                tx.abort().map_err(StateError::from)?;
-            }
+        let mut tx = self.engine.write()?;
+        let mut head = tx.audit_head(device)?.unwrap_or_default();
+        let mut pushed = Pushed::default();
+        let outcome = check_and_store(tx.as_mut(), device, &mut head, push, &mut pushed);
+        if let Err(AuditError::ChainBroken { at }) = &outcome
+            && head.broken_at.is_none()
+        {
+            head.broken_at = Some(*at);
+            tracing::warn!(device, seq = at, "audit chain broken; device flagged");
+        }
+        pushed.durable = head.seq;
+        match &outcome {
+            // Nothing new was stored: do not commit a half-checked push (dropping the
+            // transaction writes nothing).
+            Err(AuditError::Gap { .. } | AuditError::Malformed { .. } | AuditError::State(_)) => {}
             // Entries before the break stay stored; the flag is durable.
-            Ok(_) | Err(AuditError::ChainBroken { .. }) => {
-                tx.commit().map_err(StateError::from)?;
+            Ok(()) | Err(AuditError::ChainBroken { .. }) => {
+                tx.put_audit_head(device, &head)?;
+                tx.commit()?;
             }
         }
-        result
+        outcome.map(|()| pushed)
     }
 
     /// A device's chain head.
     pub fn audit_head(&self, device: &str) -> Result<ChainHead, StateError> {
-        let tx = self.db.begin_read()?;
-        Ok(match tx.open_table(HEADS)?.get(device)? {
-            Some(v) => dec(v.value(), "audit_heads")?,
-            None => ChainHead::default(),
-        })
+        Ok(self.engine.read()?.audit_head(device)?.unwrap_or_default())
     }
 
     /// Devices whose chain broke, with where.
     pub fn flagged_devices(&self) -> Result<Vec<(String, u64)>, StateError> {
-        let tx = self.db.begin_read()?;
-        let mut out = Vec::new();
-        for item in tx.open_table(HEADS)?.iter()? {
-            let (k, v) = item?;
-            let head: ChainHead = dec(v.value(), "audit_heads")?;
-            if let Some(at) = head.broken_at {
-                out.push((k.value().to_owned(), at));
-            }
-        }
-        Ok(out)
+        Ok(self
+            .engine
+            .read()?
+            .audit_heads()?
+            .into_iter()
+            .filter_map(|(d, h)| h.broken_at.map(|at| (d, at)))
+            .collect())
     }
 
     /// Recomputes `device`'s stored chain from entry 1: `Ok(entries)` when every hash
     /// follows from its content and the one before and the last is the stored head,
     /// else `Err(first bad sequence)`.
     pub fn verify_audit_chain(&self, device: &str) -> Result<Result<u64, u64>, StateError> {
-        let tx = self.db.begin_read()?;
-        let head: ChainHead = match tx.open_table(HEADS)?.get(device)? {
-            Some(v) => dec(v.value(), "audit_heads")?,
-            None => ChainHead::default(),
-        };
+        let mut tx = self.engine.read()?;
+        let head = tx.audit_head(device)?.unwrap_or_default();
         let mut prev = Hash32([0; 32]);
         let mut expect = 1u64;
-        for item in tx
-            .open_table(AUDIT)?
-            .range((device, 0u64)..=(device, u64::MAX))?
-        {
-            let (k, v) = item?;
-            let seq = k.value().1;
-            let (hash, record) = v
-                .value()
+        let mut bad = None;
+        tx.audit(Some(device), &mut |_, seq, bytes| {
+            if bad.is_some() {
+                return Ok(());
+            }
+            let (hash, record) = bytes
                 .split_at_checked(32)
                 .ok_or(StateError::Corrupt("audit"))?;
             let computed = chain_hash(&prev, seq, record);
             if seq != expect || computed.0 != hash {
-                return Ok(Err(expect.min(seq)));
+                bad = Some(expect.min(seq));
+                return Ok(());
             }
             prev = computed;
             expect += 1;
+            Ok(())
+        })?;
+        if let Some(at) = bad {
+            return Ok(Err(at));
         }
         if expect - 1 != head.seq || prev.0 != head.hash {
             return Ok(Err(expect));
@@ -193,12 +155,10 @@ impl HubState {
 
     /// One stored entry.
     pub fn audit_entry(&self, device: &str, seq: u64) -> Result<Option<StoredEntry>, StateError> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(AUDIT)?;
-        let Some(v) = table.get((device, seq))? else {
-            return Ok(None);
-        };
-        stored_entry(device, seq, v.value()).map(Some)
+        match self.engine.read()?.audit_entry(device, seq)? {
+            Some(bytes) => stored_entry(device, seq, &bytes).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Every emergency (ETREAT) access and lookup, by device then sequence, to `f`.
@@ -206,19 +166,15 @@ impl HubState {
         &self,
         mut f: impl FnMut(StoredEntry) -> std::io::Result<()>,
     ) -> Result<u64, StateError> {
-        let tx = self.db.begin_read()?;
-        let audit = tx.open_table(AUDIT)?;
         let mut n = 0;
-        for item in tx.open_table(EMERGENCY)?.iter()? {
-            let (k, _) = item?;
-            let (device, seq) = k.value();
-            let v = audit
-                .get((device, seq))?
-                .ok_or(StateError::Corrupt("audit_emergency"))?;
-            f(stored_entry(device, seq, v.value())?)
-                .map_err(|e| StateError::Database(format!("writing audit review: {e}")))?;
-            n += 1;
-        }
+        self.engine
+            .read()?
+            .audit_emergency(&mut |device, seq, bytes| {
+                f(stored_entry(device, seq, bytes)?)
+                    .map_err(|e| StateError::Database(format!("writing audit review: {e}")))?;
+                n += 1;
+                Ok(())
+            })?;
         Ok(n)
     }
 
@@ -229,21 +185,13 @@ impl HubState {
         nhs: NhsNumber,
         mut f: impl FnMut(StoredEntry) -> std::io::Result<()>,
     ) -> Result<u64, StateError> {
-        let tx = self.db.begin_read()?;
-        let audit = tx.open_table(AUDIT)?;
         let mut found = Vec::new();
-        let n = nhs.as_u64();
-        for item in tx
-            .open_table(BY_PATIENT)?
-            .range((n, "", 0u64)..(n.saturating_add(1), "", 0u64))?
-        {
-            let (k, _) = item?;
-            let (_, device, seq) = k.value();
-            let v = audit
-                .get((device, seq))?
-                .ok_or(StateError::Corrupt("audit_by_patient"))?;
-            found.push(stored_entry(device, seq, v.value())?);
-        }
+        self.engine
+            .read()?
+            .audit_of_patient(nhs.as_u64(), &mut |device, seq, bytes| {
+                found.push(stored_entry(device, seq, bytes)?);
+                Ok(())
+            })?;
         // Across devices, in the order the accesses happened.
         found.sort_by_key(|e| (e.record.at, e.device.clone(), e.seq));
         let count = found.len() as u64;
@@ -258,15 +206,13 @@ impl HubState {
         &self,
         mut f: impl FnMut(StoredEntry) -> std::io::Result<()>,
     ) -> Result<u64, StateError> {
-        let tx = self.db.begin_read()?;
         let mut n = 0;
-        for item in tx.open_table(AUDIT)?.iter()? {
-            let (k, v) = item?;
-            let (device, seq) = k.value();
-            f(stored_entry(device, seq, v.value())?)
+        self.engine.read()?.audit(None, &mut |device, seq, bytes| {
+            f(stored_entry(device, seq, bytes)?)
                 .map_err(|e| StateError::Database(format!("writing audit export: {e}")))?;
             n += 1;
-        }
+            Ok(())
+        })?;
         Ok(n)
     }
 }
@@ -285,14 +231,8 @@ fn stored_entry(device: &str, seq: u64, bytes: &[u8]) -> Result<StoredEntry, Sta
     })
 }
 
-struct Tables<'tx> {
-    audit: redb::Table<'tx, (&'static str, u64), &'static [u8]>,
-    by_patient: redb::Table<'tx, (u64, &'static str, u64), ()>,
-    emergency: redb::Table<'tx, (&'static str, u64), ()>,
-}
-
 fn check_and_store(
-    tables: &mut Tables<'_>,
+    tx: &mut dyn Write,
     device: &str,
     head: &mut ChainHead,
     push: &PushAudit,
@@ -316,7 +256,7 @@ fn check_and_store(
     } else if first - 1 == head.seq {
         head.hash
     } else {
-        stored_hash(&tables.audit, device, first - 1)?.ok_or(AuditError::Gap {
+        stored_hash(tx, device, first - 1)?.ok_or(AuditError::Gap {
             expected: head.seq + 1,
         })?
     };
@@ -330,48 +270,38 @@ fn check_and_store(
             return Err(AuditError::ChainBroken { at: e.seq });
         }
         if e.seq <= head.seq {
-            if stored_hash(&tables.audit, device, e.seq)? != Some(e.hash.0) {
+            if stored_hash(tx, device, e.seq)? != Some(e.hash.0) {
                 return Err(AuditError::ChainBroken { at: e.seq });
             }
             pushed.repeated += 1;
         } else {
             let record = AuditRecord::decode(e.record.as_slice())
                 .map_err(|_| AuditError::Malformed { at: e.seq })?;
+            let mut patients = Vec::new();
+            let mut emergency = false;
             // A lookup is emergency access to the patient looked up.
             if let sync_protocol::audit::AuditEvent::Lookup(l) = &record.event {
-                tables
-                    .by_patient
-                    .insert((l.patient.as_u64(), device, e.seq), ())
-                    .map_err(StateError::from)?;
-                tables
-                    .emergency
-                    .insert((device, e.seq), ())
-                    .map_err(StateError::from)?;
+                patients.push(l.patient.as_u64());
+                emergency = true;
             }
             if let Some(a) = record.access() {
-                for nhs in a.patient.iter().chain(a.listed.iter()) {
-                    tables
-                        .by_patient
-                        .insert((nhs.as_u64(), device, e.seq), ())
-                        .map_err(StateError::from)?;
-                }
-                if matches!(
+                patients.extend(a.patient.iter().chain(a.listed.iter()).map(|n| n.as_u64()));
+                emergency |= matches!(
                     a.purpose,
                     Some(sync_protocol::audit::Purpose::EmergencyTreat { .. })
-                ) {
-                    tables
-                        .emergency
-                        .insert((device, e.seq), ())
-                        .map_err(StateError::from)?;
-                }
+                );
             }
             let mut row = Vec::with_capacity(32 + e.record.as_slice().len());
             row.extend_from_slice(&e.hash.0);
             row.extend_from_slice(e.record.as_slice());
-            tables
-                .audit
-                .insert((device, e.seq), row.as_slice())
-                .map_err(StateError::from)?;
+            tx.put_audit(
+                device,
+                e.seq,
+                &row,
+                record.at.as_millis(),
+                &patients,
+                emergency,
+            )?;
             pushed.stored += 1;
             head.seq = e.seq;
             head.hash = e.hash.0;
@@ -381,14 +311,8 @@ fn check_and_store(
     Ok(())
 }
 
-fn stored_hash(
-    audit: &redb::Table<(&str, u64), &[u8]>,
-    device: &str,
-    seq: u64,
-) -> Result<Option<[u8; 32]>, StateError> {
-    Ok(audit.get((device, seq))?.and_then(|v| {
-        v.value()
-            .get(..32)
-            .and_then(|h| <[u8; 32]>::try_from(h).ok())
-    }))
+fn stored_hash(tx: &mut dyn Write, device: &str, seq: u64) -> Result<Option<[u8; 32]>, StateError> {
+    Ok(tx
+        .audit_entry(device, seq)?
+        .and_then(|v| v.get(..32).and_then(|h| <[u8; 32]>::try_from(h).ok())))
 }

@@ -46,22 +46,97 @@ pub struct Config {
     pub leases: Vec<LeaseSpec>,
 }
 
+/// Which engine holds the hub's state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// One embedded file, `hub.redb` in the data directory, owned by one hub process.
+    #[default]
+    Redb,
+    /// A PostgreSQL database, shared by any number of hub instances.
+    Postgres,
+}
+
 /// The hub's database (`[store]`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Page cache of the database, in MiB: the hub's memory beyond it stays flat whatever
-    /// the region's size.
+    /// `redb` (default) or `postgres`.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// Page cache of the embedded database, in MiB: the hub's memory beyond it stays
+    /// flat whatever the region's size.
     #[serde(default = "default_cache_mib")]
     pub cache_mib: u32,
+    /// PostgreSQL: connection URL (`postgresql://user@host:port/db?sslmode=require`).
+    /// Better given in the environment as `CARECACHE_HUB_DATABASE_URL` (it may hold a
+    /// password), which this overrides.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// PostgreSQL: the schema holding the hub's tables (created if missing).
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// PostgreSQL: connections each hub instance keeps.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// PostgreSQL: PEM file of the CA that issued the database server's certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("StoreConfig")
+            .field("kind", &self.kind)
+            .field("cache_mib", &self.cache_mib)
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            kind: StoreKind::Redb,
             cache_mib: default_cache_mib(),
+            url: None,
+            schema: default_schema(),
+            pool_size: default_pool_size(),
+            ca_file: None,
         }
     }
+}
+
+impl StoreConfig {
+    /// The PostgreSQL options, the URL from `url` or else `CARECACHE_HUB_DATABASE_URL`.
+    pub fn postgres(&self) -> Result<crate::state::PgOptions, ConfigError> {
+        let url = match &self.url {
+            Some(u) => u.clone(),
+            None => std::env::var("CARECACHE_HUB_DATABASE_URL").map_err(|_| {
+                ConfigError::Invalid(
+                    "store.kind = \"postgres\" needs store.url or CARECACHE_HUB_DATABASE_URL"
+                        .into(),
+                )
+            })?,
+        };
+        Ok(crate::state::PgOptions {
+            url,
+            schema: self.schema.clone(),
+            pool_size: self.pool_size,
+            ca_file: self.ca_file.clone(),
+        })
+    }
+}
+
+fn default_schema() -> String {
+    "carecache".into()
+}
+
+fn default_pool_size() -> u32 {
+    8
 }
 
 fn default_cache_mib() -> u32 {
@@ -281,6 +356,17 @@ impl Config {
                 "limits.lookup_lease_hours must be 1 to 72".into(),
             ));
         }
+        if !crate::store::postgres::valid_schema(&self.store.schema) {
+            return Err(ConfigError::Invalid(
+                "store.schema must be lower-case letters, digits and _, starting with a letter or _"
+                    .into(),
+            ));
+        }
+        if !(1..=256).contains(&self.store.pool_size) {
+            return Err(ConfigError::Invalid(
+                "store.pool_size must be 1 to 256".into(),
+            ));
+        }
         if !(8..=65536).contains(&self.store.cache_mib) {
             return Err(ConfigError::Invalid(
                 "store.cache_mib must be 8 to 65536".into(),
@@ -292,5 +378,62 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(store: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "data_dir = \"/var/lib/carecache-hub\"\n[tls]\nca_cert = \"ca.pem\"\n\
+                 ca_key = \"ca.key\"\ncert = \"hub.pem\"\nkey = \"hub.key\"\n[source]\n\
+                 kind = \"ndjson\"\npath = \"/srv/export\"\n{store}"
+            ),
+        )
+        .unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn the_store_is_redb_unless_postgres_is_chosen_with_a_url() {
+        assert_eq!(load("").unwrap().store.kind, StoreKind::Redb);
+        let pg = load(
+            "[store]\nkind = \"postgres\"\nurl = \"postgresql://hub:secret-pw@db.internal/region\"\n\
+             schema = \"north\"\npool_size = 16\n",
+        )
+        .unwrap();
+        assert_eq!(pg.store.kind, StoreKind::Postgres);
+        let opts = pg.store.postgres().unwrap();
+        assert_eq!((opts.schema.as_str(), opts.pool_size), ("north", 16));
+        // The password stays out of Debug output (logs).
+        assert!(!format!("{:?} {opts:?}", pg.store).contains("secret-pw"));
+
+        let no_url = load("[store]\nkind = \"postgres\"\n").unwrap();
+        if std::env::var_os("CARECACHE_HUB_DATABASE_URL").is_none() {
+            let err = no_url.store.postgres().unwrap_err().to_string();
+            assert!(err.contains("CARECACHE_HUB_DATABASE_URL"), "{err}");
+        }
+
+        for (bad, says) in [
+            ("[store]\nkind = \"sqlite\"\n", "kind"),
+            (
+                "[store]\nkind = \"postgres\"\nschema = \"North; DROP\"\n",
+                "store.schema",
+            ),
+            (
+                "[store]\nkind = \"postgres\"\npool_size = 0\n",
+                "store.pool_size",
+            ),
+            ("[store]\ncache_mib = 1\n", "store.cache_mib"),
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

@@ -5,19 +5,11 @@
 //! privacy officer does. A revoked device's last checkin confirms its wipe and counts
 //! the audit entries it could not upload.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sync_protocol::message::{AnchorKind, AnchorReport, Health, RestoreReason};
 use sync_protocol::types::Timestamp;
 
-use crate::state::{HubState, StateError, dec, enc};
-
-/// Device id → its last checkin ([`HealthRow`]).
-pub(crate) const HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("device_health");
-
-/// Device id → its anti-rollback anchor and the restored copies it found
-/// ([`AnchorRow`]), each kept until the privacy officer clears it with a reason.
-pub(crate) const ANCHORS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_anchor");
+use crate::state::{HubState, StateError};
 
 /// Restored copies kept per device (the oldest cleared ones give way first).
 const RESTORES_KEPT: usize = 32;
@@ -122,18 +114,14 @@ impl HubState {
         anchor: Option<&AnchorReport>,
         now: Timestamp,
     ) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
+        let mut tx = self.engine.write()?;
         if let Some(report) = anchor {
-            let mut t = tx.open_table(ANCHORS)?;
-            let mut row: AnchorRow = match t.get(device)? {
-                Some(v) => dec(v.value(), "device_anchor")?,
-                None => AnchorRow {
-                    at: 0,
-                    kind: report.kind,
-                    unavailable: false,
-                    restores: Vec::new(),
-                },
-            };
+            let mut row = tx.anchor(device)?.unwrap_or(AnchorRow {
+                at: 0,
+                kind: report.kind,
+                unavailable: false,
+                restores: Vec::new(),
+            });
             row.at = now.as_millis();
             row.kind = report.kind;
             row.unavailable = report.unavailable;
@@ -159,28 +147,21 @@ impl HubState {
                     }
                 }
             }
-            t.insert(device, enc(&row).as_slice())?;
+            tx.put_anchor(device, &row)?;
         }
-        {
-            let mut t = tx.open_table(HEALTH)?;
-            let before: Option<HealthRow> = t
-                .get(device)?
-                .map(|v| dec(v.value(), "device_health"))
-                .transpose()?;
-            let wipe = if revoked && health.wiping {
-                Some((now.as_millis(), health.audit_backlog))
-            } else {
-                before.and_then(|b| b.wipe)
-            };
-            let row = HealthRow {
-                at: now.as_millis(),
-                health: health.clone(),
-                wipe,
-            };
-            t.insert(device, enc(&row).as_slice())?;
-        }
-        tx.commit()?;
-        Ok(())
+        let before = tx.health(device)?;
+        let wipe = if revoked && health.wiping {
+            Some((now.as_millis(), health.audit_backlog))
+        } else {
+            before.and_then(|b| b.wipe)
+        };
+        let row = HealthRow {
+            at: now.as_millis(),
+            health: health.clone(),
+            wipe,
+        };
+        tx.put_health(device, &row)?;
+        tx.commit()
     }
 
     /// Clears every restored copy a device reported and no one has cleared yet: the
@@ -193,64 +174,35 @@ impl HubState {
         reason: &str,
         now: Timestamp,
     ) -> Result<usize, StateError> {
-        let tx = self.db.begin_write()?;
-        let cleared = {
-            let mut t = tx.open_table(ANCHORS)?;
-            let mut row: AnchorRow = match t.get(device)? {
-                Some(v) => dec(v.value(), "device_anchor")?,
-                None => {
-                    return Err(StateError::NotFound(
-                        "an uncleared restored copy of this device".to_owned(),
-                    ));
-                }
-            };
-            let mut n = 0;
-            for r in row.restores.iter_mut().filter(|r| r.cleared.is_none()) {
-                r.cleared = Some(Clearance {
-                    at: now.as_millis(),
-                    officer: officer.to_owned(),
-                    reason: reason.to_owned(),
-                });
-                n += 1;
-            }
-            if n == 0 {
-                return Err(StateError::NotFound(
-                    "an uncleared restored copy of this device".to_owned(),
-                ));
-            }
-            t.insert(device, enc(&row).as_slice())?;
-            n
-        };
+        let mut tx = self.engine.write()?;
+        let not_found =
+            || StateError::NotFound("an uncleared restored copy of this device".to_owned());
+        let mut row = tx.anchor(device)?.ok_or_else(not_found)?;
+        let mut n = 0;
+        for r in row.restores.iter_mut().filter(|r| r.cleared.is_none()) {
+            r.cleared = Some(Clearance {
+                at: now.as_millis(),
+                officer: officer.to_owned(),
+                reason: reason.to_owned(),
+            });
+            n += 1;
+        }
+        if n == 0 {
+            return Err(not_found());
+        }
+        tx.put_anchor(device, &row)?;
         tx.commit()?;
-        Ok(cleared)
+        Ok(n)
     }
 
     /// Every device's anchor report.
     pub fn anchor_rows(&self) -> Result<Vec<(String, AnchorRow)>, StateError> {
-        let tx = self.db.begin_read()?;
-        let t = match tx.open_table(ANCHORS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            out.push((k.value().to_owned(), dec(v.value(), "device_anchor")?));
-        }
-        Ok(out)
+        self.engine.read()?.anchors()
     }
 
     /// Every device's last checkin.
     pub fn health_rows(&self) -> Result<Vec<(String, HealthRow)>, StateError> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(HEALTH)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            out.push((k.value().to_owned(), dec(v.value(), "device_health")?));
-        }
-        Ok(out)
+        self.engine.read()?.health_rows()
     }
 
     /// The fleet: every enrolled device with its last checkin and what needs attention,

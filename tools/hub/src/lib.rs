@@ -28,6 +28,7 @@ pub mod server;
 pub mod sharing;
 pub mod source;
 pub mod state;
+mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 

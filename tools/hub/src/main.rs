@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use carecache_hub::config::{Config, SourceConfig};
+use carecache_hub::config::{Config, SourceConfig, StoreKind};
 use carecache_hub::pki::{DeviceCa, dev_ca};
 use carecache_hub::server::{Hub, serve, system_clock, tls_from_files};
 use carecache_hub::sharing::{DEFAULT_DENY_LABELS, SharingRules};
@@ -235,13 +235,28 @@ fn patient(state: &HubState, nhs: sync_protocol::NhsNumber, ndjson: bool) -> any
 fn open_state(config: &Config) -> anyhow::Result<HubState> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let cache = usize::try_from(config.store.cache_mib).unwrap_or(64) * 1024 * 1024;
-    HubState::open_with_cache(&config.data_dir.join("hub.redb"), cache).with_context(|| {
-        format!(
-            "opening the hub database in {} (is another hub running?)",
-            config.data_dir.display()
-        )
-    })
+    let state = match config.store.kind {
+        StoreKind::Redb => {
+            let cache = usize::try_from(config.store.cache_mib).unwrap_or(64) * 1024 * 1024;
+            HubState::open_with_cache(&config.data_dir.join("hub.redb"), cache).with_context(|| {
+                format!(
+                    "opening the hub database in {} (is another hub running?)",
+                    config.data_dir.display()
+                )
+            })
+        }
+        StoreKind::Postgres => {
+            let opts = config.store.postgres()?;
+            HubState::open_postgres(&opts, &config.data_dir).with_context(|| {
+                format!(
+                    "opening the hub database in PostgreSQL (schema {})",
+                    opts.schema
+                )
+            })
+        }
+    }?;
+    tracing::info!(store = %state.describe(), "hub state opened");
+    Ok(state)
 }
 
 fn admin_token(config: &Config) -> anyhow::Result<String> {

@@ -22,7 +22,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sync_protocol::NhsNumber;
@@ -34,10 +33,7 @@ use sync_protocol::message::{
 use sync_protocol::record::PatientRecord;
 use sync_protocol::types::{BoundedVec, Cursor, Hash32, RecordVersion, Timestamp};
 
-use crate::state::{
-    HubState, LEASES, LOG, LOOKUP_LEASES, LeaseRow, LogKey, META, OBJECTIONS, ObjectionRow,
-    PATIENTS, PatientRow, SUMMARY, StateError, Target, dec, enc, read_seq,
-};
+use crate::state::{HubState, LeaseRow, LogKey, ObjectionRow, PatientRow, StateError, Target, enc};
 
 /// Bytes kept back from the budget for list lengths, cursor, flags, time and digest.
 const OVERHEAD: usize = 512;
@@ -69,22 +65,6 @@ pub enum PullError {
     /// The hub's state failed.
     #[error(transparent)]
     State(#[from] StateError),
-}
-
-impl From<redb::TransactionError> for PullError {
-    fn from(e: redb::TransactionError) -> Self {
-        Self::State(e.into())
-    }
-}
-impl From<redb::TableError> for PullError {
-    fn from(e: redb::TableError) -> Self {
-        Self::State(e.into())
-    }
-}
-impl From<redb::StorageError> for PullError {
-    fn from(e: redb::StorageError) -> Self {
-        Self::State(e.into())
-    }
 }
 
 /// A patient's place in a round's record order: alerts first (0), then the rest (1);
@@ -227,8 +207,8 @@ pub fn shared_key(
     if !req.want.is_empty() {
         return Ok(None);
     }
-    let tx = state.db.begin_read()?;
-    let head = read_seq(&tx.open_table(META)?)?;
+    let mut tx = state.engine.read()?;
+    let head = tx.head()?;
     let mut h = Sha256::new();
     h.update(b"carecache/shared-batch/v1\0");
     h.update(state.hub_id);
@@ -244,11 +224,9 @@ pub fn shared_key(
         }
         None => h.update([0]),
     }
-    for item in tx.open_table(LEASES)?.iter()? {
-        let (k, v) = item?;
-        let row: LeaseRow = dec(v.value(), "leases")?;
+    for row in tx.leases()? {
         if who.holds(&row.target) {
-            h.update(k.value().to_be_bytes());
+            h.update(row.lease.id.0.to_be_bytes());
             h.update(row.seq.to_be_bytes());
         }
     }
@@ -263,22 +241,13 @@ pub fn pull(
     req: &Request<'_>,
     now: Timestamp,
 ) -> Result<Batch, PullError> {
-    let tx = state.db.begin_read()?;
-    let head = read_seq(&tx.open_table(META)?)?;
-    let leases_t = tx.open_table(LEASES)?;
-    let patients_t = tx.open_table(PATIENTS)?;
-    let summary_t = tx.open_table(SUMMARY)?;
-    let objections_t = tx.open_table(OBJECTIONS)?;
-    let log_t = tx.open_table(LOG)?;
-
-    let mut mine: Vec<LeaseRow> = Vec::new();
-    for item in leases_t.iter()? {
-        let (_, v) = item?;
-        let row: LeaseRow = dec(v.value(), "leases")?;
-        if who.holds(&row.target) {
-            mine.push(row);
-        }
-    }
+    let mut tx = state.engine.read()?;
+    let head = tx.head()?;
+    let mine: Vec<LeaseRow> = tx
+        .leases()?
+        .into_iter()
+        .filter(|r| who.holds(&r.target))
+        .collect();
     let active = || mine.iter().filter(|r| r.ended.is_none());
     // Each lease patient with the start of the earliest lease naming it.
     let mut lease_patients: BTreeMap<u64, u64> = BTreeMap::new();
@@ -291,21 +260,21 @@ pub fn pull(
                 .or_insert(start);
         }
     }
-    let objection = |n: u64| -> Result<Option<ObjectionRow>, PullError> {
-        Ok(objections_t
-            .get(n)?
-            .map(|v| dec(v.value(), "objections"))
-            .transpose()?)
-    };
-    let summary = |n: u64| -> Result<Option<(u64, bool)>, PullError> {
-        Ok(summary_t.get(n)?.map(|v| v.value()))
-    };
-    let record = |n: u64| -> Result<Option<PatientRow>, PullError> {
-        Ok(patients_t
-            .get(n)?
-            .map(|v| dec(v.value(), "patients"))
-            .transpose()?)
-    };
+    // What the round reads of each patient its leases name (or it wants), read at once.
+    let mut keys: Vec<u64> = lease_patients.keys().copied().collect();
+    keys.extend(req.want.iter().map(|n| n.as_u64()));
+    keys.sort_unstable();
+    keys.dedup();
+    let objections_now = tx.objections(&keys)?;
+    let summaries_now = tx.summaries(&keys)?;
+    drop(keys);
+    let tx = std::cell::RefCell::new(tx);
+    let objection =
+        |n: u64| -> Result<Option<ObjectionRow>, PullError> { Ok(objections_now.get(&n).copied()) };
+    let summary =
+        |n: u64| -> Result<Option<(u64, bool)>, PullError> { Ok(summaries_now.get(&n).copied()) };
+    let record =
+        |n: u64| -> Result<Option<PatientRow>, PullError> { Ok(tx.borrow_mut().patient(n)?) };
     // The patients the device may hold once a round is complete, by version.
     let allowed = || -> Result<Vec<(NhsNumber, RecordVersion)>, PullError> {
         let mut out = Vec::new();
@@ -365,14 +334,13 @@ pub fn pull(
     // patients).
     let offering = req.holding > 0;
     // A lease granted by a lookup came with its record.
-    let lookup_leases = tx.open_table(LOOKUP_LEASES)?;
     let mut held_before: HashSet<u64> = HashSet::new();
     if offering && c.base > 0 {
         for r in &mine {
             // A lease the device held when the round began (its patients may have changed
             // since: the ones it named then are held, the added ones are wanted).
             let held_then = r.created_seq <= c.base && r.ended.is_none_or(|_| r.seq > c.base);
-            let looked_up = r.ended.is_none() && lookup_leases.get(r.lease.id.0)?.is_some();
+            let looked_up = r.ended.is_none() && tx.borrow_mut().is_lookup_lease(r.lease.id.0)?;
             if held_then || looked_up {
                 held_before.extend(r.lease.patients.iter().map(|n| n.as_u64()));
             }
@@ -385,9 +353,8 @@ pub fn pull(
         if c.base == 0 {
             return Ok(out); // a first round sends every lease patient anyway
         }
-        for item in log_t.range(c.base + 1..)? {
-            let (_, v) = item?;
-            match dec::<LogKey>(v.value(), "log")? {
+        tx.borrow_mut().log_after(c.base, &mut |key| {
+            match key {
                 LogKey::Objection(n) if lease_patients.contains_key(&n) => {
                     out.insert(n);
                 }
@@ -396,7 +363,8 @@ pub fn pull(
                 }
                 _ => {}
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     };
 

@@ -123,6 +123,17 @@ pub fn system_clock() -> Timestamp {
 }
 
 impl Hub {
+    /// Run `f` on the hub's state from a request handler: a database across the network
+    /// is waited for off the async workers (`block_in_place`); the embedded one answers
+    /// in place.
+    pub(crate) fn db<T>(&self, f: impl FnOnce(&HubState) -> T) -> T {
+        if self.state.is_remote() {
+            tokio::task::block_in_place(|| f(&self.state))
+        } else {
+            f(&self.state)
+        }
+    }
+
     /// A hub over `state`, issuing certificates with `ca`, with an admin token and a
     /// per-device rate limit.
     pub fn new(
@@ -631,7 +642,7 @@ fn enrolled_device(hub: &Hub, peer: &Peer) -> Result<(String, Option<String>, bo
             None,
         ));
     };
-    let (id, row) = match hub.state.device_by_certificate(cert) {
+    let (id, row) = match hub.db(|s| s.device_by_certificate(cert)) {
         Ok(Some(d)) => d,
         Ok(None) => {
             return Err(error_frame(
@@ -737,7 +748,7 @@ async fn hello(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
             None,
         );
     }
-    let durable = match hub.state.audit_head(&id) {
+    let durable = match hub.db(|s| s.audit_head(&id)) {
         Ok(h) => h.seq,
         Err(e) => return internal(&e),
     };
@@ -955,7 +966,7 @@ async fn admin_lookups(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respo
     if let Err(r) = admin(&hub, &headers) {
         return r;
     }
-    match hub.state.lookups() {
+    match hub.db(HubState::lookups) {
         Ok(rows) => axum::Json(serde_json::json!({ "lookups": rows, "flagged": rows.len() }))
             .into_response(),
         Err(e) => state_error(&e),
@@ -1071,7 +1082,7 @@ async fn admin_fleet(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respons
         return r;
     }
     let now = hub.now();
-    match hub.state.fleet(now, &hub.fleet) {
+    match hub.db(|s| s.fleet(now, &hub.fleet)) {
         Ok(devices) => {
             let attention = devices.iter().filter(|d| !d.attention.is_empty()).count();
             axum::Json(serde_json::json!({ "devices": devices, "attention": attention }))
@@ -1086,7 +1097,7 @@ async fn admin_fleet_metrics(State(hub): State<Arc<Hub>>, headers: HeaderMap) ->
         return r;
     }
     let now = hub.now();
-    match hub.state.fleet(now, &hub.fleet) {
+    match hub.db(|s| s.fleet(now, &hub.fleet)) {
         Ok(devices) => (
             StatusCode::OK,
             [(
@@ -1222,7 +1233,7 @@ async fn admin_status(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respon
                 .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok()),
         }))
     };
-    match status() {
+    match hub.db(|_| status()) {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => state_error(&e),
     }
@@ -1232,7 +1243,7 @@ async fn admin_leases(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respon
     if let Err(r) = admin(&hub, &headers) {
         return r;
     }
-    match hub.state.lease_summaries() {
+    match hub.db(HubState::lease_summaries) {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => state_error(&e),
     }
@@ -1246,7 +1257,7 @@ async fn admin_grant(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Byte
         Ok(s) => s,
         Err(r) => return r,
     };
-    match hub.state.put_lease(&spec, None) {
+    match hub.db(|s| s.put_lease(&spec, None)) {
         Ok(id) => {
             tracing::info!(lease = id, patients = spec.patients.len(), "lease granted");
             (
@@ -1272,7 +1283,7 @@ async fn admin_change(
         Ok(s) => s,
         Err(r) => return r,
     };
-    match hub.state.put_lease(&spec, Some(id)) {
+    match hub.db(|s| s.put_lease(&spec, Some(id))) {
         Ok(id) => {
             tracing::info!(lease = id, "lease changed");
             axum::Json(serde_json::json!({ "id": id })).into_response()
@@ -1289,10 +1300,7 @@ async fn admin_revoke(
     if let Err(r) = admin(&hub, &headers) {
         return r;
     }
-    match hub
-        .state
-        .end_lease(id, sync_protocol::message::LeaseEndReason::Revoked)
-    {
+    match hub.db(|s| s.end_lease(id, sync_protocol::message::LeaseEndReason::Revoked)) {
         Ok(()) => {
             tracing::info!(lease = id, "lease revoked");
             StatusCode::NO_CONTENT.into_response()
@@ -1322,7 +1330,7 @@ async fn admin_token(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Byte
         Ok(s) => s,
         Err(r) => return r,
     };
-    match hub.state.issue_token(r.team, hub.now(), r.ttl_secs) {
+    match hub.db(|s| s.issue_token(r.team, hub.now(), r.ttl_secs)) {
         Ok(token) => (
             StatusCode::CREATED,
             axum::Json(serde_json::json!({ "token": token, "ttl_secs": r.ttl_secs })),
@@ -1336,7 +1344,7 @@ async fn admin_devices(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respo
     if let Err(r) = admin(&hub, &headers) {
         return r;
     }
-    match hub.state.devices() {
+    match hub.db(HubState::devices) {
         Ok(d) => axum::Json(
             d.into_iter()
                 .map(|(id, r)| {
@@ -1361,7 +1369,7 @@ async fn admin_renewal_token(
         return r;
     }
     let ttl = 86_400;
-    match hub.state.issue_renewal_token(&id, hub.now(), ttl) {
+    match hub.db(|s| s.issue_renewal_token(&id, hub.now(), ttl)) {
         Ok(token) => {
             tracing::info!(device = %id, "renewal token issued");
             (
@@ -1382,7 +1390,7 @@ async fn admin_revoke_device(
     if let Err(r) = admin(&hub, &headers) {
         return r;
     }
-    match hub.state.revoke_device(&id) {
+    match hub.db(|s| s.revoke_device(&id)) {
         Ok(()) => {
             tracing::info!(device = %id, "device revoked");
             StatusCode::NO_CONTENT.into_response()
@@ -1441,16 +1449,13 @@ async fn admin_clear_restored(
             "reason: 10–1000 printable characters saying what was looked into",
         );
     }
-    match hub.state.devices() {
+    match hub.db(HubState::devices) {
         Ok(all) if all.contains_key(&id) => {}
         Ok(_) => return json_error(StatusCode::NOT_FOUND, "no such device"),
         Err(e) => return state_error(&e),
     }
     let now = hub.now();
-    match hub
-        .state
-        .clear_restored(&id, clear.officer.trim(), clear.reason.trim(), now)
-    {
+    match hub.db(|s| s.clear_restored(&id, clear.officer.trim(), clear.reason.trim(), now)) {
         Ok(n) => {
             tracing::warn!(device = %id, cleared = n, "restored copy cleared by the privacy officer");
             axum::Json(serde_json::json!({ "cleared": n })).into_response()

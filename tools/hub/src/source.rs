@@ -317,7 +317,7 @@ pub fn ingest_ndjson(
         .filter(|p| p.extension().is_some_and(|e| e == "ndjson"))
         .collect();
     files.sort();
-    let _one = state.ingest_lock();
+    let _one = state.ingest_lock()?;
     let started = std::time::Instant::now();
     let staged = Staging::create(&state.dir)?;
     let mut sink = Sink::new(state, rules);
@@ -618,7 +618,7 @@ impl FhirRest {
         state: &HubState,
         rules: &SharingRules,
     ) -> Result<IngestSummary, SourceError> {
-        let _one = state.ingest_lock();
+        let _one = state.ingest_lock()?;
         let watermark = state
             .source_value("fhir.watermark")?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())

@@ -1,5 +1,6 @@
-//! The hub's durable state, in redb: patients and objections as mapped from the source,
-//! leases, the change log, devices and enrolment tokens. Audit lives in `audit`.
+//! The hub's durable state — patients and objections as mapped from the source, leases,
+//! the change log, devices and enrolment tokens — and the rules that change it, over
+//! either storage engine (`store`). Audit lives in `audit`, device health in `fleet`.
 //!
 //! The change log is compacted: every patient, objection and lease has one entry, at the
 //! sequence number of its latest change, and its row records that number. A device's
@@ -8,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sync_protocol::NhsNumber;
@@ -17,33 +17,8 @@ use sync_protocol::record::PatientRecord;
 use sync_protocol::types::{RecordVersion, Timestamp};
 
 use crate::fhir_in::{Mapped, SourceObjection};
-
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-pub(crate) const PATIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("patients");
-pub(crate) const OBJECTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("objections");
-pub(crate) const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
-pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
-pub(crate) const CERTS: TableDefinition<&[u8], &str> = TableDefinition::new("certificates");
-pub(crate) const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrolment_tokens");
-/// One-time tokens that re-certify an enrolled device whose certificate ended (SHA-256
-/// of the token → [`RenewalRow`]).
-pub(crate) const RENEWALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("renewal_tokens");
-pub(crate) const SOURCE: TableDefinition<&str, &[u8]> = TableDefinition::new("source");
-/// Per patient, what a pull needs without reading the record: its version (0 once
-/// deleted upstream) and whether it carries alerts (sent first). Kept with `patients`
-/// in every transaction that writes it; built from `patients` at open when missing.
-/// Lookups granted (SPEC §3.8), by number: JSON [`LookupRow`]s for review.
-pub(crate) const LOOKUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("lookups");
-/// Leases granted by lookups: their device received the record with the grant, so a
-/// pull offers it rather than sending it again.
-pub(crate) const LOOKUP_LEASES: TableDefinition<u64, ()> = TableDefinition::new("lookup_leases");
-pub(crate) const SUMMARY: TableDefinition<u64, (u64, bool)> = TableDefinition::new("summary");
-/// Per patient, the SHA-256 of the record as last mapped (version aside): an ingest that
-/// maps the same content again compares 32 bytes instead of decoding the stored record,
-/// and writes nothing. Kept with `patients`; a patient without a row (a database from
-/// before it) is compared whole once and gets one.
-pub(crate) const CONTENT: TableDefinition<u64, [u8; 32]> = TableDefinition::new("content");
+pub use crate::store::postgres::PgOptions;
+use crate::store::{Engine, Write};
 
 /// Default size of the hub database's page cache: the hub's memory stays flat whatever
 /// the region's size (redb's own default is 1 GiB).
@@ -70,25 +45,6 @@ pub(crate) fn summary_of(row: &PatientRow) -> (u64, bool) {
     })
 }
 
-/// Build [`SUMMARY`] from `patients` once (a database from before it existed).
-fn build_summary(
-    tx: &redb::WriteTransaction,
-    meta: &mut redb::Table<&str, &[u8]>,
-) -> Result<(), StateError> {
-    if meta.get("summary")?.is_some() {
-        return Ok(());
-    }
-    let patients = tx.open_table(PATIENTS)?;
-    let mut summary = tx.open_table(SUMMARY)?;
-    for item in patients.iter()? {
-        let (k, v) = item?;
-        let row: PatientRow = dec(v.value(), "patients")?;
-        summary.insert(k.value(), summary_of(&row))?;
-    }
-    meta.insert("summary", [1u8].as_slice())?;
-    Ok(())
-}
-
 /// Errors of the hub's state. Messages carry ids and counts, never patient data.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -108,24 +64,6 @@ pub enum StateError {
     #[error("enrolment token unknown, already used or expired")]
     TokenRejected,
 }
-
-macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StateError {
-            fn from(e: $t) -> Self {
-                Self::Database(e.to_string())
-            }
-        }
-    )*};
-}
-db_err!(
-    redb::Error,
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 /// A log entry names what changed; the row holds how it is now.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -308,148 +246,65 @@ pub(crate) fn dec<'a, T: Deserialize<'a>>(
     postcard::from_bytes(b).map_err(|_| StateError::Corrupt(table))
 }
 
-/// The record format the hub stores: the sync protocol version of its records — 2 (codes
-/// of any system, provenance without ODS, partial objections, unreadable counts), 3 (a
-/// medication's structured dosage). A database with no `records` key holds version-1
-/// records.
-const RECORDS_FORMAT: u32 = 3;
-
-/// Bring stored patient rows to [`RECORDS_FORMAT`] in the opening transaction (a crash
-/// leaves the old format, to be migrated again); refuse a database from a newer hub.
-fn migrate_records(
-    tx: &redb::WriteTransaction,
-    meta: &mut redb::Table<&str, &[u8]>,
-) -> Result<(), StateError> {
-    #[derive(Deserialize)]
-    struct Row<R> {
-        seq: u64,
-        fhir_id: String,
-        record: Option<R>,
-    }
-    fn up<R: Into<PatientRecord> + serde::de::DeserializeOwned>(
-        bytes: &[u8],
-    ) -> Result<PatientRow, StateError> {
-        let old: Row<R> = dec(bytes, "patients")?;
-        Ok(PatientRow {
-            seq: old.seq,
-            fhir_id: old.fhir_id,
-            record: old.record.map(Into::into),
-        })
-    }
-    let found = meta
-        .get("records")?
-        .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
-        .map_or(1, u32::from_le_bytes);
-    if found > RECORDS_FORMAT {
-        return Err(StateError::Database(format!(
-            "records format {found} is newer than this hub ({RECORDS_FORMAT}): upgrade the hub"
-        )));
-    }
-    if found < RECORDS_FORMAT {
-        let mut patients = tx.open_table(PATIENTS)?;
-        let old: Vec<(u64, Vec<u8>)> = patients
-            .iter()?
-            .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
-            .collect::<Result<_, _>>()?;
-        for (nhs, bytes) in old {
-            let row = match found {
-                1 => up::<sync_protocol::record::v1::PatientRecord>(&bytes)?,
-                _ => up::<sync_protocol::record::v2::PatientRecord>(&bytes)?,
-            };
-            patients.insert(nhs, enc(&row).as_slice())?;
-        }
-        meta.insert("records", RECORDS_FORMAT.to_le_bytes().as_slice())?;
-    }
-    Ok(())
-}
-
-/// The hub's database.
+/// The hub's state, on one of its storage engines (`store`).
 #[derive(Debug)]
 pub struct HubState {
-    pub(crate) db: Database,
+    pub(crate) engine: Box<dyn Engine>,
     pub(crate) hub_id: [u8; 8],
-    /// The database's directory: an ingest stages its source here (see `source`).
+    /// A directory of the hub's own: an ingest stages its source here (see `source`).
     pub(crate) dir: std::path::PathBuf,
-    /// Held by the one ingest running (a poll and an admin's re-read never interleave
-    /// their batches).
-    ingesting: std::sync::Mutex<()>,
 }
 
 impl HubState {
-    /// Open (creating if needed) the hub database at `path`.
+    /// Open (creating if needed) the embedded hub database at `path`.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
     }
 
-    /// Open with a page cache of `cache_bytes` (`[store] cache_mib` in `hub.toml`).
+    /// Open the embedded database with a page cache of `cache_bytes` (`[store]
+    /// cache_mib` in `hub.toml`).
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StateError> {
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(path)?;
-        let tx = db.begin_write()?;
-        let hub_id = {
-            for t in [PATIENTS, OBJECTIONS, LEASES, LOG] {
-                tx.open_table(t)?;
-            }
-            let mut content = tx.open_table(CONTENT)?;
-            tx.open_table(DEVICES)?;
-            tx.open_table(CERTS)?;
-            tx.open_table(TOKENS)?;
-            tx.open_table(RENEWALS)?;
-            tx.open_table(SOURCE)?;
-            tx.open_table(LOOKUPS)?;
-            tx.open_table(LOOKUP_LEASES)?;
-            tx.open_table(crate::fleet::HEALTH)?;
-            crate::audit::create_tables(&tx)?;
-            let mut meta = tx.open_table(META)?;
-            migrate_records(&tx, &mut meta)?;
-            build_summary(&tx, &mut meta)?;
-            // Content hashes are of the record format they were made in: after a format
-            // change they are dropped, and each patient is compared whole once.
-            let format = RECORDS_FORMAT.to_le_bytes();
-            if meta.get("content_format")?.map(|v| v.value().to_vec()) != Some(format.to_vec()) {
-                content.retain(|_, _| false)?;
-                meta.insert("content_format", format.as_slice())?;
-            }
-            let existing = meta
-                .get("hub_id")?
-                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok());
-            match existing {
-                Some(id) => id,
-                None => {
-                    let mut id = [0u8; 8];
-                    getrandom::fill(&mut id)
-                        .map_err(|e| StateError::Database(format!("random hub id: {e}")))?;
-                    meta.insert("hub_id", id.as_slice())?;
-                    id
-                }
-            }
-        };
-        tx.commit()?;
+        let engine = crate::store::redb::RedbEngine::open(path, cache_bytes)?;
         let dir = path
             .parent()
             .map_or_else(|| std::path::PathBuf::from("."), Path::to_path_buf);
-        Ok(Self {
-            db,
-            hub_id,
-            dir,
-            ingesting: std::sync::Mutex::new(()),
-        })
+        Ok(Self::on(Box::new(engine), dir))
     }
 
-    /// Wait for any other ingest to finish; held until the guard drops.
-    pub(crate) fn ingest_lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        // An ingest that panicked left nothing half-written (each batch is one
-        // transaction): the lock is still good.
-        self.ingesting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Open the hub's state in PostgreSQL (running its schema migrations); an ingest
+    /// stages its source in `dir`.
+    pub fn open_postgres(opts: &PgOptions, dir: &Path) -> Result<Self, StateError> {
+        let engine = crate::store::postgres::PgEngine::open(opts)?;
+        Ok(Self::on(Box::new(engine), dir.to_path_buf()))
+    }
+
+    fn on(engine: Box<dyn Engine>, dir: std::path::PathBuf) -> Self {
+        Self {
+            hub_id: engine.hub_id(),
+            engine,
+            dir,
+        }
+    }
+
+    /// Whether the state is across a network (calls block for round trips).
+    pub fn is_remote(&self) -> bool {
+        self.engine.remote()
+    }
+
+    /// The engine and where its data is, for logs (no credentials).
+    pub fn describe(&self) -> String {
+        self.engine.describe()
+    }
+
+    /// Wait for any other ingest to finish (on a shared database, in any hub instance);
+    /// held until the guard drops.
+    pub(crate) fn ingest_lock(&self) -> Result<Box<dyn crate::store::Guard + '_>, StateError> {
+        self.engine.ingest_guard()
     }
 
     /// The head of the change log.
     pub fn head(&self) -> Result<u64, StateError> {
-        let tx = self.db.begin_read()?;
-        read_seq(&tx.open_table(META)?)
+        self.engine.read()?.head()
     }
 
     /// Store one batch of mapped patients in one transaction (each patient's record and
@@ -462,71 +317,69 @@ impl HubState {
         if mapped.is_empty() {
             return Ok(report);
         }
-        let tx = self.db.begin_write()?;
-        {
-            let mut meta = tx.open_table(META)?;
-            let mut patients = tx.open_table(PATIENTS)?;
-            let mut objections = tx.open_table(OBJECTIONS)?;
-            let mut log = tx.open_table(LOG)?;
-            let mut summary = tx.open_table(SUMMARY)?;
-            let mut content = tx.open_table(CONTENT)?;
-            let mut seq = read_seq(&meta)?;
-            for (fhir_id, m) in mapped {
-                let nhs = m.record.nhs_number.as_u64();
-                let hash = content_hash(&m.record);
-                let held = summary.get(nhs)?.is_some_and(|v| v.value().0 != 0);
-                let stored = content.get(nhs)?.map(|v| v.value());
-                let same = held
-                    && match stored {
-                        Some(stored) => stored == hash,
-                        // No hash yet (an older database): compare whole, once.
-                        None => {
-                            let old: Option<PatientRow> = match patients.get(nhs)? {
-                                Some(v) => Some(dec(v.value(), "patients")?),
-                                None => None,
-                            };
-                            let same = old
-                                .and_then(|o| o.record)
-                                .is_some_and(|r| same_content(&r, &m.record));
-                            if same {
-                                content.insert(nhs, hash)?;
-                            }
-                            same
+        let mut tx = self.engine.write()?;
+        let mut seq = tx.head()?;
+        let keys: Vec<u64> = mapped
+            .iter()
+            .map(|(_, m)| m.record.nhs_number.as_u64())
+            .collect();
+        let mut summaries = tx.summaries(&keys)?;
+        for (fhir_id, m) in mapped {
+            let nhs = m.record.nhs_number.as_u64();
+            let hash = content_hash(&m.record);
+            let version = summaries.get(&nhs).map(|s| s.0);
+            let held = version.is_some_and(|v| v != 0);
+            let same = held
+                && match tx.content_hash(nhs)? {
+                    Some(stored) => stored == hash,
+                    // No hash yet (an older database): compare whole, once.
+                    None => {
+                        let same = tx
+                            .patient(nhs)?
+                            .and_then(|o| o.record)
+                            .is_some_and(|r| same_content(&r, &m.record));
+                        if same {
+                            tx.set_content_hash(nhs, hash)?;
                         }
-                    };
-                if same {
-                    report.unchanged += 1;
-                } else {
-                    let old_seq = match patients.get(nhs)? {
-                        Some(v) => Some(dec::<PatientRow>(v.value(), "patients")?.seq),
-                        None => None,
-                    };
-                    if held {
-                        report.changed += 1;
-                    } else {
-                        report.added += 1;
+                        same
                     }
-                    seq += 1;
-                    let mut record = m.record;
-                    record.version = RecordVersion(seq);
-                    let row = PatientRow {
-                        seq,
-                        fhir_id,
-                        record: Some(record),
-                    };
-                    relog(&mut log, old_seq, seq, LogKey::Patient(nhs))?;
-                    patients.insert(nhs, enc(&row).as_slice())?;
-                    summary.insert(nhs, summary_of(&row))?;
-                    content.insert(nhs, hash)?;
+                };
+            if same {
+                report.unchanged += 1;
+            } else {
+                // A held patient's row is at its record's version; a deleted one's
+                // (or a new one's) is read.
+                let old_seq = match version {
+                    Some(v) if v != 0 => Some(v),
+                    Some(_) => tx.patient(nhs)?.map(|r| r.seq),
+                    None => None,
+                };
+                if held {
+                    report.changed += 1;
+                } else {
+                    report.added += 1;
                 }
-                if let Some(o) = m.objection
-                    && set_objection(&mut objections, &mut log, &mut seq, nhs, o)?
-                {
-                    report.objections += 1;
-                }
+                seq += 1;
+                let mut record = m.record;
+                record.version = RecordVersion(seq);
+                let row = PatientRow {
+                    seq,
+                    fhir_id,
+                    record: Some(record),
+                };
+                tx.relog(old_seq, seq, LogKey::Patient(nhs))?;
+                tx.put_patient(nhs, &row, Some(hash))?;
+                // A source that names a patient twice in one batch: the second sees
+                // the first.
+                summaries.insert(nhs, summary_of(&row));
             }
-            meta.insert("seq", seq.to_be_bytes().as_slice())?;
+            if let Some(o) = m.objection
+                && set_objection(tx.as_mut(), &mut seq, nhs, o)?
+            {
+                report.objections += 1;
+            }
         }
+        tx.set_head(seq)?;
         tx.commit()?;
         Ok(report)
     }
@@ -539,15 +392,12 @@ impl HubState {
         mut present: impl FnMut(u64) -> Result<bool, StateError>,
     ) -> Result<u64, StateError> {
         let mut gone = Vec::new();
-        {
-            let tx = self.db.begin_read()?;
-            for item in tx.open_table(SUMMARY)?.iter()? {
-                let (k, v) = item?;
-                if v.value().0 != 0 && !present(k.value())? {
-                    gone.push(k.value());
-                }
+        self.engine.read()?.held(&mut |nhs| {
+            if !present(nhs)? {
+                gone.push(nhs);
             }
-        }
+            Ok(())
+        })?;
         let mut deleted = 0;
         for chunk in gone.chunks(INGEST_BATCH) {
             deleted += self.delete_held(chunk)?;
@@ -555,27 +405,24 @@ impl HubState {
         Ok(deleted)
     }
 
-    /// Delete the records of the held patients `nhs` names, in one transaction.
+    /// Delete the records of the held patients `nhs` names, in one transaction: each
+    /// moves to a new log position with no record, so devices remove it.
     fn delete_held(&self, nhs: &[u64]) -> Result<u64, StateError> {
-        let tx = self.db.begin_write()?;
-        let deleted = {
-            let mut meta = tx.open_table(META)?;
-            let mut patients = tx.open_table(PATIENTS)?;
-            let mut log = tx.open_table(LOG)?;
-            let mut summary = tx.open_table(SUMMARY)?;
-            let mut content = tx.open_table(CONTENT)?;
-            let mut seq = read_seq(&meta)?;
-            let deleted = delete_rows(
-                &mut patients,
-                &mut summary,
-                &mut content,
-                &mut log,
-                &mut seq,
-                nhs,
-            )?;
-            meta.insert("seq", seq.to_be_bytes().as_slice())?;
-            deleted
-        };
+        let mut tx = self.engine.write()?;
+        let mut seq = tx.head()?;
+        let mut deleted = 0;
+        for &n in nhs {
+            let Some(mut row) = tx.patient(n)?.filter(|r| r.record.is_some()) else {
+                continue;
+            };
+            seq += 1;
+            tx.relog(Some(row.seq), seq, LogKey::Patient(n))?;
+            row.seq = seq;
+            row.record = None;
+            tx.put_patient(n, &row, None)?;
+            deleted += 1;
+        }
+        tx.set_head(seq)?;
         tx.commit()?;
         Ok(deleted)
     }
@@ -583,8 +430,8 @@ impl HubState {
     /// Create or update a lease. A spec with a `name` that already exists updates that
     /// lease (Changed); otherwise a new lease is granted.
     pub fn put_lease(&self, spec: &LeaseSpec, id: Option<u64>) -> Result<u64, StateError> {
-        let tx = self.db.begin_write()?;
-        let id = put_lease_in(&tx, spec, id)?;
+        let mut tx = self.engine.write()?;
+        let id = put_lease_in(tx.as_mut(), spec, id)?;
         tx.commit()?;
         Ok(id)
     }
@@ -606,12 +453,10 @@ impl HubState {
         now: Timestamp,
         hours: u32,
     ) -> Result<Result<(Lease, PatientRecord), LookupRefusal>, StateError> {
-        let tx = self.db.begin_write()?;
-        let asking: Option<LeaseRow> = tx
-            .open_table(LEASES)?
-            .get(under)?
-            .map(|v| dec(v.value(), "leases"))
-            .transpose()?;
+        let mut tx = self.engine.write()?;
+        // The head first: every write that moves the log takes it in the same order.
+        tx.head()?;
+        let asking = tx.lease(under)?;
         let holds = |t: &Target| match t {
             Target::Device(d) => d == device,
             Target::Team(t) => team == Some(t.as_str()),
@@ -629,20 +474,11 @@ impl HubState {
         }) else {
             return Ok(Err(LookupRefusal::NotPermitted));
         };
-        let objected: Option<ObjectionRow> = tx
-            .open_table(OBJECTIONS)?
-            .get(nhs.as_u64())?
-            .map(|v| dec(v.value(), "objections"))
-            .transpose()?;
+        let objected = tx.objection(nhs.as_u64())?;
         if objected.is_some_and(|o| o.status == ObjectionStatus::Objected) {
             return Ok(Err(LookupRefusal::NotAvailable));
         }
-        let row: Option<PatientRow> = tx
-            .open_table(PATIENTS)?
-            .get(nhs.as_u64())?
-            .map(|v| dec(v.value(), "patients"))
-            .transpose()?;
-        let Some(record) = row.and_then(|r| r.record) else {
+        let Some(record) = tx.patient(nhs.as_u64())?.and_then(|r| r.record) else {
             return Ok(Err(LookupRefusal::NotAvailable));
         };
         let until = now
@@ -665,67 +501,43 @@ impl HubState {
             emergency_access: false,
             patients: vec![nhs.digits()],
         };
-        let id = put_lease_in(&tx, &spec, None)?;
+        let id = put_lease_in(tx.as_mut(), &spec, None)?;
         let lease = crate::leases::to_wire(id, &spec)?;
-        {
-            let mut lookups = tx.open_table(LOOKUPS)?;
-            let next = lookups.last()?.map_or(1, |(k, _)| k.value() + 1);
-            let entry = LookupRow {
-                at: now.rfc3339(),
-                device: device.to_owned(),
-                staff: staff.to_owned(),
-                under,
-                lease: id,
-                nhs_number: nhs.digits(),
-                reason: reason.to_owned(),
-                until: until.rfc3339(),
-            };
-            let json = serde_json::to_vec(&entry)
-                .map_err(|e| StateError::Invalid(format!("lookup row: {e}")))?;
-            lookups.insert(next, json.as_slice())?;
-            tx.open_table(LOOKUP_LEASES)?.insert(id, ())?;
-        }
+        tx.add_lookup(&LookupRow {
+            at: now.rfc3339(),
+            device: device.to_owned(),
+            staff: staff.to_owned(),
+            under,
+            lease: id,
+            nhs_number: nhs.digits(),
+            reason: reason.to_owned(),
+            until: until.rfc3339(),
+        })?;
         tx.commit()?;
         Ok(Ok((lease, record)))
     }
 
     /// Every lookup granted, oldest first, for the privacy officer's review.
     pub fn lookups(&self) -> Result<Vec<LookupRow>, StateError> {
-        let tx = self.db.begin_read()?;
-        let mut out = Vec::new();
-        for item in tx.open_table(LOOKUPS)?.iter()? {
-            let (_, v) = item?;
-            out.push(
-                serde_json::from_slice(v.value()).map_err(|_| StateError::Corrupt("lookups"))?,
-            );
-        }
-        Ok(out)
+        self.engine.read()?.lookups()
     }
 
     /// End a lease; devices holding it are told on their next pull.
     pub fn end_lease(&self, id: u64, reason: LeaseEndReason) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut meta = tx.open_table(META)?;
-            let mut leases = tx.open_table(LEASES)?;
-            let mut log = tx.open_table(LOG)?;
-            let mut row: LeaseRow = leases
-                .get(id)?
-                .map(|v| dec(v.value(), "leases"))
-                .transpose()?
-                .ok_or_else(|| StateError::NotFound(format!("lease {id}")))?;
-            if row.ended.is_some() {
-                return Ok(());
-            }
-            let seq = read_seq(&meta)? + 1;
-            relog(&mut log, Some(row.seq), seq, LogKey::Lease(id))?;
-            row.seq = seq;
-            row.ended = Some(reason);
-            leases.insert(id, enc(&row).as_slice())?;
-            meta.insert("seq", seq.to_be_bytes().as_slice())?;
+        let mut tx = self.engine.write()?;
+        let seq = tx.head()? + 1;
+        let mut row = tx
+            .lease(id)?
+            .ok_or_else(|| StateError::NotFound(format!("lease {id}")))?;
+        if row.ended.is_some() {
+            return Ok(());
         }
-        tx.commit()?;
-        Ok(())
+        tx.relog(Some(row.seq), seq, LogKey::Lease(id))?;
+        row.seq = seq;
+        row.ended = Some(reason);
+        tx.put_lease(id, &row)?;
+        tx.set_head(seq)?;
+        tx.commit()
     }
 
     /// End every lease whose `not_after` has passed (reason `AssignmentEnded`). Returns
@@ -744,14 +556,7 @@ impl HubState {
     }
 
     pub(crate) fn leases(&self) -> Result<Vec<LeaseRow>, StateError> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(LEASES)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (_, v) = item?;
-            out.push(dec(v.value(), "leases")?);
-        }
-        Ok(out)
+        self.engine.read()?.leases()
     }
 
     /// Leases as JSON for the admin API: id, name, label, target, window, patients
@@ -782,9 +587,7 @@ impl HubState {
         now: Timestamp,
         ttl_secs: u64,
     ) -> Result<String, StateError> {
-        let mut raw = [0u8; 24];
-        getrandom::fill(&mut raw).map_err(|e| StateError::Database(format!("random: {e}")))?;
-        let token = hex::encode(raw);
+        let token = new_token()?;
         let row = TokenRow {
             team,
             expires_at: now
@@ -792,9 +595,8 @@ impl HubState {
                 .saturating_add(ttl_secs.saturating_mul(1000)),
             used_by: None,
         };
-        let tx = self.db.begin_write()?;
-        tx.open_table(TOKENS)?
-            .insert(token_hash(&token).as_slice(), enc(&row).as_slice())?;
+        let mut tx = self.engine.write()?;
+        tx.put_token(&token_hash(&token), &row)?;
         tx.commit()?;
         Ok(token)
     }
@@ -808,19 +610,14 @@ impl HubState {
         now: Timestamp,
         ttl_secs: u64,
     ) -> Result<String, StateError> {
-        let tx = self.db.begin_write()?;
-        let row: DeviceRow = tx
-            .open_table(DEVICES)?
-            .get(device)?
-            .map(|v| dec(v.value(), "devices"))
-            .transpose()?
+        let mut tx = self.engine.write()?;
+        let row = tx
+            .device(device)?
             .ok_or_else(|| StateError::NotFound(format!("device {device}")))?;
         if row.revoked {
             return Err(StateError::Invalid(format!("device {device} is revoked")));
         }
-        let mut raw = [0u8; 24];
-        getrandom::fill(&mut raw).map_err(|e| StateError::Database(format!("random: {e}")))?;
-        let token = hex::encode(raw);
+        let token = new_token()?;
         let renewal = RenewalRow {
             device: device.to_owned(),
             expires_at: now
@@ -828,8 +625,7 @@ impl HubState {
                 .saturating_add(ttl_secs.saturating_mul(1000)),
             used: false,
         };
-        tx.open_table(RENEWALS)?
-            .insert(token_hash(&token).as_slice(), enc(&renewal).as_slice())?;
+        tx.put_renewal(&token_hash(&token), &renewal)?;
         tx.commit()?;
         Ok(token)
     }
@@ -844,96 +640,71 @@ impl HubState {
         now: Timestamp,
         issue: impl FnOnce(&str) -> Result<Vec<u8>, E>,
     ) -> Result<Result<(String, Vec<u8>), E>, StateError> {
-        let tx = self.db.begin_write()?;
-        let out = {
-            let mut tokens = tx.open_table(TOKENS)?;
-            let mut devices = tx.open_table(DEVICES)?;
-            let mut certs = tx.open_table(CERTS)?;
-            let key = token_hash(token);
-            let found: Option<TokenRow> = tokens
-                .get(key.as_slice())?
-                .map(|v| dec(v.value(), "tokens"))
-                .transpose()?;
-            let Some(mut row) = found else {
-                // A renewal token: a new certificate for the device it names.
-                let mut renewals = tx.open_table(RENEWALS)?;
-                let mut renewal: RenewalRow = renewals
-                    .get(key.as_slice())?
-                    .map(|v| dec(v.value(), "renewal_tokens"))
-                    .transpose()?
-                    .ok_or(StateError::TokenRejected)?;
-                if renewal.used || renewal.expires_at <= now.as_millis() {
-                    return Err(StateError::TokenRejected);
-                }
-                let mut device: DeviceRow = devices
-                    .get(renewal.device.as_str())?
-                    .map(|v| dec(v.value(), "devices"))
-                    .transpose()?
-                    .ok_or(StateError::TokenRejected)?;
-                if device.revoked {
-                    return Err(StateError::TokenRejected);
-                }
-                let der = match issue(&renewal.device) {
-                    Ok(der) => der,
-                    Err(e) => return Ok(Err(e)),
-                };
-                let fingerprint: [u8; 32] = Sha256::digest(&der).into();
-                device.certificate_sha256 = fingerprint;
-                renewal.used = true;
-                renewals.insert(key.as_slice(), enc(&renewal).as_slice())?;
-                devices.insert(renewal.device.as_str(), enc(&device).as_slice())?;
-                certs.insert(fingerprint.as_slice(), renewal.device.as_str())?;
-                drop((tokens, devices, certs, renewals));
-                tx.commit()?;
-                return Ok(Ok((renewal.device, der)));
-            };
-            if row.used_by.is_some() || row.expires_at <= now.as_millis() {
+        let mut tx = self.engine.write()?;
+        let key = token_hash(token);
+        let Some(mut row) = tx.token(&key)? else {
+            // A renewal token: a new certificate for the device it names.
+            let mut renewal = tx.renewal(&key)?.ok_or(StateError::TokenRejected)?;
+            if renewal.used || renewal.expires_at <= now.as_millis() {
                 return Err(StateError::TokenRejected);
             }
-            let mut raw = [0u8; 8];
-            getrandom::fill(&mut raw).map_err(|e| StateError::Database(format!("random: {e}")))?;
-            let device_id = format!("dev-{}", hex::encode(raw));
-            let der = match issue(&device_id) {
+            let mut device = tx
+                .device(&renewal.device)?
+                .ok_or(StateError::TokenRejected)?;
+            if device.revoked {
+                return Err(StateError::TokenRejected);
+            }
+            let der = match issue(&renewal.device) {
                 Ok(der) => der,
                 Err(e) => return Ok(Err(e)),
             };
             let fingerprint: [u8; 32] = Sha256::digest(&der).into();
-            let device = DeviceRow {
-                label: label.to_owned(),
-                team: row.team.clone(),
-                enrolled_at: now.as_millis(),
-                certificate_sha256: fingerprint,
-                revoked: false,
-            };
-            row.used_by = Some(device_id.clone());
-            tokens.insert(key.as_slice(), enc(&row).as_slice())?;
-            devices.insert(device_id.as_str(), enc(&device).as_slice())?;
-            certs.insert(fingerprint.as_slice(), device_id.as_str())?;
-            (device_id, der)
+            device.certificate_sha256 = fingerprint;
+            renewal.used = true;
+            tx.put_renewal(&key, &renewal)?;
+            tx.put_device(&renewal.device, &device)?;
+            tx.put_certificate(&fingerprint, &renewal.device)?;
+            tx.commit()?;
+            return Ok(Ok((renewal.device, der)));
         };
+        if row.used_by.is_some() || row.expires_at <= now.as_millis() {
+            return Err(StateError::TokenRejected);
+        }
+        let mut raw = [0u8; 8];
+        getrandom::fill(&mut raw).map_err(|e| StateError::Database(format!("random: {e}")))?;
+        let device_id = format!("dev-{}", hex::encode(raw));
+        let der = match issue(&device_id) {
+            Ok(der) => der,
+            Err(e) => return Ok(Err(e)),
+        };
+        let fingerprint: [u8; 32] = Sha256::digest(&der).into();
+        let device = DeviceRow {
+            label: label.to_owned(),
+            team: row.team.clone(),
+            enrolled_at: now.as_millis(),
+            certificate_sha256: fingerprint,
+            revoked: false,
+        };
+        row.used_by = Some(device_id.clone());
+        tx.put_token(&key, &row)?;
+        tx.put_device(&device_id, &device)?;
+        tx.put_certificate(&fingerprint, &device_id)?;
         tx.commit()?;
-        Ok(Ok(out))
+        Ok(Ok((device_id, der)))
     }
 
     /// Records a renewed certificate for `device` (the old one keeps working until it
     /// expires: a device that never saw the answer goes on with it).
     pub fn renew_certificate(&self, device: &str, der: &[u8]) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut devices = tx.open_table(DEVICES)?;
-            let mut row: DeviceRow = devices
-                .get(device)?
-                .map(|v| dec(v.value(), "devices"))
-                .transpose()?
-                .ok_or_else(|| StateError::NotFound(format!("device {device}")))?;
-            let fingerprint: [u8; 32] = Sha256::digest(der).into();
-            row.certificate_sha256 = fingerprint;
-            devices.insert(device, enc(&row).as_slice())?;
-            tx.open_table(CERTS)?
-                .insert(fingerprint.as_slice(), device)?;
-        }
-        tx.commit()?;
-        Ok(())
+        let mut tx = self.engine.write()?;
+        let mut row = tx
+            .device(device)?
+            .ok_or_else(|| StateError::NotFound(format!("device {device}")))?;
+        let fingerprint: [u8; 32] = Sha256::digest(der).into();
+        row.certificate_sha256 = fingerprint;
+        tx.put_device(device, &row)?;
+        tx.put_certificate(&fingerprint, device)?;
+        tx.commit()
     }
 
     /// The device a client certificate was issued to.
@@ -942,55 +713,32 @@ impl HubState {
         cert_der: &[u8],
     ) -> Result<Option<(String, DeviceRow)>, StateError> {
         let fingerprint: [u8; 32] = Sha256::digest(cert_der).into();
-        let tx = self.db.begin_read()?;
-        let Some(id) = tx
-            .open_table(CERTS)?
-            .get(fingerprint.as_slice())?
-            .map(|v| v.value().to_owned())
-        else {
+        let mut tx = self.engine.read()?;
+        let Some(id) = tx.device_by_certificate(&fingerprint)? else {
             return Ok(None);
         };
-        let row = tx
-            .open_table(DEVICES)?
-            .get(id.as_str())?
-            .map(|v| dec::<DeviceRow>(v.value(), "devices"))
-            .transpose()?;
-        Ok(row.map(|r| (id, r)))
+        Ok(tx.device(&id)?.map(|r| (id, r)))
     }
 
     /// Every device, for the admin API.
     pub fn devices(&self) -> Result<BTreeMap<String, DeviceRow>, StateError> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(DEVICES)?;
-        let mut out = BTreeMap::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            out.insert(k.value().to_owned(), dec(v.value(), "devices")?);
-        }
-        Ok(out)
+        self.engine.read()?.devices()
     }
 
     /// Revoke a device: its certificate stops working for sync and it is told to wipe.
     pub fn revoke_device(&self, id: &str) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut devices = tx.open_table(DEVICES)?;
-            let mut row: DeviceRow = devices
-                .get(id)?
-                .map(|v| dec(v.value(), "devices"))
-                .transpose()?
-                .ok_or_else(|| StateError::NotFound(format!("device {id}")))?;
-            row.revoked = true;
-            devices.insert(id, enc(&row).as_slice())?;
-        }
-        tx.commit()?;
-        Ok(())
+        let mut tx = self.engine.write()?;
+        let mut row = tx
+            .device(id)?
+            .ok_or_else(|| StateError::NotFound(format!("device {id}")))?;
+        row.revoked = true;
+        tx.put_device(id, &row)?;
+        tx.commit()
     }
 
     /// A value kept for the source adapter (watermarks, seen versions).
     pub fn source_value(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(SOURCE)?.get(key)?.map(|v| v.value().to_vec()))
+        self.engine.read()?.source_value(key)
     }
 
     /// Set a source value.
@@ -1000,49 +748,39 @@ impl HubState {
 
     /// Set several source values in one transaction.
     pub fn set_source_values(&self, values: &[(String, Vec<u8>)]) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(SOURCE)?;
-            for (k, v) in values {
-                t.insert(k.as_str(), v.as_slice())?;
-            }
+        let mut tx = self.engine.write()?;
+        for (k, v) in values {
+            tx.set_source_value(k, v)?;
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
     /// The record the hub holds for a patient (`None` if none, or deleted upstream).
     pub fn record(&self, nhs: &NhsNumber) -> Result<Option<PatientRecord>, StateError> {
-        let tx = self.db.begin_read()?;
-        let row: Option<PatientRow> = match tx.open_table(PATIENTS)?.get(nhs.as_u64())? {
-            Some(v) => Some(dec(v.value(), "patients")?),
-            None => None,
-        };
-        Ok(row.and_then(|r| r.record))
+        Ok(self
+            .engine
+            .read()?
+            .patient(nhs.as_u64())?
+            .and_then(|r| r.record))
     }
 
     /// The objection state the hub holds for a patient, if any.
     pub fn objection(&self, nhs: &NhsNumber) -> Result<Option<ObjectionStatus>, StateError> {
-        let tx = self.db.begin_read()?;
-        let row: Option<ObjectionRow> = match tx.open_table(OBJECTIONS)?.get(nhs.as_u64())? {
-            Some(v) => Some(dec(v.value(), "objections")?),
-            None => None,
-        };
-        Ok(row.map(|r| r.status))
+        Ok(self
+            .engine
+            .read()?
+            .objection(nhs.as_u64())?
+            .map(|r| r.status))
     }
 
     /// The FHIR ids of every patient the hub holds a record for (the REST source's
     /// reconciliation reads each again).
     pub fn patient_fhir_ids(&self) -> Result<Vec<String>, StateError> {
-        let tx = self.db.begin_read()?;
         let mut out = Vec::new();
-        for row in tx.open_table(PATIENTS)?.iter()? {
-            let (_, v) = row?;
-            let row: PatientRow = dec(v.value(), "patients")?;
-            if row.record.is_some() {
-                out.push(row.fhir_id);
-            }
-        }
+        self.engine.read()?.held_fhir_ids(&mut |_, id| {
+            out.push(id.to_owned());
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -1054,16 +792,12 @@ impl HubState {
         }
         let wanted: std::collections::HashSet<&str> = fhir_ids.iter().map(String::as_str).collect();
         let mut gone = Vec::new();
-        {
-            let tx = self.db.begin_read()?;
-            for item in tx.open_table(PATIENTS)?.iter()? {
-                let (k, v) = item?;
-                let row: PatientRow = dec(v.value(), "patients")?;
-                if row.record.is_some() && wanted.contains(row.fhir_id.as_str()) {
-                    gone.push(k.value());
-                }
+        self.engine.read()?.held_fhir_ids(&mut |nhs, id| {
+            if wanted.contains(id) {
+                gone.push(nhs);
             }
-        }
+            Ok(())
+        })?;
         let mut deleted = 0;
         for chunk in gone.chunks(INGEST_BATCH) {
             deleted += self.delete_held(chunk)?;
@@ -1073,46 +807,28 @@ impl HubState {
 
     /// Patients and objections held, for status (counts only).
     pub fn counts(&self) -> Result<(u64, u64, u64), StateError> {
-        let tx = self.db.begin_read()?;
-        let p = tx.open_table(PATIENTS)?.len()?;
-        let o = tx.open_table(OBJECTIONS)?.len()?;
-        let l = tx.open_table(LEASES)?.len()?;
-        Ok((p, o, l))
+        self.engine.read()?.counts()
     }
 }
 
 /// Create or update a lease in `tx` (see [`HubState::put_lease`]).
-fn put_lease_in(
-    tx: &redb::WriteTransaction,
-    spec: &LeaseSpec,
-    id: Option<u64>,
-) -> Result<u64, StateError> {
+fn put_lease_in(tx: &mut dyn Write, spec: &LeaseSpec, id: Option<u64>) -> Result<u64, StateError> {
     let lease_target = spec.target.clone();
-    let mut meta = tx.open_table(META)?;
-    let mut leases = tx.open_table(LEASES)?;
-    let mut log = tx.open_table(LOG)?;
-    let mut seq = read_seq(&meta)?;
+    let mut seq = tx.head()?;
     let existing = match (id, &spec.name) {
         (Some(id), _) => Some(
-            leases
-                .get(id)?
-                .map(|v| dec::<LeaseRow>(v.value(), "leases"))
-                .transpose()?
+            tx.lease(id)?
                 .ok_or_else(|| StateError::NotFound(format!("lease {id}")))?,
         ),
-        (None, Some(name)) => find_named(&leases, name)?,
+        (None, Some(name)) => tx
+            .leases()?
+            .into_iter()
+            .find(|row| row.name.as_deref() == Some(name.as_str()) && row.ended.is_none()),
         (None, None) => None,
     };
     let id = match &existing {
         Some(row) => row.lease.id.0,
-        None => {
-            let next = meta
-                .get("next_lease")?
-                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-                .map_or(1, u64::from_be_bytes);
-            meta.insert("next_lease", (next + 1).to_be_bytes().as_slice())?;
-            next
-        }
+        None => tx.next_lease_id()?,
     };
     let lease = crate::leases::to_wire(id, spec)?;
     if let Some(row) = &existing {
@@ -1142,9 +858,9 @@ fn put_lease_in(
         seq,
         ended: None,
     };
-    relog(&mut log, existing.map(|r| r.seq), seq, LogKey::Lease(id))?;
-    leases.insert(id, enc(&row).as_slice())?;
-    meta.insert("seq", seq.to_be_bytes().as_slice())?;
+    tx.relog(existing.map(|r| r.seq), seq, LogKey::Lease(id))?;
+    tx.put_lease(id, &row)?;
+    tx.set_head(seq)?;
     Ok(id)
 }
 
@@ -1156,16 +872,12 @@ fn same_content(a: &PatientRecord, b: &PatientRecord) -> bool {
 }
 
 fn set_objection(
-    objections: &mut redb::Table<u64, &[u8]>,
-    log: &mut redb::Table<u64, &[u8]>,
+    tx: &mut dyn Write,
     seq: &mut u64,
     nhs: u64,
     o: SourceObjection,
 ) -> Result<bool, StateError> {
-    let old: Option<ObjectionRow> = match objections.get(nhs)? {
-        Some(v) => Some(dec(v.value(), "objections")?),
-        None => None,
-    };
+    let old = tx.objection(nhs)?;
     let unchanged = match &old {
         Some(row) => row.status == o.status && row.recorded_at == o.recorded_at,
         // A withdrawal of an objection the hub never held changes nothing.
@@ -1175,83 +887,22 @@ fn set_objection(
         return Ok(false);
     }
     *seq += 1;
-    relog(log, old.map(|r| r.seq), *seq, LogKey::Objection(nhs))?;
-    let row = ObjectionRow {
-        seq: *seq,
-        status: o.status,
-        recorded_at: o.recorded_at,
-    };
-    objections.insert(nhs, enc(&row).as_slice())?;
+    tx.relog(old.map(|r| r.seq), *seq, LogKey::Objection(nhs))?;
+    tx.put_objection(
+        nhs,
+        &ObjectionRow {
+            seq: *seq,
+            status: o.status,
+            recorded_at: o.recorded_at,
+        },
+    )?;
     Ok(true)
 }
 
-/// Delete the records of the held patients `nhs` names (upstream deleted them): each
-/// moves to a new log position with no record, so devices remove it. Returns how many.
-fn delete_rows(
-    patients: &mut redb::Table<u64, &[u8]>,
-    summary: &mut redb::Table<u64, (u64, bool)>,
-    content: &mut redb::Table<u64, [u8; 32]>,
-    log: &mut redb::Table<u64, &[u8]>,
-    seq: &mut u64,
-    nhs: &[u64],
-) -> Result<u64, StateError> {
-    let mut deleted = 0;
-    for &nhs in nhs {
-        let Some(mut row) = patients
-            .get(nhs)?
-            .map(|v| dec::<PatientRow>(v.value(), "patients"))
-            .transpose()?
-            .filter(|r| r.record.is_some())
-        else {
-            continue;
-        };
-        *seq += 1;
-        relog(log, Some(row.seq), *seq, LogKey::Patient(nhs))?;
-        row.seq = *seq;
-        row.record = None;
-        patients.insert(nhs, enc(&row).as_slice())?;
-        summary.insert(nhs, summary_of(&row))?;
-        content.remove(nhs)?;
-        deleted += 1;
-    }
-    Ok(deleted)
-}
-
-/// Move a key's log entry from `old` to `new`.
-fn relog(
-    log: &mut redb::Table<u64, &[u8]>,
-    old: Option<u64>,
-    new: u64,
-    key: LogKey,
-) -> Result<(), StateError> {
-    if let Some(old) = old {
-        log.remove(old)?;
-    }
-    log.insert(new, enc(&key).as_slice())?;
-    Ok(())
-}
-
-pub(crate) fn read_seq(
-    meta: &impl ReadableTable<&'static str, &'static [u8]>,
-) -> Result<u64, StateError> {
-    Ok(meta
-        .get("seq")?
-        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-        .map_or(0, u64::from_be_bytes))
-}
-
-fn find_named(
-    leases: &redb::Table<u64, &[u8]>,
-    name: &str,
-) -> Result<Option<LeaseRow>, StateError> {
-    for item in leases.iter()? {
-        let (_, v) = item?;
-        let row: LeaseRow = dec(v.value(), "leases")?;
-        if row.name.as_deref() == Some(name) && row.ended.is_none() {
-            return Ok(Some(row));
-        }
-    }
-    Ok(None)
+fn new_token() -> Result<String, StateError> {
+    let mut raw = [0u8; 24];
+    getrandom::fill(&mut raw).map_err(|e| StateError::Database(format!("random: {e}")))?;
+    Ok(hex::encode(raw))
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
@@ -1267,6 +918,8 @@ pub(crate) fn parse_nhs(s: &str) -> Result<NhsNumber, StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::redb::{META, PATIENTS};
+    use redb::Database;
 
     /// A database holding version-1 or version-2 records opens with each row read as
     /// the current record (nothing lost) and the format stepped.

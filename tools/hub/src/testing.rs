@@ -11,7 +11,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,6 +33,239 @@ pub fn synthetic_rules() -> SharingRules {
     SharingRules::default_rules().unwrap().with_local_map(
         crate::sharing::LocalCodeMap::parse(&carecache_synth::local_code_map()).unwrap(),
     )
+}
+
+/// The environment variable that runs the hub's tests on PostgreSQL: a connection URL
+/// of a throwaway cluster (`scripts/pg-cluster`). Unset, they run on redb.
+pub const POSTGRES_ENV: &str = "CARECACHE_TEST_POSTGRES";
+
+/// The PostgreSQL schema of the hub whose data directory is `dir` (one per directory:
+/// reopening the directory reopens the same state).
+pub fn schema_for(dir: &Path) -> String {
+    use sha2::Digest;
+    let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let h = sha2::Sha256::digest(path.to_string_lossy().as_bytes());
+    format!("t_{}", hex::encode(&h[..10]))
+}
+
+/// The hub state of the data directory `dir`, on the engine the tests run on: redb
+/// (`dir/hub.redb`), or PostgreSQL when [`POSTGRES_ENV`] names a cluster.
+pub fn open_state(dir: &Path) -> HubState {
+    match std::env::var(POSTGRES_ENV) {
+        Ok(url) => HubState::open_postgres(
+            &crate::state::PgOptions {
+                url,
+                schema: schema_for(dir),
+                pool_size: 4,
+                ca_file: None,
+            },
+            dir,
+        )
+        .unwrap(),
+        Err(_) => HubState::open(&dir.join("hub.redb")).unwrap(),
+    }
+}
+
+/// [`open_state`], or the PostgreSQL schema `store` names.
+fn open_state_in(dir: &Path, store: Option<&crate::state::PgOptions>) -> HubState {
+    match store {
+        Some(opts) => HubState::open_postgres(opts, dir).unwrap(),
+        None => open_state(dir),
+    }
+}
+
+/// The `[store]` table of a `hub.toml` whose data directory is `data`, on the engine
+/// the tests run on (empty for redb, the default).
+pub fn store_toml(data: &Path) -> String {
+    match std::env::var(POSTGRES_ENV) {
+        Ok(url) => postgres_toml(&url, &schema_for(data)),
+        Err(_) => String::new(),
+    }
+}
+
+/// A `[store]` table for the PostgreSQL schema `schema` at `url`.
+pub fn postgres_toml(url: &str, schema: &str) -> String {
+    format!(
+        "[store]\nkind = \"postgres\"\nurl = {}\nschema = \"{schema}\"\npool_size = 4\n",
+        toml::Value::String(url.to_owned()),
+    )
+}
+
+/// Writes `dir/hub.toml` for the `carecache-hub` command: its data in `data`, the
+/// development PKI of `dir/pki`, the NDJSON export `source`, the store the tests run on,
+/// then `extra` (more TOML tables). Returns its path.
+pub fn write_hub_toml(dir: &Path, data: &Path, source: &Path, extra: &str) -> PathBuf {
+    write_hub_toml_on(dir, data, source, &store_toml(data), extra)
+}
+
+/// [`write_hub_toml`] with the `[store]` table `store` (empty: redb).
+pub fn write_hub_toml_on(
+    dir: &Path,
+    data: &Path,
+    source: &Path,
+    store: &str,
+    extra: &str,
+) -> PathBuf {
+    let pki = dir.join("pki");
+    let s = |p: PathBuf| toml::Value::String(p.display().to_string()).to_string();
+    let text = format!(
+        "data_dir = {}\n{extra}\n[tls]\nca_cert = {}\nca_key = {}\ncert = {}\nkey = {}\n[source]\nkind = \"ndjson\"\npath = {}\n{}",
+        s(data.to_path_buf()),
+        s(pki.join("ca.pem")),
+        s(pki.join("ca.key")),
+        s(pki.join("hub.pem")),
+        s(pki.join("hub.key")),
+        s(source.to_path_buf()),
+        store,
+    );
+    let path = dir.join("hub.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A throwaway PostgreSQL cluster (Debian's `postgresql` package: `initdb` and `pg_ctl`)
+/// on 127.0.0.1, stopped and removed when dropped. As root, the server runs as the
+/// `postgres` user (it refuses root).
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// The port it listens on.
+    pub port: u16,
+    run_as: Option<String>,
+}
+
+impl std::fmt::Debug for PgCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgCluster")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgCluster {
+    /// `initdb` a cluster in a temporary directory and start it on a free port.
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server not installed: apt-get install postgresql")
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("no initdb under /usr/lib/postgresql/*/bin");
+        let dir = tempfile::Builder::new()
+            .prefix("carecache-pg-")
+            .tempdir()
+            .unwrap();
+        let root = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata("/proc/self")
+                .map(|m| m.uid())
+                .unwrap_or(1)
+                == 0
+        };
+        let run_as = root.then(|| "postgres".to_owned());
+        if root {
+            let out = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(out.success(), "chown of the cluster directory");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = Self {
+            dir,
+            bin,
+            port,
+            run_as,
+        };
+        let data = cluster.data();
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        cluster.start_again();
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn command(&self, tool: &str) -> std::process::Command {
+        let exe = self.bin.join(tool);
+        match &self.run_as {
+            Some(user) => {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&exe);
+                c
+            }
+            None => std::process::Command::new(&exe),
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self.command(tool).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Start the server (again, after [`Self::stop`]); returns once it accepts
+    /// connections.
+    pub fn start_again(&self) {
+        let data = self.data();
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-o", &opts, "-l", &log, "-w", "-t", "60", "start",
+            ],
+        );
+    }
+
+    /// Stop the server at once (`immediate`: as if it crashed).
+    pub fn stop(&self) {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+
+    /// A connection URL to its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        // Already stopped by the test, or stopped now: either way nothing is left.
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &self.data(), "-m", "immediate", "-w", "stop"])
+            .output();
+    }
 }
 
 /// The admin token of test hubs.
@@ -60,6 +293,8 @@ pub struct TestHub {
     pub patients: Vec<SourcePatient>,
     limits: Limits,
     clock: Arc<AtomicU64>,
+    /// The PostgreSQL schema it was started on by [`TestHub::start_on`], if any.
+    store: Option<crate::state::PgOptions>,
 }
 
 impl std::fmt::Debug for TestHub {
@@ -78,6 +313,45 @@ impl TestHub {
 
     /// [`Self::start`] with protocol limits of the test's choosing.
     pub fn start_with(n: usize, seed: u64, limits: &Limits) -> Self {
+        Self::start_in(n, seed, limits, None)
+    }
+
+    /// A hub over `n` synthetic patients (`seed`) whose state is in the PostgreSQL
+    /// schema `store` names, whatever the tests otherwise run on.
+    pub fn start_on(n: usize, seed: u64, store: &crate::state::PgOptions) -> Self {
+        Self::start_in(n, seed, &Limits::default(), Some(store.clone()))
+    }
+
+    /// Another instance of this hub: its own process state and port, the same database
+    /// (the PostgreSQL schema of [`Self::start_on`]) and development CA, the same clock.
+    /// A device may use either.
+    pub fn another_instance(&self) -> Self {
+        let store = self
+            .store
+            .clone()
+            .expect("another instance needs a hub started on PostgreSQL");
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        std::fs::create_dir(&pki).unwrap();
+        for f in ["ca.pem", "ca.key", "hub.pem", "hub.key"] {
+            std::fs::copy(self.dir.path().join("pki").join(f), pki.join(f)).unwrap();
+        }
+        Self::open(
+            dir,
+            self.patients.clone(),
+            &self.limits,
+            self.clock.clone(),
+            0,
+            Some(store),
+        )
+    }
+
+    fn start_in(
+        n: usize,
+        seed: u64,
+        limits: &Limits,
+        store: Option<crate::state::PgOptions>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let patients = Generator::new(seed).source_patients(n);
         let ndjson = dir.path().join("ndjson");
@@ -87,10 +361,17 @@ impl TestHub {
             &["localhost".into(), "127.0.0.1".into()],
         )
         .unwrap();
-        let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+        let state = open_state_in(dir.path(), store.as_ref());
         ingest_ndjson(&state, &synthetic_rules(), &ndjson).unwrap();
         drop(state);
-        Self::open(dir, patients, limits, Arc::new(AtomicU64::new(T0)), 0)
+        Self::open(
+            dir,
+            patients,
+            limits,
+            Arc::new(AtomicU64::new(T0)),
+            0,
+            store,
+        )
     }
 
     /// A hub whose source is the FHIR R4 server at `base_url`, holding `patients` (what
@@ -103,7 +384,7 @@ impl TestHub {
             &["localhost".into(), "127.0.0.1".into()],
         )
         .unwrap();
-        let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+        let state = open_state(dir.path());
         let summary = FhirRest::new(base_url, 300, 100)
             .with_reconcile(0)
             .poll(&state, &synthetic_rules())
@@ -115,6 +396,7 @@ impl TestHub {
             &Limits::default(),
             Arc::new(AtomicU64::new(T0)),
             0,
+            None,
         );
         (hub, summary)
     }
@@ -136,10 +418,11 @@ impl TestHub {
         limits: &Limits,
         clock: Arc<AtomicU64>,
         port: u16,
+        store: Option<crate::state::PgOptions>,
     ) -> Self {
         let pki = dir.path().join("pki");
         let (ca_file, ca_key) = (pki.join("ca.pem"), pki.join("ca.key"));
-        let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+        let state = open_state_in(dir.path(), store.as_ref());
         let ca = DeviceCa::load(&ca_file, &ca_key, 30).unwrap();
         let ca_pem = std::fs::read_to_string(&ca_file).unwrap();
         let c2 = clock.clone();
@@ -169,6 +452,7 @@ impl TestHub {
             limits: limits.clone(),
             clock,
             server,
+            store,
         }
     }
 
@@ -183,6 +467,7 @@ impl TestHub {
             patients,
             limits,
             clock,
+            store,
             ..
         } = self;
         drop(server);
@@ -196,6 +481,7 @@ impl TestHub {
             limits,
             clock,
             port: addr.port(),
+            store,
         }
     }
 
@@ -328,12 +614,20 @@ pub struct Closed {
     limits: Limits,
     clock: Arc<AtomicU64>,
     port: u16,
+    store: Option<crate::state::PgOptions>,
 }
 
 impl Closed {
     /// Serves it again on its old port.
     pub fn reopen(self) -> TestHub {
-        TestHub::open(self.dir, self.patients, &self.limits, self.clock, self.port)
+        TestHub::open(
+            self.dir,
+            self.patients,
+            &self.limits,
+            self.clock,
+            self.port,
+            self.store,
+        )
     }
 }
 

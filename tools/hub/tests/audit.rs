@@ -42,7 +42,7 @@ fn record(i: u64, hub: &TestHub) -> AuditRecord {
 }
 
 /// A device's chain of `n` entries.
-fn chain(n: u64, hub: &TestHub) -> Vec<AuditEntry> {
+pub(crate) fn chain(n: u64, hub: &TestHub) -> Vec<AuditEntry> {
     let mut prev = Hash32([0; 32]);
     (1..=n)
         .map(|i| {
@@ -53,14 +53,14 @@ fn chain(n: u64, hub: &TestHub) -> Vec<AuditEntry> {
         .collect()
 }
 
-fn push(device: &TestDevice, entries: &[AuditEntry], prev: Hash32) -> (u16, Message) {
+pub(crate) fn push(device: &TestDevice, entries: &[AuditEntry], prev: Hash32) -> (u16, Message) {
     let msg = Message::PushAudit(
         PushAudit::new(prev, BoundedVec::try_from(entries.to_vec()).unwrap()).unwrap(),
     );
     device.send("/ccsp/v1/audit", &msg)
 }
 
-fn prev_of(entries: &[AuditEntry], first: usize) -> Hash32 {
+pub(crate) fn prev_of(entries: &[AuditEntry], first: usize) -> Hash32 {
     if first == 0 {
         Hash32([0; 32])
     } else {
@@ -186,19 +186,7 @@ fn export_is_valid_fhir_audit_event_ndjson() {
 
 /// A `hub.toml` for the commands that read the database of a stopped test hub.
 fn hub_toml(dir: &std::path::Path) -> std::path::PathBuf {
-    let pki = dir.join("pki");
-    let text = format!(
-        "data_dir = \"{}\"\n[tls]\nca_cert = \"{}\"\nca_key = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[source]\nkind = \"ndjson\"\npath = \"{}\"\n",
-        dir.display(),
-        pki.join("ca.pem").display(),
-        pki.join("ca.key").display(),
-        pki.join("hub.pem").display(),
-        pki.join("hub.key").display(),
-        dir.join("ndjson").display(),
-    );
-    let path = dir.join("hub.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    carecache_hub::testing::write_hub_toml(dir, dir, &dir.join("ndjson"), "")
 }
 
 fn hub_cli(args: &[&str]) -> (bool, String, String) {

@@ -35,6 +35,18 @@ impl TestHub {
         Self(carecache_hub::testing::TestHub::start_with(n, 11, &limits))
     }
 
+    /// A hub over `n` synthetic patients (seed 11) whose state is in the PostgreSQL
+    /// schema `store` names.
+    pub fn start_on(n: usize, store: &carecache_hub::state::PgOptions) -> Self {
+        Self(carecache_hub::testing::TestHub::start_on(n, 11, store))
+    }
+
+    /// Another instance of this hub on the same database (see
+    /// `carecache_hub::testing::TestHub::another_instance`).
+    pub fn another_instance(&self) -> Self {
+        Self(self.0.another_instance())
+    }
+
     /// Stops the hub and releases its database, for the `carecache-hub` command.
     pub fn close(self) -> carecache_hub::testing::Closed {
         self.0.close()

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 
 use carecache_hub::source::ingest_ndjson;
-use carecache_hub::state::HubState;
 use carecache_synth::{SENSITIVE_CODES, Withheld};
 use sync_protocol::record::Section;
 
@@ -164,7 +163,7 @@ fn unreadable_resources_are_reported_and_skipped_whole() {
     std::fs::write(dir.join("Patient.ndjson"), patients).unwrap();
 
     let state_dir = tempfile::tempdir().unwrap();
-    let state = HubState::open(&state_dir.path().join("hub.redb")).unwrap();
+    let state = carecache_hub::testing::open_state(state_dir.path());
     let summary = ingest_ndjson(&state, &carecache_hub::testing::synthetic_rules(), &dir).unwrap();
     let issues = summary.issues.join("\n");
     assert!(issues.contains("clinicalStatus"), "{issues}");
@@ -245,7 +244,7 @@ fn deletions_between_two_exports_leave_the_records() {
     let mut patients = carecache_synth::Generator::new(24).source_patients(80);
     let first = dir.path().join("first");
     carecache_synth::fhir::write_ndjson(&patients, &first).unwrap();
-    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let state = carecache_hub::testing::open_state(dir.path());
     let rules = carecache_hub::testing::synthetic_rules();
     let one = ingest_ndjson(&state, &rules, &first).unwrap();
     assert_eq!(one.stored.added, 80);
@@ -340,7 +339,7 @@ fn resources_naming_their_patient_by_nhs_number_are_placed_and_objections_honour
     for (kind, text) in &files {
         std::fs::write(ndjson.join(format!("{kind}.ndjson")), text).unwrap();
     }
-    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let state = carecache_hub::testing::open_state(dir.path());
     let summary =
         ingest_ndjson(&state, &carecache_hub::testing::synthetic_rules(), &ndjson).unwrap();
     assert!(

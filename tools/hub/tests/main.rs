@@ -17,6 +17,7 @@ mod audit;
 mod harness;
 mod hostile;
 mod ingest;
+mod postgres;
 mod rest;
 mod shift;
 mod streaming;

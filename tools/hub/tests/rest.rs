@@ -155,7 +155,7 @@ fn served_source(
     let store: Store = Arc::new(Mutex::new(resources));
     let base = start_server(store.clone());
     let dir = tempfile::tempdir().unwrap();
-    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let state = carecache_hub::testing::open_state(dir.path());
     (patients, store, base, dir, state)
 }
 

@@ -54,7 +54,7 @@ fn an_export_of_several_batches_is_stored_whole_and_read_again_without_a_change(
     let nd = dir.path().join("ndjson");
     let patients = Generator::new(11).source_patients(n);
     export(&patients, &nd);
-    let state = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let state = carecache_hub::testing::open_state(dir.path());
     let rules = synthetic_rules();
 
     let first = ingest_ndjson(&state, &rules, &nd).unwrap();
@@ -116,26 +116,17 @@ fn an_ingest_killed_between_batches_is_completed_by_the_next_and_equals_a_clean_
     let nd = dir.path().join("ndjson");
     let patients = Generator::new(12).source_patients(n);
     export(&patients, &nd);
-    let pki = carecache_hub::pki::dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    carecache_hub::pki::dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
     let data = dir.path().join("killed");
     // The synthetic record's local-code map, as a region running on it configures.
     let local_map = dir.path().join("local-codes.csv");
     std::fs::write(&local_map, carecache_synth::local_code_map()).unwrap();
-    let config = dir.path().join("hub.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[tls]\nca_cert = \"{}\"\nca_key = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[source]\nkind = \"ndjson\"\npath = \"{}\"\n[sharing]\nlocal_code_map = \"{}\"\n",
-            data.display(),
-            pki.ca_cert.display(),
-            pki.ca_key.display(),
-            pki.hub_cert.display(),
-            pki.hub_key.display(),
-            nd.display(),
-            local_map.display()
-        ),
-    )
-    .unwrap();
+    let config = carecache_hub::testing::write_hub_toml(
+        dir.path(),
+        &data,
+        &nd,
+        &format!("[sharing]\nlocal_code_map = {}", toml_path(&local_map)),
+    );
 
     // The real hub, killed (SIGKILL) once its second batch is committed.
     let mut child = Command::new(env!("CARGO_BIN_EXE_carecache-hub"))
@@ -162,7 +153,7 @@ fn an_ingest_killed_between_batches_is_completed_by_the_next_and_equals_a_clean_
     assert!(!child.wait().unwrap().success());
     assert_eq!(staging_files(&data), 1, "the kill left its staging file");
 
-    let state = HubState::open(&data.join("hub.redb")).unwrap();
+    let state = carecache_hub::testing::open_state(&data);
     let (partial, _, _) = state.counts().unwrap();
     assert!(
         partial >= 2 * INGEST_BATCH as u64 && partial < n as u64,
@@ -184,11 +175,16 @@ fn an_ingest_killed_between_batches_is_completed_by_the_next_and_equals_a_clean_
 
     let clean_dir = dir.path().join("clean");
     std::fs::create_dir_all(&clean_dir).unwrap();
-    let clean = HubState::open(&clean_dir.join("hub.redb")).unwrap();
+    let clean = carecache_hub::testing::open_state(&clean_dir);
     ingest_ndjson(&clean, &rules, &nd).unwrap();
     assert_eq!(clean.counts().unwrap(), state.counts().unwrap());
     assert!(
         held(&state, &patients) == held(&clean, &patients),
         "a completed ingest differs from a clean one"
     );
+}
+
+/// A path as a TOML string.
+fn toml_path(p: &Path) -> String {
+    toml::Value::String(p.display().to_string()).to_string()
 }
