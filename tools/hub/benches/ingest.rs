@@ -5,6 +5,10 @@
 //! Baseline from the same run: parsing the same NDJSON with serde_json, line by line
 //! (what any reader of the export spends before doing anything with it).
 //!
+//! Each size runs on both engines: redb, then PostgreSQL (a throwaway durable cluster of
+//! Debian's `postgresql` on this machine, when installed; its server's memory is not the
+//! hub's and is not counted).
+//!
 //! `cargo bench -p carecache-hub --bench ingest`; sizes with `HUB_INGEST_SIZES`
 //! (default 100000; `HUB_INGEST_SIZES=100000,1000000` for the region-scale run, about
 //! 13 GB of NDJSON written to the temporary directory).
@@ -114,75 +118,137 @@ fn run(n: usize) {
     let parse_secs = t.elapsed().as_secs_f64();
     assert_eq!(parsed, resources);
 
-    let pki = carecache_hub::pki::dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    carecache_hub::pki::dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
     // The synthetic record's local-code map, as a region running on it configures.
     let local_map = dir.path().join("local-codes.csv");
     std::fs::write(&local_map, carecache_synth::local_code_map()).unwrap();
-    let config = dir.path().join("hub.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[tls]\nca_cert = \"{}\"\nca_key = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[source]\nkind = \"ndjson\"\npath = \"{}\"\n[sharing]\nlocal_code_map = \"{}\"\n",
-            dir.path().join("data").display(),
-            pki.ca_cert.display(),
-            pki.ca_key.display(),
-            pki.hub_cert.display(),
-            pki.hub_key.display(),
-            nd.display(),
-            local_map.display()
-        ),
-    )
-    .unwrap();
+    let sharing = format!(
+        "[sharing]\nlocal_code_map = {}",
+        toml::Value::String(local_map.display().to_string())
+    );
+    println!(
+        "\n== hub ingest, {n} patients ({resources} resources, {:.2} GB NDJSON, generated in {gen_secs:.0} s)",
+        ndjson_bytes as f64 / 1e9
+    );
+    println!(
+        "baseline serde_json parse of the NDJSON: {parse_secs:.1} s = {:.0} patients/s",
+        n as f64 / parse_secs
+    );
+    let export = Export {
+        n,
+        distinct,
+        ndjson_bytes,
+        parse_secs,
+    };
 
-    let (secs, rss, summary) = ingest(&config);
+    // The embedded engine.
+    let data = dir.path().join("redb");
+    let config = carecache_hub::testing::write_hub_toml_on(dir.path(), &data, &nd, "", &sharing);
+    let redb_secs = engine("redb", &export, &config, None, || {
+        std::fs::metadata(data.join("hub.redb")).unwrap().len()
+    });
+
+    // PostgreSQL: a throwaway cluster on this machine, durable (fsync on), as a region
+    // would run it. Its server's memory is its own, not the hub's.
+    if carecache_hub::testing::PgCluster::installed() {
+        let cluster = carecache_hub::testing::PgCluster::start_durable();
+        let store = carecache_hub::testing::postgres_toml(&cluster.url(), "bench");
+        let config = carecache_hub::testing::write_hub_toml_on(
+            dir.path(),
+            &dir.path().join("pg"),
+            &nd,
+            &store,
+            &sharing,
+        );
+        let url = cluster.url();
+        engine("postgres", &export, &config, Some(redb_secs), || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let row = c
+                .query_one(
+                    "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = 'bench' AND c.relkind = 'r'",
+                    &[],
+                )
+                .unwrap();
+            u64::try_from(row.get::<_, i64>(0)).unwrap()
+        });
+    } else {
+        println!("postgres: not installed here (apt-get install postgresql): no figures");
+    }
+}
+
+struct Export {
+    n: usize,
+    distinct: usize,
+    ndjson_bytes: u64,
+    parse_secs: f64,
+}
+
+/// Ingest the export twice on one engine, print and tabulate; the first ingest's seconds.
+fn engine(
+    name: &str,
+    export: &Export,
+    config: &std::path::Path,
+    redb_secs: Option<f64>,
+    db_bytes: impl FnOnce() -> u64,
+) -> f64 {
+    let Export {
+        n,
+        distinct,
+        ndjson_bytes,
+        parse_secs,
+    } = *export;
+    let (secs, rss, summary) = ingest(config);
     assert_eq!(summary["patients"].as_u64(), Some(n as u64));
     assert_eq!(summary["stored"]["added"].as_u64(), Some(distinct as u64));
-    let (again_secs, again_rss, again) = ingest(&config);
+    let (again_secs, again_rss, again) = ingest(config);
     // Each duplicated number's two records replace each other once per read.
     let duplicated = (n - distinct) as u64;
     assert_eq!(again["stored"]["added"].as_u64(), Some(0));
     assert!(again["stored"]["changed"].as_u64().unwrap() <= 2 * duplicated);
     assert!(again["stored"]["unchanged"].as_u64().unwrap() >= n as u64 - 2 * duplicated);
-    let db_bytes = std::fs::metadata(dir.path().join("data/hub.redb"))
-        .unwrap()
-        .len();
+    let db_bytes = db_bytes();
 
     let rate = n as f64 / secs;
     let parse_rate = n as f64 / parse_secs;
     let mib = rss as f64 / 1024.0;
     let again_mib = again_rss as f64 / 1024.0;
     println!(
-        "\n== hub ingest, {n} patients ({resources} resources, {:.2} GB NDJSON, generated in {gen_secs:.0} s)",
-        ndjson_bytes as f64 / 1e9
-    );
-    println!(
-        "first ingest: {secs:.1} s = {rate:.0} patients/s, peak RSS {mib:.1} MiB ({:.0} B/patient of NDJSON {:.0} B/patient)",
+        "{name}: first ingest {secs:.1} s = {rate:.0} patients/s, hub peak RSS {mib:.1} MiB ({:.0} B/patient of NDJSON {:.0} B/patient)",
         rss as f64 * 1024.0 / n as f64,
         ndjson_bytes as f64 / n as f64
     );
     println!(
-        "same export again (all unchanged): {again_secs:.1} s = {:.0} patients/s, peak RSS {again_mib:.1} MiB",
+        "{name}: same export again (all unchanged): {again_secs:.1} s = {:.0} patients/s, peak RSS {again_mib:.1} MiB",
         n as f64 / again_secs
     );
     println!(
-        "baseline serde_json parse of the NDJSON: {parse_secs:.1} s = {parse_rate:.0} patients/s; ingest / parse {:.2}",
-        rate / parse_rate
-    );
-    println!(
-        "hub database: {:.1} MB ({:.0} B/patient)",
+        "{name}: ingest / serde_json parse {:.2}; database {:.1} MB ({:.0} B/patient)",
+        rate / parse_rate,
         db_bytes as f64 / 1e6,
         db_bytes as f64 / n as f64
     );
+    let (peer, ratio) = match redb_secs {
+        Some(r) => (
+            format!("redb {:.0} patients/s", n as f64 / r),
+            format!("{:.2}×", r / secs),
+        ),
+        None => (
+            format!("serde_json parse {parse_rate:.0} patients/s"),
+            format!("{:.2}×", rate / parse_rate),
+        ),
+    };
     table::row(
-        &format!("hub ingest, {n} patients"),
+        &format!("hub ingest ({name}), {n} patients"),
         &format!("{rate:.0} patients/s"),
-        &format!("serde_json parse {parse_rate:.0} patients/s"),
-        &format!("{:.2}×", rate / parse_rate),
+        &peer,
+        &ratio,
         "—",
         None,
     );
     table::row(
-        &format!("hub peak RSS during ingest, {n} patients"),
+        &format!("hub peak RSS during ingest ({name}), {n} patients"),
         &format!("{mib:.1} MiB"),
         &format!("NDJSON {:.0} MiB", ndjson_bytes as f64 / 1_048_576.0),
         &format!("{:.3}×", rss as f64 * 1024.0 / ndjson_bytes as f64),
@@ -190,13 +256,14 @@ fn run(n: usize) {
         Some(mib.max(again_mib) <= RSS_GOAL_MIB),
     );
     table::row(
-        &format!("hub re-ingest of an unchanged export, {n} patients"),
+        &format!("hub re-ingest of an unchanged export ({name}), {n} patients"),
         &format!("{again_secs:.1} s"),
         &format!("first ingest {secs:.1} s"),
         &format!("{:.2}×", again_secs / secs),
         "< 1×",
         Some(again_secs < secs),
     );
+    secs
 }
 
 fn main() {

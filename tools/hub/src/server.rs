@@ -82,6 +82,8 @@ pub struct Hub {
     /// Largest batch sent.
     pub max_batch_bytes: u32,
     limiter: DefaultKeyedRateLimiter<String>,
+    /// Failed admin logins by address, forgotten [`ADMIN_LOCKOUT`] after the last.
+    admin_failures: moka::sync::Cache<std::net::IpAddr, u32>,
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     ingest: Mutex<Option<IngestHook>>,
     #[cfg(feature = "testing")]
@@ -151,6 +153,10 @@ impl Hub {
             privacy_token_sha256: None,
             max_batch_bytes: limits.max_batch_bytes,
             limiter: RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst)),
+            admin_failures: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ADMIN_LOCKOUT)
+                .build(),
             clock: Arc::new(system_clock),
             ingest: Mutex::new(None),
             #[cfg(feature = "testing")]
@@ -464,14 +470,7 @@ pub async fn serve(
 }
 
 fn router(hub: Arc<Hub>) -> Router {
-    Router::new()
-        .route("/ccsp/v1/enrol", post(enrol))
-        .route("/ccsp/v1/hello", post(hello))
-        .route("/ccsp/v1/pull", post(pull_route))
-        .route("/ccsp/v1/audit", post(audit_route))
-        .route("/ccsp/v1/lookup", post(lookup_route))
-        .route("/ccsp/v1/checkin", post(checkin_route))
-        .route("/ccsp/v1/renew", post(renew_route))
+    let admin = Router::new()
         .route("/admin/v1/fleet", get(admin_fleet))
         .route("/admin/v1/fleet/metrics", get(admin_fleet_metrics))
         .route("/admin/v1/lookups", get(admin_lookups))
@@ -493,6 +492,19 @@ fn router(hub: Arc<Hub>) -> Router {
             post(admin_renewal_token),
         )
         .route("/admin/v1/ingest", post(admin_ingest))
+        .route_layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            admin_throttle,
+        ));
+    Router::new()
+        .route("/ccsp/v1/enrol", post(enrol))
+        .route("/ccsp/v1/hello", post(hello))
+        .route("/ccsp/v1/pull", post(pull_route))
+        .route("/ccsp/v1/audit", post(audit_route))
+        .route("/ccsp/v1/lookup", post(lookup_route))
+        .route("/ccsp/v1/checkin", post(checkin_route))
+        .route("/ccsp/v1/renew", post(renew_route))
+        .merge(admin)
         .layer(axum::extract::DefaultBodyLimit::max(
             usize::try_from(MessageKind::PushAudit.max_payload()).unwrap_or(usize::MAX) + 16,
         ))
@@ -1171,6 +1183,45 @@ async fn audit_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respons
 }
 
 // ---- admin API -----------------------------------------------------------------------
+
+/// Failed admin logins (a token refused, 401) allowed from one address before its admin
+/// requests are refused for [`ADMIN_LOCKOUT`] after the last failure.
+pub const ADMIN_FAILURES_ALLOWED: u32 = 10;
+/// How long an address that failed too often is refused.
+pub const ADMIN_LOCKOUT: Duration = Duration::from_secs(15 * 60);
+
+/// Every admin route: an address with too many failed logins is refused (429) before
+/// its token is looked at; each refused token is counted and logged with the address.
+async fn admin_throttle(
+    State(hub): State<Arc<Hub>>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let ip = peer_of(&req).addr.ip();
+    let failures = hub.admin_failures.get(&ip).unwrap_or(0);
+    if failures >= ADMIN_FAILURES_ALLOWED {
+        tracing::warn!(addr = %ip, failures, "admin request refused: too many failed logins");
+        let mut r = json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed admin logins from this address; try again later",
+        );
+        if let Ok(v) = HeaderValue::from_str(&ADMIN_LOCKOUT.as_secs().to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        let failures = hub
+            .admin_failures
+            .entry(ip)
+            .and_upsert_with(|n| n.map_or(1, |n| n.into_value().saturating_add(1)))
+            .into_value();
+        tracing::warn!(addr = %ip, path, failures, "admin login failed: token refused");
+    }
+    resp
+}
 
 fn admin(hub: &Hub, headers: &HeaderMap) -> Result<(), Response> {
     if !bearer_is(headers, &hub.admin_token_sha256) {

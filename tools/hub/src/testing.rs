@@ -132,6 +132,7 @@ pub struct PgCluster {
     /// The port it listens on.
     pub port: u16,
     run_as: Option<String>,
+    fsync: bool,
 }
 
 impl std::fmt::Debug for PgCluster {
@@ -143,15 +144,70 @@ impl std::fmt::Debug for PgCluster {
 }
 
 impl PgCluster {
-    /// `initdb` a cluster in a temporary directory and start it on a free port.
-    pub fn start() -> Self {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL server not installed: apt-get install postgresql")
+    /// Whether Debian's PostgreSQL server is installed here.
+    pub fn installed() -> bool {
+        Self::bin().is_some()
+    }
+
+    fn bin() -> Option<PathBuf> {
+        std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
             .filter_map(Result::ok)
             .map(|e| e.path().join("bin"))
             .filter(|p| p.join("initdb").exists())
             .max()
-            .expect("no initdb under /usr/lib/postgresql/*/bin");
+    }
+
+    /// `initdb` a cluster in a temporary directory and start it on a free port, without
+    /// fsync (tests: a crash of the machine is not what they test).
+    pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// [`Self::start`] with fsync on, as a region runs it (benchmarks).
+    pub fn start_durable() -> Self {
+        Self::start_with(true)
+    }
+
+    /// [`Self::start`], then TLS on with the server certificate and key (PEM) given:
+    /// clients may then ask for `sslmode=require`.
+    pub fn start_tls(cert_pem: &Path, key_pem: &Path) -> Self {
+        let cluster = Self::start();
+        cluster.stop();
+        let cert = cluster.dir.path().join("server.crt");
+        let key = cluster.dir.path().join("server.key");
+        std::fs::copy(cert_pem, &cert).unwrap();
+        std::fs::copy(key_pem, &key).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        if cluster.run_as.is_some() {
+            let ok = std::process::Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&cert)
+                .arg(&key)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let conf = cluster.dir.path().join("data/postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!(
+            "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            cert.display(),
+            key.display()
+        ));
+        std::fs::write(&conf, text).unwrap();
+        cluster.start_again();
+        cluster
+    }
+
+    fn start_with(fsync: bool) -> Self {
+        let bin = Self::bin().expect(
+            "PostgreSQL server not installed (no /usr/lib/postgresql/*/bin/initdb): \
+             apt-get install postgresql",
+        );
         let dir = tempfile::Builder::new()
             .prefix("carecache-pg-")
             .tempdir()
@@ -182,6 +238,7 @@ impl PgCluster {
             bin,
             port,
             run_as,
+            fsync,
         };
         let data = cluster.data();
         cluster.run(
@@ -231,9 +288,10 @@ impl PgCluster {
     pub fn start_again(&self) {
         let data = self.data();
         let opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c max_connections=200",
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync={} -c max_connections=200",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.fsync { "on" } else { "off" },
         );
         let log = self.dir.path().join("server.log").display().to_string();
         self.run(

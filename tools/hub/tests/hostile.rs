@@ -198,3 +198,116 @@ fn requests_over_the_rate_limit_get_429() {
     assert!(limited >= 3, "{limited} of 8 limited");
     assert!(answers.iter().all(|a| a.0 == 200 || a.0 == 429));
 }
+
+/// The real `carecache-hub serve`: ten refused admin tokens from one address, then even
+/// the right token from it is refused (429, Retry-After) for the lockout; each refusal is
+/// logged with the address and never the token presented.
+#[test]
+fn failed_admin_logins_are_throttled_per_address_and_logged() {
+    use std::io::{BufRead, Read};
+    use std::process::{Command, Stdio};
+
+    let admin_token = "serve-admin-token-0123456789";
+    let guess = "guessed-token-guessed-token";
+    let dir = tempfile::tempdir().unwrap();
+    let nd = dir.path().join("ndjson");
+    carecache_synth::fhir::write_ndjson(
+        &carecache_synth::Generator::new(3).source_patients(5),
+        &nd,
+    )
+    .unwrap();
+    carecache_hub::pki::dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = carecache_hub::testing::write_hub_toml(
+        dir.path(),
+        &dir.path().join("data"),
+        &nd,
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_carecache-hub"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("CARECACHE_HUB_ADMIN_TOKEN", admin_token)
+        .env("RUST_LOG", "carecache_hub=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    while !log.contains("hub serving") {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "hub exited: {log}"
+        );
+        log.push_str(&line);
+    }
+    let ca =
+        ureq::tls::Certificate::from_pem(&std::fs::read(dir.path().join("pki/ca.pem")).unwrap())
+            .unwrap()
+            .to_owned();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+                    ca,
+                ])))
+                .build(),
+        )
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let status = |token: &str| {
+        let r = agent
+            .get(format!("https://localhost:{port}/admin/v1/status"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        )
+    };
+    assert_eq!(status(admin_token).0, 200);
+    for _ in 0..carecache_hub::server::ADMIN_FAILURES_ALLOWED {
+        assert_eq!(status(guess).0, 401);
+    }
+    let (locked, retry) = status(admin_token);
+    assert_eq!(locked, 429, "the right token too, from that address");
+    assert_eq!(
+        retry.as_deref(),
+        Some(
+            carecache_hub::server::ADMIN_LOCKOUT
+                .as_secs()
+                .to_string()
+                .as_str()
+        )
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    stderr.read_to_string(&mut log).unwrap();
+    let failures = log
+        .lines()
+        .filter(|l| l.contains("admin login failed"))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        failures.len(),
+        carecache_hub::server::ADMIN_FAILURES_ALLOWED as usize,
+        "{log}"
+    );
+    assert!(failures.iter().all(|l| l.contains("127.0.0.1")), "{log}");
+    assert!(log.contains("too many failed logins"), "{log}");
+    assert!(
+        !log.contains(guess) && !log.contains(admin_token),
+        "no token logged"
+    );
+}

@@ -323,3 +323,32 @@ fn a_database_migrated_by_a_newer_hub_is_refused_with_a_message() {
     let err = HubState::open_postgres(&wrong, Path::new("/tmp")).unwrap_err();
     assert!(err.to_string().contains("postgres"), "{err}");
 }
+
+#[test]
+fn tls_to_the_database_is_verified_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = carecache_hub::pki::dev_ca(&dir.path().join("db"), &["127.0.0.1".into()]).unwrap();
+    let other =
+        carecache_hub::pki::dev_ca(&dir.path().join("other"), &["127.0.0.1".into()]).unwrap();
+    let cluster = PgCluster::start_tls(&ours.hub_cert, &ours.hub_key);
+    let tls = |ca: Option<&Path>| PgOptions {
+        url: format!("{}?sslmode=require", cluster.url()),
+        schema: "region".into(),
+        pool_size: 2,
+        ca_file: ca.map(Path::to_path_buf),
+    };
+    let state = HubState::open_postgres(&tls(Some(&ours.ca_cert)), dir.path()).unwrap();
+    assert_eq!(state.head().unwrap(), 0, "served over TLS");
+    drop(state);
+    for (ca, why) in [
+        (None, "no CA configured"),
+        (Some(other.ca_cert.as_path()), "another CA"),
+    ] {
+        let err = HubState::open_postgres(&tls(ca), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("postgres"), "{why}: {err}");
+    }
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let err = HubState::open_postgres(&tls(Some(&garbage)), dir.path()).unwrap_err();
+    assert!(err.to_string().contains("store.ca_file"), "{err}");
+}

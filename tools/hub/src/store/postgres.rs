@@ -124,6 +124,9 @@ type Conn = PooledConnection<Manager>;
 /// The hub's PostgreSQL database.
 pub(crate) struct PgEngine {
     pool: r2d2::Pool<Manager>,
+    /// For the ingest lock's own connection.
+    config: postgres::Config,
+    tls: MakeRustlsConnect,
     schema: String,
     hub_id: [u8; 8],
 }
@@ -214,11 +217,18 @@ impl PgEngine {
                 "store.schema must be lower-case letters, digits and _".into(),
             ));
         }
-        let config: postgres::Config = opts
+        let mut config: postgres::Config = opts
             .url
             .parse()
             .map_err(|_| StateError::Invalid("store.url is not a PostgreSQL URL".into()))?;
-        let manager = PostgresConnectionManager::new(config, tls(opts.ca_file.as_deref())?);
+        // A database that does not answer is an error in seconds, not a hang: connecting
+        // is bounded, and a connection whose peer vanished is found by keepalives.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.keepalives_idle(Duration::from_secs(30));
+        let tls = tls(opts.ca_file.as_deref())?;
+        let manager = PostgresConnectionManager::new(config.clone(), tls.clone());
         let pool = r2d2::Pool::builder()
             .max_size(opts.pool_size.max(1))
             .min_idle(Some(1))
@@ -231,6 +241,8 @@ impl PgEngine {
         drop(conn);
         Ok(Self {
             pool,
+            config,
+            tls,
             schema: opts.schema.clone(),
             hub_id,
         })
@@ -335,9 +347,13 @@ impl Engine for PgEngine {
     }
 
     fn ingest_guard(&self) -> R<Box<dyn Guard + '_>> {
-        // Its own connection, out of the pool: the lock lives as long as the session,
-        // and a dead instance's session ends with its connection.
-        let mut conn = self.conn()?;
+        // Its own connection, not the pool's: the lock lives as long as the session, a
+        // dead instance's session ends with its connection, and the ingest's batches
+        // have the whole pool.
+        let mut conn = self
+            .config
+            .connect(self.tls.clone())
+            .map_err(|e| pg_err(&e))?;
         conn.execute(
             "SELECT pg_advisory_lock($1)",
             &[&lock_key(&self.schema, LOCK_INGEST)],
@@ -359,7 +375,7 @@ impl Engine for PgEngine {
 }
 
 struct IngestGuard {
-    conn: Conn,
+    conn: postgres::Client,
     key: i64,
 }
 
