@@ -119,13 +119,7 @@ fn run(n: usize) {
     assert_eq!(parsed, resources);
 
     carecache_hub::pki::dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
-    // The synthetic record's local-code map, as a region running on it configures.
-    let local_map = dir.path().join("local-codes.csv");
-    std::fs::write(&local_map, carecache_synth::local_code_map()).unwrap();
-    let sharing = format!(
-        "[sharing]\nlocal_code_map = {}",
-        toml::Value::String(local_map.display().to_string())
-    );
+    let sharing = carecache_hub::testing::sharing_toml(dir.path());
     println!(
         "\n== hub ingest, {n} patients ({resources} resources, {:.2} GB NDJSON, generated in {gen_secs:.0} s)",
         ndjson_bytes as f64 / 1e9

@@ -323,15 +323,17 @@ impl HubState {
             .iter()
             .map(|(_, m)| m.record.nhs_number.as_u64())
             .collect();
+        // What the batch's patients are now, read at once (not a read per patient).
         let mut summaries = tx.summaries(&keys)?;
+        let mut hashes = tx.content_hashes(&keys)?;
         for (fhir_id, m) in mapped {
             let nhs = m.record.nhs_number.as_u64();
             let hash = content_hash(&m.record);
             let version = summaries.get(&nhs).map(|s| s.0);
             let held = version.is_some_and(|v| v != 0);
             let same = held
-                && match tx.content_hash(nhs)? {
-                    Some(stored) => stored == hash,
+                && match hashes.get(&nhs) {
+                    Some(stored) => *stored == hash,
                     // No hash yet (an older database): compare whole, once.
                     None => {
                         let same = tx
@@ -372,6 +374,7 @@ impl HubState {
                 // A source that names a patient twice in one batch: the second sees
                 // the first.
                 summaries.insert(nhs, summary_of(&row));
+                hashes.insert(nhs, hash);
             }
             if let Some(o) = m.objection
                 && set_objection(tx.as_mut(), &mut seq, nhs, o)?
@@ -398,16 +401,22 @@ impl HubState {
             }
             Ok(())
         })?;
+        self.delete_held(&gone)
+    }
+
+    /// Delete the records of the held patients `nhs` names, [`INGEST_BATCH`] a
+    /// transaction. Returns how many.
+    fn delete_held(&self, nhs: &[u64]) -> Result<u64, StateError> {
         let mut deleted = 0;
-        for chunk in gone.chunks(INGEST_BATCH) {
-            deleted += self.delete_held(chunk)?;
+        for chunk in nhs.chunks(INGEST_BATCH) {
+            deleted += self.delete_batch(chunk)?;
         }
         Ok(deleted)
     }
 
     /// Delete the records of the held patients `nhs` names, in one transaction: each
     /// moves to a new log position with no record, so devices remove it.
-    fn delete_held(&self, nhs: &[u64]) -> Result<u64, StateError> {
+    fn delete_batch(&self, nhs: &[u64]) -> Result<u64, StateError> {
         let mut tx = self.engine.write()?;
         let mut seq = tx.head()?;
         let mut deleted = 0;
@@ -798,11 +807,7 @@ impl HubState {
             }
             Ok(())
         })?;
-        let mut deleted = 0;
-        for chunk in gone.chunks(INGEST_BATCH) {
-            deleted += self.delete_held(chunk)?;
-        }
-        Ok(deleted)
+        self.delete_held(&gone)
     }
 
     /// Patients and objections held, for status (counts only).

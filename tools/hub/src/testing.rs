@@ -123,6 +123,26 @@ pub fn write_hub_toml_on(
     path
 }
 
+/// Writes the synthetic record's local-code map to `dir/local-codes.csv` (what a region
+/// running on the synthetic data configures) and returns the `[sharing]` table naming it.
+pub fn sharing_toml(dir: &Path) -> String {
+    let path = dir.join("local-codes.csv");
+    std::fs::write(&path, carecache_synth::local_code_map()).unwrap();
+    format!(
+        "[sharing]\nlocal_code_map = {}",
+        toml::Value::String(path.display().to_string())
+    )
+}
+
+/// Copies the development PKI of `from/pki` to `to/pki` (another hub instance's files).
+pub fn copy_pki(from: &Path, to: &Path) {
+    let pki = to.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    for f in ["ca.pem", "ca.key", "hub.pem", "hub.key"] {
+        std::fs::copy(from.join("pki").join(f), pki.join(f)).unwrap();
+    }
+}
+
 /// A throwaway PostgreSQL cluster (Debian's `postgresql` package: `initdb` and `pg_ctl`)
 /// on 127.0.0.1, stopped and removed when dropped. As root, the server runs as the
 /// `postgres` user (it refuses root).
@@ -389,11 +409,7 @@ impl TestHub {
             .clone()
             .expect("another instance needs a hub started on PostgreSQL");
         let dir = tempfile::tempdir().unwrap();
-        let pki = dir.path().join("pki");
-        std::fs::create_dir(&pki).unwrap();
-        for f in ["ca.pem", "ca.key", "hub.pem", "hub.key"] {
-            std::fs::copy(self.dir.path().join("pki").join(f), pki.join(f)).unwrap();
-        }
+        copy_pki(self.dir.path(), dir.path());
         Self::open(
             dir,
             self.patients.clone(),

@@ -218,21 +218,12 @@ fn an_instance_killed_mid_ingest_is_taken_over_and_equals_a_clean_ingest() {
     let patients = Generator::new(12).source_patients(n);
     carecache_synth::fhir::write_ndjson(&patients, &nd).unwrap();
     carecache_hub::pki::dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
-    let local_map = dir.path().join("local-codes.csv");
-    std::fs::write(&local_map, carecache_synth::local_code_map()).unwrap();
-    let sharing = format!(
-        "[sharing]\nlocal_code_map = {}",
-        toml::Value::String(local_map.display().to_string())
-    );
+    let sharing = carecache_hub::testing::sharing_toml(dir.path());
     let store = postgres_toml(&cluster.url(), "region");
     // Two instances' configurations: their own data directories, one database.
     let config = |name: &str| {
         let inst = dir.path().join(name);
-        std::fs::create_dir_all(&inst).unwrap();
-        std::fs::create_dir_all(inst.join("pki")).unwrap();
-        for f in ["ca.pem", "ca.key", "hub.pem", "hub.key"] {
-            std::fs::copy(dir.path().join("pki").join(f), inst.join("pki").join(f)).unwrap();
-        }
+        carecache_hub::testing::copy_pki(dir.path(), &inst);
         carecache_hub::testing::write_hub_toml_on(&inst, &inst.join("data"), &nd, &store, &sharing)
     };
     let ingest = |config: &Path| {

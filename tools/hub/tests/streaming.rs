@@ -118,14 +118,11 @@ fn an_ingest_killed_between_batches_is_completed_by_the_next_and_equals_a_clean_
     export(&patients, &nd);
     carecache_hub::pki::dev_ca(&dir.path().join("pki"), &["localhost".into()]).unwrap();
     let data = dir.path().join("killed");
-    // The synthetic record's local-code map, as a region running on it configures.
-    let local_map = dir.path().join("local-codes.csv");
-    std::fs::write(&local_map, carecache_synth::local_code_map()).unwrap();
     let config = carecache_hub::testing::write_hub_toml(
         dir.path(),
         &data,
         &nd,
-        &format!("[sharing]\nlocal_code_map = {}", toml_path(&local_map)),
+        &carecache_hub::testing::sharing_toml(dir.path()),
     );
 
     // The real hub, killed (SIGKILL) once its second batch is committed.
@@ -182,9 +179,4 @@ fn an_ingest_killed_between_batches_is_completed_by_the_next_and_equals_a_clean_
         held(&state, &patients) == held(&clean, &patients),
         "a completed ingest differs from a clean one"
     );
-}
-
-/// A path as a TOML string.
-fn toml_path(p: &Path) -> String {
-    toml::Value::String(p.display().to_string()).to_string()
 }

@@ -69,8 +69,8 @@ pub(crate) trait Read {
     /// (version, has alerts) of each of `nhs` the hub has a row for (version 0: deleted
     /// upstream).
     fn summaries(&mut self, nhs: &[u64]) -> R<HashMap<u64, (u64, bool)>>;
-    /// The content hash of a patient's record as last mapped.
-    fn content_hash(&mut self, nhs: u64) -> R<Option<[u8; 32]>>;
+    /// The content hash of each of `nhs` whose record as last mapped has one.
+    fn content_hashes(&mut self, nhs: &[u64]) -> R<HashMap<u64, [u8; 32]>>;
     /// Every patient the hub holds a record for (not deleted upstream), by NHS number.
     fn held(&mut self, f: &mut dyn FnMut(u64) -> R<()>) -> R<()>;
     /// Every patient the hub holds a record for, with its FHIR id.

@@ -532,14 +532,21 @@ impl Read for PgTx {
         Ok(out)
     }
 
-    fn content_hash(&mut self, nhs: u64) -> R<Option<[u8; 32]>> {
-        let row = self.opt(
-            "SELECT content FROM patients WHERE nhs = $1",
-            &[(&i(nhs), Type::INT8)],
-        )?;
-        Ok(row
-            .and_then(|r| r.get::<_, Option<Vec<u8>>>(0))
-            .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()))
+    fn content_hashes(&mut self, nhs: &[u64]) -> R<HashMap<u64, [u8; 32]>> {
+        let mut out = HashMap::with_capacity(nhs.len());
+        if nhs.is_empty() {
+            return Ok(out);
+        }
+        let keys = ids(nhs);
+        for row in self.q(
+            "SELECT nhs, content FROM patients WHERE nhs = ANY($1) AND content IS NOT NULL",
+            &[(&keys, Type::INT8_ARRAY)],
+        )? {
+            if let Ok(h) = <[u8; 32]>::try_from(row.get::<_, &[u8]>(1)) {
+                out.insert(u(row.get(0)), h);
+            }
+        }
+        Ok(out)
     }
 
     fn held(&mut self, f: &mut dyn FnMut(u64) -> R<()>) -> R<()> {

@@ -215,8 +215,15 @@ macro_rules! read_impl {
                 Ok(out)
             }
 
-            fn content_hash(&mut self, nhs: u64) -> R<Option<[u8; 32]>> {
-                Ok(self.tx.open_table(CONTENT)?.get(nhs)?.map(|v| v.value()))
+            fn content_hashes(&mut self, nhs: &[u64]) -> R<HashMap<u64, [u8; 32]>> {
+                let t = self.tx.open_table(CONTENT)?;
+                let mut out = HashMap::with_capacity(nhs.len());
+                for &n in nhs {
+                    if let Some(v) = t.get(n)? {
+                        out.insert(n, v.value());
+                    }
+                }
+                Ok(out)
             }
 
             fn held(&mut self, f: &mut dyn FnMut(u64) -> R<()>) -> R<()> {
