@@ -24,7 +24,7 @@ pub struct Pushed {
 }
 
 /// A device's chain as the hub holds it.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct ChainHead {
     /// Highest durable sequence (0: none yet).
     pub seq: u64,
@@ -32,6 +32,44 @@ pub struct ChainHead {
     pub hash: [u8; 32],
     /// Sequence at which the chain broke; the device is flagged for review.
     pub broken_at: Option<u64>,
+    /// A privacy officer cleared the flag: the next entry after `seq` is taken as
+    /// continuing the chain from the predecessor hash the device sends with it (its own
+    /// chain is still checked; only the link to what the hub holds is waived).
+    pub rejoin: bool,
+    /// Where the chain was rejoined after a clearance: (sequence, the predecessor hash
+    /// the device sent), so the stored chain still verifies end to end.
+    pub rejoined: Vec<(u64, [u8; 32])>,
+}
+
+/// A chain head as hubs before the flag could be cleared stored it.
+#[derive(Deserialize)]
+struct ChainHeadV1 {
+    seq: u64,
+    hash: [u8; 32],
+    broken_at: Option<u64>,
+}
+
+impl ChainHead {
+    /// The stored form.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        crate::state::enc(self)
+    }
+
+    /// A stored head, in this form or the one before it (seq, hash, broken_at), which
+    /// is a strict prefix of this one and so never mistaken for it.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, StateError> {
+        if let Ok(h) = postcard::from_bytes::<ChainHead>(bytes) {
+            return Ok(h);
+        }
+        let v1: ChainHeadV1 =
+            postcard::from_bytes(bytes).map_err(|_| StateError::Corrupt("audit_heads"))?;
+        Ok(ChainHead {
+            seq: v1.seq,
+            hash: v1.hash,
+            broken_at: v1.broken_at,
+            ..ChainHead::default()
+        })
+    }
 }
 
 /// Why a push was refused.
@@ -135,6 +173,10 @@ impl HubState {
             let (hash, record) = bytes
                 .split_at_checked(32)
                 .ok_or(StateError::Corrupt("audit"))?;
+            // Where a clearance rejoined the chain, the link is to the hash the device sent.
+            if let Some((_, sent)) = head.rejoined.iter().find(|(at, _)| *at == seq) {
+                prev = Hash32(*sent);
+            }
             let computed = chain_hash(&prev, seq, record);
             if seq != expect || computed.0 != hash {
                 bad = Some(expect.min(seq));
@@ -250,6 +292,9 @@ fn check_and_store(
             expected: head.seq + 1,
         });
     }
+    if head.rejoin {
+        return rejoin(tx, device, head, push, pushed);
+    }
     // What the entry before `first` hashes to, as the hub holds it.
     let before = if first == 1 {
         [0u8; 32]
@@ -275,39 +320,86 @@ fn check_and_store(
             }
             pushed.repeated += 1;
         } else {
-            let record = AuditRecord::decode(e.record.as_slice())
-                .map_err(|_| AuditError::Malformed { at: e.seq })?;
-            let mut patients = Vec::new();
-            let mut emergency = false;
-            // A lookup is emergency access to the patient looked up.
-            if let sync_protocol::audit::AuditEvent::Lookup(l) = &record.event {
-                patients.push(l.patient.as_u64());
-                emergency = true;
-            }
-            if let Some(a) = record.access() {
-                patients.extend(a.patient.iter().chain(a.listed.iter()).map(|n| n.as_u64()));
-                emergency |= matches!(
-                    a.purpose,
-                    Some(sync_protocol::audit::Purpose::EmergencyTreat { .. })
-                );
-            }
-            let mut row = Vec::with_capacity(32 + e.record.as_slice().len());
-            row.extend_from_slice(&e.hash.0);
-            row.extend_from_slice(e.record.as_slice());
-            tx.put_audit(
-                device,
-                e.seq,
-                &row,
-                record.at.as_millis(),
-                &patients,
-                emergency,
-            )?;
+            store(tx, device, head, e)?;
             pushed.stored += 1;
-            head.seq = e.seq;
-            head.hash = e.hash.0;
         }
         prev = e.hash;
     }
+    Ok(())
+}
+
+/// The first push after a clearance: entries the hub already holds are acknowledged as
+/// held (what was stored stays as it was), and the first new one is stored as continuing
+/// the chain from the predecessor hash the device sent — each entry's hash is still
+/// checked against its content and the entry before it in the push.
+fn rejoin(
+    tx: &mut dyn Write,
+    device: &str,
+    head: &mut ChainHead,
+    push: &PushAudit,
+    pushed: &mut Pushed,
+) -> Result<(), AuditError> {
+    let mut prev = push.prev_hash;
+    for e in push.entries.iter() {
+        if chain_hash(&prev, e.seq, e.record.as_slice()) != e.hash {
+            return Err(AuditError::ChainBroken { at: e.seq });
+        }
+        if e.seq <= head.seq {
+            pushed.repeated += 1;
+        } else {
+            if head.rejoin {
+                head.rejoin = false;
+                head.rejoined.push((e.seq, prev.0));
+                tracing::warn!(
+                    device,
+                    seq = e.seq,
+                    "audit chain rejoined after a clearance"
+                );
+            }
+            store(tx, device, head, e)?;
+            pushed.stored += 1;
+        }
+        prev = e.hash;
+    }
+    Ok(())
+}
+
+/// Stores one new entry with its index rows and moves the head to it.
+fn store(
+    tx: &mut dyn Write,
+    device: &str,
+    head: &mut ChainHead,
+    e: &sync_protocol::audit::AuditEntry,
+) -> Result<(), AuditError> {
+    let record = AuditRecord::decode(e.record.as_slice())
+        .map_err(|_| AuditError::Malformed { at: e.seq })?;
+    let mut patients = Vec::new();
+    let mut emergency = false;
+    // A lookup is emergency access to the patient looked up.
+    if let sync_protocol::audit::AuditEvent::Lookup(l) = &record.event {
+        patients.push(l.patient.as_u64());
+        emergency = true;
+    }
+    if let Some(a) = record.access() {
+        patients.extend(a.patient.iter().chain(a.listed.iter()).map(|n| n.as_u64()));
+        emergency |= matches!(
+            a.purpose,
+            Some(sync_protocol::audit::Purpose::EmergencyTreat { .. })
+        );
+    }
+    let mut row = Vec::with_capacity(32 + e.record.as_slice().len());
+    row.extend_from_slice(&e.hash.0);
+    row.extend_from_slice(e.record.as_slice());
+    tx.put_audit(
+        device,
+        e.seq,
+        &row,
+        record.at.as_millis(),
+        &patients,
+        emergency,
+    )?;
+    head.seq = e.seq;
+    head.hash = e.hash.0;
     Ok(())
 }
 
@@ -315,4 +407,40 @@ fn stored_hash(tx: &mut dyn Write, device: &str, seq: u64) -> Result<Option<[u8;
     Ok(tx
         .audit_entry(device, seq)?
         .and_then(|v| v.get(..32).and_then(|h| <[u8; 32]>::try_from(h).ok())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head stored before a flag could be cleared (seq, hash, broken_at) still reads,
+    /// and a head of today is not mistaken for one.
+    #[test]
+    fn heads_of_the_previous_form_still_read() {
+        #[derive(Serialize)]
+        struct V1 {
+            seq: u64,
+            hash: [u8; 32],
+            broken_at: Option<u64>,
+        }
+        let old = postcard::to_allocvec(&V1 {
+            seq: 12,
+            hash: [3; 32],
+            broken_at: Some(9),
+        })
+        .unwrap();
+        let head = ChainHead::decode(&old).unwrap();
+        assert_eq!(
+            (head.seq, head.hash, head.broken_at),
+            (12, [3; 32], Some(9))
+        );
+        assert!(!head.rejoin && head.rejoined.is_empty());
+        let now = ChainHead {
+            rejoin: true,
+            rejoined: vec![(9, [1; 32])],
+            ..head
+        };
+        assert_eq!(ChainHead::decode(&now.encode()).unwrap(), now);
+        assert!(ChainHead::decode(&[0xff; 3]).is_err());
+    }
 }

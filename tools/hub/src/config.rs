@@ -25,6 +25,11 @@ pub struct Config {
     /// `CARECACHE_HUB_PRIVACY_TOKEN` overrides it. Unset: no one can clear one.
     #[serde(default)]
     pub privacy_officer_token_file: Option<PathBuf>,
+    /// File holding the token Prometheus scrapes `/metrics` with (first line); it opens
+    /// nothing else. `CARECACHE_HUB_METRICS_TOKEN` overrides it. Unset: only the admin
+    /// token reads the metrics.
+    #[serde(default)]
+    pub metrics_token_file: Option<PathBuf>,
     /// TLS files.
     pub tls: TlsConfig,
     /// The hub's database.

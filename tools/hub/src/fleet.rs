@@ -170,11 +170,15 @@ impl HubState {
     pub fn clear_restored(
         &self,
         device: &str,
-        officer: &str,
+        officer: &crate::officer::Officer,
         reason: &str,
         now: Timestamp,
     ) -> Result<usize, StateError> {
+        let reason = crate::officer::reason(reason)?;
         let mut tx = self.engine.write()?;
+        if tx.device(device)?.is_none() {
+            return Err(StateError::NotFound("no such device".into()));
+        }
         let not_found =
             || StateError::NotFound("an uncleared restored copy of this device".to_owned());
         let mut row = tx.anchor(device)?.ok_or_else(not_found)?;
@@ -182,7 +186,7 @@ impl HubState {
         for r in row.restores.iter_mut().filter(|r| r.cleared.is_none()) {
             r.cleared = Some(Clearance {
                 at: now.as_millis(),
-                officer: officer.to_owned(),
+                officer: officer.name.clone(),
                 reason: reason.to_owned(),
             });
             n += 1;
@@ -191,6 +195,11 @@ impl HubState {
             return Err(not_found());
         }
         tx.put_anchor(device, &row)?;
+        let action = crate::officer::Action::ClearRestored {
+            device: device.to_owned(),
+            cleared: n as u64,
+        };
+        crate::officer::log(tx.as_mut(), officer, action, Some(reason), now)?;
         tx.commit()?;
         Ok(n)
     }
@@ -390,11 +399,24 @@ fn attention(
 /// and counts only).
 pub fn metrics_text(fleet: &[FleetDevice], now: Timestamp) -> String {
     use prometheus_client::encoding::text::encode;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("carecache_hub");
+    register_fleet(&mut registry, fleet, now);
+    let mut out = String::new();
+    if encode(&mut out, &registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// The fleet's series (see [`metrics_text`]) added to `registry`.
+pub fn register_fleet(
+    registry: &mut prometheus_client::registry::Registry,
+    fleet: &[FleetDevice],
+    now: Timestamp,
+) {
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
-    use prometheus_client::registry::Registry;
     type Labels = Vec<(String, String)>;
-    let mut registry = Registry::with_prefix("carecache_hub");
     let devices = Family::<Labels, Gauge>::default();
     let attention = Family::<Labels, Gauge>::default();
     let backlog = Family::<Labels, Gauge>::default();
@@ -480,9 +502,4 @@ pub fn metrics_text(fleet: &[FleetDevice], now: Timestamp) -> String {
         "Seconds since the device's last checkin",
         silent,
     );
-    let mut out = String::new();
-    if encode(&mut out, &registry).is_err() {
-        out.clear();
-    }
-    out
 }

@@ -6,11 +6,12 @@
 //!   reported and skipped whole.
 //! - [`sharing`]: sensitive exclusions by label and by a versioned code-list data file.
 //! - [`source`]: the NDJSON directory and FHIR REST sources.
-//! - [`state`]: redb: patients, objections, leases, the compacted change log, devices,
-//!   enrolment tokens.
+//! - [`state`]: patients, objections, leases, the compacted change log, devices,
+//!   enrolment tokens — on redb or PostgreSQL (`store`).
 //! - [`pull`]: a device's batch from its cursor: objections, then leases, then records.
 //! - [`audit`]: the audit sink: chain and sequence checks, exactly-once storage.
 //! - [`export`]: audit as FHIR AuditEvent (IHE BALP).
+//! - [`officer`]: the privacy officer's views and clearances, and the log of them.
 //! - [`pki`]: the device CA (enrolment) and `dev-ca`.
 //! - [`server`]: HTTPS, mutual TLS, protocol routes and the admin API.
 //! - [`config`] reads `hub.toml`.
@@ -22,6 +23,7 @@ pub mod export;
 pub mod fhir_in;
 pub mod fleet;
 mod leases;
+pub mod officer;
 pub mod pki;
 pub mod pull;
 pub mod server;

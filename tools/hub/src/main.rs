@@ -55,14 +55,32 @@ enum Command {
     },
 }
 
+/// Where an audit command reads: the running hub's admin API, or the database itself.
+#[derive(clap::Args, Debug)]
+struct Reach {
+    /// Configuration file.
+    #[arg(long, default_value = "hub.toml")]
+    config: PathBuf,
+    /// The running hub (e.g. https://hub.example:8443). Default: the config's listen
+    /// address; when nothing answers there the database is read directly (a redb hub
+    /// must then be stopped).
+    #[arg(long)]
+    hub: Option<String>,
+    /// The CA that issued the hub's TLS certificate (default: tls.ca_cert).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Who is acting: kept in the officers' log with what was done.
+    #[arg(long, env = "CARECACHE_OFFICER")]
+    officer: String,
+}
+
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
     /// For the privacy officer: devices whose audit chain broke, and every emergency
     /// (ETREAT) access with the clinician's reason.
     Review {
-        /// Configuration file (for the data directory; the hub must not be running).
-        #[arg(long, default_value = "hub.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        reach: Reach,
         /// FHIR AuditEvent NDJSON instead of text.
         #[arg(long)]
         ndjson: bool,
@@ -72,21 +90,35 @@ enum AuditCommand {
     Patient {
         /// The patient's NHS number (spaces allowed).
         nhs_number: String,
-        /// Configuration file (for the data directory; the hub must not be running).
-        #[arg(long, default_value = "hub.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        reach: Reach,
         /// FHIR AuditEvent NDJSON instead of text.
         #[arg(long)]
         ndjson: bool,
     },
     /// Write every entry as FHIR AuditEvent NDJSON (IHE BALP read pattern).
     Export {
-        /// Configuration file (for the data directory; the hub must not be running).
-        #[arg(long, default_value = "hub.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        reach: Reach,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Clear a device's audit flag after looking into the break: its next entries are
+    /// accepted again. Needs a reason; kept in the officers' log.
+    ClearFlag {
+        /// The device id.
+        device: String,
+        /// What was looked into (10–1000 characters).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// What privacy officers did through the hub (views and clearances), as JSON lines.
+    OfficerLog {
+        #[command(flatten)]
+        reach: Reach,
     },
 }
 
@@ -132,103 +164,340 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
-        Command::Audit {
-            command: AuditCommand::Review { config, ndjson },
-        } => review(&open_state(&Config::load(&config)?)?, ndjson),
-        Command::Audit {
-            command:
-                AuditCommand::Patient {
-                    nhs_number,
-                    config,
-                    ndjson,
-                },
+        Command::Audit { command } => audit_command(command),
+    }
+}
+
+/// How an audit command reaches the hub's audit.
+enum Via {
+    /// The running hub's admin API.
+    Hub {
+        agent: ureq::Agent,
+        base: String,
+        token: String,
+        officer: String,
+    },
+    /// The database, the hub stopped (or PostgreSQL, shared).
+    Store {
+        state: HubState,
+        officer: carecache_hub::officer::Officer,
+    },
+}
+
+impl Via {
+    fn new(reach: &Reach) -> anyhow::Result<Self> {
+        let config = Config::load(&reach.config)?;
+        let base = match &reach.hub {
+            Some(url) => Some(url.trim_end_matches('/').to_owned()),
+            None => {
+                // A hub listening on every address is reached on loopback.
+                let mut addr = config.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                    .is_ok()
+                    .then(|| format!("https://{addr}"))
+            }
+        };
+        let Some(base) = base else {
+            let officer = carecache_hub::officer::Officer::new(&reach.officer, "cli")?;
+            return Ok(Via::Store {
+                state: open_state(&config)?,
+                officer,
+            });
+        };
+        let token = token_from(
+            "CARECACHE_HUB_PRIVACY_TOKEN",
+            config.privacy_officer_token_file.as_deref(),
+            "privacy officer",
+        )?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the hub at {base} is running: its audit needs the privacy officer's token (CARECACHE_HUB_PRIVACY_TOKEN or privacy_officer_token_file)"
+            )
+        })?;
+        let ca = reach.ca.as_ref().unwrap_or(&config.tls.ca_cert);
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        Ok(Via::Hub {
+            agent: carecache_hub::pki::agent_trusting(&pem)?,
+            base,
+            token,
+            officer: reach.officer.trim().to_owned(),
+        })
+    }
+
+    /// A request to the running hub's admin API (a POST of `body`, else a GET), its
+    /// status checked.
+    fn call(
+        agent: &ureq::Agent,
+        base: &str,
+        token: &str,
+        officer: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        let url = format!("{base}{path}");
+        let auth = format!("Bearer {token}");
+        let resp = match body {
+            Some(b) => agent
+                .post(&url)
+                .header("authorization", &auth)
+                .header("content-type", "application/json")
+                .send(&serde_json::to_vec(&b)?),
+            None => agent
+                .get(&url)
+                .header("authorization", &auth)
+                .header(carecache_hub::server::OFFICER_HEADER, officer)
+                .call(),
+        };
+        let mut resp = resp.with_context(|| format!("reaching the hub at {base}"))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            #[derive(serde::Deserialize)]
+            struct Refusal {
+                error: String,
+            }
+            let message = serde_json::from_str::<Refusal>(&text).map_or(text, |r| r.error);
+            bail!("the hub answered {status}: {message}");
+        }
+        Ok(resp)
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let Via::Hub {
+            agent,
+            base,
+            token,
+            officer,
+        } = self
+        else {
+            bail!("not reaching a running hub");
+        };
+        let text = Self::call(agent, base, token, officer, path, None)?
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+/// An audit entry to print: its text line and its AuditEvent.
+#[derive(serde::Deserialize)]
+struct Shown {
+    device: String,
+    text: String,
+    event: serde_json::Value,
+}
+
+impl Shown {
+    fn of(e: &carecache_hub::audit::StoredEntry) -> Self {
+        Shown {
+            device: e.device.clone(),
+            text: carecache_hub::export::describe(e),
+            event: carecache_hub::export::audit_event(e),
+        }
+    }
+
+    fn print(&self, out: &mut impl std::io::Write, ndjson: bool) -> std::io::Result<()> {
+        if ndjson {
+            serde_json::to_writer(&mut *out, &self.event)?;
+            out.write_all(b"\n")
+        } else {
+            writeln!(out, "  {}", self.text)
+        }
+    }
+}
+
+/// The admin API's answers, as the commands read them.
+#[derive(serde::Deserialize)]
+struct ReviewAnswer {
+    flagged: Vec<FlagAnswer>,
+    emergency: Vec<Shown>,
+}
+
+#[derive(serde::Deserialize)]
+struct FlagAnswer {
+    device: String,
+    broken_at: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct HistoryAnswer {
+    accesses: Vec<Shown>,
+}
+
+#[derive(serde::Deserialize)]
+struct LogAnswer {
+    entries: Vec<serde_json::Value>,
+}
+
+fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
+    use std::io::Write;
+    let now = system_clock();
+    match command {
+        AuditCommand::Review { reach, ndjson } => {
+            let via = Via::new(&reach)?;
+            let (flagged, shown) = match &via {
+                Via::Store { state, officer } => {
+                    let r = state.review(officer, now)?;
+                    (r.flagged, r.emergency.iter().map(Shown::of).collect())
+                }
+                Via::Hub { .. } => {
+                    let r: ReviewAnswer = via.get_json("/admin/v1/audit/review")?;
+                    let flagged = r.flagged.into_iter().map(|f| (f.device, f.broken_at));
+                    (flagged.collect(), r.emergency)
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            let mut text = String::new();
+            if flagged.is_empty() {
+                text.push_str("No device is flagged: every audit chain received verifies.\n");
+            } else {
+                text.push_str("Devices flagged for review (audit chain broken; nothing after the break is accepted):\n");
+                for (device, at) in &flagged {
+                    text.push_str(&format!("  {device}  broken at sequence {at}\n"));
+                }
+            }
+            if ndjson {
+                eprint!("{text}");
+            } else {
+                write!(out, "{text}")?;
+                writeln!(out, "Emergency (ETREAT) accesses to review:")?;
+            }
+            for s in &shown {
+                s.print(&mut out, ndjson)?;
+            }
+            if !ndjson {
+                writeln!(out, "{} emergency accesses", shown.len())?;
+            }
+            out.flush()?;
+        }
+        AuditCommand::Patient {
+            nhs_number,
+            reach,
+            ndjson,
         } => {
             let nhs = sync_protocol::NhsNumber::parse(&nhs_number).map_err(|_| {
                 anyhow::anyhow!("not a valid NHS number (10 digits, Modulus 11 check)")
             })?;
-            patient(&open_state(&Config::load(&config)?)?, nhs, ndjson)
+            let via = Via::new(&reach)?;
+            let shown: Vec<Shown> = match &via {
+                Via::Store { state, officer } => state
+                    .patient_history(officer, nhs, now)?
+                    .iter()
+                    .map(Shown::of)
+                    .collect(),
+                Via::Hub { .. } => {
+                    let path = format!("/admin/v1/audit/patients/{}", nhs.digits());
+                    via.get_json::<HistoryAnswer>(&path)?.accesses
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            if !ndjson {
+                writeln!(
+                    out,
+                    "Accesses to the record of NHS number {nhs}, oldest first:"
+                )?;
+            }
+            let devices: std::collections::BTreeSet<&str> =
+                shown.iter().map(|s| s.device.as_str()).collect();
+            for s in &shown {
+                s.print(&mut out, ndjson)?;
+            }
+            if !ndjson {
+                writeln!(
+                    out,
+                    "{} accesses from {} devices",
+                    shown.len(),
+                    devices.len()
+                )?;
+            }
+            out.flush()?;
         }
-        Command::Audit {
-            command: AuditCommand::Export { config, out },
-        } => {
-            let config = Config::load(&config)?;
-            let state = open_state(&config)?;
+        AuditCommand::Export { reach, out } => {
+            let via = Via::new(&reach)?;
+            let tmp = out.with_extension("partial");
             let mut w = std::io::BufWriter::new(
-                std::fs::File::create(&out)
-                    .with_context(|| format!("creating {}", out.display()))?,
+                std::fs::File::create(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?,
             );
-            let n = state.for_each_audit(|e| {
-                use std::io::Write;
-                serde_json::to_writer(&mut w, &carecache_hub::export::audit_event(&e))?;
-                w.write_all(b"\n")
-            })?;
-            use std::io::Write;
+            let n = match &via {
+                Via::Store { state, officer } => state.export_audit(officer, now, |e| {
+                    serde_json::to_writer(&mut w, &carecache_hub::export::audit_event(&e))?;
+                    w.write_all(b"\n")
+                })?,
+                Via::Hub {
+                    agent,
+                    base,
+                    token,
+                    officer,
+                } => {
+                    let mut resp =
+                        Via::call(agent, base, token, officer, "/admin/v1/audit/export", None)?;
+                    let mut body = resp.body_mut().with_config().limit(u64::MAX).reader();
+                    std::io::copy(&mut body, &mut w)
+                        .context("the export broke off before its end")?;
+                    w.flush()?;
+                    std::fs::read(&tmp)?.iter().filter(|&&b| b == b'\n').count() as u64
+                }
+            };
             w.flush()?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
             eprintln!("exported {n} audit events to {}", out.display());
-            Ok(())
+        }
+        AuditCommand::ClearFlag {
+            device,
+            reason,
+            reach,
+        } => {
+            let via = Via::new(&reach)?;
+            let at = match &via {
+                Via::Store { state, officer } => {
+                    state.clear_audit_flag(&device, officer, &reason, now)?
+                }
+                Via::Hub {
+                    agent,
+                    base,
+                    token,
+                    officer,
+                } => {
+                    let path = format!("/admin/v1/devices/{device}/clear-audit-flag");
+                    let body = serde_json::json!({ "officer": officer, "reason": reason });
+                    let text = Via::call(agent, base, token, officer, &path, Some(body))?
+                        .body_mut()
+                        .read_to_string()?;
+                    serde_json::from_str::<FlagAnswer>(&text)?.broken_at
+                }
+            };
+            eprintln!(
+                "audit flag of {device} cleared (its chain had broken at sequence {at}); its next entries are accepted"
+            );
+        }
+        AuditCommand::OfficerLog { reach } => {
+            let via = Via::new(&reach)?;
+            let log: Vec<serde_json::Value> = match &via {
+                Via::Store { state, .. } => state
+                    .officer_log()?
+                    .iter()
+                    .map(|(seq, l)| l.to_json(*seq))
+                    .collect(),
+                Via::Hub { .. } => {
+                    via.get_json::<LogAnswer>("/admin/v1/audit/officer-log")?
+                        .entries
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            for l in &log {
+                serde_json::to_writer(&mut out, l)?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
         }
     }
-}
-
-/// One entry to standard output, as text or as an AuditEvent line.
-fn print_entry(
-    out: &mut impl std::io::Write,
-    e: &carecache_hub::audit::StoredEntry,
-    ndjson: bool,
-) -> std::io::Result<()> {
-    if ndjson {
-        serde_json::to_writer(&mut *out, &carecache_hub::export::audit_event(e))?;
-        out.write_all(b"\n")
-    } else {
-        writeln!(out, "  {}", carecache_hub::export::describe(e))
-    }
-}
-
-fn review(state: &HubState, ndjson: bool) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let flagged = state.flagged_devices()?;
-    let mut text = String::new();
-    if flagged.is_empty() {
-        text.push_str("No device is flagged: every audit chain received verifies.\n");
-    } else {
-        text.push_str("Devices flagged for review (audit chain broken; nothing after the break is accepted):\n");
-        for (device, at) in &flagged {
-            text.push_str(&format!("  {device}  broken at sequence {at}\n"));
-        }
-    }
-    if ndjson {
-        eprint!("{text}");
-    } else {
-        write!(out, "{text}")?;
-        writeln!(out, "Emergency (ETREAT) accesses to review:")?;
-    }
-    let n = state.for_each_emergency(|e| print_entry(&mut out, &e, ndjson))?;
-    if !ndjson {
-        writeln!(out, "{n} emergency accesses")?;
-    }
-    out.flush()?;
-    Ok(())
-}
-
-fn patient(state: &HubState, nhs: sync_protocol::NhsNumber, ndjson: bool) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    if !ndjson {
-        writeln!(
-            out,
-            "Accesses to the record of NHS number {nhs}, oldest first:"
-        )?;
-    }
-    let mut devices = std::collections::BTreeSet::new();
-    let n = state.for_each_patient_access(nhs, |e| {
-        devices.insert(e.device.clone());
-        print_entry(&mut out, &e, ndjson)
-    })?;
-    if !ndjson {
-        writeln!(out, "{n} accesses from {} devices", devices.len())?;
-    }
-    out.flush()?;
     Ok(())
 }
 
@@ -373,14 +642,25 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
         Some(t) => hub.with_privacy_officer_token(&t),
         None => hub,
     };
+    let hub = match token_from(
+        "CARECACHE_HUB_METRICS_TOKEN",
+        config.metrics_token_file.as_deref(),
+        "metrics",
+    )? {
+        Some(t) if t == token => bail!("the metrics token must differ from the admin token"),
+        Some(t) => hub.with_metrics_token(&t),
+        None => hub,
+    };
     let hub = Arc::new(hub);
 
     let source = config.source.clone();
-    let ingest_hub = hub.clone();
+    let ingest_hub = Arc::downgrade(&hub);
     let ingest_rules = rules.clone();
-    let ingest = Arc::new(move || ingest_once(&source, &ingest_hub.state, &ingest_rules));
-    hub.set_ingest_hook(ingest.clone());
-    if let Err(e) = ingest() {
+    hub.set_ingest_hook(Arc::new(move || match ingest_hub.upgrade() {
+        Some(hub) => ingest_once(&source, &hub.state, &ingest_rules),
+        None => Err("the hub is stopping".to_owned()),
+    }));
+    if let Some(Err(e)) = hub.run_ingest() {
         tracing::error!(error = %e, "initial ingest failed; serving what the database holds");
     }
     let poll_secs = match &config.source {
@@ -409,9 +689,9 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
                 since_poll += 60;
                 if poll_secs > 0 && since_poll >= poll_secs {
                     since_poll = 0;
-                    let ingest = ingest.clone();
+                    let h = housekeeping_hub.clone();
                     let _ = tokio::task::spawn_blocking(move || {
-                        if let Err(e) = ingest() {
+                        if let Some(Err(e)) = h.run_ingest() {
                             tracing::error!(error = %e, "source poll failed");
                         }
                     })

@@ -105,6 +105,28 @@ pub struct Hub {
     shared_secs: u64,
     /// When a device needs attention in the fleet view.
     pub fleet: crate::fleet::FleetLimits,
+    /// SHA-256 of the token Prometheus scrapes `/metrics` with, if one is configured
+    /// (the admin token also reads it).
+    metrics_token_sha256: Option<[u8; 32]>,
+    /// Counters since start, for `/metrics`.
+    counters: Counters,
+}
+
+type Labels = Vec<(String, String)>;
+
+/// What `/metrics` counts since the hub started.
+#[derive(Default)]
+struct Counters {
+    /// Protocol requests by route and HTTP status.
+    requests: prometheus_client::metrics::family::Family<
+        Labels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// Source reads by outcome.
+    ingests: prometheus_client::metrics::family::Family<
+        Labels,
+        prometheus_client::metrics::counter::Counter,
+    >,
 }
 
 impl std::fmt::Debug for Hub {
@@ -177,7 +199,28 @@ impl Hub {
             lookup_hours: limits.lookup_lease_hours,
             shared_secs: limits.shared_snapshot_secs.clamp(1, 50),
             fleet: crate::fleet::FleetLimits::default(),
+            metrics_token_sha256: None,
+            counters: Counters::default(),
         }
+    }
+
+    /// The token Prometheus scrapes `/metrics` with (read-only: it opens nothing else).
+    pub fn with_metrics_token(mut self, token: &str) -> Self {
+        self.metrics_token_sha256 = Some(Sha256::digest(token.as_bytes()).into());
+        self
+    }
+
+    /// Reads the source once through the configured hook, counting the outcome for
+    /// `/metrics`. `None` when no source is configured.
+    pub fn run_ingest(&self) -> Option<Result<serde_json::Value, String>> {
+        let hook = self.ingest.lock().ok().and_then(|h| h.clone())?;
+        let outcome = hook();
+        let label = if outcome.is_ok() { "ok" } else { "failed" };
+        self.counters
+            .ingests
+            .get_or_create(&vec![("outcome".into(), label.into())])
+            .inc();
+        Some(outcome)
     }
 
     /// The privacy officer's token: the one credential that clears a device's restored
@@ -488,10 +531,24 @@ fn router(hub: Arc<Hub>) -> Router {
             post(admin_clear_restored),
         )
         .route(
+            "/admin/v1/devices/{id}/clear-audit-flag",
+            post(admin_clear_audit_flag),
+        )
+        .route("/admin/v1/audit/review", get(admin_audit_review))
+        .route("/admin/v1/audit/patients/{nhs}", get(admin_audit_patient))
+        .route("/admin/v1/audit/export", get(admin_audit_export))
+        .route("/admin/v1/audit/officer-log", get(admin_officer_log))
+        .route(
             "/admin/v1/devices/{id}/renewal-token",
             post(admin_renewal_token),
         )
         .route("/admin/v1/ingest", post(admin_ingest))
+        .route_layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            admin_throttle,
+        ));
+    let metrics = Router::new()
+        .route("/metrics", get(metrics_route))
         .route_layer(axum::middleware::from_fn_with_state(
             hub.clone(),
             admin_throttle,
@@ -504,7 +561,12 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/ccsp/v1/lookup", post(lookup_route))
         .route("/ccsp/v1/checkin", post(checkin_route))
         .route("/ccsp/v1/renew", post(renew_route))
+        .route_layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            count_requests,
+        ))
         .merge(admin)
+        .merge(metrics)
         .layer(axum::extract::DefaultBodyLimit::max(
             usize::try_from(MessageKind::PushAudit.max_payload()).unwrap_or(usize::MAX) + 16,
         ))
@@ -1223,6 +1285,218 @@ async fn admin_throttle(
     resp
 }
 
+/// Every protocol request, counted by route and status for `/metrics`.
+async fn count_requests(
+    State(hub): State<Arc<Hub>>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .uri()
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let resp = next.run(req).await;
+    hub.counters
+        .requests
+        .get_or_create(&vec![
+            ("route".into(), route),
+            ("status".into(), resp.status().as_u16().to_string()),
+        ])
+        .inc();
+    resp
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text — the change log, ingest, devices by
+/// last contact, protocol requests by route and status, flagged devices, audit and the
+/// database pool, with the fleet's per-device series. The metrics token or the admin
+/// token; ids and counts only, never patient data.
+async fn metrics_route(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    let scraper = hub
+        .metrics_token_sha256
+        .is_some_and(|d| bearer_is(&headers, &d));
+    if !scraper && let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    let hub2 = hub.clone();
+    match tokio::task::spawn_blocking(move || metrics_text(&hub2)).await {
+        Ok(Ok(text)) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Ok(Err(e)) => state_error(&e),
+        Err(e) => internal(&e),
+    }
+}
+
+/// The hub's metrics as OpenMetrics text.
+fn metrics_text(hub: &Hub) -> Result<String, StateError> {
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+    use prometheus_client::registry::Registry;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let now = hub.now();
+    let state = &hub.state;
+    let fleet = state.fleet(now, &hub.fleet)?;
+    let mut registry = Registry::with_prefix("carecache_hub");
+    crate::fleet::register_fleet(&mut registry, &fleet, now);
+
+    let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+    let counter = |v: u64| ConstCounter::new(v);
+    registry.register(
+        "change_log_head",
+        "Sequence number of the latest change",
+        gauge(state.head()?),
+    );
+    let (patients, objections, leases) = state.counts()?;
+    registry.register("patients", "Patients held", gauge(patients));
+    registry.register(
+        "objections",
+        "Patients with an objection recorded",
+        gauge(objections),
+    );
+    registry.register("leases", "Leases held (any state)", gauge(leases));
+    registry.register(
+        "flagged_devices",
+        "Devices whose audit chain broke, waiting for a privacy officer",
+        gauge(state.flagged_devices()?.len() as u64),
+    );
+
+    // Devices in service by how long since their last checkin.
+    let contact = Family::<Labels, Gauge>::default();
+    let buckets: [(&str, Option<u64>); 4] = [
+        ("1h", Some(3_600_000)),
+        ("24h", Some(86_400_000)),
+        ("7d", Some(7 * 86_400_000)),
+        ("older", None),
+    ];
+    for (name, _) in buckets.iter().chain([("never", None)].iter()) {
+        contact
+            .get_or_create(&vec![("within".into(), (*name).into())])
+            .set(0);
+    }
+    for d in fleet.iter().filter(|d| !d.revoked) {
+        let bucket = match d.last_checkin_ms {
+            None => "never",
+            Some(at) => {
+                let age = now.as_millis().saturating_sub(at);
+                buckets
+                    .iter()
+                    .find(|(_, limit)| limit.is_none_or(|l| age <= l))
+                    .map_or("older", |(n, _)| n)
+            }
+        };
+        contact
+            .get_or_create(&vec![("within".into(), bucket.into())])
+            .inc();
+    }
+    registry.register(
+        "devices_by_last_contact",
+        "Devices in service by time since their last checkin (1h, 24h, 7d, older, never)",
+        contact,
+    );
+
+    // The last ingest: when it finished (wall clock), how old it is, what it changed.
+    if let Some(last) = state
+        .source_value("last_ingest")?
+        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+    {
+        if let Some(at) = last
+            .pointer("/finished_at_ms")
+            .and_then(serde_json::Value::as_u64)
+        {
+            let wall = system_clock().as_millis();
+            registry.register(
+                "ingest_last_success_timestamp_seconds",
+                "When the last ingest finished (Unix time)",
+                gauge(at / 1000),
+            );
+            registry.register(
+                "ingest_age_seconds",
+                "Seconds since the last ingest finished (the source's lag, at most)",
+                gauge(wall.saturating_sub(at) / 1000),
+            );
+        }
+        let changes = Family::<Labels, Gauge>::default();
+        for kind in ["added", "changed", "unchanged", "deleted", "objections"] {
+            let n = last
+                .pointer(&format!("/stored/{kind}"))
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            changes
+                .get_or_create(&vec![("kind".into(), kind.into())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        changes
+            .get_or_create(&vec![("kind".into(), "unreadable".into())])
+            .set(
+                last.pointer("/issues_total")
+                    .and_then(serde_json::Value::as_u64)
+                    .map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+            );
+        registry.register(
+            "ingest_last_patients",
+            "What the last ingest did, by kind (unreadable: resources that could not be read)",
+            changes,
+        );
+    }
+    registry.register(
+        "ingest_runs",
+        "Source reads by this instance since start, by outcome",
+        hub.counters.ingests.clone(),
+    );
+    registry.register(
+        "requests",
+        "Protocol requests to this instance since start, by route and HTTP status",
+        hub.counters.requests.clone(),
+    );
+    registry.register(
+        "audit_entries_stored",
+        "Audit entries stored by this instance since start",
+        counter(hub.audit_stored.load(Relaxed)),
+    );
+    registry.register(
+        "audit_entries_repeated",
+        "Audit entries received again and acknowledged without storing, since start",
+        counter(hub.audit_repeated.load(Relaxed)),
+    );
+    registry.register(
+        "pull_batches_built",
+        "Pull batches built since start",
+        counter(hub.batches_built.load(Relaxed)),
+    );
+    registry.register(
+        "pull_shared_hits",
+        "Pulls answered from a shared batch since start",
+        counter(hub.shared_hits.load(Relaxed)),
+    );
+    if let Some((size, idle)) = state.pool() {
+        let pool = Family::<Labels, Gauge>::default();
+        pool.get_or_create(&vec![("state".into(), "idle".into())])
+            .set(i64::from(idle));
+        pool.get_or_create(&vec![("state".into(), "busy".into())])
+            .set(i64::from(size.saturating_sub(idle)));
+        registry.register(
+            "database_connections",
+            "This instance's PostgreSQL connections by state",
+            pool,
+        );
+    }
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .map_err(|e| StateError::Database(format!("encoding metrics: {e}")))?;
+    Ok(out)
+}
+
 fn admin(hub: &Hub, headers: &HeaderMap) -> Result<(), Response> {
     if !bearer_is(headers, &hub.admin_token_sha256) {
         return Err(json_error(StatusCode::UNAUTHORIZED, "admin token required"));
@@ -1450,63 +1724,97 @@ async fn admin_revoke_device(
     }
 }
 
+/// The privacy officer's token, or the answer refusing the request: 403 when none is
+/// configured (the admin token never stands in for it), 401 when another is presented.
+fn privacy_officer(hub: &Hub, headers: &HeaderMap, what: &str) -> Result<(), Response> {
+    let Some(expected) = hub.privacy_token_sha256 else {
+        return Err(json_error(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "no privacy officer token is configured (privacy_officer_token_file or CARECACHE_HUB_PRIVACY_TOKEN); the admin token does not {what}"
+            ),
+        ));
+    };
+    if !bearer_is(headers, &expected) {
+        return Err(json_error(
+            StatusCode::UNAUTHORIZED,
+            &format!("the privacy officer's token is required to {what}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Header naming the privacy officer on an audit view.
+pub const OFFICER_HEADER: &str = "x-carecache-officer";
+
+/// The officer making an audit view: the privacy officer's token and a name in
+/// [`OFFICER_HEADER`] (kept in the officers' log with the address).
+fn viewing_officer(
+    hub: &Hub,
+    headers: &HeaderMap,
+    peer: &Peer,
+) -> Result<crate::officer::Officer, Response> {
+    privacy_officer(hub, headers, "read the audit trail")?;
+    let name = headers
+        .get(OFFICER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    crate::officer::Officer::new(name, &peer.addr.ip().to_string()).map_err(|_| {
+        json_error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "name who is reading in the {OFFICER_HEADER} header (1–128 printable characters)"
+            ),
+        )
+    })
+}
+
+/// A clearance's body: who and why.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Clear {
+    officer: String,
+    reason: String,
+}
+
+/// The officer and reason of a clearance, or the answer refusing it.
+fn clearance(
+    hub: &Hub,
+    headers: &HeaderMap,
+    peer: &Peer,
+    body: &Bytes,
+    what: &str,
+) -> Result<(crate::officer::Officer, String), Response> {
+    privacy_officer(hub, headers, what)?;
+    let Ok(clear) = serde_json::from_slice::<Clear>(body) else {
+        return Err(json_error(
+            StatusCode::BAD_REQUEST,
+            "expected {\"officer\": \"…\", \"reason\": \"…\"}",
+        ));
+    };
+    let officer = crate::officer::Officer::new(&clear.officer, &peer.addr.ip().to_string())
+        .map_err(|e| state_error(&e))?;
+    crate::officer::reason(&clear.reason).map_err(|e| state_error(&e))?;
+    Ok((officer, clear.reason))
+}
+
 /// `POST /admin/v1/devices/{id}/clear-restored` with the privacy officer's token and
 /// `{"officer": "…", "reason": "…"}`: the restored copies the device reported were looked
 /// into (a genuine restore from backup, say); the device leaves the attention list. Kept
-/// with the device in the fleet view, with who and why.
+/// with the device in the fleet view and in the officers' log, with who and why.
 async fn admin_clear_restored(
     State(hub): State<Arc<Hub>>,
     UrlPath(id): UrlPath<String>,
+    axum::Extension(peer): axum::Extension<Peer>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Clear {
-        officer: String,
-        reason: String,
-    }
-    let Some(expected) = hub.privacy_token_sha256 else {
-        return json_error(
-            StatusCode::FORBIDDEN,
-            "no privacy officer token is configured (privacy_officer_token_file or CARECACHE_HUB_PRIVACY_TOKEN); the admin token does not clear a restored copy",
-        );
+    let (officer, reason) = match clearance(&hub, &headers, &peer, &body, "clear a restored copy") {
+        Ok(c) => c,
+        Err(r) => return r,
     };
-    if !bearer_is(&headers, &expected) {
-        return json_error(
-            StatusCode::UNAUTHORIZED,
-            "the privacy officer's token is required to clear a restored copy",
-        );
-    }
-    let Ok(clear) = serde_json::from_slice::<Clear>(&body) else {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "expected {\"officer\": \"…\", \"reason\": \"…\"}",
-        );
-    };
-    let printable = |t: &str, min: usize, max: usize| {
-        let n = t.trim().chars().count();
-        (min..=max).contains(&n) && !t.chars().any(char::is_control)
-    };
-    if !printable(&clear.officer, 1, 128) {
-        return json_error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "officer: 1–128 printable characters",
-        );
-    }
-    if !printable(&clear.reason, 10, 1000) {
-        return json_error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "reason: 10–1000 printable characters saying what was looked into",
-        );
-    }
-    match hub.db(HubState::devices) {
-        Ok(all) if all.contains_key(&id) => {}
-        Ok(_) => return json_error(StatusCode::NOT_FOUND, "no such device"),
-        Err(e) => return state_error(&e),
-    }
     let now = hub.now();
-    match hub.db(|s| s.clear_restored(&id, clear.officer.trim(), clear.reason.trim(), now)) {
+    match hub.db(|s| s.clear_restored(&id, &officer, &reason, now)) {
         Ok(n) => {
             tracing::warn!(device = %id, cleared = n, "restored copy cleared by the privacy officer");
             axum::Json(serde_json::json!({ "cleared": n })).into_response()
@@ -1515,17 +1823,188 @@ async fn admin_clear_restored(
     }
 }
 
+/// `POST /admin/v1/devices/{id}/clear-audit-flag` with the privacy officer's token and
+/// `{"officer": "…", "reason": "…"}`: the break in the device's audit chain was looked
+/// into; the device's next entries are accepted again, the chain rejoined where they
+/// start. Logged with who and why.
+async fn admin_clear_audit_flag(
+    State(hub): State<Arc<Hub>>,
+    UrlPath(id): UrlPath<String>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (officer, reason) =
+        match clearance(&hub, &headers, &peer, &body, "clear a device's audit flag") {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+    let now = hub.now();
+    match hub.db(|s| s.clear_audit_flag(&id, &officer, &reason, now)) {
+        Ok(at) => axum::Json(serde_json::json!({ "device": id, "broken_at": at })).into_response(),
+        Err(e) => state_error(&e),
+    }
+}
+
+/// An audit entry for the admin API: where it came from, a line of text and the
+/// FHIR AuditEvent.
+fn entry_json(e: &crate::audit::StoredEntry) -> serde_json::Value {
+    serde_json::json!({
+        "device": e.device,
+        "seq": e.seq,
+        "at": e.record.at.rfc3339(),
+        "text": crate::export::describe(e),
+        "event": crate::export::audit_event(e),
+    })
+}
+
+/// Runs a privacy officer's view off the async workers.
+async fn officer_view<T: Send + 'static>(
+    hub: &Arc<Hub>,
+    f: impl FnOnce(&HubState, Timestamp) -> Result<T, StateError> + Send + 'static,
+) -> Result<T, Response> {
+    let hub = hub.clone();
+    match tokio::task::spawn_blocking(move || f(&hub.state, hub.now())).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(state_error(&e)),
+        Err(e) => Err(internal(&e)),
+    }
+}
+
+/// `GET /admin/v1/audit/review`: devices whose audit chain broke, and every emergency
+/// (ETREAT) access with the clinician's reason.
+async fn admin_audit_review(
+    State(hub): State<Arc<Hub>>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let officer = match viewing_officer(&hub, &headers, &peer) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    match officer_view(&hub, move |s, now| s.review(&officer, now)).await {
+        Ok(r) => axum::Json(serde_json::json!({
+            "flagged": r.flagged.iter()
+                .map(|(d, at)| serde_json::json!({ "device": d, "broken_at": at }))
+                .collect::<Vec<_>>(),
+            "emergency": r.emergency.iter().map(entry_json).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `GET /admin/v1/audit/patients/{nhs}`: every access to one patient's record, on every
+/// device, oldest first (a complaint, a subject access request).
+async fn admin_audit_patient(
+    State(hub): State<Arc<Hub>>,
+    UrlPath(nhs): UrlPath<String>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let officer = match viewing_officer(&hub, &headers, &peer) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let Ok(nhs) = sync_protocol::NhsNumber::parse(&nhs) else {
+        return json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not a valid NHS number (10 digits, Modulus 11 check)",
+        );
+    };
+    match officer_view(&hub, move |s, now| s.patient_history(&officer, nhs, now)).await {
+        Ok(found) => {
+            let devices: std::collections::BTreeSet<&str> =
+                found.iter().map(|e| e.device.as_str()).collect();
+            axum::Json(serde_json::json!({
+                "accesses": found.iter().map(entry_json).collect::<Vec<_>>(),
+                "devices": devices.len(),
+            }))
+            .into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+/// `GET /admin/v1/audit/export`: every stored entry as FHIR AuditEvent NDJSON, streamed
+/// as it is read.
+async fn admin_audit_export(
+    State(hub): State<Arc<Hub>>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let officer = match viewing_officer(&hub, &headers, &peer) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let hub2 = hub.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut chunk = Vec::with_capacity(64 * 1024);
+        let now = hub2.now();
+        let sent = hub2.state.export_audit(&officer, now, |e| {
+            serde_json::to_writer(&mut chunk, &crate::export::audit_event(&e))?;
+            chunk.push(b'\n');
+            if chunk.len() >= 64 * 1024 {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(64 * 1024));
+                tx.blocking_send(Ok(Bytes::from(full)))
+                    .map_err(|_| std::io::Error::other("the reader went away"))?;
+            }
+            Ok(())
+        });
+        match sent {
+            Ok(n) => {
+                if !chunk.is_empty() {
+                    let _ = tx.blocking_send(Ok(Bytes::from(chunk)));
+                }
+                tracing::info!(entries = n, "audit exported");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit export ended early");
+                // The body ends with an error: the reader sees a broken transfer, not a
+                // short file that looks whole.
+                let _ = tx.blocking_send(Err(std::io::Error::other("export failed")));
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/fhir+ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// `GET /admin/v1/audit/officer-log`: what privacy officers did through the hub
+/// (views and clearances), oldest first. The privacy officer's token or the admin token.
+async fn admin_officer_log(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
+    let privacy = hub
+        .privacy_token_sha256
+        .is_some_and(|d| bearer_is(&headers, &d));
+    if !privacy && let Err(r) = admin(&hub, &headers) {
+        return r;
+    }
+    match officer_view(&hub, |s, _| s.officer_log()).await {
+        Ok(log) => axum::Json(serde_json::json!({
+            "entries": log.iter().map(|(seq, l)| l.to_json(*seq)).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
 async fn admin_ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
     if let Err(r) = admin(&hub, &headers) {
         return r;
     }
-    let hook = hub.ingest.lock().ok().and_then(|h| h.clone());
-    let Some(hook) = hook else {
-        return json_error(StatusCode::CONFLICT, "no source configured");
-    };
-    match tokio::task::spawn_blocking(move || hook()).await {
-        Ok(Ok(report)) => axum::Json(report).into_response(),
-        Ok(Err(e)) => json_error(StatusCode::BAD_GATEWAY, &e),
+    let hub2 = hub.clone();
+    match tokio::task::spawn_blocking(move || hub2.run_ingest()).await {
+        Ok(None) => json_error(StatusCode::CONFLICT, "no source configured"),
+        Ok(Some(Ok(report))) => axum::Json(report).into_response(),
+        Ok(Some(Err(e))) => json_error(StatusCode::BAD_GATEWAY, &e),
         Err(e) => internal(&e),
     }
 }

@@ -187,6 +187,13 @@ fn record_summary(state: &HubState, summary: &IngestSummary) -> Result<(), Sourc
     if let Some(list) = record.get_mut("issues").and_then(Value::as_array_mut) {
         list.truncate(100);
     }
+    // When it finished, by the wall clock (for the ingest's age in /metrics).
+    if let Some(o) = record.as_object_mut() {
+        o.insert(
+            "finished_at_ms".into(),
+            crate::server::system_clock().as_millis().into(),
+        );
+    }
     state.set_source_value("last_ingest", record.to_string().as_bytes())?;
     Ok(())
 }

@@ -291,6 +291,11 @@ impl HubState {
         self.engine.remote()
     }
 
+    /// The database connection pool (connections open, idle), where there is one.
+    pub fn pool(&self) -> Option<(u32, u32)> {
+        self.engine.pool()
+    }
+
     /// The engine and where its data is, for logs (no credentials).
     pub fn describe(&self) -> String {
         self.engine.describe()

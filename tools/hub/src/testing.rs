@@ -350,6 +350,8 @@ impl Drop for PgCluster {
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// The privacy officer's token of every test hub.
 pub const PRIVACY_TOKEN: &str = "test-privacy-officer-token-0123456789";
+/// The test hub's metrics (scraper's) token.
+pub const METRICS_TOKEN: &str = "test-metrics-scraper-token-0123456789";
 /// Hub time at start: 2026-11-24T08:00:00Z.
 pub const T0: u64 = 1_795_507_200_000;
 
@@ -503,6 +505,7 @@ impl TestHub {
         let hub = Arc::new(
             Hub::new(state, ca, ADMIN_TOKEN, limits)
                 .with_privacy_officer_token(PRIVACY_TOKEN)
+                .with_metrics_token(METRICS_TOKEN)
                 .with_clock(Arc::new(move || {
                     Timestamp::from_millis(c2.load(Ordering::SeqCst)).unwrap()
                 })),
@@ -622,6 +625,27 @@ impl TestHub {
             status,
             serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
         )
+    }
+
+    /// A privacy officer's audit view: GET `path` with `token` and, if given, the
+    /// officer's name header. Status and body text.
+    pub fn officer_get(&self, path: &str, token: &str, officer: Option<&str>) -> (u16, String) {
+        let agent = agent_trusting(self.ca_pem.as_bytes()).unwrap();
+        let mut req = agent
+            .get(format!("{}{path}", self.base_url()))
+            .header("Authorization", format!("Bearer {token}"));
+        if let Some(name) = officer {
+            req = req.header(crate::server::OFFICER_HEADER, name);
+        }
+        let mut resp = req.call().unwrap();
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .unwrap_or_default();
+        (status, text)
     }
 
     /// A one-time enrolment token.

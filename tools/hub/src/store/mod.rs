@@ -58,6 +58,10 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
     fn describe(&self) -> String;
     /// Whether calls go across a network (to be made off async workers).
     fn remote(&self) -> bool;
+    /// The connection pool (connections open, idle), where there is one.
+    fn pool(&self) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 /// What a transaction reads.
@@ -123,6 +127,8 @@ pub(crate) trait Read {
     fn audit_emergency(&mut self, f: AuditVisit<'_>) -> R<()>;
     /// The entries naming a patient, by device then sequence.
     fn audit_of_patient(&mut self, nhs: u64, f: AuditVisit<'_>) -> R<()>;
+    /// What privacy officers did, oldest first: sequence and postcard `OfficerAction`.
+    fn officer_log(&mut self, f: &mut dyn FnMut(u64, &[u8]) -> R<()>) -> R<()>;
 }
 
 /// What a write transaction writes, besides what it reads.
@@ -172,6 +178,8 @@ pub(crate) trait Write: Read {
         patients: &[u64],
         emergency: bool,
     ) -> R<()>;
+    /// Append to the officers' log (`at` in ms); returns the entry's sequence.
+    fn log_officer(&mut self, at: u64, entry: &[u8]) -> R<u64>;
     /// Make every write durable and visible.
     fn commit(self: Box<Self>) -> R<()>;
 }

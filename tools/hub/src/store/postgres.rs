@@ -91,6 +91,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (nhs, device, seq)
     );
     ",
+    // 2: what privacy officers did through the hub (audit views, clearances).
+    r"
+    CREATE TABLE officer_log (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at bigint NOT NULL,
+        entry bytea NOT NULL
+    );
+    ",
 ];
 
 /// How the hub reaches its database (`[store]` in `hub.toml`).
@@ -367,6 +375,11 @@ impl Engine for PgEngine {
 
     fn remote(&self) -> bool {
         true
+    }
+
+    fn pool(&self) -> Option<(u32, u32)> {
+        let state = self.pool.state();
+        Some((state.connections, state.idle_connections))
     }
 
     fn describe(&self) -> String {
@@ -702,17 +715,36 @@ impl Read for PgTx {
         if self.write {
             // A row to lock: two instances given the same device's first push wait for
             // each other here.
-            let empty = enc(&ChainHead::default());
+            let empty = ChainHead::default().encode();
             self.x(
                 "INSERT INTO audit_heads (device, row) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 &[(&device, Type::TEXT), (&empty, Type::BYTEA)],
             )?;
         }
-        self.by_text("audit_heads", "device", device)
+        let sql = format!(
+            "SELECT row FROM audit_heads WHERE device = $1{}",
+            self.lock()
+        );
+        match self.opt(&sql, &[(&device, Type::TEXT)])? {
+            Some(row) => Ok(Some(ChainHead::decode(row.get::<_, &[u8]>(0))?)),
+            None => Ok(None),
+        }
     }
 
     fn audit_heads(&mut self) -> R<Vec<(String, ChainHead)>> {
-        self.all_by_text("audit_heads", "device")
+        let mut out = Vec::new();
+        for row in self.q("SELECT device, row FROM audit_heads ORDER BY device", &[])? {
+            out.push((row.get(0), ChainHead::decode(row.get::<_, &[u8]>(1))?));
+        }
+        Ok(out)
+    }
+
+    fn officer_log(&mut self, f: &mut dyn FnMut(u64, &[u8]) -> R<()>) -> R<()> {
+        self.each(
+            "SELECT seq, entry FROM officer_log ORDER BY seq",
+            &[],
+            |row| f(u(row.get(0)), row.get::<_, &[u8]>(1)),
+        )
     }
 
     fn audit_entry(&mut self, device: &str, seq: u64) -> R<Option<Vec<u8>>> {
@@ -903,7 +935,18 @@ impl Write for PgTx {
     }
 
     fn put_audit_head(&mut self, device: &str, head: &ChainHead) -> R<()> {
-        self.put_text("audit_heads", "device", device, &enc(head))
+        self.put_text("audit_heads", "device", device, &head.encode())
+    }
+
+    fn log_officer(&mut self, at: u64, entry: &[u8]) -> R<u64> {
+        let at = i(at);
+        let row = self
+            .opt(
+                "INSERT INTO officer_log (at, entry) VALUES ($1, $2) RETURNING seq",
+                &[(&at, Type::INT8), (&entry, Type::BYTEA)],
+            )?
+            .ok_or_else(|| StateError::Database("officer log: no sequence returned".into()))?;
+        Ok(u(row.get(0)))
     }
 
     fn put_audit(

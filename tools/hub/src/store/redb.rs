@@ -55,6 +55,8 @@ const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_heads");
 const BY_PATIENT: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("audit_by_patient");
 /// Index for review: (device, seq) of every emergency (ETREAT) access and lookup.
 const EMERGENCY: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_emergency");
+/// What privacy officers did through the hub, by sequence: postcard `OfficerAction`.
+const OFFICER_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("officer_log");
 
 macro_rules! db_err {
     ($($t:ty),*) => {$(
@@ -387,16 +389,30 @@ macro_rules! read_impl {
             fn audit_head(&mut self, device: &str) -> R<Option<ChainHead>> {
                 let t = self.tx.open_table(HEADS)?;
                 let row = t.get(device)?;
-                row.map(|v| dec(v.value(), "audit_heads")).transpose()
+                row.map(|v| ChainHead::decode(v.value())).transpose()
             }
 
             fn audit_heads(&mut self) -> R<Vec<(String, ChainHead)>> {
                 let mut out = Vec::new();
                 for item in self.tx.open_table(HEADS)?.iter()? {
                     let (k, v) = item?;
-                    out.push((k.value().to_owned(), dec(v.value(), "audit_heads")?));
+                    out.push((k.value().to_owned(), ChainHead::decode(v.value())?));
                 }
                 Ok(out)
+            }
+
+            fn officer_log(&mut self, f: &mut dyn FnMut(u64, &[u8]) -> R<()>) -> R<()> {
+                // A database from before the table: nothing logged yet.
+                let t = match self.tx.open_table(OFFICER_LOG) {
+                    Ok(t) => t,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    f(k.value(), v.value())?;
+                }
+                Ok(())
             }
 
             fn audit_entry(&mut self, device: &str, seq: u64) -> R<Option<Vec<u8>>> {
@@ -576,8 +592,15 @@ impl Write for RedbWrite {
     fn put_audit_head(&mut self, device: &str, head: &ChainHead) -> R<()> {
         self.tx
             .open_table(HEADS)?
-            .insert(device, enc(head).as_slice())?;
+            .insert(device, head.encode().as_slice())?;
         Ok(())
+    }
+
+    fn log_officer(&mut self, _at: u64, entry: &[u8]) -> R<u64> {
+        let mut t = self.tx.open_table(OFFICER_LOG)?;
+        let seq = t.last()?.map_or(0, |(k, _)| k.value()) + 1;
+        t.insert(seq, entry)?;
+        Ok(seq)
     }
 
     fn put_audit(
