@@ -259,7 +259,11 @@ impl HubState {
     }
 }
 
-fn stored_entry(device: &str, seq: u64, bytes: &[u8]) -> Result<StoredEntry, StateError> {
+pub(crate) fn stored_entry(
+    device: &str,
+    seq: u64,
+    bytes: &[u8],
+) -> Result<StoredEntry, StateError> {
     let (hash, record) = bytes
         .split_at_checked(32)
         .ok_or(StateError::Corrupt("audit"))?;

@@ -49,6 +49,39 @@ pub struct Config {
     /// Leases granted from the config file (updated by name on each start).
     #[serde(default, rename = "lease")]
     pub leases: Vec<LeaseSpec>,
+    /// Where stored device audit is forwarded as FHIR AuditEvent (unset: kept here only).
+    #[serde(default)]
+    pub forward: Option<ForwardConfig>,
+}
+
+/// `[forward]`: the FHIR R4 audit store the hub forwards device audit to.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// The FHIR server's base URL (`https://…/fhir`; `http://` for loopback only).
+    pub url: String,
+    /// PEM file of the CA that issued the server's certificate (default: the public
+    /// web roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// File holding a bearer token for the server (first line);
+    /// `CARECACHE_HUB_FORWARD_TOKEN` overrides it.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// AuditEvents per batch Bundle (1–1000).
+    #[serde(default = "default_forward_batch")]
+    pub batch: u32,
+    /// Seconds between forwarding passes (1–86400).
+    #[serde(default = "default_forward_interval")]
+    pub interval_secs: u64,
+}
+
+fn default_forward_batch() -> u32 {
+    200
+}
+
+fn default_forward_interval() -> u64 {
+    60
 }
 
 /// Which engine holds the hub's state.
@@ -377,6 +410,31 @@ impl Config {
                 "store.cache_mib must be 8 to 65536".into(),
             ));
         }
+        if let Some(f) = &self.forward {
+            if !(1..=1000).contains(&f.batch) {
+                return Err(ConfigError::Invalid(
+                    "forward.batch must be 1 to 1000".into(),
+                ));
+            }
+            if !(1..=86_400).contains(&f.interval_secs) {
+                return Err(ConfigError::Invalid(
+                    "forward.interval_secs must be 1 to 86400".into(),
+                ));
+            }
+            let uri = f.url.parse::<ureq::http::Uri>().ok();
+            let ok = match uri.as_ref().map(|u| (u.scheme_str(), u.host())) {
+                Some((Some("https"), Some(_))) => true,
+                Some((Some("http"), Some(h))) => {
+                    ["127.0.0.1", "localhost", "[::1]", "::1"].contains(&h)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(ConfigError::Invalid(
+                    "forward.url must be https:// (http:// only to this machine): audit names patients".into(),
+                ));
+            }
+        }
         if !(1..=3650).contains(&self.tls.device_cert_days) {
             return Err(ConfigError::Invalid(
                 "tls.device_cert_days must be 1 to 3650".into(),
@@ -403,6 +461,39 @@ mod tests {
         )
         .unwrap();
         Config::load(&path)
+    }
+
+    #[test]
+    fn audit_is_forwarded_only_over_tls_or_to_this_machine() {
+        assert!(load("").unwrap().forward.is_none());
+        let f = load("[forward]\nurl = \"https://audit.example.nhs.uk/fhir\"\n")
+            .unwrap()
+            .forward
+            .unwrap();
+        assert_eq!((f.batch, f.interval_secs), (200, 60));
+        assert!(load("[forward]\nurl = \"http://127.0.0.1:8080/fhir\"\n").is_ok());
+        for (bad, says) in [
+            ("url = \"http://audit.example.nhs.uk/fhir\"", "https://"),
+            ("url = \"http://127.0.0.1.example.com/fhir\"", "https://"),
+            ("url = \"not a url\"", "https://"),
+            (
+                "url = \"https://a.example/fhir\"\nbatch = 0",
+                "forward.batch",
+            ),
+            (
+                "url = \"https://a.example/fhir\"\ninterval_secs = 0",
+                "forward.interval_secs",
+            ),
+            (
+                "url = \"https://a.example/fhir\"\npassword = \"x\"",
+                "unknown field",
+            ),
+        ] {
+            let err = load(&format!("[forward]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`pull`]: a device's batch from its cursor: objections, then leases, then records.
 //! - [`audit`]: the audit sink: chain and sequence checks, exactly-once storage.
 //! - [`export`]: audit as FHIR AuditEvent (IHE BALP).
+//! - [`forward`]: stored audit forwarded upstream as FHIR AuditEvent, at least once.
 //! - [`officer`]: the privacy officer's views and clearances, and the log of them.
 //! - [`pki`]: the device CA (enrolment) and `dev-ca`.
 //! - [`server`]: HTTPS, mutual TLS, protocol routes and the admin API.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod export;
 pub mod fhir_in;
 pub mod fleet;
+pub mod forward;
 mod leases;
 pub mod officer;
 pub mod pki;

@@ -667,8 +667,43 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
         SourceConfig::Ndjson { poll_secs, .. } | SourceConfig::Fhir { poll_secs, .. } => *poll_secs,
     };
 
+    let forwarder = match &config.forward {
+        Some(f) => {
+            let ca = f
+                .ca_file
+                .as_ref()
+                .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+                .transpose()?;
+            let token = token_from(
+                "CARECACHE_HUB_FORWARD_TOKEN",
+                f.token_file.as_deref(),
+                "forward",
+            )?;
+            let forwarder =
+                carecache_hub::forward::Forwarder::new(&f.url, ca.as_deref(), token, f.batch)?;
+            tracing::info!(
+                every_secs = f.interval_secs,
+                "audit forwarded upstream as FHIR AuditEvent"
+            );
+            Some((Arc::new(forwarder), f.interval_secs))
+        }
+        None => None,
+    };
+
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        if let Some((forwarder, every)) = forwarder {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(every));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let (h, f) = (hub.clone(), forwarder.clone());
+                    let _ = tokio::task::spawn_blocking(move || h.run_forward(&f)).await;
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

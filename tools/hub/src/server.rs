@@ -118,16 +118,21 @@ type Labels = Vec<(String, String)>;
 #[derive(Default)]
 struct Counters {
     /// Protocol requests by route and HTTP status.
-    requests: prometheus_client::metrics::family::Family<
-        Labels,
-        prometheus_client::metrics::counter::Counter,
-    >,
+    requests: CounterFamily,
     /// Source reads by outcome.
-    ingests: prometheus_client::metrics::family::Family<
-        Labels,
-        prometheus_client::metrics::counter::Counter,
-    >,
+    ingests: CounterFamily,
+    /// Audit forwarding passes by outcome.
+    forward_passes: CounterFamily,
+    /// Audit entries the upstream audit store accepted.
+    forwarded: prometheus_client::metrics::counter::Counter,
+    /// Whether this instance forwards audit (so `/metrics` shows what waits).
+    forwarding: std::sync::atomic::AtomicBool,
 }
+
+type CounterFamily = prometheus_client::metrics::family::Family<
+    Labels,
+    prometheus_client::metrics::counter::Counter,
+>;
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,6 +213,34 @@ impl Hub {
     pub fn with_metrics_token(mut self, token: &str) -> Self {
         self.metrics_token_sha256 = Some(Sha256::digest(token.as_bytes()).into());
         self
+    }
+
+    /// One audit forwarding pass (see [`crate::forward`]), counted for `/metrics` and
+    /// logged (counts and the error only).
+    pub fn run_forward(&self, forwarder: &crate::forward::Forwarder) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counters.forwarding.store(true, Relaxed);
+        let outcome = forwarder.pass(&self.state);
+        let label = match &outcome {
+            Ok(f) if f.busy => "busy",
+            Ok(_) => "ok",
+            Err(_) => "failed",
+        };
+        self.counters
+            .forward_passes
+            .get_or_create(&vec![("outcome".into(), label.into())])
+            .inc();
+        match outcome {
+            Ok(f) => {
+                self.counters.forwarded.inc_by(f.accepted);
+                if f.accepted > 0 {
+                    tracing::info!(entries = f.accepted, bundles = f.bundles, "audit forwarded");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit forwarding stopped; it resumes at the next pass")
+            }
+        }
     }
 
     /// Reads the source once through the configured hook, counting the outcome for
@@ -1479,6 +1512,23 @@ fn metrics_text(hub: &Hub) -> Result<String, StateError> {
         "Pulls answered from a shared batch since start",
         counter(hub.shared_hits.load(Relaxed)),
     );
+    if hub.counters.forwarding.load(Relaxed) {
+        registry.register(
+            "audit_forward_pending",
+            "Stored audit entries not yet accepted by the upstream audit store",
+            gauge(state.forward_pending()?),
+        );
+        registry.register(
+            "audit_forward_passes",
+            "Audit forwarding passes by this instance since start, by outcome (busy: another instance was forwarding)",
+            hub.counters.forward_passes.clone(),
+        );
+        registry.register(
+            "audit_forwarded",
+            "Audit entries this instance forwarded that the audit store accepted, since start",
+            hub.counters.forwarded.clone(),
+        );
+    }
     if let Some((size, idle)) = state.pool() {
         let pool = Family::<Labels, Gauge>::default();
         pool.get_or_create(&vec![("state".into(), "idle".into())])

@@ -810,6 +810,30 @@ impl FhirServer {
             .as_u16()
     }
 
+    /// GETs `path` (after the base): status and JSON body.
+    pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let mut resp = self
+            .agent
+            .get(&format!("{}/{path}", self.base))
+            .call()
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
+
+    /// How many resources of `kind` the server holds.
+    pub fn count(&self, kind: &str) -> u64 {
+        let (status, body) = self.get(&format!("{kind}?_summary=count"));
+        assert_eq!(status, 200, "{body}");
+        body["total"].as_u64().unwrap()
+    }
+
     /// DELETEs a resource; returns the HTTP status.
     pub fn delete(&self, kind: &str, id: &str) -> u16 {
         self.agent

@@ -14,6 +14,7 @@
 )]
 
 mod audit;
+mod forward;
 mod harness;
 mod hostile;
 mod ingest;

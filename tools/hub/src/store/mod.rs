@@ -58,6 +58,9 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
     fn describe(&self) -> String;
     /// Whether calls go across a network (to be made off async workers).
     fn remote(&self) -> bool;
+    /// The right to forward audit upstream, if no other instance (or thread) holds it:
+    /// held until the guard drops.
+    fn try_forward_guard(&self) -> R<Option<Box<dyn Guard + '_>>>;
     /// The connection pool (connections open, idle), where there is one.
     fn pool(&self) -> Option<(u32, u32)> {
         None
@@ -127,6 +130,10 @@ pub(crate) trait Read {
     fn audit_emergency(&mut self, f: AuditVisit<'_>) -> R<()>;
     /// The entries naming a patient, by device then sequence.
     fn audit_of_patient(&mut self, nhs: u64, f: AuditVisit<'_>) -> R<()>;
+    /// Up to `limit` of a device's stored entries after sequence `after`, in order.
+    fn audit_after(&mut self, device: &str, after: u64, limit: u64, f: AuditVisit<'_>) -> R<()>;
+    /// How far each device's audit has been forwarded upstream (highest sequence).
+    fn forwarded(&mut self) -> R<HashMap<String, u64>>;
     /// What privacy officers did, oldest first: sequence and postcard `OfficerAction`.
     fn officer_log(&mut self, f: &mut dyn FnMut(u64, &[u8]) -> R<()>) -> R<()>;
 }
@@ -178,6 +185,8 @@ pub(crate) trait Write: Read {
         patients: &[u64],
         emergency: bool,
     ) -> R<()>;
+    /// Record that a device's audit is forwarded through `seq`.
+    fn set_forwarded(&mut self, device: &str, seq: u64) -> R<()>;
     /// Append to the officers' log (`at` in ms); returns the entry's sequence.
     fn log_officer(&mut self, at: u64, entry: &[u8]) -> R<u64>;
     /// Make every write durable and visible.

@@ -37,6 +37,7 @@ use crate::store::redb::RECORDS_FORMAT;
 /// Advisory lock keys (one namespace per hub schema: the key is hashed with it).
 const LOCK_MIGRATE: i64 = 0x6361_7265_0001;
 const LOCK_INGEST: i64 = 0x6361_7265_0002;
+const LOCK_FORWARD: i64 = 0x6361_7265_0003;
 
 /// The schema, one step per entry; `schema_version` holds how many have run.
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -91,13 +92,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (nhs, device, seq)
     );
     ",
-    // 2: what privacy officers did through the hub (audit views, clearances).
+    // 2: what privacy officers did through the hub (audit views, clearances); how far
+    // each device's audit is forwarded upstream.
     r"
     CREATE TABLE officer_log (
         seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         at bigint NOT NULL,
         entry bytea NOT NULL
     );
+    CREATE TABLE audit_forwarded (device text PRIMARY KEY, seq bigint NOT NULL);
     ",
 ];
 
@@ -367,7 +370,7 @@ impl Engine for PgEngine {
             &[&lock_key(&self.schema, LOCK_INGEST)],
         )
         .map_err(|e| pg_err(&e))?;
-        Ok(Box::new(IngestGuard {
+        Ok(Box::new(AdvisoryGuard {
             conn,
             key: lock_key(&self.schema, LOCK_INGEST),
         }))
@@ -375,6 +378,19 @@ impl Engine for PgEngine {
 
     fn remote(&self) -> bool {
         true
+    }
+
+    fn try_forward_guard(&self) -> R<Option<Box<dyn Guard + '_>>> {
+        let mut conn = self
+            .config
+            .connect(self.tls.clone())
+            .map_err(|e| pg_err(&e))?;
+        let key = lock_key(&self.schema, LOCK_FORWARD);
+        let got: bool = conn
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .map_err(|e| pg_err(&e))?
+            .get(0);
+        Ok(got.then(|| Box::new(AdvisoryGuard { conn, key }) as Box<dyn Guard>))
     }
 
     fn pool(&self) -> Option<(u32, u32)> {
@@ -387,12 +403,12 @@ impl Engine for PgEngine {
     }
 }
 
-struct IngestGuard {
+struct AdvisoryGuard {
     conn: postgres::Client,
     key: i64,
 }
 
-impl Drop for IngestGuard {
+impl Drop for AdvisoryGuard {
     fn drop(&mut self) {
         if let Err(e) = self
             .conn
@@ -771,6 +787,28 @@ impl Read for PgTx {
         }
     }
 
+    fn audit_after(&mut self, device: &str, after: u64, limit: u64, f: AuditVisit<'_>) -> R<()> {
+        let (after, limit) = (i(after), i(limit));
+        self.visit_audit(
+            "SELECT device, seq, entry FROM audit WHERE device = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3",
+            &[
+                (&device, Type::TEXT),
+                (&after, Type::INT8),
+                (&limit, Type::INT8),
+            ],
+            f,
+        )
+    }
+
+    fn forwarded(&mut self) -> R<HashMap<String, u64>> {
+        let mut out = HashMap::new();
+        for row in self.q("SELECT device, seq FROM audit_forwarded", &[])? {
+            out.insert(row.get(0), u(row.get(1)));
+        }
+        Ok(out)
+    }
+
     fn audit_emergency(&mut self, f: AuditVisit<'_>) -> R<()> {
         self.visit_audit(
             "SELECT device, seq, entry FROM audit WHERE emergency ORDER BY device, seq",
@@ -936,6 +974,16 @@ impl Write for PgTx {
 
     fn put_audit_head(&mut self, device: &str, head: &ChainHead) -> R<()> {
         self.put_text("audit_heads", "device", device, &head.encode())
+    }
+
+    fn set_forwarded(&mut self, device: &str, seq: u64) -> R<()> {
+        let seq = i(seq);
+        self.x(
+            "INSERT INTO audit_forwarded (device, seq) VALUES ($1, $2) \
+             ON CONFLICT (device) DO UPDATE SET seq = GREATEST(audit_forwarded.seq, EXCLUDED.seq)",
+            &[(&device, Type::TEXT), (&seq, Type::INT8)],
+        )?;
+        Ok(())
     }
 
     fn log_officer(&mut self, at: u64, entry: &[u8]) -> R<u64> {

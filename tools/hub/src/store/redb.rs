@@ -57,6 +57,8 @@ const BY_PATIENT: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("
 const EMERGENCY: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_emergency");
 /// What privacy officers did through the hub, by sequence: postcard `OfficerAction`.
 const OFFICER_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("officer_log");
+/// How far each device's audit is forwarded upstream: device → highest sequence sent.
+const FORWARDED: TableDefinition<&str, u64> = TableDefinition::new("audit_forwarded");
 
 macro_rules! db_err {
     ($($t:ty),*) => {$(
@@ -90,6 +92,8 @@ pub(crate) struct RedbEngine {
     path: std::path::PathBuf,
     /// Held by the one ingest running.
     ingesting: std::sync::Mutex<()>,
+    /// Held by the one audit forwarding pass running.
+    forwarding: std::sync::Mutex<()>,
 }
 
 impl RedbEngine {
@@ -144,6 +148,7 @@ impl RedbEngine {
             hub_id,
             path: path.to_path_buf(),
             ingesting: std::sync::Mutex::new(()),
+            forwarding: std::sync::Mutex::new(()),
         })
     }
 }
@@ -177,6 +182,14 @@ impl Engine for RedbEngine {
 
     fn remote(&self) -> bool {
         false
+    }
+
+    fn try_forward_guard(&self) -> R<Option<Box<dyn Guard + '_>>> {
+        Ok(match self.forwarding.try_lock() {
+            Ok(g) => Some(Box::new(g)),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(Box::new(p.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        })
     }
 
     fn describe(&self) -> String {
@@ -437,6 +450,38 @@ macro_rules! read_impl {
                 Ok(())
             }
 
+            fn audit_after(
+                &mut self,
+                device: &str,
+                after: u64,
+                limit: u64,
+                f: AuditVisit<'_>,
+            ) -> R<()> {
+                let t = self.tx.open_table(AUDIT)?;
+                let first = after.saturating_add(1);
+                let range = t.range((device, first)..=(device, u64::MAX))?;
+                for item in range.take(usize::try_from(limit).unwrap_or(usize::MAX)) {
+                    let (k, v) = item?;
+                    let (device, seq) = k.value();
+                    f(device, seq, v.value())?;
+                }
+                Ok(())
+            }
+
+            fn forwarded(&mut self) -> R<HashMap<String, u64>> {
+                let t = match self.tx.open_table(FORWARDED) {
+                    Ok(t) => t,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
+                    Err(e) => return Err(e.into()),
+                };
+                let mut out = HashMap::new();
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    out.insert(k.value().to_owned(), v.value());
+                }
+                Ok(out)
+            }
+
             fn audit_emergency(&mut self, f: AuditVisit<'_>) -> R<()> {
                 let audit = self.tx.open_table(AUDIT)?;
                 for item in self.tx.open_table(EMERGENCY)?.iter()? {
@@ -593,6 +638,13 @@ impl Write for RedbWrite {
         self.tx
             .open_table(HEADS)?
             .insert(device, head.encode().as_slice())?;
+        Ok(())
+    }
+
+    fn set_forwarded(&mut self, device: &str, seq: u64) -> R<()> {
+        let mut t = self.tx.open_table(FORWARDED)?;
+        let held = t.get(device)?.map_or(0, |v| v.value());
+        t.insert(device, seq.max(held))?;
         Ok(())
     }
 
