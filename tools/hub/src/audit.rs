@@ -51,7 +51,7 @@ struct ChainHeadV1 {
 
 impl ChainHead {
     /// The stored form.
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         crate::state::enc(self)
     }
 
@@ -157,15 +157,16 @@ impl HubState {
             .collect())
     }
 
-    /// Recomputes `device`'s stored chain from entry 1: `Ok(entries)` when every hash
-    /// follows from its content and the one before and the last is the stored head,
-    /// else `Err(first bad sequence)`.
+    /// Recomputes `device`'s stored chain from entry 1 (or the oldest entry retention
+    /// kept): `Ok(head)` when every hash follows from its content and the one before and
+    /// the last is the stored head, else `Err(first bad sequence)`.
     pub fn verify_audit_chain(&self, device: &str) -> Result<Result<u64, u64>, StateError> {
         let mut tx = self.engine.read()?;
         let head = tx.audit_head(device)?.unwrap_or_default();
         let mut prev = Hash32([0; 32]);
         let mut expect = 1u64;
         let mut bad = None;
+        let mut first = true;
         tx.audit(Some(device), &mut |_, seq, bytes| {
             if bad.is_some() {
                 return Ok(());
@@ -173,6 +174,13 @@ impl HubState {
             let (hash, record) = bytes
                 .split_at_checked(32)
                 .ok_or(StateError::Corrupt("audit"))?;
+            // Months dropped by retention: the chain verifies from the oldest entry kept
+            // (stored only in order from 1, so a missing start is a retention's).
+            if std::mem::take(&mut first) && seq > 1 {
+                prev = Hash32(hash.try_into().map_err(|_| StateError::Corrupt("audit"))?);
+                expect = seq + 1;
+                return Ok(());
+            }
             // Where a clearance rejoined the chain, the link is to the hash the device sent.
             if let Some((_, sent)) = head.rejoined.iter().find(|(at, _)| *at == seq) {
                 prev = Hash32(*sent);

@@ -38,3 +38,4 @@ pub mod testing;
 
 pub use server::Hub;
 pub use state::{HubState, LeaseSpec, Target, ViewSpec};
+pub use store::Retained;

@@ -48,6 +48,18 @@ enum Command {
         #[arg(long = "host", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
         hosts: Vec<String>,
     },
+    /// Retention (PostgreSQL): drop the audit stored more than N whole months before this
+    /// one — a partition drop per month, never a month holding entries not yet forwarded
+    /// upstream when `[forward]` is set — and change-log partitions compaction emptied.
+    /// Prints what was dropped as JSON.
+    Retention {
+        /// Configuration file.
+        #[arg(long, default_value = "hub.toml")]
+        config: PathBuf,
+        /// Whole months of audit kept before the current one (at least 1).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        keep_audit_months: u32,
+    },
     /// Audit held by the hub.
     Audit {
         #[command(subcommand)]
@@ -165,6 +177,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit { command } => audit_command(command),
+        Command::Retention {
+            config,
+            keep_audit_months,
+        } => {
+            let config = Config::load(&config)?;
+            let state = open_state(&config)?;
+            let done = state.retain(keep_audit_months, config.forward.is_some())?;
+            std::io::Write::write_all(
+                &mut std::io::stdout().lock(),
+                format!("{}\n", serde_json::to_string(&done)?).as_bytes(),
+            )?;
+            if !done.kept_unforwarded.is_empty() {
+                eprintln!(
+                    "kept {} month(s) old enough to drop: they hold audit not yet forwarded upstream",
+                    done.kept_unforwarded.len()
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -718,6 +749,9 @@ fn serve_main(config: &Config) -> anyhow::Result<()> {
                 let _ = tokio::task::spawn_blocking(move || {
                     if let Err(e) = h.state.expire_leases(system_clock()) {
                         tracing::error!(error = %e, "lease expiry sweep failed");
+                    }
+                    if let Err(e) = h.state.maintain() {
+                        tracing::error!(error = %e, "database housekeeping failed");
                     }
                 })
                 .await;

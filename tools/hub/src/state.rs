@@ -275,7 +275,27 @@ impl HubState {
     /// stages its source in `dir`.
     pub fn open_postgres(opts: &PgOptions, dir: &Path) -> Result<Self, StateError> {
         let engine = crate::store::postgres::PgEngine::open(opts)?;
+        engine.maintain()?;
         Ok(Self::on(Box::new(engine), dir.to_path_buf()))
+    }
+
+    /// The engine's housekeeping (PostgreSQL: partitions made ahead of need); the
+    /// running hub calls it every minute.
+    pub fn maintain(&self) -> Result<(), StateError> {
+        self.engine.maintain()
+    }
+
+    /// Retention: drops the audit stored more than `keep_months` whole months before
+    /// this one (only months whose entries are all forwarded upstream, if `forwarding`)
+    /// and the change-log partitions compaction emptied. PostgreSQL only: each is a
+    /// partition drop.
+    pub fn retain(
+        &self,
+        keep_months: u32,
+        forwarding: bool,
+    ) -> Result<crate::store::Retained, StateError> {
+        let before = crate::store::months_before(crate::store::month_now(), keep_months);
+        self.engine.retain(before, forwarding)
     }
 
     fn on(engine: Box<dyn Engine>, dir: std::path::PathBuf) -> Self {

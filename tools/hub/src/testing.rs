@@ -350,6 +350,20 @@ impl Drop for PgCluster {
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// The privacy officer's token of every test hub.
 pub const PRIVACY_TOKEN: &str = "test-privacy-officer-token-0123456789";
+/// A schema `schema` as the first PostgreSQL hub (schema version 1) made it, empty, on
+/// the cluster at `url`: what a database of an earlier release looks like to a newer hub.
+pub fn postgres_schema_v1(url: &str, schema: &str) {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let v1 = crate::store::postgres::MIGRATIONS[0];
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; SET search_path TO {schema}; {v1}
+             CREATE TABLE schema_version (version int NOT NULL);
+             INSERT INTO schema_version VALUES (1);"
+        ))
+        .unwrap();
+}
+
 /// The test hub's metrics (scraper's) token.
 pub const METRICS_TOKEN: &str = "test-metrics-scraper-token-0123456789";
 /// Hub time at start: 2026-11-24T08:00:00Z.

@@ -343,3 +343,143 @@ fn tls_to_the_database_is_verified_against_the_configured_ca() {
     let err = HubState::open_postgres(&tls(Some(&garbage)), dir.path()).unwrap_err();
     assert!(err.to_string().contains("store.ca_file"), "{err}");
 }
+
+/// A database made by the first PostgreSQL hub (schema version 1) with a change log and
+/// audit in it: the newer hub migrates it at start — the log partitioned by sequence
+/// range, audit by month — and reads everything as before. Retention then drops whole
+/// months: never one holding audit not yet forwarded upstream, and the chain still
+/// verifies from the oldest entry kept; change-log partitions emptied by compaction go
+/// too, the head's and any holding entries stay.
+#[test]
+fn a_schema_1_database_is_partitioned_and_retention_drops_whole_months() {
+    use carecache_hub::testing::postgres_schema_v1;
+    use sync_protocol::message::PushAudit;
+    use sync_protocol::types::BoundedVec;
+
+    let cluster = PgCluster::start();
+    postgres_schema_v1(&cluster.url(), "old");
+    let hub = TestHub::start(10);
+    let entries = chain(15, &hub);
+    let patient = hub.patients[1].nhs_number().as_u64();
+    let mut sql = postgres::Client::connect(&cluster.url(), postgres::NoTls).unwrap();
+    // January 2025, by the entries' own time.
+    let january = 1_736_899_200_000_i64;
+    for e in &entries[..12] {
+        let mut row = e.hash.0.to_vec();
+        row.extend_from_slice(e.record.as_slice());
+        let seq = e.seq as i64;
+        sql.execute(
+            "INSERT INTO old.audit (device, seq, at, emergency, entry) VALUES ('dev-old', $1, $2, false, $3)",
+            &[&seq, &(january + seq), &row],
+        )
+        .unwrap();
+        if e.seq % 10 == 1 {
+            sql.execute(
+                "INSERT INTO old.audit_by_patient VALUES ($1, 'dev-old', $2)",
+                &[&(patient as i64), &seq],
+            )
+            .unwrap();
+        }
+    }
+    let head = carecache_hub::audit::ChainHead {
+        seq: 12,
+        hash: entries[11].hash.0,
+        ..Default::default()
+    };
+    sql.execute(
+        "INSERT INTO old.audit_heads VALUES ('dev-old', $1)",
+        &[&head.encode()],
+    )
+    .unwrap();
+    for seq in 1..=5_i64 {
+        sql.execute("INSERT INTO old.log VALUES ($1, '\\x00')", &[&seq])
+            .unwrap();
+    }
+    sql.execute("UPDATE old.head SET seq = 5", &[]).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = HubState::open_postgres(&on(&cluster, "old"), dir.path()).unwrap();
+    let version: i32 = sql
+        .query_one("SELECT version FROM old.schema_version", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 2);
+    let partitions = |sql: &mut postgres::Client, parent: &str| -> Vec<String> {
+        sql.query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace \
+             WHERE n.nspname = 'old' AND p.relname = $1 ORDER BY 1",
+            &[&parent],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let audit_parts = partitions(&mut sql, "audit");
+    assert!(
+        audit_parts.contains(&"audit_202501".to_owned()),
+        "{audit_parts:?}"
+    );
+    assert!(partitions(&mut sql, "log").contains(&"log_0".to_owned()));
+    let log_rows: i64 = sql
+        .query_one("SELECT count(*) FROM old.log", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(log_rows, 5, "the change log moved whole");
+    assert_eq!(state.for_each_audit(|_| Ok(())).unwrap(), 12);
+    assert_eq!(state.verify_audit_chain("dev-old").unwrap(), Ok(12));
+    let nhs = sync_protocol::NhsNumber::from_u64(patient).unwrap();
+    assert_eq!(state.for_each_patient_access(nhs, |_| Ok(())).unwrap(), 2);
+
+    // New entries go to this month's partition.
+    let push = PushAudit::new(
+        entries[11].hash,
+        BoundedVec::try_from(entries[12..].to_vec()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state.push_audit("dev-old", &push).unwrap().durable, 15);
+
+    // January is old enough, but not forwarded yet: kept.
+    let done = state.retain(1, true).unwrap();
+    assert_eq!(done.kept_unforwarded, [202501]);
+    assert!(done.audit_months.is_empty());
+    assert_eq!(state.for_each_audit(|_| Ok(())).unwrap(), 15);
+    // Forwarded through 12: January goes, this month stays.
+    state
+        .set_forwarded(&[("dev-old", 12)].into_iter().collect())
+        .unwrap();
+    let done = state.retain(1, true).unwrap();
+    assert_eq!(
+        (done.audit_months.as_slice(), done.audit_entries),
+        ([202501].as_slice(), 12)
+    );
+    assert!(!partitions(&mut sql, "audit").contains(&"audit_202501".to_owned()));
+    assert!(
+        !partitions(&mut sql, "audit_by_patient").contains(&"audit_by_patient_202501".to_owned())
+    );
+    assert_eq!(state.for_each_audit(|_| Ok(())).unwrap(), 3);
+    assert_eq!(
+        state.verify_audit_chain("dev-old").unwrap(),
+        Ok(15),
+        "from the oldest kept"
+    );
+    assert_eq!(state.for_each_patient_access(nhs, |_| Ok(())).unwrap(), 0);
+
+    // The change log three partitions on: the empty ones below the head's go, the one
+    // still holding entries stays, the head's and those ahead are made and kept.
+    sql.execute("UPDATE old.head SET seq = 3 * 1048576 + 7", &[])
+        .unwrap();
+    state.maintain().unwrap();
+    let done = state.retain(1, true).unwrap();
+    assert_eq!(done.log_partitions, [1, 2]);
+    let logs = partitions(&mut sql, "log");
+    for kept in ["log_0", "log_3", "log_4", "log_5", "log_default"] {
+        assert!(logs.contains(&kept.to_owned()), "{kept}: {logs:?}");
+    }
+
+    // redb keeps its audit: retention is refused with a message.
+    let redb = HubState::open(&dir.path().join("hub.redb")).unwrap();
+    let err = redb.retain(1, false).unwrap_err().to_string();
+    assert!(err.contains("redb"), "{err}");
+}

@@ -43,6 +43,37 @@ pub(crate) fn new_hub_id() -> R<[u8; 8]> {
     Ok(id)
 }
 
+/// The month (YYYYMM, UTC) of now, by the wall clock: audit is partitioned by the month
+/// the hub stored it.
+pub(crate) fn month_now() -> i32 {
+    let now = time::OffsetDateTime::now_utc();
+    now.year() * 100 + i32::from(u8::from(now.month()))
+}
+
+/// The month after `m` (YYYYMM).
+pub(crate) fn month_after(m: i32) -> i32 {
+    if m % 100 == 12 { m + 89 } else { m + 1 }
+}
+
+/// The month `n` months before `m` (YYYYMM).
+pub(crate) fn months_before(m: i32, n: u32) -> i32 {
+    let total = (m / 100) * 12 + (m % 100 - 1) - i32::try_from(n).unwrap_or(i32::MAX / 2);
+    (total / 12) * 100 + total % 12 + 1
+}
+
+/// What a retention run dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Retained {
+    /// Months of audit dropped (YYYYMM), each a partition.
+    pub audit_months: Vec<i32>,
+    /// Audit entries in them.
+    pub audit_entries: u64,
+    /// Months old enough that were kept: entries in them are not yet forwarded upstream.
+    pub kept_unforwarded: Vec<i32>,
+    /// Change-log partitions dropped (emptied by compaction), by number.
+    pub log_partitions: Vec<u64>,
+}
+
 /// One of the hub's storage engines.
 pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
     /// The hub's id (random, made when the database was created): cursors carry it.
@@ -64,6 +95,20 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
     /// The connection pool (connections open, idle), where there is one.
     fn pool(&self) -> Option<(u32, u32)> {
         None
+    }
+    /// Housekeeping the engine needs (PostgreSQL: partitions made ahead of the change
+    /// log's head and of the month). Safe to run from every instance at once.
+    fn maintain(&self) -> R<()> {
+        Ok(())
+    }
+    /// Drops audit stored in months before `before` (YYYYMM) — only months whose every
+    /// entry is forwarded upstream when `forwarding` — and change-log partitions
+    /// compaction emptied.
+    fn retain(&self, before: i32, forwarding: bool) -> R<Retained> {
+        let _ = (before, forwarding);
+        Err(StateError::Invalid(
+            "retention drops PostgreSQL partitions: a redb hub keeps its audit".into(),
+        ))
     }
 }
 

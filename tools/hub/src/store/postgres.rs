@@ -25,7 +25,7 @@ use r2d2::PooledConnection;
 use r2d2_postgres::PostgresConnectionManager;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{AuditVisit, Engine, Guard, R, Read, Write};
+use super::{AuditVisit, Engine, Guard, R, Read, Retained, Write, month_after, month_now};
 use crate::audit::ChainHead;
 use crate::fleet::{AnchorRow, HealthRow};
 use crate::state::{
@@ -38,6 +38,12 @@ use crate::store::redb::RECORDS_FORMAT;
 const LOCK_MIGRATE: i64 = 0x6361_7265_0001;
 const LOCK_INGEST: i64 = 0x6361_7265_0002;
 const LOCK_FORWARD: i64 = 0x6361_7265_0003;
+const LOCK_PARTITION: i64 = 0x6361_7265_0004;
+
+/// A change-log partition covers 2^20 sequence numbers.
+const LOG_PARTITION_BITS: u32 = 20;
+/// Partitions made ahead of the change log's head, and months of audit ahead of now.
+const AHEAD: i64 = 2;
 
 /// The schema, one step per entry; `schema_version` holds how many have run.
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -93,7 +99,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     ",
     // 2: what privacy officers did through the hub (audit views, clearances); how far
-    // each device's audit is forwarded upstream.
+    // each device's audit is forwarded upstream; the change log partitioned by sequence
+    // range and audit by month, so that retention is a partition drop.
     r"
     CREATE TABLE officer_log (
         seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -101,6 +108,77 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         entry bytea NOT NULL
     );
     CREATE TABLE audit_forwarded (device text PRIMARY KEY, seq bigint NOT NULL);
+
+    -- YYYYMM (UTC) of a time in ms; times past year 9999 count as 9999-12.
+    CREATE FUNCTION month_of(at bigint) RETURNS int LANGUAGE sql IMMUTABLE AS $$
+        SELECT to_char(to_timestamp(LEAST(GREATEST(at, 0), 253402300799999) / 1000.0)
+                       AT TIME ZONE 'UTC', 'YYYYMM')::int
+    $$;
+    CREATE FUNCTION month_after(m int) RETURNS int LANGUAGE sql IMMUTABLE AS $$
+        SELECT CASE WHEN m % 100 = 12 THEN m + 89 ELSE m + 1 END
+    $$;
+
+    ALTER TABLE log RENAME TO log_v1;
+    ALTER INDEX log_pkey RENAME TO log_v1_pkey;
+    CREATE TABLE log (seq bigint NOT NULL PRIMARY KEY, key bytea NOT NULL)
+        PARTITION BY RANGE (seq);
+    DO $$
+    DECLARE p bigint;
+    BEGIN
+        FOR p IN SELECT DISTINCT seq >> 20 FROM log_v1
+                 UNION SELECT ((SELECT seq FROM head) >> 20) + g FROM generate_series(0, 2) g
+        LOOP
+            EXECUTE format('CREATE TABLE %I PARTITION OF log FOR VALUES FROM (%s) TO (%s)',
+                           'log_' || p, p << 20, (p + 1) << 20);
+        END LOOP;
+    END $$;
+    CREATE TABLE log_default PARTITION OF log DEFAULT;
+    INSERT INTO log SELECT seq, key FROM log_v1;
+    DROP TABLE log_v1;
+
+    ALTER TABLE audit RENAME TO audit_v1;
+    ALTER INDEX audit_pkey RENAME TO audit_v1_pkey;
+    DROP INDEX audit_emergency;
+    CREATE TABLE audit (
+        device text NOT NULL,
+        seq bigint NOT NULL,
+        month int NOT NULL,
+        at bigint NOT NULL,
+        emergency boolean NOT NULL,
+        entry bytea NOT NULL,
+        PRIMARY KEY (device, seq, month)
+    ) PARTITION BY RANGE (month);
+    CREATE INDEX audit_emergency ON audit (device, seq) WHERE emergency;
+    ALTER TABLE audit_by_patient RENAME TO audit_by_patient_v1;
+    ALTER INDEX audit_by_patient_pkey RENAME TO audit_by_patient_v1_pkey;
+    CREATE TABLE audit_by_patient (
+        nhs bigint NOT NULL,
+        device text NOT NULL,
+        seq bigint NOT NULL,
+        month int NOT NULL,
+        PRIMARY KEY (nhs, device, seq, month)
+    ) PARTITION BY RANGE (month);
+    DO $$
+    DECLARE m int;
+    BEGIN
+        -- Entries stored before: by their own time (when they were stored is not known).
+        FOR m IN SELECT DISTINCT month_of(at) FROM audit_v1
+                 UNION SELECT month_of((extract(epoch FROM now()) * 1000)::bigint)
+        LOOP
+            EXECUTE format('CREATE TABLE %I PARTITION OF audit FOR VALUES FROM (%s) TO (%s)',
+                           'audit_' || m, m, month_after(m));
+            EXECUTE format('CREATE TABLE %I PARTITION OF audit_by_patient FOR VALUES FROM (%s) TO (%s)',
+                           'audit_by_patient_' || m, m, month_after(m));
+        END LOOP;
+    END $$;
+    CREATE TABLE audit_default PARTITION OF audit DEFAULT;
+    CREATE TABLE audit_by_patient_default PARTITION OF audit_by_patient DEFAULT;
+    INSERT INTO audit SELECT device, seq, month_of(at), at, emergency, entry FROM audit_v1;
+    INSERT INTO audit_by_patient
+        SELECT p.nhs, p.device, p.seq, month_of(a.at)
+        FROM audit_by_patient_v1 p JOIN audit_v1 a USING (device, seq);
+    DROP TABLE audit_by_patient_v1;
+    DROP TABLE audit_v1;
     ",
 ];
 
@@ -391,6 +469,161 @@ impl Engine for PgEngine {
             .map_err(|e| pg_err(&e))?
             .get(0);
         Ok(got.then(|| Box::new(AdvisoryGuard { conn, key }) as Box<dyn Guard>))
+    }
+
+    fn maintain(&self) -> R<()> {
+        let e = |e: postgres::Error| pg_err(&e);
+        let mut conn = self.conn()?;
+        let head: i64 = conn
+            .query_one("SELECT seq FROM head", &[])
+            .map_err(e)?
+            .get(0);
+        let mut wanted = Vec::new();
+        let first = head >> LOG_PARTITION_BITS;
+        for p in first..=first + AHEAD {
+            wanted.push((
+                format!("log_{p}"),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS log_{p} PARTITION OF log FOR VALUES FROM ({}) TO ({})",
+                    p << LOG_PARTITION_BITS,
+                    (p + 1) << LOG_PARTITION_BITS
+                ),
+            ));
+        }
+        let mut m = month_now();
+        for _ in 0..=AHEAD {
+            for table in ["audit", "audit_by_patient"] {
+                wanted.push((
+                    format!("{table}_{m}"),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {table}_{m} PARTITION OF {table} \
+                         FOR VALUES FROM ({m}) TO ({})",
+                        month_after(m)
+                    ),
+                ));
+            }
+            m = month_after(m);
+        }
+        let names: Vec<&str> = wanted.iter().map(|(n, _)| n.as_str()).collect();
+        let existing: std::collections::HashSet<String> = conn
+            .query(
+                "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = current_schema() AND c.relname = ANY($1)",
+                &[&names],
+            )
+            .map_err(e)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (name, ddl) in wanted.iter().filter(|(n, _)| !existing.contains(n)) {
+            // One creator at a time across instances; IF NOT EXISTS for the one that waited.
+            let made = (|| {
+                let mut tx = conn.transaction()?;
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    &[&lock_key(&self.schema, LOCK_PARTITION)],
+                )?;
+                tx.batch_execute(ddl)?;
+                tx.commit()
+            })();
+            match made {
+                Ok(()) => tracing::info!(partition = %name, "partition made"),
+                // Rows for its range already in the default partition (the hub was not
+                // running for months, say): they stay there and are served from there.
+                Err(err) => {
+                    tracing::warn!(partition = %name, error = %pg_err(&err), "partition not made")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn retain(&self, before: i32, forwarding: bool) -> R<Retained> {
+        let e = |e: postgres::Error| pg_err(&e);
+        let mut conn = self.conn()?;
+        let children = |conn: &mut Conn, parent: &str| -> R<Vec<String>> {
+            Ok(conn
+                .query(
+                    "SELECT c.relname::text FROM pg_inherits i \
+                     JOIN pg_class c ON c.oid = i.inhrelid \
+                     JOIN pg_class p ON p.oid = i.inhparent \
+                     JOIN pg_namespace n ON n.oid = p.relnamespace \
+                     WHERE n.nspname = current_schema() AND p.relname = $1 ORDER BY 1",
+                    &[&parent],
+                )
+                .map_err(e)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect())
+        };
+        let mut done = Retained::default();
+        for name in children(&mut conn, "audit")? {
+            let Some(month) = name
+                .strip_prefix("audit_")
+                .and_then(|m| m.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if month >= before {
+                continue;
+            }
+            if forwarding {
+                let waiting: i64 = conn
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FROM {name} a LEFT JOIN audit_forwarded f \
+                             ON f.device = a.device WHERE a.seq > COALESCE(f.seq, 0)"
+                        ),
+                        &[],
+                    )
+                    .map_err(e)?
+                    .get(0);
+                if waiting > 0 {
+                    done.kept_unforwarded.push(month);
+                    continue;
+                }
+            }
+            let mut tx = conn.transaction().map_err(e)?;
+            let n: i64 = tx
+                .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+                .map_err(e)?
+                .get(0);
+            tx.batch_execute(&format!(
+                "DROP TABLE {name}; DROP TABLE IF EXISTS audit_by_patient_{month};"
+            ))
+            .map_err(e)?;
+            tx.commit().map_err(e)?;
+            tracing::warn!(month, entries = n, "audit partition dropped (retention)");
+            done.audit_months.push(month);
+            done.audit_entries += u(n);
+        }
+        let head: i64 = conn
+            .query_one("SELECT seq FROM head", &[])
+            .map_err(e)?
+            .get(0);
+        for name in children(&mut conn, "log")? {
+            let Some(p) = name
+                .strip_prefix("log_")
+                .and_then(|p| p.parse::<i64>().ok())
+            else {
+                continue;
+            };
+            // Below the head's partition nothing is ever added: an empty one stays empty.
+            if p >= head >> LOG_PARTITION_BITS {
+                continue;
+            }
+            let mut tx = conn.transaction().map_err(e)?;
+            let empty: bool = tx
+                .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {name})"), &[])
+                .map_err(e)?
+                .get(0);
+            if empty {
+                tx.batch_execute(&format!("DROP TABLE {name}")).map_err(e)?;
+                tx.commit().map_err(e)?;
+                done.log_partitions.push(u(p));
+            }
+        }
+        Ok(done)
     }
 
     fn pool(&self) -> Option<(u32, u32)> {
@@ -820,7 +1053,7 @@ impl Read for PgTx {
     fn audit_of_patient(&mut self, nhs: u64, f: AuditVisit<'_>) -> R<()> {
         self.visit_audit(
             "SELECT a.device, a.seq, a.entry FROM audit_by_patient p \
-             JOIN audit a ON a.device = p.device AND a.seq = p.seq \
+             JOIN audit a ON a.device = p.device AND a.seq = p.seq AND a.month = p.month \
              WHERE p.nhs = $1 ORDER BY a.device, a.seq",
             &[(&i(nhs), Type::INT8)],
             f,
@@ -1007,12 +1240,17 @@ impl Write for PgTx {
         emergency: bool,
     ) -> R<()> {
         // Stored once however often it is resent, whichever instance receives it.
+        // Partitioned by the month stored, so the key includes it: that (device, seq) is
+        // stored once rests on the device's chain head, locked while a push is checked
+        // (an entry at or below the head is compared, never inserted).
+        let month = month_now();
         let stored = self.x(
-            "INSERT INTO audit (device, seq, at, emergency, entry) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO audit (device, seq, month, at, emergency, entry) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
             &[
                 (&device, Type::TEXT),
                 (&i(seq), Type::INT8),
+                (&month, Type::INT4),
                 (&i(at), Type::INT8),
                 (&emergency, Type::BOOL),
                 (&bytes, Type::BYTEA),
@@ -1021,12 +1259,14 @@ impl Write for PgTx {
         if stored > 0 && !patients.is_empty() {
             let keys = ids(patients);
             self.x(
-                "INSERT INTO audit_by_patient (nhs, device, seq) \
-                 SELECT DISTINCT n, $2, $3 FROM unnest($1::bigint[]) AS n ON CONFLICT DO NOTHING",
+                "INSERT INTO audit_by_patient (nhs, device, seq, month) \
+                 SELECT DISTINCT n, $2, $3, $4 FROM unnest($1::bigint[]) AS n \
+                 ON CONFLICT DO NOTHING",
                 &[
                     (&keys, Type::INT8_ARRAY),
                     (&device, Type::TEXT),
                     (&i(seq), Type::INT8),
+                    (&month, Type::INT4),
                 ],
             )?;
         }
