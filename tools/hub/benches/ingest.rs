@@ -11,7 +11,8 @@
 //!
 //! `cargo bench -p carecache-hub --bench ingest`; sizes with `HUB_INGEST_SIZES`
 //! (default 100000; `HUB_INGEST_SIZES=100000,1000000` for the region-scale run, about
-//! 13 GB of NDJSON written to the temporary directory).
+//! 13 GB of NDJSON written to the temporary directory), engines with `HUB_INGEST_ENGINES`
+//! (default `redb,postgres`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -135,16 +136,25 @@ fn run(n: usize) {
         parse_secs,
     };
 
+    let engines = std::env::var("HUB_INGEST_ENGINES").unwrap_or_else(|_| "redb,postgres".into());
+    let on = |name: &str| engines.split(',').any(|e| e.trim() == name);
+
     // The embedded engine.
-    let data = dir.path().join("redb");
-    let config = carecache_hub::testing::write_hub_toml_on(dir.path(), &data, &nd, "", &sharing);
-    let redb_secs = engine("redb", &export, &config, None, || {
-        std::fs::metadata(data.join("hub.redb")).unwrap().len()
-    });
+    let mut redb_secs = None;
+    if on("redb") {
+        let data = dir.path().join("redb");
+        let config =
+            carecache_hub::testing::write_hub_toml_on(dir.path(), &data, &nd, "", &sharing);
+        redb_secs = Some(engine("redb", &export, &config, None, || {
+            std::fs::metadata(data.join("hub.redb")).unwrap().len()
+        }));
+        // Its file goes before the next engine's run (disk, at a million patients).
+        let _ = std::fs::remove_dir_all(&data);
+    }
 
     // PostgreSQL: a throwaway cluster on this machine, durable (fsync on), as a region
     // would run it. Its server's memory is its own, not the hub's.
-    if carecache_hub::testing::PgCluster::installed() {
+    if on("postgres") && carecache_hub::testing::PgCluster::installed() {
         let cluster = carecache_hub::testing::PgCluster::start_durable();
         let store = carecache_hub::testing::postgres_toml(&cluster.url(), "bench");
         let config = carecache_hub::testing::write_hub_toml_on(
@@ -155,7 +165,7 @@ fn run(n: usize) {
             &sharing,
         );
         let url = cluster.url();
-        engine("postgres", &export, &config, Some(redb_secs), || {
+        engine("postgres", &export, &config, redb_secs, || {
             let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
             let row = c
                 .query_one(
@@ -167,7 +177,7 @@ fn run(n: usize) {
                 .unwrap();
             u64::try_from(row.get::<_, i64>(0)).unwrap()
         });
-    } else {
+    } else if on("postgres") {
         println!("postgres: not installed here (apt-get install postgresql): no figures");
     }
 }

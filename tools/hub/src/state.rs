@@ -351,6 +351,7 @@ impl HubState {
         // What the batch's patients are now, read at once (not a read per patient).
         let mut summaries = tx.summaries(&keys)?;
         let mut hashes = tx.content_hashes(&keys)?;
+        let mut objections = tx.objections(&keys)?;
         for (fhir_id, m) in mapped {
             let nhs = m.record.nhs_number.as_u64();
             let hash = content_hash(&m.record);
@@ -402,8 +403,10 @@ impl HubState {
                 hashes.insert(nhs, hash);
             }
             if let Some(o) = m.objection
-                && set_objection(tx.as_mut(), &mut seq, nhs, o)?
+                && let Some(row) =
+                    set_objection(tx.as_mut(), &mut seq, nhs, o, objections.get(&nhs).copied())?
             {
+                objections.insert(nhs, row);
                 report.objections += 1;
             }
         }
@@ -901,32 +904,32 @@ fn same_content(a: &PatientRecord, b: &PatientRecord) -> bool {
     *a == b
 }
 
+/// Records `o` for `nhs` unless it is what the hub holds (`old`): the new row, or `None`
+/// when nothing changed.
 fn set_objection(
     tx: &mut dyn Write,
     seq: &mut u64,
     nhs: u64,
     o: SourceObjection,
-) -> Result<bool, StateError> {
-    let old = tx.objection(nhs)?;
+    old: Option<ObjectionRow>,
+) -> Result<Option<ObjectionRow>, StateError> {
     let unchanged = match &old {
         Some(row) => row.status == o.status && row.recorded_at == o.recorded_at,
         // A withdrawal of an objection the hub never held changes nothing.
         None => o.status == ObjectionStatus::Withdrawn,
     };
     if unchanged {
-        return Ok(false);
+        return Ok(None);
     }
     *seq += 1;
     tx.relog(old.map(|r| r.seq), *seq, LogKey::Objection(nhs))?;
-    tx.put_objection(
-        nhs,
-        &ObjectionRow {
-            seq: *seq,
-            status: o.status,
-            recorded_at: o.recorded_at,
-        },
-    )?;
-    Ok(true)
+    let row = ObjectionRow {
+        seq: *seq,
+        status: o.status,
+        recorded_at: o.recorded_at,
+    };
+    tx.put_objection(nhs, &row)?;
+    Ok(Some(row))
 }
 
 fn new_token() -> Result<String, StateError> {

@@ -422,6 +422,7 @@ impl Engine for PgEngine {
             conn,
             write: false,
             open: true,
+            pending: Pending::default(),
         }))
     }
 
@@ -432,6 +433,7 @@ impl Engine for PgEngine {
             conn,
             write: true,
             open: true,
+            pending: Pending::default(),
         }))
     }
 
@@ -656,6 +658,41 @@ struct PgTx {
     conn: Conn,
     write: bool,
     open: bool,
+    /// Change-log moves, patient and objection rows not yet sent: an ingest batch's
+    /// thousand patients go as four statements, not thousands of round trips. Sent before any
+    /// other statement of the transaction (so it reads its own writes) and at commit.
+    pending: Pending,
+}
+
+/// Writes held back until the next statement (see [`PgTx::pending`]).
+#[derive(Default)]
+struct Pending {
+    /// Log entries to delete (moved on).
+    log_deleted: Vec<i64>,
+    /// Log entries to insert, by sequence.
+    log_added: BTreeMap<i64, Vec<u8>>,
+    /// Patient rows to upsert, the last for each NHS number.
+    patients: BTreeMap<i64, PendingPatient>,
+    /// Objection rows to upsert, the last for each NHS number.
+    objections: BTreeMap<i64, Vec<u8>>,
+}
+
+struct PendingPatient {
+    seq: i64,
+    fhir_id: String,
+    version: i64,
+    alerts: bool,
+    content: Option<Vec<u8>>,
+    row: Vec<u8>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.log_deleted.is_empty()
+            && self.log_added.is_empty()
+            && self.patients.is_empty()
+            && self.objections.is_empty()
+    }
 }
 
 impl Drop for PgTx {
@@ -683,23 +720,104 @@ fn ids(xs: &[u64]) -> Vec<i64> {
 type P<'a> = &'a [(&'a (dyn ToSql + Sync), Type)];
 
 impl PgTx {
+    /// Sends the held-back writes, as one statement per kind.
+    fn flush(&mut self) -> R<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let p = std::mem::take(&mut self.pending);
+        let e = |e: postgres::Error| pg_err(&e);
+        if !p.log_deleted.is_empty() {
+            self.conn
+                .execute_typed(
+                    "DELETE FROM log WHERE seq = ANY($1)",
+                    &[(&p.log_deleted, Type::INT8_ARRAY)],
+                )
+                .map_err(e)?;
+        }
+        if !p.log_added.is_empty() {
+            let (seqs, keys): (Vec<i64>, Vec<Vec<u8>>) = p.log_added.into_iter().unzip();
+            self.conn
+                .execute_typed(
+                    "INSERT INTO log (seq, key) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+                    &[(&seqs, Type::INT8_ARRAY), (&keys, Type::BYTEA_ARRAY)],
+                )
+                .map_err(e)?;
+        }
+        if !p.objections.is_empty() {
+            let (nhs, rows): (Vec<i64>, Vec<Vec<u8>>) = p.objections.into_iter().unzip();
+            self.conn
+                .execute_typed(
+                    "INSERT INTO objections (nhs, row) SELECT * FROM unnest($1::bigint[], $2::bytea[]) \
+                     ON CONFLICT (nhs) DO UPDATE SET row = EXCLUDED.row",
+                    &[(&nhs, Type::INT8_ARRAY), (&rows, Type::BYTEA_ARRAY)],
+                )
+                .map_err(e)?;
+        }
+        if !p.patients.is_empty() {
+            let n = p.patients.len();
+            let (mut nhs, mut seq, mut fhir, mut version, mut alerts, mut content, mut row) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for (k, v) in p.patients {
+                nhs.push(k);
+                seq.push(v.seq);
+                fhir.push(v.fhir_id);
+                version.push(v.version);
+                alerts.push(v.alerts);
+                content.push(v.content);
+                row.push(v.row);
+            }
+            self.conn
+                .execute_typed(
+                    "INSERT INTO patients (nhs, seq, fhir_id, version, alerts, content, row) \
+                     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
+                     $5::boolean[], $6::bytea[], $7::bytea[]) \
+                     ON CONFLICT (nhs) DO UPDATE SET seq = EXCLUDED.seq, \
+                     fhir_id = EXCLUDED.fhir_id, version = EXCLUDED.version, \
+                     alerts = EXCLUDED.alerts, content = EXCLUDED.content, row = EXCLUDED.row",
+                    &[
+                        (&nhs, Type::INT8_ARRAY),
+                        (&seq, Type::INT8_ARRAY),
+                        (&fhir, Type::TEXT_ARRAY),
+                        (&version, Type::INT8_ARRAY),
+                        (&alerts, Type::BOOL_ARRAY),
+                        (&content, Type::BYTEA_ARRAY),
+                        (&row, Type::BYTEA_ARRAY),
+                    ],
+                )
+                .map_err(e)?;
+        }
+        Ok(())
+    }
+
     fn q(&mut self, sql: &str, params: P<'_>) -> R<Vec<Row>> {
+        self.flush()?;
         self.conn.query_typed(sql, params).map_err(|e| pg_err(&e))
     }
 
     fn opt(&mut self, sql: &str, params: P<'_>) -> R<Option<Row>> {
+        self.flush()?;
         self.conn
             .query_typed_opt(sql, params)
             .map_err(|e| pg_err(&e))
     }
 
     fn x(&mut self, sql: &str, params: P<'_>) -> R<u64> {
+        self.flush()?;
         self.conn.execute_typed(sql, params).map_err(|e| pg_err(&e))
     }
 
     /// Each row of a query, as it arrives (not gathered in memory).
     fn each(&mut self, sql: &str, params: P<'_>, mut f: impl FnMut(&Row) -> R<()>) -> R<()> {
         use postgres::fallible_iterator::FallibleIterator;
+        self.flush()?;
         let mut rows = self
             .conn
             .query_typed_raw(sql, params.iter().map(|(v, t)| (*v, t.clone())))
@@ -1072,23 +1190,17 @@ impl Write for PgTx {
 
     fn put_patient(&mut self, nhs: u64, row: &PatientRow, hash: Option<[u8; 32]>) -> R<()> {
         let (version, alerts) = summary_of(row);
-        let bytes = enc(row);
-        let hash = hash.map(|h| h.to_vec());
-        self.x(
-            "INSERT INTO patients (nhs, seq, fhir_id, version, alerts, content, row) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (nhs) DO UPDATE SET \
-             seq = EXCLUDED.seq, fhir_id = EXCLUDED.fhir_id, version = EXCLUDED.version, \
-             alerts = EXCLUDED.alerts, content = EXCLUDED.content, row = EXCLUDED.row",
-            &[
-                (&i(nhs), Type::INT8),
-                (&i(row.seq), Type::INT8),
-                (&row.fhir_id, Type::TEXT),
-                (&i(version), Type::INT8),
-                (&alerts, Type::BOOL),
-                (&hash, Type::BYTEA),
-                (&bytes, Type::BYTEA),
-            ],
-        )?;
+        self.pending.patients.insert(
+            i(nhs),
+            PendingPatient {
+                seq: i(row.seq),
+                fhir_id: row.fhir_id.clone(),
+                version: i(version),
+                alerts,
+                content: hash.map(|h| h.to_vec()),
+                row: enc(row),
+            },
+        );
         Ok(())
     }
 
@@ -1102,24 +1214,19 @@ impl Write for PgTx {
     }
 
     fn put_objection(&mut self, nhs: u64, row: &ObjectionRow) -> R<()> {
-        let bytes = enc(row);
-        self.x(
-            "INSERT INTO objections (nhs, row) VALUES ($1, $2) \
-             ON CONFLICT (nhs) DO UPDATE SET row = EXCLUDED.row",
-            &[(&i(nhs), Type::INT8), (&bytes, Type::BYTEA)],
-        )?;
+        self.pending.objections.insert(i(nhs), enc(row));
         Ok(())
     }
 
     fn relog(&mut self, old: Option<u64>, new: u64, key: LogKey) -> R<()> {
-        if let Some(old) = old {
-            self.x("DELETE FROM log WHERE seq = $1", &[(&i(old), Type::INT8)])?;
+        let p = &mut self.pending;
+        if let Some(old) = old.map(i) {
+            // Added in this transaction: it never reaches the table.
+            if p.log_added.remove(&old).is_none() {
+                p.log_deleted.push(old);
+            }
         }
-        let bytes = enc(&key);
-        self.x(
-            "INSERT INTO log (seq, key) VALUES ($1, $2)",
-            &[(&i(new), Type::INT8), (&bytes, Type::BYTEA)],
-        )?;
+        p.log_added.insert(i(new), enc(&key));
         Ok(())
     }
 
@@ -1274,6 +1381,7 @@ impl Write for PgTx {
     }
 
     fn commit(mut self: Box<Self>) -> R<()> {
+        self.flush()?;
         self.open = false;
         self.conn.batch_execute("COMMIT").map_err(|e| pg_err(&e))
     }
