@@ -758,7 +758,7 @@ fn enrolled_device(hub: &Hub, peer: &Peer) -> Result<(String, Option<String>, bo
                 None,
             ));
         }
-        Err(e) => return Err(internal(&e)),
+        Err(e) => return Err(state_failure(&e)),
     };
     if hub.limiter.check_key(&id).is_err() {
         return Err(error_frame(ErrorCode::RateLimited, "slow down", Some(1)));
@@ -769,6 +769,23 @@ fn enrolled_device(hub: &Hub, peer: &Peer) -> Result<(String, Option<String>, bo
 fn internal(e: &dyn std::fmt::Display) -> Response {
     tracing::error!(error = %e, "internal error");
     error_frame(ErrorCode::Internal, "internal error", Some(5))
+}
+
+/// A protocol request the hub's state failed: busy (every database connection in use,
+/// or the database not answering) is `Unavailable`, to be retried in a moment; anything
+/// else is internal.
+fn state_failure(e: &StateError) -> Response {
+    match e {
+        StateError::Busy(why) => {
+            tracing::warn!(error = %why, "request refused: database busy");
+            error_frame(
+                ErrorCode::Unavailable,
+                "the hub is busy; retry shortly",
+                Some(2),
+            )
+        }
+        e => internal(e),
+    }
 }
 
 fn peer_of(req: &Request<Body>) -> Peer {
@@ -810,7 +827,7 @@ async fn enrol(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
                 None,
             );
         }
-        Ok(Err(e)) => return internal(&e),
+        Ok(Err(e)) => return state_failure(&e),
         Err(e) => return internal(&e),
     };
     tracing::info!(device = %device_id, "device enrolled");
@@ -857,7 +874,7 @@ async fn hello(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response {
     }
     let durable = match hub.db(|s| s.audit_head(&id)) {
         Ok(h) => h.seq,
-        Err(e) => return internal(&e),
+        Err(e) => return state_failure(&e),
     };
     let welcome = Welcome {
         version,
@@ -929,7 +946,7 @@ async fn pull_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Response
         Ok((_, Err(e @ PullError::LeaseTooLarge { .. }))) => {
             error_frame(ErrorCode::TooLarge, &e.to_string(), None)
         }
-        Ok((_, Err(PullError::State(e)))) => internal(&e),
+        Ok((_, Err(PullError::State(e)))) => state_failure(&e),
         Err(e) => internal(&e),
     }
 }
@@ -983,6 +1000,9 @@ impl Hub {
                     patients: *patients,
                     needed: *needed,
                 },
+                PullError::State(StateError::Busy(why)) => {
+                    PullError::State(StateError::Busy(why.clone()))
+                }
                 PullError::State(s) => PullError::State(StateError::Invalid(s.to_string())),
             })?;
         if !built {
@@ -1064,7 +1084,7 @@ async fn lookup_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respon
                 None,
             )
         }
-        Ok(Err(e)) => internal(&e),
+        Ok(Err(e)) => state_failure(&e),
         Err(e) => internal(&e),
     }
 }
@@ -1107,7 +1127,7 @@ async fn checkin_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respo
     .await;
     match stored {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return internal(&e),
+        Ok(Err(e)) => return state_failure(&e),
         Err(e) => return internal(&e),
     }
     if revoked && c.health.wiping {
@@ -1165,7 +1185,7 @@ async fn renew_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respons
     match tokio::task::spawn_blocking(move || hub2.state.renew_certificate(&device_id, &cert)).await
     {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return internal(&e),
+        Ok(Err(e)) => return state_failure(&e),
         Err(e) => return internal(&e),
     }
     let (Ok(device_id), Ok(certificate_der)) =
@@ -1272,7 +1292,7 @@ async fn audit_route(State(hub): State<Arc<Hub>>, req: Request<Body>) -> Respons
         Ok((_, Err(e @ AuditError::Malformed { .. }))) => {
             error_frame(ErrorCode::Malformed, &e.to_string(), None)
         }
-        Ok((_, Err(AuditError::State(e)))) => internal(&e),
+        Ok((_, Err(AuditError::State(e)))) => state_failure(&e),
         Err(e) => internal(&e),
     }
 }
@@ -1573,6 +1593,15 @@ fn json_error(status: StatusCode, message: &str) -> Response {
 fn state_error(e: &StateError) -> Response {
     match e {
         StateError::NotFound(_) => json_error(StatusCode::NOT_FOUND, &e.to_string()),
+        StateError::Busy(_) => {
+            let mut r = json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the hub is busy; retry shortly",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            r
+        }
         StateError::Invalid(_) => json_error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
         _ => {
             tracing::error!(error = %e, "admin request failed");
@@ -2056,5 +2085,37 @@ async fn admin_ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Respon
         Ok(Some(Ok(report))) => axum::Json(report).into_response(),
         Ok(Some(Err(e))) => json_error(StatusCode::BAD_GATEWAY, &e),
         Err(e) => internal(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every database connection busy (or the database not answering) is an answer to
+    /// wait and retry — `Unavailable` with a retry time to a device, 503 with
+    /// `Retry-After` to an operator — not an internal error; other failures stay internal.
+    #[test]
+    fn a_busy_database_is_an_answer_to_retry() {
+        let busy = StateError::Busy("postgres pool: timed out waiting for connection".into());
+        let r = state_failure(&busy);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let r = state_failure(&StateError::Database("disk".into()));
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let r = state_error(&busy);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[tokio::test]
+    async fn the_busy_answer_tells_a_device_when_to_retry() {
+        let r = state_failure(&StateError::Busy("pool".into()));
+        let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        let Message::Error(e) = decode_with_limit(&body, MessageKind::Error.max_payload()).unwrap()
+        else {
+            panic!("not an error frame")
+        };
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert_eq!(e.retry_after_secs, Some(2));
     }
 }

@@ -63,6 +63,10 @@ pub enum StateError {
     /// An enrolment token is unknown, used or expired (device's input).
     #[error("enrolment token unknown, already used or expired")]
     TokenRejected,
+    /// No database connection came free in time (every one busy, or the database not
+    /// answering): the request may be made again shortly.
+    #[error("hub database busy: {0}")]
+    Busy(String),
 }
 
 /// A log entry names what changed; the row holds how it is now.

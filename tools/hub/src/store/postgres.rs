@@ -241,8 +241,9 @@ pub(crate) fn pg_err(e: &postgres::Error) -> StateError {
     }
 }
 
+/// r2d2 fails a checkout only when no connection came free within its timeout.
 fn pool_err(e: &r2d2::Error) -> StateError {
-    StateError::Database(format!("postgres pool: {e}"))
+    StateError::Busy(format!("postgres pool: {e}"))
 }
 
 #[derive(Debug)]
