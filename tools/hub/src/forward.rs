@@ -7,7 +7,8 @@
 //! - **Resumes** from a position kept per device in the hub's database, moved in one
 //!   transaction after each Bundle, only as far as the entries the server accepted run
 //!   unbroken from the last position: an entry the server refuses is sent again next
-//!   pass, and so is everything after it on that device. Nothing is ever skipped.
+//!   pass, and so is everything after it on that device — the other devices' entries go
+//!   on in the same pass. Nothing is ever skipped.
 //! - **One forwarder at a time** across instances sharing a database (a PostgreSQL
 //!   advisory lock; within one process, a mutex): the others' passes find it held and
 //!   wait for the next.
@@ -126,31 +127,33 @@ impl Forwarder {
             });
         };
         let mut done = Forwarded::default();
+        // Devices with an entry refused this pass: nothing more of theirs is sent until
+        // the next (their position stays before it), and the others go on.
+        let mut blocked = std::collections::HashSet::new();
+        let mut first_refusal = None;
         loop {
-            let work = state.forward_work(self.batch)?;
+            let work = state.forward_work(self.batch, &blocked)?;
             if work.is_empty() {
-                return Ok(done);
+                return first_refusal.map_or(Ok(done), Err);
             }
             let (accepted, refused) = self.send(&work)?;
             // Per device, how far the accepted entries run unbroken from its position.
             let mut reach: BTreeMap<&str, u64> = BTreeMap::new();
-            let mut blocked: std::collections::HashSet<&str> = std::collections::HashSet::new();
             for (e, ok) in work.iter().zip(&accepted) {
-                if blocked.contains(e.device.as_str()) {
+                if blocked.contains(&e.device) {
                     continue;
                 }
                 if *ok {
                     reach.insert(&e.device, e.seq);
                 } else {
-                    blocked.insert(&e.device);
+                    blocked.insert(e.device.clone());
                 }
             }
             state.set_forwarded(&reach)?;
-            let n = accepted.iter().filter(|ok| **ok).count() as u64;
-            done.accepted += n;
+            done.accepted += accepted.iter().filter(|ok| **ok).count() as u64;
             done.bundles += 1;
-            if let Some(err) = refused {
-                return Err(err);
+            if first_refusal.is_none() {
+                first_refusal = refused;
             }
         }
     }
@@ -265,8 +268,13 @@ fn issue_codes(outcome: &Value) -> String {
 }
 
 impl HubState {
-    /// Up to `limit` stored entries not yet forwarded, device by device in order.
-    pub fn forward_work(&self, limit: u64) -> Result<Vec<StoredEntry>, StateError> {
+    /// Up to `limit` stored entries not yet forwarded, device by device in order, none of
+    /// the devices in `skip`.
+    pub fn forward_work(
+        &self,
+        limit: u64,
+        skip: &std::collections::HashSet<String>,
+    ) -> Result<Vec<StoredEntry>, StateError> {
         let mut tx = self.engine.read()?;
         let done = tx.forwarded()?;
         let mut heads = tx.audit_heads()?;
@@ -278,7 +286,7 @@ impl HubState {
                 break;
             }
             let after = done.get(&device).copied().unwrap_or(0);
-            if head.seq <= after {
+            if head.seq <= after || skip.contains(&device) {
                 continue;
             }
             tx.audit_after(&device, after, left, &mut |d, seq, bytes| {

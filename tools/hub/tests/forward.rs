@@ -241,3 +241,100 @@ fn a_running_hub_forwards_on_its_own() {
     assert_eq!(fhir.count("AuditEvent"), 23);
     assert_eq!(ids(&fhir).len(), 23);
 }
+
+/// An audit store that refuses every AuditEvent whose id starts with `refuse` (400 in
+/// the batch-response) and accepts the rest: it answers `bundles` requests, then stops.
+fn refusing_one_device(refuse: String, bundles: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..bundles {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; length];
+            reader.read_exact(&mut body).unwrap();
+            let bundle: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let entries: Vec<serde_json::Value> = bundle["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let id = e["resource"]["id"].as_str().unwrap();
+                    if id.starts_with(&refuse) {
+                        serde_json::json!({ "response": { "status": "400 Bad Request",
+                            "outcome": { "resourceType": "OperationOutcome",
+                                "issue": [{ "severity": "error", "code": "invalid",
+                                    "diagnostics": "not accepted" }] } } })
+                    } else {
+                        serde_json::json!({ "response": { "status": "201 Created" } })
+                    }
+                })
+                .collect();
+            let answer = serde_json::json!({
+                "resourceType": "Bundle", "type": "batch-response", "entry": entries,
+            })
+            .to_string();
+            let mut conn = conn;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .unwrap();
+        }
+    });
+    format!("http://{addr}/fhir")
+}
+
+/// One device's entries refused by the audit store hold back only that device: the
+/// others are forwarded in the same pass, the refused device's position stays before
+/// the refused entry, and the pass reports the refusal.
+#[test]
+fn a_refused_device_does_not_hold_back_the_others() {
+    let hub = TestHub::start(10);
+    let a = hub.enrol(None);
+    let b = hub.enrol(None);
+    let entries = chain(25, &hub);
+    assert_eq!(push(&a, &entries, prev_of(&entries, 0)).0, 200);
+    assert_eq!(push(&b, &entries[..25], prev_of(&entries, 0)).0, 200);
+    let state = &hub.hub.state;
+    // The device that sorts first is the refused one: without care its 25 entries would
+    // fill every Bundle of 10 and the other's never be sent.
+    let (first, second) = if a.id < b.id { (&a, &b) } else { (&b, &a) };
+    let url = refusing_one_device(format!("{}-", first.id), 10);
+    let err = Forwarder::new(&url, None, None, 10)
+        .unwrap()
+        .pass(state)
+        .unwrap_err();
+    let ForwardError::Refused { status, issues, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(*status, 400);
+    assert!(
+        issues.contains("invalid") && !issues.contains("not accepted"),
+        "{err}"
+    );
+    let positions = state.forwarded().unwrap();
+    assert_eq!(
+        positions.get(&second.id),
+        Some(&25),
+        "the other device went on"
+    );
+    assert_eq!(
+        positions.get(&first.id),
+        None,
+        "the refused device stays before its entry 1"
+    );
+    assert_eq!(state.forward_pending().unwrap(), 25);
+}
