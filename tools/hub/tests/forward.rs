@@ -11,6 +11,25 @@ use carecache_hub::testing::FhirServer;
 use crate::audit::{chain, prev_of, push};
 use crate::harness::TestHub;
 
+/// The body of the HTTP request arriving on `conn` (its headers read past).
+fn request_body(conn: &std::net::TcpStream) -> Vec<u8> {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).unwrap();
+    body
+}
+
 /// A server in front of `upstream` that passes one request on and answers it with
 /// broken JSON, as a proxy that failed after the upstream had stored the Bundle (the
 /// hub's crash between the send and the saved position looks the same to the server).
@@ -20,20 +39,7 @@ fn lying_proxy(upstream: &str) -> String {
     let upstream = upstream.to_owned();
     std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(conn.try_clone().unwrap());
-        let mut length = 0usize;
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-            if line == "\r\n" {
-                break;
-            }
-        }
-        let mut body = vec![0u8; length];
-        reader.read_exact(&mut body).unwrap();
+        let body = request_body(&conn);
         let status = ureq::post(&upstream)
             .header("content-type", "application/fhir+json")
             .send(&body[..])
@@ -250,20 +256,7 @@ fn refusing_one_device(refuse: String, bundles: usize) -> String {
     std::thread::spawn(move || {
         for _ in 0..bundles {
             let (conn, _) = listener.accept().unwrap();
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut length = 0usize;
-            loop {
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap();
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0u8; length];
-            reader.read_exact(&mut body).unwrap();
+            let body = request_body(&conn);
             let bundle: serde_json::Value = serde_json::from_slice(&body).unwrap();
             let entries: Vec<serde_json::Value> = bundle["entry"]
                 .as_array()
