@@ -549,13 +549,15 @@ fn main() {
         } else {
             None
         };
-        let (baseline, ratio) = match against {
+        // This scenario's figure against its baseline's: (baseline, ratio).
+        let versus = |of: fn(&Outcome) -> f64| match against {
             Some((what, b)) => (
-                format!("{what}: {:.0}/s", b.patients_per_sec),
-                format!("{:.2}×", o.patients_per_sec / b.patients_per_sec),
+                format!("{what}: {:.0}/s", of(b)),
+                format!("{:.2}×", of(o) / of(b)),
             ),
             None => ("—".into(), "—".into()),
         };
+        let (baseline, ratio) = versus(|o| o.patients_per_sec);
         table::row(
             &format!(
                 "region shift start ({name}): {devices} tablets × {caseload} patients at once"
@@ -574,13 +576,7 @@ fn main() {
             "—",
             None,
         );
-        let (abase, aratio) = match against {
-            Some((what, b)) => (
-                format!("{what}: {:.0}/s", b.audit_per_sec),
-                format!("{:.2}×", o.audit_per_sec / b.audit_per_sec),
-            ),
-            None => ("—".into(), "—".into()),
-        };
+        let (abase, aratio) = versus(|o| o.audit_per_sec);
         table::row(
             &format!("audit from {devices} tablets at once ({name})"),
             &format!(

@@ -143,6 +143,18 @@ pub fn copy_pki(from: &Path, to: &Path) {
     }
 }
 
+/// An answer's status and its whole body as text (up to 1 GiB; empty if it is not text).
+fn status_and_text(mut resp: ureq::http::Response<ureq::Body>) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_string()
+        .unwrap_or_default();
+    (status, text)
+}
+
 /// A throwaway PostgreSQL cluster (Debian's `postgresql` package: `initdb` and `pg_ctl`)
 /// on 127.0.0.1, stopped and removed when dropped. As root, the server runs as the
 /// `postgres` user (it refuses root).
@@ -651,15 +663,7 @@ impl TestHub {
         if let Some(name) = officer {
             req = req.header(crate::server::OFFICER_HEADER, name);
         }
-        let mut resp = req.call().unwrap();
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(1 << 30)
-            .read_to_string()
-            .unwrap_or_default();
-        (status, text)
+        status_and_text(req.call().unwrap())
     }
 
     /// A one-time enrolment token.
@@ -826,18 +830,8 @@ impl FhirServer {
 
     /// GETs `path` (after the base): status and JSON body.
     pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let mut resp = self
-            .agent
-            .get(&format!("{}/{path}", self.base))
-            .call()
-            .unwrap();
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(1 << 30)
-            .read_to_string()
-            .unwrap();
+        let resp = self.agent.get(&format!("{}/{path}", self.base)).call();
+        let (status, text) = status_and_text(resp.unwrap());
         (status, serde_json::from_str(&text).unwrap_or_default())
     }
 
