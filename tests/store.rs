@@ -943,3 +943,61 @@ fn revoking_a_lease_after_reopen_purges_without_deadlock() {
     assert!(store.record(&n[0]).unwrap().is_none());
     assert!(store.record(&n[1]).unwrap().is_some());
 }
+
+/// Schema 5 compresses a record before sealing it: what is stored is well under the
+/// record's own encoding, and reads back whole.
+#[test]
+fn records_are_stored_compressed_and_read_back_whole() {
+    let (_fx, store) = Fixture::new();
+    let records = populate(&store, 23, 200);
+    let mut plain = 0usize;
+    let mut stored = 0usize;
+    for r in &records {
+        plain += postcard::to_allocvec(r).unwrap().len();
+        stored += store
+            .raw_record(&r.nhs_number)
+            .unwrap()
+            .unwrap()
+            .sealed
+            .len();
+        assert_eq!(store.record(&r.nhs_number).unwrap().as_ref(), Some(r));
+    }
+    assert!(
+        stored * 10 < plain * 8,
+        "sealed {stored} B for {plain} B of records: not compressed"
+    );
+}
+
+/// The unwrapped keys a reader keeps in memory are bounded and leave with their patient:
+/// a purged patient's key is gone from the cache (and its slot destroyed), a lease end
+/// takes its patients' keys, and a reopened store starts with none.
+#[test]
+fn cached_keys_leave_with_a_purged_patient() {
+    let (fx, store) = Fixture::new();
+    let records = populate(&store, 29, 300);
+    assert_eq!(store.cached_keys(), 0, "a sync does not fill the cache");
+    let slots: Vec<u32> = records
+        .iter()
+        .map(|r| {
+            store.record(&r.nhs_number).unwrap().unwrap();
+            store.key_slot(&r.nhs_number).unwrap().unwrap()
+        })
+        .collect();
+    assert!(slots.iter().all(|&s| store.key_cached(s)));
+    let held = store.cached_keys();
+    assert!(held >= 300, "{held}");
+
+    let gone = records[7].nhs_number;
+    assert_eq!(store.purge_patients(&[gone]).unwrap(), 1);
+    assert!(
+        !store.key_cached(slots[7]),
+        "the purged patient's key is still held"
+    );
+    assert!(store.key_cached(slots[8]));
+    assert_eq!(store.cached_keys(), held - 1);
+
+    assert!(store.purge_lease(LeaseId(1)).unwrap() > 0);
+    assert_eq!(store.cached_keys(), 0, "keys outlived the lease's end");
+    drop(store);
+    assert_eq!(fx.open().cached_keys(), 0);
+}

@@ -147,3 +147,32 @@ fn v3_fixture_opens_and_is_bound_on_first_open() {
         "the next sync starts from nothing"
     );
 }
+
+/// Schema 4, the last whose records are sealed uncompressed: the v2 content opens whole,
+/// and a record a sync replaces is sealed compressed beside the old ones.
+#[test]
+fn v4_fixture_opens_with_current_code() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v4");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    copy_tree(&fixture, &dir);
+    let store = Store::open(&dir, &RootKey::from_bytes(content_v2::ROOT_KEY)).unwrap();
+    let patients = content_v2::patients();
+    for r in &patients {
+        assert_eq!(store.record(&r.nhs_number).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(store.leases().unwrap(), vec![content_v2::lease()]);
+    assert_eq!(store.cursor().unwrap(), Some(content_v2::cursor()));
+    let old = store.raw_record(&patients[1].nhs_number).unwrap().unwrap();
+    assert_eq!(old.ad[9], 4, "sealed under schema 4");
+    store
+        .put_records(std::slice::from_ref(&patients[1]))
+        .unwrap();
+    let new = store.raw_record(&patients[1].nhs_number).unwrap().unwrap();
+    assert_eq!(new.ad[9], 5, "sealed again under schema 5");
+    assert!(new.sealed.len() < old.sealed.len(), "not compressed");
+    for r in &patients {
+        assert_eq!(store.record(&r.nhs_number).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(store.held_versions().unwrap().len(), patients.len());
+}

@@ -287,24 +287,16 @@ impl Keyring {
         Ok((slot, key))
     }
 
-    /// Unwraps the data key in `slot`, which must belong to `scope`.
-    pub(crate) fn unwrap(
-        &self,
-        slot: u32,
-        scope: Scope,
-        wrap: &Secret32,
-    ) -> Result<Secret32, StoreError> {
-        let bytes = self.raw_slot(slot)?;
-        if !matches!(bytes[0], LIVE | PENDING | DYING) {
-            return Err(StoreError::KeyMissing);
-        }
-        let plain = crypto::open(wrap, &scope.ad(&self.store_id, slot), &bytes[8..])
-            .map_err(|_| StoreError::KeyMissing)?;
-        let key: [u8; 32] = plain
-            .as_slice()
-            .try_into()
-            .map_err(|_| StoreError::KeyMissing)?;
-        Ok(Secret32::from_bytes(key))
+    /// A handle that unwraps keys without the keyring's lock, for readers.
+    pub(crate) fn reader(&self) -> Result<SlotReader, StoreError> {
+        Ok(SlotReader {
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| StoreError::io("open keyring", &self.path, e))?,
+            path: self.path.clone(),
+            store_id: self.store_id,
+        })
     }
 
     /// Overwrites `slots` with zeros in place and makes that durable.
@@ -344,6 +336,17 @@ impl Keyring {
         self.confirm(&keep)?;
         self.destroy(&orphans)?;
         Ok(orphans.len())
+    }
+
+    /// Whether pending or dying slots wait to be settled ([`Self::reconcile`]).
+    pub(crate) fn has_unsettled(&self) -> bool {
+        !self.unsettled.is_empty()
+    }
+
+    /// Keeps slots a failed commit left pending or dying, to be settled when the database
+    /// is reopened ([`Self::reconcile`]).
+    pub(crate) fn leave_unsettled(&mut self, slots: &[u32]) {
+        self.unsettled.extend_from_slice(slots);
     }
 
     fn set_state(&self, slot: u32, state: u8) -> Result<(), StoreError> {
@@ -603,6 +606,55 @@ fn parse_master_params(buf: &[u8; MASTER_LEN]) -> Option<(u64, SourceKind, Optio
         }
     });
     Some((u64::from_le_bytes(generation), kind, kdf))
+}
+
+/// Unwraps the key in `slot` of `file`. A slot past the end (a reader's snapshot older
+/// than a shrink that never happens, or damage) reads short and is a missing key.
+fn unwrap_slot(
+    file: &File,
+    path: &Path,
+    store_id: &[u8; 16],
+    slot: u32,
+    scope: Scope,
+    wrap: &Secret32,
+) -> Result<Secret32, StoreError> {
+    let mut bytes = Zeroizing::new([0u8; SLOT_LEN]);
+    read_exact_at(file, path, bytes.as_mut_slice(), slot_offset(slot))
+        .map_err(|_| StoreError::KeyMissing)?;
+    if !matches!(bytes.first(), Some(&(LIVE | PENDING | DYING))) {
+        return Err(StoreError::KeyMissing);
+    }
+    let wrapped = bytes.get(8..).ok_or(StoreError::KeyMissing)?;
+    let plain = crypto::open(wrap, &scope.ad(store_id, slot), wrapped)
+        .map_err(|_| StoreError::KeyMissing)?;
+    let key: [u8; 32] = plain
+        .as_slice()
+        .try_into()
+        .map_err(|_| StoreError::KeyMissing)?;
+    Ok(Secret32::from_bytes(key))
+}
+
+/// Unwraps data keys from the keyring file without its lock: readers run beside a
+/// writer, which only writes free slots and the state byte of slots it is deleting (a
+/// reader of an older snapshot then gets a missing key, never another row's key: the
+/// slot's associated data names its owner).
+#[derive(Debug)]
+pub(crate) struct SlotReader {
+    file: File,
+    path: PathBuf,
+    store_id: [u8; 16],
+}
+
+impl SlotReader {
+    /// Unwraps the data key in `slot`, which must belong to `scope`.
+    pub(crate) fn unwrap(
+        &self,
+        slot: u32,
+        scope: Scope,
+        wrap: &Secret32,
+    ) -> Result<Secret32, StoreError> {
+        unwrap_slot(&self.file, &self.path, &self.store_id, slot, scope, wrap)
+    }
 }
 
 fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], at: u64) -> Result<(), StoreError> {

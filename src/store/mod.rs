@@ -46,8 +46,50 @@ use tables::sealed_ad;
 /// come from the kernel's page cache; the device's RSS goal is 50 MB.
 pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
-/// Unwrapped data keys kept in memory at most (about 100 bytes each).
-const KEY_CACHE_ENTRIES: usize = 16_384;
+/// Unwrapped data keys kept in memory at most (36 bytes each, touched only when used: a
+/// device holding 100,000 patients keeps every key it has read, about 4.7 MB at most).
+const KEY_CACHE_ENTRIES: usize = 131_072;
+
+/// Unwrapped data keys by keyring slot. Allocated once at its full capacity and never
+/// grown, so no resize leaves copies of keys behind in freed memory; each key is zeroized
+/// when it leaves (a purge, a failed commit, a wipe, the cache filling, shutdown).
+struct KeyCache(HashMap<u32, Secret32>);
+
+impl KeyCache {
+    fn new() -> Self {
+        Self(HashMap::with_capacity(KEY_CACHE_ENTRIES))
+    }
+
+    fn get(&self, slot: u32) -> Option<Secret32> {
+        self.0.get(&slot).cloned()
+    }
+
+    fn insert(&mut self, slot: u32, key: &Secret32) {
+        if self.0.len() >= KEY_CACHE_ENTRIES && !self.0.contains_key(&slot) {
+            self.0.clear();
+        }
+        self.0.insert(slot, key.clone());
+    }
+
+    fn remove(&mut self, slot: u32) {
+        self.0.remove(&slot);
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    #[cfg(feature = "testing")]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyCache({} keys)", self.0.len())
+    }
+}
 
 /// File name of the redb database inside a data directory.
 pub const DATABASE_FILE: &str = "store.redb";
@@ -133,7 +175,9 @@ pub struct Store {
     keyring: Mutex<keyring::Keyring>,
     master: MasterKey,
     keys: Subkeys,
-    data_keys: RwLock<HashMap<u32, Secret32>>,
+    /// Unwraps data keys for readers without the keyring's lock.
+    slots: keyring::SlotReader,
+    data_keys: RwLock<KeyCache>,
     /// The anti-rollback anchor, once bound: every commit that destroys a key counts.
     anchor: Mutex<Option<AnchorGuard>>,
     /// Test support: audit commits fail as a full disk would.
@@ -317,12 +361,7 @@ impl Store {
             .map_err(|e| StoreError::db("create database", e))?;
         migrate::initialise(&db, &store_id)?;
         sync_dir(dir)?;
-        Ok(Self::assemble(
-            db,
-            Some(dir.join(DATABASE_FILE)),
-            ring,
-            master,
-        ))
+        Self::assemble(db, Some(dir.join(DATABASE_FILE)), ring, master)
     }
 
     /// The key source a data directory expects, read without any key.
@@ -378,19 +417,24 @@ impl Store {
         let db_path = dir.join(DATABASE_FILE);
         let db = open_db(&db_path)?;
         migrate::check_and_upgrade(&db, ring.store_id())?;
-        let referenced: HashSet<u32> = slot_owners(&db)?.into_iter().map(|o| o.0).collect();
-        let orphans = ring.reconcile(&referenced)?;
-        if orphans > 0 {
-            tracing::info!(orphans, "destroyed key slots left by an interrupted change");
+        // Only an interrupted change leaves pending or dying slots; the rows that own keys
+        // are read (every patient) only then, so a clean open costs nothing per patient.
+        if ring.has_unsettled() {
+            let referenced: HashSet<u32> = slot_owners(&db)?.into_iter().map(|o| o.0).collect();
+            let orphans = ring.reconcile(&referenced)?;
+            if orphans > 0 {
+                tracing::info!(orphans, "destroyed key slots left by an interrupted change");
+            }
         }
-        if referenced.len() != ring.used() {
+        let owners = key_owner_count(&db)?;
+        if owners != ring.used() as u64 {
             tracing::warn!(
                 live = ring.used(),
-                referenced = referenced.len(),
+                owners,
                 "key slots and rows disagree; the database may be damaged"
             );
         }
-        Ok(Self::assemble(db, reopen.then_some(db_path), ring, master))
+        Self::assemble(db, reopen.then_some(db_path), ring, master)
     }
 
     fn assemble(
@@ -398,9 +442,10 @@ impl Store {
         db_path: Option<PathBuf>,
         ring: keyring::Keyring,
         master: MasterKey,
-    ) -> Store {
+    ) -> Result<Store, StoreError> {
         let keys = master.subkeys();
-        Store {
+        let slots = ring.reader()?;
+        Ok(Store {
             snapshot: RwLock::new(None),
             generation: AtomicU64::new(0),
             db: RwLock::new(Some(Arc::new(db))),
@@ -409,11 +454,12 @@ impl Store {
             keyring: Mutex::new(ring),
             master,
             keys,
-            data_keys: RwLock::new(HashMap::new()),
+            slots,
+            data_keys: RwLock::new(KeyCache::new()),
             anchor: Mutex::new(None),
             #[cfg(feature = "testing")]
             fail_audit: std::sync::atomic::AtomicBool::new(false),
-        }
+        })
     }
 
     /// Rotates the root key: the master key is wrapped under `new_root` in place of the old
@@ -625,7 +671,7 @@ impl Store {
     fn record_unsealed(&self, nhs: &NhsNumber) -> Result<Option<Unsealed>, StoreError> {
         self.with_patient_row(nhs, |row, slot, sealed| {
             let key = self.data_key(slot, Scope::Patient(row))?;
-            tables::unseal_versioned(&key, Table::Patients, &row.0, sealed)
+            tables::unseal_record(&key, &row.0, sealed)
         })
     }
 
@@ -684,7 +730,7 @@ impl Store {
             let row = RowKey(k.value());
             let (slot, sealed) = tables::split_slot(v.value())?;
             let key = self.data_key(slot, Scope::Patient(row))?;
-            let (version, plain) = tables::unseal_versioned(&key, Table::Patients, &row.0, sealed)?;
+            let (version, plain) = tables::unseal_record(&key, &row.0, sealed)?;
             f(version, &plain)?;
         }
         Ok(())
@@ -1062,12 +1108,16 @@ impl Store {
         Ok(lease)
     }
 
+    /// The data key in `slot` (which must belong to `scope`): from the cache, else
+    /// unwrapped from the keyring without its lock (so a reader never waits on a writer's
+    /// fsync) and cached.
     fn data_key(&self, slot: u32, scope: Scope) -> Result<Secret32, StoreError> {
         if let Some(k) = self.cached_key(slot)? {
             return Ok(k);
         }
-        let ring = self.ring()?;
-        self.data_key_with(&ring, slot, scope)
+        let key = self.slots.unwrap(slot, scope, &self.keys.wrap)?;
+        self.cache_key(slot, &key)?;
+        Ok(key)
     }
 
     fn cached_key(&self, slot: u32) -> Result<Option<Secret32>, StoreError> {
@@ -1075,23 +1125,28 @@ impl Store {
             .data_keys
             .read()
             .map_err(|_| StoreError::Poisoned)?
-            .get(&slot)
-            .cloned())
+            .get(slot))
     }
 
-    /// Like [`Self::data_key`] for a caller that already holds the keyring lock.
-    fn data_key_with(
-        &self,
-        ring: &keyring::Keyring,
-        slot: u32,
-        scope: Scope,
-    ) -> Result<Secret32, StoreError> {
-        if let Some(k) = self.cached_key(slot)? {
-            return Ok(k);
-        }
-        let key = ring.unwrap(slot, scope, &self.keys.wrap)?;
-        self.cache_key(slot, &key)?;
-        Ok(key)
+    /// Test support: how many unwrapped data keys are held in memory.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn cached_keys(&self) -> usize {
+        self.data_keys.read().map_or(0, |c| c.len())
+    }
+
+    /// Test support: the keyring slot of a held patient's data key.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn key_slot(&self, nhs: &NhsNumber) -> Result<Option<u32>, StoreError> {
+        self.with_patient_row(nhs, |_, slot, _| Ok(slot))
+    }
+
+    /// Test support: whether the data key of `slot` is held unwrapped in memory.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn key_cached(&self, slot: u32) -> bool {
+        self.cached_key(slot).ok().flatten().is_some()
     }
 
     fn get_state<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
@@ -1191,8 +1246,12 @@ impl Store {
             .set_cache_size(CACHE_BYTES)
             .open(path)
             .map_err(|e| StoreError::db("reopen database", e))?;
-        let referenced: HashSet<u32> = slot_owners(&db)?.into_iter().map(|o| o.0).collect();
-        let orphans = ring.reconcile(&referenced)?;
+        let orphans = if ring.has_unsettled() {
+            let referenced: HashSet<u32> = slot_owners(&db)?.into_iter().map(|o| o.0).collect();
+            ring.reconcile(&referenced)?
+        } else {
+            0
+        };
         *slot = Some(Arc::new(db));
         drop(slot);
         self.db_failed.store(false, Ordering::Release);
@@ -1472,7 +1531,11 @@ impl Store {
                     // whether a row refers to it. Destroying them now could leave
                     // committed rows without keys.
                     self.forget_keys(&allocated)?;
-                    tracing::warn!("a commit failed; its key slots are settled at next open");
+                    ring.leave_unsettled(&allocated);
+                    ring.leave_unsettled(&destroyed);
+                    tracing::warn!(
+                        "a commit failed; its key slots are settled when the database is reopened"
+                    );
                     return Err(StoreError::db("commit", e));
                 }
             },
@@ -1500,11 +1563,10 @@ impl Store {
     /// Keeps an unwrapped data key for later reads. The cache is bounded so that memory
     /// stays flat however many patients the device holds: when full it starts again.
     fn cache_key(&self, slot: u32, key: &Secret32) -> Result<(), StoreError> {
-        let mut cache = self.data_keys.write().map_err(|_| StoreError::Poisoned)?;
-        if cache.len() >= KEY_CACHE_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(slot, key.clone());
+        self.data_keys
+            .write()
+            .map_err(|_| StoreError::Poisoned)?
+            .insert(slot, key);
         Ok(())
     }
 
@@ -1518,7 +1580,7 @@ impl Store {
 
     fn forget_keys(&self, slots: &[u32]) -> Result<(), StoreError> {
         let mut cache = self.data_keys.write().map_err(|_| StoreError::Poisoned)?;
-        for s in slots {
+        for &s in slots {
             cache.remove(s);
         }
         Ok(())
@@ -1576,7 +1638,7 @@ impl<'a> Writer<'a> {
             Some(slot) => (slot, self.data_key(slot, Scope::Patient(row))?),
             None => self.allocate(Scope::Patient(row))?,
         };
-        let plain = encode(record)?;
+        let plain = tables::pack_record(&encode(record)?)?;
         let value = tables::seal_with_slot(slot, &key, Table::Patients, &row.0, &plain)?;
         self.patients
             .insert(row.0, value.as_slice())
@@ -1765,7 +1827,7 @@ impl<'a> Writer<'a> {
 
     /// A data key, through the keyring this transaction holds (never the store's lock).
     fn data_key(&self, slot: u32, scope: Scope) -> Result<Secret32, StoreError> {
-        self.store.data_key_with(self.ring, slot, scope)
+        self.store.data_key(slot, scope)
     }
 
     fn open_lease(&self, id: u64, value: &[u8]) -> Result<Lease, StoreError> {
@@ -1777,9 +1839,21 @@ impl<'a> Writer<'a> {
     fn allocate(&mut self, scope: Scope) -> Result<(u32, Secret32), StoreError> {
         let (slot, key) = self.ring.allocate(scope, &self.store.keys.wrap)?;
         self.allocated.push(slot);
-        self.store.cache_key(slot, &key)?;
+        // Not cached: a sync writes every patient once, and a read unwraps the key when
+        // it is wanted (keeping memory flat while a caseload arrives).
         Ok((slot, key))
     }
+}
+
+/// How many rows own a data key (patients and leases), from the tables' stored lengths.
+fn key_owner_count(db: &Database) -> Result<u64, StoreError> {
+    use redb::ReadableTableMetadata;
+    let tx = db.begin_read().map_err(|e| StoreError::db("read", e))?;
+    let patients = tables::open_read(&tx, tables::PATIENTS)?;
+    let leases = tables::open_read(&tx, tables::LEASES)?;
+    let patients = patients.len().map_err(|e| StoreError::db("read", e))?;
+    let leases = leases.len().map_err(|e| StoreError::db("read", e))?;
+    Ok(patients.saturating_add(leases))
 }
 
 /// Every row that owns a data key, with its keyring slot.

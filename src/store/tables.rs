@@ -148,6 +148,81 @@ pub(crate) fn unseal_versioned(
         .map_err(|_| StoreError::Damaged(table.name()))
 }
 
+/// The first schema whose patient records are compressed (zstd) before they are sealed.
+pub(crate) const COMPRESSED_RECORDS_FROM: u8 = 5;
+
+/// zstd level for records: the fastest, which already halves a record.
+const RECORD_LEVEL: i32 = 1;
+
+/// Largest decompressed record accepted (a record's encoding is far smaller; a damaged or
+/// hostile frame cannot make a read allocate more).
+const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
+
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A patient record's encoding as this build seals it: compressed (one zstd frame that
+/// names its content size). The compressed bytes are zeroized when dropped.
+pub(crate) fn pack_record(plain: &[u8]) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    COMPRESSOR.with(|c| {
+        let mut slot = c.borrow_mut();
+        let compressor = match &mut *slot {
+            Some(c) => c,
+            None => slot.insert(
+                zstd::bulk::Compressor::new(RECORD_LEVEL)
+                    .map_err(|_| StoreError::Damaged("record compression"))?,
+            ),
+        };
+        let mut out = Zeroizing::new(Vec::with_capacity(zstd::zstd_safe::compress_bound(
+            plain.len(),
+        )));
+        compressor
+            .compress_to_buffer(plain, &mut *out)
+            .map_err(|_| StoreError::Damaged("record compression"))?;
+        Ok(out)
+    })
+}
+
+/// Opens a patient record sealed under schema `version`: the encoding itself, or, from
+/// [`COMPRESSED_RECORDS_FROM`], its decompression (into a zeroized buffer of the frame's
+/// stated size, at most [`MAX_RECORD_BYTES`]).
+pub(crate) fn unseal_record(
+    key: &Secret32,
+    row: &[u8],
+    value: &[u8],
+) -> Result<(u8, Zeroizing<Vec<u8>>), StoreError> {
+    let (version, plain) = unseal_versioned(key, Table::Patients, row, value)?;
+    if version < COMPRESSED_RECORDS_FROM {
+        return Ok((version, plain));
+    }
+    let damaged = || StoreError::Damaged(Table::Patients.name());
+    let size = zstd::zstd_safe::get_frame_content_size(&plain)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n <= MAX_RECORD_BYTES)
+        .ok_or_else(damaged)?;
+    DECOMPRESSOR.with(|d| {
+        let mut slot = d.borrow_mut();
+        let decompressor = match &mut *slot {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new().map_err(|_| damaged())?),
+        };
+        let mut out = Zeroizing::new(Vec::with_capacity(size));
+        let n = decompressor
+            .decompress_to_buffer(&plain, &mut *out)
+            .map_err(|_| damaged())?;
+        if n != size {
+            return Err(damaged());
+        }
+        Ok((version, out))
+    })
+}
+
 pub(crate) fn split_slot(value: &[u8]) -> Result<(u32, &[u8]), StoreError> {
     match value.split_first_chunk::<4>() {
         Some((slot, rest)) => Ok((u32::from_le_bytes(*slot), rest)),
