@@ -21,6 +21,7 @@
     reason = "benchmark binary: prints its figures"
 )]
 
+mod common;
 mod table;
 
 use std::hint::black_box;
@@ -31,9 +32,9 @@ use carecache::crypto::RootKey;
 use carecache::keysource::SourceKind;
 use carecache::store::Store;
 use carecache_synth::{Generator, Shape};
+use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rusqlite::{Connection, params};
+use rusqlite::params;
 use sync_protocol::audit::{
     Access, AuditAction, AuditEntry, AuditEvent, AuditOutcome, AuditRecord, Purpose,
 };
@@ -106,6 +107,7 @@ fn main() {
             .unwrap();
         black_box(r);
     });
+    let floor = read_floor(tmp.path(), &store, &records, &order);
     let cc_reads = reads_per_sec(|i| {
         let r = store
             .record(&records[order[i % n]].nhs_number)
@@ -129,36 +131,17 @@ fn main() {
 
     // --- SQLCipher (WAL, synchronous=FULL, 4 KiB pages, HMAC on: its defaults) ---
     let path = tmp.path().join("sqlcipher.db");
-    let db = Connection::open(&path).unwrap();
-    let key: String = (0..32)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect();
-    db.execute_batch(&format!("PRAGMA key = \"x'{key}'\";"))
-        .unwrap();
-    db.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-        .unwrap();
-    db.execute_batch(
-        "PRAGMA synchronous = FULL;
-         CREATE TABLE patients (nhs INTEGER PRIMARY KEY, record BLOB NOT NULL);",
-    )
-    .unwrap();
+    let t = Instant::now();
+    let db = common::sqlcipher_load(
+        &path,
+        encoded
+            .iter()
+            .zip(&records)
+            .map(|(bytes, r)| (r.nhs_number.as_u64() as i64, bytes.clone())),
+    );
     let version: String = db
         .query_row("PRAGMA cipher_version", [], |r| r.get(0))
         .unwrap();
-    let t = Instant::now();
-    for chunk in encoded.chunks(1000).zip(records.chunks(1000)) {
-        let tx = db.unchecked_transaction().unwrap();
-        {
-            let mut st = tx
-                .prepare_cached("INSERT INTO patients (nhs, record) VALUES (?1, ?2)")
-                .unwrap();
-            for (bytes, r) in chunk.0.iter().zip(chunk.1) {
-                st.execute(params![r.nhs_number.as_u64() as i64, bytes])
-                    .unwrap();
-            }
-        }
-        tx.commit().unwrap();
-    }
     let sq_load = t.elapsed();
     let sq_raw = reads_per_sec(|i| {
         let nhs = records[order[i % n]].nhs_number.as_u64() as i64;
@@ -186,10 +169,7 @@ fn main() {
             .execute(params![r.nhs_number.as_u64() as i64, bytes])
             .unwrap();
     });
-    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .unwrap();
-    drop(db);
-    let sq_bytes = dir_size(tmp.path()) - dir_size(&dir);
+    let sq_bytes = common::sqlcipher_bytes(db, &path);
 
     println!("SQLCipher {version}");
     println!(
@@ -198,20 +178,27 @@ fn main() {
         sq_load.as_secs_f64()
     );
     println!(
-        "point read + decrypt/s: carecache {cc_raw:.0}, SQLCipher {sq_raw:.0}, ratio {:.1}× (goal ≥ 10×)",
+        "point read + decrypt/s: carecache {cc_raw:.0}, SQLCipher {sq_raw:.0}, ratio {:.1}×",
         cc_raw / sq_raw
     );
     println!(
         "point read + decrypt + decode to a checked record/s: carecache {cc_reads:.0}, SQLCipher {sq_reads:.0}, ratio {:.1}×",
         cc_reads / sq_reads
     );
+    println!(
+        "point read floor (redb get of the same sealed bytes + one XChaCha20-Poly1305 open)/s: {floor:.0}; carecache {:.2}× the floor (goal ≥ 0.6×)",
+        cc_raw / floor
+    );
     table::row(
         "store point read + decrypt",
-        &format!("{cc_raw:.0}/s"),
-        &format!("SQLCipher {sq_raw:.0}/s"),
-        &format!("{:.1}×", cc_raw / sq_raw),
-        "≥ 10×",
-        Some(cc_raw / sq_raw >= 10.0),
+        &format!(
+            "{cc_raw:.0}/s (SQLCipher {sq_raw:.0}/s, {:.1}×)",
+            cc_raw / sq_raw
+        ),
+        &format!("floor {floor:.0}/s"),
+        &format!("{:.2}×", cc_raw / floor),
+        "≥ 0.6× floor",
+        Some(cc_raw / floor >= 0.6),
     );
     let (cp50, cp99) = cc_commit;
     let (ap50, ap99) = cc_audit;
@@ -242,11 +229,11 @@ fn main() {
         &format!("{per_patient:.0} B"),
         &format!("SQLCipher {:.0} B", sq_bytes as f64 / n as f64),
         &format!("{:.2}×", cc_bytes as f64 / sq_bytes as f64),
-        "≤ 3,000 B",
-        Some(per_patient <= 3000.0),
+        "≤ 1× SQLCipher",
+        Some(cc_bytes <= sq_bytes),
     );
     println!(
-        "disk per patient: carecache {:.0} B (goal ≤ 3,000), SQLCipher {:.0} B, ratio {:.2}×",
+        "disk per patient: carecache {:.0} B, SQLCipher {:.0} B, ratio {:.2}× (goal ≤ 1×)",
         cc_bytes as f64 / n as f64,
         sq_bytes as f64 / n as f64,
         cc_bytes as f64 / sq_bytes as f64
@@ -273,6 +260,72 @@ fn audit(r: &PatientRecord) -> AuditRecord {
             outcome: AuditOutcome::Served,
         }),
     }
+}
+
+/// The floor of a point read: a bare redb database (same cache size, same page size)
+/// holding the same sealed bytes (the record's encoding compressed as the store
+/// compresses it, sealed) under the same row keys, each read a `get` from a table
+/// opened once (as the store's snapshot is) and one XChaCha20-Poly1305 open with a key
+/// already in hand. Nothing a store could skip: no key lookup, no row-key hash.
+fn read_floor(dir: &Path, store: &Store, records: &[PatientRecord], order: &[usize]) -> f64 {
+    use chacha20poly1305::aead::{AeadInOut, KeyInit};
+    use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+    use redb::ReadableDatabase;
+    const TABLE: redb::TableDefinition<u32, &[u8]> = redb::TableDefinition::new("floor");
+    let db = redb::Database::builder()
+        .set_cache_size(carecache::store::CACHE_BYTES)
+        .create(dir.join("floor.redb"))
+        .unwrap();
+    let cipher = XChaCha20Poly1305::new(&[7u8; 32].into());
+    // Keys: the same values, in the same (random) order as the store's keyed row keys.
+    let mut keys: Vec<u32> = (0..records.len() as u32).collect();
+    keys.shuffle(&mut rand::rngs::StdRng::seed_from_u64(11));
+    for (chunk, ks) in records.chunks(1000).zip(keys.chunks(1000)) {
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(TABLE).unwrap();
+            for (r, k) in chunk.iter().zip(ks) {
+                let raw = store.raw_record(&r.nhs_number).unwrap().unwrap();
+                // What the store seals: the record's encoding, compressed (schema 5).
+                let plain = store.record_bytes(&r.nhs_number).unwrap().unwrap();
+                let mut body = zstd::bulk::compress(&plain, 1).unwrap();
+                let nonce = XNonce::from([1u8; 24]);
+                let tag = cipher
+                    .encrypt_inout_detached(&nonce, &raw.ad, body.as_mut_slice().into())
+                    .unwrap();
+                let mut v = vec![0u8; 5];
+                v.extend_from_slice(&nonce);
+                v.extend_from_slice(&body);
+                v.extend_from_slice(&tag);
+                assert_eq!(v.len(), raw.sealed.len() + 5, "the same sealed length");
+                t.insert(k, v.as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let ads: Vec<Vec<u8>> = records
+        .iter()
+        .map(|r| store.raw_record(&r.nhs_number).unwrap().unwrap().ad)
+        .collect();
+    let tx = db.begin_read().unwrap();
+    let table = tx.open_table(TABLE).unwrap();
+    reads_per_sec(|i| {
+        let at = order[i % records.len()];
+        let v = table.get(keys[at]).unwrap().unwrap();
+        let sealed = &v.value()[5..];
+        let (nonce, rest) = sealed.split_at(24);
+        let (body, tag) = rest.split_at(rest.len() - 16);
+        let mut plain = zeroize::Zeroizing::new(body.to_vec());
+        cipher
+            .decrypt_inout_detached(
+                &XNonce::from(<[u8; 24]>::try_from(nonce).unwrap()),
+                &ads[at],
+                plain.as_mut_slice().into(),
+                &<[u8; 16]>::try_from(tag).unwrap().into(),
+            )
+            .unwrap();
+        black_box(plain);
+    })
 }
 
 /// Reads per second over the best of three runs of `READ_SECONDS / 3`.

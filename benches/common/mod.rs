@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 /// An initialised data directory with a key file in `dir`, and a `carecache.toml` for
 /// `hub` there whose `[hub]` section ends with `extra` (which may open more sections).
 /// Returns the root key and the config path.
+#[allow(dead_code, reason = "the store benchmark runs no device")]
 pub(crate) fn device_dir(dir: &Path, hub: &TestHub, extra: &str) -> (RootKey, PathBuf) {
     let root = create_key_file(&dir.join("root.key")).unwrap();
     Store::create(&dir.join("data"), &root, SourceKind::KeyFile, None).unwrap();
@@ -70,4 +71,54 @@ pub(crate) fn enrolled_client(hub: &TestHub, token: &str) -> (Transport, String)
     )
     .unwrap();
     (t, r.device_id.as_str().to_owned())
+}
+
+/// Loads `rows` (key, encoded record) into a new SQLCipher database at `path` — WAL,
+/// `synchronous=FULL`, 4 KiB pages, HMAC on: its defaults — 1,000 rows a transaction,
+/// and returns the connection.
+#[allow(dead_code, reason = "not every benchmark compares with SQLCipher")]
+pub(crate) fn sqlcipher_load(
+    path: &Path,
+    rows: impl IntoIterator<Item = (i64, Vec<u8>)>,
+) -> rusqlite::Connection {
+    use rand::Rng;
+    let db = rusqlite::Connection::open(path).unwrap();
+    let key: String = (0..32)
+        .map(|_| format!("{:02x}", rand::rng().random::<u8>()))
+        .collect();
+    db.execute_batch(&format!("PRAGMA key = \"x'{key}'\";"))
+        .unwrap();
+    db.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .unwrap();
+    db.execute_batch(
+        "PRAGMA synchronous = FULL;
+         CREATE TABLE patients (nhs INTEGER PRIMARY KEY, record BLOB NOT NULL);",
+    )
+    .unwrap();
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let tx = db.unchecked_transaction().unwrap();
+        {
+            let mut st = tx
+                .prepare_cached("INSERT INTO patients (nhs, record) VALUES (?1, ?2)")
+                .unwrap();
+            for (nhs, bytes) in rows.by_ref().take(1000) {
+                st.execute(rusqlite::params![nhs, bytes]).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    db
+}
+
+/// Bytes of a SQLCipher database and its WAL after a full checkpoint.
+#[allow(dead_code, reason = "not every benchmark compares with SQLCipher")]
+pub(crate) fn sqlcipher_bytes(db: rusqlite::Connection, path: &Path) -> u64 {
+    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(db);
+    let size = |p: PathBuf| std::fs::metadata(p).map_or(0, |m| m.len());
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    size(path.to_path_buf()) + size(PathBuf::from(wal))
 }
