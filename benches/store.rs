@@ -128,6 +128,14 @@ fn main() {
     });
     drop(store);
     let cc_bytes = dir_size(&dir);
+    let file = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    println!(
+        "carecache files: {} {} B, {} {} B",
+        carecache::store::DATABASE_FILE,
+        file(carecache::store::DATABASE_FILE),
+        carecache::store::KEYRING_FILE,
+        file(carecache::store::KEYRING_FILE)
+    );
 
     // --- SQLCipher (WAL, synchronous=FULL, 4 KiB pages, HMAC on: its defaults) ---
     let path = tmp.path().join("sqlcipher.db");

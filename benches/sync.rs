@@ -6,7 +6,8 @@
 //! that pulls the same caseload over the same TLS and decodes every batch but stores
 //! nothing. The device-side rate is compared with it (goal ≥ 0.5×).
 //!
-//! `cargo bench --bench sync` (`DEVICE_BENCH_SIZES=10000` to pick sizes).
+//! `cargo bench --bench sync` (`DEVICE_BENCH_SIZES=10000` to pick sizes;
+//! `SYNC_BENCH_KEEP=1` keeps each device's directory for a profiler).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -185,12 +186,21 @@ fn serve_startup(config: &std::path::Path, nhs: &str, reads: usize) -> (f64, u64
     for _ in 0..reads {
         assert_eq!(read(), Some(200));
     }
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let rss = kib("VmRSS:");
+    println!(
+        "serving RSS {:.1} MiB: anonymous {:.1} MiB, file-backed (the binary, libraries) {:.1} MiB",
+        rss as f64 / 1024.0,
+        kib("RssAnon:") as f64 / 1024.0,
+        kib("RssFile:") as f64 / 1024.0
+    );
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert!(child.wait().unwrap().success());
@@ -267,6 +277,10 @@ fn main() {
         );
         let (hub_secs, hub_bytes, hub_upserts) = hub_only(&hub, budget);
         let tmp = tempfile::tempdir().unwrap();
+        if std::env::var_os("SYNC_BENCH_KEEP").is_some() {
+            // For a profiler: the device's directory (config, key, data) stays behind.
+            println!("device directory kept: {}", tmp.path().display());
+        }
         let (root, config) = common::device_dir(
             tmp.path(),
             &hub,
@@ -394,6 +408,9 @@ fn main() {
             "{n}: hub-only {hub_secs:.2} s for {hub_bytes} B; touched {touched}; device {:.2} s",
             initial.secs
         );
+        if std::env::var_os("SYNC_BENCH_KEEP").is_some() {
+            let _ = tmp.keep();
+        }
     }
     println!(
         "\nDevice sync from a loopback hub (mutual TLS; hub in process, device as its own process)\n"

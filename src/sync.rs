@@ -645,6 +645,25 @@ impl Round {
         })))
     }
 
+    /// The pull that [`Self::applied`] will ask for once `plan` is applied, when it is
+    /// known before applying: more is to come and the batch offers nothing (whose
+    /// lack only applying finds out). The caller may send it while it applies the batch
+    /// — a pull changes nothing at the hub — and use the answer if `applied` then asks
+    /// for exactly this pull.
+    pub fn pull_ahead(&self, plan: &Plan) -> Option<Message> {
+        let State::Applying { more: true, .. } = self.state else {
+            return None;
+        };
+        if !plan.batch.offers.is_empty() {
+            return None;
+        }
+        let asked: Vec<NhsNumber> = plan.want.iter().take(MAX_PULL_WANT).copied().collect();
+        let mut pull = Pull::new(Some(plan.batch.next_cursor.clone()), self.start.max_bytes);
+        pull.holding = self.start.holding;
+        pull.want = BoundedVec::try_from(asked).unwrap_or_default();
+        Some(Message::Pull(pull))
+    }
+
     /// The caller applied the plan's batch (committed with its cursor and `want`, the
     /// patients still wanted). `held` is the digest of what the store holds now,
     /// required when the plan asked for it.

@@ -182,6 +182,20 @@ impl Transport {
         expect: MessageKind,
         compression: Compression,
     ) -> Result<Answer, TransportError> {
+        let fetched = self.fetch(path, msg, expect, compression)?;
+        self.decode(fetched)
+    }
+
+    /// The first half of an exchange: POSTs `msg` and reads the whole answer frame (size
+    /// checked), without decoding it — so a sync can have the next batch arrive while it
+    /// applies one, and hold it only as the compact frame the hub sent.
+    pub fn fetch(
+        &self,
+        path: &str,
+        msg: &Message,
+        expect: MessageKind,
+        compression: Compression,
+    ) -> Result<Fetched, TransportError> {
         let body = match msg.kind() {
             // Always version-1 frames, so any hub can read them.
             MessageKind::Hello | MessageKind::Welcome | MessageKind::Error => {
@@ -230,6 +244,22 @@ impl Transport {
         if bytes.len() as u64 > limit {
             return Err(TransportError::TooLarge { limit });
         }
+        Ok(Fetched {
+            bytes,
+            status,
+            sent_bytes: body.len(),
+            expect,
+        })
+    }
+
+    /// The second half of an exchange: decodes a fetched frame.
+    pub fn decode(&self, fetched: Fetched) -> Result<Answer, TransportError> {
+        let Fetched {
+            bytes,
+            status,
+            sent_bytes,
+            expect,
+        } = fetched;
         let decode_limit = expect.max_payload().max(MessageKind::Error.max_payload());
         let message = decode_with_limit(&bytes, decode_limit)?;
         if let Message::Welcome(w) = &message
@@ -242,9 +272,18 @@ impl Transport {
             message,
             status,
             wire_bytes: bytes.len(),
-            sent_bytes: body.len(),
+            sent_bytes,
         })
     }
+}
+
+/// An answer frame read whole but not yet decoded ([`Transport::fetch`]).
+#[derive(Debug)]
+pub struct Fetched {
+    bytes: Vec<u8>,
+    status: u16,
+    sent_bytes: usize,
+    expect: MessageKind,
 }
 
 /// Whether a TCP connection to the hub at `base` (`https://host[:port]`) opens now — no

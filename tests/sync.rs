@@ -107,7 +107,9 @@ fn connection_cut_mid_batch_applies_nothing_of_it_and_resumes_without_refetching
         "{err}"
     );
     assert!(matches!(last_outcome(&dev), Outcome::Offline(_)));
-    // Exactly the first two batches are committed.
+    // The cut pull was sent ahead, while the second batch was being applied: the second
+    // batch still commits, and the cut ends the round as if the pull had been sent after
+    // it (it is not tried again). Exactly the first two batches are committed.
     let first_round = served.lock().unwrap().clone();
     assert_eq!(first_round.len(), cut_at + 1);
     let committed: Vec<Batch> = first_round[..cut_at]

@@ -1348,6 +1348,11 @@ impl Device {
         let mut reported_restore = start.anchor.as_ref().and_then(|a| a.restored.clone());
         let (mut round, mut step) = Round::begin(start, self.now());
         let mut contact_saved = false;
+        // A pull sent while the previous batch was applied, and what came of it.
+        let mut fetched: Option<(
+            Message,
+            Result<crate::transport::Fetched, crate::transport::TransportError>,
+        )> = None;
         loop {
             step = match step {
                 Step::Send(path, msg) => {
@@ -1356,7 +1361,12 @@ impl Device {
                         Message::Checkin(_) => MessageKind::CheckinAnswer,
                         _ => MessageKind::Batch,
                     };
-                    let answer = transport.exchange(path, &msg, expect)?;
+                    // The pull sent ahead is this one: its answer (or its failure, as
+                    // if it had been sent now) is the answer.
+                    let answer = match fetched.take() {
+                        Some((sent, frame)) if sent == msg => transport.decode(frame?)?,
+                        _ => transport.exchange(path, &msg, expect)?,
+                    };
                     let next = round.on_answer(answer.message, answer.wire_bytes, self.now());
                     *summary = round.summary().clone();
                     if next.is_err() {
@@ -1408,8 +1418,31 @@ impl Device {
                     next
                 }
                 Step::Apply(plan) => {
-                    let (held, want) =
-                        self.apply(&plan, round.resyncing(), round.expected(), holding)?;
+                    // The next pull, when applying cannot change it, travels (and the hub
+                    // builds its batch) while this batch is sealed and committed; a pull
+                    // changes nothing at the hub, so an answer not used is simply dropped.
+                    let ahead = round.pull_ahead(&plan);
+                    let (applied, early) = std::thread::scope(|scope| {
+                        let early = ahead.clone().map(|pull| {
+                            let transport = &transport;
+                            scope.spawn(move || {
+                                let frame = transport.fetch(
+                                    sync::path::PULL,
+                                    &pull,
+                                    MessageKind::Batch,
+                                    sync_protocol::codec::Compression::None,
+                                );
+                                (pull, frame)
+                            })
+                        });
+                        let applied =
+                            self.apply(&plan, round.resyncing(), round.expected(), holding);
+                        (applied, early.map(std::thread::ScopedJoinHandle::join))
+                    });
+                    if let Some(Ok(sent)) = early {
+                        fetched = Some(sent);
+                    }
+                    let (held, want) = applied?;
                     let next = round.applied(&plan, held, want)?;
                     *summary = round.summary().clone();
                     progress(summary, &self.caseload()?);

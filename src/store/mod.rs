@@ -44,7 +44,7 @@ use tables::sealed_ad;
 /// redb's page cache. redb's default (1 GiB) would let the cache grow with the data: a
 /// device holding 100,000 patients would keep most of them in memory. Reads past the cache
 /// come from the kernel's page cache; the device's RSS goal is 50 MB.
-pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
+pub const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Unwrapped data keys kept in memory at most (36 bytes each, touched only when used: a
 /// device holding 100,000 patients keeps every key it has read, about 4.7 MB at most).
@@ -599,48 +599,40 @@ impl Store {
     }
 
     /// Every held patient and the version of its record: what the allowed-set digest is
-    /// computed over. Decrypts each record but decodes only its first two fields.
+    /// computed over. Opens each record but neither decompresses nor decodes it (a
+    /// compressed record's head carries both).
     pub fn held_versions(&self) -> Result<Vec<(NhsNumber, RecordVersion)>, StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Head {
-            nhs_number: NhsNumber,
-            version: RecordVersion,
-        }
+        let tx = self.read_tx()?;
+        let table = tables::open_read(&tx, tables::PATIENTS)?;
         let mut out = Vec::new();
-        // The first two fields are the same in every record version.
-        self.for_each_record(|_, plain| {
-            let (head, _) = postcard::take_from_bytes::<Head>(plain)
-                .map_err(|_| StoreError::Damaged(Table::Patients.name()))?;
-            out.push((head.nhs_number, head.version));
-            Ok(())
-        })?;
+        for item in table.iter().map_err(|e| StoreError::db("read", e))? {
+            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
+            let row = RowKey(k.value());
+            let (slot, sealed) = tables::split_slot(v.value())?;
+            let key = self.data_key_uncached(slot, Scope::Patient(row))?;
+            out.push(tables::unseal_record_head(&key, &row.0, sealed)?);
+        }
         Ok(out)
     }
 
     /// The version of the record held for each of `patients` (`None` where none is
-    /// held): what a sync round compares offers with. Decrypts each record but decodes
-    /// only its first two fields.
+    /// held): what a sync round compares offers with. Opens each record's head only.
     pub fn held_versions_of(
         &self,
         patients: impl IntoIterator<Item = NhsNumber>,
     ) -> Result<Vec<(NhsNumber, Option<RecordVersion>)>, StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Head {
-            nhs_number: NhsNumber,
-            version: RecordVersion,
-        }
         let mut out = Vec::new();
         for nhs in patients {
-            let version = match self.record_unsealed(&nhs)? {
+            let head = self.with_patient_row(&nhs, |row, slot, sealed| {
+                let key = self.data_key(slot, Scope::Patient(row))?;
+                tables::unseal_record_head(&key, &row.0, sealed)
+            })?;
+            let version = match head {
                 None => None,
-                Some((_, plain)) => {
-                    let (head, _) = postcard::take_from_bytes::<Head>(&plain)
-                        .map_err(|_| StoreError::Damaged(Table::Patients.name()))?;
-                    if head.nhs_number != nhs {
-                        return Err(StoreError::Damaged(Table::Patients.name()));
-                    }
-                    Some(head.version)
+                Some((n, _)) if n != nhs => {
+                    return Err(StoreError::Damaged(Table::Patients.name()));
                 }
+                Some((_, v)) => Some(v),
             };
             out.push((nhs, version));
         }
@@ -729,7 +721,7 @@ impl Store {
             let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
             let row = RowKey(k.value());
             let (slot, sealed) = tables::split_slot(v.value())?;
-            let key = self.data_key(slot, Scope::Patient(row))?;
+            let key = self.data_key_uncached(slot, Scope::Patient(row))?;
             let (version, plain) = tables::unseal_record(&key, &row.0, sealed)?;
             f(version, &plain)?;
         }
@@ -1118,6 +1110,15 @@ impl Store {
         let key = self.slots.unwrap(slot, scope, &self.keys.wrap)?;
         self.cache_key(slot, &key)?;
         Ok(key)
+    }
+
+    /// The data key in `slot`, cached or unwrapped, without caching it: for scans that
+    /// open every patient once (the cache keeps the keys reads use).
+    fn data_key_uncached(&self, slot: u32, scope: Scope) -> Result<Secret32, StoreError> {
+        match self.cached_key(slot)? {
+            Some(k) => Ok(k),
+            None => self.slots.unwrap(slot, scope, &self.keys.wrap),
+        }
     }
 
     fn cached_key(&self, slot: u32) -> Result<Option<Secret32>, StoreError> {
@@ -1638,7 +1639,11 @@ impl<'a> Writer<'a> {
             Some(slot) => (slot, self.data_key(slot, Scope::Patient(row))?),
             None => self.allocate(Scope::Patient(row))?,
         };
-        let plain = tables::pack_record(&encode(record)?)?;
+        let plain = tables::pack_record(
+            record.nhs_number.as_u64(),
+            record.version.0,
+            &encode(record)?,
+        )?;
         let value = tables::seal_with_slot(slot, &key, Table::Patients, &row.0, &plain)?;
         self.patients
             .insert(row.0, value.as_slice())

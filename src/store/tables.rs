@@ -11,6 +11,8 @@ use zeroize::Zeroizing;
 use super::StoreError;
 use super::migrate::SCHEMA_VERSION;
 use crate::crypto::{self, Secret32};
+use sync_protocol::NhsNumber;
+use sync_protocol::types::RecordVersion;
 
 /// Store metadata: schema version and store id in clear; device state sealed.
 pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -165,9 +167,18 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// A patient record's encoding as this build seals it: compressed (one zstd frame that
-/// names its content size). The compressed bytes are zeroized when dropped.
-pub(crate) fn pack_record(plain: &[u8]) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+/// Bytes in front of a compressed record: its NHS number and version (u64 BE each),
+/// so the versions held are read without decompressing anything.
+pub(crate) const RECORD_HEAD_LEN: usize = 16;
+
+/// A patient record's encoding as this build seals it: the head (NHS number, version)
+/// then the encoding compressed (one zstd frame that names its content size). Zeroized
+/// when dropped.
+pub(crate) fn pack_record(
+    nhs: u64,
+    version: u64,
+    plain: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, StoreError> {
     COMPRESSOR.with(|c| {
         let mut slot = c.borrow_mut();
         let compressor = match &mut *slot {
@@ -177,19 +188,25 @@ pub(crate) fn pack_record(plain: &[u8]) -> Result<Zeroizing<Vec<u8>>, StoreError
                     .map_err(|_| StoreError::Damaged("record compression"))?,
             ),
         };
-        let mut out = Zeroizing::new(Vec::with_capacity(zstd::zstd_safe::compress_bound(
+        let mut out = Zeroizing::new(Vec::with_capacity(
+            RECORD_HEAD_LEN + zstd::zstd_safe::compress_bound(plain.len()),
+        ));
+        out.extend_from_slice(&nhs.to_be_bytes());
+        out.extend_from_slice(&version.to_be_bytes());
+        let mut frame = Zeroizing::new(Vec::with_capacity(zstd::zstd_safe::compress_bound(
             plain.len(),
         )));
         compressor
-            .compress_to_buffer(plain, &mut *out)
+            .compress_to_buffer(plain, &mut *frame)
             .map_err(|_| StoreError::Damaged("record compression"))?;
+        out.extend_from_slice(&frame);
         Ok(out)
     })
 }
 
 /// Opens a patient record sealed under schema `version`: the encoding itself, or, from
-/// [`COMPRESSED_RECORDS_FROM`], its decompression (into a zeroized buffer of the frame's
-/// stated size, at most [`MAX_RECORD_BYTES`]).
+/// [`COMPRESSED_RECORDS_FROM`], the decompression of what follows its head (into a
+/// zeroized buffer of the frame's stated size, at most [`MAX_RECORD_BYTES`]).
 pub(crate) fn unseal_record(
     key: &Secret32,
     row: &[u8],
@@ -200,7 +217,8 @@ pub(crate) fn unseal_record(
         return Ok((version, plain));
     }
     let damaged = || StoreError::Damaged(Table::Patients.name());
-    let size = zstd::zstd_safe::get_frame_content_size(&plain)
+    let frame = plain.get(RECORD_HEAD_LEN..).ok_or_else(damaged)?;
+    let size = zstd::zstd_safe::get_frame_content_size(frame)
         .ok()
         .flatten()
         .and_then(|n| usize::try_from(n).ok())
@@ -214,13 +232,45 @@ pub(crate) fn unseal_record(
         };
         let mut out = Zeroizing::new(Vec::with_capacity(size));
         let n = decompressor
-            .decompress_to_buffer(&plain, &mut *out)
+            .decompress_to_buffer(frame, &mut *out)
             .map_err(|_| damaged())?;
         if n != size {
             return Err(damaged());
         }
         Ok((version, out))
     })
+}
+
+/// A patient record's NHS number and version, opened (authenticated) but not decoded: from
+/// the head of a compressed record, or the first two fields of an older record's encoding
+/// (the same in every record version).
+pub(crate) fn unseal_record_head(
+    key: &Secret32,
+    row: &[u8],
+    value: &[u8],
+) -> Result<(NhsNumber, RecordVersion), StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        nhs_number: NhsNumber,
+        version: RecordVersion,
+    }
+    let damaged = || StoreError::Damaged(Table::Patients.name());
+    let (version, plain) = unseal_versioned(key, Table::Patients, row, value)?;
+    if version < COMPRESSED_RECORDS_FROM {
+        let (head, _) = postcard::take_from_bytes::<Head>(&plain).map_err(|_| damaged())?;
+        return Ok((head.nhs_number, head.version));
+    }
+    let word = |at: usize| -> Option<u64> {
+        plain
+            .get(at..at + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+    };
+    let nhs = word(0)
+        .and_then(|n| NhsNumber::from_u64(n).ok())
+        .ok_or_else(damaged)?;
+    let version = word(8).map(RecordVersion).ok_or_else(damaged)?;
+    Ok((nhs, version))
 }
 
 pub(crate) fn split_slot(value: &[u8]) -> Result<(u32, &[u8]), StoreError> {
