@@ -43,7 +43,7 @@ use tables::sealed_ad;
 
 /// redb's page cache. redb's default (1 GiB) would let the cache grow with the data: a
 /// device holding 100,000 patients would keep most of them in memory. Reads past the cache
-/// come from the kernel's page cache; the device's RSS goal is 50 MB.
+/// come from the kernel's page cache; the device's RSS goal is 40 MiB serving and syncing.
 pub const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Unwrapped data keys kept in memory at most (36 bytes each, touched only when used: a
