@@ -215,17 +215,15 @@ fn sqlcipher_bytes_of(
     path: &std::path::Path,
 ) -> u64 {
     let store = carecache::store::Store::open(data, root).unwrap();
-    let rows: Vec<(i64, Vec<u8>)> = store
-        .records()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
+    let mut rows: Vec<(i64, Vec<u8>)> = Vec::new();
+    store
+        .for_each_record_decoded(|r| {
+            rows.push((
                 r.nhs_number.as_u64() as i64,
                 postcard::to_allocvec(r).unwrap(),
-            )
+            ));
         })
-        .collect();
+        .unwrap();
     drop(store);
     let db = common::sqlcipher_load(path, rows);
     common::sqlcipher_bytes(db, path)

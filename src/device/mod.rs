@@ -1349,10 +1349,8 @@ impl Device {
         let (mut round, mut step) = Round::begin(start, self.now());
         let mut contact_saved = false;
         // A pull sent while the previous batch was applied, and what came of it.
-        let mut fetched: Option<(
-            Message,
-            Result<crate::transport::Fetched, crate::transport::TransportError>,
-        )> = None;
+        let mut fetched: Option<(Message, Result<crate::transport::Fetched, TransportError>)> =
+            None;
         loop {
             step = match step {
                 Step::Send(path, msg) => {
