@@ -1168,6 +1168,7 @@ impl Store {
     /// is read before the transaction begins, so a snapshot is never newer than its tag says
     /// and never kept after a later commit.
     fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        self.recover_for_read();
         let generation = self.generation.load(Ordering::Acquire);
         if let Some(s) = self
             .snapshot
@@ -1261,12 +1262,25 @@ impl Store {
         Ok(())
     }
 
+    /// A failed write leaves redb refusing reads too ("previous I/O error") until the
+    /// database is reopened: a reader reopens it rather than wait for the next write (a
+    /// full disk refuses audit entries, and the device's status must still be read).
+    /// Never called with the keyring lock held (recovery takes it).
+    fn recover_for_read(&self) {
+        if self.db_failed.load(Ordering::Acquire)
+            && let Err(e) = self.recover()
+        {
+            tracing::warn!(error = %e, "the database could not be reopened after a failed write");
+        }
+    }
+
     fn ring(&self) -> Result<MutexGuard<'_, keyring::Keyring>, StoreError> {
         self.keyring.lock().map_err(|_| StoreError::Poisoned)
     }
 
     /// A read transaction on the database as of the latest commit.
     fn read_tx(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.recover_for_read();
         self.db()?
             .begin_read()
             .map_err(|e| StoreError::db("read", e))
