@@ -294,9 +294,12 @@ fn read_floor(dir: &Path, store: &Store, records: &[PatientRecord], order: &[usi
             let mut t = tx.open_table(TABLE).unwrap();
             for (r, k) in chunk.iter().zip(ks) {
                 let raw = store.raw_record(&r.nhs_number).unwrap().unwrap();
-                // What the store seals: the record's encoding, compressed (schema 5).
+                // What the store seals: the record's head (NHS number, version), then its
+                // encoding compressed (schema 5).
                 let plain = store.record_bytes(&r.nhs_number).unwrap().unwrap();
-                let mut body = zstd::bulk::compress(&plain, 1).unwrap();
+                let mut body = r.nhs_number.as_u64().to_be_bytes().to_vec();
+                body.extend_from_slice(&r.version.0.to_be_bytes());
+                body.extend_from_slice(&zstd::bulk::compress(&plain, 1).unwrap());
                 let nonce = XNonce::from([1u8; 24]);
                 let tag = cipher
                     .encrypt_inout_detached(&nonce, &raw.ad, body.as_mut_slice().into())
