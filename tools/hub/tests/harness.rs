@@ -223,11 +223,28 @@ pub fn post_raw(
     body: &[u8],
     limit: u32,
 ) -> Answer {
-    let mut resp = agent
-        .post(url)
-        .header("Content-Type", content_type)
-        .send(body)
-        .unwrap();
+    // A pooled connection the hub closed after its last answer (it closes after refusing
+    // a malformed frame) fails before any answer: sent again once on a fresh one, as any
+    // HTTP client does.
+    let send = || {
+        agent
+            .post(url)
+            .header("Content-Type", content_type)
+            .send(body)
+    };
+    let mut resp = match send() {
+        Err(ureq::Error::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            send().unwrap()
+        }
+        other => other.unwrap(),
+    };
     let status = resp.status().as_u16();
     let ct = resp
         .headers()
