@@ -8,13 +8,21 @@ use crate::fixture_content as content;
 use crate::fixture_content_v2 as content_v2;
 use crate::harness::copy_tree;
 
-#[test]
-fn v1_fixture_opens_with_current_code() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1");
-    // Work on a copy: opening may migrate, and the fixture itself must never change.
+/// A copy of the fixture `name` to work on: opening may migrate, and the fixture itself
+/// must never change.
+fn fixture_copy(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     copy_tree(&fixture, &dir);
+    (tmp, dir)
+}
+
+#[test]
+fn v1_fixture_opens_with_current_code() {
+    let (_tmp, dir) = fixture_copy("store-v1");
     let store = Store::open(&dir, &RootKey::from_bytes(content::ROOT_KEY)).unwrap();
 
     let patients = content::patients();
@@ -39,10 +47,7 @@ fn v1_fixture_opens_with_current_code() {
 /// read back whole by the current build, and a sync's new records sealed beside them.
 #[test]
 fn v2_fixture_opens_with_current_code() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v2");
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    copy_tree(&fixture, &dir);
+    let (_tmp, dir) = fixture_copy("store-v2");
     let store = Store::open(&dir, &RootKey::from_bytes(content_v2::ROOT_KEY)).unwrap();
     for r in &content_v2::patients() {
         assert_eq!(store.record(&r.nhs_number).unwrap().as_ref(), Some(r));
@@ -152,10 +157,7 @@ fn v3_fixture_opens_and_is_bound_on_first_open() {
 /// and a record a sync replaces is sealed compressed beside the old ones.
 #[test]
 fn v4_fixture_opens_with_current_code() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v4");
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    copy_tree(&fixture, &dir);
+    let (_tmp, dir) = fixture_copy("store-v4");
     let store = Store::open(&dir, &RootKey::from_bytes(content_v2::ROOT_KEY)).unwrap();
     let patients = content_v2::patients();
     for r in &patients {

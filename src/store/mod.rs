@@ -602,16 +602,11 @@ impl Store {
     /// computed over. Opens each record but neither decompresses nor decodes it (a
     /// compressed record's head carries both).
     pub fn held_versions(&self) -> Result<Vec<(NhsNumber, RecordVersion)>, StoreError> {
-        let tx = self.read_tx()?;
-        let table = tables::open_read(&tx, tables::PATIENTS)?;
         let mut out = Vec::new();
-        for item in table.iter().map_err(|e| StoreError::db("read", e))? {
-            let (k, v) = item.map_err(|e| StoreError::db("read", e))?;
-            let row = RowKey(k.value());
-            let (slot, sealed) = tables::split_slot(v.value())?;
-            let key = self.data_key_uncached(slot, Scope::Patient(row))?;
-            out.push(tables::unseal_record_head(&key, &row.0, sealed)?);
-        }
+        self.for_each_patient_row(|key, row, sealed| {
+            out.push(tables::unseal_record_head(key, &row.0, sealed)?);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -715,6 +710,18 @@ impl Store {
         &self,
         mut f: impl FnMut(u8, &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.for_each_patient_row(|key, row, sealed| {
+            let (version, plain) = tables::unseal_record(key, &row.0, sealed)?;
+            f(version, &plain)
+        })
+    }
+
+    /// Hands `f` every patient row — its data key (not cached: a scan opens each once),
+    /// row key and sealed value — in row-key order, from one read transaction.
+    fn for_each_patient_row(
+        &self,
+        mut f: impl FnMut(&Secret32, RowKey, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let tx = self.read_tx()?;
         let table = tables::open_read(&tx, tables::PATIENTS)?;
         for item in table.iter().map_err(|e| StoreError::db("read", e))? {
@@ -722,8 +729,7 @@ impl Store {
             let row = RowKey(k.value());
             let (slot, sealed) = tables::split_slot(v.value())?;
             let key = self.data_key_uncached(slot, Scope::Patient(row))?;
-            let (version, plain) = tables::unseal_record(&key, &row.0, sealed)?;
-            f(version, &plain)?;
+            f(&key, row, sealed)?;
         }
         Ok(())
     }
